@@ -1,4 +1,103 @@
-//! The `ccmgr` command line.
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! The `ccmgr` command line: argument parsing, the exit-code contract, and one small function
+//! per verb that calls into the library and prints the result.
+//!
+//! Exit codes (documented in the README and tested):
+//! - 0: success;
+//! - 1: an operation failed;
+//! - 2: bad usage or bad configuration (nothing was started or changed);
+//! - 3: `status` of an instance that is not running (as `systemctl status`).
+
+mod check;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, LoadOptions};
+
+/// What the process exits with; see the module documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Ok = 0,
+    Failed = 1,
+    BadConfig = 2,
+    NotRunning = 3,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(e as u8)
+    }
+}
+
+/// ccmgr: a bootstrap supervisor and dependency-ordered service manager.
+#[derive(Parser, Debug)]
+#[command(name = "ccmgr", version, about, long_about = None)]
+pub struct Cli {
+    /// The global configuration file [default: $CCMGR_CONFIG, else /etc/ccmgr/ccmgr.toml].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// The instance to act on, overriding the configuration file.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub instance: Option<String>,
+    /// The directory of service files, overriding the configuration file.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub services_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check the configuration and print the startup and shutdown sequences and the levels.
+    Check,
+    /// Print the dependency graph.
+    Graph {
+        /// dot: Graphviz (`ccmgr graph | dot -Tsvg > graph.svg`); text: one line per edge.
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GraphFormat {
+    Dot,
+    Text,
+}
+
+impl Cli {
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            config_path: self.config.clone(),
+            instance: self.instance.clone(),
+            services_dir: self.services_dir.clone(),
+        }
+    }
+}
+
+/// Loads the configuration, or prints every problem and says how many there were.
+fn load_or_report(cli: &Cli) -> Result<Config, Exit> {
+    Config::load(&cli.load_options()).map_err(|diags| {
+        for d in diags.iter() {
+            eprintln!("error: {d}");
+        }
+        let n = diags.len();
+        eprintln!(
+            "ccmgr: the configuration has {n} error{}; nothing was changed",
+            if n == 1 { "" } else { "s" }
+        );
+        Exit::BadConfig
+    })
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    // clap exits with 2 on usage errors, which is our code for bad usage too.
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Check => load_or_report(&cli).map(|c| check::check(&c)),
+        Command::Graph { format } => load_or_report(&cli).map(|c| check::graph(&c, *format)),
+    };
+    result.unwrap_or_else(|e| e).into()
 }

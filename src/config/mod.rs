@@ -1,0 +1,700 @@
+//! Configuration: the global `ccmgr.toml` and the service files, loaded and checked as one.
+//!
+//! This module owns where the configuration is found (`--config`, `$CCMGR_CONFIG`,
+//! `/etc/ccmgr/ccmgr.toml`), the schema and defaults of the global file, and the single loader
+//! that `check`, `start` and a coordinator taking over all use: it reads every file, collects
+//! every problem (file, line, column, key) before failing, checks references between services,
+//! builds the dependency graph and settles the startup and shutdown sequences.
+
+pub mod service;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::diag::{Diagnostic, Diagnostics, key_at};
+use crate::duration::ConfigDuration;
+use crate::graph::{EdgeKind, SequenceKind, ServiceGraph};
+pub use service::{Account, ReadyKind, RestartPolicy, ServiceSpec, SignalName};
+
+/// Where the global config is looked for when neither `--config` nor `$CCMGR_CONFIG` is set.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ccmgr/ccmgr.toml";
+/// The environment variable naming the global config.
+pub const CONFIG_ENV: &str = "CCMGR_CONFIG";
+/// The longest instance name (it names shared-memory objects and runtime files).
+pub const MAX_INSTANCE_LEN: usize = 64;
+
+/// What the coordinator does when a service fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// Stop what requires the failed service, restart it and them; leave the rest running.
+    #[default]
+    RestartDependents,
+    /// Stop everything in shutdown order and start everything again (the original design).
+    RestartAll,
+}
+
+/// What the standby does when the coordinator dies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Takeover {
+    /// Become the coordinator and keep every running service as it is.
+    #[default]
+    Adopt,
+    /// Stop the services in shutdown order and start them again (the original design).
+    Restart,
+}
+
+/// The `[coordinator]` table: the original design's daemon table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorConfig {
+    pub startup_timeout: ConfigDuration,
+    pub shutdown_timeout: ConfigDuration,
+    pub restart_retry_counter: u32,
+    pub restart_time_span: ConfigDuration,
+    pub on_failure: OnFailure,
+    pub standby: bool,
+    pub takeover: Takeover,
+    pub startup_sequence: Option<Vec<String>>,
+    pub shutdown_sequence: Option<Vec<String>>,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            startup_timeout: ConfigDuration::from_millis(250_000),
+            shutdown_timeout: ConfigDuration::from_millis(250_000),
+            restart_retry_counter: 5,
+            restart_time_span: ConfigDuration::from_millis(60_000),
+            on_failure: OnFailure::default(),
+            standby: true,
+            takeover: Takeover::default(),
+            startup_sequence: None,
+            shutdown_sequence: None,
+        }
+    }
+}
+
+/// The global configuration, with every path resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalConfig {
+    /// The file read, if any (a missing default file means "all defaults").
+    pub source: Option<PathBuf>,
+    pub instance: String,
+    pub services_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// A group whose members may read the instance's state (segment mode 0660 instead of 0600).
+    pub group: Option<Account>,
+    pub coordinator: CoordinatorConfig,
+}
+
+/// The global file as written. Unknown keys are errors.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGlobal {
+    instance: Option<Spanned<String>>,
+    services_dir: Option<PathBuf>,
+    log_dir: Option<PathBuf>,
+    run_dir: Option<PathBuf>,
+    group: Option<Spanned<String>>,
+    #[serde(default)]
+    coordinator: RawCoordinator,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCoordinator {
+    startup_timeout: Option<ConfigDuration>,
+    shutdown_timeout: Option<ConfigDuration>,
+    restart_retry_counter: Option<u32>,
+    restart_time_span: Option<ConfigDuration>,
+    on_failure: Option<OnFailure>,
+    standby: Option<bool>,
+    takeover: Option<Takeover>,
+    startup_sequence: Option<Spanned<Vec<Spanned<String>>>>,
+    shutdown_sequence: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// What the command line says about finding the configuration.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// `--config PATH`.
+    pub config_path: Option<PathBuf>,
+    /// `--instance NAME`, overriding the file.
+    pub instance: Option<String>,
+    /// `--services-dir DIR`, overriding the file.
+    pub services_dir: Option<PathBuf>,
+}
+
+/// A complete, checked configuration: the global settings, the services, their graph and the
+/// sequences the coordinator follows.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub global: GlobalConfig,
+    /// Services sorted by id; a service's index here is its index everywhere else.
+    pub services: Vec<ServiceSpec>,
+    pub graph: ServiceGraph,
+    pub startup_sequence: Vec<usize>,
+    pub shutdown_sequence: Vec<usize>,
+    /// True when `startup_sequence` was given explicitly: then services start strictly one at
+    /// a time in that order, as in the original design, instead of level by level.
+    pub explicit_startup: bool,
+}
+
+impl Config {
+    /// Loads and checks everything the options point at.
+    pub fn load(options: &LoadOptions) -> Result<Config, Diagnostics> {
+        let mut diags = Diagnostics::default();
+        let (global, sequence_spans) = load_global(options, &mut diags);
+        let Some(global) = global else {
+            return Err(diags);
+        };
+        let files = match service::list_service_files(&global.services_dir) {
+            Ok(files) => files,
+            Err(d) => {
+                diags.push(d);
+                return Err(diags);
+            }
+        };
+        let mut parsed = Vec::with_capacity(files.len());
+        // Ids of files that failed: a reference to one of them is not also "unknown".
+        let mut broken = std::collections::HashSet::new();
+        for file in &files {
+            match service::parse_service_file(file, &global.services_dir, &mut diags) {
+                Some(p) => parsed.push(p),
+                None => {
+                    broken.insert(
+                        file.file_stem()
+                            .unwrap_or_default()
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
+                }
+            }
+        }
+        let config = assemble(global, parsed, &broken, &sequence_spans, &mut diags);
+        match config {
+            Some(config) if diags.is_empty() => Ok(config),
+            _ => Err(diags),
+        }
+    }
+
+    pub fn service_index(&self, id: &str) -> Option<usize> {
+        self.services
+            .binary_search_by(|s| s.id.as_str().cmp(id))
+            .ok()
+    }
+
+    /// The levels the coordinator starts in: the graph's levels, or one service per step when
+    /// the startup sequence is explicit.
+    pub fn start_steps(&self) -> Vec<Vec<usize>> {
+        if self.explicit_startup {
+            self.startup_sequence.iter().map(|&s| vec![s]).collect()
+        } else {
+            self.graph.levels().to_vec()
+        }
+    }
+}
+
+/// The text and spans of the global file, kept to point errors in sequences at their line.
+#[derive(Default)]
+struct SequenceSpans {
+    path: Option<PathBuf>,
+    text: String,
+    startup: Vec<std::ops::Range<usize>>,
+    shutdown: Vec<std::ops::Range<usize>>,
+    startup_whole: Option<std::ops::Range<usize>>,
+    shutdown_whole: Option<std::ops::Range<usize>>,
+}
+
+/// `--config`, else `$CCMGR_CONFIG`, else the default path; the flag says whether it was
+/// named explicitly (then a missing file is an error; the default file may be missing).
+pub fn config_path(options: &LoadOptions) -> (PathBuf, bool) {
+    if let Some(p) = &options.config_path {
+        return (p.clone(), true);
+    }
+    match std::env::var_os(CONFIG_ENV) {
+        Some(p) if !p.is_empty() => (PathBuf::from(p), true),
+        _ => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    }
+}
+
+fn load_global(
+    options: &LoadOptions,
+    diags: &mut Diagnostics,
+) -> (Option<GlobalConfig>, SequenceSpans) {
+    let (path, explicit) = config_path(options);
+    let path = absolute(&path);
+    let mut spans = SequenceSpans::default();
+    let (raw, source) = match fs::read_to_string(&path) {
+        Ok(text) => match toml::from_str::<RawGlobal>(&text) {
+            Ok(raw) => {
+                spans.path = Some(path.clone());
+                spans.text = text;
+                (raw, Some(path.clone()))
+            }
+            Err(e) => {
+                diags.push(toml_error(&path, &text, &e));
+                return (None, spans);
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            (RawGlobal::default(), None)
+        }
+        Err(e) => {
+            diags.push(Diagnostic::in_file(
+                Some(&path),
+                format!("cannot read the configuration file: {e}"),
+            ));
+            return (None, spans);
+        }
+    };
+    let config_dir = path
+        .parent()
+        .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
+    let in_config_dir = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            config_dir.join(p)
+        }
+    };
+
+    let instance = match (&options.instance, &raw.instance) {
+        (Some(name), _) => name.clone(),
+        (None, Some(name)) => name.get_ref().clone(),
+        (None, None) => "default".to_owned(),
+    };
+    if let Err(msg) = check_instance_name(&instance) {
+        let d = match (&options.instance, &raw.instance) {
+            (None, Some(name)) => Diagnostic::at_span(&path, &spans.text, name.span(), msg),
+            _ => Diagnostic::in_file(None, format!("--instance: {msg}")),
+        };
+        diags.push(d);
+    }
+    let services_dir = match &options.services_dir {
+        Some(dir) => absolute(dir),
+        None => in_config_dir(
+            raw.services_dir
+                .as_deref()
+                .unwrap_or(Path::new("services.d")),
+        ),
+    };
+    let (default_log, default_run) = default_state_dirs();
+    let log_dir = raw.log_dir.as_deref().map_or(default_log, in_config_dir);
+    let run_dir = raw.run_dir.as_deref().map_or(default_run, in_config_dir);
+    let group = raw.group.as_ref().and_then(|g| {
+        let found = match g.get_ref().parse::<u32>() {
+            Ok(gid) => nix::unistd::Group::from_gid(gid.into()),
+            Err(_) => nix::unistd::Group::from_name(g.get_ref()),
+        };
+        match found {
+            Ok(Some(group)) => Some(Account {
+                name: group.name,
+                id: group.gid.as_raw(),
+            }),
+            _ => {
+                let msg = format!("key `group`: no group `{}` on this machine", g.get_ref());
+                diags.push(Diagnostic::at_span(&path, &spans.text, g.span(), msg));
+                None
+            }
+        }
+    });
+
+    let c = raw.coordinator;
+    let defaults = CoordinatorConfig::default();
+    let unspan = |seq: &Option<Spanned<Vec<Spanned<String>>>>| {
+        seq.as_ref()
+            .map(|s| s.get_ref().iter().map(|x| x.get_ref().clone()).collect())
+    };
+    if let Some(s) = &c.startup_sequence {
+        spans.startup = s.get_ref().iter().map(Spanned::span).collect();
+        spans.startup_whole = Some(s.span());
+    }
+    if let Some(s) = &c.shutdown_sequence {
+        spans.shutdown = s.get_ref().iter().map(Spanned::span).collect();
+        spans.shutdown_whole = Some(s.span());
+    }
+    let coordinator = CoordinatorConfig {
+        startup_timeout: c.startup_timeout.unwrap_or(defaults.startup_timeout),
+        shutdown_timeout: c.shutdown_timeout.unwrap_or(defaults.shutdown_timeout),
+        restart_retry_counter: c
+            .restart_retry_counter
+            .unwrap_or(defaults.restart_retry_counter),
+        restart_time_span: c.restart_time_span.unwrap_or(defaults.restart_time_span),
+        on_failure: c.on_failure.unwrap_or(defaults.on_failure),
+        standby: c.standby.unwrap_or(defaults.standby),
+        takeover: c.takeover.unwrap_or(defaults.takeover),
+        startup_sequence: unspan(&c.startup_sequence),
+        shutdown_sequence: unspan(&c.shutdown_sequence),
+    };
+    let global = GlobalConfig {
+        source,
+        instance,
+        services_dir,
+        log_dir,
+        run_dir,
+        group,
+        coordinator,
+    };
+    (Some(global), spans)
+}
+
+/// Whether `name` may name an instance: `[A-Za-z0-9_.-]`, 1 to 64 bytes, not starting with
+/// `.` or `-` (it names shared-memory objects and files).
+pub fn check_instance_name(name: &str) -> Result<(), String> {
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if name.is_empty()
+        || name.len() > MAX_INSTANCE_LEN
+        || !valid_chars
+        || name.starts_with(['.', '-'])
+    {
+        return Err(format!(
+            "instance name `{name}` must be 1 to {MAX_INSTANCE_LEN} letters, digits, `_`, `.` or `-`, not starting with `.` or `-`"
+        ));
+    }
+    Ok(())
+}
+
+/// The default log and runtime directories: system paths as root; the XDG state and runtime
+/// directories otherwise, so anyone can run ccmgr without root.
+pub fn default_state_dirs() -> (PathBuf, PathBuf) {
+    if nix::unistd::geteuid().is_root() {
+        return (PathBuf::from("/var/log/ccmgr"), PathBuf::from("/run/ccmgr"));
+    }
+    let env_dir = |var: &str| {
+        std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let home = env_dir("HOME").unwrap_or_else(std::env::temp_dir);
+    let state = env_dir("XDG_STATE_HOME").unwrap_or_else(|| home.join(".local/state"));
+    let runtime = env_dir("XDG_RUNTIME_DIR")
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("ccmgr-{}", nix::unistd::geteuid())));
+    (state.join("ccmgr"), runtime.join("ccmgr"))
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Turns a TOML syntax or schema error into a diagnostic naming file, line, column and key.
+pub(crate) fn toml_error(path: &Path, text: &str, error: &toml::de::Error) -> Diagnostic {
+    // serde's words are about Rust ("variant"); the reader wrote a TOML value.
+    let message = error
+        .message()
+        .trim()
+        .replace("unknown variant", "unknown value");
+    let Some(span) = error.span() else {
+        return Diagnostic::in_file(Some(path), message);
+    };
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        // serde says "unknown field `x`, expected one of `a`, `b`": say "key" (the TOML word)
+        // and suggest the closest known key.
+        let unknown = rest.split('`').next().unwrap_or_default();
+        let known: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
+        let mut d =
+            Diagnostic::at_span(path, text, span.clone(), format!("unknown key `{unknown}`"));
+        if let Some(close) = did_you_mean(unknown, known.iter().copied()) {
+            d = d.with_note(format!("did you mean `{close}`?"));
+        }
+        if !known.is_empty() {
+            d = d.with_note(format!("known keys here: {}", known.join(", ")));
+        }
+        return d;
+    }
+    let message = match key_at(text, span.start) {
+        Some(key) => format!("key `{key}`: {message}"),
+        None => message,
+    };
+    Diagnostic::at_span(path, text, span, message)
+}
+
+/// The candidate closest to `word`, if it is close enough to be a likely typo.
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::damerau_levenshtein(word, c), c))
+        .filter(|&(distance, c)| distance <= (c.len().max(word.len()) / 3).max(1))
+        .min()
+        .map(|(_, c)| c)
+}
+
+/// Puts the parsed files together: duplicate ids, references, the graph, the sequences.
+fn assemble(
+    global: GlobalConfig,
+    mut parsed: Vec<service::ParsedService>,
+    broken: &std::collections::HashSet<String>,
+    spans: &SequenceSpans,
+    diags: &mut Diagnostics,
+) -> Option<Config> {
+    parsed.sort_by(|a, b| (&a.spec.id, &a.spec.source).cmp(&(&b.spec.id, &b.spec.source)));
+    // Two files, one id: name both, keep the first so its references are still checked.
+    let mut kept: Vec<service::ParsedService> = Vec::with_capacity(parsed.len());
+    for p in parsed {
+        if let Some(first) = kept.last().filter(|k| k.spec.id == p.spec.id) {
+            let msg = format!(
+                "service id `{}` is used twice: by {} and by {}",
+                p.spec.id,
+                first.spec.source.display(),
+                p.spec.source.display()
+            );
+            diags.push(match &p.id_span {
+                Some(span) => {
+                    Diagnostic::at_span(&p.spec.source, &p.source_text, span.clone(), msg)
+                }
+                None => Diagnostic::in_file(Some(&p.spec.source), msg),
+            });
+            continue;
+        }
+        kept.push(p);
+    }
+    let index: HashMap<&str, usize> = kept
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.spec.id.as_str(), i))
+        .collect();
+    let ids: Vec<String> = kept.iter().map(|p| p.spec.id.clone()).collect();
+    let mut edges = Vec::new();
+    for (i, p) in kept.iter().enumerate() {
+        let refs = [
+            (EdgeKind::Requires, &p.spec.requires, &p.requires_spans),
+            (EdgeKind::After, &p.spec.after, &p.after_spans),
+        ];
+        for (kind, targets, target_spans) in refs {
+            for (target, span) in targets.iter().zip(target_spans) {
+                match index.get(target.as_str()) {
+                    Some(&j) => edges.push((i, j, kind)),
+                    None if broken.contains(target) => {}
+                    None => {
+                        let relation = match kind {
+                            EdgeKind::Requires => "requires",
+                            EdgeKind::After => "is ordered after",
+                        };
+                        let msg = format!(
+                            "`{}` {relation} `{target}`, but no service has that id",
+                            p.spec.id
+                        );
+                        let mut d =
+                            Diagnostic::at_span(&p.spec.source, &p.source_text, span.clone(), msg);
+                        if let Some(close) = did_you_mean(target, ids.iter().map(String::as_str)) {
+                            d = d.with_note(format!("did you mean `{close}`?"));
+                        }
+                        diags.push(d);
+                    }
+                }
+            }
+        }
+    }
+    let services: Vec<ServiceSpec> = kept.into_iter().map(|p| p.spec).collect();
+    let graph = match ServiceGraph::build(ids, &edges) {
+        Ok(graph) => graph,
+        Err(cycles) => {
+            for cycle in cycles {
+                let path: Vec<&str> = cycle
+                    .services
+                    .iter()
+                    .map(|&s| services[s].id.as_str())
+                    .collect();
+                let mut d = Diagnostic::in_file(
+                    None,
+                    format!("dependency cycle: {} -> {}", path.join(" -> "), path[0]),
+                );
+                for &s in &cycle.services {
+                    d = d.with_note(format!(
+                        "`{}` is declared in {}",
+                        services[s].id,
+                        services[s].source.display()
+                    ));
+                }
+                let others: Vec<&str> = cycle
+                    .knot
+                    .iter()
+                    .filter(|s| !cycle.services.contains(s))
+                    .map(|&s| services[s].id.as_str())
+                    .collect();
+                if !others.is_empty() {
+                    d = d.with_note(format!(
+                        "also caught in the same knot of cycles: {}",
+                        others.join(", ")
+                    ));
+                }
+                diags.push(d);
+            }
+            return None;
+        }
+    };
+    let startup = settle_sequence(
+        &global,
+        &graph,
+        &services,
+        SequenceKind::Startup,
+        spans,
+        diags,
+    );
+    let shutdown = settle_sequence(
+        &global,
+        &graph,
+        &services,
+        SequenceKind::Shutdown,
+        spans,
+        diags,
+    );
+    let explicit_startup = global.coordinator.startup_sequence.is_some();
+    Some(Config {
+        global,
+        services,
+        startup_sequence: startup?,
+        shutdown_sequence: shutdown?,
+        graph,
+        explicit_startup,
+    })
+}
+
+/// The derived sequence, or the explicit one after checking that it names every service
+/// exactly once and never goes against an edge.
+fn settle_sequence(
+    global: &GlobalConfig,
+    graph: &ServiceGraph,
+    services: &[ServiceSpec],
+    kind: SequenceKind,
+    spans: &SequenceSpans,
+    diags: &mut Diagnostics,
+) -> Option<Vec<usize>> {
+    let (explicit, entry_spans, whole) = match kind {
+        SequenceKind::Startup => (
+            &global.coordinator.startup_sequence,
+            &spans.startup,
+            &spans.startup_whole,
+        ),
+        SequenceKind::Shutdown => (
+            &global.coordinator.shutdown_sequence,
+            &spans.shutdown,
+            &spans.shutdown_whole,
+        ),
+    };
+    let Some(explicit) = explicit else {
+        return Some(match kind {
+            SequenceKind::Startup => graph.startup_sequence().to_vec(),
+            SequenceKind::Shutdown => graph.shutdown_sequence(),
+        });
+    };
+    let path = spans
+        .path
+        .as_deref()
+        .unwrap_or(Path::new(DEFAULT_CONFIG_PATH));
+    let key = kind.key();
+    let at_entry = |i: usize, msg: String| match entry_spans.get(i) {
+        Some(span) => Diagnostic::at_span(path, &spans.text, span.clone(), msg),
+        None => Diagnostic::in_file(Some(path), msg),
+    };
+    let at_whole = |msg: String| match whole {
+        Some(span) => Diagnostic::at_span(path, &spans.text, span.clone(), msg),
+        None => Diagnostic::in_file(Some(path), msg),
+    };
+    let before = diags.len();
+    let mut order = Vec::with_capacity(explicit.len());
+    let mut seen = vec![false; services.len()];
+    for (i, id) in explicit.iter().enumerate() {
+        match services.binary_search_by(|s| s.id.as_str().cmp(id)) {
+            Ok(s) if seen[s] => diags.push(at_entry(
+                i,
+                format!("key `coordinator.{key}` names `{id}` twice"),
+            )),
+            Ok(s) => {
+                seen[s] = true;
+                order.push(s);
+            }
+            Err(_) => {
+                let mut d = at_entry(
+                    i,
+                    format!("key `coordinator.{key}` names `{id}`, but no service has that id"),
+                );
+                if let Some(close) = did_you_mean(id, services.iter().map(|s| s.id.as_str())) {
+                    d = d.with_note(format!("did you mean `{close}`?"));
+                }
+                diags.push(d);
+            }
+        }
+    }
+    let missing: Vec<&str> = (0..services.len())
+        .filter(|&s| !seen[s])
+        .map(|s| services[s].id.as_str())
+        .collect();
+    if !missing.is_empty() {
+        diags.push(at_whole(format!(
+            "key `coordinator.{key}` must name every service exactly once; it leaves out {}",
+            missing
+                .iter()
+                .map(|m| format!("`{m}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    if diags.len() != before {
+        return None;
+    }
+    for e in graph.check_sequence(kind, &order) {
+        let (dependent, dependency) = (&services[e.dependent], &services[e.dependency]);
+        let msg = match kind {
+            SequenceKind::Startup => format!(
+                "key `coordinator.{key}` starts `{}` before `{}`, but `{}` {} `{}`",
+                dependent.id,
+                dependency.id,
+                dependent.id,
+                e.edge.as_str(),
+                dependency.id
+            ),
+            SequenceKind::Shutdown => format!(
+                "key `coordinator.{key}` stops `{}` before `{}`, but `{}` {} `{}`",
+                dependency.id,
+                dependent.id,
+                dependent.id,
+                e.edge.as_str(),
+                dependency.id
+            ),
+        };
+        let pos = explicit
+            .iter()
+            .position(|id| *id == dependent.id)
+            .unwrap_or(0);
+        diags.push(at_entry(pos, msg).with_note(format!(
+            "the dependency is declared in {}",
+            dependent.source.display()
+        )));
+    }
+    (diags.len() == before).then_some(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_names() {
+        for ok in ["default", "t-1.x_2", &"a".repeat(64)] {
+            assert!(check_instance_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-x", ".x", "a b", "a/b", "a@b", &"a".repeat(65)] {
+            assert!(check_instance_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn did_you_mean_finds_close_words_only() {
+        let ids = ["database", "web", "cache"];
+        assert_eq!(did_you_mean("databse", ids), Some("database"));
+        assert_eq!(did_you_mean("wbe", ids), Some("web"));
+        assert_eq!(did_you_mean("zzzzzz", ids), None);
+    }
+}

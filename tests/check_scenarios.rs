@@ -1,0 +1,158 @@
+//! Golden tests of `ccmgr check`: one folder per scenario under `tests/scenarios/`, each with a
+//! `ccmgr.toml`, a `services.d/` and an `expected.txt` holding the exit code, stdout and stderr
+//! the real binary must print (paths shown as `$SCENARIO`).
+//!
+//! To regenerate after a deliberate change of wording: `CCMGR_BLESS=1 cargo test --test
+//! check_scenarios`, then review the diff of every `expected.txt` by eye.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn scenarios_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios")
+}
+
+/// Runs `ccmgr --config <scenario>/ccmgr.toml <verb>` and renders what it did.
+fn run(scenario: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ccmgr"))
+        .arg("--config")
+        .arg(scenario.join("ccmgr.toml"))
+        .args(args)
+        .env_remove("CCMGR_CONFIG")
+        // Programs are looked up in PATH at load: pin it so messages are the same everywhere.
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("the ccmgr binary runs");
+    let normalise = |bytes: &[u8]| {
+        String::from_utf8_lossy(bytes).replace(&scenario.display().to_string(), "$SCENARIO")
+    };
+    format!(
+        "exit: {}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code().map_or("signal".into(), |c| c.to_string()),
+        normalise(&out.stdout),
+        normalise(&out.stderr)
+    )
+}
+
+fn check_scenario(name: &str) {
+    let dir = scenarios_dir().join(name);
+    let actual = run(&dir, &["check"]);
+    let expected_path = dir.join("expected.txt");
+    if std::env::var_os("CCMGR_BLESS").is_some() {
+        std::fs::write(&expected_path, &actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&expected_path)
+        .unwrap_or_else(|e| panic!("{}: {e}", expected_path.display()));
+    assert_eq!(
+        actual, expected,
+        "scenario {name}: output differs from expected.txt"
+    );
+}
+
+macro_rules! scenarios {
+    ($($test:ident => $dir:literal,)*) => {
+        $(#[test] fn $test() { check_scenario($dir); })*
+
+        /// Every scenario folder has a test, so none is silently skipped.
+        #[test]
+        fn every_scenario_folder_is_tested() {
+            let listed = [$($dir),*];
+            for entry in std::fs::read_dir(scenarios_dir()).unwrap() {
+                let name = entry.unwrap().file_name().into_string().unwrap();
+                assert!(listed.contains(&name.as_str()), "scenario folder {name} has no test");
+            }
+        }
+    };
+}
+
+scenarios! {
+    cycle_of_three => "cycle-of-three",
+    two_disjoint_cycles => "two-disjoint-cycles",
+    self_dependency => "self-dependency",
+    missing_dependency_with_near_miss => "missing-dependency",
+    duplicate_id => "duplicate-id",
+    unknown_key => "unknown-key",
+    toml_syntax_error => "toml-syntax-error",
+    bad_duration => "bad-duration",
+    explicit_sequence_contradicting_requires => "sequence-contradicts-requires",
+    empty_services_dir_is_valid => "empty-services-dir",
+    errors_in_several_files_are_all_reported => "errors-in-several-files",
+    valid_stack_with_explicit_sequences => "valid-explicit-sequences",
+}
+
+#[test]
+fn the_demo_stack_checks() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = run(root, &["check"]);
+    assert!(out.starts_with("exit: 0\n"), "{out}");
+    assert!(
+        out.contains("startup sequence: setup, cache, database, api, web\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn graph_formats() {
+    let dir = scenarios_dir().join("valid-explicit-sequences");
+    let text = run(&dir, &["graph", "--format", "text"]);
+    assert_eq!(
+        text,
+        "exit: 0\n--- stdout\napp requires db\napp after log\ndb after log\n--- stderr\n"
+    );
+    let dot = run(&dir, &["graph"]);
+    assert!(
+        dot.contains("\"app\" -> \"db\" [label=\"requires\"];"),
+        "{dot}"
+    );
+    assert!(
+        dot.contains("\"db\" -> \"log\" [label=\"after\", style=dashed];"),
+        "{dot}"
+    );
+}
+
+#[test]
+fn a_missing_explicit_config_file_is_an_error() {
+    let out = run(&scenarios_dir().join("no-such-scenario"), &["check"]);
+    assert!(out.starts_with("exit: 2\n"), "{out}");
+    assert!(
+        out.contains("$SCENARIO/ccmgr.toml: cannot read the configuration file"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let out = run(&scenarios_dir().join("cycle-of-three"), &["frobnicate"]);
+    assert!(out.starts_with("exit: 2\n"), "{out}");
+}
+
+#[test]
+fn instance_and_services_dir_flags_override_the_file() {
+    // An empty config file, pointed at another scenario's services and given a name.
+    let dir = scenarios_dir().join("empty-services-dir");
+    let services = scenarios_dir().join("valid-explicit-sequences/services.d");
+    let out = run(
+        &dir,
+        &[
+            "--instance",
+            "other",
+            "--services-dir",
+            services.to_str().unwrap(),
+            "check",
+        ],
+    );
+    assert!(out.starts_with("exit: 0\n"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "instance `other`, 3 services in {}",
+            services.display()
+        )),
+        "{out}"
+    );
+    let out = run(&dir, &["--instance", "bad/name", "check"]);
+    assert!(
+        out.starts_with("exit: 2\n") && out.contains("--instance: instance name `bad/name`"),
+        "{out}"
+    );
+}
