@@ -164,8 +164,9 @@ impl Config {
         let mut parsed = Vec::with_capacity(files.len());
         // Ids of files that failed: a reference to one of them is not also "unknown".
         let mut broken = std::collections::HashSet::new();
+        let mut programs = service::ProgramCache::default();
         for file in &files {
-            match service::parse_service_file(file, &global.services_dir, &mut diags) {
+            match service::parse_service_file(file, &global.services_dir, &mut programs, &mut diags) {
                 Some(p) => parsed.push(p),
                 None => {
                     broken.insert(

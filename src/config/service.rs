@@ -202,6 +202,24 @@ pub mod defaults {
     pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 }
 
+/// Remembers where bare program names were found during one load: stacks name the same few
+/// programs many times, and each PATH search costs a `stat` per PATH entry.
+#[derive(Default)]
+pub(super) struct ProgramCache(std::collections::HashMap<(String, Option<String>), Result<PathBuf, String>>);
+
+impl ProgramCache {
+    fn find(&mut self, argv0: &str, base: &Path, path_var: Option<&str>) -> Result<PathBuf, String> {
+        if argv0.contains('/') {
+            // A path depends on the base directory; it is one `stat`, not worth caching.
+            return find_program(argv0, base, path_var);
+        }
+        self.0
+            .entry((argv0.to_owned(), path_var.map(str::to_owned)))
+            .or_insert_with(|| find_program(argv0, base, path_var))
+            .clone()
+    }
+}
+
 /// A service file that parsed, with the spans of its references to other services, which
 /// [`super::load`] checks once every file is known.
 pub(super) struct ParsedService {
@@ -271,6 +289,7 @@ pub fn check_id(id: &str) -> Result<(), String> {
 pub(super) fn parse_service_file(
     path: &Path,
     base_dir: &Path,
+    programs: &mut ProgramCache,
     diags: &mut Diagnostics,
 ) -> Option<ParsedService> {
     let text = match fs::read_to_string(path) {
@@ -364,7 +383,7 @@ pub(super) fn parse_service_file(
                 .cloned()
                 .or_else(|| std::env::var("PATH").ok());
             let search_base = working_dir.as_deref().unwrap_or(base_dir);
-            match find_program(argv0, search_base, path_var.as_deref()) {
+            match programs.find(argv0, search_base, path_var.as_deref()) {
                 Ok(p) => p,
                 Err(msg) => {
                     diags.push(at(command_span.clone(), format!("key `command`: {msg}")));
