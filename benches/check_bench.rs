@@ -47,15 +47,28 @@ fn generate(dir: &Path, n: usize) -> (Vec<String>, Vec<(usize, usize, EdgeKind)>
         if i > 0 {
             for _ in 0..3 {
                 let j = rng.below(i);
-                let kind = if rng.below(3) == 0 { EdgeKind::After } else { EdgeKind::Requires };
-                let list = if kind == EdgeKind::Requires { &mut requires } else { &mut after };
+                let kind = if rng.below(3) == 0 {
+                    EdgeKind::After
+                } else {
+                    EdgeKind::Requires
+                };
+                let list = if kind == EdgeKind::Requires {
+                    &mut requires
+                } else {
+                    &mut after
+                };
                 if !list.contains(&j) {
                     list.push(j);
                     edges.push((i, j, kind));
                 }
             }
         }
-        let quote = |v: &[usize]| v.iter().map(|&j| format!("\"{}\"", ids[j])).collect::<Vec<_>>().join(", ");
+        let quote = |v: &[usize]| {
+            v.iter()
+                .map(|&j| format!("\"{}\"", ids[j]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let text = format!(
             "description = \"generated service {i}\"\ncommand = [\"sleep\", \"infinity\"]\nrequires = [{}]\nafter = [{}]\nstartup_timeout = \"5s\"\n",
             quote(&requires),
@@ -102,7 +115,12 @@ fn main() {
     // Warm the page cache once so every measurement sees the same state.
     Config::load(&options).expect("the generated stack is valid");
 
-    let read = time(rounds, || files.iter().map(|f| fs::read(f).unwrap().len()).sum::<usize>());
+    let read = time(rounds, || {
+        files
+            .iter()
+            .map(|f| fs::read(f).unwrap().len())
+            .sum::<usize>()
+    });
     let load = time(rounds, || Config::load(&options).unwrap());
     let graph = time(rounds, || ServiceGraph::build(ids.clone(), &edges).unwrap());
     let binary = env!("CARGO_BIN_EXE_ccmgr");
@@ -117,9 +135,30 @@ fn main() {
     });
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("check benchmark: {n} services, {} edges, median of {rounds} rounds", edges.len());
-    println!("  {:<44} {:>9.1} ms  (baseline)", "read every service file", ms(read));
-    println!("  {:<44} {:>9.1} ms  ({:.1}x baseline)", "Config::load (parse, resolve, graph, orders)", ms(load), ms(load) / ms(read));
-    println!("  {:<44} {:>9.1} ms", "ServiceGraph::build alone", ms(graph));
-    println!("  {:<44} {:>9.1} ms  ({:.1}x baseline)", "`ccmgr check` end to end", ms(cli), ms(cli) / ms(read));
+    println!(
+        "check benchmark: {n} services, {} edges, median of {rounds} rounds",
+        edges.len()
+    );
+    println!(
+        "  {:<44} {:>9.1} ms  (baseline)",
+        "read every service file",
+        ms(read)
+    );
+    println!(
+        "  {:<44} {:>9.1} ms  ({:.1}x baseline)",
+        "Config::load (parse, resolve, graph, orders)",
+        ms(load),
+        ms(load) / ms(read)
+    );
+    println!(
+        "  {:<44} {:>9.1} ms",
+        "ServiceGraph::build alone",
+        ms(graph)
+    );
+    println!(
+        "  {:<44} {:>9.1} ms  ({:.1}x baseline)",
+        "`ccmgr check` end to end",
+        ms(cli),
+        ms(cli) / ms(read)
+    );
 }

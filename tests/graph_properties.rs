@@ -9,11 +9,17 @@ use proptest::prelude::*;
 
 fn ids(n: usize) -> Vec<String> {
     // Names whose sort order differs from index order, so "ties by id" is really exercised.
-    (0..n).map(|i| format!("s{:03}-{i}", (i * 7919) % 1000)).collect()
+    (0..n)
+        .map(|i| format!("s{:03}-{i}", (i * 7919) % 1000))
+        .collect()
 }
 
 fn kind(b: bool) -> EdgeKind {
-    if b { EdgeKind::Requires } else { EdgeKind::After }
+    if b {
+        EdgeKind::Requires
+    } else {
+        EdgeKind::After
+    }
 }
 
 /// A random DAG: every edge goes from a higher index to a lower one.

@@ -166,7 +166,8 @@ impl Config {
         let mut broken = std::collections::HashSet::new();
         let mut programs = service::ProgramCache::default();
         for file in &files {
-            match service::parse_service_file(file, &global.services_dir, &mut programs, &mut diags) {
+            match service::parse_service_file(file, &global.services_dir, &mut programs, &mut diags)
+            {
                 Some(p) => parsed.push(p),
                 None => {
                     broken.insert(

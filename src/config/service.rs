@@ -205,10 +205,17 @@ pub mod defaults {
 /// Remembers where bare program names were found during one load: stacks name the same few
 /// programs many times, and each PATH search costs a `stat` per PATH entry.
 #[derive(Default)]
-pub(super) struct ProgramCache(std::collections::HashMap<(String, Option<String>), Result<PathBuf, String>>);
+pub(super) struct ProgramCache(
+    std::collections::HashMap<(String, Option<String>), Result<PathBuf, String>>,
+);
 
 impl ProgramCache {
-    fn find(&mut self, argv0: &str, base: &Path, path_var: Option<&str>) -> Result<PathBuf, String> {
+    fn find(
+        &mut self,
+        argv0: &str,
+        base: &Path,
+        path_var: Option<&str>,
+    ) -> Result<PathBuf, String> {
         if argv0.contains('/') {
             // A path depends on the base directory; it is one `stat`, not worth caching.
             return find_program(argv0, base, path_var);
