@@ -13,4 +13,5 @@ pub mod cli;
 pub mod config;
 pub mod diag;
 pub mod duration;
+pub mod engine;
 pub mod graph;

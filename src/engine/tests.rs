@@ -1,0 +1,765 @@
+//! The engine in virtual time: a simulator plays the driver and the services (each with a
+//! scripted behaviour), advancing a virtual clock from event to event, and the tests read the
+//! log of what the engine asked for and when.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::*;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// How a simulated service behaves.
+#[derive(Clone, Debug)]
+struct Behaviour {
+    /// Exits by itself this long after each start, with this status (None: runs until told).
+    exits_after: Option<(Duration, Exit)>,
+    /// Sends READY=1 this long after start (for ready = notify); None: never.
+    ready_after: Option<Duration>,
+    /// Ignores its stop signal (only SIGKILL ends it).
+    ignores_stop: bool,
+    /// Spawning fails (exec error).
+    spawn_fails: bool,
+    /// Overrides for the later starts: (from the nth start on, exits_after).
+    later_starts: Option<(u32, Option<(Duration, Exit)>)>,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Self {
+            exits_after: None,
+            ready_after: Some(ms(10)),
+            ignores_stop: false,
+            spawn_fails: false,
+            later_starts: None,
+        }
+    }
+}
+
+struct Svc {
+    id: &'static str,
+    requires: Vec<&'static str>,
+    after: Vec<&'static str>,
+    ready: ReadyKind,
+    restart: RestartPolicy,
+    behaviour: Behaviour,
+}
+
+fn svc(id: &'static str, requires: &[&'static str]) -> Svc {
+    Svc {
+        id,
+        requires: requires.to_vec(),
+        after: Vec::new(),
+        ready: ReadyKind::Started,
+        restart: RestartPolicy::OnFailure,
+        behaviour: Behaviour::default(),
+    }
+}
+
+fn params(services: &[Svc]) -> EngineParams {
+    let index = |id: &str| services.iter().position(|s| s.id == id).unwrap();
+    let mut edges = Vec::new();
+    for (i, s) in services.iter().enumerate() {
+        edges.extend(s.requires.iter().map(|d| (i, index(d), EdgeKind::Requires)));
+        edges.extend(s.after.iter().map(|d| (i, index(d), EdgeKind::After)));
+    }
+    let ids = services.iter().map(|s| s.id.to_owned()).collect();
+    let graph = crate::graph::ServiceGraph::build(ids, &edges).expect("acyclic");
+    EngineParams {
+        services: services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ServiceParams {
+                id: s.id.to_owned(),
+                ready: s.ready,
+                restart: s.restart,
+                startup_timeout: ms(1_000),
+                shutdown_timeout: ms(500),
+                stop_signal: Signal::SIGTERM,
+                restart_delay: ms(100),
+                restart_delay_max: ms(1_000),
+                dependencies: graph.dependencies(i),
+                dependents: graph.dependents(i),
+            })
+            .collect(),
+        startup_sequence: graph.startup_sequence().to_vec(),
+        shutdown_sequence: graph.shutdown_sequence(),
+        explicit_startup: false,
+        explicit_shutdown: false,
+        on_failure: OnFailure::RestartDependents,
+        restart_retry_counter: 5,
+        restart_time_span: ms(60_000),
+        startup_timeout: ms(250_000),
+        shutdown_timeout: ms(250_000),
+    }
+}
+
+/// The driver and the services, in virtual time.
+struct Sim {
+    engine: Engine,
+    ids: Vec<String>,
+    behaviours: Vec<Behaviour>,
+    starts: Vec<u32>,
+    now: Time,
+    next_pid: i32,
+    /// Future events, by time (ties in insertion order).
+    pending: BTreeMap<(Time, u64), Event>,
+    seq: u64,
+    /// What happened: "t=120 spawn web", "t=130 stop db", ...
+    log: Vec<String>,
+    pids: Vec<Option<i32>>,
+    finished: Option<Outcome>,
+    startup_complete_at: Option<Time>,
+}
+
+impl Sim {
+    fn new(services: Vec<Svc>) -> Self {
+        Self::with(services, |_| {})
+    }
+
+    fn with(services: Vec<Svc>, tweak: impl FnOnce(&mut EngineParams)) -> Self {
+        let mut p = params(&services);
+        tweak(&mut p);
+        let n = services.len();
+        let (engine, actions) = Engine::new(p, Time::ZERO);
+        let mut sim = Self {
+            engine,
+            ids: services.iter().map(|s| s.id.to_owned()).collect(),
+            behaviours: services.into_iter().map(|s| s.behaviour).collect(),
+            starts: vec![0; n],
+            now: Time::ZERO,
+            next_pid: 100,
+            pending: BTreeMap::new(),
+            seq: 0,
+            log: Vec::new(),
+            pids: vec![None; n],
+            finished: None,
+            startup_complete_at: None,
+        };
+        sim.perform(actions);
+        sim
+    }
+
+    fn idx(&self, id: &str) -> usize {
+        self.ids.iter().position(|i| i == id).unwrap()
+    }
+
+    fn at(&mut self, delay: Duration, event: Event) {
+        self.seq += 1;
+        self.pending.insert((self.now + delay, self.seq), event);
+    }
+
+    fn note(&mut self, what: &str, s: usize) {
+        let line = format!("t={} {what} {}", self.now.as_millis(), self.ids[s]);
+        self.log.push(line);
+    }
+
+    fn perform(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Spawn { service } => {
+                    self.note("spawn", service);
+                    self.starts[service] += 1;
+                    let b = self.behaviours[service].clone();
+                    if b.spawn_fails {
+                        self.at(
+                            Duration::ZERO,
+                            Event::SpawnFailed {
+                                service,
+                                error: "exec: ENOENT".into(),
+                            },
+                        );
+                        continue;
+                    }
+                    self.next_pid += 1;
+                    let pid = self.next_pid;
+                    self.pids[service] = Some(pid);
+                    self.at(Duration::ZERO, Event::Spawned { service, pid });
+                    let exits = match b.later_starts {
+                        Some((from, later)) if self.starts[service] >= from => later,
+                        _ => b.exits_after,
+                    };
+                    if let Some((after, exit)) = exits {
+                        self.at(after, Event::Exited { service, exit });
+                    }
+                    if let Some(after) = b.ready_after {
+                        self.at(after, Event::Ready { service });
+                    }
+                }
+                Action::Signal { service, .. } => {
+                    self.note("stop", service);
+                    if !self.behaviours[service].ignores_stop {
+                        self.at(
+                            ms(1),
+                            Event::Exited {
+                                service,
+                                exit: Exit::Signal(15),
+                            },
+                        );
+                    }
+                }
+                Action::Kill { service } => {
+                    self.note("kill", service);
+                    self.at(
+                        ms(1),
+                        Event::Exited {
+                            service,
+                            exit: Exit::Signal(9),
+                        },
+                    );
+                }
+                Action::StartupComplete => self.startup_complete_at = Some(self.now),
+                Action::Finished(outcome) => self.finished = Some(outcome),
+            }
+        }
+    }
+
+    /// Delivers an event now, as the driver would.
+    fn send(&mut self, event: Event) {
+        // Events about a process that no longer exists are dropped, like a real driver that
+        // only reports exits of processes it watches.
+        if let Event::Exited { service, .. } | Event::Ready { service } = event {
+            if self.pids[service].is_none() {
+                return;
+            }
+            if matches!(event, Event::Exited { .. }) {
+                self.pids[service] = None;
+            }
+        }
+        let actions = self.engine.handle(event, self.now);
+        self.perform(actions);
+    }
+
+    /// Crashes a running service now (kill -9 from outside).
+    fn crash(&mut self, id: &str) {
+        let s = self.idx(id);
+        // Pending self-exits of the old process must not hit the new one.
+        self.pending.retain(|_, e| !matches!(e, Event::Exited { service, .. } | Event::Ready { service } if *service == s));
+        self.send(Event::Exited {
+            service: s,
+            exit: Exit::Signal(9),
+        });
+    }
+
+    /// Runs until `until`, delivering due events and timer ticks in time order, and leaves
+    /// the clock at `until`.
+    fn run_until(&mut self, until: Time) {
+        self.drain(until);
+        self.now = self.now.max(until);
+    }
+
+    /// Delivers everything due up to `until`; the clock stops at the last event.
+    fn drain(&mut self, until: Time) {
+        loop {
+            let next_event = self.pending.keys().next().map(|k| k.0);
+            let next_tick = self.engine.next_deadline();
+            let next = match (next_event, next_tick) {
+                (Some(e), Some(t)) => e.min(t),
+                (e, t) => match e.or(t) {
+                    Some(x) => x,
+                    None => break,
+                },
+            };
+            if next > until {
+                break;
+            }
+            self.now = self.now.max(next);
+            if next_event == Some(next) {
+                let key = *self.pending.keys().next().unwrap();
+                let event = self.pending.remove(&key).unwrap();
+                if let Event::Exited { service, .. } = event {
+                    // A process that was killed and restarted: the stale exit is not its own.
+                    if self.pids[service].is_none() {
+                        continue;
+                    }
+                }
+                self.send(event);
+            } else {
+                self.send(Event::Tick);
+            }
+        }
+    }
+
+    /// Runs until nothing is left to happen (or an hour of virtual time passed).
+    fn run(&mut self) {
+        self.drain(self.now + ms(3_600_000));
+    }
+
+    fn log_since(&self, from: usize) -> Vec<&str> {
+        self.log[from..].iter().map(String::as_str).collect()
+    }
+
+    fn state(&self, id: &str) -> ServiceState {
+        self.engine.slots()[self.idx(id)].state
+    }
+}
+
+fn stack() -> Vec<Svc> {
+    // db <- api <- web, cache (alone), log <- db (after)
+    let mut db = svc("db", &[]);
+    db.after = vec!["log"];
+    vec![
+        svc("log", &[]),
+        db,
+        svc("cache", &[]),
+        svc("api", &["db"]),
+        svc("web", &["api"]),
+    ]
+}
+
+#[test]
+fn levels_start_in_parallel_and_in_order() {
+    let mut sim = Sim::new(stack());
+    sim.run();
+    assert_eq!(
+        sim.log,
+        [
+            "t=0 spawn cache",
+            "t=0 spawn log",
+            "t=0 spawn db",
+            "t=0 spawn api",
+            "t=0 spawn web"
+        ]
+    );
+    assert_eq!(sim.engine.phase(), Phase::Steady);
+    assert_eq!(sim.startup_complete_at, Some(Time::ZERO));
+}
+
+#[test]
+fn notify_services_gate_their_dependents_until_ready() {
+    let mut services = stack();
+    for s in &mut services {
+        s.ready = ReadyKind::Notify;
+    }
+    services[1].behaviour.ready_after = Some(ms(300)); // db is slow to be ready
+    let mut sim = Sim::new(services);
+    sim.run();
+    assert_eq!(
+        sim.log,
+        [
+            "t=0 spawn cache",
+            "t=0 spawn log",
+            "t=10 spawn db",
+            "t=310 spawn api",
+            "t=320 spawn web"
+        ]
+    );
+    assert_eq!(sim.startup_complete_at, Some(ms(330)));
+}
+
+#[test]
+fn explicit_startup_sequence_starts_one_at_a_time() {
+    let mut services = stack();
+    for s in &mut services {
+        s.ready = ReadyKind::Notify;
+    }
+    let mut sim = Sim::with(services, |p| {
+        p.explicit_startup = true;
+        p.startup_sequence = vec![2, 0, 1, 3, 4]; // cache, log, db, api, web
+    });
+    sim.run();
+    assert_eq!(
+        sim.log,
+        [
+            "t=0 spawn cache",
+            "t=10 spawn log",
+            "t=20 spawn db",
+            "t=30 spawn api",
+            "t=40 spawn web"
+        ]
+    );
+}
+
+#[test]
+fn stop_goes_in_shutdown_order_and_finishes() {
+    let mut sim = Sim::new(stack());
+    sim.run(); // the last (ignored) READY=1 arrives at t=10
+    let mark = sim.log.len();
+    sim.send(Event::Stop);
+    sim.run();
+    // web first; api after web is down; db after api; log after db; cache is free at once.
+    assert_eq!(
+        sim.log_since(mark),
+        [
+            "t=10 stop web",
+            "t=10 stop cache",
+            "t=11 stop api",
+            "t=12 stop db",
+            "t=13 stop log"
+        ]
+    );
+    assert_eq!(sim.finished, Some(Outcome::Stopped));
+    assert_eq!(sim.engine.phase(), Phase::Stopped);
+}
+
+#[test]
+fn restart_dependents_touches_only_what_requires_the_failed_service() {
+    let mut sim = Sim::new(stack());
+    sim.run_until(ms(5_000));
+    let pids_before: Vec<_> = sim.pids.clone();
+    let mark = sim.log.len();
+    sim.crash("db");
+    sim.run_until(ms(10_000));
+    // db died: stop web, then api (reverse order), then start db, api, web again. db ran for
+    // 5 s, longer than its restart delay, so it restarts at once.
+    assert_eq!(
+        sim.log_since(mark),
+        [
+            "t=5000 stop web",
+            "t=5001 stop api",
+            "t=5002 spawn db",
+            "t=5002 spawn api",
+            "t=5002 spawn web"
+        ]
+    );
+    for id in ["log", "cache"] {
+        let i = sim.idx(id);
+        assert_eq!(sim.pids[i], pids_before[i], "{id} kept its process");
+    }
+    assert_eq!(sim.engine.phase(), Phase::Steady);
+    assert_eq!(sim.engine.slots()[sim.idx("db")].restarts, 1);
+    assert_eq!(
+        sim.engine.slots()[sim.idx("db")].last_exit,
+        Some(Exit::Signal(9))
+    );
+}
+
+#[test]
+fn restart_all_stops_everything_in_order_then_starts_everything() {
+    let mut sim = Sim::with(stack(), |p| p.on_failure = OnFailure::RestartAll);
+    sim.run_until(ms(5_000));
+    let mark = sim.log.len();
+    sim.crash("api");
+    sim.run_until(ms(10_000));
+    assert_eq!(
+        sim.log_since(mark),
+        // api is already dead, so db does not wait for web (nothing running needs db).
+        [
+            "t=5000 stop web",
+            "t=5000 stop db",
+            "t=5000 stop cache",
+            "t=5001 stop log",
+            "t=5002 spawn cache",
+            "t=5002 spawn log",
+            "t=5002 spawn db",
+            "t=5002 spawn api",
+            "t=5002 spawn web"
+        ]
+    );
+}
+
+#[test]
+fn crash_loop_waits_doubling_delays_then_gives_up() {
+    let mut services = vec![svc("base", &[]), svc("flaky", &["base"])];
+    services[1].behaviour.exits_after = Some((ms(10), Exit::Code(1)));
+    services[1].behaviour.later_starts = None;
+    // The first start must succeed for startup to finish; it crashes from the second on.
+    services[1].behaviour.exits_after = None;
+    services[1].behaviour.later_starts = Some((2, Some((ms(10), Exit::Code(1)))));
+    let mut sim = Sim::new(services);
+    sim.run_until(ms(1_000));
+    sim.crash("flaky");
+    sim.run();
+    let spawns: Vec<u128> = sim
+        .log
+        .iter()
+        .filter(|l| l.ends_with("spawn flaky"))
+        .map(|l| l[2..l.find(' ').unwrap()].parse().unwrap())
+        .collect();
+    // Start 1 at 0; crash at 1000 (restart 1: it ran longer than its delay, so at once); then
+    // it crashes 10 ms after each start, and restarts 2 to 5 come 200, 400, 800 and 1000 ms
+    // (the cap) after the start before: the delay doubles with each restart in the span. The
+    // sixth restart in the window is one too many.
+    assert_eq!(spawns, [0, 1000, 1200, 1600, 2400, 3400]);
+    match sim.finished.clone() {
+        Some(Outcome::GaveUp { failure, restarts }) => {
+            assert_eq!(restarts, 5);
+            assert_eq!(failure.service, 1);
+            assert_eq!(failure.kind, FailureKind::Exited(Exit::Code(1)));
+        }
+        other => panic!("expected to give up, got {other:?}"),
+    }
+    assert_eq!(sim.engine.phase(), Phase::Failed);
+    assert!(sim.pids.iter().all(Option::is_none), "nothing left running");
+    assert!(sim.log.last().unwrap().ends_with("stop base"));
+}
+
+#[test]
+fn the_delay_is_capped_by_restart_delay_max() {
+    let mut services = vec![svc("flaky", &[])];
+    services[0].behaviour.later_starts = Some((2, Some((ms(0), Exit::Code(1)))));
+    let mut sim = Sim::with(services, |p| p.restart_retry_counter = 100);
+    sim.run_until(ms(1_000));
+    sim.crash("flaky");
+    sim.run_until(ms(20_000));
+    let spawns: Vec<u128> = sim
+        .log
+        .iter()
+        .filter(|l| l.ends_with("spawn flaky"))
+        .map(|l| l[2..l.find(' ').unwrap()].parse().unwrap())
+        .collect();
+    let gaps: Vec<u128> = spawns
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .skip(1)
+        .take(7)
+        .collect();
+    // Restart 1 (at 1000) was at once; restarts 2, 3, ... wait 200, 400, 800, then the cap.
+    assert_eq!(gaps, [200, 400, 800, 1000, 1000, 1000, 1000]);
+}
+
+#[test]
+fn a_quiet_span_resets_the_restart_count() {
+    let services = vec![svc("a", &[])];
+    let mut sim = Sim::with(services, |p| {
+        p.restart_retry_counter = 2;
+        p.restart_time_span = ms(10_000);
+    });
+    for round in 0..5u64 {
+        // Two crashes close together, then a quiet span longer than the window.
+        sim.run_until(ms(1_000 + round * 30_000));
+        sim.crash("a");
+        sim.run_until(ms(2_000 + round * 30_000));
+        sim.crash("a");
+    }
+    sim.run_until(ms(200_000));
+    assert_eq!(sim.finished, None, "never more than 2 restarts within 10 s");
+    assert_eq!(sim.engine.slots()[0].restarts, 10);
+    // A third crash inside one window gives up.
+    sim.crash("a");
+    sim.run_until(ms(200_500));
+    sim.crash("a");
+    sim.run_until(ms(201_000));
+    sim.crash("a");
+    sim.run();
+    assert!(
+        matches!(sim.finished, Some(Outcome::GaveUp { restarts: 2, .. })),
+        "{:?}",
+        sim.finished
+    );
+}
+
+#[test]
+fn restart_never_stays_down_and_stops_what_requires_it() {
+    let mut services = stack();
+    services[1].restart = RestartPolicy::Never; // db
+    let mut sim = Sim::new(services);
+    sim.run_until(ms(1_000));
+    let mark = sim.log.len();
+    sim.crash("db");
+    sim.run_until(ms(5_000));
+    assert_eq!(sim.log_since(mark), ["t=1000 stop web", "t=1001 stop api"]);
+    assert_eq!(sim.state("db"), ServiceState::Failed);
+    assert_eq!(sim.state("api"), ServiceState::Stopped);
+    assert_eq!(sim.state("log"), ServiceState::Up);
+    assert_eq!(sim.engine.phase(), Phase::Steady);
+    assert_eq!(sim.engine.next_deadline(), None, "nothing pending");
+}
+
+#[test]
+fn a_clean_exit_with_on_failure_stays_down() {
+    let mut services = vec![svc("a", &[]), svc("b", &["a"])];
+    services[0].behaviour.exits_after = Some((ms(500), Exit::Code(0)));
+    let mut sim = Sim::new(services);
+    sim.run();
+    assert_eq!(sim.state("a"), ServiceState::Stopped);
+    assert_eq!(sim.state("b"), ServiceState::Stopped);
+    assert_eq!(sim.engine.slots()[0].restarts, 0);
+}
+
+#[test]
+fn restart_always_restarts_a_clean_exit() {
+    let mut services = vec![svc("a", &[])];
+    services[0].restart = RestartPolicy::Always;
+    services[0].behaviour.later_starts = Some((1, None));
+    services[0].behaviour.exits_after = None;
+    let mut sim = Sim::new(services);
+    sim.run_until(ms(1_000));
+    sim.send(Event::Exited {
+        service: 0,
+        exit: Exit::Code(0),
+    });
+    sim.run_until(ms(2_000));
+    assert_eq!(sim.log, ["t=0 spawn a", "t=1000 spawn a"]);
+}
+
+#[test]
+fn never_ready_is_killed_at_its_startup_timeout_and_startup_fails() {
+    let mut services = stack();
+    services[3].ready = ReadyKind::Notify; // api never says READY=1
+    services[3].behaviour.ready_after = None;
+    let mut sim = Sim::new(services);
+    sim.run();
+    assert!(
+        sim.log.contains(&"t=1000 kill api".to_owned()),
+        "{:?}",
+        sim.log
+    );
+    match sim.finished.clone() {
+        Some(Outcome::StartupFailed(f)) => {
+            assert_eq!(f.service, 3);
+            assert_eq!(f.kind, FailureKind::StartTimeout(ms(1_000)));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.startup_complete_at, None);
+    assert!(!sim.log.iter().any(|l| l.ends_with("spawn web")));
+    // Everything started was stopped again, dependents first.
+    let stops: Vec<_> = sim
+        .log
+        .iter()
+        .filter(|l| l.contains(" stop "))
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    // api is dead and web never started, so db and cache go at once, log after db.
+    assert_eq!(stops, ["db", "cache", "log"]);
+    assert!(sim.pids.iter().all(Option::is_none));
+}
+
+#[test]
+fn a_service_ignoring_its_stop_signal_is_killed_after_shutdown_timeout() {
+    let mut services = stack();
+    services[4].behaviour.ignores_stop = true; // web
+    let mut sim = Sim::new(services);
+    sim.run_until(ms(100));
+    let mark = sim.log.len();
+    sim.send(Event::Stop);
+    sim.run();
+    let log = sim.log_since(mark);
+    assert_eq!(
+        &log[..3],
+        ["t=100 stop web", "t=100 stop cache", "t=600 kill web"]
+    );
+    assert_eq!(log[3], "t=601 stop api", "api waits for web to be gone");
+    assert_eq!(sim.finished, Some(Outcome::Stopped));
+}
+
+#[test]
+fn the_whole_shutdown_is_bounded_by_the_coordinator_timeout() {
+    let mut services = stack();
+    for s in &mut services {
+        s.behaviour.ignores_stop = true;
+    }
+    let mut sim = Sim::with(services, |p| {
+        p.shutdown_timeout = ms(700);
+        for s in &mut p.services {
+            s.shutdown_timeout = ms(10_000);
+        }
+    });
+    sim.run_until(ms(100));
+    sim.send(Event::Stop);
+    sim.run();
+    // Nobody answers SIGTERM; at 100 + 700 the coordinator kills everything left.
+    let kills: Vec<_> = sim
+        .log
+        .iter()
+        .filter(|l| l.contains(" kill "))
+        .cloned()
+        .collect();
+    assert_eq!(kills.len(), 5, "{:?}", sim.log);
+    assert!(kills.iter().all(|k| k.starts_with("t=800 ")), "{kills:?}");
+    assert_eq!(sim.finished, Some(Outcome::Stopped));
+}
+
+#[test]
+fn one_shot_tasks_gate_dependents_until_they_exit_zero() {
+    let mut services = vec![svc("migrate", &[]), svc("app", &["migrate"])];
+    services[0].ready = ReadyKind::Exit;
+    services[0].behaviour.exits_after = Some((ms(250), Exit::Code(0)));
+    let mut sim = Sim::new(services);
+    sim.run_until(ms(1_000));
+    assert_eq!(sim.log, ["t=0 spawn migrate", "t=250 spawn app"]);
+    assert_eq!(sim.state("migrate"), ServiceState::Up);
+    assert_eq!(sim.engine.phase(), Phase::Steady);
+    // Stopping a finished task has nothing to signal.
+    let mark = sim.log.len();
+    sim.send(Event::Stop);
+    sim.run();
+    assert_eq!(sim.log_since(mark), ["t=1000 stop app"]);
+    assert_eq!(sim.finished, Some(Outcome::Stopped));
+}
+
+#[test]
+fn a_failing_one_shot_fails_the_startup() {
+    let mut services = vec![svc("migrate", &[]), svc("app", &["migrate"])];
+    services[0].ready = ReadyKind::Exit;
+    services[0].behaviour.exits_after = Some((ms(50), Exit::Code(3)));
+    let mut sim = Sim::new(services);
+    sim.run();
+    assert_eq!(sim.log, ["t=0 spawn migrate"]);
+    assert!(matches!(
+        sim.finished,
+        Some(Outcome::StartupFailed(Failure {
+            service: 0,
+            kind: FailureKind::Exited(Exit::Code(3))
+        }))
+    ));
+}
+
+#[test]
+fn a_spawn_failure_during_startup_stops_what_was_started() {
+    let mut services = stack();
+    services[3].behaviour.spawn_fails = true; // api
+    let mut sim = Sim::new(services);
+    sim.run();
+    match sim.finished.clone() {
+        Some(Outcome::StartupFailed(f)) => {
+            assert_eq!(f.service, 3);
+            assert!(matches!(f.kind, FailureKind::SpawnFailed(_)));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(sim.pids.iter().all(Option::is_none));
+}
+
+#[test]
+fn the_startup_sequence_times_out_as_a_whole() {
+    let mut services = stack();
+    for s in &mut services {
+        s.ready = ReadyKind::Notify;
+        s.behaviour.ready_after = Some(ms(400));
+    }
+    let mut sim = Sim::with(services, |p| p.startup_timeout = ms(1_000));
+    sim.run();
+    match sim.finished.clone() {
+        Some(Outcome::StartupFailed(f)) => {
+            assert_eq!(
+                sim.ids[f.service], "api",
+                "the first service not up at t=1000"
+            );
+            assert_eq!(f.kind, FailureKind::SequenceTimeout(ms(1_000)));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_stop_during_startup_stops_even_services_whose_spawn_is_in_flight() {
+    let mut sim = Sim::new(stack());
+    // Deliver nothing yet: every level-0 spawn is in flight. Stop now.
+    let actions = sim.engine.handle(Event::Stop, Time::ZERO);
+    sim.perform(actions);
+    sim.run();
+    assert_eq!(sim.finished, Some(Outcome::Stopped));
+    assert!(sim.pids.iter().all(Option::is_none), "{:?}", sim.log);
+}
+
+#[test]
+fn an_idle_stack_has_no_deadline() {
+    let mut sim = Sim::new(stack());
+    sim.run();
+    assert_eq!(sim.engine.phase(), Phase::Steady);
+    assert_eq!(sim.engine.next_deadline(), None);
+}
+
+#[test]
+fn failures_are_described_in_words() {
+    assert_eq!(Exit::Code(1).to_string(), "exited with status 1");
+    assert_eq!(Exit::Signal(9).to_string(), "killed by SIGKILL");
+    assert_eq!(
+        FailureKind::StartTimeout(ms(1500)).to_string(),
+        "was not ready within its startup timeout (1.5s) and was killed"
+    );
+}
