@@ -203,6 +203,83 @@ impl Config {
     }
 }
 
+/// The configuration as copied into the shared segment: whoever reads it back (the keeper,
+/// the coordinator, a standby taking over) runs exactly the stack that was started, however
+/// the files on disk changed since.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigImage {
+    pub global: GlobalConfig,
+    pub services: Vec<ServiceSpec>,
+}
+
+impl Config {
+    /// The serialised image of this configuration.
+    pub fn to_image(&self) -> Vec<u8> {
+        let image = ConfigImage {
+            global: self.global.clone(),
+            services: self.services.clone(),
+        };
+        serde_json::to_vec(&image).expect("a configuration always serialises")
+    }
+
+    /// Rebuilds a configuration from its image. The image was checked when it was made, so a
+    /// failure here means the bytes are not an image this version wrote.
+    pub fn from_image(bytes: &[u8]) -> Result<Config, String> {
+        let image: ConfigImage = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the config image does not decode: {e}"))?;
+        let ConfigImage { global, services } = image;
+        if !services.windows(2).all(|w| w[0].id < w[1].id) {
+            return Err("the config image's services are not sorted by id".into());
+        }
+        let index = |id: &str| services.binary_search_by(|s| s.id.as_str().cmp(id)).ok();
+        let mut edges = Vec::new();
+        for (i, s) in services.iter().enumerate() {
+            for (kind, targets) in [
+                (EdgeKind::Requires, &s.requires),
+                (EdgeKind::After, &s.after),
+            ] {
+                for t in targets {
+                    let j = index(t).ok_or_else(|| {
+                        format!("the config image names an unknown service `{t}`")
+                    })?;
+                    edges.push((i, j, kind));
+                }
+            }
+        }
+        let ids = services.iter().map(|s| s.id.clone()).collect();
+        let graph = ServiceGraph::build(ids, &edges)
+            .map_err(|_| "the config image holds a dependency cycle".to_owned())?;
+        let resolve = |seq: &Option<Vec<String>>, derived: Vec<usize>| match seq {
+            None => Ok(derived),
+            Some(ids) => ids
+                .iter()
+                .map(|id| {
+                    index(id).ok_or_else(|| {
+                        format!("the config image's sequence names an unknown service `{id}`")
+                    })
+                })
+                .collect(),
+        };
+        let startup_sequence = resolve(
+            &global.coordinator.startup_sequence,
+            graph.startup_sequence().to_vec(),
+        )?;
+        let shutdown_sequence = resolve(
+            &global.coordinator.shutdown_sequence,
+            graph.shutdown_sequence(),
+        )?;
+        let explicit_startup = global.coordinator.startup_sequence.is_some();
+        Ok(Config {
+            global,
+            services,
+            graph,
+            startup_sequence,
+            shutdown_sequence,
+            explicit_startup,
+        })
+    }
+}
+
 /// The text and spans of the global file, kept to point errors in sequences at their line.
 #[derive(Default)]
 struct SequenceSpans {
@@ -681,6 +758,22 @@ fn settle_sequence(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_demo_round_trips_through_its_image() {
+        let options = LoadOptions {
+            config_path: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("ccmgr.toml")),
+            ..Default::default()
+        };
+        let config = Config::load(&options).unwrap();
+        let back = Config::from_image(&config.to_image()).unwrap();
+        assert_eq!(back.global, config.global);
+        assert_eq!(back.services, config.services);
+        assert_eq!(back.startup_sequence, config.startup_sequence);
+        assert_eq!(back.shutdown_sequence, config.shutdown_sequence);
+        assert_eq!(back.graph.levels(), config.graph.levels());
+        assert!(Config::from_image(b"{}").is_err());
+    }
 
     #[test]
     fn instance_names() {
