@@ -7,6 +7,7 @@
 //! - [`graph`]: the dependency graph, cycle detection, start/stop sequences and levels.
 //! - [`diag`]: file/line/column diagnostics shared by every loader.
 //! - [`cli`]: the `ccmgr` command line (verbs, exit codes, output).
+//! - [`spawn`]: starting one service process, signalling it, and how it ended.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cli;
@@ -14,3 +15,4 @@ pub mod config;
 pub mod diag;
 pub mod duration;
 pub mod graph;
+pub mod spawn;
