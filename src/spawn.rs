@@ -300,7 +300,11 @@ struct ChildPlan<'r> {
     output: BorrowedFd<'r>,
     /// The write end of the report pipe (close-on-exec).
     report: OwnedFd,
-    default_action: libc::sigaction,
+    /// A kernel `struct sigaction` for SIG_DFL: all zero (handler SIG_DFL = 0, no flags, no
+    /// restorer, empty mask). Eight words is more than any architecture's layout needs.
+    default_action: [u64; 8],
+    /// The kernel's sigset_t size in bytes, which rt_sigaction checks.
+    sigset_size: usize,
     empty_mask: SigSet,
     /// The highest signal number (SIGRTMAX): every disposition up to it is reset.
     max_signal: c_int,
@@ -354,11 +358,7 @@ impl<'r> ChildPlan<'r> {
                 .chain(std::iter::once(ptr::null()))
                 .collect::<Vec<_>>()
         };
-        // SAFETY: `libc::sigaction` is a plain C struct (a handler word, a sigset_t of integers,
-        // an int of flags, an optional restorer pointer) for which all-zero bytes are a valid
-        // value: SIG_DFL is 0, the mask is empty, there are no flags and no restorer.
-        let mut default_action: libc::sigaction = unsafe { std::mem::zeroed() };
-        default_action.sa_sigaction = libc::SIG_DFL;
+        let max_signal = libc::SIGRTMAX();
         Ok(ChildPlan {
             program,
             argv: ptrs(&argv_c),
@@ -373,9 +373,11 @@ impl<'r> ChildPlan<'r> {
             stdin,
             output: req.output,
             report,
-            default_action,
+            default_action: [0; 8],
+            // 64 signals per 8 bytes: 8 on most architectures, 16 where there are 128 (MIPS).
+            sigset_size: usize::try_from(max_signal).unwrap_or(64).div_ceil(64) * 8,
             empty_mask: SigSet::empty(),
-            max_signal: libc::SIGRTMAX(),
+            max_signal,
         })
     }
 }
@@ -520,16 +522,28 @@ fn wait_blocking(pid: Pid) -> Result<WaitStatus, Errno> {
 /// The child side of [`spawn_service`]. Never returns: ends in `execve` or `_exit(127)`.
 ///
 /// Only raw libc calls on pre-built data happen here, each of them async-signal-safe
-/// (signal-safety(7)): sigaction, pthread_sigmask, setsid, fcntl, dup2, chdir, setgroups,
+/// (signal-safety(7)): rt_sigaction, pthread_sigmask, setsid, fcntl, dup2, chdir, setgroups,
 /// setgid, setuid, syscall(close_range), execve, write, _exit.
 fn run_child(plan: &ChildPlan<'_>) -> ! {
     // Signal dispositions first: SIG_IGN survives execve, so a service would otherwise inherit
-    // whatever the coordinator ignores (SIGPIPE, at the least: Rust programs ignore it). Errors
-    // are expected and harmless for SIGKILL, SIGSTOP and the two signals glibc reserves.
+    // whatever the coordinator ignores (SIGPIPE, at the least: Rust programs ignore it). The
+    // raw system call, because glibc's sigaction refuses signals 32 and 33, which it reserves
+    // for its threads, and a disposition of those left ignored survives exec too. (This child
+    // has one thread and will exec, so glibc has no use for them here.) The call fails,
+    // harmlessly, for SIGKILL and SIGSTOP.
     for signal in 1..=plan.max_signal {
-        // SAFETY: `default_action` is a valid, fully initialised sigaction (SIG_DFL, no flags,
-        // empty mask) that outlives the call; a null old-action pointer is allowed.
-        unsafe { libc::sigaction(signal, &plan.default_action, ptr::null_mut()) };
+        // SAFETY: rt_sigaction reads `sigset_size`-sized kernel sigaction from a live buffer
+        // larger than that struct on every architecture; all-zero means SIG_DFL, no flags, no
+        // restorer, empty mask. A null old-action pointer is allowed.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                plan.default_action.as_ptr(),
+                ptr::null_mut::<libc::c_void>(),
+                plan.sigset_size,
+            )
+        };
     }
     // Then the mask: the parent blocked everything across fork, and a blocked mask also
     // survives execve.
