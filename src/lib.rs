@@ -8,6 +8,7 @@
 //! - [`diag`]: file/line/column diagnostics shared by every loader.
 //! - [`cli`]: the `ccmgr` command line (verbs, exit codes, output).
 //! - [`spawn`]: starting one service process, signalling it, and how it ended.
+//! - [`logsink`]: service output drained from its pipe into a rotated log file.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cli;
@@ -15,4 +16,5 @@ pub mod config;
 pub mod diag;
 pub mod duration;
 pub mod graph;
+pub mod logsink;
 pub mod spawn;
