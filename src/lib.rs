@@ -9,6 +9,7 @@
 //! - [`cli`]: the `ccmgr` command line (verbs, exit codes, output).
 //! - [`spawn`]: starting one service process, signalling it, and how it ended.
 //! - [`logsink`]: service output drained from its pipe into a rotated log file.
+//! - [`notify`]: the sd_notify socket, so systemd `Type=notify` daemons work unchanged.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cli;
@@ -17,4 +18,5 @@ pub mod diag;
 pub mod duration;
 pub mod graph;
 pub mod logsink;
+pub mod notify;
 pub mod spawn;
