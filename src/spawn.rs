@@ -14,8 +14,9 @@
 //! exec), five bytes mean the spawn failed, and the operator reads "changing directory to
 //! /srv/x: No such file or directory" instead of "exited with status 127".
 //!
-//! This is the one module of the crate with `unsafe` code: `fork`, the child side, and the two
-//! pidfd system calls that libc has no wrapper for.
+//! This is the one module of the crate with `unsafe` code: `fork`, the child side, and the raw
+//! system calls glibc has no (suitable) wrapper for: `pidfd_open`, `pidfd_send_signal`,
+//! `close_range` and `rt_sigaction`.
 
 use std::ffi::{CString, c_char, c_int};
 use std::fmt;
@@ -71,6 +72,8 @@ pub enum SpawnError {
     DevNull(Errno),
     #[error("cannot create the pipe that reports exec failures: {}", .0.desc())]
     ReportPipe(Errno),
+    #[error("cannot block signals around fork: {}", .0.desc())]
+    SignalMask(Errno),
     #[error("cannot fork: {}", .0.desc())]
     Fork(Errno),
     #[error("cannot open a pidfd for the new process {pid}: {}", .errno.desc())]
@@ -411,7 +414,7 @@ pub fn spawn_service(req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         Some(&SigSet::all()),
         Some(&mut old_mask),
     )
-    .map_err(SpawnError::Fork)?;
+    .map_err(SpawnError::SignalMask)?;
 
     // SAFETY: after fork the child (a copy of this one thread) runs only `run_child`, which
     // makes raw async-signal-safe system calls on memory `plan` allocated before the fork,
