@@ -271,6 +271,8 @@ impl LogFile {
                 }
                 rename_if_present(&self.path, &rotated_path(&self.dir, &self.id, 1))?;
             }
+            // Rotated: if the open below fails, the retry must only open, not rotate again.
+            self.size = 0;
         }
         let file = open_append(&self.path)?;
         self.size = file.metadata()?.len();
