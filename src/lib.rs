@@ -7,6 +7,9 @@
 //! - [`graph`]: the dependency graph, cycle detection, start/stop sequences and levels.
 //! - [`diag`]: file/line/column diagnostics shared by every loader.
 //! - [`cli`]: the `ccmgr` command line (verbs, exit codes, output).
+//! - [`spawn`]: starting one service process, signalling it, and how it ended.
+//! - [`logsink`]: service output drained from its pipe into a rotated log file.
+//! - [`notify`]: the sd_notify socket, so systemd `Type=notify` daemons work unchanged.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cli;
@@ -15,3 +18,6 @@ pub mod diag;
 pub mod duration;
 pub mod engine;
 pub mod graph;
+pub mod logsink;
+pub mod notify;
+pub mod spawn;
