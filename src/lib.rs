@@ -18,6 +18,7 @@ pub mod diag;
 pub mod duration;
 pub mod engine;
 pub mod graph;
+pub mod keeper;
 pub mod logsink;
 pub mod notify;
 pub mod spawn;

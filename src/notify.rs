@@ -149,8 +149,10 @@ pub fn parse_payload(payload: &[u8]) -> Vec<(String, String)> {
 pub struct NotifySocket {
     fd: OwnedFd,
     path: PathBuf,
-    /// (device, inode) of the socket file we created, so that drop removes only our own.
-    file_id: (u64, u64),
+    /// (device, inode) of the socket file we created, so that drop removes only our own;
+    /// `None` for a socket inherited from the process that bound it (the keeper), whose file
+    /// is not ours to remove.
+    file_id: Option<(u64, u64)>,
 }
 
 impl NotifySocket {
@@ -198,8 +200,18 @@ impl NotifySocket {
         Ok(NotifySocket {
             fd,
             path: path.to_path_buf(),
-            file_id: (meta.dev(), meta.ino()),
+            file_id: Some((meta.dev(), meta.ino())),
         })
+    }
+
+    /// Takes over a notify socket another process bound at `path` and handed down (the keeper
+    /// to its coordinator). Dropping it leaves the socket file alone.
+    pub fn from_inherited(fd: OwnedFd, path: PathBuf) -> NotifySocket {
+        NotifySocket {
+            fd,
+            path,
+            file_id: None,
+        }
     }
 
     /// The socket's path: the value of `$NOTIFY_SOCKET`.
@@ -302,8 +314,9 @@ impl AsFd for NotifySocket {
 
 impl Drop for NotifySocket {
     fn drop(&mut self) {
-        let ours =
-            fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file_id);
+        let ours = self.file_id.is_some_and(|id| {
+            fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == id)
+        });
         if ours {
             let _ = fs::remove_file(&self.path);
         }

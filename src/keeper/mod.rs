@@ -1,0 +1,656 @@
+//! The keeper: the small, long-lived parent of every process of an instance.
+//!
+//! Only a parent can reap a child and learn how it ended, and Linux hands orphans to the
+//! nearest subreaper ancestor, never to a sibling. So the processes that must outlive a
+//! coordinator (the services, their log pipes, the sd_notify socket) hang under one process
+//! that does nothing clever and so has little reason to die: the keeper. It is the "hands";
+//! the coordinator is the "brain" (see [`crate::engine`]). The keeper:
+//!
+//! - starts services when the coordinator asks ([`ToKeeper::Spawn`]) and signals their process
+//!   groups ([`ToKeeper::Signal`]), refusing any pid that is not a live service of its own;
+//! - reaps every child, and when a service's main process ends, kills what is left of its
+//!   process group *before* reaping it (while the zombie pins the group id, so the id cannot
+//!   have been reused), then reports the exit ([`FromKeeper::Exited`]);
+//! - drains every service's output pipe into its rotated log, so a flood never blocks;
+//! - owns the notify socket, so `READY=1` datagrams wait in it while no coordinator reads;
+//! - starts the coordinator (and standbys), queues service events while no coordinator is
+//!   connected, and is a child subreaper, so nothing a service leaves behind becomes a zombie
+//!   of init.
+//!
+//! Its event loop blocks in `epoll` on a signalfd, the coordinator's socket and the log pipes;
+//! it never sleeps or polls.
+
+pub mod protocol;
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use command_fds::{CommandFdExt, FdMapping};
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+use nix::unistd::Pid;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::logsink::{self, LogSink};
+use crate::notify::NotifySocket;
+use crate::spawn::{self, ProcessExit, SpawnRequest};
+use protocol::{FromKeeper, ToKeeper, recv_message, send_message};
+
+/// Where a keeper's coordinator finds the fds it is handed.
+pub const COORDINATOR_CHANNEL_FD: RawFd = 3;
+pub const COORDINATOR_NOTIFY_FD: RawFd = 4;
+pub const COORDINATOR_REPORT_FD: RawFd = 5;
+
+/// Rotation of service logs: the current file and this many older ones, each up to the size.
+pub const LOG_MAX_BYTES: u64 = 4 << 20;
+pub const LOG_KEEP: u32 = 3;
+
+/// Why the keeper could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum KeeperError {
+    #[error("cannot create {}: {source}", .path.display())]
+    Directory {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up the keeper's event loop: {0}")]
+    Setup(Errno),
+    #[error(transparent)]
+    Notify(#[from] crate::notify::NotifyError),
+    #[error("cannot start the coordinator ({}): {source}", .exe.display())]
+    StartCoordinator {
+        exe: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the keeper is started with.
+pub struct KeeperSetup {
+    pub config: Config,
+    /// Run in the foreground: the coordinator logs to our stderr too, and the keeper's exit
+    /// code is the stack's outcome.
+    pub foreground: bool,
+    /// The write end of `ccmgr start`'s report pipe, handed on to the first coordinator.
+    pub report: Option<OwnedFd>,
+    /// The ccmgr binary, to start coordinators with.
+    pub exe: PathBuf,
+}
+
+/// The path of an instance's notify socket.
+pub fn notify_socket_path(config: &Config) -> PathBuf {
+    config
+        .global
+        .run_dir
+        .join(format!("{}.notify", config.global.instance))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Coordinator,
+    Standby,
+    Service(usize),
+}
+
+/// A coordinator or standby and the keeper's end of its socket.
+struct Peer {
+    socket: OwnedFd,
+    /// Its socket reached end-of-file (it exited or closed it).
+    closed: bool,
+}
+
+/// What an epoll event is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Signals,
+    Timer,
+    Peer(i32),
+    LogPipe(usize),
+}
+
+struct Keeper {
+    config: Config,
+    foreground: bool,
+    exe: PathBuf,
+    epoll: Epoll,
+    signals: SignalFd,
+    timer: TimerFd,
+    notify: NotifySocket,
+    sources: HashMap<RawFd, Source>,
+    children: HashMap<i32, Role>,
+    /// The main process of each service, while it runs.
+    service_pids: Vec<Option<i32>>,
+    logs: Vec<Option<LogSink>>,
+    pipes: HashMap<RawFd, OwnedFd>,
+    peers: HashMap<i32, Peer>,
+    /// The pid of the peer that is the coordinator now.
+    coordinator: Option<i32>,
+    /// Service events waiting for a coordinator to take over.
+    queued: Vec<FromKeeper>,
+    /// A coordinator said the stack is stopped.
+    shutdown_requested: bool,
+    /// Stopping everything without a coordinator (a signal arrived while none was alive).
+    emergency: bool,
+    /// How the last coordinator exited.
+    coordinator_exit: Option<ProcessExit>,
+}
+
+/// Runs the keeper until the stack is stopped; returns the process exit code.
+pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
+    let KeeperSetup {
+        config,
+        foreground,
+        report,
+        exe,
+    } = setup;
+    for dir in [&config.global.run_dir, &config.global.log_dir] {
+        std::fs::create_dir_all(dir).map_err(|source| KeeperError::Directory {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    // Orphans of services (daemons that double-forked) come to us, not to init: we reap them.
+    nix::sys::prctl::set_child_subreaper(true).map_err(KeeperError::Setup)?;
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        mask.add(s);
+    }
+    // Blocked signals are delivered through the signalfd only. Children start with an empty
+    // mask (spawn resets it; std's Command does too), so none of this leaks into them.
+    mask.thread_block().map_err(KeeperError::Setup)?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(KeeperError::Setup)?;
+    let timer = TimerFd::new(
+        ClockId::CLOCK_MONOTONIC,
+        TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
+    )
+    .map_err(KeeperError::Setup)?;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(KeeperError::Setup)?;
+    let notify = NotifySocket::bind(&notify_socket_path(&config))?;
+    let n = config.services.len();
+    let mut keeper = Keeper {
+        config,
+        foreground,
+        exe,
+        epoll,
+        signals,
+        timer,
+        notify,
+        sources: HashMap::new(),
+        children: HashMap::new(),
+        service_pids: vec![None; n],
+        logs: (0..n).map(|_| None).collect(),
+        pipes: HashMap::new(),
+        peers: HashMap::new(),
+        coordinator: None,
+        queued: Vec::new(),
+        shutdown_requested: false,
+        emergency: false,
+        coordinator_exit: None,
+    };
+    watch(
+        &keeper.epoll,
+        &mut keeper.sources,
+        keeper.signals.as_fd(),
+        Source::Signals,
+    )?;
+    watch(
+        &keeper.epoll,
+        &mut keeper.sources,
+        keeper.timer.as_fd(),
+        Source::Timer,
+    )?;
+    let pid = keeper.start_coordinator(Role::Coordinator, report)?;
+    keeper.coordinator = Some(pid);
+    info!(pid, "keeper started the coordinator");
+    keeper.run_loop();
+    Ok(keeper.exit_code())
+}
+
+impl Keeper {
+    /// Starts a coordinator (or a standby) with its socket, the notify socket and, for the
+    /// first coordinator, the report pipe, on fixed fd numbers.
+    fn start_coordinator(
+        &mut self,
+        role: Role,
+        report: Option<OwnedFd>,
+    ) -> Result<i32, KeeperError> {
+        let (ours, theirs) = protocol::channel().map_err(KeeperError::Setup)?;
+        let mut mappings = vec![
+            FdMapping {
+                parent_fd: theirs,
+                child_fd: COORDINATOR_CHANNEL_FD,
+            },
+            FdMapping {
+                parent_fd: self.notify.as_fd().try_clone_to_owned().map_err(|e| {
+                    KeeperError::StartCoordinator {
+                        exe: self.exe.clone(),
+                        source: e,
+                    }
+                })?,
+                child_fd: COORDINATOR_NOTIFY_FD,
+            },
+        ];
+        if let Some(report) = report {
+            mappings.push(FdMapping {
+                parent_fd: report,
+                child_fd: COORDINATOR_REPORT_FD,
+            });
+        }
+        let mut command = Command::new(&self.exe);
+        command
+            .arg("--instance")
+            .arg(&self.config.global.instance)
+            .arg("internal")
+            .arg(if role == Role::Standby {
+                "standby"
+            } else {
+                "coordinator"
+            })
+            .stdin(Stdio::null())
+            // Its own process group: a Ctrl-C at the terminal reaches the keeper, which then
+            // asks the coordinator for an orderly stop.
+            .process_group(0);
+        if self.foreground {
+            command.arg("--foreground");
+        } else {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        command
+            .fd_mappings(mappings)
+            .map_err(|e| KeeperError::StartCoordinator {
+                exe: self.exe.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        let child = command
+            .spawn()
+            .map_err(|source| KeeperError::StartCoordinator {
+                exe: self.exe.clone(),
+                source,
+            })?;
+        let pid = child.id() as i32;
+        // The Child handle is dropped without waiting: the keeper reaps through waitid.
+        drop(child);
+        self.children.insert(pid, role);
+        watch(
+            &self.epoll,
+            &mut self.sources,
+            ours.as_fd(),
+            Source::Peer(pid),
+        )?;
+        self.peers.insert(
+            pid,
+            Peer {
+                socket: ours,
+                closed: false,
+            },
+        );
+        Ok(pid)
+    }
+
+    fn run_loop(&mut self) {
+        let mut events = vec![EpollEvent::empty(); 64];
+        while !self.done() {
+            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!(error = %e, "the keeper's epoll failed; stopping everything");
+                    self.begin_emergency_stop();
+                    break;
+                }
+            };
+            for event in &events[..n] {
+                let fd = event.data() as RawFd;
+                match self.sources.get(&fd).copied() {
+                    Some(Source::Signals) => self.on_signals(),
+                    Some(Source::Timer) => self.on_timer(),
+                    Some(Source::Peer(pid)) => self.on_peer(pid),
+                    Some(Source::LogPipe(service)) => self.on_log_pipe(fd, service),
+                    None => {}
+                }
+            }
+        }
+        // Whatever the services wrote last is still in their pipes.
+        let fds: Vec<RawFd> = self.pipes.keys().copied().collect();
+        for fd in fds {
+            if let Some(Source::LogPipe(service)) = self.sources.get(&fd).copied() {
+                self.on_log_pipe(fd, service);
+            }
+        }
+    }
+
+    /// The keeper's work is over: no coordinator, no standby, no service left, and either a
+    /// coordinator said so or nothing is left to keep.
+    fn done(&self) -> bool {
+        self.children.is_empty()
+            && (self.shutdown_requested || self.emergency || self.coordinator.is_none())
+    }
+
+    fn exit_code(&self) -> i32 {
+        match self.coordinator_exit {
+            Some(ProcessExit::Exited(code)) if !self.emergency => code,
+            _ => 1,
+        }
+    }
+
+    fn on_signals(&mut self) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGCHLD) => self.reap_children(),
+                Ok(Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) => self.on_stop_signal(),
+                Ok(Signal::SIGHUP) => info!("SIGHUP ignored: the configuration is read at start"),
+                _ => {}
+            }
+        }
+        // A SIGCHLD can merge with another; reaping is idempotent, so check every time.
+        self.reap_children();
+    }
+
+    /// SIGTERM/SIGINT: the coordinator stops the stack in order; without one, stop it here.
+    fn on_stop_signal(&mut self) {
+        match self
+            .coordinator
+            .filter(|pid| self.children.contains_key(pid))
+        {
+            Some(pid) => {
+                info!(pid, "asking the coordinator to stop the stack");
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            None => self.begin_emergency_stop(),
+        }
+    }
+
+    /// No coordinator: send every service its stop signal, in shutdown order, and SIGKILL what
+    /// is left after the longest shutdown timeout.
+    fn begin_emergency_stop(&mut self) {
+        if self.emergency {
+            return;
+        }
+        self.emergency = true;
+        warn!("no coordinator is alive: stopping the services directly");
+        let mut longest = std::time::Duration::ZERO;
+        for &s in &self.config.shutdown_sequence {
+            if let Some(pid) = self.service_pids[s] {
+                let spec = &self.config.services[s];
+                let _ = spawn::signal_group(Pid::from_raw(pid), spec.stop_signal.0);
+                longest = longest.max(spec.shutdown_timeout.into());
+            }
+        }
+        let _ = self.timer.set(
+            Expiration::OneShot(TimeSpec::from_duration(
+                longest.max(std::time::Duration::from_millis(1)),
+            )),
+            TimerSetTimeFlags::empty(),
+        );
+    }
+
+    fn on_timer(&mut self) {
+        let _ = self.timer.wait();
+        for pid in self.service_pids.iter().flatten() {
+            let _ = spawn::signal_group(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+    }
+
+    /// Reaps every child that has ended.
+    fn reap_children(&mut self) {
+        loop {
+            // WNOWAIT: look at the zombie without reaping it, so the service's process group
+            // id stays ours while we kill what is left in it.
+            let peek = waitid(
+                Id::All,
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+            );
+            let pid = match peek {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(status) => match status.pid() {
+                    Some(pid) => pid,
+                    None => return,
+                },
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!(error = %e, "waitid failed");
+                    return;
+                }
+            };
+            let role = self.children.remove(&pid.as_raw());
+            if let Some(Role::Service(_)) = role {
+                // Leftovers of the service (children it forked and left) die with it.
+                let _ = spawn::signal_group(pid, Signal::SIGKILL);
+            }
+            let exit = match spawn::reap(pid) {
+                Ok(exit) => exit,
+                Err(_) => continue,
+            };
+            match role {
+                Some(Role::Service(service)) => self.on_service_exit(service, pid.as_raw(), exit),
+                Some(Role::Coordinator | Role::Standby) => self.on_peer_exit(pid.as_raw(), exit),
+                None => {} // an orphan a service left behind: reaped, nothing to report
+            }
+        }
+    }
+
+    fn on_service_exit(&mut self, service: usize, pid: i32, exit: ProcessExit) {
+        self.service_pids[service] = None;
+        let (code, signal) = match exit {
+            ProcessExit::Exited(code) => (Some(code), None),
+            ProcessExit::Signaled { signal, .. } => (None, Some(signal)),
+        };
+        self.tell_coordinator(FromKeeper::Exited {
+            service,
+            pid,
+            code,
+            signal,
+        });
+    }
+
+    fn on_peer_exit(&mut self, pid: i32, exit: ProcessExit) {
+        let was_coordinator = self.coordinator == Some(pid);
+        if let Some(peer) = self.peers.remove(&pid) {
+            unwatch(&self.epoll, &mut self.sources, peer.socket.as_fd());
+        }
+        if was_coordinator {
+            self.coordinator = None;
+            self.coordinator_exit = Some(exit);
+            if !self.shutdown_requested {
+                warn!(pid, %exit, "the coordinator died");
+                let standby = self.children.values().any(|r| *r == Role::Standby);
+                if !standby && self.foreground {
+                    // Nobody can take over: do not leave services unsupervised in a container.
+                    self.begin_emergency_stop();
+                }
+            }
+        } else if self.coordinator.is_some() {
+            self.tell_coordinator(FromKeeper::StandbyExited { pid });
+        }
+    }
+
+    /// Sends a service event to the coordinator, or queues it until one takes over.
+    fn tell_coordinator(&mut self, message: FromKeeper) {
+        if let Some(peer) = self
+            .coordinator
+            .and_then(|pid| self.peers.get(&pid))
+            .filter(|p| !p.closed)
+        {
+            if send_message(peer.socket.as_fd(), &message).is_ok() {
+                return;
+            }
+        }
+        self.queued.push(message);
+    }
+
+    fn on_peer(&mut self, pid: i32) {
+        loop {
+            let Some(peer) = self.peers.get_mut(&pid) else {
+                return;
+            };
+            let message = match recv_message::<ToKeeper>(peer.socket.as_fd()) {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(_) => {
+                    // It closed its end (or exited): stop watching; its exit is reaped apart.
+                    peer.closed = true;
+                    unwatch(&self.epoll, &mut self.sources, peer.socket.as_fd());
+                    return;
+                }
+            };
+            self.on_request(pid, message);
+        }
+    }
+
+    fn on_request(&mut self, from: i32, message: ToKeeper) {
+        let is_coordinator = self.coordinator == Some(from);
+        match message {
+            ToKeeper::TakeOver => {
+                info!(pid = from, "a standby takes over as coordinator");
+                self.coordinator = Some(from);
+                self.children.insert(from, Role::Coordinator);
+                let services = self
+                    .service_pids
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(s, pid)| pid.map(|p| (s, p)))
+                    .collect();
+                self.tell_coordinator(FromKeeper::Running { services });
+                for message in std::mem::take(&mut self.queued) {
+                    self.tell_coordinator(message);
+                }
+            }
+            // Everything else comes from the coordinator only.
+            _ if !is_coordinator => warn!(
+                pid = from,
+                ?message,
+                "ignoring a request from a process that is not the coordinator"
+            ),
+            ToKeeper::Spawn { service } => self.spawn_service(service),
+            ToKeeper::Signal {
+                service,
+                pid,
+                signal,
+            } => {
+                let ours = self.service_pids.get(service).copied().flatten() == Some(pid)
+                    && self.children.get(&pid) == Some(&Role::Service(service));
+                match (ours, Signal::try_from(signal)) {
+                    (true, Ok(sig)) => {
+                        let _ = spawn::signal_group(Pid::from_raw(pid), sig);
+                    }
+                    _ => info!(
+                        service,
+                        pid, signal, "not signalling: that process is no longer the service's"
+                    ),
+                }
+            }
+            ToKeeper::SpawnStandby => {
+                let pid = self.start_coordinator(Role::Standby, None).ok();
+                self.tell_coordinator(FromKeeper::StandbySpawned { pid });
+            }
+            ToKeeper::Shutdown => self.shutdown_requested = true,
+        }
+    }
+
+    fn spawn_service(&mut self, service: usize) {
+        let reply = match self.try_spawn(service) {
+            Ok(pid) => FromKeeper::Spawned { service, pid },
+            Err(error) => FromKeeper::SpawnFailed { service, error },
+        };
+        self.tell_coordinator(reply);
+    }
+
+    fn try_spawn(&mut self, service: usize) -> Result<i32, String> {
+        let spec = self.config.services.get(service).ok_or("no such service")?;
+        if self.service_pids[service].is_some() {
+            return Err("it is already running".into());
+        }
+        if self.logs[service].is_none() {
+            let sink = LogSink::open(
+                &self.config.global.log_dir,
+                &spec.id,
+                LOG_MAX_BYTES,
+                LOG_KEEP,
+            )
+            .map_err(|e| e.to_string())?;
+            self.logs[service] = Some(sink);
+        }
+        let env =
+            spawn::build_environment(spec, &self.config.global.instance, &[self.notify.env_var()])
+                .map_err(|e| e.to_string())?;
+        let (read_end, write_end) = logsink::make_output_pipe().map_err(|e| e.to_string())?;
+        let request =
+            SpawnRequest::for_service(spec, env, write_end.as_fd()).map_err(|e| e.to_string())?;
+        let spawned = spawn::spawn_service(&request).map_err(|e| e.to_string())?;
+        drop(write_end); // only the service holds the write end now: its exit means EOF
+        let pid = spawned.pid.as_raw();
+        self.children.insert(pid, Role::Service(service));
+        self.service_pids[service] = Some(pid);
+        if let Err(e) = watch(
+            &self.epoll,
+            &mut self.sources,
+            read_end.as_fd(),
+            Source::LogPipe(service),
+        ) {
+            warn!(error = %e, service = %spec.id, "cannot watch the service's output");
+        }
+        self.pipes.insert(read_end.as_raw_fd(), read_end);
+        info!(service = %spec.id, pid, "started");
+        Ok(pid)
+    }
+
+    fn on_log_pipe(&mut self, fd: RawFd, service: usize) {
+        let Some(pipe) = self.pipes.get(&fd) else {
+            return;
+        };
+        let Some(sink) = self.logs[service].as_mut() else {
+            return;
+        };
+        let eof = match sink.drain(pipe.as_fd()) {
+            Ok(outcome) => outcome.eof,
+            Err(e) => {
+                warn!(error = %e, service = %self.config.services[service].id, "cannot write the service's log");
+                false
+            }
+        };
+        if eof && let Some(pipe) = self.pipes.remove(&fd) {
+            unwatch(&self.epoll, &mut self.sources, pipe.as_fd());
+        }
+    }
+}
+
+/// Adds an fd the keeper owns to the epoll set, remembering what it is.
+fn watch(
+    epoll: &Epoll,
+    sources: &mut HashMap<RawFd, Source>,
+    fd: BorrowedFd<'_>,
+    source: Source,
+) -> Result<(), KeeperError> {
+    epoll
+        .add(
+            fd,
+            EpollEvent::new(EpollFlags::EPOLLIN, fd.as_raw_fd() as u64),
+        )
+        .map_err(KeeperError::Setup)?;
+    sources.insert(fd.as_raw_fd(), source);
+    Ok(())
+}
+
+/// Removes an fd from the epoll set before it is closed.
+fn unwatch(epoll: &Epoll, sources: &mut HashMap<RawFd, Source>, fd: BorrowedFd<'_>) {
+    if sources.remove(&fd.as_raw_fd()).is_some() {
+        let _ = epoll.delete(fd);
+    }
+}

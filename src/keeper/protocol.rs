@@ -1,0 +1,170 @@
+//! The messages between the keeper and the coordinator it serves.
+//!
+//! One `SOCK_SEQPACKET` socket pair per coordinator (or standby): each message is one packet
+//! (boundaries kept, no framing to get wrong), and a peer's death shows as end-of-file at
+//! once. Messages are small JSON records, readable in `strace` when something goes wrong.
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, send, socketpair};
+use serde::{Deserialize, Serialize};
+
+/// The largest message either side sends; far above what any message needs.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// From a coordinator to the keeper.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToKeeper {
+    /// Start service `service` (an index into the config image).
+    Spawn { service: usize },
+    /// Send `signal` to the process group of service `service`, whose main process is `pid`
+    /// (ignored if that process has already ended: a stale request cannot hit a new process).
+    Signal {
+        service: usize,
+        pid: i32,
+        signal: i32,
+    },
+    /// Start a standby coordinator.
+    SpawnStandby,
+    /// This (standby) connection is now the coordinator: send it the service events.
+    TakeOver,
+    /// The stack is stopped: exit once the coordinator has.
+    Shutdown,
+}
+
+/// From the keeper to the coordinator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromKeeper {
+    /// The service's process exists.
+    Spawned { service: usize, pid: i32 },
+    /// The service's process could not be started; `error` says why in words.
+    SpawnFailed { service: usize, error: String },
+    /// The service's main process ended (`code` or `signal`); the rest of its process group
+    /// has been killed, and the process reaped.
+    Exited {
+        service: usize,
+        pid: i32,
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    /// The services that run right now, sent to a standby that takes over: (service, pid).
+    Running { services: Vec<(usize, i32)> },
+    /// A standby was started (`pid`), or could not be (`pid` is None).
+    StandbySpawned { pid: Option<i32> },
+    /// The standby (`pid`) ended.
+    StandbyExited { pid: i32 },
+}
+
+/// Why a message could not be sent or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("the peer has closed the connection")]
+    Closed,
+    #[error("cannot exchange a message with the peer: {0}")]
+    Io(#[from] Errno),
+    #[error("the peer sent a message that does not decode: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// A connected pair of sockets: one end for each side.
+pub fn channel() -> Result<(OwnedFd, OwnedFd), Errno> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+}
+
+/// Sends one message.
+pub fn send_message<T: Serialize>(fd: BorrowedFd<'_>, message: &T) -> Result<(), ProtocolError> {
+    let bytes = serde_json::to_vec(message)?;
+    loop {
+        match send(fd.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(ProtocolError::Closed),
+            Err(e) => return Err(ProtocolError::Io(e)),
+        }
+    }
+}
+
+/// Receives one message, blocking unless the socket is non-blocking (then `Ok(None)` when
+/// nothing waits). End-of-file is [`ProtocolError::Closed`].
+pub fn recv_message<T: for<'de> Deserialize<'de>>(
+    fd: BorrowedFd<'_>,
+) -> Result<Option<T>, ProtocolError> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        match recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(0) => return Err(ProtocolError::Closed),
+            Ok(n) => return Ok(Some(serde_json::from_slice(&buf[..n])?)),
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(Errno::ECONNRESET) => return Err(ProtocolError::Closed),
+            Err(e) => return Err(ProtocolError::Io(e)),
+        }
+    }
+}
+
+/// Takes ownership of an fd this process was started with on a fixed number (the keeper
+/// hands its coordinator fds 3, 4 and 5), marking it close-on-exec so it goes no further.
+/// `None` if no such fd is open.
+pub fn take_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    // F_GETFD on a number that is not open fails with EBADF: nothing to take.
+    fcntl_raw_is_open(fd).then(|| {
+        // SAFETY: `fd` is open (checked just above) and was placed on this number by our
+        // parent for us alone; nothing else in this process has taken it, because this is
+        // called once per number at start, before anything opens files that could reuse it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let _ = fcntl(&owned, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+        owned
+    })
+}
+
+fn fcntl_raw_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD reads the descriptor flags of `fd` and changes nothing; an fd number
+    // that is not open just returns EBADF.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}
+
+/// Makes a socket non-blocking, for an event loop.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<(), Errno> {
+    let flags = fcntl(fd, FcntlArg::F_GETFL)?;
+    fcntl(
+        fd,
+        FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK),
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    #[test]
+    fn messages_cross_and_end_of_file_is_seen() {
+        let (a, b) = channel().unwrap();
+        let sent = ToKeeper::Signal {
+            service: 3,
+            pid: 42,
+            signal: 15,
+        };
+        send_message(a.as_fd(), &sent).unwrap();
+        send_message(a.as_fd(), &ToKeeper::Shutdown).unwrap();
+        assert_eq!(recv_message::<ToKeeper>(b.as_fd()).unwrap(), Some(sent));
+        assert_eq!(
+            recv_message::<ToKeeper>(b.as_fd()).unwrap(),
+            Some(ToKeeper::Shutdown)
+        );
+        drop(a);
+        assert!(matches!(
+            recv_message::<ToKeeper>(b.as_fd()),
+            Err(ProtocolError::Closed)
+        ));
+    }
+}
