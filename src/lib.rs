@@ -7,6 +7,8 @@
 //! - [`graph`]: the dependency graph, cycle detection, start/stop sequences and levels.
 //! - [`diag`]: file/line/column diagnostics shared by every loader.
 //! - [`cli`]: the `ccmgr` command line (verbs, exit codes, output).
+//! - [`shm`]: the shared-memory segment, its robust mutexes and channels, stale-state reclaim.
+//! - [`process_identity`]: processes named by (pid, start time), never by a bare pid.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cli;
@@ -14,3 +16,5 @@ pub mod config;
 pub mod diag;
 pub mod duration;
 pub mod graph;
+pub mod process_identity;
+pub mod shm;
