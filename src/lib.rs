@@ -6,19 +6,29 @@
 //! - [`config`]: loading and validating `ccmgr.toml` and the `services.d/*.toml` files.
 //! - [`graph`]: the dependency graph, cycle detection, start/stop sequences and levels.
 //! - [`diag`]: file/line/column diagnostics shared by every loader.
-//! - [`cli`]: the `ccmgr` command line (verbs, exit codes, output).
+//! - [`engine`]: the coordinator's decisions, a pure state machine tested in virtual time.
+//! - [`coordinator`]: the coordinator process: the engine's event loop and state publishing.
+//! - [`keeper`]: the long-lived parent of every process of an instance.
 //! - [`spawn`]: starting one service process, signalling it, and how it ended.
 //! - [`logsink`]: service output drained from its pipe into a rotated log file.
 //! - [`notify`]: the sd_notify socket, so systemd `Type=notify` daemons work unchanged.
+//! - [`shm`]: the shared-memory segment, its robust mutexes and channels, stale-state reclaim.
+//! - [`process_identity`]: processes named by (pid, start time), never by a bare pid.
+//! - [`logging`]: where the coordinator's and keeper's own log lines go.
+//! - [`cli`]: the `ccmgr` command line (verbs, exit codes, output).
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cli;
 pub mod config;
+pub mod coordinator;
 pub mod diag;
 pub mod duration;
 pub mod engine;
 pub mod graph;
 pub mod keeper;
+pub mod logging;
 pub mod logsink;
 pub mod notify;
+pub mod process_identity;
+pub mod shm;
 pub mod spawn;

@@ -1,0 +1,32 @@
+//! The shared-memory substrate: one POSIX shared-memory segment per instance,
+//! guarded by robust, process-shared pthread mutexes, through which the
+//! manager, the coordinator, the standby and the services share state. The
+//! death of any party is noticed at once by the next locker of a mutex it held.
+//!
+//! - [`segment`]: creating, opening (with every check), probing and reclaiming
+//!   an instance's segment; typed accessors; the state writer and readers.
+//! - [`robust`]: the robust mutex ([`SharedMutex`], [`MutexGuard`]), the
+//!   channels ([`Channel`]) and monotonic deadlines; all pthread/semaphore FFI.
+//! - [`mapping`] (private): the raw mapping and the only casts from bytes.
+//! - [`layout`]: the versioned `#[repr(C)]` layout and its size computation.
+//! - [`state`]: the typed values stored in the segment.
+//!
+//! Unsafe code lives in `robust.rs` (FFI) and `mapping.rs` (mmap and casts).
+
+pub mod layout;
+mod mapping;
+pub mod robust;
+pub mod segment;
+pub mod state;
+
+pub use robust::{
+    Acquired, Channel, Deadline, MutexError, MutexGuard, SemaphoreError, SharedMutex, monotonic_ms,
+};
+pub use segment::{
+    GaveUp, InstanceStatus, Probe, Reclaimed, Role, SHM_DIR, Segment, SegmentSpec, ServiceStatic,
+    ServiceStatus, ShmError, StateWriter, Survivor, segment_os_id, segment_path,
+    validate_instance_name,
+};
+pub use state::{
+    ChannelId, GiveUpReason, InstanceState, LastExit, MutexId, ServiceState, UnknownValue,
+};

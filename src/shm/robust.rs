@@ -1,0 +1,797 @@
+//! Robust, process-shared pthread mutexes and process-shared semaphores that
+//! live inside the mapped segment, and the monotonic-clock deadlines their
+//! timed waits use. All the pthread/semaphore FFI of ccmgr is here.
+//!
+//! # Robust mutexes
+//! A [`RobustMutex`] is a `pthread_mutex_t` initialised `PTHREAD_PROCESS_SHARED`,
+//! `PTHREAD_MUTEX_ROBUST` and `PTHREAD_MUTEX_ERRORCHECK`. When its holder dies the
+//! kernel releases it and the next locker gets `EOWNERDEAD`; this module makes
+//! the mutex consistent at once and tells the caller through
+//! [`MutexGuard::previous_holder_died`]. Facts the callers must keep in mind:
+//!
+//! - Ownership is per **thread**. The kernel releases a thread's robust mutexes
+//!   when that thread exits, when its process exits, and when its process calls
+//!   `execve`. A lock meant to last as long as the process must be taken by a
+//!   thread that lives as long as the process (the main thread), and a process
+//!   that execs loses its locks.
+//! - A guard unlocks only on the thread that locked (guards are `!Send`);
+//!   re-locking from the holding thread fails with [`MutexError::AlreadyHeld`]
+//!   instead of deadlocking.
+//! - The memory must stay mapped while a lock is held (the kernel and glibc
+//!   keep a list of held robust mutexes through pointers into it). Every guard
+//!   therefore owns a reference to the mapping: even a guard given to
+//!   [`MutexGuard::hold_until_exit`] keeps the mapping for the process's life.
+//!
+//! # Semaphores and channels
+//! A POSIX semaphore has no owner, so a process that dies around it cannot
+//! wedge it (at worst a post is lost with its sender). A [`Channel`] pairs one
+//! with a word of message bits: senders OR bits in and post; the receiver waits
+//! and takes all the bits at once.
+
+use std::cell::UnsafeCell;
+use std::fmt;
+use std::marker::PhantomData;
+use std::mem::MaybeUninit;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use nix::errno::Errno;
+
+use super::mapping::Mapping;
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+compile_error!(
+    "ccmgr's shared-memory substrate needs glibc >= 2.30 on Linux \
+     (pthread_mutex_clocklock, sem_clockwait, robust process-shared mutexes)"
+);
+
+// glibc >= 2.30 exports both; the `libc` crate (0.2.191) does not declare them.
+unsafe extern "C" {
+    fn pthread_mutex_clocklock(
+        mutex: *mut libc::pthread_mutex_t,
+        clockid: libc::clockid_t,
+        abstime: *const libc::timespec,
+    ) -> libc::c_int;
+    fn sem_clockwait(
+        sem: *mut libc::sem_t,
+        clockid: libc::clockid_t,
+        abstime: *const libc::timespec,
+    ) -> libc::c_int;
+}
+
+const NANOS_PER_SEC: i64 = 1_000_000_000;
+
+/// `now + d` on a (seconds, nanoseconds) clock reading, with nanoseconds kept in
+/// `[0, 1e9)` and the seconds saturating instead of overflowing.
+pub(crate) fn add_duration(now_sec: i64, now_nsec: i64, d: Duration) -> (i64, i64) {
+    // Normalise the clock reading first: the kernel's is, but be total anyway.
+    let mut sec = now_sec.saturating_add(now_nsec.div_euclid(NANOS_PER_SEC));
+    let mut nsec = now_nsec.rem_euclid(NANOS_PER_SEC);
+    sec = sec.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    nsec += i64::from(d.subsec_nanos()); // < 2e9: both terms are < 1e9
+    if nsec >= NANOS_PER_SEC {
+        nsec -= NANOS_PER_SEC;
+        sec = sec.saturating_add(1);
+    }
+    if sec == i64::MAX {
+        // Saturated: the latest representable instant, still normalised.
+        nsec = NANOS_PER_SEC - 1;
+    }
+    (sec, nsec)
+}
+
+/// An absolute instant on `CLOCK_MONOTONIC`, as the timed waits take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Deadline {
+    sec: i64,
+    nsec: i64,
+}
+
+impl Deadline {
+    /// `d` from now on the monotonic clock.
+    pub fn after(d: Duration) -> Deadline {
+        let (now_sec, now_nsec) = monotonic_now();
+        let (sec, nsec) = add_duration(now_sec, now_nsec, d);
+        Deadline { sec, nsec }
+    }
+
+    /// True once the monotonic clock has reached the deadline.
+    pub fn has_passed(&self) -> bool {
+        let (sec, nsec) = monotonic_now();
+        (sec, nsec) >= (self.sec, self.nsec)
+    }
+
+    fn timespec(&self) -> libc::timespec {
+        libc::timespec {
+            tv_sec: self.sec as libc::time_t,
+            tv_nsec: self.nsec as libc::c_long,
+        }
+    }
+}
+
+// time_t and c_long are i64 here but narrower on 32-bit targets.
+#[allow(clippy::useless_conversion)]
+fn monotonic_now() -> (i64, i64) {
+    // CLOCK_MONOTONIC cannot fail to read on Linux.
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always readable");
+    (i64::from(t.tv_sec()), i64::from(t.tv_nsec()))
+}
+
+/// Milliseconds on `CLOCK_MONOTONIC` (time since boot, not counting suspend):
+/// the clock of every timestamp and restart window stored in the segment.
+pub fn monotonic_ms() -> u64 {
+    let (sec, nsec) = monotonic_now();
+    (sec as u64).saturating_mul(1000) + (nsec as u64) / 1_000_000
+}
+
+/// How a lock was acquired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquired {
+    /// The previous holder released it.
+    Clean,
+    /// The previous holder died holding it (`EOWNERDEAD`); the data it guards
+    /// may be half-updated. The mutex has been made consistent again.
+    PreviousHolderDied,
+}
+
+/// Why a mutex operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MutexError {
+    /// A holder died and the mutex was then unlocked without being made
+    /// consistent; no one can lock it again until the segment is recreated.
+    #[error(
+        "the mutex is no longer usable: a holder died and it was released without being made consistent"
+    )]
+    NotRecoverable,
+    /// The calling thread already holds it.
+    #[error("this thread already holds the mutex")]
+    AlreadyHeld,
+    /// The calling thread does not hold it.
+    #[error("this thread does not hold the mutex")]
+    NotOwner,
+    /// Any other failure, with the errno the C library returned.
+    #[error("{op} failed: {errno}")]
+    Os {
+        /// The C function that failed.
+        op: &'static str,
+        /// Its error.
+        errno: Errno,
+    },
+}
+
+fn mutex_errno(op: &'static str, rc: libc::c_int) -> MutexError {
+    match rc {
+        libc::ENOTRECOVERABLE => MutexError::NotRecoverable,
+        libc::EDEADLK => MutexError::AlreadyHeld,
+        libc::EPERM => MutexError::NotOwner,
+        rc => MutexError::Os {
+            op,
+            errno: Errno::from_raw(rc),
+        },
+    }
+}
+
+/// A robust, process-shared pthread mutex as it lies in the segment.
+///
+/// It is only ever reached through the mapping; lock it through the owning
+/// handle [`SharedMutex`], whose guards keep the mapping alive.
+#[repr(C)]
+pub struct RobustMutex {
+    inner: UnsafeCell<libc::pthread_mutex_t>,
+}
+
+// SAFETY: a process-shared pthread mutex is made to be operated on concurrently
+// by many threads and processes; every access goes through the pthread functions,
+// which synchronise internally. Nothing else reads or writes `inner`.
+unsafe impl Sync for RobustMutex {}
+// SAFETY: the mutex is plain memory with no thread affinity of its own (the
+// thread affinity of a *held* lock is carried by `MutexGuard`, which is !Send).
+unsafe impl Send for RobustMutex {}
+
+impl RobustMutex {
+    /// Initialise the mutex: process-shared, robust, error-checking.
+    ///
+    /// # Safety
+    /// No other thread or process may use this memory during or before the
+    /// call: re-initialising a mutex someone holds or waits on corrupts their
+    /// robust lists. Only the creator of a segment calls this, on memory no one
+    /// else can reach yet.
+    pub(crate) unsafe fn init(&self) -> Result<(), MutexError> {
+        let mut attr = MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
+        // SAFETY: `attr` is valid for writes; pthread_mutexattr_init initialises it.
+        let rc = unsafe { libc::pthread_mutexattr_init(attr.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(mutex_errno("pthread_mutexattr_init", rc));
+        }
+        let attr_ptr = attr.as_mut_ptr();
+        let result = (|| {
+            // SAFETY: `attr_ptr` points to the attribute object initialised above.
+            let rc = unsafe {
+                libc::pthread_mutexattr_setpshared(attr_ptr, libc::PTHREAD_PROCESS_SHARED)
+            };
+            if rc != 0 {
+                return Err(mutex_errno("pthread_mutexattr_setpshared", rc));
+            }
+            // SAFETY: as above.
+            let rc =
+                unsafe { libc::pthread_mutexattr_setrobust(attr_ptr, libc::PTHREAD_MUTEX_ROBUST) };
+            if rc != 0 {
+                return Err(mutex_errno("pthread_mutexattr_setrobust", rc));
+            }
+            // SAFETY: as above.
+            let rc = unsafe {
+                libc::pthread_mutexattr_settype(attr_ptr, libc::PTHREAD_MUTEX_ERRORCHECK)
+            };
+            if rc != 0 {
+                return Err(mutex_errno("pthread_mutexattr_settype", rc));
+            }
+            // SAFETY: `inner` is valid, aligned memory for a pthread_mutex_t (it is
+            // the field's own type), and the caller guarantees no one else uses it.
+            let rc = unsafe { libc::pthread_mutex_init(self.inner.get(), attr_ptr) };
+            if rc != 0 {
+                return Err(mutex_errno("pthread_mutex_init", rc));
+            }
+            Ok(())
+        })();
+        // SAFETY: the attribute object was initialised and is destroyed once; the
+        // mutex initialised from it does not refer to it afterwards.
+        unsafe { libc::pthread_mutexattr_destroy(attr_ptr) };
+        result
+    }
+
+    /// Turn a pthread return code from a locking call into our answer: `None`
+    /// for "not acquired" (`EBUSY`/`ETIMEDOUT`), `Some` when the calling thread
+    /// now holds the mutex, made consistent if its holder had died.
+    fn acquired(&self, op: &'static str, rc: libc::c_int) -> Result<Option<Acquired>, MutexError> {
+        match rc {
+            0 => Ok(Some(Acquired::Clean)),
+            libc::EBUSY | libc::ETIMEDOUT => Ok(None),
+            libc::EOWNERDEAD => {
+                // SAFETY: we hold the mutex (EOWNERDEAD means acquired), which is
+                // what pthread_mutex_consistent requires; `inner` is valid.
+                let rc = unsafe { libc::pthread_mutex_consistent(self.inner.get()) };
+                if rc != 0 {
+                    // Leave it unlocked rather than held by a caller who gets an error.
+                    let _ = self.unlock();
+                    return Err(mutex_errno("pthread_mutex_consistent", rc));
+                }
+                Ok(Some(Acquired::PreviousHolderDied))
+            }
+            rc => Err(mutex_errno(op, rc)),
+        }
+    }
+
+    /// Block until the calling thread holds the mutex.
+    pub(crate) fn lock(&self) -> Result<Acquired, MutexError> {
+        // SAFETY: `inner` lies in memory that stays mapped while `self` is
+        // borrowed. glibc checks the robust mutex's owner word itself, so calling
+        // this on a mutex the thread already holds returns EDEADLK rather than
+        // misbehaving. Memory not initialised as a robust mutex (a corrupt
+        // segment) can make the call misbehave only within the mutex's own bytes.
+        let rc = unsafe { libc::pthread_mutex_lock(self.inner.get()) };
+        self.acquired("pthread_mutex_lock", rc)?
+            .ok_or(MutexError::Os {
+                op: "pthread_mutex_lock",
+                errno: Errno::from_raw(rc),
+            })
+    }
+
+    /// Take the mutex if it is free (or its holder is dead) without blocking.
+    pub(crate) fn try_lock(&self) -> Result<Option<Acquired>, MutexError> {
+        // SAFETY: as in `lock`.
+        let rc = unsafe { libc::pthread_mutex_trylock(self.inner.get()) };
+        self.acquired("pthread_mutex_trylock", rc)
+    }
+
+    /// Block until the calling thread holds the mutex or the deadline passes.
+    pub(crate) fn lock_until(&self, deadline: Deadline) -> Result<Option<Acquired>, MutexError> {
+        let ts = deadline.timespec();
+        // SAFETY: as in `lock`; `ts` is a normalised timespec on the stack that
+        // outlives the call.
+        let rc = unsafe { pthread_mutex_clocklock(self.inner.get(), libc::CLOCK_MONOTONIC, &ts) };
+        self.acquired("pthread_mutex_clocklock", rc)
+    }
+
+    /// Release the mutex held by the calling thread.
+    pub(crate) fn unlock(&self) -> Result<(), MutexError> {
+        // SAFETY: `inner` is valid as in `lock`. A robust mutex records its
+        // owner's thread id, and glibc refuses (EPERM) an unlock from any other
+        // thread, so a wrong call cannot release someone else's lock.
+        let rc = unsafe { libc::pthread_mutex_unlock(self.inner.get()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(mutex_errno("pthread_mutex_unlock", rc))
+        }
+    }
+}
+
+/// An owning handle on one robust mutex of a mapped segment. Cheap to clone,
+/// and `Send`: hand it to the thread that is to hold the lock.
+#[derive(Clone)]
+pub struct SharedMutex {
+    map: Arc<Mapping>,
+    mutex: NonNull<RobustMutex>,
+}
+
+// SAFETY: the handle holds an Arc of a Send + Sync mapping and a pointer into
+// that mapping to a Sync type; it grants no thread-affine state (guards do).
+unsafe impl Send for SharedMutex {}
+// SAFETY: as above; every method takes `&self` and the mutex itself is Sync.
+unsafe impl Sync for SharedMutex {}
+
+impl SharedMutex {
+    /// Only the mapping makes handles, after checking that `mutex` lies inside
+    /// it, aligned.
+    pub(crate) fn new(map: Arc<Mapping>, mutex: NonNull<RobustMutex>) -> SharedMutex {
+        SharedMutex { map, mutex }
+    }
+
+    fn raw(&self) -> &RobustMutex {
+        // SAFETY: `mutex` was checked to lie inside the mapping and be aligned
+        // when the handle was made, and `self.map` keeps that mapping alive for
+        // as long as `self` is borrowed. RobustMutex is only used through
+        // shared references.
+        unsafe { self.mutex.as_ref() }
+    }
+
+    fn guard(&self, acquired: Acquired) -> MutexGuard {
+        MutexGuard {
+            _mapping: Arc::clone(&self.map),
+            mutex: self.mutex,
+            acquired,
+            released: false,
+            _thread_bound: PhantomData,
+        }
+    }
+
+    /// Block until the calling thread holds the mutex.
+    pub fn lock(&self) -> Result<MutexGuard, MutexError> {
+        let acquired = self.raw().lock()?;
+        Ok(self.guard(acquired))
+    }
+
+    /// Take the mutex if no live thread holds it; `None` if one does.
+    pub fn try_lock(&self) -> Result<Option<MutexGuard>, MutexError> {
+        Ok(self.raw().try_lock()?.map(|a| self.guard(a)))
+    }
+
+    /// Block for at most `timeout` (measured on `CLOCK_MONOTONIC`); `None` if a
+    /// live thread still holds the mutex then.
+    pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<MutexGuard>, MutexError> {
+        self.lock_until(Deadline::after(timeout))
+    }
+
+    /// Block until the deadline at most; `None` if a live thread still holds it.
+    pub fn lock_until(&self, deadline: Deadline) -> Result<Option<MutexGuard>, MutexError> {
+        Ok(self.raw().lock_until(deadline)?.map(|a| self.guard(a)))
+    }
+
+    /// The address of the mutex's futex word in this process: waiters blocked
+    /// on it show it as the first argument of `futex` in
+    /// `/proc/<pid>/task/<tid>/syscall`. For tests and diagnostics.
+    pub fn futex_address(&self) -> usize {
+        self.mutex.as_ptr() as usize
+    }
+}
+
+impl fmt::Debug for SharedMutex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedMutex")
+            .field("address", &format_args!("{:#x}", self.futex_address()))
+            .finish()
+    }
+}
+
+/// Proof that the calling thread holds a robust mutex. Unlocks on drop.
+///
+/// The guard owns a reference to the mapping, not a borrow: store it wherever
+/// the lock must outlive a scope (the coordinator keeps the daemon component
+/// mutex in its state and [`unlock`](Self::unlock)s it during recovery). It is
+/// `!Send`: a pthread mutex is owned by a thread, and only that thread may
+/// unlock it.
+///
+/// ```compile_fail
+/// fn give_away(guard: ccmgr::shm::MutexGuard) {
+///     // A guard cannot move to another thread.
+///     std::thread::spawn(move || drop(guard));
+/// }
+/// ```
+#[must_use = "dropping the guard unlocks the mutex at once"]
+pub struct MutexGuard {
+    /// Keeps the mapping (and so the mutex) mapped while the lock is held.
+    _mapping: Arc<Mapping>,
+    mutex: NonNull<RobustMutex>,
+    acquired: Acquired,
+    /// Set by `unlock`, so that drop does not unlock twice.
+    released: bool,
+    /// `*const ()` makes the guard !Send and !Sync.
+    _thread_bound: PhantomData<*const ()>,
+}
+
+impl MutexGuard {
+    /// How the lock was acquired.
+    pub fn acquired(&self) -> Acquired {
+        self.acquired
+    }
+
+    /// True if the previous holder died holding the lock (`EOWNERDEAD`), so the
+    /// state it guards may be half-updated.
+    pub fn previous_holder_died(&self) -> bool {
+        self.acquired == Acquired::PreviousHolderDied
+    }
+
+    fn raw(&self) -> &RobustMutex {
+        // SAFETY: as in `SharedMutex::raw`: checked when the handle that made
+        // this guard was made, and `self._mapping` keeps the mapping alive.
+        unsafe { self.mutex.as_ref() }
+    }
+
+    /// Unlock now, reporting a failure that dropping would only log.
+    pub fn unlock(mut self) -> Result<(), MutexError> {
+        self.released = true;
+        self.raw().unlock()
+    }
+
+    /// Keep the lock for the rest of the calling thread's life, which for the
+    /// main thread is the process's life. The kernel releases it when that
+    /// thread exits, the process dies or execs; the waiters then learn that
+    /// the holder died. The mapping stays mapped until the process ends.
+    pub fn hold_until_exit(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for MutexGuard {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        if let Err(e) = self.raw().unlock() {
+            // Only possible if the segment was corrupted under us.
+            tracing::error!(error = %e, "unlocking a robust mutex failed");
+        }
+    }
+}
+
+impl fmt::Debug for MutexGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MutexGuard")
+            .field(
+                "address",
+                &format_args!("{:#x}", self.mutex.as_ptr() as usize),
+            )
+            .field("acquired", &self.acquired)
+            .finish()
+    }
+}
+
+/// Why a semaphore operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SemaphoreError {
+    /// The count would exceed `SEM_VALUE_MAX`: no one has been receiving.
+    #[error("the semaphore's count is at its maximum: its receiver is not reading")]
+    Overflow,
+    /// Any other failure, with its errno.
+    #[error("{op} failed: {errno}")]
+    Os {
+        /// The C function that failed.
+        op: &'static str,
+        /// Its error.
+        errno: Errno,
+    },
+}
+
+/// A process-shared POSIX semaphore as it lies in the segment.
+#[repr(C)]
+pub struct Semaphore {
+    inner: UnsafeCell<libc::sem_t>,
+}
+
+// SAFETY: a process-shared semaphore is made for concurrent use by many threads
+// and processes; all access goes through the sem_* functions.
+unsafe impl Sync for Semaphore {}
+// SAFETY: plain memory without thread affinity.
+unsafe impl Send for Semaphore {}
+
+/// The outcome of a wait that may end without the semaphore.
+enum Waited {
+    Decremented,
+    TimedOut,
+}
+
+impl Semaphore {
+    /// Initialise with count 0, shared between processes.
+    ///
+    /// # Safety
+    /// As for [`RobustMutex::init`]: no one else may use this memory yet.
+    pub(crate) unsafe fn init(&self) -> Result<(), SemaphoreError> {
+        // SAFETY: `inner` is valid, aligned memory for a sem_t; the caller
+        // guarantees exclusive access. pshared = 1 makes it process-shared.
+        let rc = unsafe { libc::sem_init(self.inner.get(), 1, 0) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(SemaphoreError::Os {
+                op: "sem_init",
+                errno: Errno::last(),
+            })
+        }
+    }
+
+    fn post(&self) -> Result<(), SemaphoreError> {
+        // SAFETY: `inner` is valid while `self` is borrowed; sem_post is safe to
+        // call concurrently (it is even async-signal-safe).
+        let rc = unsafe { libc::sem_post(self.inner.get()) };
+        if rc == 0 {
+            return Ok(());
+        }
+        match Errno::last() {
+            Errno::EOVERFLOW => Err(SemaphoreError::Overflow),
+            errno => Err(SemaphoreError::Os {
+                op: "sem_post",
+                errno,
+            }),
+        }
+    }
+
+    fn wait(&self) -> Result<(), SemaphoreError> {
+        loop {
+            // SAFETY: as in `post`.
+            let rc = unsafe { libc::sem_wait(self.inner.get()) };
+            if rc == 0 {
+                return Ok(());
+            }
+            match Errno::last() {
+                Errno::EINTR => continue,
+                errno => {
+                    return Err(SemaphoreError::Os {
+                        op: "sem_wait",
+                        errno,
+                    });
+                }
+            }
+        }
+    }
+
+    fn try_wait(&self) -> Result<bool, SemaphoreError> {
+        loop {
+            // SAFETY: as in `post`.
+            let rc = unsafe { libc::sem_trywait(self.inner.get()) };
+            if rc == 0 {
+                return Ok(true);
+            }
+            match Errno::last() {
+                Errno::EAGAIN => return Ok(false),
+                Errno::EINTR => continue,
+                errno => {
+                    return Err(SemaphoreError::Os {
+                        op: "sem_trywait",
+                        errno,
+                    });
+                }
+            }
+        }
+    }
+
+    fn wait_until(&self, deadline: Deadline) -> Result<Waited, SemaphoreError> {
+        let ts = deadline.timespec();
+        loop {
+            // SAFETY: as in `post`; `ts` is a normalised timespec that outlives
+            // the call.
+            let rc = unsafe { sem_clockwait(self.inner.get(), libc::CLOCK_MONOTONIC, &ts) };
+            if rc == 0 {
+                return Ok(Waited::Decremented);
+            }
+            match Errno::last() {
+                Errno::ETIMEDOUT => return Ok(Waited::TimedOut),
+                // The deadline is absolute: retrying after a signal keeps it.
+                Errno::EINTR => continue,
+                errno => {
+                    return Err(SemaphoreError::Os {
+                        op: "sem_clockwait",
+                        errno,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A one-way channel as it lies in the segment: a semaphore and a word of
+/// message bits.
+#[repr(C)]
+pub struct ChannelCell {
+    sem: Semaphore,
+    bits: AtomicU64,
+}
+
+impl ChannelCell {
+    /// # Safety
+    /// As for [`RobustMutex::init`].
+    pub(crate) unsafe fn init(&self) -> Result<(), SemaphoreError> {
+        self.bits.store(0, Ordering::Relaxed);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.sem.init() }
+    }
+}
+
+/// An owning handle on a one-way channel in the segment, carrying flag bits
+/// (the meaning of each bit is the protocol's). Any number of senders; one
+/// receiver at a time (messages are taken, not broadcast).
+#[derive(Clone)]
+pub struct Channel {
+    /// Keeps the mapping (and so the channel) mapped.
+    _mapping: Arc<Mapping>,
+    cell: NonNull<ChannelCell>,
+}
+
+// SAFETY: as for SharedMutex: an Arc of a Send + Sync mapping and a pointer to
+// a Sync cell inside it.
+unsafe impl Send for Channel {}
+// SAFETY: as above.
+unsafe impl Sync for Channel {}
+
+impl Channel {
+    /// Only the mapping makes handles, after checking bounds and alignment.
+    pub(crate) fn new(map: Arc<Mapping>, cell: NonNull<ChannelCell>) -> Channel {
+        Channel {
+            _mapping: map,
+            cell,
+        }
+    }
+
+    fn cell(&self) -> &ChannelCell {
+        // SAFETY: checked to lie inside the mapping, aligned, when the handle was
+        // made; `self._mapping` keeps the mapping alive while `self` is borrowed.
+        unsafe { self.cell.as_ref() }
+    }
+
+    /// Set `bits` (must not be 0) and wake the receiver.
+    pub fn send(&self, bits: u64) -> Result<(), SemaphoreError> {
+        debug_assert!(bits != 0, "a message needs at least one bit");
+        let cell = self.cell();
+        cell.bits.fetch_or(bits, Ordering::Release);
+        cell.sem.post()
+    }
+
+    fn take(&self) -> u64 {
+        self.cell().bits.swap(0, Ordering::Acquire)
+    }
+
+    /// Block until a message arrives; return all bits sent since the last receive.
+    pub fn recv(&self) -> Result<u64, SemaphoreError> {
+        loop {
+            self.cell().sem.wait()?;
+            // A post whose bits an earlier receive already took yields 0: wait on.
+            match self.take() {
+                0 => continue,
+                bits => return Ok(bits),
+            }
+        }
+    }
+
+    /// Take pending bits without blocking; `None` if there are none.
+    pub fn try_recv(&self) -> Result<Option<u64>, SemaphoreError> {
+        while self.cell().sem.try_wait()? {
+            match self.take() {
+                0 => continue,
+                bits => return Ok(Some(bits)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Block for at most `timeout` on `CLOCK_MONOTONIC`; `None` if nothing came.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<u64>, SemaphoreError> {
+        self.recv_until(Deadline::after(timeout))
+    }
+
+    /// Block until the deadline at most; `None` if nothing came.
+    pub fn recv_until(&self, deadline: Deadline) -> Result<Option<u64>, SemaphoreError> {
+        loop {
+            match self.cell().sem.wait_until(deadline)? {
+                Waited::TimedOut => return Ok(None),
+                Waited::Decremented => match self.take() {
+                    0 => continue,
+                    bits => return Ok(Some(bits)),
+                },
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Channel")
+            .field(
+                "address",
+                &format_args!("{:#x}", self.cell.as_ptr() as usize),
+            )
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_duration_carries_nanoseconds() {
+        assert_eq!(
+            add_duration(10, 0, Duration::from_millis(1500)),
+            (11, 500_000_000)
+        );
+        assert_eq!(
+            add_duration(10, 999_999_999, Duration::from_nanos(1)),
+            (11, 0)
+        );
+        assert_eq!(
+            add_duration(10, 600_000_000, Duration::from_millis(400)),
+            (11, 0)
+        );
+        assert_eq!(
+            add_duration(10, 600_000_000, Duration::from_millis(399)),
+            (10, 999_000_000)
+        );
+        assert_eq!(
+            add_duration(10, 999_999_999, Duration::new(5, 999_999_999)),
+            (16, 999_999_998)
+        );
+        assert_eq!(add_duration(7, 123, Duration::ZERO), (7, 123));
+    }
+
+    #[test]
+    fn add_duration_normalises_the_clock_reading() {
+        assert_eq!(
+            add_duration(1, 2_500_000_000, Duration::ZERO),
+            (3, 500_000_000)
+        );
+        assert_eq!(add_duration(1, -1, Duration::ZERO), (0, 999_999_999));
+    }
+
+    #[test]
+    fn add_duration_saturates() {
+        assert_eq!(add_duration(5, 0, Duration::MAX), (i64::MAX, 999_999_999));
+        assert_eq!(
+            add_duration(i64::MAX, 999_999_999, Duration::from_nanos(1)),
+            (i64::MAX, 999_999_999)
+        );
+        assert_eq!(
+            add_duration(0, 0, Duration::from_secs(u64::MAX)),
+            (i64::MAX, 999_999_999)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn add_duration_stays_normalised(
+            sec in 0i64..(1 << 40),
+            nsec in 0i64..NANOS_PER_SEC,
+            d_sec in 0u64..(1 << 40),
+            d_nsec in 0u32..1_000_000_000,
+        ) {
+            let (s, n) = add_duration(sec, nsec, Duration::new(d_sec, d_nsec));
+            proptest::prop_assert!((0..NANOS_PER_SEC).contains(&n));
+            let total = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+            proptest::prop_assert_eq!(
+                total(s, n),
+                total(sec, nsec) + i128::from(d_sec) * 1_000_000_000 + i128::from(d_nsec)
+            );
+        }
+    }
+
+    #[test]
+    fn deadlines_order_with_time() {
+        let soon = Deadline::after(Duration::ZERO);
+        let later = Deadline::after(Duration::from_secs(3600));
+        assert!(soon < later);
+        assert!(soon.has_passed());
+        assert!(!later.has_passed());
+        let a = monotonic_ms();
+        assert!(monotonic_ms() >= a);
+    }
+}

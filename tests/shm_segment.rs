@@ -1,0 +1,493 @@
+//! The segment as a whole, with real processes: creation and round trip of
+//! the config image and state, refusal of segments that are not ours or not
+//! sound (another uid, wrong magic, wrong version, truncated, corrupt, too
+//! open), and stale-state detection and reclaim after kill -9.
+
+mod shm_support;
+
+use std::fs::{File, OpenOptions};
+use std::mem::offset_of;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+
+use ccmgr::process_identity::ProcessIdentity;
+use ccmgr::shm::layout::{Header, LAYOUT_VERSION};
+use ccmgr::shm::{
+    Acquired, GaveUp, GiveUpReason, InstanceState, LastExit, MutexId, Probe, Reclaimed, Role,
+    Segment, ServiceState, ShmError, Survivor,
+};
+use shm_support::{Helper, TestInstance, run_role_if_requested};
+
+/// Entry point of the helper processes (does nothing in a normal run).
+#[test]
+fn child_role_entry() {
+    run_role_if_requested();
+}
+
+fn segment_file(t: &TestInstance) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/dev/shm/ccmgr.{}", t.name))
+        .unwrap()
+}
+
+#[test]
+fn create_then_open_round_trips_image_and_state() {
+    let t = TestInstance::new("round_trip");
+    let spec = t.spec(3);
+    let (created, starting) = Segment::create(&spec).unwrap();
+    assert_eq!(starting.acquired(), Acquired::Clean);
+
+    let meta = std::fs::metadata(created.path()).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o600);
+    assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
+    assert_eq!(meta.len() as usize, created.layout().total_size);
+
+    let seg = Segment::open(&t.name).unwrap();
+    let services = seg.services().unwrap();
+    assert_eq!(services, spec.services);
+    assert_eq!(seg.service_index("s2").unwrap(), Some(2));
+    assert_eq!(seg.service_index("nope").unwrap(), None);
+    assert_eq!(seg.startup_sequence().unwrap(), spec.startup_sequence);
+    assert_eq!(seg.shutdown_sequence().unwrap(), spec.shutdown_sequence);
+    assert_eq!(seg.config_blob().unwrap(), spec.config_blob);
+
+    let me = ProcessIdentity::current().unwrap();
+    let inst = seg.instance_status().unwrap();
+    assert_eq!(inst.state, InstanceState::Initializing);
+    assert_eq!(inst.manager, Some(me), "the creator is recorded as manager");
+    assert_eq!(inst.coordinator, None);
+    assert_eq!(inst.gave_up, None);
+    let s0 = seg.service_status(0).unwrap();
+    assert_eq!(s0.state, ServiceState::Stopped);
+    assert_eq!(s0.process, None);
+    assert_eq!(s0.last_exit, None);
+
+    let g0 = seg.generation();
+    {
+        let w = seg.write().unwrap();
+        assert!(!w.previous_holder_died());
+        w.set_instance_state(InstanceState::Steady, 1234);
+        w.set_coordinator(Some(me));
+        w.set_restart_window(2, 777);
+        w.set_gave_up(Some(GaveUp {
+            reason: GiveUpReason::RestartLimit,
+            service: Some(1),
+        }))
+        .unwrap();
+        w.set_service_state(1, ServiceState::Up, 99).unwrap();
+        w.set_service_process(1, Some(me)).unwrap();
+        w.set_restart_count(1, 3).unwrap();
+        w.set_last_exit(1, Some(LastExit::Signaled(9))).unwrap();
+        assert!(w.set_service_state(3, ServiceState::Up, 0).is_err());
+        assert_eq!(seg.generation() % 2, 1, "odd while the change is under way");
+    }
+    assert_eq!(created.generation(), g0 + 2, "both mappings see one change");
+    let inst = created.instance_status().unwrap();
+    assert_eq!(inst.state, InstanceState::Steady);
+    assert_eq!(inst.last_transition_ms, 1234);
+    assert_eq!(inst.coordinator, Some(me));
+    assert_eq!((inst.restarts_in_window, inst.window_start_ms), (2, 777));
+    assert_eq!(
+        inst.gave_up,
+        Some(GaveUp {
+            reason: GiveUpReason::RestartLimit,
+            service: Some(1)
+        })
+    );
+    let s1 = created.service_status(1).unwrap();
+    assert_eq!(s1.state, ServiceState::Up);
+    assert_eq!(s1.last_transition_ms, 99);
+    assert_eq!(s1.process, Some(me));
+    assert_eq!(s1.restart_count, 3);
+    assert_eq!(s1.last_exit, Some(LastExit::Signaled(9)));
+    assert!(matches!(
+        created.service_status(3),
+        Err(ShmError::NoSuchService {
+            index: 3,
+            count: 3,
+            ..
+        })
+    ));
+    assert!(created.mutex(MutexId::Component(3)).is_err());
+
+    // Exclusive creation.
+    let e = Segment::create(&spec).unwrap_err();
+    assert!(matches!(e, ShmError::AlreadyExists { .. }), "{e}");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "segment /dev/shm/ccmgr.{0} of instance {0} already exists",
+            t.name
+        )
+    );
+    drop(starting);
+
+    // Explicit removal; the mappings stay usable.
+    assert!(created.unlink().unwrap());
+    assert!(!created.unlink().unwrap());
+    assert!(matches!(
+        Segment::open(&t.name),
+        Err(ShmError::NotFound { .. })
+    ));
+    assert_eq!(seg.service_status(1).unwrap().restart_count, 3);
+}
+
+#[test]
+fn a_group_segment_has_mode_0660_and_the_group() {
+    let t = TestInstance::new("group");
+    let mut spec = t.spec(1);
+    spec.group = Some(65534);
+    let (seg, _starting) = Segment::create(&spec).unwrap();
+    let meta = std::fs::metadata(seg.path()).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o660);
+    assert_eq!(meta.gid(), 65534);
+    Segment::open(&t.name).unwrap();
+}
+
+#[test]
+fn bad_names_and_specs_are_refused() {
+    for bad in ["", "a/b", "../x", &"y".repeat(65)] {
+        let e = Segment::open(bad).unwrap_err();
+        assert!(matches!(e, ShmError::InvalidInstanceName { .. }), "{e}");
+    }
+    let t = TestInstance::new("bad_spec");
+    let mut spec = t.spec(2);
+    spec.startup_sequence = vec![0, 5];
+    let e = Segment::create(&spec).unwrap_err();
+    assert!(matches!(e, ShmError::InvalidSpec { .. }), "{e}");
+    assert!(e.to_string().contains("names service #5"), "{e}");
+    assert!(matches!(
+        Segment::open(&t.name),
+        Err(ShmError::NotFound { .. })
+    ));
+}
+
+/// The creator runs as `nobody`. It must be able to exec the test binary, and
+/// the target directory may not be traversable by others: copy the binary to
+/// a fresh directory with mode 0755 (tempfile makes directories 0700).
+#[test]
+fn a_segment_created_by_another_uid_is_refused() {
+    let t = TestInstance::new("other_uid");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.path().join("shm_segment_helper");
+    std::fs::copy(shm_support::current_exe(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let mut creator = Helper::spawn(&exe, "create", &t.name, &[], Some((65534, 65534)));
+    creator.expect_line("created");
+    assert!(creator.wait().success());
+    assert_eq!(
+        std::fs::metadata(format!("/dev/shm/ccmgr.{}", t.name))
+            .unwrap()
+            .uid(),
+        65534
+    );
+
+    let e = Segment::open(&t.name).unwrap_err();
+    assert!(
+        matches!(e, ShmError::WrongOwner { owner: 65534, .. }),
+        "{e}"
+    );
+    let euid = nix::unistd::geteuid().as_raw();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "segment /dev/shm/ccmgr.{0} of instance {0} was created by uid 65534, not by uid {euid}: refusing to use it",
+            t.name
+        )
+    );
+    assert!(matches!(
+        Segment::probe(&t.name),
+        Err(ShmError::WrongOwner { .. })
+    ));
+    assert!(matches!(
+        Segment::reclaim_stale(&t.name),
+        Err(ShmError::WrongOwner { .. })
+    ));
+    // Naming the owner explicitly (a group member would) opens it.
+    Segment::open_owned_by(&t.name, 65534).unwrap();
+}
+
+#[test]
+fn a_wrong_magic_is_refused() {
+    let t = TestInstance::new("magic");
+    let (_seg, _starting) = Segment::create(&t.spec(1)).unwrap();
+    segment_file(&t).write_all_at(b"NOTCCMGR", 0).unwrap();
+    let e = Segment::open(&t.name).unwrap_err();
+    assert!(matches!(e, ShmError::BadMagic { .. }), "{e}");
+    assert!(e.to_string().contains("is not a ccmgr segment"), "{e}");
+    assert!(e.to_string().contains(&t.name), "{e}");
+    // A stale-state probe does not touch what it cannot read.
+    assert!(matches!(
+        Segment::reclaim_stale(&t.name),
+        Err(ShmError::BadMagic { .. })
+    ));
+}
+
+#[test]
+fn a_wrong_version_is_refused() {
+    let t = TestInstance::new("version");
+    let (_seg, _starting) = Segment::create(&t.spec(1)).unwrap();
+    let offset = offset_of!(Header, layout_version) as u64;
+    segment_file(&t)
+        .write_all_at(&(LAYOUT_VERSION + 1).to_le_bytes(), offset)
+        .unwrap();
+    let e = Segment::open(&t.name).unwrap_err();
+    assert!(
+        matches!(e, ShmError::WrongVersion { found, .. } if found == LAYOUT_VERSION + 1),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains(&format!("has layout version {}", LAYOUT_VERSION + 1)),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_truncated_segment_is_refused() {
+    let t = TestInstance::new("truncated");
+    let (seg, starting) = Segment::create(&t.spec(2)).unwrap();
+    let full = seg.layout().total_size as u64;
+    // Unlock and unmap before shrinking the file: a process that keeps a mapping
+    // of a truncated segment faults when it touches the lost pages.
+    drop(starting);
+    drop(seg);
+    let file = segment_file(&t);
+    file.set_len(full + 4096).unwrap();
+    let e = Segment::open(&t.name).unwrap_err();
+    assert!(matches!(e, ShmError::WrongSize { .. }), "{e}");
+    for size in [full - 1, full / 2, 100, 0] {
+        file.set_len(size).unwrap();
+        let e = Segment::open(&t.name).unwrap_err();
+        assert!(
+            matches!(e, ShmError::Truncated { size: s, .. } if s == size),
+            "{size}: {e}"
+        );
+        assert!(e.to_string().contains("is truncated"), "{e}");
+    }
+}
+
+#[test]
+fn corrupt_contents_are_refused() {
+    let t = TestInstance::new("corrupt");
+    let (seg, _starting) = Segment::create(&t.spec(2)).unwrap();
+    let layout = *seg.layout();
+    let file = segment_file(&t);
+    let corrupt = |what: &str| {
+        let e = Segment::open(&t.name).unwrap_err();
+        assert!(matches!(e, ShmError::Corrupt { .. }), "{what}: {e}");
+        assert!(e.to_string().contains("is corrupt"), "{e}");
+        e
+    };
+    let restore = |offset: u64, bytes: &[u8]| file.write_all_at(bytes, offset).unwrap();
+    let mut saved = [0u8; 8];
+
+    // A flipped byte of the config blob fails its checksum.
+    let blob = layout.config_blob as u64;
+    file.read_exact_at(&mut saved[..1], blob).unwrap();
+    restore(blob, &[saved[0] ^ 0xff]);
+    assert!(corrupt("blob").to_string().contains("checksum"));
+    restore(blob, &saved[..1]);
+    Segment::open(&t.name).unwrap();
+
+    // A sequence entry beyond the service count.
+    let seq = layout.startup as u64;
+    file.read_exact_at(&mut saved[..4], seq).unwrap();
+    restore(seq, &7u32.to_le_bytes());
+    corrupt("sequence");
+    restore(seq, &saved[..4]);
+
+    // A service id longer than the record.
+    let id_len = layout.service_static as u64;
+    file.read_exact_at(&mut saved[..4], id_len).unwrap();
+    restore(id_len, &200u32.to_le_bytes());
+    corrupt("id length");
+    restore(id_len, &saved[..4]);
+
+    // A region offset that does not match the counts.
+    let off = offset_of!(Header, state_table_offset) as u64;
+    file.read_exact_at(&mut saved, off).unwrap();
+    restore(off, &8u64.to_le_bytes());
+    corrupt("offset");
+    restore(off, &saved);
+
+    // A service count that does not match the size.
+    let count = offset_of!(Header, service_count) as u64;
+    file.read_exact_at(&mut saved[..4], count).unwrap();
+    restore(count, &1_000_000u32.to_le_bytes());
+    corrupt("count");
+    restore(count, &saved[..4]);
+
+    // An unknown state value is refused when read, not trusted.
+    Segment::open(&t.name).unwrap();
+    let state = (layout.state_table + offset_of!(ccmgr::shm::layout::ServiceRecord, state)) as u64;
+    restore(state, &42u32.to_le_bytes());
+    let e = seg.service_status(0).unwrap_err();
+    assert!(
+        e.to_string().contains("42 is not a valid service state"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_segment_open_to_others_is_refused() {
+    let t = TestInstance::new("too_open");
+    let (seg, _starting) = Segment::create(&t.spec(1)).unwrap();
+    std::fs::set_permissions(seg.path(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let e = Segment::open(&t.name).unwrap_err();
+    assert!(matches!(e, ShmError::TooOpen { mode: 0o666, .. }), "{e}");
+}
+
+#[test]
+fn a_live_coordinator_refuses_reclaim_and_kill9_makes_it_stale() {
+    let t = TestInstance::new("reclaim");
+    let mut coordinator = t.spawn("coordinator", &[]);
+    coordinator.expect_line("ready");
+    let identity = ProcessIdentity::of(coordinator.pid()).unwrap();
+
+    assert_eq!(
+        Segment::probe(&t.name).unwrap(),
+        Probe::Live {
+            coordinator: Some(identity)
+        }
+    );
+    let e = Segment::reclaim_stale(&t.name).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "instance {} is already running (coordinator pid {})",
+            t.name,
+            coordinator.pid()
+        )
+    );
+    let spec = shm_support::standard_spec(&t.name, 2);
+    assert!(matches!(
+        Segment::create(&spec),
+        Err(ShmError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        Segment::create_reclaiming_stale(&spec),
+        Err(ShmError::AlreadyRunning { coordinator_pid: Some(pid), .. }) if pid == coordinator.pid()
+    ));
+    // The probes left nothing locked: the coordinator still holds its mutexes
+    // and the others are free.
+    let seg = Segment::open(&t.name).unwrap();
+    assert!(
+        seg.mutex(MutexId::Daemon)
+            .unwrap()
+            .try_lock()
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        seg.mutex(MutexId::Manager)
+            .unwrap()
+            .try_lock()
+            .unwrap()
+            .is_some()
+    );
+
+    coordinator.kill9();
+    assert!(!identity.is_alive());
+    assert_eq!(Segment::probe(&t.name).unwrap(), Probe::Stale);
+    let released = std::thread::scope(|s| {
+        s.spawn(|| {
+            MutexId::NAMED
+                .into_iter()
+                .chain([MutexId::Component(0), MutexId::Component(1)])
+                .map(|id| {
+                    seg.mutex(id)
+                        .unwrap()
+                        .try_lock()
+                        .unwrap()
+                        .map(|g| g.acquired())
+                })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap()
+    });
+    // Nothing is held. The probe made the manager and daemon mutexes consistent;
+    // the daemon standby and daemon component mutexes, which it does not touch,
+    // still tell their next locker that the coordinator died.
+    let (clean, died) = (Some(Acquired::Clean), Some(Acquired::PreviousHolderDied));
+    assert_eq!(released, [clean, clean, died, died, clean, clean, clean]);
+
+    assert_eq!(Segment::reclaim_stale(&t.name).unwrap(), Reclaimed::Removed);
+    assert_eq!(Segment::probe(&t.name).unwrap(), Probe::Absent);
+    assert_eq!(Segment::reclaim_stale(&t.name).unwrap(), Reclaimed::Absent);
+    let (fresh, _starting) = Segment::create_reclaiming_stale(&spec).unwrap();
+    assert_eq!(fresh.instance_status().unwrap().coordinator, None);
+}
+
+#[test]
+fn a_start_under_way_refuses_reclaim() {
+    let t = TestInstance::new("starting");
+    let (_seg, starting) = Segment::create(&t.spec(1)).unwrap();
+    let me = ProcessIdentity::current().unwrap();
+    // Another thread probes, as another `ccmgr start` would.
+    let name = t.name.clone();
+    let probe = std::thread::spawn(move || Segment::probe(&name).unwrap())
+        .join()
+        .unwrap();
+    assert_eq!(probe, Probe::Starting { manager: Some(me) });
+    let name = t.name.clone();
+    let e = std::thread::spawn(move || Segment::reclaim_stale(&name).unwrap_err())
+        .join()
+        .unwrap();
+    assert!(matches!(e, ShmError::BeingStarted { .. }), "{e}");
+    assert!(e.to_string().contains("is being started"), "{e}");
+    drop(starting);
+}
+
+#[test]
+fn live_services_without_a_coordinator_refuse_reclaim() {
+    let t = TestInstance::new("abandoned");
+    let (seg, starting) = Segment::create(&t.spec(3)).unwrap();
+    let me = ProcessIdentity::current().unwrap();
+    let recycled = ProcessIdentity {
+        start_time: me.start_time + 1,
+        ..me
+    };
+    {
+        let w = seg.write().unwrap();
+        w.set_manager(None);
+        w.set_standby(Some(recycled)); // a pid since reused: dead
+        w.set_service_process(0, Some(me)).unwrap(); // alive
+    }
+    drop(starting);
+    let mut service = t.spawn("hold", &[(shm_support::MUTEX_VAR, "component:2")]);
+    service.expect_line("locked Clean");
+
+    let probe = Segment::probe(&t.name).unwrap();
+    assert_eq!(
+        probe,
+        Probe::Abandoned {
+            survivors: vec![
+                Survivor {
+                    role: Role::Service(0),
+                    process: Some(me)
+                },
+                Survivor {
+                    role: Role::Service(2),
+                    process: None
+                },
+            ]
+        }
+    );
+    let e = Segment::reclaim_stale(&t.name).unwrap_err();
+    assert!(matches!(e, ShmError::StillInUse { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("service #0 (pid {})", me.pid)),
+        "{e}"
+    );
+
+    service.kill9();
+    seg.write().unwrap().set_service_process(0, None).unwrap();
+    assert_eq!(Segment::probe(&t.name).unwrap(), Probe::Stale);
+    assert_eq!(Segment::reclaim_stale(&t.name).unwrap(), Reclaimed::Removed);
+}
