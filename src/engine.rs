@@ -25,88 +25,14 @@ use crate::graph::EdgeKind;
 /// coordinator; zero in tests).
 pub type Time = Duration;
 
-/// How a process ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Exit {
-    Code(i32),
-    Signal(i32),
-}
-
-impl Exit {
-    pub fn is_success(self) -> bool {
-        self == Exit::Code(0)
-    }
-}
-
-impl std::fmt::Display for Exit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
-            Exit::Code(c) => write!(f, "exited with status {c}"),
-            Exit::Signal(s) => match Signal::try_from(s) {
-                Ok(sig) => write!(f, "killed by {}", sig.as_str()),
-                Err(_) => write!(f, "killed by signal {s}"),
-            },
-        }
-    }
-}
-
-/// The current state of a service, as `status` shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServiceState {
-    Stopped,
-    Starting,
-    Up,
-    Stopping,
-    Failed,
-}
-
-impl ServiceState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ServiceState::Stopped => "stopped",
-            ServiceState::Starting => "starting",
-            ServiceState::Up => "up",
-            ServiceState::Stopping => "stopping",
-            ServiceState::Failed => "failed",
-        }
-    }
-}
-
-/// The state of the whole instance (the original design's state machine).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// Starting the stack for the first time.
-    Initializing,
-    /// Everything wanted is up; watching.
-    Steady,
-    /// A failure sequence is under way.
-    Recovery,
-    /// Stopping everything (asked to, gave up, or startup failed).
-    Stopping,
-    /// Stopped on request.
-    Stopped,
-    /// Stopped because startup failed or the coordinator gave up.
-    Failed,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Initializing => "initializing",
-            Phase::Steady => "steady",
-            Phase::Recovery => "recovery",
-            Phase::Stopping => "stopping",
-            Phase::Stopped => "stopped",
-            Phase::Failed => "failed",
-        }
-    }
-}
+pub use crate::shm::{InstanceState, ServiceState};
+pub use crate::spawn::ProcessExit;
 
 /// Why a service counts as failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FailureKind {
     /// The process ended when it should not have.
-    Exited(Exit),
+    Exited(ProcessExit),
     /// It could not be started at all (exec failed, with the reason).
     SpawnFailed(String),
     /// It did not become ready within its startup timeout, and was killed.
@@ -161,7 +87,7 @@ pub enum Event {
     /// The service said it is ready (sd_notify `READY=1`, or the service API).
     Ready { service: usize },
     /// The service's main process ended.
-    Exited { service: usize, exit: Exit },
+    Exited { service: usize, exit: ProcessExit },
     /// Time passed: deadlines up to now are due.
     Tick,
     /// Stop the whole stack (a `stop` command, SIGTERM in the foreground).
@@ -267,7 +193,7 @@ pub struct Slot {
     /// When `state` last changed.
     pub since: Time,
     /// When the current or last process was started.
-    started_at: Option<Time>,
+    pub started_at: Option<Time>,
     /// The startup deadline while starting; the kill deadline while stopping.
     deadline: Option<Time>,
     /// SIGKILL was sent to this process.
@@ -281,7 +207,7 @@ pub struct Slot {
     last_failure_at: Option<Time>,
     /// Restarts since the coordinator started.
     pub restarts: u32,
-    pub last_exit: Option<Exit>,
+    pub last_exit: Option<ProcessExit>,
 }
 
 impl Slot {
@@ -328,7 +254,7 @@ pub struct RestartWindow {
 pub struct Engine {
     params: EngineParams,
     slots: Vec<Slot>,
-    phase: Phase,
+    phase: InstanceState,
     phase_since: Time,
     window: RestartWindow,
     /// Why the stack is stopping, once it is.
@@ -347,7 +273,7 @@ impl Engine {
             sequence_deadline: Some(now + params.startup_timeout),
             params,
             slots: vec![Slot::new(); n],
-            phase: Phase::Initializing,
+            phase: InstanceState::Initializing,
             phase_since: now,
             window: RestartWindow {
                 start: now,
@@ -365,7 +291,7 @@ impl Engine {
         (engine, actions)
     }
 
-    pub fn phase(&self) -> Phase {
+    pub fn phase(&self) -> InstanceState {
         self.phase
     }
 
@@ -454,7 +380,7 @@ impl Engine {
         }
     }
 
-    fn set_phase(&mut self, phase: Phase) {
+    fn set_phase(&mut self, phase: InstanceState) {
         if self.phase != phase {
             self.phase = phase;
             self.phase_since = self.now;
@@ -481,7 +407,7 @@ impl Engine {
         }
     }
 
-    fn on_exited(&mut self, service: usize, exit: Exit) {
+    fn on_exited(&mut self, service: usize, exit: ProcessExit) {
         let params = &self.params.services[service];
         let slot = &mut self.slots[service];
         if slot.pid.is_none() {
@@ -493,7 +419,7 @@ impl Engine {
         match slot.state {
             ServiceState::Stopping => self.set_state(service, ServiceState::Stopped),
             // A one-shot task that finished: it is up, with nothing running.
-            ServiceState::Starting if params.ready == ReadyKind::Exit && exit.is_success() => {
+            ServiceState::Starting if params.ready == ReadyKind::Exit && exit.success() => {
                 self.set_state(service, ServiceState::Up);
             }
             ServiceState::Starting if timed_out => {
@@ -512,18 +438,18 @@ impl Engine {
     /// A service ended or could not start when it should be running.
     fn on_failure(&mut self, service: usize, kind: FailureKind) {
         let failed_state = match &kind {
-            FailureKind::Exited(exit) if exit.is_success() => ServiceState::Stopped,
+            FailureKind::Exited(exit) if exit.success() => ServiceState::Stopped,
             _ => ServiceState::Failed,
         };
         self.set_state(service, failed_state);
         let failure = Failure { service, kind };
         match self.phase {
-            Phase::Initializing => {
+            InstanceState::Initializing => {
                 self.begin_stopping(Outcome::StartupFailed(failure));
                 return;
             }
-            Phase::Stopping | Phase::Stopped | Phase::Failed => return,
-            Phase::Steady | Phase::Recovery => {}
+            InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed => return,
+            InstanceState::Steady | InstanceState::Recovery => {}
         }
         let policy = self.params.services[service].restart;
         let clean_exit = failed_state == ServiceState::Stopped;
@@ -585,7 +511,7 @@ impl Engine {
                 slot.cycling = true;
             }
         }
-        self.set_phase(Phase::Recovery);
+        self.set_phase(InstanceState::Recovery);
     }
 
     /// `service` and everything that requires it, directly or not.
@@ -608,11 +534,14 @@ impl Engine {
     }
 
     fn begin_stopping(&mut self, why: Outcome) {
-        if matches!(self.phase, Phase::Stopping | Phase::Stopped | Phase::Failed) {
+        if matches!(
+            self.phase,
+            InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed
+        ) {
             return;
         }
         self.stopping_for = Some(why);
-        self.set_phase(Phase::Stopping);
+        self.set_phase(InstanceState::Stopping);
         self.sequence_deadline = Some(self.now + self.params.shutdown_timeout);
         for slot in &mut self.slots {
             slot.wanted = false;
@@ -625,7 +554,7 @@ impl Engine {
         if self.sequence_deadline.is_some_and(|d| d <= now) {
             self.sequence_deadline = None;
             match self.phase {
-                Phase::Initializing => {
+                InstanceState::Initializing => {
                     // Blame the first service in startup order that is not up.
                     let late = self
                         .params
@@ -640,7 +569,7 @@ impl Engine {
                         kind,
                     }));
                 }
-                Phase::Stopping => {
+                InstanceState::Stopping => {
                     // The whole shutdown took too long: kill whatever is left.
                     for s in 0..self.slots.len() {
                         let slot = &mut self.slots[s];
@@ -764,20 +693,20 @@ impl Engine {
             .iter()
             .all(|s| !s.cycling && (!s.wanted || s.state == ServiceState::Up));
         match self.phase {
-            Phase::Initializing if all_wanted_up => {
+            InstanceState::Initializing if all_wanted_up => {
                 self.sequence_deadline = None;
-                self.set_phase(Phase::Steady);
+                self.set_phase(InstanceState::Steady);
                 actions.push(Action::StartupComplete);
             }
-            Phase::Recovery if all_wanted_up => self.set_phase(Phase::Steady),
-            Phase::Stopping if self.slots.iter().all(Slot::is_down) => {
+            InstanceState::Recovery if all_wanted_up => self.set_phase(InstanceState::Steady),
+            InstanceState::Stopping if self.slots.iter().all(Slot::is_down) => {
                 self.sequence_deadline = None;
                 self.finished = true;
                 let outcome = self.stopping_for.clone().unwrap_or(Outcome::Stopped);
                 self.set_phase(if outcome == Outcome::Stopped {
-                    Phase::Stopped
+                    InstanceState::Stopped
                 } else {
-                    Phase::Failed
+                    InstanceState::Failed
                 });
                 actions.push(Action::Finished(outcome));
             }

@@ -648,7 +648,11 @@ fn fail(plan: &ChildPlan<'_>, stage: ExecStage) -> ! {
     unsafe { libc::_exit(EXEC_FAILED_STATUS) }
 }
 
-fn pidfd_open(pid: Pid) -> Result<OwnedFd, Errno> {
+/// Opens a pidfd for `pid` (`pidfd_open`), which need not be our child. Whoever calls this
+/// for a process it does not reap must check afterwards that the pid still names the process
+/// it meant (its start time, see [`crate::process_identity`]): once the pidfd is open it can
+/// only ever refer to the process it was opened on.
+pub fn pidfd_open(pid: Pid) -> Result<OwnedFd, Errno> {
     // SAFETY: pidfd_open takes a pid and a flags word; it returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0 as libc::c_uint) };
     if fd < 0 {
@@ -657,6 +661,25 @@ fn pidfd_open(pid: Pid) -> Result<OwnedFd, Errno> {
     // SAFETY: on success the kernel returned a new fd that nothing else in this process knows
     // of, so the OwnedFd is its only owner. The syscall returns an int, so it fits in RawFd.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Waits until the process behind `pidfd` has ended, or `timeout` passed; true if it ended.
+pub fn wait_pidfd(pidfd: BorrowedFd<'_>, timeout: std::time::Duration) -> Result<bool, Errno> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+            .unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(0) if left.is_zero() => return Ok(false),
+            Ok(0) => continue,
+            Ok(_) => return Ok(true),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Sends `signal` to the process `pidfd` refers to (`pidfd_send_signal`). If that process has

@@ -8,6 +8,8 @@
 //! - 3: `status` of an instance that is not running (as `systemctl status`).
 
 mod check;
+mod lifecycle;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +60,42 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
     },
+    /// Start the stack and wait until every service is up (or stop it again and say why).
+    Start {
+        /// Run the coordinator in the foreground (containers, init systems, demos): log to
+        /// stderr, stop the stack in order on SIGINT or SIGTERM.
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop the stack in shutdown order, whatever state it is in.
+    Stop,
+    /// Stop, then start.
+    Restart {
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Show the state of the instance and of every service (exit 3 when not running).
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The roles ccmgr runs itself as (not for direct use).
+    #[command(hide = true)]
+    Internal {
+        #[arg(value_enum)]
+        role: InternalRole,
+        #[arg(long)]
+        foreground: bool,
+    },
+}
+
+/// A process role of an instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum InternalRole {
+    Keeper,
+    Coordinator,
+    Standby,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -98,6 +136,19 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Check => load_or_report(&cli).map(|c| check::check(&c)),
         Command::Graph { format } => load_or_report(&cli).map(|c| check::graph(&c, *format)),
+        Command::Start { foreground } => Ok(lifecycle::start(&cli, *foreground)),
+        Command::Stop => Ok(lifecycle::stop(&cli)),
+        Command::Restart { foreground } => Ok(lifecycle::restart(&cli, *foreground)),
+        Command::Status { json } => Ok(status::status(&cli, *json)),
+        Command::Internal { role, foreground } => {
+            let instance = cli.instance.clone().unwrap_or_default();
+            Ok(match role {
+                InternalRole::Keeper => lifecycle::internal_keeper(&instance),
+                InternalRole::Coordinator | InternalRole::Standby => {
+                    lifecycle::internal_coordinator(&instance, *foreground)
+                }
+            })
+        }
     };
     result.unwrap_or_else(|e| e).into()
 }

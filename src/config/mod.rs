@@ -291,6 +291,16 @@ struct SequenceSpans {
     shutdown_whole: Option<std::ops::Range<usize>>,
 }
 
+/// Reads only the global file: enough for `stop` and `status`, which must work even when a
+/// service file is broken (the running stack's config lives in its segment).
+pub fn load_global_only(options: &LoadOptions) -> Result<GlobalConfig, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    match load_global(options, &mut diags).0 {
+        Some(global) if diags.is_empty() => Ok(global),
+        _ => Err(diags),
+    }
+}
+
 /// `--config`, else `$CCMGR_CONFIG`, else the default path; the flag says whether it was
 /// named explicitly (then a missing file is an error; the default file may be missing).
 pub fn config_path(options: &LoadOptions) -> (PathBuf, bool) {

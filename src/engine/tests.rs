@@ -15,7 +15,7 @@ fn ms(n: u64) -> Duration {
 #[derive(Clone, Debug)]
 struct Behaviour {
     /// Exits by itself this long after each start, with this status (None: runs until told).
-    exits_after: Option<(Duration, Exit)>,
+    exits_after: Option<(Duration, ProcessExit)>,
     /// Sends READY=1 this long after start (for ready = notify); None: never.
     ready_after: Option<Duration>,
     /// Ignores its stop signal (only SIGKILL ends it).
@@ -23,7 +23,7 @@ struct Behaviour {
     /// Spawning fails (exec error).
     spawn_fails: bool,
     /// Overrides for the later starts: (from the nth start on, exits_after).
-    later_starts: Option<(u32, Option<(Duration, Exit)>)>,
+    later_starts: Option<(u32, Option<(Duration, ProcessExit)>)>,
 }
 
 impl Default for Behaviour {
@@ -195,7 +195,10 @@ impl Sim {
                             ms(1),
                             Event::Exited {
                                 service,
-                                exit: Exit::Signal(15),
+                                exit: ProcessExit::Signaled {
+                                    signal: 15,
+                                    core_dumped: false,
+                                },
                             },
                         );
                     }
@@ -206,7 +209,10 @@ impl Sim {
                         ms(1),
                         Event::Exited {
                             service,
-                            exit: Exit::Signal(9),
+                            exit: ProcessExit::Signaled {
+                                signal: 9,
+                                core_dumped: false,
+                            },
                         },
                     );
                 }
@@ -239,7 +245,10 @@ impl Sim {
         self.pending.retain(|_, e| !matches!(e, Event::Exited { service, .. } | Event::Ready { service } if *service == s));
         self.send(Event::Exited {
             service: s,
-            exit: Exit::Signal(9),
+            exit: ProcessExit::Signaled {
+                signal: 9,
+                core_dumped: false,
+            },
         });
     }
 
@@ -323,7 +332,7 @@ fn levels_start_in_parallel_and_in_order() {
             "t=0 spawn web"
         ]
     );
-    assert_eq!(sim.engine.phase(), Phase::Steady);
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
     assert_eq!(sim.startup_complete_at, Some(Time::ZERO));
 }
 
@@ -391,7 +400,7 @@ fn stop_goes_in_shutdown_order_and_finishes() {
         ]
     );
     assert_eq!(sim.finished, Some(Outcome::Stopped));
-    assert_eq!(sim.engine.phase(), Phase::Stopped);
+    assert_eq!(sim.engine.phase(), InstanceState::Stopped);
 }
 
 #[test]
@@ -418,11 +427,14 @@ fn restart_dependents_touches_only_what_requires_the_failed_service() {
         let i = sim.idx(id);
         assert_eq!(sim.pids[i], pids_before[i], "{id} kept its process");
     }
-    assert_eq!(sim.engine.phase(), Phase::Steady);
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
     assert_eq!(sim.engine.slots()[sim.idx("db")].restarts, 1);
     assert_eq!(
         sim.engine.slots()[sim.idx("db")].last_exit,
-        Some(Exit::Signal(9))
+        Some(ProcessExit::Signaled {
+            signal: 9,
+            core_dumped: false
+        })
     );
 }
 
@@ -453,11 +465,11 @@ fn restart_all_stops_everything_in_order_then_starts_everything() {
 #[test]
 fn crash_loop_waits_doubling_delays_then_gives_up() {
     let mut services = vec![svc("base", &[]), svc("flaky", &["base"])];
-    services[1].behaviour.exits_after = Some((ms(10), Exit::Code(1)));
+    services[1].behaviour.exits_after = Some((ms(10), ProcessExit::Exited(1)));
     services[1].behaviour.later_starts = None;
     // The first start must succeed for startup to finish; it crashes from the second on.
     services[1].behaviour.exits_after = None;
-    services[1].behaviour.later_starts = Some((2, Some((ms(10), Exit::Code(1)))));
+    services[1].behaviour.later_starts = Some((2, Some((ms(10), ProcessExit::Exited(1)))));
     let mut sim = Sim::new(services);
     sim.run_until(ms(1_000));
     sim.crash("flaky");
@@ -477,11 +489,11 @@ fn crash_loop_waits_doubling_delays_then_gives_up() {
         Some(Outcome::GaveUp { failure, restarts }) => {
             assert_eq!(restarts, 5);
             assert_eq!(failure.service, 1);
-            assert_eq!(failure.kind, FailureKind::Exited(Exit::Code(1)));
+            assert_eq!(failure.kind, FailureKind::Exited(ProcessExit::Exited(1)));
         }
         other => panic!("expected to give up, got {other:?}"),
     }
-    assert_eq!(sim.engine.phase(), Phase::Failed);
+    assert_eq!(sim.engine.phase(), InstanceState::Failed);
     assert!(sim.pids.iter().all(Option::is_none), "nothing left running");
     assert!(sim.log.last().unwrap().ends_with("stop base"));
 }
@@ -489,7 +501,7 @@ fn crash_loop_waits_doubling_delays_then_gives_up() {
 #[test]
 fn the_delay_is_capped_by_restart_delay_max() {
     let mut services = vec![svc("flaky", &[])];
-    services[0].behaviour.later_starts = Some((2, Some((ms(0), Exit::Code(1)))));
+    services[0].behaviour.later_starts = Some((2, Some((ms(0), ProcessExit::Exited(1)))));
     let mut sim = Sim::with(services, |p| p.restart_retry_counter = 100);
     sim.run_until(ms(1_000));
     sim.crash("flaky");
@@ -554,14 +566,14 @@ fn restart_never_stays_down_and_stops_what_requires_it() {
     assert_eq!(sim.state("db"), ServiceState::Failed);
     assert_eq!(sim.state("api"), ServiceState::Stopped);
     assert_eq!(sim.state("log"), ServiceState::Up);
-    assert_eq!(sim.engine.phase(), Phase::Steady);
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
     assert_eq!(sim.engine.next_deadline(), None, "nothing pending");
 }
 
 #[test]
 fn a_clean_exit_with_on_failure_stays_down() {
     let mut services = vec![svc("a", &[]), svc("b", &["a"])];
-    services[0].behaviour.exits_after = Some((ms(500), Exit::Code(0)));
+    services[0].behaviour.exits_after = Some((ms(500), ProcessExit::Exited(0)));
     let mut sim = Sim::new(services);
     sim.run();
     assert_eq!(sim.state("a"), ServiceState::Stopped);
@@ -579,7 +591,7 @@ fn restart_always_restarts_a_clean_exit() {
     sim.run_until(ms(1_000));
     sim.send(Event::Exited {
         service: 0,
-        exit: Exit::Code(0),
+        exit: ProcessExit::Exited(0),
     });
     sim.run_until(ms(2_000));
     assert_eq!(sim.log, ["t=0 spawn a", "t=1000 spawn a"]);
@@ -667,12 +679,12 @@ fn the_whole_shutdown_is_bounded_by_the_coordinator_timeout() {
 fn one_shot_tasks_gate_dependents_until_they_exit_zero() {
     let mut services = vec![svc("migrate", &[]), svc("app", &["migrate"])];
     services[0].ready = ReadyKind::Exit;
-    services[0].behaviour.exits_after = Some((ms(250), Exit::Code(0)));
+    services[0].behaviour.exits_after = Some((ms(250), ProcessExit::Exited(0)));
     let mut sim = Sim::new(services);
     sim.run_until(ms(1_000));
     assert_eq!(sim.log, ["t=0 spawn migrate", "t=250 spawn app"]);
     assert_eq!(sim.state("migrate"), ServiceState::Up);
-    assert_eq!(sim.engine.phase(), Phase::Steady);
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
     // Stopping a finished task has nothing to signal.
     let mark = sim.log.len();
     sim.send(Event::Stop);
@@ -685,7 +697,7 @@ fn one_shot_tasks_gate_dependents_until_they_exit_zero() {
 fn a_failing_one_shot_fails_the_startup() {
     let mut services = vec![svc("migrate", &[]), svc("app", &["migrate"])];
     services[0].ready = ReadyKind::Exit;
-    services[0].behaviour.exits_after = Some((ms(50), Exit::Code(3)));
+    services[0].behaviour.exits_after = Some((ms(50), ProcessExit::Exited(3)));
     let mut sim = Sim::new(services);
     sim.run();
     assert_eq!(sim.log, ["t=0 spawn migrate"]);
@@ -693,7 +705,7 @@ fn a_failing_one_shot_fails_the_startup() {
         sim.finished,
         Some(Outcome::StartupFailed(Failure {
             service: 0,
-            kind: FailureKind::Exited(Exit::Code(3))
+            kind: FailureKind::Exited(ProcessExit::Exited(3))
         }))
     ));
 }
@@ -750,14 +762,21 @@ fn a_stop_during_startup_stops_even_services_whose_spawn_is_in_flight() {
 fn an_idle_stack_has_no_deadline() {
     let mut sim = Sim::new(stack());
     sim.run();
-    assert_eq!(sim.engine.phase(), Phase::Steady);
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
     assert_eq!(sim.engine.next_deadline(), None);
 }
 
 #[test]
 fn failures_are_described_in_words() {
-    assert_eq!(Exit::Code(1).to_string(), "exited with status 1");
-    assert_eq!(Exit::Signal(9).to_string(), "killed by SIGKILL");
+    assert_eq!(ProcessExit::Exited(1).to_string(), "exited with status 1");
+    assert_eq!(
+        ProcessExit::Signaled {
+            signal: 9,
+            core_dumped: false
+        }
+        .to_string(),
+        "killed by SIGKILL"
+    );
     assert_eq!(
         FailureKind::StartTimeout(ms(1500)).to_string(),
         "was not ready within its startup timeout (1.5s) and was killed"

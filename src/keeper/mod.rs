@@ -42,6 +42,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::logsink::{self, LogSink};
 use crate::notify::NotifySocket;
+use crate::shm::Segment;
 use crate::spawn::{self, ProcessExit, SpawnRequest};
 use protocol::{FromKeeper, ToKeeper, recv_message, send_message};
 
@@ -85,6 +86,9 @@ pub struct KeeperSetup {
     pub report: Option<OwnedFd>,
     /// The ccmgr binary, to start coordinators with.
     pub exe: PathBuf,
+    /// The instance's segment: the keeper, the last process of an instance to exit, removes
+    /// it then.
+    pub segment: Segment,
 }
 
 /// The path of an instance's notify socket.
@@ -152,6 +156,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         foreground,
         report,
         exe,
+        segment,
     } = setup;
     for dir in [&config.global.run_dir, &config.global.log_dir] {
         std::fs::create_dir_all(dir).map_err(|source| KeeperError::Directory {
@@ -220,6 +225,12 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     keeper.coordinator = Some(pid);
     info!(pid, "keeper started the coordinator");
     keeper.run_loop();
+    // Nothing of the instance is left alive: its shared state goes with it. (`status` reads
+    // the outcome the coordinator left in run_dir.)
+    if let Err(e) = segment.unlink() {
+        warn!(error = %e, "cannot remove the instance's segment");
+    }
+    info!("the keeper is done");
     Ok(keeper.exit_code())
 }
 
@@ -288,6 +299,8 @@ impl Keeper {
         // The Child handle is dropped without waiting: the keeper reaps through waitid.
         drop(child);
         self.children.insert(pid, role);
+        // Non-blocking: the loop reads every waiting message and must not wait for the next.
+        protocol::set_nonblocking(ours.as_fd()).map_err(KeeperError::Setup)?;
         watch(
             &self.epoll,
             &mut self.sources,

@@ -124,6 +124,31 @@ pub fn take_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
     })
 }
 
+/// Closes every fd from 3 up except `keep`: a daemon must not hold what its caller left open
+/// (a terminal's pipe, a test harness's output), or the caller never sees end-of-file.
+pub fn close_inherited_fds(keep: &[RawFd]) {
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|&fd| fd >= 3).collect();
+    keep.sort_unstable();
+    let mut first: u32 = 3;
+    for &fd in &keep {
+        let fd = fd as u32;
+        if fd > first {
+            close_range(first, fd - 1);
+        }
+        first = fd + 1;
+    }
+    close_range(first, u32::MAX);
+}
+
+fn close_range(first: u32, last: u32) {
+    // SAFETY: close_range closes the fds in [first, last], and the callers pass ranges that
+    // hold no fd this process still uses: `close_inherited_fds` runs first thing in a new
+    // process, before it has opened anything, and leaves out the fds it was handed.
+    unsafe {
+        libc::close_range(first, last, 0);
+    }
+}
+
 fn fcntl_raw_is_open(fd: RawFd) -> bool {
     // SAFETY: F_GETFD reads the descriptor flags of `fd` and changes nothing; an fd number
     // that is not open just returns EBADF.

@@ -28,7 +28,7 @@ use super::robust::{ChannelCell, RobustMutex};
 /// The first eight bytes of every ccmgr segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ccmgrSHM");
 /// Bumped on every change of the layout below.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// The most services one instance may have.
 pub const MAX_SERVICES: u32 = 4096;
 /// The longest service id, in bytes.
@@ -137,8 +137,10 @@ shared_struct! {
         pub standby_start_time: AtomicU64,
         /// Index of the service the instance gave up on; `u32::MAX` for none.
         pub gave_up_service: AtomicU32,
-        /// Zero.
-        pub reserved: AtomicU32,
+        /// Pid of the keeper (the parent of every process of the instance); 0 for none.
+        pub keeper_pid: AtomicI32,
+        /// Start time of the keeper.
+        pub keeper_start_time: AtomicU64,
     }
 }
 
@@ -350,7 +352,7 @@ pub fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
 // The record sizes the layout documentation and the ABI check rely on
 // (x86_64 / aarch64 glibc: pthread_mutex_t is 40 bytes, sem_t 32).
 const _: () = assert!(size_of::<Header>() == 136);
-const _: () = assert!(size_of::<InstanceRecord>() == 72);
+const _: () = assert!(size_of::<InstanceRecord>() == 80);
 const _: () = assert!(size_of::<ServiceStaticRecord>() == 88);
 const _: () = assert!(size_of::<ChannelCell>() == size_of::<libc::sem_t>() + 8);
 const _: () = assert!(size_of::<RobustMutex>() == size_of::<libc::pthread_mutex_t>());

@@ -338,6 +338,8 @@ pub struct InstanceStatus {
     pub coordinator: Option<ProcessIdentity>,
     /// The standby, once announced.
     pub standby: Option<ProcessIdentity>,
+    /// The keeper, once announced.
+    pub keeper: Option<ProcessIdentity>,
     /// Restarts counted in the current window.
     pub restarts_in_window: u32,
     /// Start of that window, monotonic milliseconds.
@@ -355,6 +357,8 @@ pub enum Role {
     Coordinator,
     /// The standby.
     Standby,
+    /// The keeper, parent of every process of the instance.
+    Keeper,
     /// Service `n`.
     Service(usize),
 }
@@ -375,6 +379,7 @@ impl fmt::Display for Survivor {
             Role::Manager => f.write_str("ccmgr start")?,
             Role::Coordinator => f.write_str("the former coordinator")?,
             Role::Standby => f.write_str("the standby")?,
+            Role::Keeper => f.write_str("the keeper")?,
             Role::Service(n) => write!(f, "service #{n}")?,
         }
         match self.process {
@@ -1231,11 +1236,11 @@ impl Segment {
         Ok(identity(pid, start_time))
     }
 
-    /// The recorded manager, coordinator and standby.
-    fn recorded_parties(&self) -> Result<[(Role, Option<ProcessIdentity>); 3], ShmError> {
+    /// The recorded manager, coordinator, standby and keeper.
+    fn recorded_parties(&self) -> Result<[(Role, Option<ProcessIdentity>); 4], ShmError> {
         let inst = self.instance_record();
         let r = Ordering::Relaxed;
-        let (m, mt, c, ct, s, st) = self.read_consistent(|| {
+        let (m, mt, c, ct, s, st, k, kt) = self.read_consistent(|| {
             (
                 inst.manager_pid.load(r),
                 inst.manager_start_time.load(r),
@@ -1243,12 +1248,15 @@ impl Segment {
                 inst.coordinator_start_time.load(r),
                 inst.standby_pid.load(r),
                 inst.standby_start_time.load(r),
+                inst.keeper_pid.load(r),
+                inst.keeper_start_time.load(r),
             )
         })?;
         Ok([
             (Role::Manager, identity(m, mt)),
             (Role::Coordinator, identity(c, ct)),
             (Role::Standby, identity(s, st)),
+            (Role::Keeper, identity(k, kt)),
         ])
     }
 
@@ -1268,17 +1276,20 @@ impl Segment {
                     inst.manager_pid.load(r),
                     inst.coordinator_pid.load(r),
                     inst.standby_pid.load(r),
+                    inst.keeper_pid.load(r),
                 ],
                 [
                     inst.manager_start_time.load(r),
                     inst.coordinator_start_time.load(r),
                     inst.standby_start_time.load(r),
+                    inst.keeper_start_time.load(r),
                     inst.window_start_ms.load(r),
                     inst.last_transition_ms.load(r),
                 ],
             )
         })?;
-        let ([state, restarts, reason, service], [mp, cp, sp], [mt, ct, st, window, last]) = raw;
+        let ([state, restarts, reason, service], [mp, cp, sp, kp], [mt, ct, st, kt, window, last]) =
+            raw;
         let gave_up = match reason {
             0 => None,
             reason => Some(GaveUp {
@@ -1302,6 +1313,7 @@ impl Segment {
             manager: identity(mp, mt),
             coordinator: identity(cp, ct),
             standby: identity(sp, st),
+            keeper: identity(kp, kt),
             restarts_in_window: restarts,
             window_start_ms: window,
             gave_up,
@@ -1534,6 +1546,12 @@ impl StateWriter<'_> {
     pub fn set_standby(&self, p: Option<ProcessIdentity>) {
         let i = self.instance();
         Self::set_party(&i.standby_pid, &i.standby_start_time, p);
+    }
+
+    /// Record (or clear) the keeper.
+    pub fn set_keeper(&self, p: Option<ProcessIdentity>) {
+        let i = self.instance();
+        Self::set_party(&i.keeper_pid, &i.keeper_start_time, p);
     }
 
     /// Record the restart window: restarts counted since `window_start_ms`.

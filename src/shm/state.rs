@@ -112,6 +112,15 @@ pub enum LastExit {
     Signaled(i32),
 }
 
+impl From<crate::spawn::ProcessExit> for LastExit {
+    fn from(exit: crate::spawn::ProcessExit) -> Self {
+        match exit {
+            crate::spawn::ProcessExit::Exited(code) => LastExit::Exited(code),
+            crate::spawn::ProcessExit::Signaled { signal, .. } => LastExit::Signaled(signal),
+        }
+    }
+}
+
 const EXIT_NONE: u64 = 0;
 const EXIT_EXITED: u64 = 1;
 const EXIT_SIGNALED: u64 = 2;

@@ -1,0 +1,532 @@
+//! The coordinator process: the driver that connects the [`crate::engine`] to the world.
+//!
+//! It owns the instance's liveness locks (it holds the daemon, daemon standby and daemon
+//! component mutexes for as long as it lives, so the kernel announces its death to whoever
+//! waits on them), the event loop, and the publication of state into the shared segment. The
+//! loop blocks in `epoll` on: the keeper's socket (spawned, spawn failed, exited), the notify
+//! socket (`READY=1`, attributed by the sender's kernel-checked pid), a signalfd (SIGTERM and
+//! SIGINT stop the stack), and one timerfd armed for the engine's nearest deadline. With
+//! nothing due it arms no timer at all: an idle coordinator makes no wakeups.
+//!
+//! Each event goes to the engine; its actions go to the keeper; then the state is published
+//! to the segment, where `ccmgr status` reads it without asking anyone.
+
+use std::fs::File;
+use std::io::Write as _;
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::engine::{Action, Engine, EngineParams, Event, Failure, Outcome, Time};
+use crate::keeper::protocol::{self, FromKeeper, ToKeeper, recv_message, send_message};
+use crate::keeper::{COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD};
+use crate::notify::{self, NotifySocket};
+use crate::process_identity::ProcessIdentity;
+use crate::shm::{GaveUp, GiveUpReason, LastExit, MutexId, Segment};
+use crate::spawn::ProcessExit;
+
+/// Why the coordinator could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Shm(#[from] crate::shm::ShmError),
+    #[error("{0}")]
+    Image(String),
+    #[error("cannot set up the coordinator's event loop: {0}")]
+    Setup(#[from] Errno),
+    #[error("fd {0} was not handed to the coordinator: it must be started by the keeper")]
+    MissingFd(RawFd),
+    #[error("another coordinator holds the daemon mutex")]
+    AlreadyCoordinated,
+    #[error("cannot lock the {0} mutex: {1}")]
+    Lock(&'static str, String),
+}
+
+/// The line `ccmgr start` reads from the report pipe.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartReport {
+    /// Every service is up.
+    Up,
+    /// The startup sequence failed: `service` failed `how`; everything started was stopped.
+    Failed { service: String, how: String },
+}
+
+/// How a run of the stack ended, kept in `run_dir` so `status` can say why after everything
+/// is cleaned away.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastOutcome {
+    /// "stopped", "startup failed" or "gave up".
+    pub outcome: String,
+    pub service: Option<String>,
+    /// In words: "exited with status 1".
+    pub how: Option<String>,
+    pub restarts: Option<u32>,
+    /// Wall-clock seconds since the epoch when the stack ended.
+    pub at_unix: u64,
+}
+
+/// The file a run's outcome is kept in.
+pub fn last_outcome_path(config: &Config) -> PathBuf {
+    config
+        .global
+        .run_dir
+        .join(format!("{}.last", config.global.instance))
+}
+
+/// The coordinator's own log file.
+pub fn coordinator_log_path(config: &Config) -> PathBuf {
+    config
+        .global
+        .log_dir
+        .join(format!("ccmgr-{}.log", config.global.instance))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Keeper,
+    Notify,
+    Signals,
+    Timer,
+}
+
+impl Source {
+    const ALL: [Source; 4] = [
+        Source::Keeper,
+        Source::Notify,
+        Source::Signals,
+        Source::Timer,
+    ];
+
+    fn token(self) -> u64 {
+        self as u64
+    }
+}
+
+struct Coordinator {
+    config: Config,
+    segment: Segment,
+    engine: Engine,
+    keeper: OwnedFd,
+    notify: NotifySocket,
+    signals: SignalFd,
+    timer: TimerFd,
+    report: Option<File>,
+    /// The main pid of each service, as the keeper reported it.
+    pids: Vec<Option<i32>>,
+    /// The engine's time zero, and the same moment on the segment's monotonic clock.
+    epoch: Instant,
+    epoch_ms: u64,
+    /// The keeper connection broke: nothing can be started or signalled any more.
+    keeper_lost: bool,
+}
+
+/// Runs the coordinator; returns the process exit code (0: stopped on request; 1: failed).
+pub fn run(instance: &str) -> Result<i32, CoordinatorError> {
+    let segment = Segment::open(instance)?;
+    let config = Config::from_image(&segment.config_blob()?).map_err(CoordinatorError::Image)?;
+    // The daemon mutex says "a coordinator lives"; the daemon standby mutex is what a standby
+    // waits on; the daemon component mutex is what API services wait on. Held until death.
+    for (id, name) in [
+        (MutexId::Daemon, "daemon"),
+        (MutexId::DaemonStandby, "daemon standby"),
+        (MutexId::DaemonComponent, "daemon component"),
+    ] {
+        let mutex = segment.mutex(id)?;
+        match mutex.try_lock() {
+            Ok(Some(guard)) => guard.hold_until_exit(),
+            Ok(None) => return Err(CoordinatorError::AlreadyCoordinated),
+            Err(e) => return Err(CoordinatorError::Lock(name, e.to_string())),
+        }
+    }
+    let keeper = protocol::take_inherited_fd(COORDINATOR_CHANNEL_FD)
+        .ok_or(CoordinatorError::MissingFd(COORDINATOR_CHANNEL_FD))?;
+    let notify_fd = protocol::take_inherited_fd(COORDINATOR_NOTIFY_FD)
+        .ok_or(CoordinatorError::MissingFd(COORDINATOR_NOTIFY_FD))?;
+    let notify =
+        NotifySocket::from_inherited(notify_fd, crate::keeper::notify_socket_path(&config));
+    let report = protocol::take_inherited_fd(COORDINATOR_REPORT_FD).map(File::from);
+    protocol::set_nonblocking(keeper.as_fd())?;
+
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGHUP,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block()?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+    let timer = TimerFd::new(
+        ClockId::CLOCK_MONOTONIC,
+        TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
+    )?;
+
+    let me = ProcessIdentity::current().ok();
+    {
+        let w = segment.write()?;
+        w.set_coordinator(me);
+        w.set_gave_up(None)?;
+    }
+    let epoch = Instant::now();
+    let epoch_ms = crate::shm::monotonic_ms();
+    let n = config.services.len();
+    let (engine, actions) = Engine::new(EngineParams::from_config(&config), Time::ZERO);
+    let mut c = Coordinator {
+        config,
+        segment,
+        engine,
+        keeper,
+        notify,
+        signals,
+        timer,
+        report,
+        pids: vec![None; n],
+        epoch,
+        epoch_ms,
+        keeper_lost: false,
+    };
+    info!(
+        pid = std::process::id(),
+        services = n,
+        "coordinator started"
+    );
+    c.perform(actions);
+    c.publish();
+    c.event_loop()?;
+    Ok(match c.engine.outcome() {
+        Some(Outcome::Stopped) | None => 0,
+        Some(_) => 1,
+    })
+}
+
+impl Coordinator {
+    fn now(&self) -> Time {
+        self.epoch.elapsed()
+    }
+
+    fn event_loop(&mut self) -> Result<(), CoordinatorError> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        for source in Source::ALL {
+            let fd = match source {
+                Source::Keeper => self.keeper.as_fd(),
+                Source::Notify => self.notify.as_fd(),
+                Source::Signals => self.signals.as_fd(),
+                Source::Timer => self.timer.as_fd(),
+            };
+            epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, source.token()))?;
+        }
+        let mut events = [EpollEvent::empty(); 8];
+        while !self.engine.is_finished() {
+            self.arm_timer();
+            let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for event in &events[..n] {
+                let source = Source::ALL.into_iter().find(|s| s.token() == event.data());
+                match source {
+                    Some(Source::Keeper) => self.on_keeper(&epoll),
+                    Some(Source::Notify) => self.on_notify(),
+                    Some(Source::Signals) => self.on_signals(),
+                    Some(Source::Timer) => {
+                        let _ = self.timer.wait();
+                        self.feed(Event::Tick);
+                    }
+                    None => {}
+                }
+            }
+            self.publish();
+        }
+        Ok(())
+    }
+
+    /// One timer for the engine's nearest deadline; none when nothing is due.
+    fn arm_timer(&self) {
+        match self.engine.next_deadline() {
+            Some(deadline) => {
+                let wait = deadline
+                    .saturating_sub(self.now())
+                    .max(Duration::from_micros(1));
+                let _ = self.timer.set(
+                    Expiration::OneShot(TimeSpec::from_duration(wait)),
+                    TimerSetTimeFlags::empty(),
+                );
+            }
+            None => {
+                let _ = self.timer.unset();
+            }
+        }
+    }
+
+    fn feed(&mut self, event: Event) {
+        let actions = self.engine.handle(event, self.now());
+        self.perform(actions);
+    }
+
+    fn on_keeper(&mut self, epoll: &Epoll) {
+        loop {
+            match recv_message::<FromKeeper>(self.keeper.as_fd()) {
+                Ok(Some(message)) => self.on_keeper_message(message),
+                Ok(None) => return,
+                Err(e) => {
+                    error!(error = %e, "lost the keeper: its services can no longer be supervised");
+                    let _ = epoll.delete(self.keeper.as_fd());
+                    self.keeper_lost = true;
+                    self.feed(Event::Stop);
+                    // Without the keeper no exit will ever be reported: stop waiting for them.
+                    for service in 0..self.pids.len() {
+                        if self.pids[service].take().is_some() {
+                            self.feed(Event::Exited {
+                                service,
+                                exit: ProcessExit::Signaled {
+                                    signal: Signal::SIGKILL as i32,
+                                    core_dumped: false,
+                                },
+                            });
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_keeper_message(&mut self, message: FromKeeper) {
+        match message {
+            FromKeeper::Spawned { service, pid } => {
+                self.pids[service] = Some(pid);
+                let id = &self.config.services[service].id;
+                info!(service = %id, pid, "started");
+                self.feed(Event::Spawned { service, pid });
+            }
+            FromKeeper::SpawnFailed { service, error } => {
+                warn!(service = %self.config.services[service].id, %error, "could not start");
+                self.feed(Event::SpawnFailed { service, error });
+            }
+            FromKeeper::Exited {
+                service,
+                pid,
+                code,
+                signal,
+            } => {
+                if self.pids.get(service).copied().flatten() != Some(pid) {
+                    return;
+                }
+                self.pids[service] = None;
+                let exit = match (code, signal) {
+                    (_, Some(signal)) => ProcessExit::Signaled {
+                        signal,
+                        core_dumped: false,
+                    },
+                    (Some(code), None) => ProcessExit::Exited(code),
+                    (None, None) => ProcessExit::Exited(-1),
+                };
+                let id = &self.config.services[service].id;
+                let started = self.engine.slots()[service].started_at.unwrap_or_default();
+                let ran_for = self.now().saturating_sub(started);
+                info!(service = %id, pid, %exit, ran_for_ms = ran_for.as_millis() as u64, "exited");
+                self.feed(Event::Exited { service, exit });
+            }
+            // Standby messages belong to the standby issue's handling; nothing to do here yet.
+            FromKeeper::Running { .. }
+            | FromKeeper::StandbySpawned { .. }
+            | FromKeeper::StandbyExited { .. } => {}
+        }
+    }
+
+    fn on_notify(&mut self) {
+        loop {
+            let message = match self.notify.recv() {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the notify socket");
+                    return;
+                }
+            };
+            if !message.is_ready() {
+                continue;
+            }
+            // The kernel vouches for the sender's pid; it must be a service's main process or
+            // one of its process group.
+            let owner = (0..self.pids.len()).find(|&s| {
+                self.pids[s].is_some_and(|pid| {
+                    pid == message.pid || notify::sender_belongs_to(message.pid, pid)
+                })
+            });
+            match owner {
+                Some(service) => {
+                    info!(service = %self.config.services[service].id, pid = message.pid, "ready");
+                    self.feed(Event::Ready { service });
+                }
+                None => warn!(
+                    pid = message.pid,
+                    "READY=1 from a process that is no service's: ignored"
+                ),
+            }
+        }
+    }
+
+    fn on_signals(&mut self) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGHUP) => info!("SIGHUP ignored: the configuration is read at start"),
+                Ok(sig) => {
+                    info!(signal = sig.as_str(), "stopping the stack");
+                    self.feed(Event::Stop);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn send(&mut self, message: ToKeeper) {
+        if self.keeper_lost {
+            return;
+        }
+        if let Err(e) = send_message(self.keeper.as_fd(), &message) {
+            error!(error = %e, "cannot reach the keeper");
+            self.keeper_lost = true;
+        }
+    }
+
+    fn perform(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Spawn { service } => self.send(ToKeeper::Spawn { service }),
+                Action::Signal { service, signal } => {
+                    if let Some(pid) = self.pids[service] {
+                        info!(service = %self.config.services[service].id, pid, signal = signal.as_str(), "stopping");
+                        self.send(ToKeeper::Signal {
+                            service,
+                            pid,
+                            signal: signal as i32,
+                        });
+                    }
+                }
+                Action::Kill { service } => {
+                    if let Some(pid) = self.pids[service] {
+                        warn!(service = %self.config.services[service].id, pid, "timed out: killing its process group");
+                        self.send(ToKeeper::Signal {
+                            service,
+                            pid,
+                            signal: Signal::SIGKILL as i32,
+                        });
+                    }
+                }
+                Action::StartupComplete => {
+                    info!(
+                        elapsed_ms = self.now().as_millis() as u64,
+                        "every service is up"
+                    );
+                    // Whoever reads the report reads the segment next: it must be current.
+                    self.publish();
+                    self.report(&StartReport::Up);
+                }
+                Action::Finished(outcome) => self.finish(&outcome),
+            }
+        }
+    }
+
+    fn report(&mut self, report: &StartReport) {
+        if let Some(mut file) = self.report.take() {
+            let mut line = serde_json::to_string(report).unwrap_or_default();
+            line.push('\n');
+            let _ = file.write_all(line.as_bytes());
+        }
+    }
+
+    fn describe(&self, failure: &Failure) -> (String, String) {
+        (
+            self.config.services[failure.service].id.clone(),
+            failure.kind.to_string(),
+        )
+    }
+
+    fn finish(&mut self, outcome: &Outcome) {
+        let (label, service, how, restarts, reason) = match outcome {
+            Outcome::Stopped => ("stopped", None, None, None, None),
+            Outcome::StartupFailed(f) => {
+                let (service, how) = self.describe(f);
+                let reason = match f.kind {
+                    crate::engine::FailureKind::SequenceTimeout(_)
+                    | crate::engine::FailureKind::StartTimeout(_) => GiveUpReason::StartupTimedOut,
+                    _ => GiveUpReason::StartupFailed,
+                };
+                error!(service = %service, how = %how, "the startup sequence failed; everything started was stopped");
+                self.report(&StartReport::Failed {
+                    service: service.clone(),
+                    how: how.clone(),
+                });
+                (
+                    "startup failed",
+                    Some(service),
+                    Some(how),
+                    None,
+                    Some((reason, f.service)),
+                )
+            }
+            Outcome::GaveUp { failure, restarts } => {
+                let (service, how) = self.describe(failure);
+                error!(service = %service, how = %how, restarts, "too many restarts: gave up; everything was stopped");
+                (
+                    "gave up",
+                    Some(service),
+                    Some(how),
+                    Some(*restarts),
+                    Some((GiveUpReason::RestartLimit, failure.service)),
+                )
+            }
+        };
+        if let Ok(w) = self.segment.write() {
+            let _ = w.set_gave_up(reason.map(|(reason, s)| GaveUp {
+                reason,
+                service: Some(s),
+            }));
+        }
+        let at_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = LastOutcome {
+            outcome: label.into(),
+            service,
+            how,
+            restarts,
+            at_unix,
+        };
+        if let Ok(text) = serde_json::to_string_pretty(&last) {
+            let _ = std::fs::write(last_outcome_path(&self.config), text);
+        }
+        info!(outcome = label, "the stack is stopped");
+        self.send(ToKeeper::Shutdown);
+    }
+
+    /// Writes the engine's view into the segment, in one generation.
+    fn publish(&self) {
+        let Ok(w) = self.segment.write() else { return };
+        let ms = |t: Time| self.epoch_ms + t.as_millis() as u64;
+        w.set_instance_state(self.engine.phase(), ms(self.engine.phase_since()));
+        let window = self.engine.restart_window();
+        w.set_restart_window(window.count, ms(window.start));
+        for (i, slot) in self.engine.slots().iter().enumerate() {
+            let _ = w.set_service_state(i, slot.state, ms(slot.since));
+            let identity = slot.pid.and_then(|pid| ProcessIdentity::of(pid).ok());
+            let _ = w.set_service_process(i, identity);
+            let _ = w.set_restart_count(i, slot.restarts);
+            let _ = w.set_last_exit(i, slot.last_exit.map(LastExit::from));
+        }
+    }
+}
