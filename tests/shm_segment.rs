@@ -491,3 +491,38 @@ fn live_services_without_a_coordinator_refuse_reclaim() {
     assert_eq!(Segment::probe(&t.name).unwrap(), Probe::Stale);
     assert_eq!(Segment::reclaim_stale(&t.name).unwrap(), Reclaimed::Removed);
 }
+
+#[test]
+fn snapshots_are_never_torn() {
+    let t = TestInstance::new("torn");
+    let (seg, starting) = Segment::create(&t.spec(1)).unwrap();
+    drop(starting);
+    let writes = 20_000;
+    let writer_seg = seg.clone();
+    let writer = std::thread::spawn(move || {
+        for k in 1..=writes {
+            let w = writer_seg.write().unwrap();
+            let p = ProcessIdentity {
+                pid: k,
+                start_time: k as u64 * 1000,
+            };
+            w.set_service_process(0, Some(p)).unwrap();
+            w.set_restart_count(0, k as u32).unwrap();
+        }
+    });
+    let mut reads = 0u64;
+    loop {
+        let status = seg.service_status(0).unwrap();
+        if let Some(p) = status.process {
+            assert_eq!(p.start_time, p.pid as u64 * 1000, "torn identity");
+            assert_eq!(status.restart_count, p.pid as u32, "torn record");
+        }
+        reads += 1;
+        if status.restart_count == writes as u32 {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    assert!(reads > 0);
+    assert_eq!(seg.generation(), 2 * writes as u64);
+}

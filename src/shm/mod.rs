@@ -7,7 +7,7 @@
 //!   an instance's segment; typed accessors; the state writer and readers.
 //! - [`robust`]: the robust mutex ([`SharedMutex`], [`MutexGuard`]), the
 //!   channels ([`Channel`]) and monotonic deadlines; all pthread/semaphore FFI.
-//! - [`mapping`] (private): the raw mapping and the only casts from bytes.
+//! - `mapping` (private): the raw mapping and the only casts from bytes.
 //! - [`layout`]: the versioned `#[repr(C)]` layout and its size computation.
 //! - [`state`]: the typed values stored in the segment.
 //!

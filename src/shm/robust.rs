@@ -14,6 +14,12 @@
 //!   `execve`. A lock meant to last as long as the process must be taken by a
 //!   thread that lives as long as the process (the main thread), and a process
 //!   that execs loses its locks.
+//! - Exception: when a thread *other than the main thread* calls `execve`, it
+//!   takes over the main thread's tid before the kernel walks its robust list,
+//!   the owner tid no longer matches, and its locks stay held for ever (the
+//!   test `execve_from_another_thread_leaves_its_locks_wedged` shows it).
+//!   Never exec from a thread that holds a lock; `fork` + `exec` in the child
+//!   is fine (the child holds nothing).
 //! - A guard unlocks only on the thread that locked (guards are `!Send`);
 //!   re-locking from the holding thread fails with [`MutexError::AlreadyHeld`]
 //!   instead of deadlocking.

@@ -2,13 +2,13 @@
 //! built), opening it with every check (owner, mode, magic, version, sizes,
 //! counts, config image), the typed accessors, the state writer and the
 //! consistent snapshot readers, and the detection and reclaim of stale state.
-//! No unsafe code: raw memory is reached only through [`super::mapping`].
+//! No unsafe code: raw memory is reached only through the private `mapping` module.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::io;
 use std::mem::offset_of;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering, fence};
@@ -652,7 +652,8 @@ impl Segment {
             action,
             source,
         };
-        let manager = ProcessIdentity::current().map_err(|e| io_error("reading /proc for", e))?;
+        let manager = ProcessIdentity::current()
+            .map_err(|e| io_error("identifying (through /proc/self/stat) the creator of", e))?;
 
         let mut fresh = Unpublished::create(
             Path::new(SHM_DIR),
@@ -841,7 +842,7 @@ impl Segment {
                 expected: owner_uid,
             });
         }
-        if !meta.file_type().is_file() || meta.file_type().is_fifo() {
+        if !meta.file_type().is_file() {
             return Err(ShmError::NotRegularFile {
                 instance: instance.to_owned(),
                 path: path_text,

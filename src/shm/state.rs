@@ -163,6 +163,14 @@ impl fmt::Display for LastExit {
 }
 
 /// Every mutex of a segment.
+///
+/// Lock order: a thread that holds several takes them in the order of this
+/// enum (manager, daemon, daemon standby, daemon component, component mutexes
+/// by index) and the shared-memory mutex last; it never blocks on another
+/// mutex while it holds the shared-memory mutex. [`Segment::probe`] keeps to
+/// it.
+///
+/// [`Segment::probe`]: super::Segment::probe
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MutexId {
     /// Held by `ccmgr start` while a start is under way.
