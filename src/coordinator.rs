@@ -130,8 +130,27 @@ struct Coordinator {
     keeper_lost: bool,
 }
 
+/// The fds the keeper hands its coordinator, taken first thing at start, before anything
+/// else could open a file on one of those numbers.
+pub struct Handed {
+    pub keeper: Option<OwnedFd>,
+    pub notify: Option<OwnedFd>,
+    pub report: Option<OwnedFd>,
+}
+
+impl Handed {
+    /// Takes fds 3, 4 and 5 (the report pipe only exists for a background start).
+    pub fn take() -> Handed {
+        Handed {
+            keeper: protocol::take_inherited_fd(COORDINATOR_CHANNEL_FD),
+            notify: protocol::take_inherited_fd(COORDINATOR_NOTIFY_FD),
+            report: protocol::take_inherited_fd(COORDINATOR_REPORT_FD),
+        }
+    }
+}
+
 /// Runs the coordinator; returns the process exit code (0: stopped on request; 1: failed).
-pub fn run(instance: &str) -> Result<i32, CoordinatorError> {
+pub fn run(instance: &str, handed: Handed) -> Result<i32, CoordinatorError> {
     let segment = Segment::open(instance)?;
     let config = Config::from_image(&segment.config_blob()?).map_err(CoordinatorError::Image)?;
     // The daemon mutex says "a coordinator lives"; the daemon standby mutex is what a standby
@@ -148,13 +167,15 @@ pub fn run(instance: &str) -> Result<i32, CoordinatorError> {
             Err(e) => return Err(CoordinatorError::Lock(name, e.to_string())),
         }
     }
-    let keeper = protocol::take_inherited_fd(COORDINATOR_CHANNEL_FD)
+    let keeper = handed
+        .keeper
         .ok_or(CoordinatorError::MissingFd(COORDINATOR_CHANNEL_FD))?;
-    let notify_fd = protocol::take_inherited_fd(COORDINATOR_NOTIFY_FD)
+    let notify_fd = handed
+        .notify
         .ok_or(CoordinatorError::MissingFd(COORDINATOR_NOTIFY_FD))?;
     let notify =
         NotifySocket::from_inherited(notify_fd, crate::keeper::notify_socket_path(&config));
-    let report = protocol::take_inherited_fd(COORDINATOR_REPORT_FD).map(File::from);
+    let report = handed.report.map(File::from);
     protocol::set_nonblocking(keeper.as_fd())?;
 
     let mut mask = SigSet::empty();

@@ -164,7 +164,7 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
         eprintln!("ccmgr: cannot hand the report pipe on: {e}");
         return cleanup_failed_start(&segment);
     }
-    let keeper = match command.spawn() {
+    let mut keeper = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
             eprintln!("ccmgr: cannot start the keeper: {e}");
@@ -181,10 +181,11 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
         w.set_manager(None);
     }
     drop(manager);
-    match report {
+    let outcome = match report {
         Ok(Some(StartReport::Up)) => {
             print_up_summary(&config, &segment, started.elapsed());
-            Exit::Ok
+            // The keeper lives on (re-parented when we exit); nothing of ours to reap.
+            return Exit::Ok;
         }
         Ok(Some(StartReport::Failed { service, how })) => {
             // The coordinator is stopping what it started; wait for the keeper to finish so
@@ -208,7 +209,13 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
             stop_instance(&instance);
             Exit::Failed
         }
+    };
+    // The start failed and the keeper has finished (or was stopped): it is our child, so we
+    // reap it rather than leave a zombie to whoever inherits it.
+    if matches!(keeper.try_wait(), Ok(None)) && wait_for_exit(keeper_pid, GRACE) {
+        let _ = keeper.wait();
     }
+    outcome
 }
 
 fn cleanup_failed_start(segment: &Segment) -> Exit {
@@ -343,6 +350,8 @@ pub fn internal_coordinator(instance: &str, foreground: bool) -> Exit {
         keeper::COORDINATOR_NOTIFY_FD,
         COORDINATOR_REPORT_FD,
     ]);
+    // Before anything opens a file that could land on one of their numbers.
+    let handed = coordinator::Handed::take();
     let config = match open_instance(instance) {
         Ok((_, config)) => config,
         Err(e) => {
@@ -355,7 +364,7 @@ pub fn internal_coordinator(instance: &str, foreground: bool) -> Exit {
         foreground,
         "coordinator",
     );
-    match coordinator::run(instance) {
+    match coordinator::run(instance, handed) {
         Ok(0) => Exit::Ok,
         Ok(_) => Exit::Failed,
         Err(e) => {

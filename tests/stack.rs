@@ -1,0 +1,475 @@
+//! The coordinator with real processes, through the real `ccmgr` binary: start and stop
+//! order, the failure sequences, timeouts, floods, giving up, and `stop` in every situation.
+//! Each test runs its own instance in its own directory; the `Stack` guard stops and reaps
+//! everything even when a test fails.
+
+mod stack_support;
+
+use std::time::Duration;
+
+use stack_support::{Stack, lines, text, wait_lines};
+
+const LONG: Duration = Duration::from_secs(20);
+
+/// A service that appends "start <id>" to `log` when it starts and "stop <id>" when SIGTERM
+/// ends it, and otherwise sleeps.
+fn recorder(id: &str, log: &str, deps: &str) -> String {
+    format!(
+        r#"command = ["sh", "-c", "echo start {id} >> {log}; trap 'echo stop {id} >> {log}; exit 0' TERM; while :; do sleep 1; done"]
+{deps}
+"#
+    )
+}
+
+#[test]
+fn starts_in_dependency_order_and_stops_in_reverse() {
+    let stack = Stack::new("order", "", &[]);
+    let log = stack.file("order.log");
+    stack.write_service("db", &recorder("db", &log, ""));
+    stack.write_service("cache", &recorder("cache", &log, ""));
+    stack.write_service(
+        "api",
+        &recorder("api", &log, "requires = [\"db\"]\nafter = [\"cache\"]"),
+    );
+    stack.write_service("web", &recorder("web", &log, "requires = [\"api\"]"));
+    stack.start_ok();
+    let started = wait_lines(&log, 4, LONG);
+    let pos = |line: &str| {
+        started
+            .iter()
+            .position(|l| l == line)
+            .unwrap_or_else(|| panic!("{line} missing: {started:?}"))
+    };
+    assert!(pos("start db") < pos("start api") && pos("start cache") < pos("start api"));
+    assert!(pos("start api") < pos("start web"));
+
+    let status = stack.wait_steady(LONG);
+    for s in status["services"].as_array().unwrap() {
+        assert_eq!(s["state"], "up", "{s}");
+        let pid = s["pid"].as_i64().expect("a running service has a pid") as i32;
+        assert!(Stack::alive(pid));
+    }
+    assert!(status["coordinator"]["pid"].is_i64());
+    assert!(status["standby"]["pid"].is_null());
+
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let all = lines(&log);
+    let stops: Vec<&str> = all[4..].iter().map(String::as_str).collect();
+    let spos = |line: &str| {
+        stops
+            .iter()
+            .position(|l| *l == line)
+            .unwrap_or_else(|| panic!("{line} missing: {stops:?}"))
+    };
+    assert!(spos("stop web") < spos("stop api"));
+    assert!(spos("stop api") < spos("stop db") && spos("stop api") < spos("stop cache"));
+    assert!(stack.status().is_none(), "not running after stop");
+}
+
+#[test]
+fn services_of_one_level_start_in_parallel() {
+    // Each of a and b says READY=1 only once it has seen the other one started: one at a time,
+    // neither would ever be ready and start would time out.
+    let stack = Stack::new("parallel", "[coordinator]\nstartup_timeout = \"10s\"", &[]);
+    let dir = stack.path().display().to_string();
+    for (me, other) in [("a", "b"), ("b", "a")] {
+        stack.write_service(
+            me,
+            &format!(
+                r#"command = ["sh", "-c", "touch {dir}/{me}.started; while [ ! -e {dir}/{other}.started ]; do sleep 0.01; done; /usr/bin/python3 -c 'import os,socket; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(os.environ[\"NOTIFY_SOCKET\"]); s.send(b\"READY=1\")'; exec sleep 1000"]
+ready = "notify"
+startup_timeout = "8s"
+"#
+            ),
+        );
+    }
+    stack.start_ok();
+}
+
+#[test]
+fn an_explicit_startup_sequence_starts_one_at_a_time() {
+    // With an explicit sequence, b (listed second) starts only once a is up; a, a notify
+    // service, becomes ready only after 300 ms, so b's start line must come after a's ready.
+    let stack = Stack::new(
+        "explicit",
+        "[coordinator]\nstartup_sequence = [\"a\", \"b\"]",
+        &[],
+    );
+    let log = stack.file("seq.log");
+    stack.write_service(
+        "a",
+        &format!(
+            r#"command = ["sh", "-c", "echo start a >> {log}; sleep 0.3; echo ready a >> {log}; /usr/bin/python3 -c 'import os,socket; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(os.environ[\"NOTIFY_SOCKET\"]); s.send(b\"READY=1\")'; exec sleep 1000"]
+ready = "notify"
+"#
+        ),
+    );
+    stack.write_service("b", &recorder("b", &log, ""));
+    stack.start_ok();
+    assert_eq!(wait_lines(&log, 3, LONG), ["start a", "ready a", "start b"]);
+}
+
+#[test]
+fn kill_9_runs_the_failure_sequence_and_spares_unrelated_services() {
+    let stack = Stack::new("restart-dependents", "", &[]);
+    let log = stack.file("events.log");
+    stack.write_service("db", &recorder("db", &log, "restart_delay = \"0ms\""));
+    stack.write_service("api", &recorder("api", &log, "requires = [\"db\"]"));
+    stack.write_service("other", &recorder("other", &log, ""));
+    stack.start_ok();
+    stack.wait_steady(LONG);
+    let db = stack.pid_of("db").unwrap();
+    let api = stack.pid_of("api").unwrap();
+    let other = stack.pid_of("other").unwrap();
+    let before = lines(&log).len();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(db),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status =
+        stack.wait_for("db and api restarted", LONG, |s| {
+            s.as_ref().is_some_and(|s| {
+                s["state"] == "steady"
+                    && s["services"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|x| x["state"] == "up")
+                    && s["services"].as_array().unwrap().iter().any(|x| {
+                        x["id"] == "db" && x["pid"].as_i64().is_some_and(|p| p as i32 != db)
+                    })
+            })
+        });
+    let status = status.unwrap();
+    let svc = |id: &str| {
+        status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_ne!(
+        svc("api")["pid"].as_i64().unwrap() as i32,
+        api,
+        "api, which requires db, was restarted"
+    );
+    assert_eq!(
+        svc("other")["pid"].as_i64().unwrap() as i32,
+        other,
+        "other kept its process"
+    );
+    assert_eq!(svc("db")["restarts"], 1);
+    assert_eq!(svc("db")["last_exit"]["signal"], 9);
+    // The failure sequence: api stopped, then db and api started again, in that order.
+    let events: Vec<String> = wait_lines(&log, before + 3, LONG)[before..].to_vec();
+    assert_eq!(events, ["stop api", "start db", "start api"]);
+}
+
+#[test]
+fn restart_all_stops_everything_in_order_and_starts_everything() {
+    let stack = Stack::new(
+        "restart-all",
+        "[coordinator]\non_failure = \"restart-all\"",
+        &[],
+    );
+    let log = stack.file("events.log");
+    stack.write_service("db", &recorder("db", &log, "restart_delay = \"0ms\""));
+    stack.write_service("api", &recorder("api", &log, "requires = [\"db\"]"));
+    stack.write_service("web", &recorder("web", &log, "requires = [\"api\"]"));
+    stack.start_ok();
+    stack.wait_steady(LONG);
+    let before = wait_lines(&log, 3, LONG).len();
+    let api = stack.pid_of("api").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(api),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let events: Vec<String> = wait_lines(&log, before + 5, LONG)[before..].to_vec();
+    assert_eq!(
+        events,
+        ["stop web", "stop db", "start db", "start api", "start web"]
+    );
+    stack.wait_steady(LONG);
+}
+
+#[test]
+fn a_service_that_exits_at_once_fails_the_start_and_says_why() {
+    let stack = Stack::new("exits-at-once", "", &[]);
+    let log = stack.file("events.log");
+    stack.write_service("db", &recorder("db", &log, ""));
+    stack.write_service(
+        "broken",
+        "command = [\"sh\", \"-c\", \"echo 'config file missing' >&2; exit 3\"]\nready = \"exit\"\nrequires = [\"db\"]\n",
+    );
+    let out = stack.start();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("service `broken` exited with status 3"), "{t}");
+    assert!(
+        t.contains("config file missing"),
+        "the last lines of its log: {t}"
+    );
+    // db was started, then stopped again; nothing is left.
+    assert_eq!(lines(&log), ["start db", "stop db"]);
+    assert!(stack.status().is_none());
+}
+
+#[test]
+fn a_notify_service_that_never_says_ready_is_killed_at_its_startup_timeout() {
+    let stack = Stack::new("never-ready", "", &[]);
+    stack.write_service(
+        "mute",
+        "command = [\"sleep\", \"1000\"]\nready = \"notify\"\nstartup_timeout = \"300ms\"\n",
+    );
+    let started = std::time::Instant::now();
+    let out = stack.start();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("`mute` was not ready within its startup timeout"),
+        "{t}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(stack.status().is_none());
+}
+
+#[test]
+fn a_service_ignoring_sigterm_is_killed_after_its_shutdown_timeout() {
+    let stack = Stack::new("ignores-term", "", &[]);
+    stack.write_service(
+        "stubborn",
+        "command = [\"sh\", \"-c\", \"trap '' TERM; while :; do sleep 1; done\"]\nshutdown_timeout = \"400ms\"\n",
+    );
+    stack.start_ok();
+    let pid = stack.pid_of("stubborn").unwrap();
+    let started = std::time::Instant::now();
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "it was given its timeout"
+    );
+    assert!(!Stack::alive(pid), "SIGKILL ended it");
+    let log = std::fs::read_to_string(
+        stack
+            .log_dir()
+            .join(format!("ccmgr-{}.log", stack.instance)),
+    )
+    .unwrap();
+    assert!(
+        log.contains("timed out: killing its process group service=stubborn"),
+        "{log}"
+    );
+}
+
+#[test]
+fn what_a_service_forks_and_leaves_behind_dies_with_it() {
+    let stack = Stack::new("grandchild", "", &[]);
+    let pidfile = stack.file("grandchild.pid");
+    stack.write_service(
+        "parent",
+        &format!("command = [\"sh\", \"-c\", \"sleep 1000 & echo $! > {pidfile}; sleep 0.2; exit 1\"]\nrestart = \"never\"\n"),
+    );
+    stack.start_ok();
+    let grandchild: i32 = wait_lines(&pidfile, 1, LONG)[0].trim().parse().unwrap();
+    stack.wait_for("the parent to fail", LONG, |s| {
+        s.as_ref()
+            .is_some_and(|s| s["services"][0]["state"] == "failed")
+    });
+    let deadline = std::time::Instant::now() + LONG;
+    while Stack::alive(grandchild) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the grandchild {grandchild} outlived its service"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_flood_of_output_is_rotated_and_blocks_nothing() {
+    let stack = Stack::new("flood", "", &[]);
+    // 100 MB of lines, then exit 0: a one-shot, so start returns only after it has all gone
+    // through the log pipe.
+    stack.write_service(
+        "flood",
+        "command = [\"sh\", \"-c\", \"yes 'a line of a flood of output' | head -c 100000000; printf '\\ndone\\n'\"]\nready = \"exit\"\nstartup_timeout = \"60s\"\n",
+    );
+    stack.start_ok();
+    let mut total = 0;
+    let mut files = 0;
+    for entry in std::fs::read_dir(stack.log_dir()).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        if name.starts_with("flood.log") {
+            files += 1;
+            total += entry.metadata().unwrap().len();
+        }
+    }
+    let cap = (ccmgr::keeper::LOG_KEEP as u64 + 1) * ccmgr::keeper::LOG_MAX_BYTES;
+    assert!(files >= 2, "the log was rotated");
+    assert!(
+        total <= cap,
+        "{total} bytes on disk, more than the cap {cap}"
+    );
+    let tail = ccmgr::logsink::tail(&stack.log_dir(), "flood", 1);
+    assert_eq!(tail, ["done"]);
+}
+
+#[test]
+fn a_service_that_always_crashes_makes_the_coordinator_give_up() {
+    let stack = Stack::new(
+        "gives-up",
+        "[coordinator]\nrestart_retry_counter = 3\nrestart_time_span = \"60s\"",
+        &[],
+    );
+    let log = stack.file("events.log");
+    stack.write_service("db", &recorder("db", &log, ""));
+    stack.write_service(
+        "crashy",
+        "command = [\"sh\", \"-c\", \"sleep 0.1; exit 7\"]\nrequires = [\"db\"]\nrestart_delay = \"10ms\"\nrestart_delay_max = \"50ms\"\n",
+    );
+    stack.start_ok();
+    stack.wait_for("the coordinator to give up", LONG, |s| s.is_none());
+    let out = stack.ccmgr(&["status"]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{t}");
+    assert!(
+        t.contains("last run: gave up: service `crashy` exited with status 7, after 3 restarts"),
+        "{t}"
+    );
+    assert_eq!(
+        lines(&log),
+        ["start db", "stop db"],
+        "db was stopped in order"
+    );
+}
+
+#[test]
+fn stop_after_kill_9_of_the_coordinator_stops_everything() {
+    let stack = Stack::new("stop-orphans", "", &[]);
+    let log = stack.file("events.log");
+    stack.write_service("db", &recorder("db", &log, ""));
+    stack.write_service("api", &recorder("api", &log, "requires = [\"db\"]"));
+    stack.start_ok();
+    let status = stack.wait_steady(LONG);
+    let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
+    let pids: Vec<i32> = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["pid"].as_i64().unwrap() as i32)
+        .collect();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(coordinator),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = stack.wait_for("the coordinator's death to show", LONG, |s| {
+        s.as_ref()
+            .is_some_and(|s| s["coordinator"]["pid"].is_null())
+    });
+    assert_eq!(status.unwrap()["supervised"], false);
+    let human = text(&stack.ccmgr(&["status"]));
+    assert!(
+        human.contains("nothing supervises these services"),
+        "{human}"
+    );
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for pid in pids {
+        assert!(!Stack::alive(pid), "service {pid} was left running");
+    }
+    assert_eq!(
+        &lines(&log)[2..],
+        ["stop api", "stop db"],
+        "stopped in shutdown order"
+    );
+    assert!(stack.status().is_none());
+}
+
+#[test]
+fn stop_twice_and_start_twice() {
+    let stack = Stack::new("twice", "", &[]);
+    let log = stack.file("events.log");
+    stack.write_service("db", &recorder("db", &log, ""));
+    stack.start_ok();
+    let pid = stack.pid_of("db").unwrap();
+    let second = stack.start();
+    let t = text(&second);
+    assert_eq!(second.status.code(), Some(1), "{t}");
+    assert!(t.contains("is already running (coordinator pid"), "{t}");
+    assert_eq!(
+        stack.pid_of("db"),
+        Some(pid),
+        "the first stack is untouched"
+    );
+    assert_eq!(stack.stop().status.code(), Some(0));
+    let again = stack.stop();
+    assert_eq!(again.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("is not running"));
+}
+
+#[test]
+fn a_bad_config_starts_nothing_and_leaves_nothing() {
+    let stack = Stack::new(
+        "bad-config",
+        "",
+        &[("a", "command = \"sleep 1\"\nrequires = [\"nope\"]\n")],
+    );
+    let out = stack.start();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(!std::path::Path::new(&format!("/dev/shm/ccmgr.{}", stack.instance)).exists());
+}
+
+#[test]
+fn redis_counts_as_up_only_after_ready_and_its_dependent_waits_for_it() {
+    if !std::path::Path::new("/usr/bin/redis-server").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install redis-server"
+        );
+        eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
+        return;
+    }
+    let stack = Stack::new("redis", "", &[]);
+    let dir = stack.path().display().to_string();
+    let log = stack.file("events.log");
+    stack.write_service(
+        "redis",
+        &format!(
+            "command = [\"/usr/bin/redis-server\", \"--port\", \"0\", \"--unixsocket\", \"{dir}/redis.sock\", \"--supervised\", \"systemd\", \"--save\", \"\", \"--appendonly\", \"no\", \"--dir\", \"{dir}\"]\nready = \"notify\"\nstartup_timeout = \"20s\"\n"
+        ),
+    );
+    // The dependent proves redis was ready when it started: its socket must already answer.
+    stack.write_service(
+        "client",
+        &format!(
+            "command = [\"sh\", \"-c\", \"/usr/bin/redis-cli -s {dir}/redis.sock ping >> {log}; exec sleep 1000\"]\nrequires = [\"redis\"]\n"
+        ),
+    );
+    stack.start_ok();
+    assert_eq!(wait_lines(&log, 1, LONG), ["PONG"]);
+    let coordinator_log = std::fs::read_to_string(
+        stack
+            .log_dir()
+            .join(format!("ccmgr-{}.log", stack.instance)),
+    )
+    .unwrap();
+    let ready = coordinator_log
+        .find("ready service=redis")
+        .expect("redis said READY=1");
+    let client = coordinator_log
+        .find("started service=client")
+        .expect("client started");
+    assert!(
+        ready < client,
+        "the client started only after redis was ready"
+    );
+    assert_eq!(stack.stop().status.code(), Some(0));
+}

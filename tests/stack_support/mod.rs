@@ -1,0 +1,299 @@
+//! A running stack for integration tests: its own instance name, temp directory, config and
+//! services; driven through the real `ccmgr` binary; and torn down on drop, even when the
+//! test failed: `ccmgr stop`, then SIGKILL (by pid) of anything of the instance still alive,
+//! then reaping of the keeper, which comes back to this process because the test process is
+//! a child subreaper (this machine's init does not reliably reap orphans).
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Once;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+pub const CCMGR: &str = env!("CARGO_BIN_EXE_ccmgr");
+
+static SUBREAPER: Once = Once::new();
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Every orphan of a test's stack comes back to the test process, which reaps it by pid.
+fn become_subreaper() {
+    SUBREAPER.call_once(|| {
+        nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
+    });
+}
+
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub instance: String,
+    /// Every pid this stack was seen to use: killed and reaped on drop if still there.
+    seen: std::cell::RefCell<HashSet<i32>>,
+}
+
+impl Stack {
+    /// A stack named after the test, with `global` appended to its ccmgr.toml and one service
+    /// file per `(id, toml)`.
+    pub fn new(test: &str, global: &str, services: &[(&str, &str)]) -> Stack {
+        become_subreaper();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("ccmgr-{test}-"))
+            .tempdir()
+            .unwrap();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let instance = format!(
+            "t-{}-{}-{n}",
+            test.chars().take(30).collect::<String>(),
+            std::process::id()
+        );
+        let config =
+            format!("instance = \"{instance}\"\nlog_dir = \"log\"\nrun_dir = \"run\"\n{global}\n");
+        std::fs::write(dir.path().join("ccmgr.toml"), config).unwrap();
+        std::fs::create_dir_all(dir.path().join("services.d")).unwrap();
+        let stack = Stack {
+            dir,
+            instance,
+            seen: Default::default(),
+        };
+        for (id, text) in services {
+            stack.write_service(id, text);
+        }
+        stack
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A path in the stack's directory, as a string for service commands.
+    pub fn file(&self, name: &str) -> String {
+        self.path().join(name).display().to_string()
+    }
+
+    pub fn write_service(&self, id: &str, text: &str) {
+        std::fs::write(
+            self.path().join("services.d").join(format!("{id}.toml")),
+            text,
+        )
+        .unwrap();
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.path().join("log")
+    }
+
+    /// Runs `ccmgr --config <stack> <args>`.
+    pub fn ccmgr(&self, args: &[&str]) -> Output {
+        let out = Command::new(CCMGR)
+            .arg("--config")
+            .arg(self.path().join("ccmgr.toml"))
+            .args(args)
+            .env_remove("CCMGR_CONFIG")
+            .output()
+            .expect("ccmgr runs");
+        self.remember_pids();
+        out
+    }
+
+    pub fn start(&self) -> Output {
+        self.ccmgr(&["start"])
+    }
+
+    /// Starts the stack and asserts it came up.
+    pub fn start_ok(&self) {
+        let out = self.start();
+        assert_eq!(out.status.code(), Some(0), "start failed:\n{}", text(&out));
+    }
+
+    pub fn stop(&self) -> Output {
+        let pids = self.all_pids();
+        let out = self.ccmgr(&["stop"]);
+        self.reap(&pids);
+        out
+    }
+
+    /// `status --json`, parsed; `None` when not running (exit 3).
+    pub fn status(&self) -> Option<Value> {
+        let out = self.ccmgr(&["status", "--json"]);
+        match out.status.code() {
+            Some(0) => Some(serde_json::from_slice(&out.stdout).expect("status --json is JSON")),
+            Some(3) => None,
+            other => panic!("status exited {other:?}: {}", text(&out)),
+        }
+    }
+
+    /// The status of service `id`.
+    pub fn service(&self, id: &str) -> Value {
+        let status = self.status().expect("the stack is running");
+        status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap_or_else(|| panic!("no service {id} in {status}"))
+            .clone()
+    }
+
+    pub fn pid_of(&self, id: &str) -> Option<i32> {
+        self.service(id)["pid"].as_i64().map(|p| p as i32)
+    }
+
+    /// Polls `status` until `condition` holds, or panics after `timeout`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut condition: impl FnMut(&Option<Value>) -> bool,
+    ) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if condition(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status: {status:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until every service is up with the instance steady.
+    pub fn wait_steady(&self, timeout: Duration) -> Value {
+        self.wait_for("a steady stack", timeout, |s| {
+            s.as_ref().is_some_and(|s| {
+                s["state"] == "steady"
+                    && s["services"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|x| x["state"] == "up")
+            })
+        })
+        .unwrap()
+    }
+
+    fn all_pids(&self) -> Vec<i32> {
+        let Some(status) = self.status_quiet() else {
+            return Vec::new();
+        };
+        let mut pids: Vec<i32> = ["coordinator", "standby", "keeper"]
+            .iter()
+            .filter_map(|k| status[*k]["pid"].as_i64())
+            .map(|p| p as i32)
+            .collect();
+        pids.extend(
+            status["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s["pid"].as_i64())
+                .map(|p| p as i32),
+        );
+        pids
+    }
+
+    fn status_quiet(&self) -> Option<Value> {
+        let out = Command::new(CCMGR)
+            .args(["--config"])
+            .arg(self.path().join("ccmgr.toml"))
+            .args(["status", "--json"])
+            .output()
+            .ok()?;
+        (out.status.code() == Some(0))
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    fn remember_pids(&self) {
+        let pids = self.all_pids();
+        self.seen.borrow_mut().extend(pids);
+    }
+
+    /// Reaps whichever of `pids` became our children (orphans re-parented to us).
+    fn reap(&self, pids: &[i32]) {
+        for &pid in pids {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(nix::sys::wait::WaitStatus::StillAlive) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    _ => break, // reaped, not our child (ECHILD), or given up
+                }
+            }
+        }
+    }
+
+    /// Is `pid` a live (non-zombie) process?
+    pub fn alive(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+            Err(_) => false,
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let mut pids: Vec<i32> = self.seen.borrow().iter().copied().collect();
+        pids.extend(self.all_pids());
+        let _ = Command::new(CCMGR)
+            .arg("--config")
+            .arg(self.path().join("ccmgr.toml"))
+            .arg("stop")
+            .output();
+        // Whatever survived (a test that broke things on purpose, a bug): kill by pid and group.
+        for &pid in &pids {
+            if Stack::alive(pid) {
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        self.reap(&pids);
+        let _ = std::fs::remove_file(format!("/dev/shm/ccmgr.{}", self.instance));
+    }
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Reads a file of lines a test's services append to.
+pub fn lines(path: &str) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Polls until the file at `path` has at least `n` lines.
+pub fn wait_lines(path: &str, n: usize, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let l = lines(path);
+        if l.len() >= n {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {n} lines in {path}; have {l:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
