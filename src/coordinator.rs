@@ -28,7 +28,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::engine::{Action, Engine, EngineParams, Event, Failure, Outcome, Time};
-use crate::keeper::protocol::{self, FromKeeper, ToKeeper, recv_message, send_message};
+use crate::keeper::protocol::{self, FromKeeper, Outbox, ToKeeper, recv_message};
 use crate::keeper::{COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD};
 use crate::notify::{self, NotifySocket};
 use crate::process_identity::ProcessIdentity;
@@ -123,11 +123,17 @@ struct Coordinator {
     report: Option<File>,
     /// The main pid of each service, as the keeper reported it.
     pids: Vec<Option<i32>>,
+    /// Each running service's (pid, start time), read from /proc once when it starts: the
+    /// segment records identities, and re-reading /proc at every publish would cost
+    /// O(services) file reads per event.
+    identities: Vec<Option<ProcessIdentity>>,
     /// The engine's time zero, and the same moment on the segment's monotonic clock.
     epoch: Instant,
     epoch_ms: u64,
     /// The keeper connection broke: nothing can be started or signalled any more.
     keeper_lost: bool,
+    /// Requests to the keeper that its socket could not take yet.
+    outbox: Outbox,
 }
 
 /// The fds the keeper hands its coordinator, taken first thing at start, before anything
@@ -214,9 +220,11 @@ pub fn run(instance: &str, handed: Handed) -> Result<i32, CoordinatorError> {
         timer,
         report,
         pids: vec![None; n],
+        identities: vec![None; n],
         epoch,
         epoch_ms,
         keeper_lost: false,
+        outbox: Outbox::default(),
     };
     info!(
         pid = std::process::id(),
@@ -249,8 +257,23 @@ impl Coordinator {
             epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, source.token()))?;
         }
         let mut events = [EpollEvent::empty(); 8];
+        let mut watching_writable = false;
         while !self.engine.is_finished() {
             self.arm_timer();
+            // Watch the keeper's socket for room only while requests wait in the outbox.
+            let want_writable = !self.outbox.is_empty() && !self.keeper_lost;
+            if want_writable != watching_writable && !self.keeper_lost {
+                let flags = if want_writable {
+                    EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
+                } else {
+                    EpollFlags::EPOLLIN
+                };
+                epoll.modify(
+                    self.keeper.as_fd(),
+                    &mut EpollEvent::new(flags, Source::Keeper.token()),
+                )?;
+                watching_writable = want_writable;
+            }
             let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
@@ -298,6 +321,9 @@ impl Coordinator {
     }
 
     fn on_keeper(&mut self, epoll: &Epoll) {
+        if !self.keeper_lost && self.outbox.flush(self.keeper.as_fd()).is_err() {
+            self.keeper_lost = true;
+        }
         loop {
             match recv_message::<FromKeeper>(self.keeper.as_fd()) {
                 Ok(Some(message)) => self.on_keeper_message(message),
@@ -329,6 +355,7 @@ impl Coordinator {
         match message {
             FromKeeper::Spawned { service, pid } => {
                 self.pids[service] = Some(pid);
+                self.identities[service] = ProcessIdentity::of(pid).ok();
                 let id = &self.config.services[service].id;
                 info!(service = %id, pid, "started");
                 self.feed(Event::Spawned { service, pid });
@@ -418,7 +445,7 @@ impl Coordinator {
         if self.keeper_lost {
             return;
         }
-        if let Err(e) = send_message(self.keeper.as_fd(), &message) {
+        if let Err(e) = self.outbox.push(self.keeper.as_fd(), &message) {
             error!(error = %e, "cannot reach the keeper");
             self.keeper_lost = true;
         }
@@ -544,7 +571,7 @@ impl Coordinator {
         w.set_restart_window(window.count, ms(window.start));
         for (i, slot) in self.engine.slots().iter().enumerate() {
             let _ = w.set_service_state(i, slot.state, ms(slot.since));
-            let identity = slot.pid.and_then(|pid| ProcessIdentity::of(pid).ok());
+            let identity = slot.pid.and(self.identities[i]);
             let _ = w.set_service_process(i, identity);
             let _ = w.set_restart_count(i, slot.restarts);
             let _ = w.set_last_exit(i, slot.last_exit.map(LastExit::from));

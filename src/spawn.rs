@@ -311,6 +311,29 @@ struct ChildPlan<'r> {
     empty_mask: SigSet,
     /// The highest signal number (SIGRTMAX): every disposition up to it is reset.
     max_signal: c_int,
+    /// The open-files limit to give the service back, when the supervisor raised its own
+    /// (see [`raise_fd_limit`]).
+    nofile: Option<libc::rlimit>,
+}
+
+/// The open-files limit this process had before [`raise_fd_limit`] raised it.
+static ORIGINAL_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
+
+/// Raises this process's soft limit on open files to the hard limit: a keeper holds a pipe
+/// and a log file per service, so a thousand services need more than the usual 1024. The
+/// limit the process had is remembered, and every service spawned afterwards gets it back,
+/// as programs that use `select()` break with fd numbers above 1024.
+pub fn raise_fd_limit() -> Result<u64, Errno> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let _ = ORIGINAL_NOFILE.set(libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    });
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard)
 }
 
 fn cstring(what: impl FnOnce() -> String, bytes: &[u8]) -> Result<CString, SpawnError> {
@@ -381,6 +404,7 @@ impl<'r> ChildPlan<'r> {
             sigset_size: usize::try_from(max_signal).unwrap_or(64).div_ceil(64) * 8,
             empty_mask: SigSet::empty(),
             max_signal,
+            nofile: ORIGINAL_NOFILE.get().copied(),
         })
     }
 }
@@ -526,7 +550,7 @@ fn wait_blocking(pid: Pid) -> Result<WaitStatus, Errno> {
 ///
 /// Only raw libc calls on pre-built data happen here, each of them async-signal-safe
 /// (signal-safety(7)): rt_sigaction, pthread_sigmask, setsid, fcntl, dup2, chdir, setgroups,
-/// setgid, setuid, syscall(close_range), execve, write, _exit.
+/// setgid, setuid, setrlimit, syscall(close_range), execve, write, _exit.
 fn run_child(plan: &ChildPlan<'_>) -> ! {
     // Signal dispositions first: SIG_IGN survives execve, so a service would otherwise inherit
     // whatever the coordinator ignores (SIGPIPE, at the least: Rust programs ignore it). The
@@ -569,6 +593,13 @@ fn run_child(plan: &ChildPlan<'_>) -> ! {
         if unsafe { libc::dup2(source, target) } < 0 {
             fail(plan, ExecStage::Stdio);
         }
+    }
+
+    if let Some(limit) = &plan.nofile {
+        // SAFETY: `limit` is an initialised rlimit owned by `plan`; setrlimit only reads it.
+        // Lowering a soft limit cannot fail for lack of privilege; if it fails anyway the
+        // service merely keeps the higher limit.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, limit) };
     }
 
     // SAFETY: `working_dir` is a NUL-terminated string owned by `plan`.
@@ -661,6 +692,18 @@ pub fn pidfd_open(pid: Pid) -> Result<OwnedFd, Errno> {
     // SAFETY: on success the kernel returned a new fd that nothing else in this process knows
     // of, so the OwnedFd is its only owner. The syscall returns an int, so it fits in RawFd.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Gives SIGPIPE back its default action, for a command whose output may go to a pipe that
+/// closes early (`ccmgr status | head -1`): it then ends quietly as Unix tools do, instead of
+/// panicking in `println!` (Rust starts every program with SIGPIPE ignored). Never for the
+/// keeper or the coordinator: a closed stderr must not kill a supervisor.
+pub fn default_sigpipe() {
+    // SAFETY: setting SIG_DFL installs no handler, so no code of ours can run in signal
+    // context; the call only changes this process's disposition of one signal.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// Waits until the process behind `pidfd` has ended, or `timeout` passed; true if it ended.

@@ -473,3 +473,19 @@ fn redis_counts_as_up_only_after_ready_and_its_dependent_waits_for_it() {
     );
     assert_eq!(stack.stop().status.code(), Some(0));
 }
+
+#[test]
+fn services_get_the_usual_open_files_limit_back() {
+    // The keeper raises its own limit to hold a pipe and a log per service; a service must
+    // still start with the limit the keeper was started with.
+    let (soft, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let stack = Stack::new("nofile", "", &[]);
+    let out = stack.file("nofile.txt");
+    stack.write_service(
+        "probe",
+        &format!("command = [\"sh\", \"-c\", \"ulimit -n > {out}; exec sleep 1000\"]\n"),
+    );
+    stack.start_ok();
+    assert_eq!(wait_lines(&out, 1, LONG), [soft.to_string()]);
+}

@@ -133,6 +133,15 @@ fn load_or_report(cli: &Cli) -> Result<Config, Exit> {
 pub fn main() -> ExitCode {
     // clap exits with 2 on usage errors, which is our code for bad usage too.
     let cli = Cli::parse();
+    let supervises = matches!(
+        cli.command,
+        Command::Internal { .. }
+            | Command::Start { foreground: true }
+            | Command::Restart { foreground: true }
+    );
+    if !supervises {
+        crate::spawn::default_sigpipe();
+    }
     let result = match &cli.command {
         Command::Check => load_or_report(&cli).map(|c| check::check(&c)),
         Command::Graph { format } => load_or_report(&cli).map(|c| check::graph(&c, *format)),

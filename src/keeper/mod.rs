@@ -44,7 +44,7 @@ use crate::logsink::{self, LogSink};
 use crate::notify::NotifySocket;
 use crate::shm::Segment;
 use crate::spawn::{self, ProcessExit, SpawnRequest};
-use protocol::{FromKeeper, ToKeeper, recv_message, send_message};
+use protocol::{FromKeeper, ToKeeper, recv_message};
 
 /// Where a keeper's coordinator finds the fds it is handed.
 pub const COORDINATOR_CHANNEL_FD: RawFd = 3;
@@ -111,6 +111,10 @@ struct Peer {
     socket: OwnedFd,
     /// Its socket reached end-of-file (it exited or closed it).
     closed: bool,
+    /// Messages its socket could not take yet.
+    outbox: protocol::Outbox,
+    /// The socket is in the epoll set for writability too.
+    watching_writable: bool,
 }
 
 /// What an epoll event is about.
@@ -163,6 +167,11 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
             path: dir.clone(),
             source,
         })?;
+    }
+    // A pipe and a log file per service: raise the open-files limit (services get the old one
+    // back at exec).
+    if let Err(e) = spawn::raise_fd_limit() {
+        warn!(error = %e, "cannot raise the open-files limit");
     }
     // Orphans of services (daemons that double-forked) come to us, not to init: we reap them.
     nix::sys::prctl::set_child_subreaper(true).map_err(KeeperError::Setup)?;
@@ -312,6 +321,8 @@ impl Keeper {
             Peer {
                 socket: ours,
                 closed: false,
+                outbox: protocol::Outbox::default(),
+                watching_writable: false,
             },
         );
         Ok(pid)
@@ -320,6 +331,7 @@ impl Keeper {
     fn run_loop(&mut self) {
         let mut events = vec![EpollEvent::empty(); 64];
         while !self.done() {
+            self.watch_writability();
             let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
@@ -475,8 +487,15 @@ impl Keeper {
 
     fn on_peer_exit(&mut self, pid: i32, exit: ProcessExit) {
         let was_coordinator = self.coordinator == Some(pid);
-        if let Some(peer) = self.peers.remove(&pid) {
+        if let Some(mut peer) = self.peers.remove(&pid) {
             unwatch(&self.epoll, &mut self.sources, peer.socket.as_fd());
+            if was_coordinator {
+                // What it never read waits, in order, for whoever takes over.
+                let unsent: Vec<FromKeeper> = peer.outbox.drain_unsent();
+                let later = std::mem::take(&mut self.queued);
+                self.queued = unsent;
+                self.queued.extend(later);
+            }
         }
         if was_coordinator {
             self.coordinator = None;
@@ -496,19 +515,55 @@ impl Keeper {
 
     /// Sends a service event to the coordinator, or queues it until one takes over.
     fn tell_coordinator(&mut self, message: FromKeeper) {
-        if let Some(peer) = self
-            .coordinator
-            .and_then(|pid| self.peers.get(&pid))
+        let coordinator = self.coordinator;
+        if let Some(peer) = coordinator
+            .and_then(|pid| self.peers.get_mut(&pid))
             .filter(|p| !p.closed)
         {
-            if send_message(peer.socket.as_fd(), &message).is_ok() {
-                return;
+            match peer.outbox.push(peer.socket.as_fd(), &message) {
+                Ok(()) => return,
+                Err(_) => {
+                    // Gone: what it never got waits, in order, for whoever takes over.
+                    peer.closed = true;
+                    let unsent: Vec<FromKeeper> = peer.outbox.drain_unsent();
+                    self.queued.extend(unsent);
+                }
             }
         }
         self.queued.push(message);
     }
 
+    /// Watches a peer's socket for room exactly while messages wait in its outbox.
+    fn watch_writability(&mut self) {
+        for (&pid, peer) in &mut self.peers {
+            let want = !peer.outbox.is_empty() && !peer.closed;
+            if want == peer.watching_writable || peer.closed {
+                continue;
+            }
+            let flags = if want {
+                EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
+            } else {
+                EpollFlags::EPOLLIN
+            };
+            let fd = peer.socket.as_raw_fd();
+            if self
+                .epoll
+                .modify(peer.socket.as_fd(), &mut EpollEvent::new(flags, fd as u64))
+                .is_ok()
+            {
+                peer.watching_writable = want;
+            } else {
+                warn!(pid, "cannot watch a coordinator's socket for room");
+            }
+        }
+    }
+
     fn on_peer(&mut self, pid: i32) {
+        if let Some(peer) = self.peers.get_mut(&pid) {
+            if peer.outbox.flush(peer.socket.as_fd()).is_err() {
+                peer.closed = true;
+            }
+        }
         loop {
             let Some(peer) = self.peers.get_mut(&pid) else {
                 return;

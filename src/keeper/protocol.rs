@@ -4,6 +4,7 @@
 //! (boundaries kept, no framing to get wrong), and a peer's death shows as end-of-file at
 //! once. Messages are small JSON records, readable in `strace` when something goes wrong.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
@@ -88,6 +89,60 @@ pub fn send_message<T: Serialize>(fd: BorrowedFd<'_>, message: &T) -> Result<(),
             Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(ProtocolError::Closed),
             Err(e) => return Err(ProtocolError::Io(e)),
         }
+    }
+}
+
+/// Messages waiting to go out on a non-blocking socket. A burst (a thousand spawn requests,
+/// a thousand exits) can fill the socket's buffer; then the rest waits here, in order, and
+/// goes when the socket is writable again. Neither side ever blocks on a send, so the keeper
+/// and the coordinator cannot deadlock by each waiting for the other to read.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    queue: VecDeque<Vec<u8>>,
+}
+
+impl Outbox {
+    /// Queues `message` and sends what the socket takes now.
+    pub fn push<T: Serialize>(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        message: &T,
+    ) -> Result<(), ProtocolError> {
+        self.queue.push_back(serde_json::to_vec(message)?);
+        self.flush(fd)
+    }
+
+    /// Sends queued messages until the socket's buffer is full or the queue is empty.
+    pub fn flush(&mut self, fd: BorrowedFd<'_>) -> Result<(), ProtocolError> {
+        while let Some(bytes) = self.queue.front() {
+            match send(
+                fd.as_raw_fd(),
+                bytes,
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(_) => {
+                    self.queue.pop_front();
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return Ok(()),
+                Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(ProtocolError::Closed),
+                Err(e) => return Err(ProtocolError::Io(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Nothing waits: the socket need not be watched for writability.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Takes back what was never sent (the peer went away), decoded.
+    pub fn drain_unsent<T: for<'de> Deserialize<'de>>(&mut self) -> Vec<T> {
+        self.queue
+            .drain(..)
+            .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+            .collect()
     }
 }
 
@@ -191,5 +246,46 @@ mod tests {
             recv_message::<ToKeeper>(b.as_fd()),
             Err(ProtocolError::Closed)
         ));
+    }
+
+    #[test]
+    fn an_outbox_holds_a_burst_the_socket_cannot_take_and_loses_nothing() {
+        let (a, b) = channel().unwrap();
+        set_nonblocking(a.as_fd()).unwrap();
+        set_nonblocking(b.as_fd()).unwrap();
+        let mut outbox = Outbox::default();
+        // Far more than a socket buffer holds, with nobody reading yet.
+        for pid in 0..20_000 {
+            outbox
+                .push(
+                    a.as_fd(),
+                    &ToKeeper::Signal {
+                        service: 1,
+                        pid,
+                        signal: 15,
+                    },
+                )
+                .unwrap();
+        }
+        assert!(!outbox.is_empty(), "the burst did not fit in the socket");
+        let mut received = Vec::new();
+        while received.len() < 20_000 {
+            while let Some(m) = recv_message::<ToKeeper>(b.as_fd()).unwrap() {
+                received.push(m);
+            }
+            outbox.flush(a.as_fd()).unwrap();
+        }
+        assert!(outbox.is_empty());
+        for (i, m) in received.iter().enumerate() {
+            assert_eq!(
+                *m,
+                ToKeeper::Signal {
+                    service: 1,
+                    pid: i as i32,
+                    signal: 15
+                },
+                "in order"
+            );
+        }
     }
 }
