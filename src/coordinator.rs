@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -26,13 +27,13 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use crate::config::Config;
-use crate::engine::{Action, Engine, EngineParams, Event, Failure, Outcome, Time};
+use crate::config::{Config, Takeover};
+use crate::engine::{Action, Adopted, Engine, EngineParams, Event, Failure, Outcome, Time};
 use crate::keeper::protocol::{self, FromKeeper, Outbox, ToKeeper, recv_message};
 use crate::keeper::{COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD};
 use crate::notify::{self, NotifySocket};
 use crate::process_identity::ProcessIdentity;
-use crate::shm::{GaveUp, GiveUpReason, LastExit, MutexId, Segment};
+use crate::shm::{GaveUp, GiveUpReason, InstanceState, LastExit, MutexId, Segment};
 use crate::spawn::ProcessExit;
 
 /// Why the coordinator could not run.
@@ -134,6 +135,11 @@ struct Coordinator {
     keeper_lost: bool,
     /// Requests to the keeper that its socket could not take yet.
     outbox: Outbox,
+    /// The standby's pid, while one runs.
+    standby: Option<i32>,
+    /// Standbys that died soon after starting, in a row: a standby that cannot live is not
+    /// restarted for ever.
+    standby_failures: u32,
 }
 
 /// The fds the keeper hands its coordinator, taken first thing at start, before anything
@@ -155,24 +161,20 @@ impl Handed {
     }
 }
 
-/// Runs the coordinator; returns the process exit code (0: stopped on request; 1: failed).
-pub fn run(instance: &str, handed: Handed) -> Result<i32, CoordinatorError> {
+/// Which role the process starts in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The first coordinator of a start.
+    Coordinator,
+    /// A standby: waits for the coordinator's death, then takes over.
+    Standby,
+}
+
+/// Runs the coordinator (or a standby that becomes one); returns the process exit code (0:
+/// stopped on request, or a standby retired by an orderly stop; 1: failed).
+pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, CoordinatorError> {
     let segment = Segment::open(instance)?;
     let config = Config::from_image(&segment.config_blob()?).map_err(CoordinatorError::Image)?;
-    // The daemon mutex says "a coordinator lives"; the daemon standby mutex is what a standby
-    // waits on; the daemon component mutex is what API services wait on. Held until death.
-    for (id, name) in [
-        (MutexId::Daemon, "daemon"),
-        (MutexId::DaemonStandby, "daemon standby"),
-        (MutexId::DaemonComponent, "daemon component"),
-    ] {
-        let mutex = segment.mutex(id)?;
-        match mutex.try_lock() {
-            Ok(Some(guard)) => guard.hold_until_exit(),
-            Ok(None) => return Err(CoordinatorError::AlreadyCoordinated),
-            Err(e) => return Err(CoordinatorError::Lock(name, e.to_string())),
-        }
-    }
     let keeper = handed
         .keeper
         .ok_or(CoordinatorError::MissingFd(COORDINATOR_CHANNEL_FD))?;
@@ -183,6 +185,22 @@ pub fn run(instance: &str, handed: Handed) -> Result<i32, CoordinatorError> {
         NotifySocket::from_inherited(notify_fd, crate::keeper::notify_socket_path(&config));
     let report = handed.report.map(File::from);
     protocol::set_nonblocking(keeper.as_fd())?;
+    let me = ProcessIdentity::current().ok();
+
+    let took_over = match role {
+        Role::Coordinator => {
+            take_liveness_locks(&segment, false)?;
+            false
+        }
+        Role::Standby => {
+            if !wait_for_coordinator_death(&segment, me)? {
+                info!("the coordinator stopped in order: the standby retires");
+                return Ok(0);
+            }
+            take_liveness_locks(&segment, true)?;
+            true
+        }
+    };
 
     let mut mask = SigSet::empty();
     for s in [
@@ -199,17 +217,21 @@ pub fn run(instance: &str, handed: Handed) -> Result<i32, CoordinatorError> {
         ClockId::CLOCK_MONOTONIC,
         TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
     )?;
-
-    let me = ProcessIdentity::current().ok();
     {
         let w = segment.write()?;
         w.set_coordinator(me);
-        w.set_gave_up(None)?;
+        if took_over {
+            w.set_standby(None);
+        } else {
+            w.set_gave_up(None)?;
+        }
     }
     let epoch = Instant::now();
     let epoch_ms = crate::shm::monotonic_ms();
     let n = config.services.len();
-    let (engine, actions) = Engine::new(EngineParams::from_config(&config), Time::ZERO);
+    let params = EngineParams::from_config(&config);
+    // The engine is replaced below for a takeover; a fresh one costs nothing.
+    let (engine, first_actions) = Engine::new(params.clone(), Time::ZERO);
     let mut c = Coordinator {
         config,
         segment,
@@ -225,12 +247,23 @@ pub fn run(instance: &str, handed: Handed) -> Result<i32, CoordinatorError> {
         epoch_ms,
         keeper_lost: false,
         outbox: Outbox::default(),
+        standby: None,
+        standby_failures: 0,
     };
-    info!(
-        pid = std::process::id(),
-        services = n,
-        "coordinator started"
-    );
+    let actions = if took_over {
+        let actions = c.adopt(params)?;
+        info!(pid = std::process::id(), services = n, phase = %c.engine.phase(), "the standby took over as coordinator");
+        // A new standby, so that the next death is covered too.
+        c.spawn_standby();
+        actions
+    } else {
+        info!(
+            pid = std::process::id(),
+            services = n,
+            "coordinator started"
+        );
+        first_actions
+    };
     c.perform(actions);
     c.publish();
     c.event_loop()?;
@@ -240,9 +273,149 @@ pub fn run(instance: &str, handed: Handed) -> Result<i32, CoordinatorError> {
     })
 }
 
+/// The daemon mutex says "a coordinator lives"; the daemon standby mutex is what a standby
+/// waits on; the daemon component mutex is what API services wait on. A coordinator holds
+/// all three until it dies, when the kernel releases them to whoever waits.
+fn take_liveness_locks(segment: &Segment, taking_over: bool) -> Result<(), CoordinatorError> {
+    let mut ids = vec![
+        (MutexId::Daemon, "daemon"),
+        (MutexId::DaemonComponent, "daemon component"),
+    ];
+    if !taking_over {
+        // A standby taking over holds the daemon standby mutex already.
+        ids.insert(1, (MutexId::DaemonStandby, "daemon standby"));
+    }
+    for (id, name) in ids {
+        let mutex = segment.mutex(id)?;
+        // The dead coordinator's mutexes are released by the kernel at its death; a short
+        // bounded wait covers the instant between its death and that release.
+        let locked = if taking_over {
+            mutex.lock_timeout(Duration::from_secs(5))
+        } else {
+            mutex.try_lock()
+        };
+        match locked {
+            Ok(Some(guard)) => guard.hold_until_exit(),
+            Ok(None) => return Err(CoordinatorError::AlreadyCoordinated),
+            Err(e) => return Err(CoordinatorError::Lock(name, e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// The standby's watch: record itself, then block on the daemon standby mutex, which the
+/// coordinator holds for its whole life. No polling: the kernel wakes us when it dies. Returns
+/// false when the coordinator ended in order (the stack is stopped) rather than died.
+fn wait_for_coordinator_death(
+    segment: &Segment,
+    me: Option<ProcessIdentity>,
+) -> Result<bool, CoordinatorError> {
+    if let Ok(w) = segment.write() {
+        w.set_standby(me);
+    }
+    info!(
+        pid = std::process::id(),
+        "standby: watching the coordinator"
+    );
+    let guard = segment
+        .mutex(MutexId::DaemonStandby)?
+        .lock()
+        .map_err(|e| CoordinatorError::Lock("daemon standby", e.to_string()))?;
+    let state = segment.instance_status()?.state;
+    if matches!(state, InstanceState::Stopped | InstanceState::Failed) {
+        return Ok(false);
+    }
+    warn!(died = guard.previous_holder_died(), state = %state, "the coordinator is gone: taking over");
+    guard.hold_until_exit();
+    Ok(true)
+}
+
 impl Coordinator {
     fn now(&self) -> Time {
         self.epoch.elapsed()
+    }
+
+    /// Takes over from a dead coordinator: asks the keeper for what happened while nobody
+    /// listened and what runs now, reads what the dead one published, and builds the engine
+    /// that finishes its work.
+    fn adopt(&mut self, params: EngineParams) -> Result<Vec<Action>, CoordinatorError> {
+        let n = self.config.services.len();
+        self.send(ToKeeper::TakeOver);
+        let mut exits: Vec<Option<ProcessExit>> = vec![None; n];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let running = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(CoordinatorError::Image(
+                    "the keeper did not answer the takeover".into(),
+                ));
+            }
+            let _ = self.outbox.flush(self.keeper.as_fd());
+            let mut fds = [PollFd::new(self.keeper.as_fd(), PollFlags::POLLIN)];
+            let wait = PollTimeout::try_from(left.as_millis().min(1000) as i32)
+                .unwrap_or(PollTimeout::MAX);
+            match poll(&mut fds, wait) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            match recv_message::<FromKeeper>(self.keeper.as_fd()) {
+                Ok(Some(FromKeeper::Running { services })) => break services,
+                Ok(Some(FromKeeper::Exited {
+                    service,
+                    code,
+                    signal,
+                    ..
+                })) if service < n => {
+                    exits[service] = Some(exit_of(code, signal));
+                }
+                // Answers to the dead coordinator's requests: what runs is in `Running`.
+                Ok(Some(_)) | Ok(None) => {}
+                Err(e) => {
+                    return Err(CoordinatorError::Image(format!(
+                        "lost the keeper during the takeover: {e}"
+                    )));
+                }
+            }
+        };
+        for &(service, pid) in &running {
+            if service < n {
+                self.pids[service] = Some(pid);
+                self.identities[service] = ProcessIdentity::of(pid).ok();
+            }
+        }
+        let phase = self.segment.instance_status()?.state;
+        let mut adopted = Vec::with_capacity(n);
+        for (i, exit) in exits.into_iter().enumerate() {
+            let record = self.segment.service_status(i)?;
+            adopted.push(Adopted {
+                state: record.state,
+                running: self.pids[i],
+                exit,
+                restarts: record.restart_count,
+                last_exit: record.last_exit.map(|e| match e {
+                    LastExit::Exited(code) => ProcessExit::Exited(code),
+                    LastExit::Signaled(signal) => ProcessExit::Signaled {
+                        signal,
+                        core_dumped: false,
+                    },
+                }),
+            });
+        }
+        let restart_all = self.config.global.coordinator.takeover == Takeover::Restart;
+        let (engine, actions) = Engine::adopt(params, self.now(), phase, &adopted, restart_all);
+        self.engine = engine;
+        Ok(actions)
+    }
+
+    /// Asks the keeper for a standby, when the configuration wants one and the stack runs.
+    fn spawn_standby(&mut self) {
+        let stopping = matches!(
+            self.engine.phase(),
+            InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed
+        );
+        if self.config.global.coordinator.standby && self.standby.is_none() && !stopping {
+            self.send(ToKeeper::SpawnStandby);
+        }
     }
 
     fn event_loop(&mut self) -> Result<(), CoordinatorError> {
@@ -374,24 +547,37 @@ impl Coordinator {
                     return;
                 }
                 self.pids[service] = None;
-                let exit = match (code, signal) {
-                    (_, Some(signal)) => ProcessExit::Signaled {
-                        signal,
-                        core_dumped: false,
-                    },
-                    (Some(code), None) => ProcessExit::Exited(code),
-                    (None, None) => ProcessExit::Exited(-1),
-                };
+                let exit = exit_of(code, signal);
                 let id = &self.config.services[service].id;
                 let started = self.engine.slots()[service].started_at.unwrap_or_default();
                 let ran_for = self.now().saturating_sub(started);
                 info!(service = %id, pid, %exit, ran_for_ms = ran_for.as_millis() as u64, "exited");
                 self.feed(Event::Exited { service, exit });
             }
-            // Standby messages belong to the standby issue's handling; nothing to do here yet.
-            FromKeeper::Running { .. }
-            | FromKeeper::StandbySpawned { .. }
-            | FromKeeper::StandbyExited { .. } => {}
+            FromKeeper::StandbySpawned { pid: Some(pid) } => {
+                info!(pid, "standby started");
+                self.standby = Some(pid);
+            }
+            FromKeeper::StandbySpawned { pid: None } => {
+                warn!("the keeper could not start a standby")
+            }
+            FromKeeper::StandbyExited { pid } => {
+                if self.standby == Some(pid) {
+                    self.standby = None;
+                }
+                if let Ok(w) = self.segment.write() {
+                    w.set_standby(None);
+                }
+                self.standby_failures += 1;
+                if self.standby_failures <= MAX_STANDBY_RESTARTS {
+                    warn!(pid, "the standby died: starting another");
+                    self.spawn_standby();
+                } else {
+                    error!(pid, "the standby keeps dying: running without one");
+                }
+            }
+            // Only meaningful during a takeover (see `adopt`).
+            FromKeeper::Running { .. } => {}
         }
     }
 
@@ -483,6 +669,8 @@ impl Coordinator {
                     // Whoever reads the report reads the segment next: it must be current.
                     self.publish();
                     self.report(&StartReport::Up);
+                    // FIG. 7B: once the startup sequence is done, a standby.
+                    self.spawn_standby();
                 }
                 Action::Finished(outcome) => self.finish(&outcome),
             }
@@ -559,6 +747,9 @@ impl Coordinator {
             let _ = std::fs::write(last_outcome_path(&self.config), text);
         }
         info!(outcome = label, "the stack is stopped");
+        // The standby goes first: our exit releases the mutex it waits on, and that must not
+        // look like a death to take over from.
+        self.send(ToKeeper::StopStandby);
         self.send(ToKeeper::Shutdown);
     }
 
@@ -576,5 +767,20 @@ impl Coordinator {
             let _ = w.set_restart_count(i, slot.restarts);
             let _ = w.set_last_exit(i, slot.last_exit.map(LastExit::from));
         }
+    }
+}
+
+/// A standby that dies is replaced at most this many times in a coordinator's life.
+const MAX_STANDBY_RESTARTS: u32 = 20;
+
+/// How a process ended, from the keeper's (code, signal) pair.
+fn exit_of(code: Option<i32>, signal: Option<i32>) -> ProcessExit {
+    match (code, signal) {
+        (_, Some(signal)) => ProcessExit::Signaled {
+            signal,
+            core_dumped: false,
+        },
+        (Some(code), None) => ProcessExit::Exited(code),
+        (None, None) => ProcessExit::Exited(-1),
     }
 }

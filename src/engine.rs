@@ -242,6 +242,19 @@ impl Slot {
     }
 }
 
+/// What a coordinator taking over knows of one service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Adopted {
+    /// The state the dead coordinator published.
+    pub state: ServiceState,
+    /// Its main process, if it still runs (the keeper's word).
+    pub running: Option<i32>,
+    /// How it ended, if it ended while no coordinator watched (the keeper kept the news).
+    pub exit: Option<ProcessExit>,
+    pub restarts: u32,
+    pub last_exit: Option<ProcessExit>,
+}
+
 /// The restart window of the instance: restarts counted since `start`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RestartWindow {
@@ -287,6 +300,113 @@ impl Engine {
             slot.since = now;
         }
         let mut actions = Vec::new();
+        engine.pump(&mut actions);
+        (engine, actions)
+    }
+
+    /// An engine for a coordinator taking over from a dead one, at time `now`: `phase` is what
+    /// the dead one published, `services` what is known of each service (its published record,
+    /// whether its process still runs, how it ended if it died while nobody watched). The new
+    /// engine finishes what the old one was doing: a startup goes on starting, a stop goes on
+    /// stopping, a failure sequence goes on restarting, and a service that died while nobody
+    /// watched goes through the failure sequence like any other crash. With `restart_all`
+    /// (takeover = "restart", the original design) everything running is then stopped in
+    /// shutdown order and started again in startup order.
+    pub fn adopt(
+        params: EngineParams,
+        now: Time,
+        phase: InstanceState,
+        services: &[Adopted],
+        restart_all: bool,
+    ) -> (Self, Vec<Action>) {
+        let n = params.services.len();
+        let mut engine = Self {
+            sequence_deadline: (phase == InstanceState::Initializing)
+                .then_some(now + params.startup_timeout),
+            params,
+            slots: vec![Slot::new(); n],
+            phase,
+            phase_since: now,
+            window: RestartWindow {
+                start: now,
+                count: 0,
+            },
+            stopping_for: None,
+            finished: false,
+            now,
+        };
+        let mut died_unwatched = Vec::new();
+        for (s, adopted) in services.iter().enumerate().take(n) {
+            let ready = engine.params.services[s].ready;
+            let slot = &mut engine.slots[s];
+            slot.since = now;
+            slot.restarts = adopted.restarts;
+            slot.last_exit = adopted.exit.or(adopted.last_exit);
+            slot.pid = adopted.running;
+            slot.started_at = adopted.running.map(|_| now);
+            slot.state = match (adopted.running, adopted.state) {
+                (Some(_), ServiceState::Stopping) => ServiceState::Stopping,
+                (Some(_), ServiceState::Up) => ServiceState::Up,
+                // Its exec succeeded (the keeper reported it), and that is all "started" asks.
+                (Some(_), _) if ready == ReadyKind::Started => ServiceState::Up,
+                // Running but not yet known to be up (or not yet published): starting, with a
+                // fresh startup deadline.
+                (Some(_), _) => ServiceState::Starting,
+                // A one-shot task that finished while nobody watched: done, so up.
+                (None, ServiceState::Starting)
+                    if ready == ReadyKind::Exit
+                        && adopted.exit.is_some_and(ProcessExit::success) =>
+                {
+                    ServiceState::Up
+                }
+                // A one-shot task that finished: up with nothing running.
+                (None, ServiceState::Up) if ready == ReadyKind::Exit && adopted.exit.is_none() => {
+                    ServiceState::Up
+                }
+                (None, ServiceState::Failed) => ServiceState::Failed,
+                (None, _) => ServiceState::Stopped,
+            };
+            match slot.state {
+                ServiceState::Starting => {
+                    slot.deadline = Some(now + engine.params.services[s].startup_timeout)
+                }
+                ServiceState::Stopping => {
+                    slot.deadline = Some(now + engine.params.services[s].shutdown_timeout)
+                }
+                _ => {}
+            }
+            let was_running = matches!(adopted.state, ServiceState::Starting | ServiceState::Up);
+            if adopted.running.is_none() && was_running && slot.state != ServiceState::Up {
+                died_unwatched.push(s);
+            }
+        }
+        let mut actions = Vec::new();
+        match phase {
+            // The dead coordinator was stopping the stack: finish the stop.
+            InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed => {
+                engine.enter_stopping(Outcome::Stopped);
+            }
+            _ => {
+                for s in died_unwatched {
+                    let exit = services[s].exit.unwrap_or(ProcessExit::Signaled {
+                        signal: Signal::SIGKILL as i32,
+                        core_dumped: false,
+                    });
+                    // While starting up, a death is a startup failure; afterwards a failure to
+                    // recover from. on_failure decides by the phase.
+                    engine.on_failure(s, FailureKind::Exited(exit));
+                }
+                if restart_all && !matches!(engine.phase, InstanceState::Stopping) {
+                    for slot in &mut engine.slots {
+                        if slot.wanted {
+                            slot.wanted = false;
+                            slot.cycling = true;
+                        }
+                    }
+                    engine.set_phase(InstanceState::Recovery);
+                }
+            }
+        }
         engine.pump(&mut actions);
         (engine, actions)
     }
@@ -540,6 +660,11 @@ impl Engine {
         ) {
             return;
         }
+        self.enter_stopping(why);
+    }
+
+    /// Stops everything, whatever the phase (a takeover finishing a dead coordinator's stop).
+    fn enter_stopping(&mut self, why: Outcome) {
         self.stopping_for = Some(why);
         self.set_phase(InstanceState::Stopping);
         self.sequence_deadline = Some(self.now + self.params.shutdown_timeout);

@@ -344,7 +344,7 @@ pub fn internal_keeper(instance: &str) -> Exit {
 }
 
 /// The `internal coordinator` role: started by the keeper with its fds on 3, 4 (and 5).
-pub fn internal_coordinator(instance: &str, foreground: bool) -> Exit {
+pub fn internal_coordinator(instance: &str, foreground: bool, role: coordinator::Role) -> Exit {
     keeper::protocol::close_inherited_fds(&[
         keeper::COORDINATOR_CHANNEL_FD,
         keeper::COORDINATOR_NOTIFY_FD,
@@ -359,12 +359,16 @@ pub fn internal_coordinator(instance: &str, foreground: bool) -> Exit {
             return Exit::Failed;
         }
     };
+    let name = match role {
+        coordinator::Role::Coordinator => "coordinator",
+        coordinator::Role::Standby => "standby",
+    };
     let _span = crate::logging::init(
         Some(&coordinator::coordinator_log_path(&config)),
         foreground,
-        "coordinator",
+        name,
     );
-    match coordinator::run(instance, handed) {
+    match coordinator::run(instance, handed, role) {
         Ok(0) => Exit::Ok,
         Ok(_) => Exit::Failed,
         Err(e) => {

@@ -153,9 +153,16 @@ pub fn main() -> ExitCode {
             let instance = cli.instance.clone().unwrap_or_default();
             Ok(match role {
                 InternalRole::Keeper => lifecycle::internal_keeper(&instance),
-                InternalRole::Coordinator | InternalRole::Standby => {
-                    lifecycle::internal_coordinator(&instance, *foreground)
-                }
+                InternalRole::Coordinator => lifecycle::internal_coordinator(
+                    &instance,
+                    *foreground,
+                    crate::coordinator::Role::Coordinator,
+                ),
+                InternalRole::Standby => lifecycle::internal_coordinator(
+                    &instance,
+                    *foreground,
+                    crate::coordinator::Role::Standby,
+                ),
             })
         }
     };

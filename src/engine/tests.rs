@@ -782,3 +782,190 @@ fn failures_are_described_in_words() {
         "was not ready within its startup timeout (1.5s) and was killed"
     );
 }
+
+/// A simulator whose engine takes over from a dead coordinator: `adopted` says, per service,
+/// (published state, still running?, exit while unwatched).
+fn sim_adopting(
+    services: Vec<Svc>,
+    phase: InstanceState,
+    adopted: &[(ServiceState, bool, Option<ProcessExit>)],
+    restart_all: bool,
+) -> Sim {
+    let p = params(&services);
+    let n = services.len();
+    let mut pids = vec![None; n];
+    let list: Vec<Adopted> = adopted
+        .iter()
+        .enumerate()
+        .map(|(i, &(state, running, exit))| {
+            let pid = running.then_some(500 + i as i32);
+            pids[i] = pid;
+            Adopted {
+                state,
+                running: pid,
+                exit,
+                restarts: 0,
+                last_exit: None,
+            }
+        })
+        .collect();
+    let (engine, actions) = Engine::adopt(p, Time::ZERO, phase, &list, restart_all);
+    let mut sim = Sim {
+        engine,
+        ids: services.iter().map(|s| s.id.to_owned()).collect(),
+        behaviours: services.into_iter().map(|s| s.behaviour).collect(),
+        starts: vec![0; n],
+        now: Time::ZERO,
+        next_pid: 1000,
+        pending: BTreeMap::new(),
+        seq: 0,
+        log: Vec::new(),
+        pids,
+        finished: None,
+        startup_complete_at: None,
+    };
+    sim.perform(actions);
+    sim
+}
+
+const UP: (ServiceState, bool, Option<ProcessExit>) = (ServiceState::Up, true, None);
+
+#[test]
+fn adopting_a_steady_stack_changes_nothing() {
+    let mut sim = sim_adopting(stack(), InstanceState::Steady, &[UP; 5], false);
+    sim.run();
+    assert!(sim.log.is_empty(), "{:?}", sim.log);
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+    assert!(
+        sim.engine
+            .slots()
+            .iter()
+            .all(|s| s.state == ServiceState::Up && s.pid.is_some())
+    );
+    assert_eq!(sim.engine.next_deadline(), None);
+}
+
+#[test]
+fn a_service_that_died_while_nobody_watched_goes_through_the_failure_sequence() {
+    // db (index 1) died during the gap; api and web require it.
+    let died = (ServiceState::Up, false, Some(ProcessExit::Exited(1)));
+    let mut sim = sim_adopting(
+        stack(),
+        InstanceState::Steady,
+        &[UP, died, UP, UP, UP],
+        false,
+    );
+    sim.run();
+    assert_eq!(
+        sim.log,
+        // How long db ran before it died is unknown, so its restart waits restart_delay.
+        [
+            "t=0 stop web",
+            "t=1 stop api",
+            "t=100 spawn db",
+            "t=100 spawn api",
+            "t=100 spawn web"
+        ]
+    );
+    assert_eq!(sim.engine.slots()[1].restarts, 1);
+    assert_eq!(
+        sim.engine.slots()[1].last_exit,
+        Some(ProcessExit::Exited(1))
+    );
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+}
+
+#[test]
+fn a_startup_cut_short_by_the_coordinators_death_is_finished() {
+    // log and cache were up, db was starting (its process runs), api and web not started.
+    let starting = (ServiceState::Starting, true, None);
+    let down = (ServiceState::Stopped, false, None);
+    let mut sim = sim_adopting(
+        stack(),
+        InstanceState::Initializing,
+        &[UP, starting, UP, down, down],
+        false,
+    );
+    sim.run();
+    // db's process runs and "started" asks nothing more, so it is up, and api and web follow.
+    assert_eq!(sim.log, ["t=0 spawn api", "t=0 spawn web"]);
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+    assert!(
+        sim.startup_complete_at.is_some(),
+        "the start is reported complete"
+    );
+}
+
+#[test]
+fn a_failure_sequence_cut_short_is_finished() {
+    // The dead coordinator had stopped api and web to restart them after db crashed, and had
+    // already started db again.
+    let down = (ServiceState::Stopped, false, None);
+    let mut sim = sim_adopting(
+        stack(),
+        InstanceState::Recovery,
+        &[UP, UP, UP, down, down],
+        false,
+    );
+    sim.run();
+    assert_eq!(sim.log, ["t=0 spawn api", "t=0 spawn web"]);
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+}
+
+#[test]
+fn a_stop_cut_short_is_finished_in_order() {
+    let stopped = (ServiceState::Stopped, false, None);
+    let mut sim = sim_adopting(
+        stack(),
+        InstanceState::Stopping,
+        &[UP, UP, UP, stopped, stopped],
+        false,
+    );
+    sim.run();
+    assert_eq!(sim.log, ["t=0 stop db", "t=0 stop cache", "t=1 stop log"]);
+    assert_eq!(sim.finished, Some(Outcome::Stopped));
+}
+
+#[test]
+fn takeover_restart_stops_everything_in_order_then_starts_it_again() {
+    let mut sim = sim_adopting(stack(), InstanceState::Steady, &[UP; 5], true);
+    sim.run();
+    assert_eq!(
+        sim.log,
+        [
+            "t=0 stop web",
+            "t=0 stop cache",
+            "t=1 stop api",
+            "t=2 stop db",
+            "t=3 stop log",
+            "t=4 spawn cache",
+            "t=4 spawn log",
+            "t=4 spawn db",
+            "t=4 spawn api",
+            "t=4 spawn web"
+        ]
+    );
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+    assert_eq!(
+        sim.engine.slots()[0].restarts,
+        0,
+        "a takeover restart is not a failure"
+    );
+}
+
+#[test]
+fn a_one_shot_that_finished_while_nobody_watched_is_done() {
+    let mut services = vec![svc("migrate", &[]), svc("app", &["migrate"])];
+    services[0].ready = ReadyKind::Exit;
+    let finished = (ServiceState::Starting, false, Some(ProcessExit::Exited(0)));
+    let down = (ServiceState::Stopped, false, None);
+    let mut sim = sim_adopting(
+        services,
+        InstanceState::Initializing,
+        &[finished, down],
+        false,
+    );
+    sim.run();
+    assert_eq!(sim.log, ["t=0 spawn app"]);
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+}

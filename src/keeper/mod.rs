@@ -589,6 +589,10 @@ impl Keeper {
                 info!(pid = from, "a standby takes over as coordinator");
                 self.coordinator = Some(from);
                 self.children.insert(from, Role::Coordinator);
+                // First what happened while nobody listened, then what runs now.
+                for message in std::mem::take(&mut self.queued) {
+                    self.tell_coordinator(message);
+                }
                 let services = self
                     .service_pids
                     .iter()
@@ -596,9 +600,6 @@ impl Keeper {
                     .filter_map(|(s, pid)| pid.map(|p| (s, p)))
                     .collect();
                 self.tell_coordinator(FromKeeper::Running { services });
-                for message in std::mem::take(&mut self.queued) {
-                    self.tell_coordinator(message);
-                }
             }
             // Everything else comes from the coordinator only.
             _ if !is_coordinator => warn!(
@@ -627,6 +628,14 @@ impl Keeper {
             ToKeeper::SpawnStandby => {
                 let pid = self.start_coordinator(Role::Standby, None).ok();
                 self.tell_coordinator(FromKeeper::StandbySpawned { pid });
+            }
+            ToKeeper::StopStandby => {
+                for (&pid, role) in &self.children {
+                    if *role == Role::Standby {
+                        info!(pid, "stopping the standby");
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                }
             }
             ToKeeper::Shutdown => self.shutdown_requested = true,
         }

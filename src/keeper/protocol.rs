@@ -29,8 +29,12 @@ pub enum ToKeeper {
     },
     /// Start a standby coordinator.
     SpawnStandby,
-    /// This (standby) connection is now the coordinator: send it the service events.
+    /// This (standby) connection is now the coordinator: send it what happened while no
+    /// coordinator listened, then [`FromKeeper::Running`], then every service event.
     TakeOver,
+    /// Stop the standby: the stack is being stopped in order, and a standby waking up to the
+    /// coordinator's orderly exit must not take it for a death.
+    StopStandby,
     /// The stack is stopped: exit once the coordinator has.
     Shutdown,
 }
@@ -50,7 +54,8 @@ pub enum FromKeeper {
         code: Option<i32>,
         signal: Option<i32>,
     },
-    /// The services that run right now, sent to a standby that takes over: (service, pid).
+    /// The services that run right now, sent to a standby that takes over after the events
+    /// queued while nobody listened: (service, pid). It ends the backlog.
     Running { services: Vec<(usize, i32)> },
     /// A standby was started (`pid`), or could not be (`pid` is None).
     StandbySpawned { pid: Option<i32> },
