@@ -264,6 +264,26 @@ impl Drop for Stack {
     }
 }
 
+impl Stack {
+    /// The coordinator's (and keeper's) own log.
+    pub fn coordinator_log(&self) -> String {
+        std::fs::read_to_string(self.log_dir().join(format!("ccmgr-{}.log", self.instance)))
+            .unwrap_or_default()
+    }
+
+    /// The services in the order the coordinator started them (its "started" lines, which it
+    /// writes when the keeper reports the process exists). A service's own "I started" line is
+    /// no proof of order: two services whose dependency is up run concurrently.
+    pub fn start_order(&self) -> Vec<String> {
+        self.coordinator_log()
+            .lines()
+            .filter(|l| !l.contains("role=\"keeper\"") && l.contains(": started service="))
+            .filter_map(|l| l.split("service=").nth(1))
+            .map(|rest| rest.split_whitespace().next().unwrap_or("").to_owned())
+            .collect()
+    }
+}
+
 pub fn text(out: &Output) -> String {
     format!(
         "exit {:?}\n--- stdout\n{}--- stderr\n{}",
