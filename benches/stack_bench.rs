@@ -12,6 +12,11 @@
 //! 4. idle: CPU ticks and context switches of the coordinator and the keeper over 10 idle
 //!    seconds with 1000 services up (0 expected: no timer, no polling).
 //!
+//! 5. takeover: time from SIGKILL of the coordinator to the standby acting as coordinator
+//!    (it took the locks, adopted the running services and published the adopted state), and
+//!    to a new standby being recorded (median and p99 over 100 rounds); baseline: fork+exec
+//!    of the same binary to its exit (`ccmgr --version`), the cost of starting any process.
+//!
 //! Run: `cargo bench --bench stack_bench` (about a minute; `-- quick` skips the 1000s).
 
 use std::path::Path;
@@ -248,6 +253,77 @@ fn bench_memory_and_idle(quick: bool) {
     );
 }
 
+fn bench_takeover() {
+    let stack = Stack::new("takeover", 1, 10, "");
+    // Standby on (the Stack helper turns it off for the other benchmarks).
+    let config = stack.dir.path().join("ccmgr.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("standby = false", "standby = true");
+    std::fs::write(&config, text).unwrap();
+    stack.ccmgr("start");
+    let seg = stack.segment();
+    let wait_standby = |not: Option<i32>| -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = seg.instance_status().unwrap();
+            if let Some(s) = st.standby.filter(|s| Some(s.pid) != not && s.is_alive()) {
+                return s.pid;
+            }
+            assert!(Instant::now() < deadline, "no standby");
+            std::thread::yield_now();
+        }
+    };
+    let mut standby = wait_standby(None);
+    let (mut takeovers, mut replacements) = (Vec::new(), Vec::new());
+    for _ in 0..100 {
+        let coordinator = seg.instance_status().unwrap().coordinator.unwrap().pid;
+        let t0 = Instant::now();
+        let t0_ms = ccmgr::shm::monotonic_ms();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(coordinator),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        loop {
+            let st = seg.instance_status().unwrap();
+            // The new coordinator publishes its adopted state with a transition time after
+            // the kill: only then is it acting.
+            if st.coordinator.is_some_and(|c| c.pid == standby) && st.last_transition_ms >= t0_ms {
+                takeovers.push(t0.elapsed());
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "no takeover");
+            std::thread::yield_now();
+        }
+        let old = standby;
+        standby = wait_standby(Some(old));
+        replacements.push(t0.elapsed());
+    }
+    takeovers.sort();
+    replacements.sort();
+    let mut base: Vec<Duration> = (0..20)
+        .map(|_| {
+            let t0 = Instant::now();
+            Command::new(CCMGR)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            t0.elapsed()
+        })
+        .collect();
+    base.sort();
+    println!(
+        "  coordinator SIGKILL -> standby acting: median {:.2} ms, p99 {:.2} ms; -> new standby recorded: median {:.2} ms, p99 {:.2} ms (baseline: fork+exec of ccmgr --version, median {:.2} ms)",
+        ms(percentile(&takeovers, 0.5)),
+        ms(percentile(&takeovers, 0.99)),
+        ms(percentile(&replacements, 0.5)),
+        ms(percentile(&replacements, 0.99)),
+        ms(percentile(&base, 0.5)),
+    );
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     assert!(Path::new(CCMGR).exists());
@@ -259,5 +335,6 @@ fn main() {
         bench_start("layered (width 10)", 100, 10);
     }
     bench_restart();
+    bench_takeover();
     bench_memory_and_idle(quick);
 }

@@ -269,3 +269,58 @@ startup_timeout = "30s"
     assert!(stack.status().is_none(), "fully stopped");
     assert_eq!(lines(&log), ["start db", "stop db"]);
 }
+
+/// The standby processes of `instance` other than `coordinator` (a promoted standby keeps
+/// its command line), counted from /proc by their own instance name, never acted on by name.
+fn standby_processes(instance: &str, coordinator: i32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+                .is_some_and(|p| p != coordinator)
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&format!("--instance {instance} internal standby")))
+        .count()
+}
+
+#[test]
+fn repeated_takeovers_keep_exactly_one_standby() {
+    // Regression: when the standby's takeover reached the keeper before the dead coordinator
+    // was reaped, the keeper reported that coordinator as a dead standby, and a second
+    // standby was started.
+    let (stack, _log, mut status) = three_tier("repeated", "");
+    let services = service_pids(&status);
+    for _ in 0..8 {
+        let standby = pid(&status["standby"]).unwrap();
+        sigkill(pid(&status["coordinator"]).unwrap());
+        status = stack
+            .wait_for(
+                "the standby to take over and a new one to be recorded",
+                LONG,
+                |s| {
+                    s.as_ref().is_some_and(|s| {
+                        pid(&s["coordinator"]) == Some(standby)
+                            && pid(&s["standby"]).is_some_and(|p| p != standby)
+                    })
+                },
+            )
+            .unwrap();
+    }
+    assert_eq!(
+        service_pids(&status),
+        services,
+        "every service kept its process through 8 takeovers"
+    );
+    // Give a wrongly started second standby time to show up before counting.
+    let deadline = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < deadline {
+        let coordinator = pid(&status["coordinator"]).unwrap();
+        assert_eq!(standby_processes(&stack.instance, coordinator), 1);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

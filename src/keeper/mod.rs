@@ -465,7 +465,9 @@ impl Keeper {
             };
             match role {
                 Some(Role::Service(service)) => self.on_service_exit(service, pid.as_raw(), exit),
-                Some(Role::Coordinator | Role::Standby) => self.on_peer_exit(pid.as_raw(), exit),
+                Some(role @ (Role::Coordinator | Role::Standby)) => {
+                    self.on_peer_exit(pid.as_raw(), role, exit)
+                }
                 None => {} // an orphan a service left behind: reaped, nothing to report
             }
         }
@@ -485,7 +487,10 @@ impl Keeper {
         });
     }
 
-    fn on_peer_exit(&mut self, pid: i32, exit: ProcessExit) {
+    /// A coordinator or a standby ended. `role` is what it was when it died: a coordinator
+    /// that a standby has already replaced (its death woke the standby before we reaped it) is
+    /// neither the current coordinator nor a standby to replace.
+    fn on_peer_exit(&mut self, pid: i32, role: Role, exit: ProcessExit) {
         let was_coordinator = self.coordinator == Some(pid);
         if let Some(mut peer) = self.peers.remove(&pid) {
             unwatch(&self.epoll, &mut self.sources, peer.socket.as_fd());
@@ -508,7 +513,7 @@ impl Keeper {
                     self.begin_emergency_stop();
                 }
             }
-        } else if self.coordinator.is_some() {
+        } else if role == Role::Standby && self.coordinator.is_some() {
             self.tell_coordinator(FromKeeper::StandbyExited { pid });
         }
     }
