@@ -227,6 +227,7 @@ pub struct Tree {
     path: PathBuf,
     /// The kernel has `cgroup.kill` (Linux 5.14): killing is one write, and race-free.
     kill_file: bool,
+    /// [`remove`](Tree::remove) was called.
     removed: bool,
 }
 
@@ -342,15 +343,14 @@ impl Tree {
     }
 
     /// Kills everything in the tree, waits up to `timeout` for it to be gone, and removes every
-    /// cgroup of the tree, the instance's last. Doing it again does nothing.
+    /// cgroup of the tree, the instance's last. It is tried once: calling it again, or dropping
+    /// the tree, does nothing (and does not log the same failure twice).
     pub fn remove(&mut self, timeout: Duration) -> Result<(), CgroupError> {
-        if self.removed {
+        if std::mem::replace(&mut self.removed, true) {
             return Ok(());
         }
         self.clear(timeout)?;
-        remove_dir(&self.dir)?;
-        self.removed = true;
-        Ok(())
+        remove_dir(&self.dir)
     }
 
     /// Kills everything in the tree, waits for it to be gone, and removes the service cgroups.
