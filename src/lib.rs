@@ -10,6 +10,7 @@
 //! - [`coordinator`]: the coordinator process: the engine's event loop and state publishing.
 //! - [`keeper`]: the long-lived parent of every process of an instance.
 //! - [`spawn`]: starting one service process, signalling it, and how it ended.
+//! - [`cgroup`]: a cgroup v2 per service, so what a service leaves behind dies with it.
 //! - [`logsink`]: service output drained from its pipe into a rotated log file.
 //! - [`notify`]: the sd_notify socket, so systemd `Type=notify` daemons work unchanged.
 //! - [`shm`]: the shared-memory segment, its robust mutexes and channels, stale-state reclaim.
@@ -18,6 +19,7 @@
 //! - [`cli`]: the `ccmgr` command line (verbs, exit codes, output).
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod coordinator;

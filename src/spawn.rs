@@ -2,10 +2,10 @@
 //!
 //! This module owns everything that happens between "the coordinator decided to start a
 //! service" and "the service's program is running": building its environment, forking,
-//! putting the child in its own session, handing it `/dev/null` and the output pipe, changing
-//! directory and credentials, and `execve`. It also owns the two ways to signal a running
-//! service ([`signal_group`], [`signal_pidfd`]) and the [`ProcessExit`] a reaped child turns
-//! into.
+//! putting the child in its own session (and its service's cgroup, when given one), handing it
+//! `/dev/null` and the output pipe, changing directory and credentials, and `execve`. It also
+//! owns the two ways to signal a running service ([`signal_group`], [`signal_pidfd`]) and the
+//! [`ProcessExit`] a reaped child turns into.
 //!
 //! The exec-failure report follows dinit's `run-child-proc.cc` (STYLE.md, item 4): everything
 //! is prepared before `fork`; after it the child makes only async-signal-safe system calls, and
@@ -102,14 +102,18 @@ pub enum ExecStage {
     Setuid = 6,
     /// `execve()` itself.
     Exec = 7,
+    /// Writing `0` to the service's `cgroup.procs`: moving into its cgroup.
+    Cgroup = 8,
 }
 
 impl ExecStage {
     fn from_u8(byte: u8) -> Option<ExecStage> {
         use ExecStage::*;
-        [Session, Stdio, Chdir, Setgroups, Setgid, Setuid, Exec]
-            .into_iter()
-            .find(|s| *s as u8 == byte)
+        [
+            Session, Stdio, Chdir, Setgroups, Setgid, Setuid, Exec, Cgroup,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == byte)
     }
 }
 
@@ -189,6 +193,11 @@ pub struct SpawnRequest<'a> {
     /// The write end of the output pipe: becomes the child's stdout and stderr. It may (and
     /// should) be close-on-exec in the coordinator; the child's copies on fds 1 and 2 are not.
     pub output: BorrowedFd<'a>,
+    /// The service's `cgroup.procs`, open for writing (see [`crate::cgroup::Tree::open_procs`]):
+    /// the child moves itself into the service's cgroup right after `setsid`, before it can
+    /// fork anything, so that everything the service ever starts is born there. `None`: the
+    /// child stays in its parent's cgroup (the machine offers no cgroups).
+    pub cgroup_procs: Option<BorrowedFd<'a>>,
 }
 
 impl<'a> SpawnRequest<'a> {
@@ -209,6 +218,7 @@ impl<'a> SpawnRequest<'a> {
                 .unwrap_or_else(|| PathBuf::from("/")),
             credentials: Credentials::for_service(spec)?,
             output,
+            cgroup_procs: None,
         })
     }
 }
@@ -301,6 +311,7 @@ struct ChildPlan<'r> {
     credentials: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
     stdin: OwnedFd,
     output: BorrowedFd<'r>,
+    cgroup_procs: Option<BorrowedFd<'r>>,
     /// The write end of the report pipe (close-on-exec).
     report: OwnedFd,
     /// A kernel `struct sigaction` for SIG_DFL: all zero (handler SIG_DFL = 0, no flags, no
@@ -398,6 +409,7 @@ impl<'r> ChildPlan<'r> {
                 .map(|c| (c.uid, c.gid, c.groups.clone())),
             stdin,
             output: req.output,
+            cgroup_procs: req.cgroup_procs,
             report,
             default_action: [0; 8],
             // 64 signals per 8 bytes: 8 on most architectures, 16 where there are 128 (MIPS).
@@ -412,10 +424,10 @@ impl<'r> ChildPlan<'r> {
 /// Starts one service process.
 ///
 /// The child becomes the leader of a new session and process group (so `pid` is also its
-/// pgid and sid), gets every signal disposition reset to the default and an empty signal mask,
-/// `/dev/null` as stdin and `req.output` as stdout and stderr, no other open fds (every fd
-/// from 3 up is marked close-on-exec), `req.working_dir`, `req.credentials`, and exactly
-/// `req.env`.
+/// pgid and sid), moves into the cgroup of `req.cgroup_procs` if there is one, gets every
+/// signal disposition reset to the default and an empty signal mask, `/dev/null` as stdin and
+/// `req.output` as stdout and stderr, no other open fds (every fd from 3 up is marked
+/// close-on-exec), `req.working_dir`, `req.credentials`, and exactly `req.env`.
 ///
 /// Returns once the program is running (its `execve` succeeded) or has failed to start: then
 /// the error says at which step, and the failed child has been reaped. On success the caller
@@ -533,6 +545,7 @@ fn describe_stage(req: &SpawnRequest<'_>, stage: ExecStage) -> String {
             req.credentials.as_ref().map_or(0, |c| c.uid)
         ),
         ExecStage::Exec => format!("executing {}", req.program.display()),
+        ExecStage::Cgroup => "joining the service's cgroup".into(),
     }
 }
 
@@ -581,6 +594,17 @@ fn run_child(plan: &ChildPlan<'_>) -> ! {
     // fresh child is not.
     if unsafe { libc::setsid() } < 0 {
         fail(plan, ExecStage::Session);
+    }
+
+    // Into the service's cgroup before anything else: nothing this process or its
+    // descendants fork later can then be born outside it. "0" names the writer itself.
+    if let Some(procs) = plan.cgroup_procs {
+        // SAFETY: write() is async-signal-safe; `procs` is an fd the parent opened and keeps
+        // open until the spawn returns (the plan borrows it), and the buffer is a 1-byte
+        // static string. A short write of one byte cannot happen: it is 1 or -1.
+        if unsafe { libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) } != 1 {
+            fail(plan, ExecStage::Cgroup);
+        }
     }
 
     // Move the two sources above fd 2 first, so that installing one cannot overwrite the

@@ -57,6 +57,7 @@ fn spawn_failure(argv: &[&str], dir: PathBuf) -> SpawnError {
         working_dir: dir,
         credentials: None,
         output: write_end.as_fd(),
+        cgroup_procs: None,
     };
     match spawn_service(&req) {
         Ok(spawned) => {
@@ -344,5 +345,48 @@ fn signal_pidfd_reaches_only_the_live_process() {
     assert_eq!(
         signal_pidfd(s.child.pidfd.as_fd(), Signal::SIGKILL),
         Err(Errno::ESRCH)
+    );
+}
+
+#[test]
+fn a_cgroup_that_cannot_be_joined_fails_the_spawn_and_says_so() {
+    // /dev/full stands in for a cgroup.procs that refuses the move: every write fails there
+    // (ENOSPC), on any machine, cgroups or not.
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let (_read_end, write_end) = make_output_pipe().unwrap();
+    let req = SpawnRequest {
+        program: "/bin/true".into(),
+        argv: strings(&["/bin/true"]),
+        env: vec![],
+        working_dir: "/".into(),
+        credentials: None,
+        output: write_end.as_fd(),
+        cgroup_procs: Some(full.as_fd()),
+    };
+    let err = match spawn_service(&req) {
+        Ok(spawned) => {
+            drop(Guard::new(spawned));
+            panic!("spawning with an unjoinable cgroup succeeded");
+        }
+        Err(e) => e,
+    };
+    let SpawnError::Exec {
+        stage, errno, pid, ..
+    } = &err
+    else {
+        panic!("unexpected error: {err}");
+    };
+    assert_eq!((*stage, *errno), (ExecStage::Cgroup, Errno::ENOSPC));
+    assert_eq!(
+        err.to_string(),
+        "joining the service's cgroup: No space left on device"
+    );
+    // The failed child was reaped by spawn_service.
+    assert_eq!(
+        waitpid(*pid, Some(WaitPidFlag::WNOHANG)),
+        Err(Errno::ECHILD)
     );
 }

@@ -504,3 +504,100 @@ fn services_get_the_usual_open_files_limit_back() {
     stack.start_ok();
     assert_eq!(wait_lines(&out, 1, LONG), [soft.to_string()]);
 }
+
+/// Whether this machine must offer writable cgroups: as root, with cgroup2 mounted. Under CI a
+/// cgroup test then fails instead of skipping, so that a regression cannot hide as a skip.
+fn cgroups_expected() -> bool {
+    nix::unistd::geteuid().is_root()
+        && (std::path::Path::new("/sys/fs/cgroup/unified").exists()
+            || std::fs::read_to_string("/proc/self/mountinfo")
+                .is_ok_and(|m| !ccmgr::cgroup::cgroup2_mounts(&m).is_empty()))
+}
+
+/// The directory the keeper of `stack` makes its cgroups in (the keeper inherits this test
+/// process's cgroup), or `None` when the machine offers no writable cgroup2: found the way
+/// the keeper finds it, by trying.
+fn instance_cgroup(stack: &Stack) -> Option<std::path::PathBuf> {
+    let probe = format!("{}-probe", stack.instance);
+    match ccmgr::cgroup::Tree::for_instance(&probe) {
+        Ok(mut tree) => {
+            tree.remove(Duration::from_secs(5)).unwrap();
+            let (dir, _) = ccmgr::cgroup::own_cgroup().unwrap();
+            Some(dir.join(format!("ccmgr.{}", stack.instance)))
+        }
+        Err(e) => {
+            assert!(
+                !(std::env::var_os("CI").is_some() && cgroups_expected()),
+                "cgroup2 is mounted and we are root, yet: {e}"
+            );
+            eprintln!("skipped: no writable cgroup2 ({e})");
+            None
+        }
+    }
+}
+
+/// The cgroup2 path of process `pid`, from `/proc/<pid>/cgroup`.
+fn cgroup_of(pid: i32) -> Option<std::path::PathBuf> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|text| ccmgr::cgroup::v2_path(&text))
+}
+
+#[test]
+fn a_daemon_that_escaped_with_setsid_dies_with_its_service() {
+    // The service double-forks a daemon that calls setsid: it leaves the service's process
+    // group and session, and the keeper's killpg cannot reach it; its cgroup can.
+    let stack = Stack::new("escaped-daemon", "", &[]);
+    let Some(cgroup_dir) = instance_cgroup(&stack) else {
+        return;
+    };
+    let pidfile = stack.file("daemon.pid");
+    stack.write_service(
+        "parent",
+        &format!(
+            "command = [\"sh\", \"-c\", \"(setsid sh -c 'echo $$ > {pidfile}; exec sleep 1000' &); while [ ! -s {pidfile} ]; do sleep 0.01; done; sleep 0.3; exit 1\"]\nrestart = \"never\"\n"
+        ),
+    );
+    stack.start_ok();
+    let parent = stack.pid_of("parent");
+    let daemon: i32 = wait_lines(&pidfile, 1, LONG)[0].trim().parse().unwrap();
+    assert!(Stack::alive(daemon));
+    // It did escape the process group, and did not escape the cgroup.
+    let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(daemon))).unwrap();
+    assert_eq!(pgid.as_raw(), daemon, "the daemon leads its own group");
+    let service_cgroup = cgroup_of(daemon).expect("the daemon has a cgroup2 path");
+    assert!(
+        service_cgroup.ends_with(format!("ccmgr.{}/parent", stack.instance)),
+        "the daemon is in {}",
+        service_cgroup.display()
+    );
+    if let Some(parent) = parent.filter(|p| Stack::alive(*p)) {
+        assert_eq!(cgroup_of(parent), Some(service_cgroup.clone()));
+    }
+    assert!(cgroup_dir.join("parent").is_dir());
+
+    stack.wait_for("the parent to fail", LONG, |s| {
+        s.as_ref()
+            .is_some_and(|s| s["services"][0]["state"] == "failed")
+    });
+    let deadline = std::time::Instant::now() + LONG;
+    while Stack::alive(daemon) {
+        if std::time::Instant::now() >= deadline {
+            // Leave nothing behind even when failing.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(daemon),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("the daemon {daemon} outlived its service");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        !cgroup_dir.exists(),
+        "the instance's cgroup {} was removed at stop",
+        cgroup_dir.display()
+    );
+}

@@ -10,7 +10,9 @@
 //!   groups ([`ToKeeper::Signal`]), refusing any pid that is not a live service of its own;
 //! - reaps every child, and when a service's main process ends, kills what is left of its
 //!   process group *before* reaping it (while the zombie pins the group id, so the id cannot
-//!   have been reused), then reports the exit ([`FromKeeper::Exited`]);
+//!   have been reused), and of its cgroup where the machine offers cgroup v2 (which also
+//!   holds the daemons that escaped the group with `setsid`; see [`crate::cgroup`]), then
+//!   reports the exit ([`FromKeeper::Exited`]);
 //! - drains every service's output pipe into its rotated log, so a flood never blocks;
 //! - owns the notify socket, so `READY=1` datagrams wait in it while no coordinator reads;
 //! - starts the coordinator (and standbys), queues service events while no coordinator is
@@ -39,6 +41,7 @@ use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
 use tracing::{info, warn};
 
+use crate::cgroup;
 use crate::config::Config;
 use crate::logsink::{self, LogSink};
 use crate::notify::NotifySocket;
@@ -151,6 +154,8 @@ struct Keeper {
     emergency: bool,
     /// How the last coordinator exited.
     coordinator_exit: Option<ProcessExit>,
+    /// The instance's cgroups, one per service, where the machine offers cgroup v2.
+    cgroups: Option<cgroup::Tree>,
 }
 
 /// Runs the keeper until the stack is stopped; returns the process exit code.
@@ -175,6 +180,10 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     }
     // Orphans of services (daemons that double-forked) come to us, not to init: we reap them.
     nix::sys::prctl::set_child_subreaper(true).map_err(KeeperError::Setup)?;
+    // Those that also left the process group (setsid) are found through the cgroups.
+    let cgroups = cgroup::Tree::for_instance(&config.global.instance)
+        .inspect_err(|e| info!("cgroups not available: {e}; only process groups are used"))
+        .ok();
     let mut mask = SigSet::empty();
     for s in [
         Signal::SIGCHLD,
@@ -217,6 +226,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         shutdown_requested: false,
         emergency: false,
         coordinator_exit: None,
+        cgroups,
     };
     watch(
         &keeper.epoll,
@@ -234,6 +244,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     keeper.coordinator = Some(pid);
     info!(pid, "keeper started the coordinator");
     keeper.run_loop();
+    keeper.remove_cgroups();
     // Nothing of the instance is left alive: its shared state goes with it. (`status` reads
     // the outcome the coordinator left in run_dir.)
     if let Err(e) = segment.unlink() {
@@ -431,6 +442,7 @@ impl Keeper {
         for pid in self.service_pids.iter().flatten() {
             let _ = spawn::signal_group(Pid::from_raw(*pid), Signal::SIGKILL);
         }
+        self.kill_all_cgroups();
     }
 
     /// Reaps every child that has ended.
@@ -455,9 +467,10 @@ impl Keeper {
                 }
             };
             let role = self.children.remove(&pid.as_raw());
-            if let Some(Role::Service(_)) = role {
+            if let Some(Role::Service(service)) = role {
                 // Leftovers of the service (children it forked and left) die with it.
                 let _ = spawn::signal_group(pid, Signal::SIGKILL);
+                self.kill_service_cgroup(service);
             }
             let exit = match spawn::reap(pid) {
                 Ok(exit) => exit,
@@ -623,6 +636,9 @@ impl Keeper {
                 match (ours, Signal::try_from(signal)) {
                     (true, Ok(sig)) => {
                         let _ = spawn::signal_group(Pid::from_raw(pid), sig);
+                        if sig == Signal::SIGKILL {
+                            self.kill_service_cgroup(service);
+                        }
                     }
                     _ => info!(
                         service,
@@ -673,8 +689,10 @@ impl Keeper {
             spawn::build_environment(spec, &self.config.global.instance, &[self.notify.env_var()])
                 .map_err(|e| e.to_string())?;
         let (read_end, write_end) = logsink::make_output_pipe().map_err(|e| e.to_string())?;
-        let request =
+        let cgroup_procs = self.open_cgroup_procs(service)?;
+        let mut request =
             SpawnRequest::for_service(spec, env, write_end.as_fd()).map_err(|e| e.to_string())?;
+        request.cgroup_procs = cgroup_procs.as_ref().map(|fd| fd.as_fd());
         let spawned = spawn::spawn_service(&request).map_err(|e| e.to_string())?;
         drop(write_end); // only the service holds the write end now: its exit means EOF
         let pid = spawned.pid.as_raw();
@@ -712,6 +730,47 @@ impl Keeper {
         }
     }
 }
+
+/// The keeper's uses of the instance's cgroups ([`crate::cgroup`]). Each does nothing where the
+/// machine offers none; a failure to kill is logged, as the process group was killed anyway.
+impl Keeper {
+    /// The `cgroup.procs` of `service`'s cgroup, for its next process to join.
+    fn open_cgroup_procs(&self, service: usize) -> Result<Option<OwnedFd>, String> {
+        let Some(tree) = &self.cgroups else {
+            return Ok(None);
+        };
+        let id = &self.config.services[service].id;
+        tree.open_procs(id).map(Some).map_err(|e| e.to_string())
+    }
+
+    /// Kills everything in `service`'s cgroup: what it left behind, escaped daemons too.
+    fn kill_service_cgroup(&self, service: usize) {
+        let id = &self.config.services[service].id;
+        if let Some(Err(e)) = self.cgroups.as_ref().map(|tree| tree.kill(id)) {
+            warn!(error = %e, service = %id, "cannot kill the service's cgroup");
+        }
+    }
+
+    fn kill_all_cgroups(&self) {
+        if let Some(Err(e)) = self.cgroups.as_ref().map(cgroup::Tree::kill_all) {
+            warn!(error = %e, "cannot kill the instance's cgroups");
+        }
+    }
+
+    /// At exit: kills whatever is still in the cgroups, removes them, and reaps what died.
+    fn remove_cgroups(&mut self) {
+        let Some(mut tree) = self.cgroups.take() else {
+            return;
+        };
+        if let Err(e) = tree.remove(CGROUP_REMOVE_TIMEOUT) {
+            warn!(error = %e, "cannot remove the instance's cgroups");
+        }
+        self.reap_children();
+    }
+}
+
+/// How long the keeper waits at exit for its cgroups to empty after killing what was in them.
+const CGROUP_REMOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Adds an fd the keeper owns to the epoll set, remembering what it is.
 fn watch(
