@@ -39,8 +39,8 @@
  * for the sender's pid.
  *
  * Threads: ccmgr_alive starts one thread ("ccmgr-api") that lives until the shutdown
- * callback has returned. Do not hold process-shared robust pthread mutexes across the
- * callback: while that thread sleeps it uses a kernel robust list of ccmgr's own.
+ * callback has returned. Processes: a child forked (without exec) after ccmgr_alive shares
+ * the component lock's open file, so the service counts as alive until the child exits too.
  */
 #ifndef CCMGR_H
 #define CCMGR_H

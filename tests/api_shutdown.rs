@@ -50,9 +50,12 @@ fn stop_runs_the_callbacks_in_shutdown_order_across_rust_and_c() {
         assert!(p.wait_exit().success(), "{} failed", p.name);
     }
     assert_shut_down_in_order(&t.log_lines(), &["alpha", "bravo", "charlie"]);
+    // Best-effort words: a service may exit between its callback and writing "done".
     let records = t.ctl.read_api_records().unwrap();
     assert!(
-        records.iter().all(|r| r.state == ApiState::Done),
+        records
+            .iter()
+            .all(|r| r.epoch == 1 && matches!(r.state, ApiState::Done | ApiState::ShuttingDown)),
         "{records:?}"
     );
     for i in 0..3 {

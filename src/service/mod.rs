@@ -70,12 +70,14 @@
 //!    (a failure sequence that stops other services, or no coordinator yet) sleep until the
 //!    coordinator epoch changes, as in 2. A coordinator re-takes the word only after every
 //!    asked service is down, so a release cannot be missed by an asked service that is alive.
-//! 4. **Take turns**: for each service before this one in the shutdown sequence that this
-//!    shutdown concerns (the ones asked in the same epoch; after a coordinator's death, all),
-//!    block on its component lock until it is released (its callback returned) or its holder
-//!    died; a service not registered with the API holds no lock and counts as done (the
-//!    coordinator stops it with signals). Then run the callback, write "done", and release
-//!    this service's component lock.
+//! 4. **Take turns**: wait until every service before this one in the shutdown sequence that
+//!    this shutdown concerns (the ones asked in the same epoch; after a coordinator's death,
+//!    all) has released its component lock (its callback returned) or died: block on the
+//!    nearest one's lock, then check the others with one lock query per run of consecutive
+//!    positions, blocking on any still held (only possible if one died before its turn). A
+//!    service not registered with the API holds no lock and counts as done (the coordinator
+//!    stops it with signals). Then run the callback, write "done", and release this
+//!    service's component lock.
 //!
 //! No step holds anything another service needs except the service's own component lock, and
 //! a service waits only for services *before* it in the sequence, so the waits form a chain
@@ -306,7 +308,7 @@ impl Registration {
                 instance: self.instance.clone(),
                 service: self.service.clone(),
             })?;
-        let api = Arc::new(ApiFile::open(&self.instance, owner)?);
+        let api = Arc::new(ApiFile::open(&self.instance, owner, ctl.service_count())?);
         let inner = Arc::new(Inner {
             instance: self.instance.clone(),
             service: self.service.clone(),

@@ -71,14 +71,14 @@ impl ApiThread {
     /// Take the component lock and tell `alive`; false if registration failed or was given
     /// up (the lock is then not held).
     fn register(&self) -> bool {
-        if let Err(e) = self.api.lock_component(self.index) {
+        if let Err(e) = self.api.lock_component(self.position()) {
             let _ = self.report.send(Err(e.into()));
             return false;
         }
         {
             let mut phase = self.phase.lock().unwrap_or_else(PoisonError::into_inner);
             if *phase == Phase::Cancelled {
-                let _ = self.api.unlock_component(self.index);
+                let _ = self.api.unlock_component(self.position());
                 return false;
             }
             *phase = Phase::Registered;
@@ -144,6 +144,15 @@ impl ApiThread {
         (epoch != 0 && self.ctl.asked_epoch(self.index) == epoch).then_some(epoch)
     }
 
+    /// This service's position in the shutdown sequence (also where its component lock is).
+    fn position(&self) -> usize {
+        self.ctl
+            .sequence()
+            .iter()
+            .position(|&i| i == self.index)
+            .expect("the validated shutdown sequence names every service")
+    }
+
     /// Wait for the services before this one that this shutdown concerns, run the callback,
     /// say "done" and release the component lock.
     fn take_turn(
@@ -151,24 +160,21 @@ impl ApiThread {
         reason: ShutdownReason,
         on_shutdown: Box<dyn FnOnce(Shutdown) + Send>,
     ) -> Result<(), ApiError> {
-        let sequence = self.ctl.sequence();
-        let position = sequence
-            .iter()
-            .position(|&i| i == self.index)
-            .expect("the validated shutdown sequence names every service");
+        let position = self.position();
         let epoch = match reason {
             ShutdownReason::Requested { epoch } => epoch,
             ShutdownReason::CoordinatorDied => 0,
         };
-        for &before in &sequence[..position] {
-            let concerned = match reason {
-                ShutdownReason::Requested { epoch } => self.ctl.asked_epoch(before) == epoch,
+        let concerned: Vec<usize> = self.ctl.sequence()[..position]
+            .iter()
+            .enumerate()
+            .filter(|&(_, &service)| match reason {
+                ShutdownReason::Requested { epoch } => self.ctl.asked_epoch(service) == epoch,
                 ShutdownReason::CoordinatorDied => true,
-            };
-            if concerned {
-                self.wait_until_done_or_dead(before)?;
-            }
-        }
+            })
+            .map(|(p, _)| p)
+            .collect();
+        self.wait_until_done_or_dead(&concerned)?;
         let _ = self
             .api
             .write_state(self.index, ApiState::ShuttingDown, epoch);
@@ -179,13 +185,41 @@ impl ApiThread {
         });
         let _ = self.api.write_state(self.index, ApiState::Done, epoch);
         self.inner.shut_down.store(true, Ordering::Release);
-        self.api.unlock_component(self.index)
+        self.api.unlock_component(position)
     }
 
-    /// Block on service `before`'s component lock until its holder releases it or dies.
-    fn wait_until_done_or_dead(&self, before: usize) -> Result<(), ApiError> {
-        self.api.wait_component_released(before)
+    /// Block until no service at the (ascending) shutdown positions `concerned` holds its
+    /// component lock: each released it (its turn is over) or died.
+    ///
+    /// First the nearest one: it normally finishes last, having waited for the others, so
+    /// each service sleeps on one lock and each release wakes one service. Then one
+    /// `F_OFD_GETLK` per run of consecutive positions confirms that the rest are free; only a
+    /// service that died before its turn leaves earlier ones still running, and those are then
+    /// waited for one by one.
+    fn wait_until_done_or_dead(&self, concerned: &[usize]) -> Result<(), ApiError> {
+        let Some(&nearest) = concerned.last() else {
+            return Ok(());
+        };
+        self.api.wait_released(nearest)?;
+        for run in runs(concerned) {
+            while let Some(held) = self.api.held_among(run.clone())? {
+                self.api.wait_released(held)?;
+            }
+        }
+        Ok(())
     }
+}
+
+/// The maximal runs of consecutive values in an ascending list, as ranges.
+fn runs(ascending: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for &p in ascending {
+        match out.last_mut() {
+            Some(run) if run.end == p => run.end = p + 1,
+            _ => out.push(p..p + 1),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -203,5 +237,12 @@ mod tests {
         assert_eq!(classify(FUTEX_WAITERS), Gate::Released);
         // A holder that took over from a dead one: held (the bit is not kept).
         assert_eq!(classify(99 | FUTEX_OWNER_DIED), Gate::Held(99));
+    }
+
+    #[test]
+    fn runs_of_positions() {
+        assert_eq!(runs(&[]), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(runs(&[0, 1, 2]), vec![0..3]);
+        assert_eq!(runs(&[0, 2, 3, 5]), vec![0..1, 2..4, 5..6]);
     }
 }

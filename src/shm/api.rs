@@ -19,9 +19,12 @@
 //! So no service can forge a shutdown request, nor the coordinator's death, for the others.
 //!
 //! **The API file holds no pointer and nothing trusted.** A service's component lock is an
-//! open-file-description (OFD) byte-range lock on its record's first byte: the kernel keeps
-//! it, releases it when the service's last descriptor closes (its death), and lets others
-//! block until then. Its state words are read and written with `pread`/`pwrite`, never
+//! open-file-description (OFD) byte-range lock on one byte: the kernel keeps it, releases it
+//! when the service's last descriptor of the file closes (its death), and lets others block
+//! until then. The byte is the service's *position in the shutdown sequence* (after the
+//! records; locks need no file content there), so the services before one form a contiguous
+//! range, which one `F_OFD_GETLK` checks: a shutdown of n services costs O(n) lock calls in
+//! all, not O(n) per service (each call walks the file's list of held locks). Its state words are read and written with `pread`/`pwrite`, never
 //! mapped. Whatever a local user writes into it, or if they truncate it, no process can be
 //! made to crash (`SIGBUS`) or to write anywhere; at worst the state words lie (they only
 //! feed logs). What a hostile local user *can* do is take a service's lock and keep it,
@@ -878,15 +881,22 @@ impl ControlSegment {
         if i >= self.layout.services {
             return Ok(None);
         }
+        let position = self
+            .sequence
+            .iter()
+            .position(|&s| s == i)
+            .expect("the validated sequence names every service");
         let api = api_path(&self.instance)?;
         let file = open_existing(&self.instance, &api, false, "opening")?;
-        let held =
-            ofd_conflict(&file, component_lock_offset(i)).map_err(|errno| ApiError::Sys {
+        let base = lock_base(self.layout.services);
+        let held = first_write_lock(&file, base, position..position + 1).map_err(|errno| {
+            ApiError::Sys {
                 op: "F_OFD_GETLK",
                 path: api.clone(),
                 errno,
-            })?;
-        Ok(Some(held))
+            }
+        })?;
+        Ok(Some(held.is_some()))
     }
 
     /// Take the daemon component and hold it from a dedicated thread until the returned
@@ -1013,7 +1023,7 @@ impl DaemonComponentHolder {
         let (commands, inbox) = mpsc::channel();
         let for_thread = ctl.clone();
         let thread = std::thread::Builder::new()
-            .name("ccmgr-daemon-cmp".into())
+            .name("ccmgr-holder".into())
             .spawn(move || holder_thread(for_thread, tid_tx, inbox))
             .map_err(|e| thread_error(format!("cannot start it: {e}")))?;
         let tid = match tid_rx.recv() {
@@ -1360,9 +1370,11 @@ fn record_offset(i: usize) -> u64 {
     API_HEADER_LEN + i as u64 * API_RECORD_LEN
 }
 
-/// The byte whose OFD lock is service `i`'s component lock.
-fn component_lock_offset(i: usize) -> u64 {
-    record_offset(i)
+/// Where the component locks start: the byte at `lock_base + p` is the component lock of the
+/// service at position `p` of the shutdown sequence. Beyond the records (and possibly beyond
+/// the end of a truncated file: byte-range locks need no content).
+fn lock_base(services: usize) -> u64 {
+    record_offset(services)
 }
 
 fn read_record(file: &File, i: usize) -> io::Result<ApiRecord> {
@@ -1386,12 +1398,12 @@ fn read_record(file: &File, i: usize) -> io::Result<ApiRecord> {
     })
 }
 
-fn flock(kind: libc::c_int, offset: u64) -> libc::flock {
+fn flock(kind: libc::c_int, offset: u64, len: u64) -> libc::flock {
     libc::flock {
         l_type: kind as libc::c_short,
         l_whence: libc::SEEK_SET as libc::c_short,
         l_start: offset as libc::off_t,
-        l_len: 1,
+        l_len: len as libc::off_t,
         // Must be 0 for OFD locks.
         l_pid: 0,
     }
@@ -1400,7 +1412,7 @@ fn flock(kind: libc::c_int, offset: u64) -> libc::flock {
 /// Set an OFD lock of `kind` on the byte at `offset`, blocking while a conflicting lock is
 /// held (signals do not end the wait).
 fn ofd_lock_wait(file: &File, kind: libc::c_int, offset: u64) -> Result<(), Errno> {
-    let fl = flock(kind, offset);
+    let fl = flock(kind, offset, 1);
     loop {
         match fcntl(file, FcntlArg::F_OFD_SETLKW(&fl)) {
             Ok(_) => return Ok(()),
@@ -1410,12 +1422,30 @@ fn ofd_lock_wait(file: &File, kind: libc::c_int, offset: u64) -> Result<(), Errn
     }
 }
 
-/// Whether another open file description holds a lock on the byte at `offset` that would
-/// conflict with a write lock.
-fn ofd_conflict(file: &File, offset: u64) -> Result<bool, Errno> {
-    let mut fl = flock(libc::F_WRLCK, offset);
+/// The position of a component lock (a write lock, held by another open file description)
+/// among `positions`, if any: one `F_OFD_GETLK` asking whether a read lock on the whole range
+/// would conflict. Read locks (other services waiting) do not count.
+fn first_write_lock(
+    file: &File,
+    base: u64,
+    positions: std::ops::Range<usize>,
+) -> Result<Option<usize>, Errno> {
+    if positions.is_empty() {
+        return Ok(None);
+    }
+    let mut fl = flock(
+        libc::F_RDLCK,
+        base + positions.start as u64,
+        positions.len() as u64,
+    );
     fcntl(file, FcntlArg::F_OFD_GETLK(&mut fl))?;
-    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+    if fl.l_type == libc::F_UNLCK as libc::c_short {
+        return Ok(None);
+    }
+    // The conflicting lock may start before the range (a hostile process may lock anything):
+    // report the first position of ours it covers.
+    let start = (fl.l_start as u64).max(base + positions.start as u64);
+    Ok(Some((start - base) as usize))
 }
 
 /// The control segment, mapped read-only: the services' side. Every decision of the shutdown
@@ -1480,6 +1510,10 @@ impl ControlView {
         &self.sequence
     }
 
+    pub(crate) fn service_count(&self) -> usize {
+        self.layout.services
+    }
+
     pub(crate) fn id(&self, i: usize) -> &str {
         &self.ids[i]
     }
@@ -1492,8 +1526,14 @@ impl ControlView {
 
     /// The coordinator epoch, then the daemon component word, with acquire ordering: whatever
     /// the coordinator wrote before it released the word is visible after this.
+    ///
+    /// The epoch is read *before* the word, and the fence between keeps it so (relaxed loads
+    /// may otherwise be reordered): a coordinator bumps the epoch only after it has taken the
+    /// word, so an epoch read here is never newer than the word read after it. Services rely
+    /// on that to sleep on the epoch without missing a take.
     pub(crate) fn gate(&self) -> GateSnapshot {
         let coordinator_epoch = self.load(self.layout.coordinator_epoch());
+        fence(Ordering::Acquire);
         let daemon_component = self.load(self.layout.daemon_component());
         fence(Ordering::Acquire);
         GateSnapshot {
@@ -1572,20 +1612,27 @@ fn instance_owner(instance: &str) -> Result<u32, ApiError> {
     }
 }
 
-/// The API file, opened read-write by a service: its component lock and its state words.
+/// The API file, opened read-write by a service: the component locks and its state words.
+/// Component locks are named by *shutdown position* (see [`lock_base`]); records by index.
 pub(crate) struct ApiFile {
     file: File,
     path: PathBuf,
+    lock_base: u64,
 }
 
 impl ApiFile {
-    /// Open the API file of `instance`, which `owner` must own. Its contents are not checked:
-    /// nothing in them is trusted or needed.
-    pub(crate) fn open(instance: &str, owner: u32) -> Result<ApiFile, ApiError> {
+    /// Open the API file of `instance`, which `owner` must own, for an instance of `services`
+    /// services (a count from the control segment). Its contents are not checked: nothing in
+    /// them is trusted or needed.
+    pub(crate) fn open(instance: &str, owner: u32, services: usize) -> Result<ApiFile, ApiError> {
         let path = api_path(instance)?;
         let file = open_existing(instance, &path, true, "opening")?;
         check_file(instance, &path, &file, owner, false)?;
-        Ok(ApiFile { file, path })
+        Ok(ApiFile {
+            file,
+            path,
+            lock_base: lock_base(services),
+        })
     }
 
     fn sys(&self, op: &'static str) -> impl FnOnce(Errno) -> ApiError + '_ {
@@ -1596,26 +1643,36 @@ impl ApiFile {
         }
     }
 
-    /// Take service `i`'s component lock, blocking while another process holds it. Held by
-    /// this open file description: until [`unlock_component`](Self::unlock_component) or until
-    /// the process's last descriptor of it closes (its death).
-    pub(crate) fn lock_component(&self, i: usize) -> Result<(), ApiError> {
-        ofd_lock_wait(&self.file, libc::F_WRLCK, component_lock_offset(i))
+    /// Take the component lock of the service at shutdown position `position`, blocking while
+    /// another process holds it. Held by this open file description: until
+    /// [`unlock_component`](Self::unlock_component) or until the process's last descriptor of
+    /// it closes (its death).
+    pub(crate) fn lock_component(&self, position: usize) -> Result<(), ApiError> {
+        ofd_lock_wait(&self.file, libc::F_WRLCK, self.lock_base + position as u64)
             .map_err(self.sys("F_OFD_SETLKW (component lock)"))
     }
 
-    /// Release service `i`'s component lock (or a read lock this description took on it).
-    pub(crate) fn unlock_component(&self, i: usize) -> Result<(), ApiError> {
-        ofd_lock_wait(&self.file, libc::F_UNLCK, component_lock_offset(i))
+    /// Release the lock (component or waiting) this description holds at `position`.
+    pub(crate) fn unlock_component(&self, position: usize) -> Result<(), ApiError> {
+        ofd_lock_wait(&self.file, libc::F_UNLCK, self.lock_base + position as u64)
             .map_err(self.sys("F_OFD_SETLKW (unlock)"))
     }
 
-    /// Block until no process holds service `i`'s component lock: it released it (its
-    /// shutdown is done) or died. Returns at once for a service not registered with the API.
-    pub(crate) fn wait_component_released(&self, i: usize) -> Result<(), ApiError> {
-        ofd_lock_wait(&self.file, libc::F_RDLCK, component_lock_offset(i))
+    /// Block until no process holds the component lock at `position`: its service released it
+    /// (its shutdown is done) or died. Returns at once for a service not registered with the
+    /// API.
+    pub(crate) fn wait_released(&self, position: usize) -> Result<(), ApiError> {
+        ofd_lock_wait(&self.file, libc::F_RDLCK, self.lock_base + position as u64)
             .map_err(self.sys("F_OFD_SETLKW (waiting for a component)"))?;
-        self.unlock_component(i)
+        self.unlock_component(position)
+    }
+
+    /// A position among `positions` whose component lock is held, if any (one system call).
+    pub(crate) fn held_among(
+        &self,
+        positions: std::ops::Range<usize>,
+    ) -> Result<Option<usize>, ApiError> {
+        first_write_lock(&self.file, self.lock_base, positions).map_err(self.sys("F_OFD_GETLK"))
     }
 
     /// Write service `i`'s state words (for the services' own bookkeeping and display).
