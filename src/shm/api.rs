@@ -23,11 +23,11 @@
 //! when the service's last descriptor of the file closes (its death), and lets others block
 //! until then. The byte is the service's *position in the shutdown sequence* (after the
 //! records; locks need no file content there), so the services before one form a contiguous
-//! range, which one `F_OFD_GETLK` checks: a shutdown of n services costs O(n) lock calls in
-//! all, not O(n) per service (each call walks the file's list of held locks). Its state words are read and written with `pread`/`pwrite`, never
-//! mapped. Whatever a local user writes into it, or if they truncate it, no process can be
-//! made to crash (`SIGBUS`) or to write anywhere; at worst the state words lie (they only
-//! feed logs). What a hostile local user *can* do is take a service's lock and keep it,
+//! range, which one `F_OFD_GETLK` checks: a stop costs each service a few lock calls, not
+//! one per predecessor (each call walks the file's list of held locks, one per service). The
+//! state words are read and written with `pread`/`pwrite`, never mapped. Whatever a local
+//! user writes into the file, or if they truncate it, no process can be made to crash
+//! (`SIGBUS`) or to write anywhere; at worst the state words lie (they only feed logs). What a hostile local user *can* do is take a service's lock and keep it,
 //! which spoils the cooperative protocol for the services after it; the coordinator then
 //! still stops everything with its own signals and timeouts, and it never reads the API file
 //! to decide anything.
@@ -49,6 +49,13 @@
 //! exactly as long as that thread lives; taking and releasing happen on that thread too, so
 //! no interleaving with the kernel's exit handling can leave it held by a dead thread.
 //! Services only ever *read* it and `FUTEX_WAIT` on it, through their read-only mapping.
+//!
+//! It lives here rather than in the API file (the original design has services lock the
+//! daemon component mutex): a word services can write is a word any of them can set to
+//! "released" or "owner died", forging a request or a coordinator's death for all the
+//! others, and the coordinator would have to keep a lock in memory any local user can write
+//! or truncate. Read-only, the word needs no cross-check, and services never race a standby
+//! for it.
 //!
 //! The coordinator's protocol steps, in the order it uses them, are methods of
 //! [`ControlSegment`] and [`DaemonComponentHolder`]; the module `crate::service` documents the
@@ -434,9 +441,9 @@ fn validate(words: &dyn Words, size: u64, path: &Path) -> Result<Validated, ApiE
         path: path.to_path_buf(),
         detail,
     };
-    let h = |field: usize| field; // offsets inside the header
+    // The header is at offset 0: its field offsets are file offsets.
     let magic = words
-        .u64_at(h(offset_of!(ControlHeader, magic)))
+        .u64_at(offset_of!(ControlHeader, magic))
         .ok_or_else(|| corrupt(format!("it has only {size} bytes")))?;
     // The creator writes the magic last with release ordering.
     fence(Ordering::Acquire);

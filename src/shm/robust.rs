@@ -36,8 +36,8 @@
 //!
 //! # Futex words and a thread's own robust list
 //! The service API ([`crate::shm::api`]) uses bare futex words instead of pthread mutexes
-//! where other users' processes are involved: [`futex_wait`]/[`futex_wake`] (and the raw
-//! forms for read-only mappings), and [`ThreadRobustList`], which gives one thread a kernel
+//! where other users' processes are involved: `futex_wait`/`futex_wake` (and the raw
+//! forms for read-only mappings), and `ThreadRobustList`, which gives one thread a kernel
 //! robust list of ccmgr's own that names a single word through `list_op_pending`, so that
 //! the kernel itself marks the word when that thread dies, or passes a wake-up on.
 
