@@ -57,10 +57,32 @@
 //! or truncate. Read-only, the word needs no cross-check, and services never race a standby
 //! for it.
 //!
-//! The coordinator's protocol steps, in the order it uses them, are methods of
-//! [`ControlSegment`] and [`DaemonComponentHolder`]; the module `crate::service` documents the
-//! services' side and why the protocol cannot deadlock, spin, or shut a service down by
-//! mistake.
+//! # The coordinator's steps
+//! The module [`crate::service`] documents the services' side and why the protocol cannot
+//! deadlock, spin, or shut a service down by mistake. The coordinator's side:
+//!
+//! 1. `ccmgr start`, once the main segment is created (which proves the instance is not
+//!    running): [`ControlSegment::remove`] (leftovers of a crashed run), then
+//!    [`ControlSegment::create`]`(&`[`ApiSpec::from_config`]`(&config))`. Both files belong to
+//!    the creator's uid, with modes set exactly (0644, 0666) whatever the umask.
+//! 2. The coordinator, before it starts any service: [`ControlSegment::open`], then
+//!    [`ControlSegment::hold_daemon_component`]; it keeps the [`DaemonComponentHolder`] for
+//!    its whole life. Every take bumps the coordinator epoch and wakes the services.
+//! 3. A stop or a failure sequence: [`DaemonComponentHolder::release_for_shutdown`] with the
+//!    services it stops (all of them for a stop). Asked services with the API shut down by
+//!    themselves, in order, and exit. The coordinator still applies its shutdown timeouts
+//!    and SIGKILL, but should not send a registered API service
+//!    ([`ControlSegment::component_registered`]) its stop signal before its predecessors are
+//!    down, or it dies out of turn.
+//! 4. Before starting services again: [`DaemonComponentHolder::retake`], once every asked
+//!    service is down (exited or killed).
+//! 5. A takeover (the standby becomes the coordinator): step 2;
+//!    [`DaemonComponentHolder::previous_holder_died`] is then true. Under `adopt` that is all.
+//!    Under `restart`, the services that saw the death are already shutting down in order;
+//!    release asking every service anyway (the old coordinator may have died with the word
+//!    released, which no service can see), wait, re-take, start.
+//! 6. `ccmgr stop` without a coordinator: step 5 under `restart`, without the restart.
+//! 7. Where the main segment is removed: [`ControlSegment::remove`].
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -615,6 +637,26 @@ pub struct ApiSpec {
     pub shutdown_sequence: Vec<u32>,
     /// What services do when the coordinator dies.
     pub takeover: Takeover,
+}
+
+impl ApiSpec {
+    /// The spec of a checked configuration: its services (same indices as the main
+    /// segment's), its shutdown sequence and its takeover mode.
+    pub fn from_config(config: &crate::config::Config) -> ApiSpec {
+        ApiSpec {
+            instance: config.global.instance.clone(),
+            services: config
+                .services
+                .iter()
+                .map(|s| ApiService {
+                    id: s.id.clone(),
+                    shutdown_timeout_ms: s.shutdown_timeout.as_duration().as_millis() as u64,
+                })
+                .collect(),
+            shutdown_sequence: config.shutdown_sequence.iter().map(|&i| i as u32).collect(),
+            takeover: config.global.coordinator.takeover,
+        }
+    }
 }
 
 fn check_spec(spec: &ApiSpec) -> Result<ControlLayout, String> {
@@ -1745,6 +1787,32 @@ mod tests {
                 .total_size
                 < 1 << 20
         );
+    }
+
+    #[test]
+    fn spec_from_a_configuration() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/scenarios/valid-explicit-sequences"
+        );
+        let config = crate::config::Config::load(&crate::config::LoadOptions {
+            config_path: Some(format!("{dir}/ccmgr.toml").into()),
+            instance: None,
+            services_dir: None,
+        })
+        .unwrap();
+        let spec = ApiSpec::from_config(&config);
+        assert_eq!(spec.instance, "explicit");
+        let ids: Vec<&str> = spec.services.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["app", "db", "log"]);
+        let order: Vec<&str> = spec
+            .shutdown_sequence
+            .iter()
+            .map(|&i| ids[i as usize])
+            .collect();
+        assert_eq!(order, ["app", "db", "log"]);
+        assert_eq!(spec.takeover, Takeover::Adopt);
+        assert!(check_spec(&spec).is_ok());
     }
 
     #[test]
