@@ -14,6 +14,8 @@
 //! - [`logsink`]: service output drained from its pipe into a rotated log file.
 //! - [`notify`]: the sd_notify socket, so systemd `Type=notify` daemons work unchanged.
 //! - [`shm`]: the shared-memory segment, its robust mutexes and channels, stale-state reclaim.
+//! - [`service`]: the service API (alive, ready, the orderly shutdown protocol) that services
+//!   link; its C ABI is the `ccmgr-capi` crate with `include/ccmgr.h`.
 //! - [`process_identity`]: processes named by (pid, start time), never by a bare pid.
 //! - [`logging`]: where the coordinator's and keeper's own log lines go.
 //! - [`cli`]: the `ccmgr` command line (verbs, exit codes, output).
@@ -32,5 +34,6 @@ pub mod logging;
 pub mod logsink;
 pub mod notify;
 pub mod process_identity;
+pub mod service;
 pub mod shm;
 pub mod spawn;

@@ -21,12 +21,13 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use nix::sys::mman::{MapFlags, ProtFlags};
 
 use super::robust::{
-    Channel, ChannelCell, MutexError, RobustMutex, Semaphore, SemaphoreError, SharedMutex,
+    Channel, ChannelCell, Deadline, FutexWait, MutexError, RobustMutex, Semaphore, SemaphoreError,
+    SharedMutex, ThreadRobustList, futex_wait_raw, futex_wake_raw,
 };
 
 /// Types that may be viewed in place in the mapped segment.
@@ -201,6 +202,176 @@ impl Drop for Mapping {
     }
 }
 
+/// A `MAP_SHARED` **read-only** mapping of a whole file (`PROT_READ`, from a descriptor
+/// opened `O_RDONLY`): how services map the control segment, which they may read but not
+/// write.
+///
+/// No reference into it is ever handed out: the only accesses are atomic loads with
+/// `Ordering::Relaxed` of at most 8 bytes, which Rust documents as sound on read-only memory
+/// (std::sync::atomic, "Atomic accesses to read-only memory": larger loads, or stronger
+/// orderings, may be compiled to read-modify-write instructions that fault), and futex waits
+/// and wakes, which the kernel performs without writing. A reader that needs acquire ordering
+/// follows its relaxed load with `fence(Ordering::Acquire)`.
+pub(crate) struct ReadOnlyMapping {
+    base: NonNull<u8>,
+    len: usize,
+    /// Keeps the descriptor (and so the file) as long as the mapping.
+    _file: File,
+}
+
+// SAFETY: the mapping is only read, through atomic loads and syscalls; the File is Send +
+// Sync. Nothing ties it to one thread.
+unsafe impl Send for ReadOnlyMapping {}
+// SAFETY: as above.
+unsafe impl Sync for ReadOnlyMapping {}
+
+impl ReadOnlyMapping {
+    /// Map `len` bytes of `fd` read-only and shared; `len` must not be zero.
+    pub(crate) fn map(fd: OwnedFd, len: usize) -> io::Result<ReadOnlyMapping> {
+        let Some(nonzero) = NonZeroUsize::new(len) else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
+        };
+        // SAFETY: a fresh mapping at an address of the kernel's choosing overlaps no Rust
+        // object; PROT_READ and MAP_SHARED on a descriptor opened for reading.
+        let base = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                nonzero,
+                ProtFlags::PROT_READ,
+                MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )
+        }
+        .map_err(io::Error::from)?;
+        Ok(ReadOnlyMapping {
+            base: base.cast::<u8>(),
+            len,
+            _file: File::from(fd),
+        })
+    }
+
+    /// The address of the `T`-sized, `T`-aligned value at `offset`, if inside the mapping.
+    fn address<T>(&self, offset: usize) -> Option<*const T> {
+        let end = offset.checked_add(std::mem::size_of::<T>())?;
+        if end > self.len {
+            return None;
+        }
+        let addr = (self.base.as_ptr() as usize).checked_add(offset)?;
+        if addr % std::mem::align_of::<T>() != 0 {
+            return None;
+        }
+        // SAFETY: offset + size <= len, so the result stays inside the mapping.
+        Some(unsafe { self.base.as_ptr().add(offset) }.cast::<T>())
+    }
+
+    /// The `u8` at `offset` (a relaxed atomic load), if inside the mapping.
+    pub(crate) fn load_u8(&self, offset: usize) -> Option<u8> {
+        let ptr = self.address::<AtomicU8>(offset)?;
+        // SAFETY: in bounds and aligned (checked), mapped while `self` is borrowed; a relaxed
+        // load of one byte is sound on read-only memory (see the type's documentation) and
+        // tolerates concurrent writes through the owner's mapping.
+        Some(unsafe { (*ptr).load(Ordering::Relaxed) })
+    }
+
+    /// The `u32` at `offset` (a relaxed atomic load), if inside the mapping and aligned.
+    pub(crate) fn load_u32(&self, offset: usize) -> Option<u32> {
+        let ptr = self.address::<AtomicU32>(offset)?;
+        // SAFETY: as in `load_u8`, for 4 bytes.
+        Some(unsafe { (*ptr).load(Ordering::Relaxed) })
+    }
+
+    /// The `u64` at `offset` (a relaxed atomic load), if inside the mapping and aligned.
+    pub(crate) fn load_u64(&self, offset: usize) -> Option<u64> {
+        let ptr = self.address::<AtomicU64>(offset)?;
+        // SAFETY: as in `load_u8`, for 8 bytes (within the 8-byte limit of 64-bit targets;
+        // ccmgr builds only for 64-bit Linux with glibc, see robust.rs).
+        Some(unsafe { (*ptr).load(Ordering::Relaxed) })
+    }
+
+    /// Sleep while the word at `offset` holds `expected` (see [`futex_wait_raw`]). `None` if
+    /// the offset is outside the mapping or misaligned.
+    pub(crate) fn futex_wait(
+        &self,
+        offset: usize,
+        expected: u32,
+        deadline: Option<Deadline>,
+    ) -> Option<Result<FutexWait, nix::errno::Errno>> {
+        let ptr = self.address::<u32>(offset)?;
+        // SAFETY: aligned and inside the mapping, which `self` keeps mapped for the call.
+        Some(unsafe { futex_wait_raw(ptr, expected, deadline) })
+    }
+
+    /// Wake at most `count` sleepers of the word at `offset` (see [`futex_wake_raw`]).
+    pub(crate) fn futex_wake(
+        &self,
+        offset: usize,
+        count: i32,
+    ) -> Option<Result<usize, nix::errno::Errno>> {
+        let ptr = self.address::<u32>(offset)?;
+        // SAFETY: as in `futex_wait`.
+        Some(unsafe { futex_wake_raw(ptr, count) })
+    }
+
+    /// Make the word at `offset` the calling thread's pending robust-futex entry for as long
+    /// as the returned value lives (see [`ThreadRobustList`]): if the thread dies meanwhile,
+    /// the kernel passes a wake-up on that word to another sleeper when the word has no owner.
+    pub(crate) fn robust_pending(
+        self: &Arc<Self>,
+        offset: usize,
+    ) -> Option<Result<RobustPending, nix::errno::Errno>> {
+        let ptr = self.address::<u32>(offset)?;
+        // SAFETY: aligned and inside the mapping; the returned value owns an Arc of the
+        // mapping, so the word stays mapped as long as the registration lives, and it is
+        // !Send (ThreadRobustList is), so it is dropped on the installing thread.
+        Some(
+            unsafe { ThreadRobustList::install(ptr) }.map(|list| RobustPending {
+                _list: list,
+                _mapping: Arc::clone(self) as Arc<dyn Send + Sync>,
+            }),
+        )
+    }
+}
+
+impl Drop for ReadOnlyMapping {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` describe the mapping made in `map`, unmapped only here; no
+        // reference into it exists (none is ever handed out), and a RobustPending keeps an
+        // Arc of it.
+        if let Err(e) = unsafe { nix::sys::mman::munmap(self.base.cast(), self.len) } {
+            tracing::error!(error = %e, "munmap of a read-only ccmgr segment failed");
+        }
+    }
+}
+
+/// A word of a mapping registered as the calling thread's pending robust-futex entry; the
+/// thread's own robust list comes back when it is dropped. Keeps the mapping alive.
+pub(crate) struct RobustPending {
+    // Field order matters: the registration goes before the mapping it names.
+    _list: ThreadRobustList,
+    _mapping: Arc<dyn Send + Sync>,
+}
+
+impl Mapping {
+    /// As [`ReadOnlyMapping::robust_pending`], for a word of a read-write mapping (the
+    /// coordinator's holder of the daemon component word).
+    pub(crate) fn robust_pending(
+        self: &Arc<Self>,
+        offset: usize,
+    ) -> Option<Result<RobustPending, nix::errno::Errno>> {
+        let ptr = self.checked::<AtomicU32>(offset, 1)?;
+        // SAFETY: as in ReadOnlyMapping::robust_pending.
+        Some(
+            unsafe { ThreadRobustList::install(ptr.as_ptr().cast::<u32>()) }.map(|list| {
+                RobustPending {
+                    _list: list,
+                    _mapping: Arc::clone(self) as Arc<dyn Send + Sync>,
+                }
+            }),
+        )
+    }
+}
+
 /// The file mode and group of a new segment.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Access {
@@ -234,6 +405,17 @@ impl Unpublished {
         access: Access,
     ) -> Result<Unpublished, (CreateStep, io::Error)> {
         let mode = if access.group.is_some() { 0o660 } else { 0o600 };
+        Self::create_with_mode(dir, len, mode, access.group)
+    }
+
+    /// As [`create`](Self::create), with an explicit permission `mode` (the service API's
+    /// control segment is 0644: every user may read it, only its owner write it).
+    pub(crate) fn create_with_mode(
+        dir: &Path,
+        len: usize,
+        mode: u32,
+        group: Option<u32>,
+    ) -> Result<Unpublished, (CreateStep, io::Error)> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -241,7 +423,7 @@ impl Unpublished {
             .custom_flags(libc::O_TMPFILE)
             .open(dir)
             .map_err(|e| (CreateStep::Open, e))?;
-        if let Some(gid) = access.group {
+        if let Some(gid) = group {
             nix::unistd::fchown(&file, None, Some(nix::unistd::Gid::from_raw(gid)))
                 .map_err(|e| (CreateStep::Chown, io::Error::from(e)))?;
         }

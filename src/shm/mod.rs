@@ -10,9 +10,12 @@
 //! - `mapping` (private): the raw mapping and the only casts from bytes.
 //! - [`layout`]: the versioned `#[repr(C)]` layout and its size computation.
 //! - [`state`]: the typed values stored in the segment.
+//! - [`api`]: the service API's control segment and API file, and the coordinator's side of
+//!   the services' shutdown protocol.
 //!
 //! Unsafe code lives in `robust.rs` (FFI) and `mapping.rs` (mmap and casts).
 
+pub mod api;
 pub mod layout;
 mod mapping;
 pub mod robust;

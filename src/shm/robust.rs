@@ -33,14 +33,21 @@
 //! wedge it (at worst a post is lost with its sender). A [`Channel`] pairs one
 //! with a word of message bits: senders OR bits in and post; the receiver waits
 //! and takes all the bits at once.
+//!
+//! # Futex words and a thread's own robust list
+//! The service API ([`crate::shm::api`]) uses bare futex words instead of pthread mutexes
+//! where other users' processes are involved: `futex_wait`/`futex_wake` (and the raw
+//! forms for read-only mappings), and `ThreadRobustList`, which gives one thread a kernel
+//! robust list of ccmgr's own that names a single word through `list_op_pending`, so that
+//! the kernel itself marks the word when that thread dies, or passes a wake-up on.
 
 use std::cell::UnsafeCell;
 use std::fmt;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
-use std::ptr::NonNull;
+use std::ptr::{self, NonNull};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -109,7 +116,7 @@ impl Deadline {
         (sec, nsec) >= (self.sec, self.nsec)
     }
 
-    fn timespec(&self) -> libc::timespec {
+    pub(crate) fn timespec(&self) -> libc::timespec {
         libc::timespec {
             tv_sec: self.sec as libc::time_t,
             tv_nsec: self.nsec as libc::c_long,
@@ -718,6 +725,222 @@ impl fmt::Debug for Channel {
                 &format_args!("{:#x}", self.cell.as_ptr() as usize),
             )
             .finish()
+    }
+}
+
+/// The bits of a robust futex word (`linux/futex.h`): the owner's thread id, "a thread may
+/// sleep on this word", and "the owner died holding it".
+pub(crate) const FUTEX_WAITERS: u32 = 0x8000_0000;
+/// Set by the kernel in a robust futex word whose owner died.
+pub(crate) const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
+/// The owner's thread id in a robust futex word.
+pub(crate) const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+
+// linux/futex.h; the `libc` crate does not export all of them on every target.
+const FUTEX_WAKE: libc::c_int = 1;
+const FUTEX_WAIT_BITSET: libc::c_int = 9;
+const FUTEX_BITSET_MATCH_ANY: u32 = 0xffff_ffff;
+
+/// How a [`futex_wait`] ended. Every caller re-reads the word afterwards: a wake-up says only
+/// that something may have changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FutexWait {
+    /// Woken by a `FUTEX_WAKE` (or by a signal handler's return: `EINTR`).
+    Woken,
+    /// The word no longer held the expected value when the call began.
+    Changed,
+    /// The deadline passed.
+    TimedOut,
+}
+
+/// Sleep while the 32-bit word at `word` holds `expected`, until a `FUTEX_WAKE` on it or the
+/// deadline (on `CLOCK_MONOTONIC`, absolute).
+///
+/// The word is shared (no `FUTEX_PRIVATE_FLAG`), so a waker in another process that maps the
+/// same file reaches it, and so does the kernel when it wakes a waiter of a robust futex whose
+/// owner died. `FUTEX_WAIT` only reads the word: it works on a `PROT_READ` mapping (the kernel
+/// falls back to a read-only page lookup for waits; the service API's tests check it).
+///
+/// # Safety
+/// `word` must be 4-byte aligned and point into memory that stays mapped for the whole call.
+pub(crate) unsafe fn futex_wait_raw(
+    word: *const u32,
+    expected: u32,
+    deadline: Option<Deadline>,
+) -> Result<FutexWait, Errno> {
+    let ts = deadline.map(|d| d.timespec());
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: the caller guarantees `word` is aligned and mapped for the call; the kernel
+    // only reads it, with fault handling. `ts_ptr` is null or points at `ts`, which outlives
+    // the call. FUTEX_WAIT_BITSET takes an absolute timeout on CLOCK_MONOTONIC (the bitset
+    // form is used for exactly that; MATCH_ANY makes it an ordinary wait).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word,
+            FUTEX_WAIT_BITSET,
+            expected,
+            ts_ptr,
+            ptr::null::<u32>(),
+            FUTEX_BITSET_MATCH_ANY,
+        )
+    };
+    if rc == 0 {
+        return Ok(FutexWait::Woken);
+    }
+    match Errno::last() {
+        Errno::EAGAIN => Ok(FutexWait::Changed),
+        Errno::ETIMEDOUT => Ok(FutexWait::TimedOut),
+        Errno::EINTR => Ok(FutexWait::Woken),
+        errno => Err(errno),
+    }
+}
+
+/// Wake at most `count` threads sleeping on the word at `word`; returns how many woke.
+///
+/// # Safety
+/// `word` must be 4-byte aligned and point into memory that stays mapped for the call.
+pub(crate) unsafe fn futex_wake_raw(word: *const u32, count: i32) -> Result<usize, Errno> {
+    // SAFETY: the caller guarantees `word` is aligned and mapped; FUTEX_WAKE does not access
+    // the word's contents, it only looks up the page to find the sleepers' key. Shared, so it
+    // reaches sleepers of other processes (a read-only mapping of theirs included).
+    let rc = unsafe { libc::syscall(libc::SYS_futex, word, FUTEX_WAKE, count) };
+    if rc < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(rc as usize)
+    }
+}
+
+/// [`futex_wait_raw`] on a word this process may reference as an atomic.
+pub(crate) fn futex_wait(
+    word: &AtomicU32,
+    expected: u32,
+    deadline: Option<Deadline>,
+) -> Result<FutexWait, Errno> {
+    // SAFETY: a reference is aligned and valid for as long as it is borrowed, which covers
+    // the call.
+    unsafe { futex_wait_raw(word.as_ptr(), expected, deadline) }
+}
+
+/// [`futex_wake_raw`] on a word this process may reference as an atomic.
+pub(crate) fn futex_wake(word: &AtomicU32, count: i32) -> Result<usize, Errno> {
+    // SAFETY: as in `futex_wait`.
+    unsafe { futex_wake_raw(word.as_ptr(), count) }
+}
+
+/// The kernel's `struct robust_list_head` (`linux/futex.h`).
+#[repr(C)]
+struct RobustListHead {
+    /// `list.next`: the first entry; the head's own address when the list is empty.
+    list_next: *mut libc::c_void,
+    /// Added to an entry's address to find its futex word.
+    futex_offset: libc::c_long,
+    /// An entry in the middle of being taken or released.
+    list_op_pending: *mut libc::c_void,
+}
+
+/// The calling thread's kernel robust list, replaced by ccmgr's own for as long as this value
+/// lives: an empty list whose `list_op_pending` names one futex word. Dropping it gives the
+/// thread back the list the C library registered (glibc's, which all pthread robust mutexes
+/// of the thread use).
+///
+/// When the thread dies (alone, with its process, or by an `execve`) the kernel walks this
+/// list and handles the pending word as the robust-futex protocol says:
+/// - if the word's owner tid is this thread, it sets `FUTEX_OWNER_DIED` (keeping
+///   `FUTEX_WAITERS`) and, when `FUTEX_WAITERS` was set, wakes one thread sleeping on it;
+/// - if the word has no owner (tid 0), it wakes one sleeper, so that a wake-up this thread
+///   received but could not pass on is not lost (Linux >= 5.5, "futex: Prevent robust futex
+///   exit race").
+///
+/// The kernel never follows a pointer read from the word's memory: the list is empty and the
+/// pending "entry" is only an address (the futex offset is 0). So the word may lie in memory
+/// other users can write, or in a read-only mapping (the kernel then only reads it: it writes
+/// only a word whose owner is the dying thread).
+///
+/// While it lives, pthread robust mutexes locked *by this thread* are not robust (glibc keeps
+/// enqueuing them on its own list, which the kernel no longer watches). The threads that use
+/// it lock none.
+pub(crate) struct ThreadRobustList {
+    /// Freed only once the kernel no longer refers to it (see Drop).
+    head: std::mem::ManuallyDrop<Box<RobustListHead>>,
+    saved_head: *mut libc::c_void,
+    saved_len: usize,
+    /// Robust lists are per thread: it must be dropped by the thread that installed it.
+    _thread_bound: PhantomData<*const ()>,
+}
+
+impl ThreadRobustList {
+    /// Install the list for the calling thread, with `word` pending.
+    ///
+    /// # Safety
+    /// `word` must be 4-byte aligned and stay mapped for as long as the returned value lives
+    /// (the kernel reads it, and may write it, when the thread dies). The value must be
+    /// dropped on the thread that made it (it is `!Send`), and before that thread ends if the
+    /// memory it names is to be unmapped.
+    pub(crate) unsafe fn install(word: *const u32) -> Result<ThreadRobustList, Errno> {
+        let mut saved_head: *mut libc::c_void = ptr::null_mut();
+        let mut saved_len: libc::size_t = 0;
+        // SAFETY: get_robust_list(0, ...) reads the calling thread's registration into the two
+        // out-parameters, which are valid for writes.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_get_robust_list,
+                0 as libc::c_long,
+                &mut saved_head as *mut *mut libc::c_void,
+                &mut saved_len as *mut libc::size_t,
+            )
+        };
+        if rc != 0 {
+            return Err(Errno::last());
+        }
+        let mut head = Box::new(RobustListHead {
+            list_next: ptr::null_mut(),
+            futex_offset: 0,
+            list_op_pending: word.cast_mut().cast(),
+        });
+        // An empty list points at its own head (`list` is the head's first field).
+        head.list_next = (&raw mut *head).cast();
+        // SAFETY: the head lives in a heap allocation owned by the returned value, which
+        // restores the previous registration before freeing it (Drop) — or, if the thread
+        // dies first, stays allocated while the kernel reads it at the thread's exit (the
+        // memory of a dying process is still mapped then). The length is the kernel's
+        // struct size, as the call requires.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_set_robust_list,
+                &raw const *head,
+                std::mem::size_of::<RobustListHead>(),
+            )
+        };
+        if rc != 0 {
+            return Err(Errno::last());
+        }
+        Ok(ThreadRobustList {
+            head: std::mem::ManuallyDrop::new(head),
+            saved_head,
+            saved_len,
+            _thread_bound: PhantomData,
+        })
+    }
+}
+
+impl Drop for ThreadRobustList {
+    fn drop(&mut self) {
+        // SAFETY: gives the calling thread (the installer: the value is !Send) back the head it
+        // had, which the C library keeps valid for the thread's life.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_set_robust_list, self.saved_head, self.saved_len) };
+        if rc != 0 {
+            // The kernel still refers to our head: leave it allocated.
+            tracing::error!(errno = %Errno::last(), "restoring the thread's robust list failed");
+            return;
+        }
+        // SAFETY: the kernel no longer refers to the head (the call above replaced it), and
+        // nothing else points into it; it is dropped exactly once, here.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.head) };
     }
 }
 
