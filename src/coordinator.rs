@@ -33,7 +33,8 @@ use crate::keeper::protocol::{self, FromKeeper, Outbox, ToKeeper, recv_message};
 use crate::keeper::{COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD};
 use crate::notify::{self, NotifySocket};
 use crate::process_identity::ProcessIdentity;
-use crate::shm::{GaveUp, GiveUpReason, InstanceState, LastExit, MutexId, Segment};
+use crate::shm::api::{ControlSegment, DaemonComponentHolder};
+use crate::shm::{Deadline, GaveUp, GiveUpReason, InstanceState, LastExit, MutexId, Segment};
 use crate::spawn::ProcessExit;
 
 /// Why the coordinator could not run.
@@ -51,6 +52,8 @@ pub enum CoordinatorError {
     AlreadyCoordinated,
     #[error("cannot lock the {0} mutex: {1}")]
     Lock(&'static str, String),
+    #[error(transparent)]
+    Api(#[from] crate::shm::api::ApiError),
 }
 
 /// The line `ccmgr start` reads from the report pipe.
@@ -135,6 +138,9 @@ struct Coordinator {
     keeper_lost: bool,
     /// Requests to the keeper that its socket could not take yet.
     outbox: Outbox,
+    /// The daemon component of the service API, held while no shutdown is asked for; its
+    /// holder thread's death (with ours) is what API services see as the coordinator's death.
+    gate: DaemonComponentHolder,
     /// The standby's pid, while one runs.
     standby: Option<i32>,
     /// Standbys that died soon after starting, in a row: a standby that cannot live is not
@@ -213,6 +219,11 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
     }
     mask.thread_block()?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+    // The daemon component's holder is a thread: made only now that the signals the loop
+    // reads through its signalfd are blocked, so that it inherits the mask and none of them
+    // can reach it (a SIGTERM delivered to it would kill the process).
+    let gate = ControlSegment::open(instance)?
+        .hold_daemon_component(Deadline::after(Duration::from_secs(5)))?;
     let timer = TimerFd::new(
         ClockId::CLOCK_MONOTONIC,
         TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
@@ -247,6 +258,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         epoch_ms,
         keeper_lost: false,
         outbox: Outbox::default(),
+        gate,
         standby: None,
         standby_failures: 0,
     };
@@ -383,7 +395,22 @@ impl Coordinator {
                 self.identities[service] = ProcessIdentity::of(pid).ok();
             }
         }
-        let phase = self.segment.instance_status()?.state;
+        let instance = self.segment.instance_status()?;
+        let phase = instance.state;
+        // A count from a window that has run its span is no count any more.
+        let span = self
+            .config
+            .global
+            .coordinator
+            .restart_time_span
+            .as_duration()
+            .as_millis() as u64;
+        let window_age = crate::shm::monotonic_ms().saturating_sub(instance.window_start_ms);
+        let restarts_in_window = if window_age > span {
+            0
+        } else {
+            instance.restarts_in_window
+        };
         let mut adopted = Vec::with_capacity(n);
         for (i, exit) in exits.into_iter().enumerate() {
             let record = self.segment.service_status(i)?;
@@ -402,9 +429,55 @@ impl Coordinator {
             });
         }
         let restart_all = self.config.global.coordinator.takeover == Takeover::Restart;
-        let (engine, actions) = Engine::adopt(params, self.now(), phase, &adopted, restart_all);
+        let (engine, actions) = Engine::adopt(
+            params,
+            self.now(),
+            phase,
+            &adopted,
+            restarts_in_window,
+            restart_all,
+        );
         self.engine = engine;
         Ok(actions)
+    }
+
+    /// A stop or a failure sequence takes these services down: ask the ones that use the
+    /// service API to shut down (they do, in shutdown order, by themselves) by releasing the
+    /// daemon component with a new shutdown epoch. One started with `-cc` that never
+    /// registered is stopped with its signal instead, at its turn.
+    fn release_shutdown_gate(&mut self, services: &[usize]) {
+        let mut actions = Vec::new();
+        for &s in services {
+            if self.gate.control().component_registered(s).ok().flatten() != Some(true) {
+                actions.extend(self.engine.not_cooperative(s));
+            }
+        }
+        if !self.gate.is_held() {
+            // Asked again while earlier asked services are still going: a new epoch.
+            if let Err(e) = self.gate.retake(Deadline::after(Duration::from_secs(2))) {
+                warn!(error = %e, "cannot take the daemon component back");
+            }
+        }
+        match self.gate.release_for_shutdown(services) {
+            Ok(epoch) => info!(
+                epoch,
+                services = services.len(),
+                "asked the API services to shut down in order"
+            ),
+            Err(e) => {
+                warn!(error = %e, "cannot ask the API services to shut down; their timeouts apply")
+            }
+        }
+        self.perform(actions);
+    }
+
+    /// Every asked service is down: hold the daemon component again, before anything starts.
+    fn close_shutdown_gate(&mut self) {
+        if !self.gate.is_held() {
+            if let Err(e) = self.gate.retake(Deadline::after(Duration::from_secs(2))) {
+                warn!(error = %e, "cannot take the daemon component back");
+            }
+        }
     }
 
     /// Asks the keeper for a standby, when the configuration wants one and the stack runs.
@@ -673,6 +746,8 @@ impl Coordinator {
                     self.spawn_standby();
                 }
                 Action::Finished(outcome) => self.finish(&outcome),
+                Action::ShutdownRequested { services } => self.release_shutdown_gate(&services),
+                Action::ShutdownOver => self.close_shutdown_gate(),
             }
         }
     }

@@ -103,6 +103,11 @@ pub enum Action {
     Signal { service: usize, signal: Signal },
     /// SIGKILL the service's process group (a timeout ran out).
     Kill { service: usize },
+    /// These services are to shut down: tell the ones that take part in the service API's
+    /// shutdown protocol (they stop themselves, in shutdown order).
+    ShutdownRequested { services: Vec<usize> },
+    /// No cooperative service is being taken down any more: the shutdown gate closes again.
+    ShutdownOver,
     /// Every service is up for the first time: tell whoever waits for the start.
     StartupComplete,
     /// Everything is stopped: the coordinator's work is done.
@@ -124,6 +129,10 @@ pub struct ServiceParams {
     pub dependencies: Vec<(usize, EdgeKind)>,
     /// What depends on it, with the kind of each edge.
     pub dependents: Vec<(usize, EdgeKind)>,
+    /// It takes part in the service API's shutdown protocol (`ready = "cc"` or `cc_arg`): it
+    /// is asked to stop through the protocol, not sent its stop signal, and is killed only if
+    /// it is still there after its shutdown timeout.
+    pub cooperative: bool,
 }
 
 /// What the engine needs to know about the stack.
@@ -160,6 +169,7 @@ impl EngineParams {
                 restart_delay_max: s.restart_delay_max.into(),
                 dependencies: config.graph.dependencies(i),
                 dependents: config.graph.dependents(i),
+                cooperative: s.cc_arg || s.ready == ReadyKind::Cc,
             })
             .collect();
         let c = &config.global.coordinator;
@@ -188,6 +198,8 @@ pub struct Slot {
     pub wanted: bool,
     /// Taken down by a failure sequence; wanted again once every service in it is down.
     cycling: bool,
+    /// Asked to shut down through the service API's protocol (cooperative services only).
+    asked: bool,
     /// A spawn was asked for and not yet answered.
     spawn_pending: bool,
     /// When `state` last changed.
@@ -217,6 +229,7 @@ impl Slot {
             pid: None,
             wanted: true,
             cycling: false,
+            asked: false,
             spawn_pending: false,
             since: Time::ZERO,
             started_at: None,
@@ -272,6 +285,8 @@ pub struct Engine {
     window: RestartWindow,
     /// Why the stack is stopping, once it is.
     stopping_for: Option<Outcome>,
+    /// Cooperative services were asked to shut down and not all are down yet.
+    gate_open: bool,
     /// The deadline of the whole startup or shutdown sequence.
     sequence_deadline: Option<Time>,
     finished: bool,
@@ -281,27 +296,36 @@ pub struct Engine {
 impl Engine {
     /// A new engine at time `now`; returns it with the first actions (the first level's spawns).
     pub fn new(params: EngineParams, now: Time) -> (Self, Vec<Action>) {
+        let mut engine = Self::blank(params, now, InstanceState::Initializing);
+        let mut actions = Vec::new();
+        engine.pump(&mut actions);
+        (engine, actions)
+    }
+
+    /// An engine in `phase` at `now` with every service stopped and wanted, and the startup
+    /// deadline armed when starting up: what `new` and `adopt` build on.
+    fn blank(params: EngineParams, now: Time, phase: InstanceState) -> Self {
         let n = params.services.len();
-        let mut engine = Self {
-            sequence_deadline: Some(now + params.startup_timeout),
+        let mut slots = vec![Slot::new(); n];
+        for slot in &mut slots {
+            slot.since = now;
+        }
+        Self {
+            sequence_deadline: (phase == InstanceState::Initializing)
+                .then_some(now + params.startup_timeout),
             params,
-            slots: vec![Slot::new(); n],
-            phase: InstanceState::Initializing,
+            slots,
+            phase,
             phase_since: now,
             window: RestartWindow {
                 start: now,
                 count: 0,
             },
             stopping_for: None,
+            gate_open: false,
             finished: false,
             now,
-        };
-        for slot in &mut engine.slots {
-            slot.since = now;
         }
-        let mut actions = Vec::new();
-        engine.pump(&mut actions);
-        (engine, actions)
     }
 
     /// An engine for a coordinator taking over from a dead one, at time `now`: `phase` is what
@@ -317,29 +341,18 @@ impl Engine {
         now: Time,
         phase: InstanceState,
         services: &[Adopted],
+        restarts_in_window: u32,
         restart_all: bool,
     ) -> (Self, Vec<Action>) {
         let n = params.services.len();
-        let mut engine = Self {
-            sequence_deadline: (phase == InstanceState::Initializing)
-                .then_some(now + params.startup_timeout),
-            params,
-            slots: vec![Slot::new(); n],
-            phase,
-            phase_since: now,
-            window: RestartWindow {
-                start: now,
-                count: 0,
-            },
-            stopping_for: None,
-            finished: false,
-            now,
-        };
+        let mut engine = Self::blank(params, now, phase);
+        // The dead coordinator's count goes on (its window's start is before our time zero, so
+        // the window is restarted now: giving up can only come sooner, never later).
+        engine.window.count = restarts_in_window;
         let mut died_unwatched = Vec::new();
         for (s, adopted) in services.iter().enumerate().take(n) {
             let ready = engine.params.services[s].ready;
             let slot = &mut engine.slots[s];
-            slot.since = now;
             slot.restarts = adopted.restarts;
             slot.last_exit = adopted.exit.or(adopted.last_exit);
             slot.pid = adopted.running;
@@ -536,8 +549,14 @@ impl Engine {
         slot.pid = None;
         slot.last_exit = Some(exit);
         let timed_out = slot.start_timed_out;
+        let going_down = !slot.wanted;
         match slot.state {
             ServiceState::Stopping => self.set_state(service, ServiceState::Stopped),
+            // The stack is taking it down anyway (a stop, a failure sequence): a service that
+            // ends first (an API service whose turn in the shutdown protocol came) stopped.
+            ServiceState::Starting | ServiceState::Up if going_down => {
+                self.set_state(service, ServiceState::Stopped);
+            }
             // A one-shot task that finished: it is up, with nothing running.
             ServiceState::Starting if params.ready == ReadyKind::Exit && exit.success() => {
                 self.set_state(service, ServiceState::Up);
@@ -726,6 +745,7 @@ impl Engine {
 
     /// The two passes (stop, then start) and the phase changes they lead to.
     fn pump(&mut self, actions: &mut Vec<Action>) {
+        self.open_or_close_the_gate(actions);
         // Stops, dependents first.
         let shutdown = self.params.shutdown_sequence.clone();
         for (pos, &s) in shutdown.iter().enumerate() {
@@ -740,10 +760,13 @@ impl Engine {
                 None => {} // wait for the spawn's answer, then stop it
                 Some(_) => {
                     let p = &self.params.services[s];
-                    actions.push(Action::Signal {
-                        service: s,
-                        signal: p.stop_signal,
-                    });
+                    // A cooperative service stops itself when its turn in the protocol comes.
+                    if !p.cooperative {
+                        actions.push(Action::Signal {
+                            service: s,
+                            signal: p.stop_signal,
+                        });
+                    }
                     let deadline = self.now + p.shutdown_timeout;
                     self.set_state(s, ServiceState::Stopping);
                     self.slots[s].deadline = Some(deadline);
@@ -779,6 +802,46 @@ impl Engine {
             actions.push(Action::Spawn { service: s });
         }
         self.update_phase(actions);
+    }
+
+    /// `service` was to stop through the service API but never registered with it (it was
+    /// started with `-cc` and did not call `alive`): stop it with its stop signal instead,
+    /// now if its turn has come, else when it comes.
+    pub fn not_cooperative(&mut self, service: usize) -> Vec<Action> {
+        self.params.services[service].cooperative = false;
+        let slot = &self.slots[service];
+        if slot.state == ServiceState::Stopping && slot.pid.is_some() && !slot.killed {
+            let signal = self.params.services[service].stop_signal;
+            return vec![Action::Signal { service, signal }];
+        }
+        Vec::new()
+    }
+
+    /// Cooperative services stop themselves, in shutdown order, once asked through the
+    /// service API: ask every one that is going down and has not been asked yet, all at once
+    /// (the protocol orders them); close the gate when none is going down any more.
+    fn open_or_close_the_gate(&mut self, actions: &mut Vec<Action>) {
+        let mut ask = Vec::new();
+        for (s, slot) in self.slots.iter_mut().enumerate() {
+            let going_down = !slot.wanted && slot.is_alive();
+            if self.params.services[s].cooperative && going_down && !slot.asked {
+                slot.asked = true;
+                ask.push(s);
+            }
+            if !slot.is_alive() {
+                slot.asked = false;
+            }
+        }
+        if !ask.is_empty() {
+            self.gate_open = true;
+            actions.push(Action::ShutdownRequested { services: ask });
+        } else if self.gate_open
+            && !self.slots.iter().any(|s| s.asked)
+            && self.phase != InstanceState::Stopping
+        {
+            self.gate_open = false;
+            actions.push(Action::ShutdownOver);
+        }
     }
 
     /// Everything going down that depends on `s` is down (and, with an explicit shutdown

@@ -28,7 +28,8 @@ use crate::coordinator::{self, StartReport};
 use crate::keeper::{self, COORDINATOR_REPORT_FD, KeeperSetup};
 use crate::logsink;
 use crate::process_identity::ProcessIdentity;
-use crate::shm::{InstanceState, Probe, Segment, SegmentSpec, ServiceStatic, ShmError};
+use crate::shm::api::{ApiSpec, ControlSegment};
+use crate::shm::{Deadline, InstanceState, Probe, Segment, SegmentSpec, ServiceStatic, ShmError};
 use crate::spawn;
 
 /// How long past the configured timeouts the command waits before it concludes something is
@@ -82,7 +83,7 @@ fn clear_the_way(instance: &str) -> Result<(), Exit> {
             );
             Err(Exit::Failed)
         }
-        Ok(Probe::Stale) => match Segment::reclaim_stale(instance) {
+        Ok(Probe::Stale) => match reclaim(instance) {
             Ok(_) => {
                 eprintln!(
                     "ccmgr: removed the state of an earlier run of instance {instance} that was killed"
@@ -128,6 +129,12 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
             return Exit::Failed;
         }
     };
+    // The service API's control segment and API file, beside the main segment.
+    let _ = ControlSegment::remove(&instance);
+    if let Err(e) = ControlSegment::create(&ApiSpec::from_config(&config)) {
+        eprintln!("ccmgr: {e}");
+        return cleanup_failed_start(&segment);
+    }
     if let Ok(w) = segment.write() {
         w.set_manager(ProcessIdentity::current().ok());
         w.set_instance_state(InstanceState::Initializing, crate::shm::monotonic_ms());
@@ -220,7 +227,16 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
 
 fn cleanup_failed_start(segment: &Segment) -> Exit {
     let _ = segment.unlink();
+    let _ = ControlSegment::remove(segment.instance());
     Exit::Failed
+}
+
+/// Removes what an instance leaves in /dev/shm once nothing of it lives: the main segment
+/// (only if stale: a live coordinator's is refused) and the service API's two files.
+fn reclaim(instance: &str) -> Result<(), ShmError> {
+    Segment::reclaim_stale(instance)?;
+    let _ = ControlSegment::remove(instance);
+    Ok(())
 }
 
 /// Reads the coordinator's one-line report: `Ok(None)` at EOF (it died without a word).
@@ -431,7 +447,7 @@ pub fn stop_instance(instance: &str) -> Exit {
             Exit::Ok
         }
         Probe::Stale => {
-            let _ = Segment::reclaim_stale(instance);
+            let _ = reclaim(instance);
             println!(
                 "ccmgr: instance {instance} is not running (removed the state a killed run left behind)"
             );
@@ -452,13 +468,16 @@ pub fn stop_instance(instance: &str) -> Exit {
     }
 }
 
-/// Sends `signal` to the process `who` if it is still that process; returns a pidfd on it.
-fn signal_identity(who: ProcessIdentity, signal: Signal) -> Option<OwnedFd> {
+/// A pidfd on the process `who`, if that pid still names it (pid and start time).
+fn pidfd_of(who: ProcessIdentity) -> Option<OwnedFd> {
     let fd = spawn::pidfd_open(Pid::from_raw(who.pid)).ok()?;
     // The pidfd now pins whatever process has that pid: check it is the one we mean.
-    if !who.is_alive() {
-        return None;
-    }
+    who.is_alive().then_some(fd)
+}
+
+/// Sends `signal` to the process `who` if it is still that process; returns a pidfd on it.
+fn signal_identity(who: ProcessIdentity, signal: Signal) -> Option<OwnedFd> {
+    let fd = pidfd_of(who)?;
     spawn::signal_pidfd(fd.as_fd(), signal).ok()?;
     Some(fd)
 }
@@ -492,7 +511,7 @@ fn stop_through_coordinator(instance: &str, coordinator: ProcessIdentity) -> Exi
         );
         return stop_without_coordinator(instance);
     }
-    let _ = Segment::reclaim_stale(instance);
+    let _ = reclaim(instance);
     println!("ccmgr: instance {instance} stopped");
     Exit::Ok
 }
@@ -510,6 +529,18 @@ fn stop_without_coordinator(instance: &str) -> Exit {
     eprintln!(
         "ccmgr: no coordinator supervises instance {instance}: stopping its services directly, in shutdown order"
     );
+    // The services that use the service API stop themselves, in shutdown order, once asked:
+    // take the dead coordinator's daemon component and release it asking every service.
+    let mut gate = ControlSegment::open(instance).ok().and_then(|c| {
+        c.hold_daemon_component(Deadline::after(Duration::from_secs(5)))
+            .ok()
+    });
+    if let Some(g) = gate.as_mut() {
+        let all: Vec<usize> = (0..config.services.len()).collect();
+        if g.release_for_shutdown(&all).is_ok() {
+            eprintln!("ccmgr: asked the services that use the service API to shut down in order");
+        }
+    }
     for &s in &config.shutdown_sequence {
         let spec = &config.services[s];
         let Some(who) = segment
@@ -521,11 +552,20 @@ fn stop_without_coordinator(instance: &str) -> Exit {
             continue;
         };
         let pgid = Pid::from_raw(who.pid);
-        let Some(fd) = signal_identity(who, spec.stop_signal.0) else {
+        let registered = gate
+            .as_ref()
+            .and_then(|g| g.control().component_registered(s).ok().flatten())
+            == Some(true);
+        let Some(fd) = pidfd_of(who) else {
             continue;
         };
-        // The stop signal goes to the whole group, as the coordinator would send it.
-        let _ = spawn::signal_group(pgid, spec.stop_signal.0);
+        if !registered {
+            // The stop signal goes to the whole group, as the coordinator would send it. (A
+            // service of the API was asked above and stops at its turn: a signal now would
+            // end it out of turn.)
+            let _ = spawn::signal_pidfd(fd.as_fd(), spec.stop_signal.0);
+            let _ = spawn::signal_group(pgid, spec.stop_signal.0);
+        }
         let ended =
             spawn::wait_pidfd(fd.as_fd(), spec.shutdown_timeout.as_duration()).unwrap_or(false);
         if !ended {
@@ -558,7 +598,7 @@ fn stop_without_coordinator(instance: &str) -> Exit {
         }
     }
     drop(segment);
-    match Segment::reclaim_stale(instance) {
+    match reclaim(instance) {
         Ok(_) => {
             println!("ccmgr: instance {instance} stopped");
             Exit::Ok

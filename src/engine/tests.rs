@@ -82,6 +82,7 @@ fn params(services: &[Svc]) -> EngineParams {
                 restart_delay_max: ms(1_000),
                 dependencies: graph.dependencies(i),
                 dependents: graph.dependents(i),
+                cooperative: s.ready == ReadyKind::Cc,
             })
             .collect(),
         startup_sequence: graph.startup_sequence().to_vec(),
@@ -216,6 +217,27 @@ impl Sim {
                         },
                     );
                 }
+                Action::ShutdownRequested { services } => {
+                    let ids: Vec<&str> = services.iter().map(|&s| self.ids[s].as_str()).collect();
+                    self.log
+                        .push(format!("t={} ask {}", self.now.as_millis(), ids.join(",")));
+                    // A cooperative service that obeys stops itself: simulated here in order
+                    // of the list, 1 ms apart, unless it "ignores" its stop.
+                    for (k, &service) in services.iter().enumerate() {
+                        if !self.behaviours[service].ignores_stop {
+                            self.at(
+                                ms(1 + k as u64),
+                                Event::Exited {
+                                    service,
+                                    exit: ProcessExit::Exited(0),
+                                },
+                            );
+                        }
+                    }
+                }
+                Action::ShutdownOver => self
+                    .log
+                    .push(format!("t={} gate closed", self.now.as_millis())),
                 Action::StartupComplete => self.startup_complete_at = Some(self.now),
                 Action::Finished(outcome) => self.finished = Some(outcome),
             }
@@ -809,7 +831,7 @@ fn sim_adopting(
             }
         })
         .collect();
-    let (engine, actions) = Engine::adopt(p, Time::ZERO, phase, &list, restart_all);
+    let (engine, actions) = Engine::adopt(p, Time::ZERO, phase, &list, 0, restart_all);
     let mut sim = Sim {
         engine,
         ids: services.iter().map(|s| s.id.to_owned()).collect(),
@@ -968,4 +990,90 @@ fn a_one_shot_that_finished_while_nobody_watched_is_done() {
     sim.run();
     assert_eq!(sim.log, ["t=0 spawn app"]);
     assert_eq!(sim.engine.phase(), InstanceState::Steady);
+}
+
+#[test]
+fn cooperative_services_are_asked_not_signalled_and_killed_only_if_they_stay() {
+    let mut services = vec![svc("db", &[]), svc("api", &["db"]), svc("web", &["api"])];
+    for s in &mut services[..2] {
+        s.ready = ReadyKind::Cc; // db and api use the service API
+    }
+    services[1].behaviour.ignores_stop = true; // api never acts on the request
+    let mut sim = Sim::new(services);
+    sim.run_until(ms(100));
+    let mark = sim.log.len();
+    sim.send(Event::Stop);
+    sim.run();
+    let log = sim.log_since(mark);
+    // All are asked at once (the protocol orders them); web, not cooperative, gets SIGTERM;
+    // api stays, and is killed at its shutdown timeout; db, which stopped itself, never got a
+    // signal.
+    assert_eq!(log[0], "t=100 ask db,api");
+    assert!(log.contains(&"t=100 stop web"), "{log:?}");
+    assert!(log.contains(&"t=601 kill api"), "{log:?}");
+    assert!(
+        !log.iter()
+            .any(|l| l.ends_with("stop db") || l.ends_with("stop api")),
+        "{log:?}"
+    );
+    assert_eq!(sim.finished, Some(Outcome::Stopped));
+    assert_eq!(
+        sim.state("db"),
+        ServiceState::Stopped,
+        "an exit while being stopped is a stop"
+    );
+}
+
+#[test]
+fn a_failure_sequence_asks_only_the_cooperative_services_it_takes_down_and_closes_the_gate() {
+    let mut services = vec![svc("db", &[]), svc("api", &["db"]), svc("other", &[])];
+    services[1].ready = ReadyKind::Cc;
+    services[2].ready = ReadyKind::Cc;
+    for s in &mut services {
+        s.behaviour.ready_after = Some(ms(1));
+    }
+    let mut sim = Sim::new(services);
+    sim.run_until(ms(1_000));
+    let mark = sim.log.len();
+    sim.crash("db");
+    sim.run_until(ms(5_000));
+    let log = sim.log_since(mark);
+    assert_eq!(
+        log[0], "t=1000 ask api",
+        "only api, which requires db, is asked: {log:?}"
+    );
+    assert!(log.iter().any(|l| l.ends_with("gate closed")), "{log:?}");
+    assert_eq!(
+        sim.engine.slots()[1].restarts,
+        0,
+        "api stopping itself is no failure"
+    );
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+}
+
+#[test]
+fn the_restart_count_survives_a_takeover() {
+    // The dead coordinator had counted 5 restarts (the limit): one more crash gives up.
+    let services = vec![svc("a", &[])];
+    let p = params(&services);
+    let adopted = [Adopted {
+        state: ServiceState::Up,
+        running: Some(500),
+        exit: None,
+        restarts: 5,
+        last_exit: None,
+    }];
+    let (mut engine, _) = Engine::adopt(p, Time::ZERO, InstanceState::Steady, &adopted, 5, false);
+    engine.handle(
+        Event::Exited {
+            service: 0,
+            exit: ProcessExit::Exited(1),
+        },
+        ms(10),
+    );
+    assert!(
+        matches!(engine.outcome(), Some(Outcome::GaveUp { restarts: 5, .. })),
+        "{:?}",
+        engine.outcome()
+    );
 }

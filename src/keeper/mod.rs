@@ -247,6 +247,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     keeper.remove_cgroups();
     // Nothing of the instance is left alive: its shared state goes with it. (`status` reads
     // the outcome the coordinator left in run_dir.)
+    let _ = crate::shm::api::ControlSegment::remove(&keeper.config.global.instance);
     if let Err(e) = segment.unlink() {
         warn!(error = %e, "cannot remove the instance's segment");
     }
