@@ -138,6 +138,8 @@ struct Coordinator {
     keeper_lost: bool,
     /// Requests to the keeper that its socket could not take yet.
     outbox: Outbox,
+    /// READY=1 senders not yet known as services: (pid, session).
+    unclaimed_ready: Vec<(i32, Option<i32>)>,
     /// The daemon component of the service API, held while no shutdown is asked for; its
     /// holder thread's death (with ours) is what API services see as the coordinator's death.
     gate: DaemonComponentHolder,
@@ -258,6 +260,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         epoch_ms,
         keeper_lost: false,
         outbox: Outbox::default(),
+        unclaimed_ready: Vec::new(),
         gate,
         standby: None,
         standby_failures: 0,
@@ -605,6 +608,15 @@ impl Coordinator {
                 let id = &self.config.services[service].id;
                 info!(service = %id, pid, "started");
                 self.feed(Event::Spawned { service, pid });
+                // A READY=1 that came before this news belongs to it if its sender is the
+                // service or in the service's session.
+                let before = self.unclaimed_ready.len();
+                self.unclaimed_ready
+                    .retain(|&(sender, session)| sender != pid && session != Some(pid));
+                if self.unclaimed_ready.len() != before {
+                    info!(service = %self.config.services[service].id, pid, "ready (it said so before its start was reported)");
+                    self.feed(Event::Ready { service });
+                }
             }
             FromKeeper::SpawnFailed { service, error } => {
                 warn!(service = %self.config.services[service].id, %error, "could not start");
@@ -679,10 +691,17 @@ impl Coordinator {
                     info!(service = %self.config.services[service].id, pid = message.pid, "ready");
                     self.feed(Event::Ready { service });
                 }
-                None => warn!(
-                    pid = message.pid,
-                    "READY=1 from a process that is no service's: ignored"
-                ),
+                None => {
+                    // Perhaps a service so quick that its READY=1 came before the keeper's
+                    // word that it was started: keep it (with the sender's session, read now,
+                    // while the sender surely exists) until the next spawns are reported.
+                    let session = notify::proc_ids(message.pid).ok().map(|ids| ids.session);
+                    if self.unclaimed_ready.len() == MAX_UNCLAIMED_READY {
+                        let (pid, _) = self.unclaimed_ready.remove(0);
+                        warn!(pid, "READY=1 from a process that is no service's: ignored");
+                    }
+                    self.unclaimed_ready.push((message.pid, session));
+                }
             }
         }
     }
@@ -844,6 +863,9 @@ impl Coordinator {
         }
     }
 }
+
+/// READY=1 messages kept for services whose start is not reported yet, at most.
+const MAX_UNCLAIMED_READY: usize = 64;
 
 /// A standby that dies is replaced at most this many times in a coordinator's life.
 const MAX_STANDBY_RESTARTS: u32 = 20;

@@ -399,6 +399,19 @@ impl Engine {
             InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed => {
                 engine.enter_stopping(Outcome::Stopped);
             }
+            // Takeover "restart": everything goes down in shutdown order and comes back in
+            // startup order. What is down already (the services of the API shut themselves
+            // down when the coordinator died, as the original design has them do) is part of
+            // that cycle, not a failure.
+            _ if restart_all => {
+                for slot in &mut engine.slots {
+                    if slot.wanted {
+                        slot.wanted = false;
+                        slot.cycling = true;
+                    }
+                }
+                engine.set_phase(InstanceState::Recovery);
+            }
             _ => {
                 for s in died_unwatched {
                     let exit = services[s].exit.unwrap_or(ProcessExit::Signaled {
@@ -408,15 +421,6 @@ impl Engine {
                     // While starting up, a death is a startup failure; afterwards a failure to
                     // recover from. on_failure decides by the phase.
                     engine.on_failure(s, FailureKind::Exited(exit));
-                }
-                if restart_all && !matches!(engine.phase, InstanceState::Stopping) {
-                    for slot in &mut engine.slots {
-                        if slot.wanted {
-                            slot.wanted = false;
-                            slot.cycling = true;
-                        }
-                    }
-                    engine.set_phase(InstanceState::Recovery);
                 }
             }
         }

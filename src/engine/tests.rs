@@ -1077,3 +1077,26 @@ fn the_restart_count_survives_a_takeover() {
         engine.outcome()
     );
 }
+
+#[test]
+fn takeover_restart_brings_back_services_that_shut_themselves_down() {
+    // Under restart, API services shut down by themselves when the coordinator died (exit 0):
+    // the new coordinator starts them again, with everything else, and counts no failure.
+    let gone = (ServiceState::Up, false, Some(ProcessExit::Exited(0)));
+    let mut sim = sim_adopting(
+        stack(),
+        InstanceState::Steady,
+        &[UP, gone, UP, gone, gone],
+        true,
+    );
+    sim.run();
+    let spawns: Vec<&str> = sim
+        .log
+        .iter()
+        .filter(|l| l.contains(" spawn "))
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(spawns, ["cache", "log", "db", "api", "web"]);
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+    assert!(sim.engine.slots().iter().all(|s| s.restarts == 0));
+}
