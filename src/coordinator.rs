@@ -732,7 +732,19 @@ impl Coordinator {
     fn perform(&mut self, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::Spawn { service } => self.send(ToKeeper::Spawn { service }),
+                Action::Spawn { service } => {
+                    let slot = &self.engine.slots()[service];
+                    if let Some(last) = slot.last_exit {
+                        // It ran before: say that this start is a restart, and why.
+                        info!(
+                            service = %self.config.services[service].id,
+                            restarts = slot.restarts,
+                            last_exit = %last,
+                            "restarting"
+                        );
+                    }
+                    self.send(ToKeeper::Spawn { service });
+                }
                 Action::Signal { service, signal } => {
                     if let Some(pid) = self.pids[service] {
                         info!(service = %self.config.services[service].id, pid, signal = signal.as_str(), "stopping");

@@ -170,6 +170,11 @@ fn kill_9_runs_the_failure_sequence_and_spares_unrelated_services() {
     );
     assert_eq!(svc("db")["restarts"], 1);
     assert_eq!(svc("db")["last_exit"]["signal"], 9);
+    let clog = stack.coordinator_log();
+    assert!(
+        clog.contains("restarting service=db restarts=1 last_exit=killed by SIGKILL"),
+        "{clog}"
+    );
     // The failure sequence: api stopped, then db and api started again, in that order.
     let events: Vec<String> = wait_lines(&log, before + 3, LONG)[before..].to_vec();
     assert_eq!(events[0], "stop api");
