@@ -69,6 +69,16 @@ extern "C" {
  */
 int ccmgr_alive(void (*shutdown_cb)(void *arg), void *arg);
 
+/* What ccmgr_shutdown_reason answers. */
+#define CCMGR_SHUTDOWN_REQUESTED 1        /* a stop or a failure sequence asked for it */
+#define CCMGR_SHUTDOWN_COORDINATOR_DIED 2 /* the coordinator died; takeover = "restart" */
+
+/*
+ * Why the shutdown callback running now was called: CCMGR_SHUTDOWN_REQUESTED or
+ * CCMGR_SHUTDOWN_COORDINATOR_DIED; 0 when called outside the callback.
+ */
+int ccmgr_shutdown_reason(void);
+
 /*
  * Say that initialisation is done (the "ready" API): records it for the services' own
  * bookkeeping and sends READY=1 to NOTIFY_SOCKET, which is how a coordinator waiting for this

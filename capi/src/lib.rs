@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::fmt::Display;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use ccmgr::service;
 
@@ -60,6 +61,20 @@ impl Callback {
 }
 
 /// Register with ccmgr (the "alive" API): see `include/ccmgr.h`.
+/// `ccmgr_shutdown_reason`'s answers (`CCMGR_SHUTDOWN_*` in ccmgr.h).
+const SHUTDOWN_REQUESTED: c_int = 1;
+const SHUTDOWN_COORDINATOR_DIED: c_int = 2;
+
+/// Why the shutdown callback running now was called; 0 outside it. One per process, as
+/// `alive` is.
+static SHUTDOWN_REASON: AtomicI32 = AtomicI32::new(0);
+
+/// Why the shutdown callback was called: for a C callback, which takes only its `arg`.
+#[unsafe(no_mangle)]
+pub extern "C" fn ccmgr_shutdown_reason() -> c_int {
+    SHUTDOWN_REASON.load(Ordering::SeqCst)
+}
+
 #[unsafe(no_mangle)]
 pub extern "C" fn ccmgr_alive(
     shutdown_cb: Option<unsafe extern "C" fn(arg: *mut c_void)>,
@@ -69,9 +84,17 @@ pub extern "C" fn ccmgr_alive(
     guarded(move || {
         let callback =
             callback.ok_or_else(|| "ccmgr_alive: the shutdown callback is NULL".to_owned())?;
-        service::alive(move |_shutdown| callback.call())
-            .map(|_| 0)
-            .map_err(|e| e.to_string())
+        service::alive(move |shutdown| {
+            let reason = match shutdown.reason {
+                service::ShutdownReason::Requested { .. } => SHUTDOWN_REQUESTED,
+                service::ShutdownReason::CoordinatorDied => SHUTDOWN_COORDINATOR_DIED,
+            };
+            SHUTDOWN_REASON.store(reason, Ordering::SeqCst);
+            callback.call();
+            SHUTDOWN_REASON.store(0, Ordering::SeqCst);
+        })
+        .map(|_| 0)
+        .map_err(|e| e.to_string())
     })
 }
 
@@ -126,6 +149,11 @@ mod tests {
         assert_eq!(unsafe { ccmgr_invoked_with_cc(1, argv.as_ptr()) }, 0);
         // SAFETY: a null argv is allowed.
         assert_eq!(unsafe { ccmgr_invoked_with_cc(2, std::ptr::null()) }, 0);
+    }
+
+    #[test]
+    fn no_reason_outside_a_callback() {
+        assert_eq!(ccmgr_shutdown_reason(), 0);
     }
 
     #[test]

@@ -5,7 +5,7 @@
  * Started by ccmgr with -cc as its first argument it registers (ccmgr_alive), initialises,
  * says ready (ccmgr_ready), then serves: a heartbeat line on stdout now and then. When its
  * turn to shut down comes, the callback appends "begin <id> <t>" and, after the service's
- * clean-up (CC_SERVICE_STOP_MS, default 0), "shutdown <id> <t> requested" to the log file
+ * clean-up (CC_SERVICE_STOP_MS, default 0), "shutdown <id> <t> <reason>" to the log file
  * (t: CLOCK_MONOTONIC in nanoseconds); then the service exits.
  *
  * Settings: --log PATH (else $CC_SERVICE_LOG; none: no log), $CC_SERVICE_STOP_MS,
@@ -76,7 +76,9 @@ static void on_shutdown(void *arg)
     char byte = 1;
     append(s->log, "begin", s->id, NULL);
     sleep_ms(s->stop_ms); /* the service's clean-up */
-    append(s->log, "shutdown", s->id, "requested");
+    append(s->log, "shutdown", s->id,
+           ccmgr_shutdown_reason() == CCMGR_SHUTDOWN_COORDINATOR_DIED ? "coordinator-died"
+                                                                      : "requested");
     if (write(s->stop_pipe[1], &byte, 1) != 1)
         fprintf(stderr, "cc_service_c: cannot wake main: %s\n", strerror(errno));
 }
