@@ -271,6 +271,28 @@ impl Tree {
         Ok(tree)
     }
 
+    /// The tree a keeper made at `dir` (whose cgroup path is `path`), as it recorded them, to
+    /// remove it after the keeper itself was killed; creates nothing.
+    pub fn existing(dir: &Path, path: &Path) -> Tree {
+        Tree {
+            kill_file: dir.join("cgroup.kill").exists(),
+            path: path.to_path_buf(),
+            dir: dir.to_path_buf(),
+            removed: false,
+        }
+    }
+
+    /// Where a keeper records its tree (`dir` and `path`, a line each), so that `ccmgr stop`
+    /// can remove it even after the keeper was killed: in the instance's run directory.
+    pub fn record_path(run_dir: &Path, instance: &str) -> PathBuf {
+        run_dir.join(format!("{instance}.cgroup"))
+    }
+
+    /// The instance's cgroup path, as `/proc/<pid>/cgroup` shows it.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The instance's cgroup directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -54,6 +54,8 @@ pub enum CoordinatorError {
     Lock(&'static str, String),
     #[error(transparent)]
     Api(#[from] crate::shm::api::ApiError),
+    #[error("lost the keeper, the parent of every service: nothing supervises them any more")]
+    KeeperLost,
 }
 
 /// The line `ccmgr start` reads from the report pipe.
@@ -508,6 +510,9 @@ impl Coordinator {
         let mut events = [EpollEvent::empty(); 8];
         let mut watching_writable = false;
         while !self.engine.is_finished() {
+            if self.keeper_lost {
+                return Err(CoordinatorError::KeeperLost);
+            }
             self.arm_timer();
             // Watch the keeper's socket for room only while requests wait in the outbox.
             let want_writable = !self.outbox.is_empty() && !self.keeper_lost;
@@ -578,22 +583,13 @@ impl Coordinator {
                 Ok(Some(message)) => self.on_keeper_message(message),
                 Ok(None) => return,
                 Err(e) => {
-                    error!(error = %e, "lost the keeper: its services can no longer be supervised");
+                    // Only the keeper can start, signal or reap the services: without it there
+                    // is nothing left to coordinate. The coordinator ends, leaving the shared
+                    // state as it is, so that `status` says nothing supervises the services
+                    // and `ccmgr stop` stops them in shutdown order from that state.
+                    error!(error = %e, "lost the keeper: the services are no longer supervised; `ccmgr stop` stops them");
                     let _ = epoll.delete(self.keeper.as_fd());
                     self.keeper_lost = true;
-                    self.feed(Event::Stop);
-                    // Without the keeper no exit will ever be reported: stop waiting for them.
-                    for service in 0..self.pids.len() {
-                        if self.pids[service].take().is_some() {
-                            self.feed(Event::Exited {
-                                service,
-                                exit: ProcessExit::Signaled {
-                                    signal: Signal::SIGKILL as i32,
-                                    core_dumped: false,
-                                },
-                            });
-                        }
-                    }
                     return;
                 }
             }

@@ -606,3 +606,77 @@ fn a_daemon_that_escaped_with_setsid_dies_with_its_service() {
         cgroup_dir.display()
     );
 }
+
+#[test]
+fn after_kill_9_of_the_keeper_stop_still_stops_everything_even_escaped_daemons() {
+    let stack = Stack::new("keeper-dies", "[coordinator]\nstandby = false", &[]);
+    let cgroup_dir = instance_cgroup(&stack);
+    let pidfile = stack.file("daemon.pid");
+    let log = stack.file("events.log");
+    // db writes nothing to its output: once the keeper is dead its log pipe has no reader, and
+    // a write there would kill it with SIGPIPE before `stop` reached it (see the README).
+    stack.write_service(
+        "db",
+        &format!(
+            r#"command = ["sh", "-c", "exec >/dev/null 2>&1; echo start db >> {log}; trap 'echo stop db >> {log}; exit 0' TERM; while :; do sleep 1; done"]
+"#
+        ),
+    );
+    // A service that leaves a daemon behind outside its process group, then stays.
+    stack.write_service(
+        "escaper",
+        &format!(
+            "command = [\"sh\", \"-c\", \"(setsid sh -c 'echo $$ > {pidfile}; exec sleep 1000' &); exec sleep 1000\"]\nrequires = [\"db\"]\n"
+        ),
+    );
+    stack.start_ok();
+    let status = stack.wait_steady(LONG);
+    let daemon: i32 = wait_lines(&pidfile, 1, LONG)[0].trim().parse().unwrap();
+    let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
+    let services: Vec<i32> = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(keeper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The coordinator cannot go on without the keeper: it ends, and says why.
+    let after = stack.wait_for("the coordinator to end", LONG, |s| {
+        s.as_ref()
+            .is_some_and(|s| s["coordinator"]["pid"].is_null())
+    });
+    assert_eq!(after.unwrap()["supervised"], false);
+    assert!(stack.coordinator_log().contains("lost the keeper"));
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for p in services {
+        assert!(!Stack::alive(p), "service {p} outlived stop");
+    }
+    assert!(
+        lines(&log).ends_with(&["stop db".to_owned()]),
+        "db was stopped: {:?}\n{}",
+        lines(&log),
+        text(&out)
+    );
+    if let Some(dir) = cgroup_dir {
+        let deadline = std::time::Instant::now() + LONG;
+        while Stack::alive(daemon) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the escaped daemon {daemon} outlived stop"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!dir.exists(), "the instance's cgroups were removed");
+    } else {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(daemon),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}

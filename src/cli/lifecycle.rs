@@ -23,6 +23,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::{Pid, pipe2};
 
 use super::{Cli, Exit, load_or_report};
+use crate::cgroup::Tree;
 use crate::config::{Config, LoadOptions};
 use crate::coordinator::{self, StartReport};
 use crate::keeper::{self, COORDINATOR_REPORT_FD, KeeperSetup};
@@ -598,6 +599,7 @@ fn stop_without_coordinator(instance: &str) -> Exit {
         }
     }
     drop(segment);
+    remove_recorded_cgroups(&config);
     match reclaim(instance) {
         Ok(_) => {
             println!("ccmgr: instance {instance} stopped");
@@ -608,6 +610,26 @@ fn stop_without_coordinator(instance: &str) -> Exit {
             Exit::Failed
         }
     }
+}
+
+/// A keeper that was killed could not remove its cgroups: kill what is still in them (daemons
+/// that escaped their process group with setsid) and remove them, from what it recorded.
+fn remove_recorded_cgroups(config: &Config) {
+    let record = Tree::record_path(&config.global.run_dir, &config.global.instance);
+    let Ok(text) = std::fs::read_to_string(&record) else {
+        return;
+    };
+    let mut lines = text.lines();
+    if let (Some(dir), Some(path)) = (lines.next(), lines.next()) {
+        let dir = std::path::Path::new(dir);
+        if dir.is_dir() {
+            match Tree::existing(dir, std::path::Path::new(path)).remove(GRACE) {
+                Ok(()) => println!("ccmgr: removed the instance's cgroups {}", dir.display()),
+                Err(e) => eprintln!("ccmgr: {e}"),
+            }
+        }
+    }
+    let _ = std::fs::remove_file(record);
 }
 
 pub fn restart(cli: &Cli, foreground: bool) -> Exit {

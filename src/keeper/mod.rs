@@ -184,6 +184,15 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     let cgroups = cgroup::Tree::for_instance(&config.global.instance)
         .inspect_err(|e| info!("cgroups not available: {e}; only process groups are used"))
         .ok();
+    if let Some(tree) = &cgroups {
+        // For `ccmgr stop`, should the keeper be killed: it runs elsewhere and cannot find
+        // the tree from its own cgroup.
+        let record = cgroup::Tree::record_path(&config.global.run_dir, &config.global.instance);
+        let text = format!("{}\n{}\n", tree.dir().display(), tree.path().display());
+        if let Err(e) = std::fs::write(&record, text) {
+            warn!(error = %e, "cannot record where the instance's cgroups are");
+        }
+    }
     let mut mask = SigSet::empty();
     for s in [
         Signal::SIGCHLD,
@@ -765,6 +774,10 @@ impl Keeper {
         };
         if let Err(e) = tree.remove(CGROUP_REMOVE_TIMEOUT) {
             warn!(error = %e, "cannot remove the instance's cgroups");
+        } else {
+            let global = &self.config.global;
+            let _ =
+                std::fs::remove_file(cgroup::Tree::record_path(&global.run_dir, &global.instance));
         }
         self.reap_children();
     }
