@@ -86,11 +86,17 @@ fn build() -> Result<Artifacts, String> {
             .arg(target_dir)
             .current_dir(root))?;
     }
-    let rust_service = profile_dir.join("examples/cc_service");
-    // Compile to a private name, then rename: test binaries running at once never see a
-    // half-written executable.
-    let c_service = profile_dir.join("examples/cc_service_c");
-    let partial = profile_dir.join(format!("examples/.cc_service_c.{}", std::process::id()));
+    // Tests run some services as nobody, who may not be able to reach the target directory
+    // (a checkout under a 0700 directory, as `mktemp -d` makes): the services and the C
+    // library they link are copied to a directory anyone can enter, one per test process.
+    let shared = shared_dir()?;
+    let rust_service = shared.join("cc_service");
+    copy_executable(&profile_dir.join("examples/cc_service"), &rust_service)?;
+    copy_executable(
+        &profile_dir.join("libccmgr_service.so"),
+        &shared.join("libccmgr_service.so"),
+    )?;
+    let c_service = shared.join("cc_service_c");
     run(Command::new("cc")
         .args([
             "-std=c99",
@@ -103,17 +109,47 @@ fn build() -> Result<Artifacts, String> {
         ])
         .arg(root.join("include"))
         .arg("-o")
-        .arg(&partial)
+        .arg(&c_service)
         .arg(root.join("examples/c/cc_service.c"))
         .arg("-L")
-        .arg(&profile_dir)
+        .arg(&shared)
         .arg("-lccmgr_service")
-        .arg(format!("-Wl,-rpath,{}", profile_dir.display())))?;
-    fs::rename(&partial, &c_service).map_err(|e| e.to_string())?;
+        .arg(format!("-Wl,-rpath,{}", shared.display())))?;
     Ok(Artifacts {
         rust_service,
         c_service,
     })
+}
+
+/// `<tmp>/ccmgr-api-examples-<pid>`, mode 0755 all the way: made anew for this process, after
+/// removing those of earlier test processes that are gone.
+fn shared_dir() -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = std::env::temp_dir();
+    let prefix = "ccmgr-api-examples-";
+    if let Ok(entries) = fs::read_dir(&tmp) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let gone = name
+                .strip_prefix(prefix)
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+            if gone {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = tmp.join(format!("{prefix}{}", std::process::id()));
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+    Ok(dir)
+}
+
+fn copy_executable(from: &Path, to: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::copy(from, to)
+        .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))?;
+    fs::set_permissions(to, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {
