@@ -145,6 +145,21 @@ fn shared_dir() -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// This test binary, copied once to the shared directory, for helpers running as others.
+fn test_binary_for_others() -> PathBuf {
+    static COPY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let copy = COPY.get_or_init(|| {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let to = shared_dir()?.join(exe.file_name().ok_or("the test binary has no name")?);
+        copy_executable(&exe, &to)?;
+        Ok(to)
+    });
+    match copy {
+        Ok(path) => path.clone(),
+        Err(e) => panic!("cannot copy the test binary for another user: {e}"),
+    }
+}
+
 fn copy_executable(from: &Path, to: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     fs::copy(from, to)
@@ -475,7 +490,12 @@ const MARKER: &str = "api-helper: ";
 
 impl Helper {
     pub fn spawn(role: &str, instance: &str, as_user: Option<(u32, u32)>) -> Helper {
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        // Another user may not reach this test binary where cargo built it (see shared_dir).
+        let exe = match as_user {
+            Some(_) => test_binary_for_others(),
+            None => std::env::current_exe().unwrap(),
+        };
+        let mut cmd = Command::new(exe);
         cmd.args([
             "--exact",
             "child_role_entry",
