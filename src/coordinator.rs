@@ -377,13 +377,8 @@ impl Coordinator {
             }
             match recv_message::<FromKeeper>(self.keeper.as_fd()) {
                 Ok(Some(FromKeeper::Running { services })) => break services,
-                Ok(Some(FromKeeper::Exited {
-                    service,
-                    code,
-                    signal,
-                    ..
-                })) if service < n => {
-                    exits[service] = Some(exit_of(code, signal));
+                Ok(Some(FromKeeper::Exited { service, exit, .. })) if service < n => {
+                    exits[service] = Some(exit);
                 }
                 // Answers to the dead coordinator's requests: what runs is in `Running`.
                 Ok(Some(_)) | Ok(None) => {}
@@ -424,13 +419,7 @@ impl Coordinator {
                 running: self.pids[i],
                 exit,
                 restarts: record.restart_count,
-                last_exit: record.last_exit.map(|e| match e {
-                    LastExit::Exited(code) => ProcessExit::Exited(code),
-                    LastExit::Signaled(signal) => ProcessExit::Signaled {
-                        signal,
-                        core_dumped: false,
-                    },
-                }),
+                last_exit: record.last_exit.map(ProcessExit::from),
             });
         }
         let restart_all = self.config.global.coordinator.takeover == Takeover::Restart;
@@ -618,17 +607,11 @@ impl Coordinator {
                 warn!(service = %self.config.services[service].id, %error, "could not start");
                 self.feed(Event::SpawnFailed { service, error });
             }
-            FromKeeper::Exited {
-                service,
-                pid,
-                code,
-                signal,
-            } => {
+            FromKeeper::Exited { service, pid, exit } => {
                 if self.pids.get(service).copied().flatten() != Some(pid) {
                     return;
                 }
                 self.pids[service] = None;
-                let exit = exit_of(code, signal);
                 let id = &self.config.services[service].id;
                 let started = self.engine.slots()[service].started_at.unwrap_or_default();
                 let ran_for = self.now().saturating_sub(started);
@@ -877,15 +860,3 @@ const MAX_UNCLAIMED_READY: usize = 64;
 
 /// A standby that dies is replaced at most this many times in a coordinator's life.
 const MAX_STANDBY_RESTARTS: u32 = 20;
-
-/// How a process ended, from the keeper's (code, signal) pair.
-fn exit_of(code: Option<i32>, signal: Option<i32>) -> ProcessExit {
-    match (code, signal) {
-        (_, Some(signal)) => ProcessExit::Signaled {
-            signal,
-            core_dumped: false,
-        },
-        (Some(code), None) => ProcessExit::Exited(code),
-        (None, None) => ProcessExit::Exited(-1),
-    }
-}

@@ -775,7 +775,7 @@ pub fn signal_group(pgid: Pid, signal: Signal) -> Result<(), Errno> {
 }
 
 /// How a process ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ProcessExit {
     /// It called `exit` (or returned from `main`) with this status.
     Exited(i32),

@@ -498,16 +498,7 @@ impl Keeper {
 
     fn on_service_exit(&mut self, service: usize, pid: i32, exit: ProcessExit) {
         self.service_pids[service] = None;
-        let (code, signal) = match exit {
-            ProcessExit::Exited(code) => (Some(code), None),
-            ProcessExit::Signaled { signal, .. } => (None, Some(signal)),
-        };
-        self.tell_coordinator(FromKeeper::Exited {
-            service,
-            pid,
-            code,
-            signal,
-        });
+        self.tell_coordinator(FromKeeper::Exited { service, pid, exit });
     }
 
     /// A coordinator or a standby ended. `role` is what it was when it died: a coordinator

@@ -12,6 +12,8 @@ use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, send, socketpair};
 use serde::{Deserialize, Serialize};
 
+use crate::spawn::ProcessExit;
+
 /// The largest message either side sends; far above what any message needs.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 
@@ -46,13 +48,12 @@ pub enum FromKeeper {
     Spawned { service: usize, pid: i32 },
     /// The service's process could not be started; `error` says why in words.
     SpawnFailed { service: usize, error: String },
-    /// The service's main process ended (`code` or `signal`); the rest of its process group
-    /// has been killed, and the process reaped.
+    /// The service's main process ended, as `exit` says; the rest of its process group has
+    /// been killed, and the process reaped.
     Exited {
         service: usize,
         pid: i32,
-        code: Option<i32>,
-        signal: Option<i32>,
+        exit: ProcessExit,
     },
     /// The services that run right now, sent to a standby that takes over after the events
     /// queued while nobody listened: (service, pid). It ends the backlog.

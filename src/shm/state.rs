@@ -121,6 +121,19 @@ impl From<crate::spawn::ProcessExit> for LastExit {
     }
 }
 
+/// The stored form has no core-dump flag: read back, a signal death is one without a core.
+impl From<LastExit> for crate::spawn::ProcessExit {
+    fn from(exit: LastExit) -> Self {
+        match exit {
+            LastExit::Exited(code) => crate::spawn::ProcessExit::Exited(code),
+            LastExit::Signaled(signal) => crate::spawn::ProcessExit::Signaled {
+                signal,
+                core_dumped: false,
+            },
+        }
+    }
+}
+
 const EXIT_NONE: u64 = 0;
 const EXIT_EXITED: u64 = 1;
 const EXIT_SIGNALED: u64 = 2;
