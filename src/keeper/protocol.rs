@@ -85,19 +85,6 @@ pub fn channel() -> Result<(OwnedFd, OwnedFd), Errno> {
     )
 }
 
-/// Sends one message.
-pub fn send_message<T: Serialize>(fd: BorrowedFd<'_>, message: &T) -> Result<(), ProtocolError> {
-    let bytes = serde_json::to_vec(message)?;
-    loop {
-        match send(fd.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL) {
-            Ok(_) => return Ok(()),
-            Err(Errno::EINTR) => continue,
-            Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(ProtocolError::Closed),
-            Err(e) => return Err(ProtocolError::Io(e)),
-        }
-    }
-}
-
 /// Messages waiting to go out on a non-blocking socket. A burst (a thousand spawn requests,
 /// a thousand exits) can fill the socket's buffer; then the rest waits here, in order, and
 /// goes when the socket is writable again. Neither side ever blocks on a send, so the keeper
@@ -240,8 +227,10 @@ mod tests {
             pid: 42,
             signal: 15,
         };
-        send_message(a.as_fd(), &sent).unwrap();
-        send_message(a.as_fd(), &ToKeeper::Shutdown).unwrap();
+        let mut outbox = Outbox::default();
+        outbox.push(a.as_fd(), &sent).unwrap();
+        outbox.push(a.as_fd(), &ToKeeper::Shutdown).unwrap();
+        assert!(outbox.is_empty(), "two small messages fit in the socket");
         assert_eq!(recv_message::<ToKeeper>(b.as_fd()).unwrap(), Some(sent));
         assert_eq!(
             recv_message::<ToKeeper>(b.as_fd()).unwrap(),
