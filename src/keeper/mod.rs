@@ -46,7 +46,7 @@ use crate::config::Config;
 use crate::logsink::{self, LogSink};
 use crate::notify::NotifySocket;
 use crate::shm::Segment;
-use crate::spawn::{self, ProcessExit, SpawnRequest};
+use crate::spawn::{self, ExecStage, ProcessExit, SpawnError, SpawnRequest};
 use protocol::{FromKeeper, ToKeeper, recv_message};
 
 /// Where a keeper's coordinator finds the fds it is handed.
@@ -156,6 +156,10 @@ struct Keeper {
     coordinator_exit: Option<ProcessExit>,
     /// The instance's cgroups, one per service, where the machine offers cgroup v2.
     cgroups: Option<cgroup::Tree>,
+    /// Whether new service processes are moved into their cgroups. Cleared for good the first
+    /// time a move fails: a machine (a container, a sandbox) may let the tree be made yet
+    /// refuse to move processes into it, and a service must not fail to start for that.
+    join_cgroups: bool,
 }
 
 /// Runs the keeper until the stack is stopped; returns the process exit code.
@@ -235,6 +239,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         shutdown_requested: false,
         emergency: false,
         coordinator_exit: None,
+        join_cgroups: cgroups.is_some(),
         cgroups,
     };
     watch(
@@ -672,10 +677,14 @@ impl Keeper {
     }
 
     fn try_spawn(&mut self, service: usize) -> Result<i32, String> {
-        let spec = self.config.services.get(service).ok_or("no such service")?;
+        if service >= self.config.services.len() {
+            return Err("no such service".into());
+        }
         if self.service_pids[service].is_some() {
             return Err("it is already running".into());
         }
+        let cgroup_procs = self.open_cgroup_procs(service);
+        let spec = &self.config.services[service];
         if self.logs[service].is_none() {
             let sink = LogSink::open(
                 &self.config.global.log_dir,
@@ -690,11 +699,29 @@ impl Keeper {
             spawn::build_environment(spec, &self.config.global.instance, &[self.notify.env_var()])
                 .map_err(|e| e.to_string())?;
         let (read_end, write_end) = logsink::make_output_pipe().map_err(|e| e.to_string())?;
-        let cgroup_procs = self.open_cgroup_procs(service)?;
         let mut request =
             SpawnRequest::for_service(spec, env, write_end.as_fd()).map_err(|e| e.to_string())?;
         request.cgroup_procs = cgroup_procs.as_ref().map(|fd| fd.as_fd());
-        let spawned = spawn::spawn_service(&request).map_err(|e| e.to_string())?;
+        let mut spawned = spawn::spawn_service(&request);
+        let mut refused_join = None;
+        if let Err(
+            e @ SpawnError::Exec {
+                stage: ExecStage::Cgroup,
+                ..
+            },
+        ) = spawned
+        {
+            // The child failed before exec and was reaped: start it again, outside cgroups.
+            refused_join = Some(e);
+            request.cgroup_procs = None;
+            spawned = spawn::spawn_service(&request);
+        }
+        drop(request);
+        if let Some(e) = refused_join {
+            self.stop_joining_cgroups(&e.to_string());
+        }
+        let spec = &self.config.services[service];
+        let spawned = spawned.map_err(|e| e.to_string())?;
         drop(write_end); // only the service holds the write end now: its exit means EOF
         let pid = spawned.pid.as_raw();
         self.children.insert(pid, Role::Service(service));
@@ -735,13 +762,29 @@ impl Keeper {
 /// The keeper's uses of the instance's cgroups ([`crate::cgroup`]). Each does nothing where the
 /// machine offers none; a failure to kill is logged, as the process group was killed anyway.
 impl Keeper {
-    /// The `cgroup.procs` of `service`'s cgroup, for its next process to join.
-    fn open_cgroup_procs(&self, service: usize) -> Result<Option<OwnedFd>, String> {
-        let Some(tree) = &self.cgroups else {
-            return Ok(None);
-        };
+    /// The `cgroup.procs` of `service`'s cgroup, for its next process to join; `None` where
+    /// services are not moved into cgroups (any more).
+    fn open_cgroup_procs(&mut self, service: usize) -> Option<OwnedFd> {
+        let tree = self.cgroups.as_ref().filter(|_| self.join_cgroups)?;
         let id = &self.config.services[service].id;
-        tree.open_procs(id).map(Some).map_err(|e| e.to_string())
+        match tree.open_procs(id) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                self.stop_joining_cgroups(&e.to_string());
+                None
+            }
+        }
+    }
+
+    /// From now on, services start outside cgroups; those already in one stay there, and the
+    /// tree is still killed and removed at the end. Said once, as a warning: the stack runs,
+    /// but a daemon that leaves its process group can outlive its service.
+    fn stop_joining_cgroups(&mut self, reason: &str) {
+        if std::mem::replace(&mut self.join_cgroups, false) {
+            warn!(
+                "cannot move services into their cgroups ({reason}); only process groups are used from now on"
+            );
+        }
     }
 
     /// Kills everything in `service`'s cgroup: what it left behind, escaped daemons too.
