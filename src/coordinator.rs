@@ -28,7 +28,9 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, Takeover};
-use crate::engine::{Action, Adopted, Engine, EngineParams, Event, Failure, Outcome, Time};
+use crate::engine::{
+    Action, Adopted, Engine, EngineParams, Event, Failure, Outcome, RestartWindow, Time,
+};
 use crate::keeper::protocol::{self, FromKeeper, Outbox, ToKeeper, recv_message};
 use crate::keeper::{COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD};
 use crate::notify::{self, NotifySocket};
@@ -136,6 +138,8 @@ struct Coordinator {
     /// The engine's time zero, and the same moment on the segment's monotonic clock.
     epoch: Instant,
     epoch_ms: u64,
+    /// When this coordinator started, in engine time.
+    started_at: Time,
     /// The keeper connection broke: nothing can be started or signalled any more.
     keeper_lost: bool,
     /// Requests to the keeper that its socket could not take yet.
@@ -241,12 +245,14 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
             w.set_gave_up(None)?;
         }
     }
-    let epoch = Instant::now();
-    let epoch_ms = crate::shm::monotonic_ms();
+    // Engine time is the monotonic clock since boot, as in the segment, so that what a dead
+    // coordinator published (the restart window's start) means the same to its successor.
+    let (epoch, epoch_ms) = monotonic_epoch();
     let n = config.services.len();
     let params = EngineParams::from_config(&config);
     // The engine is replaced below for a takeover; a fresh one costs nothing.
-    let (engine, first_actions) = Engine::new(params.clone(), Time::ZERO);
+    let started_at = epoch.elapsed();
+    let (engine, first_actions) = Engine::new(params.clone(), started_at);
     let mut c = Coordinator {
         config,
         segment,
@@ -260,6 +266,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         identities: vec![None; n],
         epoch,
         epoch_ms,
+        started_at,
         keeper_lost: false,
         outbox: Outbox::default(),
         unclaimed_ready: Vec::new(),
@@ -347,6 +354,18 @@ fn wait_for_coordinator_death(
     Ok(true)
 }
 
+/// The coordinator's time origin: boot, where the monotonic clock reads zero, as an
+/// [`Instant`] and in the segment's milliseconds (0 then). Should the platform's `Instant` not
+/// reach back that far, the origin is now, and times from before it saturate to it.
+fn monotonic_epoch() -> (Instant, u64) {
+    let now = Instant::now();
+    let since_boot = crate::shm::monotonic_ms();
+    match now.checked_sub(Duration::from_millis(since_boot)) {
+        Some(boot) => (boot, 0),
+        None => (now, since_boot),
+    }
+}
+
 impl Coordinator {
     fn now(&self) -> Time {
         self.epoch.elapsed()
@@ -397,19 +416,11 @@ impl Coordinator {
         }
         let instance = self.segment.instance_status()?;
         let phase = instance.state;
-        // A count from a window that has run its span is no count any more.
-        let span = self
-            .config
-            .global
-            .coordinator
-            .restart_time_span
-            .as_duration()
-            .as_millis() as u64;
-        let window_age = crate::shm::monotonic_ms().saturating_sub(instance.window_start_ms);
-        let restarts_in_window = if window_age > span {
-            0
-        } else {
-            instance.restarts_in_window
+        // The dead coordinator's restart window goes on, its start and count unchanged (the
+        // engine drops a count whose span has run out at the next failure).
+        let window = RestartWindow {
+            start: Time::from_millis(instance.window_start_ms.saturating_sub(self.epoch_ms)),
+            count: instance.restarts_in_window,
         };
         let mut adopted = Vec::with_capacity(n);
         for (i, exit) in exits.into_iter().enumerate() {
@@ -423,14 +434,8 @@ impl Coordinator {
             });
         }
         let restart_all = self.config.global.coordinator.takeover == Takeover::Restart;
-        let (engine, actions) = Engine::adopt(
-            params,
-            self.now(),
-            phase,
-            &adopted,
-            restarts_in_window,
-            restart_all,
-        );
+        let (engine, actions) =
+            Engine::adopt(params, self.now(), phase, &adopted, window, restart_all);
         self.engine = engine;
         Ok(actions)
     }
@@ -746,7 +751,7 @@ impl Coordinator {
                 }
                 Action::StartupComplete => {
                     info!(
-                        elapsed_ms = self.now().as_millis() as u64,
+                        elapsed_ms = self.now().saturating_sub(self.started_at).as_millis() as u64,
                         "every service is up"
                     );
                     // Whoever reads the report reads the segment next: it must be current.

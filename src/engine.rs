@@ -335,20 +335,21 @@ impl Engine {
     /// stopping, a failure sequence goes on restarting, and a service that died while nobody
     /// watched goes through the failure sequence like any other crash. With `restart_all`
     /// (takeover = "restart", the original design) everything running is then stopped in
-    /// shutdown order and started again in startup order.
+    /// shutdown order and started again in startup order. `window` is the dead one's restart
+    /// window, on the same clock as `now`.
     pub fn adopt(
         params: EngineParams,
         now: Time,
         phase: InstanceState,
         services: &[Adopted],
-        restarts_in_window: u32,
+        window: RestartWindow,
         restart_all: bool,
     ) -> (Self, Vec<Action>) {
         let n = params.services.len();
         let mut engine = Self::blank(params, now, phase);
-        // The dead coordinator's count goes on (its window's start is before our time zero, so
-        // the window is restarted now: giving up can only come sooner, never later).
-        engine.window.count = restarts_in_window;
+        // The dead coordinator's window goes on: a takeover neither forgives restarts nor
+        // keeps counting them past their span.
+        engine.window = window;
         let mut died_unwatched = Vec::new();
         for (s, adopted) in services.iter().enumerate().take(n) {
             let ready = engine.params.services[s].ready;

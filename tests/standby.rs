@@ -324,3 +324,54 @@ fn repeated_takeovers_keep_exactly_one_standby() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The restart window the coordinator published: (restarts in it, its start in monotonic ms).
+fn published_window(stack: &Stack) -> (u32, u64) {
+    let segment = ccmgr::shm::Segment::open(&stack.instance).unwrap();
+    let instance = segment.instance_status().unwrap();
+    (instance.restarts_in_window, instance.window_start_ms)
+}
+
+/// SIGKILLs service `id` and waits until it runs again under a new pid.
+fn crash_and_wait_for_restart(stack: &Stack, id: &str) {
+    let old = pid(&stack.service(id)).unwrap();
+    sigkill(old);
+    stack.wait_for(&format!("{id} to be restarted"), LONG, |s| {
+        s.as_ref().is_some_and(|s| {
+            s["state"] == "steady"
+                && s["services"].as_array().unwrap().iter().any(|v| {
+                    v["id"] == id && v["state"] == "up" && pid(v).is_some_and(|p| p != old)
+                })
+        })
+    });
+}
+
+#[test]
+fn a_takeover_keeps_the_restart_window_where_it_began() {
+    // The window is published on the monotonic clock and the successor goes on with it: same
+    // start, same count. (Restarting the window at the takeover would let a crash loop that
+    // spans a takeover run longer than restart_time_span allows.)
+    let (stack, _log, before) = three_tier("window", "[coordinator]\nrestart_time_span = \"1h\"");
+    crash_and_wait_for_restart(&stack, "web");
+    crash_and_wait_for_restart(&stack, "web");
+    let (count, start) = published_window(&stack);
+    assert_eq!(count, 2);
+
+    let standby = pid(&stack.status().unwrap()["standby"]).unwrap();
+    sigkill(pid(&before["coordinator"]).unwrap());
+    stack.wait_for("the standby to take over", LONG, |s| {
+        s.as_ref()
+            .is_some_and(|s| pid(&s["coordinator"]) == Some(standby) && s["state"] == "steady")
+    });
+    assert_eq!(
+        published_window(&stack),
+        (2, start),
+        "the successor's window"
+    );
+    crash_and_wait_for_restart(&stack, "web");
+    assert_eq!(
+        published_window(&stack),
+        (3, start),
+        "counted in the same window"
+    );
+}

@@ -831,7 +831,8 @@ fn sim_adopting(
             }
         })
         .collect();
-    let (engine, actions) = Engine::adopt(p, Time::ZERO, phase, &list, 0, restart_all);
+    let window = RestartWindow::default();
+    let (engine, actions) = Engine::adopt(p, Time::ZERO, phase, &list, window, restart_all);
     let mut sim = Sim {
         engine,
         ids: services.iter().map(|s| s.id.to_owned()).collect(),
@@ -1063,18 +1064,65 @@ fn the_restart_count_survives_a_takeover() {
         restarts: 5,
         last_exit: None,
     }];
-    let (mut engine, _) = Engine::adopt(p, Time::ZERO, InstanceState::Steady, &adopted, 5, false);
+    let window = RestartWindow {
+        start: ms(1_000),
+        count: 5,
+    };
+    let (mut engine, _) =
+        Engine::adopt(p, ms(2_000), InstanceState::Steady, &adopted, window, false);
     engine.handle(
         Event::Exited {
             service: 0,
             exit: ProcessExit::Exited(1),
         },
-        ms(10),
+        ms(2_010),
     );
     assert!(
         matches!(engine.outcome(), Some(Outcome::GaveUp { restarts: 5, .. })),
         "{:?}",
         engine.outcome()
+    );
+}
+
+#[test]
+fn the_restart_window_runs_out_on_the_dead_coordinators_clock() {
+    // 5 restarts counted in a window that opened 59 s before the takeover, of a 60 s span: a
+    // crash 2 s after the takeover falls in a new window, so it is restarted, not given up on.
+    let services = vec![svc("a", &[])];
+    let p = params(&services);
+    let adopted = [Adopted {
+        state: ServiceState::Up,
+        running: Some(500),
+        exit: None,
+        restarts: 5,
+        last_exit: None,
+    }];
+    let window = RestartWindow {
+        start: ms(1_000),
+        count: 5,
+    };
+    let (mut engine, _) = Engine::adopt(
+        p,
+        ms(60_000),
+        InstanceState::Steady,
+        &adopted,
+        window,
+        false,
+    );
+    let actions = engine.handle(
+        Event::Exited {
+            service: 0,
+            exit: ProcessExit::Exited(1),
+        },
+        ms(62_000),
+    );
+    assert_eq!(engine.outcome(), None, "{actions:?}");
+    assert_eq!(
+        engine.restart_window(),
+        RestartWindow {
+            start: ms(62_000),
+            count: 1
+        }
     );
 }
 
