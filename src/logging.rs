@@ -36,5 +36,12 @@ pub fn init(file: Option<&Path>, stderr: bool, role: &'static str) -> tracing::s
         (Some(f), false) => builder.with_writer(Mutex::new(f)).try_init(),
         (None, _) => builder.with_writer(std::io::stderr).try_init(),
     };
-    tracing::info_span!("ccmgr", role, pid = std::process::id()).entered()
+    role_span(role)
+}
+
+/// Enters a span naming `role`, with no parent: every later line of this thread says that
+/// role alone. A standby that took over calls it with "coordinator", as it now is one.
+#[must_use = "the role span lasts as long as the guard"]
+pub fn role_span(role: &'static str) -> tracing::span::EnteredSpan {
+    tracing::info_span!(parent: None, "ccmgr", role, pid = std::process::id()).entered()
 }

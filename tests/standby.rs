@@ -88,6 +88,18 @@ fn adopt_keeps_every_service_and_the_new_coordinator_handles_later_crashes() {
         "nothing was stopped or started: {:?}",
         lines(&log)
     );
+    // From the takeover on, the former standby's lines say it is the coordinator.
+    let own_log = stack.coordinator_log();
+    let its_lines: Vec<&str> = own_log
+        .lines()
+        .filter(|l| l.contains(&format!(" pid={standby}}}")))
+        .skip_while(|l| !l.contains("the standby took over as coordinator"))
+        .collect();
+    assert!(!its_lines.is_empty(), "no takeover line:\n{own_log}");
+    assert!(
+        its_lines.iter().all(|l| l.contains("role=\"coordinator\"")),
+        "{its_lines:#?}"
+    );
     // The new coordinator watches: a crash of db restarts db, api and web in order.
     let db = pid(&stack.service("db")).unwrap();
     sigkill(db);
