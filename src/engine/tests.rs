@@ -1052,11 +1052,10 @@ fn a_failure_sequence_asks_only_the_cooperative_services_it_takes_down_and_close
     assert_eq!(sim.engine.phase(), InstanceState::Steady);
 }
 
-#[test]
-fn the_restart_count_survives_a_takeover() {
-    // The dead coordinator had counted 5 restarts (the limit): one more crash gives up.
+/// One service "a", up, adopted at `now` from a dead coordinator that had restarted it 5 times
+/// (the limit) in a window that began at 1 s; then "a" crashes at `crash`.
+fn crash_after_adopting_five_restarts(now: Time, crash: Time) -> (Engine, Vec<Action>) {
     let services = vec![svc("a", &[])];
-    let p = params(&services);
     let adopted = [Adopted {
         state: ServiceState::Up,
         running: Some(500),
@@ -1068,15 +1067,20 @@ fn the_restart_count_survives_a_takeover() {
         start: ms(1_000),
         count: 5,
     };
-    let (mut engine, _) =
-        Engine::adopt(p, ms(2_000), InstanceState::Steady, &adopted, window, false);
-    engine.handle(
-        Event::Exited {
-            service: 0,
-            exit: ProcessExit::Exited(1),
-        },
-        ms(2_010),
-    );
+    let p = params(&services);
+    let (mut engine, _) = Engine::adopt(p, now, InstanceState::Steady, &adopted, window, false);
+    let crashed = Event::Exited {
+        service: 0,
+        exit: ProcessExit::Exited(1),
+    };
+    let actions = engine.handle(crashed, crash);
+    (engine, actions)
+}
+
+#[test]
+fn the_restart_count_survives_a_takeover() {
+    // The dead coordinator had counted 5 restarts (the limit): one more crash gives up.
+    let (engine, _) = crash_after_adopting_five_restarts(ms(2_000), ms(2_010));
     assert!(
         matches!(engine.outcome(), Some(Outcome::GaveUp { restarts: 5, .. })),
         "{:?}",
@@ -1086,36 +1090,10 @@ fn the_restart_count_survives_a_takeover() {
 
 #[test]
 fn the_restart_window_runs_out_on_the_dead_coordinators_clock() {
-    // 5 restarts counted in a window that opened 59 s before the takeover, of a 60 s span: a
-    // crash 2 s after the takeover falls in a new window, so it is restarted, not given up on.
-    let services = vec![svc("a", &[])];
-    let p = params(&services);
-    let adopted = [Adopted {
-        state: ServiceState::Up,
-        running: Some(500),
-        exit: None,
-        restarts: 5,
-        last_exit: None,
-    }];
-    let window = RestartWindow {
-        start: ms(1_000),
-        count: 5,
-    };
-    let (mut engine, _) = Engine::adopt(
-        p,
-        ms(60_000),
-        InstanceState::Steady,
-        &adopted,
-        window,
-        false,
-    );
-    let actions = engine.handle(
-        Event::Exited {
-            service: 0,
-            exit: ProcessExit::Exited(1),
-        },
-        ms(62_000),
-    );
+    // Those 5 restarts were counted in a window that opened 59 s before the takeover, of a
+    // 60 s span: a crash 2 s after the takeover falls in a new window, so it is restarted, not
+    // given up on.
+    let (engine, actions) = crash_after_adopting_five_restarts(ms(60_000), ms(62_000));
     assert_eq!(engine.outcome(), None, "{actions:?}");
     assert_eq!(
         engine.restart_window(),
