@@ -361,8 +361,8 @@ fn crash_and_wait_for_restart(stack: &Stack, id: &str) {
 #[test]
 fn a_takeover_keeps_the_restart_window_where_it_began() {
     // The window is published on the monotonic clock and the successor goes on with it: same
-    // start, same count. (Restarting the window at the takeover would let a crash loop that
-    // spans a takeover run longer than restart_time_span allows.)
+    // start, same count. (Restarting the window at the takeover would keep counting restarts
+    // whose span has run out, and give up on a service the policy would still restart.)
     let (stack, _log, before) = three_tier("window", "[coordinator]\nrestart_time_span = \"1h\"");
     crash_and_wait_for_restart(&stack, "web");
     crash_and_wait_for_restart(&stack, "web");
