@@ -88,7 +88,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::mem::{offset_of, size_of};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -100,7 +100,9 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, fcntl};
 
 use super::layout::{MAX_SERVICES, REGION_ALIGN, SERVICE_ID_MAX};
-use super::mapping::{Mapping, ReadOnlyMapping, RobustPending, Unpublished, shared_struct};
+use super::mapping::{
+    Mapping, ReadOnlyMapping, RobustPending, Unpublished, link_exclusive, shared_struct,
+};
 use super::robust::{
     Deadline, FUTEX_OWNER_DIED, FUTEX_TID_MASK, FUTEX_WAITERS, FutexWait, futex_wait, futex_wake,
 };
@@ -696,20 +698,6 @@ fn check_spec(spec: &ApiSpec) -> Result<ControlLayout, String> {
     Ok(layout)
 }
 
-/// Give an unnamed file (made with `O_TMPFILE`) its name, exclusively.
-fn link_exclusive(file: &File, path: &Path) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd_path = format!("/proc/self/fd/{}", file.as_raw_fd());
-    nix::unistd::linkat(
-        nix::fcntl::AT_FDCWD,
-        fd_path.as_str(),
-        nix::fcntl::AT_FDCWD,
-        path,
-        nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
-    )
-    .map_err(io::Error::from)
-}
-
 fn api_file_len(services: usize) -> u64 {
     API_HEADER_LEN + services as u64 * API_RECORD_LEN
 }
@@ -794,7 +782,7 @@ impl ControlSegment {
             .map_err(|e| io_error("initialising", &path)(io::Error::other(e.to_string())))?;
         write_control_image(fresh.mapping(), &layout, spec);
 
-        link_exclusive(&api_file, &api).map_err(|e| exists_or(e, &instance, &api))?;
+        link_exclusive(api_file.as_fd(), &api).map_err(|e| exists_or(e, &instance, &api))?;
         drop(api_file);
         let map = fresh.publish(&path).map_err(|e| {
             // Do not leave the API file of a control segment that does not exist.

@@ -491,15 +491,7 @@ impl Unpublished {
             self.sync_initialised,
             "publishing a segment whose mutexes were never initialised"
         );
-        let fd_path = format!("/proc/self/fd/{}", self.map.fd().as_raw_fd());
-        nix::unistd::linkat(
-            nix::fcntl::AT_FDCWD,
-            fd_path.as_str(),
-            nix::fcntl::AT_FDCWD,
-            path,
-            nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
-        )
-        .map_err(io::Error::from)?;
+        link_exclusive(self.map.fd(), path)?;
         Ok(self.map)
     }
 }
@@ -511,4 +503,18 @@ pub(crate) enum InitError {
     Mutex(MutexError),
     #[error("initialising a semaphore: {0}")]
     Semaphore(SemaphoreError),
+}
+
+/// Gives the unnamed file `fd` (made with `O_TMPFILE`) its name, exclusively: `AlreadyExists`
+/// if `path` exists. Until then nobody can open it, so it is complete when it appears.
+pub(crate) fn link_exclusive(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let fd_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    nix::unistd::linkat(
+        nix::fcntl::AT_FDCWD,
+        fd_path.as_str(),
+        nix::fcntl::AT_FDCWD,
+        path,
+        nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+    )
+    .map_err(io::Error::from)
 }
