@@ -12,7 +12,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use stack_support::{Stack, lines, text};
+use stack_support::{Stack, lines, steady_and_all_up, text};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -74,15 +74,8 @@ fn service_pids(status: &Value) -> Vec<Option<i32>> {
 fn with_standby(stack: &Stack) -> Value {
     stack
         .wait_for("a steady stack with a standby", LONG, |s| {
-            s.as_ref().is_some_and(|s| {
-                s["state"] == "steady"
-                    && pid(&s["standby"]).is_some()
-                    && s["services"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .all(|x| x["state"] == "up")
-            })
+            s.as_ref()
+                .is_some_and(|s| steady_and_all_up(s) && pid(&s["standby"]).is_some())
         })
         .unwrap()
 }

@@ -7,7 +7,7 @@ mod stack_support;
 
 use std::time::Duration;
 
-use stack_support::{Stack, lines, text, wait_lines};
+use stack_support::{Stack, lines, steady_and_all_up, text, up_anew, wait_lines};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -134,20 +134,10 @@ fn kill_9_runs_the_failure_sequence_and_spares_unrelated_services() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let status =
-        stack.wait_for("db and api restarted", LONG, |s| {
-            s.as_ref().is_some_and(|s| {
-                s["state"] == "steady"
-                    && s["services"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .all(|x| x["state"] == "up")
-                    && s["services"].as_array().unwrap().iter().any(|x| {
-                        x["id"] == "db" && x["pid"].as_i64().is_some_and(|p| p as i32 != db)
-                    })
-            })
-        });
+    let status = stack.wait_for("db and api restarted", LONG, |s| {
+        s.as_ref()
+            .is_some_and(|s| steady_and_all_up(s) && up_anew(s, "db", db))
+    });
     let status = status.unwrap();
     let svc = |id: &str| {
         status["services"]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use stack_support::{Stack, lines, text, wait_lines};
+use stack_support::{Stack, lines, text, up_anew, wait_lines};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -349,12 +349,8 @@ fn crash_and_wait_for_restart(stack: &Stack, id: &str) {
     let old = pid(&stack.service(id)).unwrap();
     sigkill(old);
     stack.wait_for(&format!("{id} to be restarted"), LONG, |s| {
-        s.as_ref().is_some_and(|s| {
-            s["state"] == "steady"
-                && s["services"].as_array().unwrap().iter().any(|v| {
-                    v["id"] == id && v["state"] == "up" && pid(v).is_some_and(|p| p != old)
-                })
-        })
+        s.as_ref()
+            .is_some_and(|s| s["state"] == "steady" && up_anew(s, id, old))
     });
 }
 

@@ -168,14 +168,7 @@ impl Stack {
     /// Waits until every service is up with the instance steady.
     pub fn wait_steady(&self, timeout: Duration) -> Value {
         self.wait_for("a steady stack", timeout, |s| {
-            s.as_ref().is_some_and(|s| {
-                s["state"] == "steady"
-                    && s["services"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .all(|x| x["state"] == "up")
-            })
+            s.as_ref().is_some_and(steady_and_all_up)
         })
         .unwrap()
     }
@@ -282,6 +275,23 @@ impl Stack {
             .map(|rest| rest.split_whitespace().next().unwrap_or("").to_owned())
             .collect()
     }
+}
+
+/// Whether `status` shows the instance steady with every service up.
+pub fn steady_and_all_up(status: &Value) -> bool {
+    status["state"] == "steady"
+        && status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["state"] == "up")
+}
+
+/// Whether `status` shows service `id` up under a pid other than `old`.
+pub fn up_anew(status: &Value, id: &str, old: i32) -> bool {
+    status["services"].as_array().unwrap().iter().any(|x| {
+        x["id"] == id && x["state"] == "up" && x["pid"].as_i64().is_some_and(|p| p as i32 != old)
+    })
 }
 
 pub fn text(out: &Output) -> String {
