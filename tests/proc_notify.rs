@@ -4,16 +4,14 @@
 
 mod proc_support;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ccmgr::config::service::defaults;
-use ccmgr::config::{Account, ServiceSpec, SignalName};
+use ccmgr::config::{Account, ServiceSpec};
 use ccmgr::logsink::{LogSink, make_output_pipe, tail};
 use ccmgr::notify::{NotifyMessage, NotifySocket, sender_belongs_to};
 use ccmgr::spawn::{ProcessExit, SpawnRequest, build_environment, signal_pidfd, spawn_service};
@@ -185,28 +183,13 @@ fn oversized_datagrams_are_dropped() {
     assert_eq!(sock.recv().unwrap(), None);
 }
 
+/// A `ready = "notify"` service of `command`, from and working in `dir`.
 fn service(id: &str, command: &[&str], dir: &Path) -> ServiceSpec {
     ServiceSpec {
-        id: id.into(),
-        description: None,
         source: dir.join(format!("{id}.toml")),
-        command: strings(command),
-        program: PathBuf::from(command[0]),
-        requires: vec![],
-        after: vec![],
         ready: ccmgr::config::ReadyKind::Notify,
-        cc_arg: false,
-        startup_timeout: defaults::STARTUP_TIMEOUT,
-        shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
-        stop_signal: SignalName(Signal::SIGTERM),
-        restart: Default::default(),
-        restart_delay: defaults::RESTART_DELAY,
-        restart_delay_max: defaults::RESTART_DELAY_MAX,
-        user: None,
-        group: None,
         working_dir: Some(dir.to_path_buf()),
-        env: BTreeMap::new(),
-        env_file: None,
+        ..service_spec(id, command)
     }
 }
 

@@ -3,14 +3,12 @@
 
 mod proc_support;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use ccmgr::config::service::defaults;
-use ccmgr::config::{Account, ServiceSpec, SignalName};
+use ccmgr::config::Account;
 use ccmgr::logsink::make_output_pipe;
 use ccmgr::spawn::{
     Credentials, ExecStage, ProcessExit, SpawnError, SpawnRequest, build_environment, signal_group,
@@ -21,31 +19,6 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::{Pid, getpgid, getsid};
 use proc_support::*;
-
-fn spec(id: &str, command: &[&str]) -> ServiceSpec {
-    ServiceSpec {
-        id: id.into(),
-        description: None,
-        source: PathBuf::from(format!("/etc/ccmgr/services.d/{id}.toml")),
-        command: strings(command),
-        program: PathBuf::from(command[0]),
-        requires: vec![],
-        after: vec![],
-        ready: Default::default(),
-        cc_arg: false,
-        startup_timeout: defaults::STARTUP_TIMEOUT,
-        shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
-        stop_signal: SignalName(Signal::SIGTERM),
-        restart: Default::default(),
-        restart_delay: defaults::RESTART_DELAY,
-        restart_delay_max: defaults::RESTART_DELAY_MAX,
-        user: None,
-        group: None,
-        working_dir: None,
-        env: BTreeMap::new(),
-        env_file: None,
-    }
-}
 
 /// Spawns a request expected to fail before exec and returns the error.
 fn spawn_failure(argv: &[&str], dir: PathBuf) -> SpawnError {
@@ -109,7 +82,7 @@ fn a_service_spec_sets_argv_directory_and_environment() {
     let tmp = tempfile::tempdir().unwrap();
     let env_file = tmp.path().join("svc.env");
     fs::write(&env_file, "FROM_FILE=yes\nX=file\n").unwrap();
-    let mut svc = spec(
+    let mut svc = service_spec(
         "web",
         &[
             "/bin/sh",
@@ -139,7 +112,7 @@ fn a_service_spec_sets_argv_directory_and_environment() {
 #[test]
 fn cc_arg_is_inserted_after_argv0() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut svc = spec("echoer", &["/bin/echo", "a", "b"]);
+    let mut svc = service_spec("echoer", &["/bin/echo", "a", "b"]);
     svc.cc_arg = true;
     let (read_end, write_end) = make_output_pipe().unwrap();
     let env = build_environment(&svc, "inst", &[]).unwrap();
@@ -280,7 +253,7 @@ fn runs_as_nobody_with_only_its_own_groups() {
     }
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mut svc = spec(
+    let mut svc = service_spec(
         "nobody",
         &["/bin/sh", "-c", "id -u; id -g; id -G; echo $HOME $USER"],
     );

@@ -4,11 +4,14 @@
 //! process-wide setting the parallel tests must not see.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ccmgr::config::service::defaults;
+use ccmgr::config::{ServiceSpec, SignalName};
 use ccmgr::logsink::make_output_pipe;
 use ccmgr::spawn::{
     ProcessExit, SpawnRequest, Spawned, signal_group, signal_pidfd, spawn_service, try_reap,
@@ -20,6 +23,33 @@ use nix::unistd::Pid;
 
 /// How long any single wait in these tests may take before the test fails.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A service of `command` with every optional setting at its default, as if from
+/// `/etc/ccmgr/services.d/<id>.toml`.
+pub fn service_spec(id: &str, command: &[&str]) -> ServiceSpec {
+    ServiceSpec {
+        id: id.into(),
+        description: None,
+        source: PathBuf::from(format!("/etc/ccmgr/services.d/{id}.toml")),
+        command: strings(command),
+        program: PathBuf::from(command[0]),
+        requires: vec![],
+        after: vec![],
+        ready: Default::default(),
+        cc_arg: false,
+        startup_timeout: defaults::STARTUP_TIMEOUT,
+        shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
+        stop_signal: SignalName(Signal::SIGTERM),
+        restart: Default::default(),
+        restart_delay: defaults::RESTART_DELAY,
+        restart_delay_max: defaults::RESTART_DELAY_MAX,
+        user: None,
+        group: None,
+        working_dir: None,
+        env: BTreeMap::new(),
+        env_file: None,
+    }
+}
 
 pub fn strings(words: &[&str]) -> Vec<String> {
     words.iter().map(|s| s.to_string()).collect()
