@@ -201,8 +201,6 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
     protocol::set_nonblocking(keeper.as_fd())?;
     let me = ProcessIdentity::current().ok();
 
-    // Once a standby took over, its lines say it is the coordinator.
-    let mut _promoted_span: Option<tracing::span::EnteredSpan> = None;
     let took_over = match role {
         Role::Coordinator => {
             take_liveness_locks(&segment, false)?;
@@ -214,10 +212,11 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
                 return Ok(0);
             }
             take_liveness_locks(&segment, true)?;
-            _promoted_span = Some(crate::logging::role_span("coordinator"));
             true
         }
     };
+    // Once a standby took over, its lines say it is the coordinator.
+    let _promoted_span = took_over.then(|| crate::logging::role_span("coordinator"));
 
     let mut mask = SigSet::empty();
     for s in [
