@@ -703,24 +703,18 @@ impl Keeper {
             SpawnRequest::for_service(spec, env, write_end.as_fd()).map_err(|e| e.to_string())?;
         request.cgroup_procs = cgroup_procs.as_ref().map(|fd| fd.as_fd());
         let mut spawned = spawn::spawn_service(&request);
-        let mut refused_join = None;
         if let Err(
             e @ SpawnError::Exec {
                 stage: ExecStage::Cgroup,
                 ..
             },
-        ) = spawned
+        ) = &spawned
         {
             // The child failed before exec and was reaped: start it again, outside cgroups.
-            refused_join = Some(e);
+            stop_joining_cgroups(&mut self.join_cgroups, e);
             request.cgroup_procs = None;
             spawned = spawn::spawn_service(&request);
         }
-        drop(request);
-        if let Some(e) = refused_join {
-            self.stop_joining_cgroups(&e.to_string());
-        }
-        let spec = &self.config.services[service];
         let spawned = spawned.map_err(|e| e.to_string())?;
         drop(write_end); // only the service holds the write end now: its exit means EOF
         let pid = spawned.pid.as_raw();
@@ -770,20 +764,9 @@ impl Keeper {
         match tree.open_procs(id) {
             Ok(fd) => Some(fd),
             Err(e) => {
-                self.stop_joining_cgroups(&e.to_string());
+                stop_joining_cgroups(&mut self.join_cgroups, &e);
                 None
             }
-        }
-    }
-
-    /// From now on, services start outside cgroups; those already in one stay there, and the
-    /// tree is still killed and removed at the end. Said once, as a warning: the stack runs,
-    /// but a daemon that leaves its process group can outlive its service.
-    fn stop_joining_cgroups(&mut self, reason: &str) {
-        if std::mem::replace(&mut self.join_cgroups, false) {
-            warn!(
-                "cannot move services into their cgroups ({reason}); only process groups are used from now on"
-            );
         }
     }
 
@@ -814,6 +797,19 @@ impl Keeper {
                 std::fs::remove_file(cgroup::Tree::record_path(&global.run_dir, &global.instance));
         }
         self.reap_children();
+    }
+}
+
+/// Clears the keeper's `join_cgroups` for good: from now on, services start outside cgroups;
+/// those already in one stay there, and the tree is still killed and removed at the end. Said
+/// once, as a warning: the stack runs, but a daemon that leaves its process group can outlive
+/// its service. (A function of the flag alone, so that it can be called while the service's
+/// spec is borrowed from the keeper's config.)
+fn stop_joining_cgroups(join_cgroups: &mut bool, reason: &dyn std::fmt::Display) {
+    if std::mem::replace(join_cgroups, false) {
+        warn!(
+            "cannot move services into their cgroups ({reason}); only process groups are used from now on"
+        );
     }
 }
 
