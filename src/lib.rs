@@ -17,6 +17,8 @@
 //! - [`service`]: the service API (alive, ready, the orderly shutdown protocol) that services
 //!   link; its C ABI is the `ccmgr-capi` crate with `include/ccmgr.h`.
 //! - [`process_identity`]: processes named by (pid, start time), never by a bare pid.
+//! - [`records`]: the keeper's record of the instance's processes in `run_dir`, which `stop`
+//!   can use when the segment is lost.
 //! - [`logging`]: where the coordinator's and keeper's own log lines go.
 //! - [`cli`]: the `ccmgr` command line (verbs, exit codes, output).
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -34,6 +36,7 @@ pub mod logging;
 pub mod logsink;
 pub mod notify;
 pub mod process_identity;
+pub mod records;
 pub mod service;
 pub mod shm;
 pub mod spawn;
