@@ -429,6 +429,41 @@ impl Engine {
         (engine, actions)
     }
 
+    /// An engine that only stops, in shutdown order, the services whose main processes are
+    /// `running` (indexed by service): the ordered stop of a driver that has no coordinator
+    /// (the keeper's last resort, `ccmgr stop` when no coordinator answers). The driver feeds
+    /// it `Exited` and `Tick` and carries out `Signal` and `Kill`; `Finished` ends it.
+    pub fn stopping(
+        params: EngineParams,
+        now: Time,
+        running: &[Option<i32>],
+    ) -> (Self, Vec<Action>) {
+        let adopted: Vec<Adopted> = (0..params.services.len())
+            .map(|s| {
+                let running = running.get(s).copied().flatten();
+                Adopted {
+                    state: if running.is_some() {
+                        ServiceState::Up
+                    } else {
+                        ServiceState::Stopped
+                    },
+                    running,
+                    exit: None,
+                    restarts: 0,
+                    last_exit: None,
+                }
+            })
+            .collect();
+        Self::adopt(
+            params,
+            now,
+            InstanceState::Stopping,
+            &adopted,
+            RestartWindow::default(),
+            false,
+        )
+    }
+
     pub fn phase(&self) -> InstanceState {
         self.phase
     }

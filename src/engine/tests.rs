@@ -1126,3 +1126,40 @@ fn takeover_restart_brings_back_services_that_shut_themselves_down() {
     assert_eq!(sim.engine.phase(), InstanceState::Steady);
     assert!(sim.engine.slots().iter().all(|s| s.restarts == 0));
 }
+
+/// The coordinator-less drivers' engine stops what runs in shutdown order, and only that.
+#[test]
+fn stopping_only_stops_what_runs_in_shutdown_order() {
+    // b requires a; c runs nothing.
+    let p = params(&[svc("a", &[]), svc("b", &["a"]), svc("c", &[])]);
+    let (mut engine, actions) = Engine::stopping(p, Time::ZERO, &[Some(10), Some(11), None]);
+    assert_eq!(
+        actions,
+        vec![Action::Signal {
+            service: 1,
+            signal: Signal::SIGTERM
+        }]
+    );
+    let actions = engine.handle(
+        Event::Exited {
+            service: 1,
+            exit: ProcessExit::Exited(0),
+        },
+        Time::from_millis(5),
+    );
+    assert_eq!(
+        actions,
+        vec![Action::Signal {
+            service: 0,
+            signal: Signal::SIGTERM
+        }]
+    );
+    let actions = engine.handle(
+        Event::Exited {
+            service: 0,
+            exit: ProcessExit::Exited(0),
+        },
+        Time::from_millis(6),
+    );
+    assert_eq!(actions, vec![Action::Finished(Outcome::Stopped)]);
+}
