@@ -45,8 +45,9 @@ pub struct Artifacts {
 }
 
 /// Build the examples once per test binary: `cargo build` of the Rust example and of the C
-/// library into this test's own target directory and profile (a no-op when `cargo test` built
-/// them already), then `cc` of the C example against `include/ccmgr.h`.
+/// library into this test's own target directory and profile (skipped when
+/// `CCMGR_TEST_PREBUILT` says they were built before the tests, as CI does), then `cc` of the
+/// C example against `include/ccmgr.h`.
 pub fn artifacts() -> &'static Artifacts {
     static BUILT: OnceLock<Result<Artifacts, String>> = OnceLock::new();
     match BUILT.get_or_init(build) {
@@ -74,10 +75,16 @@ fn build() -> Result<Artifacts, String> {
         other => vec!["--profile", other],
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // CI builds both once, before the tests (`cargo build --workspace --examples`), and says
+    // so: a nested cargo per test binary would only wait on the target directory's lock.
+    let prebuilt = std::env::var_os("CCMGR_TEST_PREBUILT").is_some();
     for what in [
         &["--example", "cc_service", "-p", "ccmgr"][..],
         &["-p", "ccmgr-capi"][..],
     ] {
+        if prebuilt {
+            break;
+        }
         run(Command::new(env!("CARGO"))
             .arg("build")
             .args(what)
@@ -162,8 +169,14 @@ fn test_binary_for_others() -> PathBuf {
 
 fn copy_executable(from: &Path, to: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    fs::copy(from, to)
-        .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))?;
+    fs::copy(from, to).map_err(|e| {
+        format!(
+            "copying {} to {}: {e} (with CCMGR_TEST_PREBUILT set, build them first: \
+             cargo build --workspace --examples)",
+            from.display(),
+            to.display()
+        )
+    })?;
     fs::set_permissions(to, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())
 }
 
