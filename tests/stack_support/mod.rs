@@ -128,6 +128,46 @@ impl Stack {
         }
     }
 
+    /// `status --json` as the fault matrix reads it: `None` when not running (exit 3); the
+    /// JSON whatever the exit code otherwise (a status that finds something wrong may exit
+    /// non-zero and still describe it). Panics only on output that is not JSON.
+    pub fn status_relaxed(&self) -> Option<Value> {
+        let out = self.ccmgr(&["status", "--json"]);
+        if out.status.code() == Some(3) {
+            return None;
+        }
+        match serde_json::from_slice(&out.stdout) {
+            Ok(v) => Some(v),
+            Err(e) => panic!("status --json is not JSON ({e}): {}", text(&out)),
+        }
+    }
+
+    /// [`Stack::wait_for`] over [`Stack::status_relaxed`].
+    pub fn wait_for_relaxed(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut condition: impl FnMut(&Option<Value>) -> bool,
+    ) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status_relaxed();
+            if condition(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status: {status:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Pids the test learned of itself, to be killed and reaped on drop if still there.
+    pub fn remember(&self, pids: &[i32]) {
+        self.seen.borrow_mut().extend(pids.iter().copied());
+    }
+
     /// The status of service `id`.
     pub fn service(&self, id: &str) -> Value {
         let status = self.status().expect("the stack is running");
