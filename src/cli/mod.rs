@@ -10,6 +10,7 @@
 mod check;
 mod lifecycle;
 mod status;
+mod stop_driver;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
