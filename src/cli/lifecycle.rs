@@ -240,7 +240,11 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
             Exit::Failed
         }
         Waited::Report(None) | Waited::KeeperEnded => {
-            // Which one died: the keeper is our child, so its status says.
+            // Which one died: the keeper is our child, so its status says. (A killed keeper's
+            // socket closes before it has finished dying, so the coordinator can end first.)
+            if let Some(fd) = &keeper_fd {
+                let _ = spawn::wait_pidfd(fd.as_fd(), Duration::from_millis(500));
+            }
             match keeper.try_wait() {
                 Ok(Some(status)) => eprintln!(
                     "ccmgr: the keeper of instance {instance} died during startup ({}); stopping what it started",
@@ -685,6 +689,10 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
         eprintln!("ccmgr: {why}: stopping them directly, in shutdown order");
         stop_driver::disarm_parties(&inventory);
         stop_driver::stop_services(&inventory, instance);
+        // A coordinator started meanwhile (by a keeper that saw its coordinator die) goes too.
+        if let Some(segment) = &segment {
+            inventory.add_segment(segment);
+        }
         stop_driver::finish_parties(&inventory);
         acted = true;
     }
