@@ -69,8 +69,7 @@ impl Drop for Running {
 }
 
 fn pid_at(v: &Value) -> i32 {
-    v.as_i64()
-        .unwrap_or_else(|| panic!("{v} is not a pid")) as i32
+    v.as_i64().unwrap_or_else(|| panic!("{v} is not a pid")) as i32
 }
 
 fn service<'a>(status: &'a Value, id: &str) -> &'a Value {
@@ -109,7 +108,11 @@ fn assert_dead(pids: &[(&str, i32)], out: &Output) {
 fn all_pids(status: &Value) -> Vec<(String, i32)> {
     let mut out: Vec<(String, i32)> = ["keeper", "coordinator", "standby"]
         .iter()
-        .filter_map(|k| status[*k]["pid"].as_i64().map(|p| (k.to_string(), p as i32)))
+        .filter_map(|k| {
+            status[*k]["pid"]
+                .as_i64()
+                .map(|p| (k.to_string(), p as i32))
+        })
         .collect();
     for s in status["services"].as_array().unwrap() {
         if let Some(p) = s["pid"].as_i64() {
@@ -243,7 +246,11 @@ fn stop_on_stale_state_kills_escaped_daemons_and_removes_the_cgroups() {
         if let Some(&d) = pids.iter().find(|&&p| p != c) {
             break d;
         }
-        assert!(Instant::now() < deadline, "no daemon in {}", procs.display());
+        assert!(
+            Instant::now() < deadline,
+            "no daemon in {}",
+            procs.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     // The keeper first: alive, it would clean up after the others.
@@ -261,7 +268,11 @@ fn stop_on_stale_state_kills_escaped_daemons_and_removes_the_cgroups() {
     }
     let _ = nix::sys::wait::waitpid(Pid::from_raw(daemon), None);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(!reaped, "the escaped daemon {daemon} outlived stop:\n{}", text(&out));
+    assert!(
+        !reaped,
+        "the escaped daemon {daemon} outlived stop:\n{}",
+        text(&out)
+    );
     assert!(
         !cgroup_dir.exists(),
         "the instance's cgroups {} outlived stop",
@@ -278,7 +289,10 @@ fn status_never_calls_a_dead_service_up_after_everything_was_killed() {
         "",
         &[
             ("a", "command = [\"sleep\", \"100000\"]\n"),
-            ("b", "command = [\"sleep\", \"100000\"]\nrequires = [\"a\"]\n"),
+            (
+                "b",
+                "command = [\"sleep\", \"100000\"]\nrequires = [\"a\"]\n",
+            ),
         ],
     );
     stack.start_ok();
@@ -345,7 +359,10 @@ fn stop_notices_a_frozen_coordinator_and_stops_the_stack_itself() {
         "[coordinator]\nshutdown_timeout = \"60s\"",
         &[
             ("a", "command = [\"sleep\", \"100000\"]\n"),
-            ("b", "command = [\"sleep\", \"100000\"]\nrequires = [\"a\"]\n"),
+            (
+                "b",
+                "command = [\"sleep\", \"100000\"]\nrequires = [\"a\"]\n",
+            ),
         ],
     );
     stack.start_ok();
@@ -473,7 +490,8 @@ fn a_truncated_segment_still_leaves_a_stack_that_stop_can_stop() {
     let said = stdout(&out);
     assert!(said.contains("DAMAGED"), "{}", text(&out));
     assert!(
-        said.lines().any(|l| l.starts_with("s49 ") && l.contains("running")),
+        said.lines()
+            .any(|l| l.starts_with("s49 ") && l.contains("running")),
         "{}",
         text(&out)
     );
@@ -666,7 +684,11 @@ fn a_keeper_killed_during_startup_is_named() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let said = stderr(&out);
     assert!(said.contains("the keeper of instance"), "{}", text(&out));
-    assert!(!said.contains("the coordinator of instance"), "{}", text(&out));
+    assert!(
+        !said.contains("the coordinator of instance"),
+        "{}",
+        text(&out)
+    );
     let named: Vec<(&str, i32)> = pids.iter().map(|(w, p)| (w.as_str(), *p)).collect();
     assert_dead(&named, &out);
 }

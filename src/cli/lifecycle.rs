@@ -23,8 +23,8 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::{Pid, pipe2};
 
-use super::{Cli, Exit, load_or_report};
 use super::stop_driver::{self, Inventory};
+use super::{Cli, Exit, load_or_report};
 use crate::config::{Config, LoadOptions};
 use crate::coordinator::{self, StartReport};
 use crate::keeper::{self, COORDINATOR_REPORT_FD, KeeperSetup};
@@ -263,7 +263,9 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
                 signal.as_str()
             );
             stop_what_started();
-            eprintln!("ccmgr: the start of instance {instance} was interrupted; nothing of it runs");
+            eprintln!(
+                "ccmgr: the start of instance {instance} was interrupted; nothing of it runs"
+            );
             Exit::Failed
         }
         Waited::Failed(e) => {
@@ -462,7 +464,9 @@ fn service_now(ready: crate::config::ReadyKind, st: crate::shm::ServiceStatus) -
     match (st.state, st.process) {
         (ServiceState::Up, Some(p)) if p.is_alive() => (format!("pid {}", p.pid), true),
         (ServiceState::Up, Some(p)) => (format!("dead (pid {} is gone)", p.pid), false),
-        (ServiceState::Up, None) if ready == crate::config::ReadyKind::Exit => ("done".into(), true),
+        (ServiceState::Up, None) if ready == crate::config::ReadyKind::Exit => {
+            ("done".into(), true)
+        }
         (ServiceState::Up, None) => ("dead (no process)".into(), false),
         (state, _) => (
             match exit {
@@ -761,7 +765,10 @@ fn stop_through_coordinator(
     coordinator: ProcessIdentity,
 ) -> Option<String> {
     let status = segment.instance_status().ok();
-    let Some(keeper) = status.and_then(|s| s.keeper).filter(ProcessIdentity::is_alive) else {
+    let Some(keeper) = status
+        .and_then(|s| s.keeper)
+        .filter(ProcessIdentity::is_alive)
+    else {
         return Some(format!("the keeper of instance {instance} is dead"));
     };
     let Some(keeper_fd) = stop_driver::pidfd_of(keeper) else {
@@ -819,9 +826,10 @@ fn stop_through_coordinator(
             let promoted = status
                 .and_then(|s| s.coordinator)
                 .filter(|c| *c != current && c.is_alive());
-            match promoted.or(standby).and_then(|next| {
-                stop_driver::pidfd_of(next).map(|fd| (next, fd))
-            }) {
+            match promoted
+                .or(standby)
+                .and_then(|next| stop_driver::pidfd_of(next).map(|fd| (next, fd)))
+            {
                 Some((next, fd)) => {
                     eprintln!(
                         "\r\x1b[Kccmgr: the coordinator (pid {}) died during the stop; following its successor (pid {})",

@@ -17,8 +17,8 @@ use serde::Serialize;
 use super::lifecycle::instance_of;
 use super::{Cli, Exit};
 use crate::config::Config;
-use crate::coordinator::LastOutcome;
 use crate::config::ReadyKind;
+use crate::coordinator::LastOutcome;
 use crate::process_identity::{ProcessIdentity, read_stat};
 use crate::records::ProcessRecord;
 use crate::shm::{InstanceState, LastExit, Segment, ServiceState, ShmError, monotonic_ms};
@@ -373,7 +373,10 @@ fn report_from_record(
         };
         let mut value = serde_json::to_value(&out).unwrap_or_default();
         value["damage"] = serde_json::Value::String(why);
-        println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
     } else {
         let pid_or = |p: Option<i32>| p.map_or_else(|| "none".to_owned(), |p| p.to_string());
         println!("instance {instance}: DAMAGED: {why}");
@@ -383,7 +386,12 @@ fn report_from_record(
             pid_or(alive(record.standby)),
             pid_or(alive(record.keeper)),
         );
-        let width = services.iter().map(|s| s.id.len()).max().unwrap_or(2).max(7);
+        let width = services
+            .iter()
+            .map(|s| s.id.len())
+            .max()
+            .unwrap_or(2)
+            .max(7);
         println!("{:<width$}  {:<22}  {:>7}", "SERVICE", "STATE", "PID");
         for s in &services {
             println!(

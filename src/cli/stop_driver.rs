@@ -134,7 +134,12 @@ impl Inventory {
 
     fn add_record(&mut self, record: &ProcessRecord) {
         for recorded in &record.services {
-            match self.params.services.iter().position(|p| p.id == recorded.id) {
+            match self
+                .params
+                .services
+                .iter()
+                .position(|p| p.id == recorded.id)
+            {
                 Some(s) => self.add_service(s, recorded.process.into()),
                 // Not in the configuration the segment holds (it cannot be, unless the record
                 // is of another run): still a process of the instance, stopped last.
@@ -195,7 +200,10 @@ impl Inventory {
         let mut out = Vec::new();
         for &s in &self.params.shutdown_sequence {
             for who in self.services[s].iter().filter(|w| w.is_alive()) {
-                out.push(format!("service `{}` (pid {})", self.params.services[s].id, who.pid));
+                out.push(format!(
+                    "service `{}` (pid {})",
+                    self.params.services[s].id, who.pid
+                ));
             }
         }
         for (party, who) in self.parties.iter().filter(|(_, w)| w.is_alive()) {
@@ -424,7 +432,12 @@ pub fn stop_services(inventory: &Inventory, instance: &str) -> usize {
                         signal_service(&mut watched[service], Signal::SIGKILL, true);
                     }
                     Action::ShutdownRequested { services } => {
-                        more.extend(ask_api_services(&mut gate, instance, &services, &mut engine));
+                        more.extend(ask_api_services(
+                            &mut gate,
+                            instance,
+                            &services,
+                            &mut engine,
+                        ));
                     }
                     Action::Finished(_) => finished = true,
                     // Nothing starts in a stop; the gate closes when the driver drops it.
@@ -489,10 +502,7 @@ pub fn stop_services(inventory: &Inventory, instance: &str) -> usize {
             let exit = ProcessExit::Exited(0);
             actions.extend(engine.handle(Event::Exited { service: s, exit }, now()));
         }
-        if engine
-            .next_deadline()
-            .is_some_and(|d: Time| d <= now())
-        {
+        if engine.next_deadline().is_some_and(|d: Time| d <= now()) {
             actions.extend(engine.handle(Event::Tick, now()));
         }
         if progress && last_progress.elapsed() >= Duration::from_millis(900) {
@@ -580,10 +590,10 @@ fn driver_progress(engine: &Engine, watched: &[Option<Watched>], now: Time) -> O
         .map(|(s, slot)| {
             let p = &params.services[s];
             let ago = now.saturating_sub(slot.since);
-            let signal = watched[s]
-                .as_ref()
-                .and_then(|w| w.signalled)
-                .map_or_else(|| "asked to stop".to_owned(), |(sig, _)| sig.as_str().to_owned() + " sent");
+            let signal = watched[s].as_ref().and_then(|w| w.signalled).map_or_else(
+                || "asked to stop".to_owned(),
+                |(sig, _)| sig.as_str().to_owned() + " sent",
+            );
             waiting_line(&p.id, &signal, ago, p.shutdown_timeout)
         })
         .collect();
