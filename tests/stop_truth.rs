@@ -692,3 +692,57 @@ fn a_keeper_killed_during_startup_is_named() {
     let named: Vec<(&str, i32)> = pids.iter().map(|(w, p)| (w.as_str(), *p)).collect();
     assert_dead(&named, &out);
 }
+
+/// Defect 7: on a terminal, `stop` says what it waits for, from the segment's per-service
+/// state, refreshed about once a second.
+#[test]
+fn stop_says_what_it_waits_for_on_a_terminal() {
+    use std::io::Read;
+    let stack = Stack::new(
+        "stop-progress",
+        "",
+        &[
+            ("a", "command = [\"sleep\", \"100000\"]\n"),
+            (
+                "b",
+                &format!("{TERM_IGNORING}\nrequires = [\"a\"]\nshutdown_timeout = \"3s\"\n"),
+            ),
+        ],
+    );
+    stack.start_ok();
+    stack.wait_steady(LONG);
+    let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
+    let mut command = Command::new(ccmgr_bin());
+    command
+        .arg("--config")
+        .arg(stack.path().join("ccmgr.toml"))
+        .arg("stop")
+        .env_remove("CCMGR_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(pty.slave));
+    let child = command.spawn().expect("ccmgr runs");
+    // Our copy of the terminal's slave end goes, so that reading the master ends with the child.
+    drop(command);
+    let running = Running { child: Some(child) };
+    let reader = std::thread::spawn(move || {
+        let mut master = std::fs::File::from(pty.master);
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the last slave end is closed.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let out = running.finish(LONG);
+    let terminal = reader.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}\n{terminal}", text(&out));
+    assert!(
+        terminal.contains("waiting for b: SIGTERM sent") && terminal.contains("SIGKILL in"),
+        "stop said what it waited for:\n{terminal}"
+    );
+}

@@ -5,9 +5,17 @@
 //! reclaim a stale segment left by a killed run, create the segment holding the manager
 //! mutex, start the keeper (which starts the coordinator), and wait on the report pipe for
 //! "up" or "failed" — the pipe also shows at once if the coordinator died, which a semaphore
-//! could not. `stop` (FIG. 9) works in every situation: a live coordinator is asked to stop
-//! in order; if it is dead, the command stops the services itself, in shutdown order, from
-//! the segment; with nothing running it says so and succeeds.
+//! could not — while watching the keeper's pidfd (its death is named as such) and SIGINT and
+//! SIGTERM (an interrupted start stops what it started). "Up" is checked once more when it is
+//! printed: each service as the segment says it is then, its pid checked against its start
+//! time.
+//!
+//! `stop` (FIG. 9) works in every situation and says "stopped" only once it has proven that no
+//! process of the instance lives. A live coordinator is asked to stop in order, and `stop`
+//! watches the keeper and the coordinator through pidfds; when the keeper dies, the coordinator
+//! dies with no standby to follow, or it does not answer within [`ANSWER_DEADLINE`], or the
+//! segment is damaged, the command does the stop itself with the driver of
+//! [`super::stop_driver`]; with nothing running it says so and succeeds.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, IsTerminal as _};
