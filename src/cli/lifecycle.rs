@@ -76,7 +76,7 @@ fn exe() -> std::path::PathBuf {
 
 /// Refuses to start over a live instance; reclaims a stale one. `Err` carries the exit code.
 fn clear_the_way(instance: &str) -> Result<(), Exit> {
-    match Segment::probe(instance) {
+    match probe_settled(instance) {
         Ok(Probe::Absent) => Ok(()),
         Ok(Probe::Live { coordinator }) => {
             let pid = coordinator.map_or_else(|| "unknown".to_owned(), |c| c.pid.to_string());
@@ -212,8 +212,16 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
     }
     drop(manager);
     let run_dir = config.global.run_dir.clone();
-    let stop_what_started = || {
-        stop_instance(&instance, Some(&run_dir));
+    // Stops what was started; true once nothing of the instance runs (proven by `stop`).
+    let stop_what_started = || stop_instance(&instance, Some(&run_dir)) == Exit::Ok;
+    let say_how_it_ended = |clean: bool| {
+        if clean {
+            eprintln!("ccmgr: everything that was started has been stopped again");
+        } else {
+            eprintln!(
+                "ccmgr: not everything that was started could be stopped (see above; `ccmgr stop` tries again)"
+            );
+        }
     };
     let outcome = match waited {
         Waited::Report(Some(StartReport::Up)) => {
@@ -241,10 +249,12 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
             // The coordinator is stopping what it started; wait for the keeper to finish so
             // the log is complete and nothing is left.
             let shutdown = config.global.coordinator.shutdown_timeout.as_duration() + GRACE;
-            wait_for_exit(keeper_pid, shutdown);
+            let finished = wait_for_exit(keeper_pid, shutdown);
             eprintln!("ccmgr: instance {instance} failed to start: service `{service}` {how}");
             print_log_tail(&config, &service);
-            eprintln!("ccmgr: everything that was started has been stopped again");
+            // The keeper removes the segment last; if it is still there, finish the job.
+            let left = !finished || !matches!(Segment::probe(&instance), Ok(Probe::Absent));
+            say_how_it_ended(!left || stop_what_started());
             Exit::Failed
         }
         Waited::Report(None) | Waited::KeeperEnded => {
@@ -262,7 +272,7 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
                     "ccmgr: the coordinator of instance {instance} died during startup; stopping what it started"
                 ),
             }
-            stop_what_started();
+            say_how_it_ended(stop_what_started());
             Exit::Failed
         }
         Waited::Interrupted(signal) => {
@@ -270,15 +280,12 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
                 "ccmgr: interrupted by {} while instance {instance} was starting; stopping what was started",
                 signal.as_str()
             );
-            stop_what_started();
-            eprintln!(
-                "ccmgr: the start of instance {instance} was interrupted; nothing of it runs"
-            );
+            say_how_it_ended(stop_what_started());
             Exit::Failed
         }
         Waited::Failed(e) => {
             eprintln!("ccmgr: instance {instance} did not come up: {e}; stopping what was started");
-            stop_what_started();
+            say_how_it_ended(stop_what_started());
             Exit::Failed
         }
     };
@@ -392,7 +399,26 @@ fn cleanup_failed_start(segment: &Segment) -> Exit {
 /// Removes what an instance leaves in /dev/shm once nothing of it lives: the main segment
 /// (only if stale: a live coordinator's is refused) and the service API's two files.
 fn reclaim(instance: &str) -> Result<(), ShmError> {
-    Segment::reclaim_stale(instance)?;
+    // A concurrent probe holds the manager or daemon mutex for a moment: look again (see
+    // `probe_settled`).
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match Segment::reclaim_stale(instance) {
+            Err(
+                ShmError::BeingStarted {
+                    manager_pid: None, ..
+                }
+                | ShmError::AlreadyRunning {
+                    coordinator_pid: None,
+                    ..
+                },
+            ) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            other => {
+                other?;
+                break;
+            }
+        }
+    }
     let _ = ControlSegment::remove(instance);
     Ok(())
 }
@@ -656,7 +682,7 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
             "{why}; stopping what the keeper's record and the cgroups name, in shutdown order"
         ));
     } else if segment.is_some() {
-        match Segment::probe(instance) {
+        match probe_settled(instance) {
             Ok(Probe::Starting { manager }) => {
                 let pid = manager.map_or_else(|| "unknown".to_owned(), |m| m.pid.to_string());
                 eprintln!(
@@ -735,6 +761,26 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
     Exit::Ok
 }
 
+/// [`Segment::probe`], looked at again while what it found may be another prober: a probe
+/// try-locks the manager and daemon mutexes for a moment, so a concurrent `stop` or `status`
+/// can look like a start under way or a live coordinator that recorded nobody. A real start
+/// or coordinator records itself within moments; a prober lets go within microseconds. There
+/// is no event to wait for here, so the look is repeated, for at most a second.
+fn probe_settled(instance: &str) -> Result<Probe, ShmError> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let probe = Segment::probe(instance)?;
+        let unsettled = matches!(
+            probe,
+            Probe::Starting { manager: None } | Probe::Live { coordinator: None }
+        );
+        if !unsettled || Instant::now() >= deadline {
+            return Ok(probe);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Removes the instance's shared state and records, once nothing of it lives. A damaged
 /// segment cannot be checked as stale, but nothing lives, so its name goes all the same.
 fn remove_state(
@@ -783,7 +829,7 @@ fn stop_through_coordinator(
         return Some(format!("the keeper of instance {instance} is dead"));
     };
     let mut current = coordinator;
-    let Some(mut coordinator_fd) = signal_identity(current, Signal::SIGTERM) else {
+    let Some(first_fd) = signal_identity(current, Signal::SIGTERM) else {
         return Some(format!(
             "the coordinator (pid {}) died before it could be asked to stop",
             current.pid
@@ -799,14 +845,25 @@ fn stop_through_coordinator(
             eprint!("\r\x1b[K");
         }
     };
+    // The coordinator's pidfd, until it has finished its stop and exited.
+    let mut coordinator_fd = Some(first_fd);
+    // When the coordinator finished: the keeper follows within moments.
+    let mut coordinator_done: Option<Instant> = None;
     loop {
-        let mut fds = [
-            PollFd::new(keeper_fd.as_fd(), PollFlags::POLLIN),
-            PollFd::new(coordinator_fd.as_fd(), PollFlags::POLLIN),
-        ];
+        let mut fds = vec![PollFd::new(keeper_fd.as_fd(), PollFlags::POLLIN)];
+        if let Some(fd) = &coordinator_fd {
+            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+        }
         // Once a second: the answer and freeze checks, and the progress line.
         let ready = match poll(&mut fds, PollTimeout::from(1000u16)) {
-            Ok(_) => [0, 1].map(|i| fds[i].revents().is_some_and(|r| !r.is_empty())),
+            Ok(_) => {
+                let ready = |i: usize| {
+                    fds.get(i)
+                        .and_then(PollFd::revents)
+                        .is_some_and(|r| !r.is_empty())
+                };
+                [ready(0), ready(1)]
+            }
             Err(Errno::EINTR) => [false, false],
             Err(e) => {
                 clear_progress();
@@ -825,7 +882,29 @@ fn stop_through_coordinator(
                 )),
             };
         }
+        drop(fds);
         let status = segment.instance_status().ok();
+        let finished = matches!(
+            status.map(|s| s.state),
+            Some(InstanceState::Stopped | InstanceState::Failed)
+        );
+        if ready[1] && finished {
+            // It finished its stop and exited; the keeper exits next, once it has reaped
+            // everything and removed the state.
+            coordinator_fd = None;
+            coordinator_done = Some(Instant::now());
+            continue;
+        }
+        if let Some(done) = coordinator_done {
+            if done.elapsed() >= GRACE {
+                clear_progress();
+                return Some(format!(
+                    "the keeper (pid {}) did not exit within {GRACE:?} after the coordinator finished",
+                    keeper.pid
+                ));
+            }
+            continue;
+        }
         if ready[1] {
             // A standby takes over at once, and finishes the stop if it had begun.
             let standby = status
@@ -844,9 +923,9 @@ fn stop_through_coordinator(
                         current.pid, next.pid
                     );
                     current = next;
-                    coordinator_fd = fd;
                     // It is told to stop too: harmless if it already is stopping.
-                    let _ = spawn::signal_pidfd(coordinator_fd.as_fd(), Signal::SIGTERM);
+                    let _ = spawn::signal_pidfd(fd.as_fd(), Signal::SIGTERM);
+                    coordinator_fd = Some(fd);
                     asked_at = Instant::now();
                     frozen_since = None;
                     continue;
