@@ -589,10 +589,18 @@ fn start_reports_a_service_that_already_exited_as_not_up() {
 }
 
 /// Defect 12: two `stop`s at once both succeed, or one says "not running"; neither fails.
+/// Their looks at the state collide only now and then, so the test makes many, over three
+/// stacks.
 #[test]
 fn concurrent_stops_both_succeed() {
+    for round in 0..3 {
+        concurrent_stops_round(round);
+    }
+}
+
+fn concurrent_stops_round(round: u32) {
     let stack = Stack::new(
-        "concurrent-stops",
+        &format!("concurrent-stops-{round}"),
         "",
         &[
             ("a", "command = [\"sleep\", \"100000\"]\n"),
@@ -605,14 +613,16 @@ fn concurrent_stops_both_succeed() {
     stack.start_ok();
     stack.wait_steady(LONG);
     let first = Running::spawn(&stack, &["stop"]);
-    // More stops, one after another, until the first is done, so that some begin while the
-    // keeper removes the state.
+    // More stops, in bursts of six at once (so that their looks at the state overlap), until
+    // the first is done, so that some also begin while the keeper removes the state.
     let mut others = Vec::new();
     let deadline = Instant::now() + LONG;
     loop {
-        others.push(Running::spawn(&stack, &["stop"]));
+        for _ in 0..6 {
+            others.push(Running::spawn(&stack, &["stop"]));
+        }
         let done = !Stack::alive(first.pid());
-        if done || Instant::now() >= deadline || others.len() >= 40 {
+        if done || Instant::now() >= deadline || others.len() >= 60 {
             break;
         }
         std::thread::sleep(Duration::from_millis(25));
