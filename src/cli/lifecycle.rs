@@ -679,7 +679,7 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
     let mut coordinator_stopped_it = false;
     if let Some(why) = &damage {
         reason = Some(format!(
-            "{why}; stopping what the keeper's record and the cgroups name, in shutdown order"
+            "{why}; going by the keeper's record and the cgroups"
         ));
     } else if segment.is_some() {
         match probe_settled(instance) {
@@ -724,7 +724,7 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
         let why = reason.unwrap_or_else(|| {
             format!("processes of instance {instance} are still running without a coordinator")
         });
-        eprintln!("ccmgr: {why}: stopping them directly, in shutdown order");
+        eprintln!("ccmgr: {why}: stopping the instance's processes directly, in shutdown order");
         stop_driver::disarm_parties(&inventory);
         stop_driver::stop_services(&inventory, instance);
         // A coordinator started meanwhile (by a keeper that saw its coordinator die) goes too.
@@ -741,6 +741,14 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
         eprintln!(
             "ccmgr: instance {instance} is NOT stopped; still running: {}",
             survivors.join(", ")
+        );
+        return Exit::Failed;
+    }
+    if damage.is_some() && !inventory.has_record {
+        // Only the cgroups were left to go by: the keeper, the coordinator and the standby
+        // run outside them, and nothing readable names them.
+        eprintln!(
+            "ccmgr: instance {instance} may not be stopped: its shared state is damaged and the keeper left no process record, so its keeper, coordinator and standby cannot be found"
         );
         return Exit::Failed;
     }

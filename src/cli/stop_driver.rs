@@ -73,6 +73,8 @@ pub struct Inventory {
     pub parties: Vec<(Party, ProcessIdentity)>,
     /// The instance's cgroup tree as the keeper recorded it: (directory, cgroup path).
     pub cgroups: Option<(PathBuf, PathBuf)>,
+    /// The keeper's process record was found and read.
+    pub has_record: bool,
 }
 
 impl Inventory {
@@ -102,6 +104,7 @@ impl Inventory {
             params,
             parties: Vec::new(),
             cgroups,
+            has_record: record.is_some(),
         };
         if let Some(segment) = segment {
             inventory.add_segment(segment);
@@ -193,6 +196,7 @@ impl Inventory {
         if self.cgroups.is_none() {
             self.cgroups = later.cgroups;
         }
+        self.has_record |= later.has_record;
     }
 
     /// The recorded processes that still live, named, services first in shutdown order.
