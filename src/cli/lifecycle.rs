@@ -513,7 +513,7 @@ fn service_now(ready: crate::config::ReadyKind, st: crate::shm::ServiceStatus) -
 }
 
 /// How a service's last process ended, in words.
-pub fn describe_last_exit(exit: crate::shm::LastExit) -> String {
+fn describe_last_exit(exit: crate::shm::LastExit) -> String {
     match exit {
         crate::shm::LastExit::Exited(code) => format!("exited with status {code}"),
         crate::shm::LastExit::Signaled(sig) => match Signal::try_from(sig) {
