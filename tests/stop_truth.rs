@@ -765,3 +765,46 @@ fn stop_says_what_it_waits_for_on_a_terminal() {
         "stop said what it waited for:\n{terminal}"
     );
 }
+
+/// Defect 7: the coordinator is killed during a stop while a standby waits: `stop` follows
+/// the standby, which takes over and finishes the stop.
+#[test]
+fn stop_follows_the_standby_that_takes_over_during_it() {
+    let stack = Stack::new(
+        "standby-finishes-stop",
+        "[coordinator]\nshutdown_timeout = \"60s\"",
+        &[
+            ("a", "command = [\"sleep\", \"100000\"]\n"),
+            (
+                "b",
+                &format!("{TERM_IGNORING}\nrequires = [\"a\"]\nshutdown_timeout = \"3s\"\n"),
+            ),
+        ],
+    );
+    stack.start_ok();
+    let status = stack
+        .wait_for("a steady stack with a standby", LONG, |s| {
+            s.as_ref().is_some_and(|s| {
+                stack_support::steady_and_all_up(s) && s["standby"]["pid"].as_i64().is_some()
+            })
+        })
+        .unwrap();
+    let pids = all_pids(&status);
+    let coordinator = pid_at(&status["coordinator"]["pid"]);
+    let stop = Running::spawn(&stack, &["stop"]);
+    stack.wait_for("b to be stopping", LONG, |s| {
+        s.as_ref()
+            .is_some_and(|s| service(s, "b")["state"] == "stopping")
+    });
+    signal(coordinator, Signal::SIGKILL);
+    let out = stop.finish(LONG);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("following its successor"),
+        "{}",
+        text(&out)
+    );
+    let named: Vec<(&str, i32)> = pids.iter().map(|(w, p)| (w.as_str(), *p)).collect();
+    assert_dead(&named, &out);
+    assert!(stack.status().is_none());
+}

@@ -846,6 +846,9 @@ fn stop_through_coordinator(
     let timeout = config.global.coordinator.shutdown_timeout.as_duration() + GRACE;
     let overall = Instant::now() + timeout;
     let mut asked_at = Instant::now();
+    // A successor is asked to stop once it has taken over (a standby still waiting for its
+    // turn is not a coordinator yet); `true` once `current` was asked.
+    let mut current_asked = true;
     let mut frozen_since: Option<Instant> = None;
     let progress = std::io::stderr().is_terminal();
     let clear_progress = || {
@@ -931,8 +934,7 @@ fn stop_through_coordinator(
                         current.pid, next.pid
                     );
                     current = next;
-                    // It is told to stop too: harmless if it already is stopping.
-                    let _ = spawn::signal_pidfd(fd.as_fd(), Signal::SIGTERM);
+                    current_asked = false;
                     coordinator_fd = Some(fd);
                     asked_at = Instant::now();
                     frozen_since = None;
@@ -948,6 +950,15 @@ fn stop_through_coordinator(
             }
         }
         let state = status.map(|s| s.state);
+        let took_over = status.and_then(|s| s.coordinator) == Some(current);
+        if !current_asked && took_over {
+            // Told to stop too: harmless if it already finishes its predecessor's stop.
+            if let Some(fd) = &coordinator_fd {
+                let _ = spawn::signal_pidfd(fd.as_fd(), Signal::SIGTERM);
+            }
+            current_asked = true;
+            asked_at = Instant::now();
+        }
         let answered = matches!(
             state,
             Some(InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed)
