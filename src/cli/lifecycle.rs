@@ -5,12 +5,20 @@
 //! reclaim a stale segment left by a killed run, create the segment holding the manager
 //! mutex, start the keeper (which starts the coordinator), and wait on the report pipe for
 //! "up" or "failed" — the pipe also shows at once if the coordinator died, which a semaphore
-//! could not. `stop` (FIG. 9) works in every situation: a live coordinator is asked to stop
-//! in order; if it is dead, the command stops the services itself, in shutdown order, from
-//! the segment; with nothing running it says so and succeeds.
+//! could not — while watching the keeper's pidfd (its death is named as such) and SIGINT and
+//! SIGTERM (an interrupted start stops what it started). "Up" is checked once more when it is
+//! printed: each service as the segment says it is then, its pid checked against its start
+//! time.
+//!
+//! `stop` (FIG. 9) works in every situation and says "stopped" only once it has proven that no
+//! process of the instance lives. A live coordinator is asked to stop in order, and `stop`
+//! watches the keeper and the coordinator through pidfds; when the keeper dies, the coordinator
+//! dies with no standby to follow, or it does not answer within [`ANSWER_DEADLINE`], or the
+//! segment is damaged, the command does the stop itself with the driver of
+//! [`super::stop_driver`]; with nothing running it says so and succeeds.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, IsTerminal as _};
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,18 +27,22 @@ use command_fds::{CommandFdExt, FdMapping};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::Signal;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::{Pid, pipe2};
 
+use super::stop_driver::{self, Inventory};
 use super::{Cli, Exit, load_or_report};
-use crate::cgroup::Tree;
 use crate::config::{Config, LoadOptions};
 use crate::coordinator::{self, StartReport};
 use crate::keeper::{self, COORDINATOR_REPORT_FD, KeeperSetup};
 use crate::logsink;
-use crate::process_identity::ProcessIdentity;
+use crate::process_identity::{ProcessIdentity, read_stat};
+use crate::records::ProcessRecord;
 use crate::shm::api::{ApiSpec, ControlSegment};
-use crate::shm::{Deadline, InstanceState, Probe, Segment, SegmentSpec, ServiceStatic, ShmError};
+use crate::shm::{
+    InstanceState, Probe, Segment, SegmentSpec, ServiceState, ServiceStatic, ShmError,
+};
 use crate::spawn;
 
 /// How long past the configured timeouts the command waits before it concludes something is
@@ -64,7 +76,7 @@ fn exe() -> std::path::PathBuf {
 
 /// Refuses to start over a live instance; reclaims a stale one. `Err` carries the exit code.
 fn clear_the_way(instance: &str) -> Result<(), Exit> {
-    match Segment::probe(instance) {
+    match probe_settled(instance) {
         Ok(Probe::Absent) => Ok(()),
         Ok(Probe::Live { coordinator }) => {
             let pid = coordinator.map_or_else(|| "unknown".to_owned(), |c| c.pid.to_string());
@@ -149,6 +161,15 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
         return run_keeper(config, segment, true, None);
     }
     let started = Instant::now();
+    // SIGINT and SIGTERM while we wait are read from a signalfd: an interrupted start stops
+    // what it started. (The keeper starts with an empty signal mask: std resets it at spawn.)
+    let interruptions = match block_interruptions() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("ccmgr: cannot watch for SIGINT and SIGTERM: {e}");
+            return cleanup_failed_start(&segment);
+        }
+    };
     let (report_read, report_write) = match pipe2(OFlag::O_CLOEXEC) {
         Ok(p) => p,
         Err(e) => {
@@ -183,38 +204,88 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
     // keeper or the coordinator dies without a word.
     drop(command);
     let keeper_pid = keeper.id() as i32;
+    let keeper_fd = spawn::pidfd_open(Pid::from_raw(keeper_pid)).ok();
     let timeout = config.global.coordinator.startup_timeout.as_duration() + GRACE;
-    let report = read_report(report_read, timeout);
+    let waited = wait_for_report(report_read, keeper_fd.as_ref(), &interruptions, timeout);
     if let Ok(w) = segment.write() {
         w.set_manager(None);
     }
     drop(manager);
-    let outcome = match report {
-        Ok(Some(StartReport::Up)) => {
-            print_up_summary(&config, &segment, started.elapsed());
-            // The keeper lives on (re-parented when we exit); nothing of ours to reap.
-            return Exit::Ok;
+    let run_dir = config.global.run_dir.clone();
+    // Stops what was started; true once nothing of the instance runs (proven by `stop`).
+    let stop_what_started = || stop_instance(&instance, Some(&run_dir)) == Exit::Ok;
+    let say_how_it_ended = |clean: bool| {
+        if clean {
+            eprintln!("ccmgr: everything that was started has been stopped again");
+        } else {
+            eprintln!(
+                "ccmgr: not everything that was started could be stopped (see above; `ccmgr stop` tries again)"
+            );
         }
-        Ok(Some(StartReport::Failed { service, how })) => {
+    };
+    let outcome = match waited {
+        Waited::Report(Some(StartReport::Up)) => {
+            let not_up = print_up_summary(&config, &segment, started.elapsed());
+            // The keeper lives on (re-parented when we exit); nothing of ours to reap.
+            if not_up.is_empty() {
+                return Exit::Ok;
+            }
+            eprintln!(
+                "ccmgr: instance {instance} started, but {} no longer up: the coordinator is handling it (see `ccmgr status`)",
+                match not_up.as_slice() {
+                    [one] => format!("service `{one}` is"),
+                    many => format!(
+                        "services {} are",
+                        many.iter()
+                            .map(|id| format!("`{id}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }
+            );
+            return Exit::Failed;
+        }
+        Waited::Report(Some(StartReport::Failed { service, how })) => {
             // The coordinator is stopping what it started; wait for the keeper to finish so
             // the log is complete and nothing is left.
             let shutdown = config.global.coordinator.shutdown_timeout.as_duration() + GRACE;
-            wait_for_exit(keeper_pid, shutdown);
+            let finished = wait_for_exit(keeper_pid, shutdown);
             eprintln!("ccmgr: instance {instance} failed to start: service `{service}` {how}");
             print_log_tail(&config, &service);
-            eprintln!("ccmgr: everything that was started has been stopped again");
+            // The keeper removes the segment last; if it is still there, finish the job.
+            let left = !finished || !matches!(Segment::probe(&instance), Ok(Probe::Absent));
+            say_how_it_ended(!left || stop_what_started());
             Exit::Failed
         }
-        Ok(None) => {
+        Waited::Report(None) | Waited::KeeperEnded => {
+            // Which one died: the keeper is our child, so its status says. (A killed keeper's
+            // socket closes before it has finished dying, so the coordinator can end first.)
+            if let Some(fd) = &keeper_fd {
+                let _ = spawn::wait_pidfd(fd.as_fd(), Duration::from_millis(500));
+            }
+            match keeper.try_wait() {
+                Ok(Some(status)) => eprintln!(
+                    "ccmgr: the keeper of instance {instance} died during startup ({}); stopping what it started",
+                    describe_status(status)
+                ),
+                _ => eprintln!(
+                    "ccmgr: the coordinator of instance {instance} died during startup; stopping what it started"
+                ),
+            }
+            say_how_it_ended(stop_what_started());
+            Exit::Failed
+        }
+        Waited::Interrupted(signal) => {
             eprintln!(
-                "ccmgr: the coordinator of instance {instance} died during startup; stopping what it started"
+                "ccmgr: interrupted by {} while instance {instance} was starting; stopping what was started",
+                signal.as_str()
             );
-            stop_instance(&instance);
+            say_how_it_ended(stop_what_started());
             Exit::Failed
         }
-        Err(e) => {
+        Waited::Failed(e) => {
             eprintln!("ccmgr: instance {instance} did not come up: {e}; stopping what was started");
-            stop_instance(&instance);
+            say_how_it_ended(stop_what_started());
             Exit::Failed
         }
     };
@@ -226,6 +297,99 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
     outcome
 }
 
+/// How a child process ended, in words.
+fn describe_status(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(s) => format!("killed by {}", s.as_str()),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        _ => status.to_string(),
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in this process and returns a signalfd that reads them.
+fn block_interruptions() -> Result<SignalFd, Errno> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGINT);
+    mask.add(Signal::SIGTERM);
+    mask.thread_block()?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+}
+
+/// What waiting for the coordinator's report ended with.
+enum Waited {
+    /// The report; `None` at EOF (whoever held the pipe died without a word).
+    Report(Option<StartReport>),
+    /// The keeper ended before any report.
+    KeeperEnded,
+    /// SIGINT or SIGTERM reached `ccmgr start`.
+    Interrupted(Signal),
+    /// No report in time, or an unreadable one.
+    Failed(String),
+}
+
+/// Waits for the coordinator's one-line report, the keeper's end or an interruption, whichever
+/// comes first.
+fn wait_for_report(
+    fd: OwnedFd,
+    keeper: Option<&OwnedFd>,
+    interruptions: &SignalFd,
+    timeout: Duration,
+) -> Waited {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Waited::Failed(format!("no report within {timeout:?}"));
+        }
+        let mut fds = vec![
+            PollFd::new(fd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(interruptions.as_fd(), PollFlags::POLLIN),
+        ];
+        if let Some(keeper) = keeper {
+            fds.push(PollFd::new(keeper.as_fd(), PollFlags::POLLIN));
+        }
+        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+            .unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, ms) {
+            Ok(0) | Err(Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Waited::Failed(e.to_string()),
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if ready[0] {
+            break;
+        }
+        if ready[1] {
+            if let Ok(Some(info)) = interruptions.read_signal() {
+                let signal = Signal::try_from(info.ssi_signo as i32).unwrap_or(Signal::SIGTERM);
+                return Waited::Interrupted(signal);
+            }
+        }
+        if ready.get(2).copied().unwrap_or(false) {
+            return Waited::KeeperEnded;
+        }
+    }
+    let mut line = String::new();
+    if let Err(e) = BufReader::new(File::from(fd)).read_line(&mut line) {
+        return Waited::Failed(e.to_string());
+    }
+    if line.trim().is_empty() {
+        return Waited::Report(None);
+    }
+    match serde_json::from_str(line.trim()) {
+        Ok(report) => Waited::Report(Some(report)),
+        Err(e) => Waited::Failed(format!("unreadable report: {e}")),
+    }
+}
+
 fn cleanup_failed_start(segment: &Segment) -> Exit {
     let _ = segment.unlink();
     let _ = ControlSegment::remove(segment.instance());
@@ -235,38 +399,28 @@ fn cleanup_failed_start(segment: &Segment) -> Exit {
 /// Removes what an instance leaves in /dev/shm once nothing of it lives: the main segment
 /// (only if stale: a live coordinator's is refused) and the service API's two files.
 fn reclaim(instance: &str) -> Result<(), ShmError> {
-    Segment::reclaim_stale(instance)?;
+    // A concurrent probe holds the manager or daemon mutex for a moment: look again (see
+    // `probe_settled`).
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match Segment::reclaim_stale(instance) {
+            Err(
+                ShmError::BeingStarted {
+                    manager_pid: None, ..
+                }
+                | ShmError::AlreadyRunning {
+                    coordinator_pid: None,
+                    ..
+                },
+            ) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            other => {
+                other?;
+                break;
+            }
+        }
+    }
     let _ = ControlSegment::remove(instance);
     Ok(())
-}
-
-/// Reads the coordinator's one-line report: `Ok(None)` at EOF (it died without a word).
-fn read_report(fd: OwnedFd, timeout: Duration) -> Result<Option<StartReport>, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!("no report within {timeout:?}"));
-        }
-        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
-            .unwrap_or(PollTimeout::MAX);
-        match poll(&mut fds, ms) {
-            Ok(0) | Err(Errno::EINTR) => continue,
-            Ok(_) => break,
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    let mut line = String::new();
-    BufReader::new(File::from(fd))
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    if line.trim().is_empty() {
-        return Ok(None);
-    }
-    serde_json::from_str(line.trim())
-        .map(Some)
-        .map_err(|e| format!("unreadable report: {e}"))
 }
 
 /// Waits up to `timeout` for `pid` (a process we may not be the parent of) to end.
@@ -289,32 +443,83 @@ fn print_log_tail(config: &Config, service: &str) {
     }
 }
 
-fn print_up_summary(config: &Config, segment: &Segment, elapsed: Duration) {
+/// Prints the stack as it is now (read from the segment, every pid checked against its start
+/// time, not as it was when the coordinator reported); returns the services not up any more.
+fn print_up_summary(config: &Config, segment: &Segment, elapsed: Duration) -> Vec<String> {
     let coordinator = segment
         .instance_status()
         .ok()
         .and_then(|s| s.coordinator)
         .map_or_else(|| "?".to_owned(), |c| c.pid.to_string());
-    println!(
-        "ccmgr: instance {} is up: {} service{} in {:.2} s (coordinator pid {coordinator})",
-        config.global.instance,
-        config.services.len(),
-        if config.services.len() == 1 { "" } else { "s" },
-        elapsed.as_secs_f64()
-    );
     let width = config
         .services
         .iter()
         .map(|s| s.id.len())
         .max()
         .unwrap_or(0);
+    let mut lines = Vec::new();
+    let mut not_up = Vec::new();
     for &s in &config.startup_sequence {
-        let pid = segment
-            .service_status(s)
-            .ok()
-            .and_then(|st| st.process)
-            .map_or_else(|| "done".to_owned(), |p| format!("pid {}", p.pid));
-        println!("  {:<width$}  {pid}", config.services[s].id);
+        let spec = &config.services[s];
+        let (text, up) = match segment.service_status(s) {
+            Ok(st) => service_now(spec.ready, st),
+            Err(e) => (format!("unreadable: {e}"), false),
+        };
+        if !up {
+            not_up.push(spec.id.clone());
+        }
+        lines.push(format!("  {:<width$}  {text}", spec.id));
+    }
+    let n = config.services.len();
+    let services = format!("{n} service{}", if n == 1 { "" } else { "s" });
+    if not_up.is_empty() {
+        println!(
+            "ccmgr: instance {} is up: {services} in {:.2} s (coordinator pid {coordinator})",
+            config.global.instance,
+            elapsed.as_secs_f64()
+        );
+    } else {
+        println!(
+            "ccmgr: instance {} started {services} in {:.2} s (coordinator pid {coordinator}), but not all are up now:",
+            config.global.instance,
+            elapsed.as_secs_f64()
+        );
+    }
+    for line in lines {
+        println!("{line}");
+    }
+    not_up
+}
+
+/// What a service is now, in words, and whether it is up: its state in the segment, and for a
+/// service with a process, that the process still lives (a finished one-shot has none).
+fn service_now(ready: crate::config::ReadyKind, st: crate::shm::ServiceStatus) -> (String, bool) {
+    let exit = st.last_exit.map(describe_last_exit);
+    match (st.state, st.process) {
+        (ServiceState::Up, Some(p)) if p.is_alive() => (format!("pid {}", p.pid), true),
+        (ServiceState::Up, Some(p)) => (format!("dead (pid {} is gone)", p.pid), false),
+        (ServiceState::Up, None) if ready == crate::config::ReadyKind::Exit => {
+            ("done".into(), true)
+        }
+        (ServiceState::Up, None) => ("dead (no process)".into(), false),
+        (state, _) => (
+            match exit {
+                Some(exit) => format!("{state} ({exit})"),
+                None => state.to_string(),
+            },
+            false,
+        ),
+    }
+}
+
+/// How a service's last process ended, in words.
+fn describe_last_exit(exit: crate::shm::LastExit) -> String {
+    match exit {
+        crate::shm::LastExit::Exited(code) => format!("exited with status {code}"),
+        crate::shm::LastExit::Signaled(sig) => match Signal::try_from(sig) {
+            Ok(s) => format!("killed by {}", s.as_str()),
+            Err(_) => format!("killed by signal {sig}"),
+        },
     }
 }
 
@@ -426,210 +631,397 @@ pub fn instance_of(cli: &Cli) -> Result<(String, Option<crate::config::GlobalCon
 }
 
 pub fn stop(cli: &Cli) -> Exit {
-    let instance = match instance_of(cli) {
-        Ok((i, _)) => i,
+    let (instance, global) = match instance_of(cli) {
+        Ok(found) => found,
         Err(e) => return e,
     };
-    stop_instance(&instance)
+    stop_instance(&instance, global.as_ref().map(|g| g.run_dir.as_path()))
 }
 
-/// Stops `instance` whatever state it is in; returns how it went.
-pub fn stop_instance(instance: &str) -> Exit {
-    let probe = match Segment::probe(instance) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("ccmgr: {e}");
-            return Exit::Failed;
-        }
-    };
-    match probe {
-        Probe::Absent => {
-            println!("ccmgr: instance {instance} is not running");
-            Exit::Ok
-        }
-        Probe::Stale => {
-            let _ = reclaim(instance);
-            println!(
-                "ccmgr: instance {instance} is not running (removed the state a killed run left behind)"
-            );
-            Exit::Ok
-        }
-        Probe::Starting { manager } => {
-            let pid = manager.map_or_else(|| "unknown".to_owned(), |m| m.pid.to_string());
-            eprintln!(
-                "ccmgr: instance {instance} is being started (by pid {pid}); stop it once the start has finished"
-            );
-            Exit::Failed
-        }
-        Probe::Live { coordinator } => match coordinator {
-            Some(c) => stop_through_coordinator(instance, c),
-            None => stop_without_coordinator(instance),
+/// How long a coordinator asked to stop has to show that it heard (the instance's state in the
+/// segment becomes `stopping`), and how long it may stay frozen (state `T` in
+/// `/proc/<pid>/stat`) during the stop, before `stop` concludes that it is wedged and does the
+/// stop itself.
+pub const ANSWER_DEADLINE: Duration = Duration::from_secs(3);
+
+/// The segment of `instance` and the configuration it holds, as far as they can be read, and
+/// why not, if they cannot (a damaged segment: truncated, corrupt, of another version).
+fn read_segment(instance: &str) -> (Option<Segment>, Option<Config>, Option<String>) {
+    match Segment::open(instance) {
+        Ok(segment) => match segment
+            .config_blob()
+            .map_err(|e| e.to_string())
+            .and_then(|b| Config::from_image(&b))
+        {
+            Ok(config) => (Some(segment), Some(config), None),
+            Err(e) => (Some(segment), None, Some(e)),
         },
-        Probe::Abandoned { .. } => stop_without_coordinator(instance),
+        Err(ShmError::NotFound { .. }) => (None, None, None),
+        Err(e) => (None, None, Some(e.to_string())),
     }
 }
 
-/// A pidfd on the process `who`, if that pid still names it (pid and start time).
-fn pidfd_of(who: ProcessIdentity) -> Option<OwnedFd> {
-    let fd = spawn::pidfd_open(Pid::from_raw(who.pid)).ok()?;
-    // The pidfd now pins whatever process has that pid: check it is the one we mean.
-    who.is_alive().then_some(fd)
+/// Stops `instance` whatever state it is in, and says "stopped" only once it has proven that
+/// no process of the instance lives: every process recorded in the segment and in the keeper's
+/// record is dead (pid and start time), and the instance's cgroups are gone. `run_dir` is where
+/// the records are when the segment cannot say (from the global configuration file).
+pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit {
+    let (segment, config, damage) = read_segment(instance);
+    let run_dir = config
+        .as_ref()
+        .map(|c| c.global.run_dir.clone())
+        .or_else(|| run_dir.map(ToOwned::to_owned));
+    let run_dir = run_dir.as_deref();
+    let mut inventory = Inventory::gather(instance, segment.as_ref(), config.as_ref(), run_dir);
+    // Why the command does the stop itself, if it must.
+    let mut reason = None;
+    let mut existed = segment.is_some() || damage.is_some();
+    let mut coordinator_stopped_it = false;
+    if let Some(why) = &damage {
+        reason = Some(format!(
+            "{why}; going by the keeper's record and the cgroups"
+        ));
+    } else if segment.is_some() {
+        match probe_settled(instance) {
+            Ok(Probe::Starting { manager }) => {
+                let pid = manager.map_or_else(|| "unknown".to_owned(), |m| m.pid.to_string());
+                eprintln!(
+                    "ccmgr: instance {instance} is being started (by pid {pid}); stop it once the start has finished"
+                );
+                return Exit::Failed;
+            }
+            Ok(Probe::Live {
+                coordinator: Some(coordinator),
+            }) => {
+                let (segment, config) = (segment.as_ref(), config.as_ref());
+                if let (Some(segment), Some(config)) = (segment, config) {
+                    reason = stop_through_coordinator(instance, segment, config, coordinator);
+                    coordinator_stopped_it = reason.is_none();
+                }
+            }
+            Ok(Probe::Live { coordinator: None }) => {
+                reason = Some(format!(
+                    "instance {instance}'s coordinator lock is held, but no recorded coordinator lives"
+                ));
+            }
+            Ok(Probe::Abandoned { .. }) => {
+                reason = Some(format!("no coordinator supervises instance {instance}"));
+            }
+            Ok(Probe::Stale) => {}
+            // Removed meanwhile (a concurrent stop finished first): what is left is checked
+            // below all the same.
+            Ok(Probe::Absent) => existed = false,
+            Err(e) => reason = Some(e.to_string()),
+        }
+    }
+    // Look again: a process may have started since the first look (a restart under way).
+    if let Some(segment) = &segment {
+        inventory.add_segment(segment);
+    }
+    inventory.merge(Inventory::gather(instance, None, config.as_ref(), run_dir));
+    let mut acted = false;
+    if !inventory.survivors().is_empty() {
+        let why = reason.unwrap_or_else(|| {
+            format!("processes of instance {instance} are still running without a coordinator")
+        });
+        eprintln!("ccmgr: {why}: stopping the instance's processes directly, in shutdown order");
+        stop_driver::disarm_parties(&inventory);
+        stop_driver::stop_services(&inventory, instance);
+        // A coordinator started meanwhile (by a keeper that saw its coordinator die) goes too.
+        if let Some(segment) = &segment {
+            inventory.add_segment(segment);
+        }
+        stop_driver::finish_parties(&inventory);
+        acted = true;
+    }
+    let had_cgroups = inventory.cgroups.as_ref().is_some_and(|(d, _)| d.exists());
+    acted |= stop_driver::remove_cgroups(&inventory, run_dir, instance);
+    let survivors = inventory.survivors();
+    if !survivors.is_empty() {
+        eprintln!(
+            "ccmgr: instance {instance} is NOT stopped; still running: {}",
+            survivors.join(", ")
+        );
+        return Exit::Failed;
+    }
+    if damage.is_some() && !inventory.has_record {
+        // Only the cgroups were left to go by: the keeper, the coordinator and the standby
+        // run outside them, and nothing readable names them.
+        eprintln!(
+            "ccmgr: instance {instance} may not be stopped: its shared state is damaged and the keeper left no process record, so its keeper, coordinator and standby cannot be found"
+        );
+        return Exit::Failed;
+    }
+    // Nothing of the instance lives: its state goes.
+    if let Err(e) = remove_state(instance, damage.is_some(), run_dir) {
+        eprintln!("ccmgr: {e}");
+        return Exit::Failed;
+    }
+    if acted || coordinator_stopped_it {
+        println!("ccmgr: instance {instance} stopped");
+    } else if existed || had_cgroups {
+        println!(
+            "ccmgr: instance {instance} is not running (removed the state a killed run left behind)"
+        );
+    } else {
+        println!("ccmgr: instance {instance} is not running");
+    }
+    Exit::Ok
+}
+
+/// [`Segment::probe`], looked at again while what it found may be another prober: a probe
+/// try-locks the manager and daemon mutexes for a moment, so a concurrent `stop` or `status`
+/// can look like a start under way or a live coordinator that recorded nobody. A real start
+/// or coordinator records itself within moments; a prober lets go within microseconds. There
+/// is no event to wait for here, so the look is repeated, for at most a second.
+fn probe_settled(instance: &str) -> Result<Probe, ShmError> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let probe = Segment::probe(instance)?;
+        let unsettled = matches!(
+            probe,
+            Probe::Starting { manager: None } | Probe::Live { coordinator: None }
+        );
+        if !unsettled || Instant::now() >= deadline {
+            return Ok(probe);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Removes the instance's shared state and records, once nothing of it lives. A damaged
+/// segment cannot be checked as stale, but nothing lives, so its name goes all the same.
+fn remove_state(
+    instance: &str,
+    damaged: bool,
+    run_dir: Option<&std::path::Path>,
+) -> Result<(), ShmError> {
+    if damaged {
+        Segment::remove(instance)?;
+        let _ = ControlSegment::remove(instance);
+    } else {
+        reclaim(instance)?;
+    }
+    if let Some(run_dir) = run_dir {
+        ProcessRecord::remove(&crate::records::record_path(run_dir, instance));
+    }
+    Ok(())
 }
 
 /// Sends `signal` to the process `who` if it is still that process; returns a pidfd on it.
 fn signal_identity(who: ProcessIdentity, signal: Signal) -> Option<OwnedFd> {
-    let fd = pidfd_of(who)?;
+    let fd = stop_driver::pidfd_of(who)?;
     spawn::signal_pidfd(fd.as_fd(), signal).ok()?;
     Some(fd)
 }
 
-fn stop_through_coordinator(instance: &str, coordinator: ProcessIdentity) -> Exit {
-    let (segment, config) = match open_instance(instance) {
-        Ok(found) => found,
-        Err(e) => {
-            eprintln!("ccmgr: {e}");
-            return Exit::Failed;
-        }
+/// Asks the live `coordinator` to stop the stack, and waits for the keeper (which exits last,
+/// once every service is reaped) while watching the keeper and the coordinator at once.
+/// Returns `None` once the keeper is done, else why the command must do the stop itself: the
+/// keeper died, the coordinator died with no standby to take over, or it did not answer (see
+/// [`ANSWER_DEADLINE`]), or the whole stop overran its timeout.
+fn stop_through_coordinator(
+    instance: &str,
+    segment: &Segment,
+    config: &Config,
+    coordinator: ProcessIdentity,
+) -> Option<String> {
+    let status = segment.instance_status().ok();
+    let Some(keeper) = status
+        .and_then(|s| s.keeper)
+        .filter(ProcessIdentity::is_alive)
+    else {
+        return Some(format!("the keeper of instance {instance} is dead"));
     };
-    let keeper = segment.instance_status().ok().and_then(|s| s.keeper);
-    drop(segment);
-    let Some(coordinator_fd) = signal_identity(coordinator, Signal::SIGTERM) else {
-        return stop_without_coordinator(instance);
+    let Some(keeper_fd) = stop_driver::pidfd_of(keeper) else {
+        return Some(format!("the keeper of instance {instance} is dead"));
+    };
+    let mut current = coordinator;
+    let Some(first_fd) = signal_identity(current, Signal::SIGTERM) else {
+        return Some(format!(
+            "the coordinator (pid {}) died before it could be asked to stop",
+            current.pid
+        ));
     };
     let timeout = config.global.coordinator.shutdown_timeout.as_duration() + GRACE;
-    // The keeper exits last, once every service is reaped and the segment is removed.
-    let finished = match keeper.and_then(|k| {
-        spawn::pidfd_open(Pid::from_raw(k.pid))
-            .ok()
-            .filter(|_| k.is_alive())
-    }) {
-        Some(keeper_fd) => spawn::wait_pidfd(keeper_fd.as_fd(), timeout).unwrap_or(false),
-        None => spawn::wait_pidfd(coordinator_fd.as_fd(), timeout).unwrap_or(false),
+    let overall = Instant::now() + timeout;
+    let mut asked_at = Instant::now();
+    // A successor is asked to stop once it has taken over (a standby still waiting for its
+    // turn is not a coordinator yet); `true` once `current` was asked.
+    let mut current_asked = true;
+    let mut frozen_since: Option<Instant> = None;
+    let progress = std::io::stderr().is_terminal();
+    let clear_progress = || {
+        if progress {
+            eprint!("\r\x1b[K");
+        }
     };
-    if !finished {
-        eprintln!(
-            "ccmgr: the coordinator did not finish stopping within {timeout:?}; stopping the rest directly"
+    // The coordinator's pidfd, until it has finished its stop and exited.
+    let mut coordinator_fd = Some(first_fd);
+    // When the coordinator finished: the keeper follows within moments.
+    let mut coordinator_done: Option<Instant> = None;
+    loop {
+        let mut fds = vec![PollFd::new(keeper_fd.as_fd(), PollFlags::POLLIN)];
+        if let Some(fd) = &coordinator_fd {
+            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+        }
+        // Once a second: the answer and freeze checks, and the progress line.
+        let ready = match poll(&mut fds, PollTimeout::from(1000u16)) {
+            Ok(_) => {
+                let ready = |i: usize| {
+                    fds.get(i)
+                        .and_then(PollFd::revents)
+                        .is_some_and(|r| !r.is_empty())
+                };
+                [ready(0), ready(1)]
+            }
+            Err(Errno::EINTR) => [false, false],
+            Err(e) => {
+                clear_progress();
+                return Some(format!("cannot wait for the keeper: {e}"));
+            }
+        };
+        if ready[0] {
+            clear_progress();
+            // The keeper exits last, after an orderly stop; if anything still lives, it died.
+            let state = segment.instance_status().map(|s| s.state).ok();
+            return match state {
+                Some(InstanceState::Stopped | InstanceState::Failed) => None,
+                _ => Some(format!(
+                    "the keeper (pid {}) of instance {instance} died before the stop was over",
+                    keeper.pid
+                )),
+            };
+        }
+        drop(fds);
+        let status = segment.instance_status().ok();
+        let finished = matches!(
+            status.map(|s| s.state),
+            Some(InstanceState::Stopped | InstanceState::Failed)
         );
-        return stop_without_coordinator(instance);
-    }
-    let _ = reclaim(instance);
-    println!("ccmgr: instance {instance} stopped");
-    Exit::Ok
-}
-
-/// The coordinator is dead: stop the services in shutdown order from the segment's records,
-/// then the keeper and standby, then remove the segment.
-fn stop_without_coordinator(instance: &str) -> Exit {
-    let (segment, config) = match open_instance(instance) {
-        Ok(found) => found,
-        Err(e) => {
-            eprintln!("ccmgr: {e}");
-            return Exit::Failed;
-        }
-    };
-    eprintln!(
-        "ccmgr: no coordinator supervises instance {instance}: stopping its services directly, in shutdown order"
-    );
-    // The services that use the service API stop themselves, in shutdown order, once asked:
-    // take the dead coordinator's daemon component and release it asking every service.
-    let mut gate = ControlSegment::open(instance).ok().and_then(|c| {
-        c.hold_daemon_component(Deadline::after(Duration::from_secs(5)))
-            .ok()
-    });
-    if let Some(g) = gate.as_mut() {
-        let all: Vec<usize> = (0..config.services.len()).collect();
-        if g.release_for_shutdown(&all).is_ok() {
-            eprintln!("ccmgr: asked the services that use the service API to shut down in order");
-        }
-    }
-    for &s in &config.shutdown_sequence {
-        let spec = &config.services[s];
-        let Some(who) = segment
-            .service_status(s)
-            .ok()
-            .and_then(|st| st.process)
-            .filter(ProcessIdentity::is_alive)
-        else {
+        if ready[1] && finished {
+            // It finished its stop and exited; the keeper exits next, once it has reaped
+            // everything and removed the state.
+            coordinator_fd = None;
+            coordinator_done = Some(Instant::now());
             continue;
-        };
-        let pgid = Pid::from_raw(who.pid);
-        let registered = gate
-            .as_ref()
-            .and_then(|g| g.control().component_registered(s).ok().flatten())
-            == Some(true);
-        let Some(fd) = pidfd_of(who) else {
+        }
+        if let Some(done) = coordinator_done {
+            if done.elapsed() >= GRACE {
+                clear_progress();
+                return Some(format!(
+                    "the keeper (pid {}) did not exit within {GRACE:?} after the coordinator finished",
+                    keeper.pid
+                ));
+            }
             continue;
-        };
-        if !registered {
-            // The stop signal goes to the whole group, as the coordinator would send it. (A
-            // service of the API was asked above and stops at its turn: a signal now would
-            // end it out of turn.)
-            let _ = spawn::signal_pidfd(fd.as_fd(), spec.stop_signal.0);
-            let _ = spawn::signal_group(pgid, spec.stop_signal.0);
         }
-        let ended =
-            spawn::wait_pidfd(fd.as_fd(), spec.shutdown_timeout.as_duration()).unwrap_or(false);
-        if !ended {
-            eprintln!(
-                "ccmgr: service `{}` ignored {}: killing it",
-                spec.id, spec.stop_signal
-            );
-            let _ = spawn::signal_pidfd(fd.as_fd(), Signal::SIGKILL);
-            let _ = spawn::wait_pidfd(fd.as_fd(), GRACE);
+        if ready[1] {
+            // A standby takes over at once, and finishes the stop if it had begun.
+            let standby = status
+                .and_then(|s| s.standby)
+                .filter(|s| *s != current && s.is_alive());
+            let promoted = status
+                .and_then(|s| s.coordinator)
+                .filter(|c| *c != current && c.is_alive());
+            match promoted
+                .or(standby)
+                .and_then(|next| stop_driver::pidfd_of(next).map(|fd| (next, fd)))
+            {
+                Some((next, fd)) => {
+                    eprintln!(
+                        "\r\x1b[Kccmgr: the coordinator (pid {}) died during the stop; following its successor (pid {})",
+                        current.pid, next.pid
+                    );
+                    current = next;
+                    current_asked = false;
+                    coordinator_fd = Some(fd);
+                    asked_at = Instant::now();
+                    frozen_since = None;
+                    continue;
+                }
+                None => {
+                    clear_progress();
+                    return Some(format!(
+                        "the coordinator (pid {}) died during the stop and no standby took over",
+                        current.pid
+                    ));
+                }
+            }
         }
-        // What the service left in its group goes too (the group id stays taken while any
-        // member lives, so this cannot reach another group).
-        let _ = spawn::signal_group(pgid, Signal::SIGKILL);
-        println!("ccmgr: stopped `{}` (pid {})", spec.id, who.pid);
-    }
-    let status = segment.instance_status().ok();
-    for party in [
-        status.and_then(|s| s.standby),
-        status.and_then(|s| s.keeper),
-        status.and_then(|s| s.coordinator),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        if let Some(fd) = signal_identity(party, Signal::SIGTERM) {
-            if !spawn::wait_pidfd(fd.as_fd(), GRACE).unwrap_or(false) {
-                let _ = spawn::signal_pidfd(fd.as_fd(), Signal::SIGKILL);
-                let _ = spawn::wait_pidfd(fd.as_fd(), GRACE);
+        let state = status.map(|s| s.state);
+        let took_over = status.and_then(|s| s.coordinator) == Some(current);
+        if !current_asked && took_over {
+            // Told to stop too: harmless if it already finishes its predecessor's stop.
+            if let Some(fd) = &coordinator_fd {
+                let _ = spawn::signal_pidfd(fd.as_fd(), Signal::SIGTERM);
+            }
+            current_asked = true;
+            asked_at = Instant::now();
+        }
+        let answered = matches!(
+            state,
+            Some(InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed)
+        );
+        if !answered && asked_at.elapsed() >= ANSWER_DEADLINE {
+            clear_progress();
+            return Some(format!(
+                "the coordinator (pid {}) did not answer within {} s (the instance is still {})",
+                current.pid,
+                ANSWER_DEADLINE.as_secs(),
+                state.map_or_else(|| "unreadable".to_owned(), |s| s.to_string())
+            ));
+        }
+        let frozen = read_stat(current.pid).is_ok_and(|s| matches!(s.state, 'T' | 't'));
+        if frozen {
+            let since = *frozen_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= ANSWER_DEADLINE {
+                clear_progress();
+                return Some(format!(
+                    "the coordinator (pid {}) has been stopped (frozen) for {} s",
+                    current.pid,
+                    ANSWER_DEADLINE.as_secs()
+                ));
+            }
+        } else {
+            frozen_since = None;
+        }
+        if Instant::now() >= overall {
+            clear_progress();
+            return Some(format!(
+                "the coordinator did not finish stopping within {timeout:?}"
+            ));
+        }
+        if progress {
+            if let Some(line) = coordinator_progress(segment, config) {
+                eprint!("\r\x1b[K{line}");
             }
         }
     }
-    drop(segment);
-    remove_recorded_cgroups(&config);
-    match reclaim(instance) {
-        Ok(_) => {
-            println!("ccmgr: instance {instance} stopped");
-            Exit::Ok
-        }
-        Err(e) => {
-            eprintln!("ccmgr: {e}");
-            Exit::Failed
-        }
-    }
 }
 
-/// A keeper that was killed could not remove its cgroups: kill what is still in them (daemons
-/// that escaped their process group with setsid) and remove them, from what it recorded.
-fn remove_recorded_cgroups(config: &Config) {
-    let record = Tree::record_path(&config.global.run_dir, &config.global.instance);
-    let Ok(text) = std::fs::read_to_string(&record) else {
-        return;
-    };
-    let mut lines = text.lines();
-    if let (Some(dir), Some(path)) = (lines.next(), lines.next()) {
-        let dir = std::path::Path::new(dir);
-        if dir.is_dir() {
-            match Tree::existing(dir, std::path::Path::new(path)).remove(GRACE) {
-                Ok(()) => println!("ccmgr: removed the instance's cgroups {}", dir.display()),
-                Err(e) => eprintln!("ccmgr: {e}"),
-            }
-        }
-    }
-    let _ = std::fs::remove_file(record);
+/// What the coordinator's stop waits for, from the segment's per-service state and `since`:
+/// "waiting for web: SIGTERM sent 3 s ago, SIGKILL in 7 s".
+fn coordinator_progress(segment: &Segment, config: &Config) -> Option<String> {
+    let now = crate::shm::monotonic_ms();
+    let parts: Vec<String> = config
+        .services
+        .iter()
+        .enumerate()
+        .filter_map(|(s, spec)| {
+            let st = segment.service_status(s).ok()?;
+            (st.state == ServiceState::Stopping).then(|| {
+                let ago = Duration::from_millis(now.saturating_sub(st.last_transition_ms));
+                let what = if spec.cc_arg || spec.ready == crate::config::ReadyKind::Cc {
+                    "asked to stop".to_owned()
+                } else {
+                    format!("{} sent", spec.stop_signal.0.as_str())
+                };
+                stop_driver::waiting_line(&spec.id, &what, ago, spec.shutdown_timeout.as_duration())
+            })
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 pub fn restart(cli: &Cli, foreground: bool) -> Exit {

@@ -3,13 +3,15 @@
 //!
 //! Exit codes (documented in the README and tested):
 //! - 0: success;
-//! - 1: an operation failed;
+//! - 1: an operation failed (for `stop`: something of the instance still runs, named; for
+//!   `status`: the instance's state cannot be read, a damaged segment);
 //! - 2: bad usage or bad configuration (nothing was started or changed);
 //! - 3: `status` of an instance that is not running (as `systemctl status`).
 
 mod check;
 mod lifecycle;
 mod status;
+mod stop_driver;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,19 +1,37 @@
 //! `ccmgr status [--json]`: reads the shared segment directly (no round trip to the
 //! coordinator, so it answers even when the coordinator is wedged or dead) and, when nothing
 //! runs, the outcome the last run left in `run_dir`.
+//!
+//! It never repeats a state it cannot vouch for: every recorded pid is checked against its
+//! start time, so a service whose process is gone is `dead`, never `up`; the stack is
+//! `supervised` only while a coordinator lives and can answer (not frozen by SIGSTOP, not a
+//! zombie). When the segment cannot be read (truncated, corrupt), it says so and lists what
+//! the keeper's process record in `run_dir` says runs.
+//!
+//! Exit codes: 0, the instance runs (read `supervised` and the service states for its health);
+//! 3, it does not run; 1, its state cannot be read (a damaged segment, or processes of the
+//! instance that no segment describes).
 
 use serde::Serialize;
 
 use super::lifecycle::instance_of;
 use super::{Cli, Exit};
 use crate::config::Config;
+use crate::config::ReadyKind;
 use crate::coordinator::LastOutcome;
-use crate::process_identity::ProcessIdentity;
+use crate::process_identity::{ProcessIdentity, read_stat};
+use crate::records::ProcessRecord;
 use crate::shm::{InstanceState, LastExit, Segment, ServiceState, ShmError, monotonic_ms};
 
 #[derive(Serialize)]
 struct Party {
     pid: Option<i32>,
+}
+
+/// Whether the coordinator `who` lives and can answer: a process frozen by SIGSTOP (state
+/// `T`, or `t` under a tracer) holds its locks but decides nothing.
+fn answering(who: ProcessIdentity) -> bool {
+    who.is_alive() && read_stat(who.pid).is_ok_and(|s| !matches!(s.state, 'T' | 't'))
 }
 
 #[derive(Serialize)]
@@ -100,6 +118,9 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
     let segment = match Segment::open(&instance) {
         Ok(segment) => segment,
         Err(ShmError::NotFound { .. }) => {
+            if let Some(exit) = report_from_record(&instance, global.as_ref(), None, json) {
+                return exit;
+            }
             let last = last_run(global.as_ref(), &instance);
             if json {
                 let out = StatusJson {
@@ -134,8 +155,8 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             return Exit::NotRunning;
         }
         Err(e) => {
-            eprintln!("ccmgr: {e}");
-            return Exit::Failed;
+            return report_from_record(&instance, global.as_ref(), Some(e.to_string()), json)
+                .unwrap_or(Exit::Failed);
         }
     };
     let config = match segment
@@ -159,6 +180,7 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
     };
     let live = |p: Option<ProcessIdentity>| p.filter(ProcessIdentity::is_alive);
     let coordinator = live(inst.coordinator);
+    let supervised = coordinator.is_some_and(answering);
     let standby = live(inst.standby);
     let keeper = live(inst.keeper);
     let mut services = Vec::with_capacity(config.services.len());
@@ -167,11 +189,24 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             continue;
         };
         let pid = st.process.filter(ProcessIdentity::is_alive).map(|p| p.pid);
+        // A state that needs a process is only true while that process lives (a finished
+        // one-shot is up with none).
+        let needs_process = match st.state {
+            ServiceState::Starting | ServiceState::Stopping => st.process.is_some(),
+            ServiceState::Up => st.process.is_some() || spec.ready != ReadyKind::Exit,
+            ServiceState::Stopped | ServiceState::Failed => false,
+        };
+        let dead = needs_process && pid.is_none();
+        let state = match (dead, supervised) {
+            (false, _) => st.state.to_string(),
+            (true, true) => "dead".to_owned(),
+            (true, false) => "dead (unsupervised)".to_owned(),
+        };
         services.push(ServiceJson {
             id: spec.id.clone(),
-            state: st.state.to_string(),
+            state,
             pid,
-            uptime_ms: (st.state == ServiceState::Up)
+            uptime_ms: (st.state == ServiceState::Up && !dead)
                 .then(|| now.saturating_sub(st.last_transition_ms)),
             restarts: st.restart_count,
             last_exit: st.last_exit.map(exit_json),
@@ -190,7 +225,7 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
         keeper: Party {
             pid: keeper.map(|p| p.pid),
         },
-        supervised: coordinator.is_some(),
+        supervised,
         restart_window: Some(Window {
             restarts: inst.restarts_in_window,
             started_ms_ago: now.saturating_sub(inst.window_start_ms),
@@ -211,10 +246,17 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
         pid_or(out.standby.pid, "none"),
         pid_or(out.keeper.pid, "none"),
     );
-    if coordinator.is_none() && inst.state != InstanceState::Stopped {
-        println!(
-            "warning: no coordinator is alive: nothing supervises these services (`ccmgr stop` stops them)"
-        );
+    if inst.state != InstanceState::Stopped {
+        match coordinator {
+            None => println!(
+                "warning: no coordinator is alive: nothing supervises these services (`ccmgr stop` stops them)"
+            ),
+            Some(c) if !supervised => println!(
+                "warning: the coordinator (pid {}) is frozen (stopped): nothing supervises these services (`ccmgr stop` stops them)",
+                c.pid
+            ),
+            Some(_) => {}
+        }
     }
     if let Some(w) = &out.restart_window {
         println!(
@@ -232,7 +274,7 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
         .unwrap_or(2)
         .max(7);
     println!(
-        "{:<width$}  {:<8}  {:>7}  {:>8}  {:>8}  last exit",
+        "{:<width$}  {:<19}  {:>7}  {:>8}  {:>8}  last exit",
         "SERVICE", "STATE", "PID", "UPTIME", "RESTARTS"
     );
     for s in &out.services {
@@ -244,7 +286,7 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             _ => "-".into(),
         };
         println!(
-            "{:<width$}  {:<8}  {:>7}  {:>8}  {:>8}  {last}",
+            "{:<width$}  {:<19}  {:>7}  {:>8}  {:>8}  {last}",
             s.id,
             s.state,
             pid_or(s.pid, "-"),
@@ -253,4 +295,112 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
         );
     }
     Exit::Ok
+}
+
+/// The instance has no readable segment (`damage` says why, `None` when there is none at
+/// all): report what the keeper's process record says runs. `None` when there is no record,
+/// or, without damage, when nothing it names lives (the instance is simply not running).
+fn report_from_record(
+    instance: &str,
+    global: Option<&crate::config::GlobalConfig>,
+    damage: Option<String>,
+    json: bool,
+) -> Option<Exit> {
+    let record = global.and_then(|g| {
+        ProcessRecord::read(&crate::records::record_path(&g.run_dir, instance))
+            .ok()
+            .flatten()
+    });
+    let record = match (record, &damage) {
+        (Some(r), _) => r,
+        (None, Some(why)) => {
+            eprintln!(
+                "ccmgr: the shared state of instance {instance} is damaged: {why}; and no process record was found (`ccmgr stop` stops what the cgroups hold)"
+            );
+            return Some(Exit::Failed);
+        }
+        (None, None) => return None,
+    };
+    if damage.is_none() && record.survivors().is_empty() {
+        return None;
+    }
+    let alive = |r: Option<crate::records::Recorded>| {
+        r.map(ProcessIdentity::from)
+            .filter(ProcessIdentity::is_alive)
+            .map(|p| p.pid)
+    };
+    let why = damage.unwrap_or_else(|| "it has no shared state".to_owned());
+    let services: Vec<ServiceJson> = record
+        .services
+        .iter()
+        .map(|s| {
+            let pid = alive(Some(s.process));
+            ServiceJson {
+                id: s.id.clone(),
+                state: if pid.is_some() {
+                    "running (unsupervised)".into()
+                } else {
+                    "dead (unsupervised)".into()
+                },
+                pid,
+                uptime_ms: None,
+                restarts: 0,
+                last_exit: None,
+            }
+        })
+        .collect();
+    let coordinator = alive(record.coordinator);
+    let supervised = record
+        .coordinator
+        .map(ProcessIdentity::from)
+        .is_some_and(answering);
+    if json {
+        let out = StatusJson {
+            instance: instance.to_owned(),
+            state: "damaged".into(),
+            since_ms: None,
+            coordinator: Party { pid: coordinator },
+            standby: Party {
+                pid: alive(record.standby),
+            },
+            keeper: Party {
+                pid: alive(record.keeper),
+            },
+            supervised,
+            restart_window: None,
+            services,
+            last_run: None,
+        };
+        let mut value = serde_json::to_value(&out).unwrap_or_default();
+        value["damage"] = serde_json::Value::String(why);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+    } else {
+        let pid_or = |p: Option<i32>| p.map_or_else(|| "none".to_owned(), |p| p.to_string());
+        println!("instance {instance}: DAMAGED: {why}");
+        println!(
+            "the keeper's process record says (coordinator {}, standby {}, keeper {}); `ccmgr stop` stops them:",
+            pid_or(coordinator),
+            pid_or(alive(record.standby)),
+            pid_or(alive(record.keeper)),
+        );
+        let width = services
+            .iter()
+            .map(|s| s.id.len())
+            .max()
+            .unwrap_or(2)
+            .max(7);
+        println!("{:<width$}  {:<22}  {:>7}", "SERVICE", "STATE", "PID");
+        for s in &services {
+            println!(
+                "{:<width$}  {:<22}  {:>7}",
+                s.id,
+                s.state,
+                s.pid.map_or_else(|| "-".to_owned(), |p| p.to_string())
+            );
+        }
+    }
+    Some(Exit::Failed)
 }

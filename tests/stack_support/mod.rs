@@ -20,6 +20,12 @@ use serde_json::Value;
 
 pub const CCMGR: &str = env!("CARGO_BIN_EXE_ccmgr");
 
+/// The binary the stacks run: `CCMGR_TEST_BIN` if set (to check that a regression test fails
+/// with an older build), else the one cargo built.
+pub fn ccmgr_bin() -> String {
+    std::env::var("CCMGR_TEST_BIN").unwrap_or_else(|_| CCMGR.to_owned())
+}
+
 static SUBREAPER: Once = Once::new();
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -90,7 +96,7 @@ impl Stack {
 
     /// Runs `ccmgr --config <stack> <args>`.
     pub fn ccmgr(&self, args: &[&str]) -> Output {
-        let out = Command::new(CCMGR)
+        let out = Command::new(ccmgr_bin())
             .arg("--config")
             .arg(self.path().join("ccmgr.toml"))
             .args(args)
@@ -234,7 +240,7 @@ impl Stack {
     }
 
     fn status_quiet(&self) -> Option<Value> {
-        let out = Command::new(CCMGR)
+        let out = Command::new(ccmgr_bin())
             .args(["--config"])
             .arg(self.path().join("ccmgr.toml"))
             .args(["status", "--json"])
@@ -280,7 +286,7 @@ impl Drop for Stack {
     fn drop(&mut self) {
         let mut pids: Vec<i32> = self.seen.borrow().iter().copied().collect();
         pids.extend(self.all_pids());
-        let _ = Command::new(CCMGR)
+        let _ = Command::new(ccmgr_bin())
             .arg("--config")
             .arg(self.path().join("ccmgr.toml"))
             .arg("stop")
