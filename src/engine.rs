@@ -25,8 +25,7 @@ use crate::graph::EdgeKind;
 /// coordinator; zero in tests).
 pub type Time = Duration;
 
-pub use crate::shm::{InstanceState, ServiceState};
-pub use crate::spawn::ProcessExit;
+pub use crate::vocab::{InstanceState, ProcessExit, ServiceState, Want};
 
 /// Why a service counts as failed.
 #[derive(Clone, Debug, PartialEq, Eq)]

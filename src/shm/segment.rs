@@ -247,11 +247,7 @@ fn pid_text(pid: &Option<i32>) -> String {
 
 /// Check an instance name: 1 to 64 characters from `[A-Za-z0-9_.-]`.
 pub fn validate_instance_name(name: &str) -> Result<(), ShmError> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+    if crate::vocab::is_valid_instance_name(name) {
         Ok(())
     } else {
         Err(ShmError::InvalidInstanceName {
