@@ -80,6 +80,7 @@ fn params(services: &[Svc]) -> EngineParams {
                 stop_signal: Signal::SIGTERM,
                 restart_delay: ms(100),
                 restart_delay_max: ms(1_000),
+                min_uptime: Duration::ZERO,
                 dependencies: graph.dependencies(i),
                 dependents: graph.dependents(i),
                 cooperative: s.ready == ReadyKind::Cc,
@@ -323,7 +324,7 @@ impl Sim {
     }
 
     fn state(&self, id: &str) -> ServiceState {
-        self.engine.slots()[self.idx(id)].state
+        self.engine.slots()[self.idx(id)].state()
     }
 }
 
@@ -805,34 +806,96 @@ fn failures_are_described_in_words() {
     );
 }
 
+/// What a dead coordinator published for a service in `state`, with process `pid` (for
+/// the states that have one).
+fn published(state: ServiceState, pid: i32, now: Time) -> Slot {
+    let process = match state {
+        ServiceState::Stopped => Process::None(Rest::Stopped),
+        ServiceState::Failed => Process::None(Rest::Failed),
+        ServiceState::Starting => Process::Running {
+            pid,
+            since: now,
+            readiness: Readiness::Waiting {
+                deadline: now + ms(1_000),
+            },
+        },
+        ServiceState::Up => Process::Running {
+            pid,
+            since: now,
+            readiness: Readiness::Up,
+        },
+        ServiceState::Stopping => Process::Stopping {
+            pid,
+            kill_deadline: now + ms(500),
+            killed: false,
+            start_timed_out: false,
+        },
+    };
+    Slot {
+        process,
+        want: Want::Up,
+        since: now,
+        started_at: Some(now),
+        asked: false,
+        not_before: Time::ZERO,
+        streak: 0,
+        last_failure_at: None,
+        restarts: 0,
+        last_exit: None,
+    }
+}
+
+/// A snapshot of a stack in `phase` whose services are in `states`.
+fn snapshot_of(phase: InstanceState, slots: Vec<Slot>, window: RestartWindow) -> Snapshot {
+    Snapshot {
+        phase,
+        phase_since: Time::ZERO,
+        window,
+        stopping_for: None,
+        sequence_deadline: None,
+        slots,
+    }
+}
+
 /// A simulator whose engine takes over from a dead coordinator: `adopted` says, per service,
-/// (published state, still running?, exit while unwatched).
+/// (published state, still running?, exit while unwatched). Each published process is pid
+/// 500 + its index; the keeper reports those still running, and the kept exits.
 fn sim_adopting(
     services: Vec<Svc>,
     phase: InstanceState,
     adopted: &[(ServiceState, bool, Option<ProcessExit>)],
     restart_all: bool,
 ) -> Sim {
+    let mut facts = KeeperFacts::default();
+    let mut slots = Vec::new();
+    for (i, &(state, running, exit)) in adopted.iter().enumerate() {
+        let pid = 500 + i as i32;
+        slots.push(published(state, pid, Time::ZERO));
+        if running {
+            facts.running.push((i, pid));
+        }
+        if let Some(exit) = exit {
+            facts.exits.push((i, pid, exit));
+        }
+    }
+    let snapshot = snapshot_of(phase, slots, RestartWindow::default());
+    sim_taking_over(services, snapshot, facts, restart_all)
+}
+
+/// A simulator whose engine adopts `snapshot` with the keeper's `facts`, at time zero.
+fn sim_taking_over(
+    services: Vec<Svc>,
+    snapshot: Snapshot,
+    facts: KeeperFacts,
+    restart_all: bool,
+) -> Sim {
     let p = params(&services);
     let n = services.len();
     let mut pids = vec![None; n];
-    let list: Vec<Adopted> = adopted
-        .iter()
-        .enumerate()
-        .map(|(i, &(state, running, exit))| {
-            let pid = running.then_some(500 + i as i32);
-            pids[i] = pid;
-            Adopted {
-                state,
-                running: pid,
-                exit,
-                restarts: 0,
-                last_exit: None,
-            }
-        })
-        .collect();
-    let window = RestartWindow::default();
-    let (engine, actions) = Engine::adopt(p, Time::ZERO, phase, &list, window, restart_all);
+    for &(s, pid) in &facts.running {
+        pids[s] = Some(pid);
+    }
+    let (engine, actions) = Engine::adopt(p, Time::ZERO, snapshot, &facts, restart_all);
     let mut sim = Sim {
         engine,
         ids: services.iter().map(|s| s.id.to_owned()).collect(),
@@ -863,7 +926,7 @@ fn adopting_a_steady_stack_changes_nothing() {
         sim.engine
             .slots()
             .iter()
-            .all(|s| s.state == ServiceState::Up && s.pid.is_some())
+            .all(|s| s.state() == ServiceState::Up && s.pid().is_some())
     );
     assert_eq!(sim.engine.next_deadline(), None);
 }
@@ -900,15 +963,22 @@ fn a_service_that_died_while_nobody_watched_goes_through_the_failure_sequence() 
 
 #[test]
 fn a_startup_cut_short_by_the_coordinators_death_is_finished() {
-    // log and cache were up, db was starting (its process runs), api and web not started.
-    let starting = (ServiceState::Starting, true, None);
-    let down = (ServiceState::Stopped, false, None);
-    let mut sim = sim_adopting(
-        stack(),
-        InstanceState::Initializing,
-        &[UP, starting, UP, down, down],
-        false,
-    );
+    // log and cache were up, db's spawn was asked for (the keeper started it, pid 501, but the
+    // dead coordinator never heard), api and web not started.
+    let mut slots: Vec<Slot> = [UP, UP, UP, UP, UP]
+        .iter()
+        .enumerate()
+        .map(|(i, _)| published(ServiceState::Up, 500 + i as i32, Time::ZERO))
+        .collect();
+    slots[1].process = Process::Spawning;
+    slots[3].process = Process::None(Rest::Stopped);
+    slots[4].process = Process::None(Rest::Stopped);
+    let facts = KeeperFacts {
+        running: vec![(0, 500), (1, 501), (2, 502)],
+        ..KeeperFacts::default()
+    };
+    let snapshot = snapshot_of(InstanceState::Initializing, slots, RestartWindow::default());
+    let mut sim = sim_taking_over(stack(), snapshot, facts, false);
     sim.run();
     // db's process runs and "started" asks nothing more, so it is up, and api and web follow.
     assert_eq!(sim.log, ["t=0 spawn api", "t=0 spawn web"]);
@@ -1056,19 +1126,19 @@ fn a_failure_sequence_asks_only_the_cooperative_services_it_takes_down_and_close
 /// (the limit) in a window that began at 1 s; then "a" crashes at `crash`.
 fn crash_after_adopting_five_restarts(now: Time, crash: Time) -> (Engine, Vec<Action>) {
     let services = vec![svc("a", &[])];
-    let adopted = [Adopted {
-        state: ServiceState::Up,
-        running: Some(500),
-        exit: None,
-        restarts: 5,
-        last_exit: None,
-    }];
+    let mut slot = published(ServiceState::Up, 500, ms(1_000));
+    slot.restarts = 5;
     let window = RestartWindow {
         start: ms(1_000),
         count: 5,
     };
+    let snapshot = snapshot_of(InstanceState::Steady, vec![slot], window);
+    let facts = KeeperFacts {
+        running: vec![(0, 500)],
+        ..KeeperFacts::default()
+    };
     let p = params(&services);
-    let (mut engine, _) = Engine::adopt(p, now, InstanceState::Steady, &adopted, window, false);
+    let (mut engine, _) = Engine::adopt(p, now, snapshot, &facts, false);
     let crashed = Event::Exited {
         service: 0,
         exit: ProcessExit::Exited(1),

@@ -28,7 +28,7 @@ use super::robust::{ChannelCell, RobustMutex};
 /// The first eight bytes of every ccmgr segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ccmgrSHM");
 /// Bumped on every change of the layout below.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// The most services one instance may have.
 pub const MAX_SERVICES: u32 = 4096;
 /// The longest service id, in bytes.
@@ -141,6 +141,20 @@ shared_struct! {
         pub keeper_pid: AtomicI32,
         /// Start time of the keeper.
         pub keeper_start_time: AtomicU64,
+        /// Why the stack is stopping, a [`StopKind`](super::state::StopKind); 0 while it
+        /// is not.
+        pub stop_kind: AtomicU32,
+        /// The service whose failure stops it; `u32::MAX` for none.
+        pub stop_service: AtomicU32,
+        /// How that service failed, a [`FailureCode`](super::state::FailureCode); 0 for none.
+        pub stop_failure: AtomicU32,
+        /// Restarts counted when the stack gave up.
+        pub stop_restarts: AtomicU32,
+        /// The exit of that failure, encoded by [`LastExit`](super::state::LastExit).
+        pub stop_exit: AtomicU64,
+        /// The deadline of the whole startup or shutdown sequence, monotonic milliseconds
+        /// plus one; 0 for none.
+        pub sequence_deadline_ms1: AtomicU64,
     }
 }
 
@@ -181,8 +195,36 @@ shared_struct! {
         pub last_transition_ms: AtomicU64,
         /// The last exit status, encoded by [`LastExit`](super::state::LastExit).
         pub last_exit: AtomicU64,
+        // The engine's progress on the service, so that a coordinator taking over continues
+        // it (see `engine::Snapshot`). Times are monotonic milliseconds; those ending in `1`
+        // are plus one, 0 meaning none, so that a zeroed record means "nothing yet".
+        /// What the stack wants of it, a [`Want`](crate::vocab::Want).
+        pub want: AtomicU32,
+        /// Where its process is, a [`Stage`](super::state::Stage).
+        pub stage: AtomicU32,
+        /// [`PROGRESS_KILLED`], [`PROGRESS_START_TIMED_OUT`], [`PROGRESS_ASKED`].
+        pub progress_flags: AtomicU32,
+        /// Failures in a row without a quiet span (the restart delay doubles with it).
+        pub streak: AtomicU32,
+        /// When its running process started.
+        pub process_since_ms: AtomicU64,
+        /// The deadline of its stage: readiness, min_uptime or SIGKILL; 0 for none.
+        pub deadline_ms1: AtomicU64,
+        /// When its current or last process started; 0 for never.
+        pub started_at_ms1: AtomicU64,
+        /// Not to be started before this (the restart delay).
+        pub not_before_ms: AtomicU64,
+        /// When it last failed; 0 for never.
+        pub last_failure_ms1: AtomicU64,
     }
 }
+
+/// [`ServiceRecord::progress_flags`]: SIGKILL was sent to its process.
+pub const PROGRESS_KILLED: u32 = 1;
+/// [`ServiceRecord::progress_flags`]: it is being killed for not being ready in time.
+pub const PROGRESS_START_TIMED_OUT: u32 = 2;
+/// [`ServiceRecord::progress_flags`]: it was asked to shut down through the service API.
+pub const PROGRESS_ASKED: u32 = 4;
 
 /// The variable counts a layout is computed from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,7 +394,7 @@ pub fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
 // The record sizes the layout documentation and the ABI check rely on
 // (x86_64 / aarch64 glibc: pthread_mutex_t is 40 bytes, sem_t 32).
 const _: () = assert!(size_of::<Header>() == 136);
-const _: () = assert!(size_of::<InstanceRecord>() == 80);
+const _: () = assert!(size_of::<InstanceRecord>() == 112);
 const _: () = assert!(size_of::<ServiceStaticRecord>() == 88);
 const _: () = assert!(size_of::<ChannelCell>() == size_of::<libc::sem_t>() + 8);
 const _: () = assert!(size_of::<RobustMutex>() == size_of::<libc::pthread_mutex_t>());

@@ -31,5 +31,6 @@ pub use segment::{
     validate_instance_name,
 };
 pub use state::{
-    ChannelId, GiveUpReason, InstanceState, LastExit, MutexId, ServiceState, UnknownValue,
+    ChannelId, FailureCode, GiveUpReason, InstanceProgress, InstanceState, LastExit, MutexId,
+    ServiceProgress, ServiceState, Stage, StopIntent, StopKind, UnknownValue, Want,
 };

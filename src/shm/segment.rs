@@ -19,14 +19,15 @@ use nix::sys::stat::Mode;
 
 use super::layout::{
     Counts, Header, InstanceRecord, LAYOUT_VERSION, Layout, MAGIC, MAX_CONFIG_BLOB, MAX_SERVICES,
-    SERVICE_ID_MAX, ServiceRecord, ServiceStaticRecord, SyncBlock, fnv1a64,
+    PROGRESS_ASKED, PROGRESS_KILLED, PROGRESS_START_TIMED_OUT, SERVICE_ID_MAX, ServiceRecord, ServiceStaticRecord, SyncBlock, fnv1a64,
 };
 use super::mapping::{Access, CreateStep, Mapping, Unpublished};
 use super::robust::{
     Channel, ChannelCell, MutexError, MutexGuard, RobustMutex, SemaphoreError, SharedMutex,
 };
 use super::state::{
-    ChannelId, GiveUpReason, InstanceState, LastExit, MutexId, ServiceState, UnknownValue,
+    ChannelId, FailureCode, GiveUpReason, InstanceProgress, InstanceState, LastExit, MutexId,
+    ServiceProgress, ServiceState, Stage, StopIntent, StopKind, UnknownValue, Want,
 };
 use crate::process_identity::ProcessIdentity;
 
@@ -441,6 +442,15 @@ impl fmt::Debug for Segment {
 /// Identity fields as stored: pid 0 (or negative) means none.
 fn identity(pid: i32, start_time: u64) -> Option<ProcessIdentity> {
     (pid > 0).then_some(ProcessIdentity { pid, start_time })
+}
+
+/// An optional time stored plus one, so that a zeroed record means "none".
+fn to_ms1(ms: Option<u64>) -> u64 {
+    ms.map_or(0, |ms| ms.saturating_add(1))
+}
+
+fn from_ms1(word: u64) -> Option<u64> {
+    word.checked_sub(1)
 }
 
 fn read_bytes(bytes: &[AtomicU8]) -> Vec<u8> {
@@ -1317,6 +1327,87 @@ impl Segment {
         })
     }
 
+    /// Service `index`'s progress (the engine's intent), read consistently.
+    pub fn service_progress(&self, index: usize) -> Result<ServiceProgress, ShmError> {
+        let rec = self.service_record(index)?;
+        let r = Ordering::Relaxed;
+        let ([want, stage, flags, streak], [since, deadline, started, not_before, failed]) = self
+            .read_consistent(|| {
+                (
+                    [
+                        rec.want.load(r),
+                        rec.stage.load(r),
+                        rec.progress_flags.load(r),
+                        rec.streak.load(r),
+                    ],
+                    [
+                        rec.process_since_ms.load(r),
+                        rec.deadline_ms1.load(r),
+                        rec.started_at_ms1.load(r),
+                        rec.not_before_ms.load(r),
+                        rec.last_failure_ms1.load(r),
+                    ],
+                )
+            })?;
+        let what = format!("service #{index}");
+        Ok(ServiceProgress {
+            want: Want::try_from(want).map_err(|e| self.unknown(&what, e))?,
+            stage: Stage::try_from(stage).map_err(|e| self.unknown(&what, e))?,
+            killed: flags & PROGRESS_KILLED != 0,
+            start_timed_out: flags & PROGRESS_START_TIMED_OUT != 0,
+            asked: flags & PROGRESS_ASKED != 0,
+            process_since_ms: since,
+            deadline_ms: from_ms1(deadline),
+            started_at_ms: from_ms1(started),
+            not_before_ms: not_before,
+            streak,
+            last_failure_ms: from_ms1(failed),
+        })
+    }
+
+    /// The instance's progress (why it is stopping, the sequence deadline), read consistently.
+    pub fn instance_progress(&self) -> Result<InstanceProgress, ShmError> {
+        let inst = self.instance_record();
+        let r = Ordering::Relaxed;
+        let ([kind, service, failure, restarts], [exit, deadline]) = self.read_consistent(|| {
+            (
+                [
+                    inst.stop_kind.load(r),
+                    inst.stop_service.load(r),
+                    inst.stop_failure.load(r),
+                    inst.stop_restarts.load(r),
+                ],
+                [inst.stop_exit.load(r), inst.sequence_deadline_ms1.load(r)],
+            )
+        })?;
+        let what = "the instance record";
+        let stopping_for = match kind {
+            0 => None,
+            kind => Some(StopIntent {
+                kind: StopKind::try_from(kind).map_err(|e| self.unknown(what, e))?,
+                service: match service {
+                    u32::MAX => None,
+                    s if (s as usize) < self.service_count() => Some(s as usize),
+                    s => {
+                        return Err(self.corrupt(format!(
+                            "the instance is stopping for service #{s}, beyond the service count"
+                        )));
+                    }
+                },
+                failure: match failure {
+                    0 => None,
+                    f => Some(FailureCode::try_from(f).map_err(|e| self.unknown(what, e))?),
+                },
+                exit: LastExit::decode(exit).map_err(|e| self.unknown(what, e))?,
+                restarts,
+            }),
+        };
+        Ok(InstanceProgress {
+            stopping_for,
+            sequence_deadline_ms: from_ms1(deadline),
+        })
+    }
+
     /// Lock the shared-memory mutex to change the state table or the instance
     /// record. The generation is odd until the writer is dropped.
     pub fn write(&self) -> Result<StateWriter<'_>, ShmError> {
@@ -1622,6 +1713,61 @@ impl StateWriter<'_> {
         self.record(index)?
             .last_exit
             .store(LastExit::encode(exit), Ordering::Relaxed);
+        Ok(())
+    }
+    /// Record the engine's progress on service `index`.
+    pub fn set_service_progress(
+        &self,
+        index: usize,
+        p: &ServiceProgress,
+    ) -> Result<(), ShmError> {
+        let rec = self.record(index)?;
+        let r = Ordering::Relaxed;
+        let flags = [
+            (p.killed, PROGRESS_KILLED),
+            (p.start_timed_out, PROGRESS_START_TIMED_OUT),
+            (p.asked, PROGRESS_ASKED),
+        ]
+        .iter()
+        .filter(|(set, _)| *set)
+        .fold(0, |acc, (_, bit)| acc | bit);
+        rec.want.store(p.want.as_u32(), r);
+        rec.stage.store(p.stage.as_u32(), r);
+        rec.progress_flags.store(flags, r);
+        rec.streak.store(p.streak, r);
+        rec.process_since_ms.store(p.process_since_ms, r);
+        rec.deadline_ms1.store(to_ms1(p.deadline_ms), r);
+        rec.started_at_ms1.store(to_ms1(p.started_at_ms), r);
+        rec.not_before_ms.store(p.not_before_ms, r);
+        rec.last_failure_ms1.store(to_ms1(p.last_failure_ms), r);
+        Ok(())
+    }
+
+    /// Record the engine's progress on the instance.
+    pub fn set_instance_progress(&self, p: &InstanceProgress) -> Result<(), ShmError> {
+        let i = self.instance();
+        let r = Ordering::Relaxed;
+        let (kind, service, failure, exit, restarts) = match p.stopping_for {
+            None => (0, u32::MAX, 0, None, 0),
+            Some(s) => {
+                let service = match s.service {
+                    None => u32::MAX,
+                    Some(index) => {
+                        self.seg.check_index(index)?;
+                        index as u32
+                    }
+                };
+                let failure = s.failure.map_or(0, FailureCode::as_u32);
+                (s.kind.as_u32(), service, failure, s.exit, s.restarts)
+            }
+        };
+        i.stop_kind.store(kind, r);
+        i.stop_service.store(service, r);
+        i.stop_failure.store(failure, r);
+        i.stop_restarts.store(restarts, r);
+        i.stop_exit.store(LastExit::encode(exit), r);
+        i.sequence_deadline_ms1
+            .store(to_ms1(p.sequence_deadline_ms), r);
         Ok(())
     }
 }

@@ -5,8 +5,109 @@
 
 use std::fmt;
 
-pub use crate::vocab::{InstanceState, LastExit, ServiceState, UnknownValue};
+pub use crate::vocab::{InstanceState, LastExit, ServiceState, UnknownValue, Want};
 use crate::vocab::stored_enum;
+
+stored_enum! {
+    /// Where a service's process is, as the engine sees it (`engine::Process`). A zeroed
+    /// record reads as `Stopped`.
+    pub enum Stage as "process stage" {
+        /// No process; stopped.
+        Stopped = 0 => "stopped",
+        /// No process; its last run failed.
+        Failed = 1 => "failed",
+        /// No process; a one-shot task that finished (up).
+        Finished = 2 => "finished",
+        /// A spawn was asked for and not yet answered.
+        Spawning = 3 => "spawning",
+        /// Running, not yet ready.
+        Waiting = 4 => "waiting",
+        /// Running and ready, not yet up for its min_uptime.
+        Settling = 5 => "settling",
+        /// Running and up.
+        Up = 6 => "up",
+        /// Told to stop (or killed).
+        Stopping = 7 => "stopping",
+    }
+}
+
+stored_enum! {
+    /// Why the stack is stopping.
+    pub enum StopKind as "stop reason" {
+        /// Someone asked.
+        Requested = 1 => "requested",
+        /// The startup sequence failed.
+        StartupFailed = 2 => "startup failed",
+        /// Too many restarts.
+        GaveUp = 3 => "gave up",
+    }
+}
+
+stored_enum! {
+    /// How the service a stop is blamed on failed.
+    pub enum FailureCode as "failure kind" {
+        /// Its process ended (the exit is stored beside).
+        Exited = 1 => "exited",
+        /// It could not be started (the reason in words is not kept).
+        SpawnFailed = 2 => "spawn failed",
+        /// It was not ready within its startup timeout.
+        StartTimeout = 3 => "start timeout",
+        /// The whole startup sequence timed out.
+        SequenceTimeout = 4 => "sequence timeout",
+    }
+}
+
+/// The engine's progress on one service, as stored: what a coordinator taking over needs to
+/// continue it. Times are monotonic milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceProgress {
+    /// What the stack wants of it.
+    pub want: Want,
+    /// Where its process is.
+    pub stage: Stage,
+    /// SIGKILL was sent to its process.
+    pub killed: bool,
+    /// Its process is being killed for not being ready in time.
+    pub start_timed_out: bool,
+    /// It was asked to shut down through the service API.
+    pub asked: bool,
+    /// When its running process started.
+    pub process_since_ms: u64,
+    /// The deadline of its stage (readiness, min_uptime, SIGKILL).
+    pub deadline_ms: Option<u64>,
+    /// When its current or last process started.
+    pub started_at_ms: Option<u64>,
+    /// Not to be started before this.
+    pub not_before_ms: u64,
+    /// Failures in a row without a quiet span.
+    pub streak: u32,
+    /// When it last failed.
+    pub last_failure_ms: Option<u64>,
+}
+
+/// Why the stack is stopping, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopIntent {
+    /// Why.
+    pub kind: StopKind,
+    /// The service whose failure it is, for a failed start or a give-up.
+    pub service: Option<usize>,
+    /// How it failed.
+    pub failure: Option<FailureCode>,
+    /// Its exit, for [`FailureCode::Exited`].
+    pub exit: Option<LastExit>,
+    /// Restarts counted, for a give-up.
+    pub restarts: u32,
+}
+
+/// The engine's progress on the instance, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InstanceProgress {
+    /// Why the stack is stopping, once it is.
+    pub stopping_for: Option<StopIntent>,
+    /// The deadline of the whole startup or shutdown sequence, monotonic milliseconds.
+    pub sequence_deadline_ms: Option<u64>,
+}
 
 stored_enum! {
     /// Why the instance gave up.
