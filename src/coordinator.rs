@@ -29,8 +29,8 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, Takeover};
 use crate::engine::{
-    Action, Engine, EngineParams, Event, Failure, FailureKind, KeeperFacts, Outcome, Process,
-    Readiness, Rest, RestartWindow, Slot, Snapshot, Time,
+    Action, Engine, EngineParams, Event, Failure, FailureKind, KeeperFacts, KeeperNews, Outcome,
+    Process, Readiness, Rest, RestartWindow, Slot, Snapshot, Time,
 };
 use crate::keeper::protocol::{self, FromKeeper, Outbox, ToKeeper, recv_message};
 use crate::keeper::{COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD};
@@ -404,10 +404,13 @@ impl Coordinator {
             match recv_message::<FromKeeper>(self.keeper.as_fd()) {
                 Ok(Some(FromKeeper::Running { services })) => break services,
                 Ok(Some(FromKeeper::Exited { service, pid, exit })) if service < n => {
-                    facts.exits.push((service, pid, exit));
+                    facts.news.push(KeeperNews::Exited { service, pid, exit });
+                }
+                Ok(Some(FromKeeper::Spawned { service, pid })) if service < n => {
+                    facts.news.push(KeeperNews::Spawned { service, pid });
                 }
                 Ok(Some(FromKeeper::SpawnFailed { service, error })) if service < n => {
-                    facts.spawn_failures.push((service, error));
+                    facts.news.push(KeeperNews::SpawnFailed { service, error });
                 }
                 // Answers to the dead coordinator's requests: what runs is in `Running`.
                 Ok(Some(_)) | Ok(None) => {}
@@ -490,6 +493,7 @@ impl Coordinator {
                 last_failure_at: p.last_failure_ms.map(time),
                 restarts: status.restart_count,
                 last_exit: status.last_exit.map(ProcessExit::from),
+                exited_pid: p.exited_pid,
             });
         }
         Ok(Snapshot {
@@ -974,6 +978,7 @@ fn progress_of(slot: &Slot, ms: impl Fn(Time) -> u64) -> ServiceProgress {
         not_before_ms: ms(slot.not_before),
         streak: slot.streak,
         last_failure_ms: slot.last_failure_at.map(&ms),
+        exited_pid: slot.exited_pid,
     }
 }
 
@@ -1003,7 +1008,10 @@ fn intent_of(outcome: &Outcome) -> StopIntent {
                 restarts: 0,
             }
         }
-        Outcome::GaveUp { failure: f, restarts } => {
+        Outcome::GaveUp {
+            failure: f,
+            restarts,
+        } => {
             let (code, exit) = failure(f);
             StopIntent {
                 kind: StopKind::GaveUp,

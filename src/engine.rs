@@ -258,6 +258,9 @@ pub struct Slot {
     /// Restarts since the stack started.
     pub restarts: u32,
     pub last_exit: Option<ProcessExit>,
+    /// The process whose end `last_exit` records: an exit of it the keeper hands over again at
+    /// a takeover is a duplicate.
+    pub exited_pid: Option<i32>,
 }
 
 impl Slot {
@@ -273,6 +276,7 @@ impl Slot {
             last_failure_at: None,
             restarts: 0,
             last_exit: None,
+            exited_pid: None,
         }
     }
 
@@ -345,16 +349,28 @@ pub struct Snapshot {
     pub slots: Vec<Slot>,
 }
 
-/// What the keeper tells a coordinator taking over: the news nobody read (in the order it
-/// came), then what runs now.
+/// One piece of news the keeper kept while no coordinator listened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeeperNews {
+    /// A spawn was answered: the process `pid` exists.
+    Spawned { service: usize, pid: i32 },
+    /// A spawn failed.
+    SpawnFailed { service: usize, error: String },
+    /// The process `pid` ended. Applied only if the snapshot (or the news before it) shows
+    /// that pid running, or a spawn it answers: one the dead coordinator already handled
+    /// (its pid is the slot's `exited_pid`, or no longer the slot's) is a duplicate, ignored.
+    Exited {
+        service: usize,
+        pid: i32,
+        exit: ProcessExit,
+    },
+}
+
+/// What the keeper tells a coordinator taking over: the news nobody read, in the order it
+/// came, then what runs now.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeeperFacts {
-    /// Exits the keeper kept: (service, pid, how). An exit is applied only if the snapshot
-    /// still shows that pid (or a spawn that pid answers): one the dead coordinator already
-    /// handled is a duplicate and is ignored.
-    pub exits: Vec<(usize, i32, ProcessExit)>,
-    /// Spawns that failed: (service, why).
-    pub spawn_failures: Vec<(usize, String)>,
+    pub news: Vec<KeeperNews>,
     /// The services' main processes that run now: (service, pid).
     pub running: Vec<(usize, i32)>,
 }
@@ -431,9 +447,9 @@ impl Engine {
     /// clock as the snapshot's times): "load and continue". It loads what the dead one
     /// published (`snapshot`: every service's process and wanted state, its deadlines, the
     /// failure sequence under way, why the stack is stopping) and then applies what the keeper
-    /// saw while nobody listened (`keeper`): the exits of processes the snapshot still shows
-    /// (an exit of any other pid is a duplicate, ignored), the answers to spawns the snapshot
-    /// shows as asked, and which processes run. A process the snapshot shows that neither runs
+    /// saw while nobody listened (`keeper`), in order, as the events it would have been: the
+    /// answers to spawns, the exits of processes the snapshot still shows (an exit of any
+    /// other pid is a duplicate, ignored); then which processes run. A process the snapshot shows that neither runs
     /// nor has a kept exit ended unseen (recorded as killed). A spawn nobody answered is asked
     /// again. Deadlines keep their times: a service being stopped is killed at its original
     /// deadline, not a fresh one.
@@ -456,9 +472,9 @@ impl Engine {
         engine.now = now.max(snapshot.phase_since);
         engine.phase_since = snapshot.phase_since;
         engine.window = snapshot.window;
-        engine.stopping_for = snapshot.stopping_for;
+        engine.stopping_for = snapshot.stopping_for.clone();
         engine.sequence_deadline = snapshot.sequence_deadline;
-        for (slot, published) in engine.slots.iter_mut().zip(snapshot.slots) {
+        for (slot, published) in engine.slots.iter_mut().zip(snapshot.slots.iter().cloned()) {
             *slot = published;
             slot.asked = false;
         }
@@ -469,10 +485,10 @@ impl Engine {
         if stopping {
             // The dead coordinator was stopping the stack (or had stopped it): finish the stop.
             let why = engine.stopping_for.clone().unwrap_or(Outcome::Stopped);
-            engine.phase = InstanceState::Initializing;
             engine.enter_stopping(why);
-            if let Some(deadline) = snapshot.sequence_deadline {
-                engine.sequence_deadline = Some(deadline);
+            if snapshot.phase == InstanceState::Stopping {
+                // Its deadline goes on (or stays spent).
+                engine.sequence_deadline = snapshot.sequence_deadline;
             }
         } else if restart_all {
             for slot in &mut engine.slots {
@@ -482,39 +498,66 @@ impl Engine {
             }
             engine.set_phase(InstanceState::Recovery);
         }
-        // What ended while nobody watched, in the order it ended.
-        for &(s, pid, exit) in &keeper.exits {
-            if s >= n {
-                continue;
-            }
-            let slot = &engine.slots[s];
-            if slot.pid() == Some(pid) {
-                engine.on_exited(s, exit);
-            } else if slot.process == Process::Spawning
-                && !keeper.running.contains(&(s, pid))
+        // Spawns the dead coordinator asked for: answered by the news or by what runs, or
+        // never taken by the keeper (asked again below).
+        let mut unanswered: Vec<bool> = engine
+            .slots
+            .iter()
+            .map(|slot| slot.process == Process::Spawning)
+            .collect();
+        let mut actions = Vec::new();
+        engine.pump(&mut actions);
+        // What happened while nobody watched, in the order it happened, as if it had been
+        // heard then.
+        for news in &keeper.news {
+            if let KeeperNews::Spawned { service, .. }
+            | KeeperNews::SpawnFailed { service, .. }
+            | KeeperNews::Exited { service, .. } = *news
+                && service < n
+                && engine.slots[service].process == Process::Spawning
             {
-                // The spawn was answered, and that process ended, both unseen.
-                engine.on_spawned(s, pid);
-                engine.on_exited(s, exit);
+                unanswered[service] = false;
             }
-        }
-        for (s, error) in &keeper.spawn_failures {
-            if *s < n && engine.slots[*s].process == Process::Spawning {
-                engine.on_spawn_failed(*s, error.clone());
+            match *news {
+                KeeperNews::Spawned { service, pid } if service < n => {
+                    actions.extend(engine.handle(Event::Spawned { service, pid }, now));
+                }
+                KeeperNews::SpawnFailed { service, ref error } if service < n => {
+                    let error = error.clone();
+                    actions.extend(engine.handle(Event::SpawnFailed { service, error }, now));
+                }
+                KeeperNews::Exited { service, pid, exit } if service < n => {
+                    let slot = &engine.slots[service];
+                    let answers_the_spawn = slot.process == Process::Spawning
+                        && slot.exited_pid != Some(pid)
+                        && !keeper.running.contains(&(service, pid));
+                    if answers_the_spawn {
+                        // The spawn was answered, and that process ended, both unseen.
+                        actions.extend(engine.handle(Event::Spawned { service, pid }, now));
+                    }
+                    if engine.slots[service].pid() == Some(pid) {
+                        actions.extend(engine.handle(Event::Exited { service, exit }, now));
+                    }
+                }
+                KeeperNews::Spawned { .. }
+                | KeeperNews::SpawnFailed { .. }
+                | KeeperNews::Exited { .. } => {}
             }
         }
         for &(s, pid) in &keeper.running {
             if s >= n || engine.slots[s].pid() == Some(pid) {
                 continue;
             }
-            if let Some(old) = engine.slots[s].pid() {
+            if engine.slots[s].pid().is_some() {
                 // Another process than the one published: the published one ended unseen.
-                let _ = old;
                 engine.on_exited(s, UNKNOWN_EXIT);
             }
-            // A spawn the dead coordinator asked for (published or not yet) was answered.
+            // A spawn the dead coordinator asked for (published or not yet) was answered;
+            // if this engine asked for it again meanwhile, that request is the same one.
+            unanswered[s] = false;
             engine.slots[s].process = Process::Spawning;
             engine.on_spawned(s, pid);
+            actions.retain(|a| *a != Action::Spawn { service: s });
         }
         for s in 0..n {
             let runs = |pid| keeper.running.contains(&(s, pid));
@@ -523,12 +566,20 @@ impl Engine {
                     engine.on_exited(s, UNKNOWN_EXIT);
                 }
                 // Nobody answered the spawn: the keeper never took the request. Ask again.
-                Process::Spawning => engine.slots[s].process = Process::None(Rest::Stopped),
-                Process::Running { .. } | Process::Stopping { .. } | Process::None(_) => {}
+                Process::Spawning if unanswered[s] => {
+                    engine.slots[s].process = Process::None(Rest::Stopped);
+                }
+                Process::Spawning
+                | Process::Running { .. }
+                | Process::Stopping { .. }
+                | Process::None(_) => {}
             }
         }
-        let mut actions = Vec::new();
         engine.pump(&mut actions);
+        // A stack the dead coordinator had finished stopping stays finished as it was.
+        if engine.finished && engine.phase == snapshot.phase {
+            engine.phase_since = snapshot.phase_since;
+        }
         (engine, actions)
     }
 
@@ -734,6 +785,7 @@ impl Engine {
             Process::Running { .. } | Process::Stopping { .. } => {}
         }
         slot.last_exit = Some(exit);
+        slot.exited_pid = slot.pid();
         match slot.process {
             Process::None(_) | Process::Spawning => {}
             Process::Stopping {

@@ -32,8 +32,8 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, User, fork, getgrouplist, getuid, pipe2, read};
 
 use crate::config::ServiceSpec;
-pub use crate::vocab::ProcessExit;
 use crate::config::service::{defaults, read_env_file};
+pub use crate::vocab::ProcessExit;
 
 /// The exit status of a child whose spawn failed after `fork` (the shell's "cannot execute").
 /// The parent reaps such a child itself, so no caller ever sees this status from a failed spawn;

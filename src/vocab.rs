@@ -174,7 +174,6 @@ impl fmt::Display for LastExit {
     }
 }
 
-
 /// How a process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProcessExit {
@@ -225,7 +224,6 @@ impl fmt::Display for ProcessExit {
     }
 }
 
-
 /// What the standby does when the coordinator dies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -236,7 +234,6 @@ pub enum Takeover {
     /// Stop the services in shutdown order and start them again (the original design).
     Restart,
 }
-
 
 stored_enum! {
     /// What the stack wants of one service: the engine's intent, published in the segment so

@@ -131,7 +131,13 @@ fn failure_sequence_survives_the_coordinators_death(test: &str, takeover: &str) 
     let events = events_from(&log, "term top");
     assert_eq!(
         events,
-        ["term top", "stop mid", "start base", "start mid", "start top"],
+        [
+            "term top",
+            "stop mid",
+            "start base",
+            "start mid",
+            "start top"
+        ],
         "the failure sequence finished in order"
     );
     // Every service runs a new process, alive, as status says; the old ones are gone.

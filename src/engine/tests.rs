@@ -842,6 +842,7 @@ fn published(state: ServiceState, pid: i32, now: Time) -> Slot {
         last_failure_at: None,
         restarts: 0,
         last_exit: None,
+        exited_pid: None,
     }
 }
 
@@ -875,7 +876,11 @@ fn sim_adopting(
             facts.running.push((i, pid));
         }
         if let Some(exit) = exit {
-            facts.exits.push((i, pid, exit));
+            facts.news.push(KeeperNews::Exited {
+                service: i,
+                pid,
+                exit,
+            });
         }
     }
     let snapshot = snapshot_of(phase, slots, RestartWindow::default());
@@ -1232,4 +1237,431 @@ fn stopping_only_stops_what_runs_in_shutdown_order() {
         Time::from_millis(6),
     );
     assert_eq!(actions, vec![Action::Finished(Outcome::Stopped)]);
+}
+
+/// Random event sequences over random small stacks, with the invariants checked after every
+/// step (see the module documentation of the engine for the table they exercise).
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One service of a random stack: its dependencies (on services before it) and behaviour.
+    #[derive(Clone, Debug)]
+    struct RandomService {
+        /// (dependency index below this one, requires?).
+        deps: Vec<(usize, bool)>,
+        ready: ReadyKind,
+        restart: RestartPolicy,
+        min_uptime_ms: u64,
+    }
+
+    #[derive(Clone, Debug)]
+    struct RandomStack {
+        services: Vec<RandomService>,
+        restart_all: bool,
+    }
+
+    fn random_stack() -> impl Strategy<Value = RandomStack> {
+        (1usize..=5)
+            .prop_flat_map(|n| {
+                let service = |i: usize| {
+                    (
+                        proptest::collection::vec((0..i.max(1), any::<bool>()), 0..=i.min(2)),
+                        prop_oneof![
+                            Just(ReadyKind::Started),
+                            Just(ReadyKind::Notify),
+                            Just(ReadyKind::Exit)
+                        ],
+                        prop_oneof![
+                            3 => Just(RestartPolicy::Always),
+                            2 => Just(RestartPolicy::OnFailure),
+                            1 => Just(RestartPolicy::Never)
+                        ],
+                        prop_oneof![Just(0u64), Just(30u64)],
+                    )
+                        .prop_map(
+                            move |(deps, ready, restart, min_uptime_ms)| RandomService {
+                                deps: if i == 0 { Vec::new() } else { deps },
+                                ready,
+                                restart,
+                                min_uptime_ms,
+                            },
+                        )
+                };
+                let services: Vec<_> = (0..n).map(service).collect();
+                (services, any::<bool>())
+            })
+            .prop_map(|(services, restart_all)| RandomStack {
+                services,
+                restart_all,
+            })
+    }
+
+    const IDS: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
+
+    fn engine_params(stack: &RandomStack) -> EngineParams {
+        let services: Vec<Svc> = stack
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut requires = Vec::new();
+                let mut after = Vec::new();
+                for &(d, req) in &r.deps {
+                    let list = if req { &mut requires } else { &mut after };
+                    if !list.contains(&IDS[d]) {
+                        list.push(IDS[d]);
+                    }
+                }
+                after.retain(|d| !requires.contains(d));
+                Svc {
+                    id: IDS[i],
+                    requires,
+                    after,
+                    ready: r.ready,
+                    restart: r.restart,
+                    behaviour: Behaviour::default(),
+                }
+            })
+            .collect();
+        let mut p = params(&services);
+        for (s, r) in p.services.iter_mut().zip(&stack.services) {
+            s.min_uptime = ms(r.min_uptime_ms);
+            s.startup_timeout = ms(200);
+            s.shutdown_timeout = ms(100);
+            s.restart_delay = ms(10);
+            s.restart_delay_max = ms(80);
+        }
+        p.on_failure = if stack.restart_all {
+            OnFailure::RestartAll
+        } else {
+            OnFailure::RestartDependents
+        };
+        p.restart_retry_counter = 4;
+        p.restart_time_span = ms(2_000);
+        p.startup_timeout = ms(3_000);
+        p.shutdown_timeout = ms(1_000);
+        p
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Answer the k-th pending spawn: started, or failed.
+        AnswerSpawn {
+            k: usize,
+            ok: bool,
+        },
+        /// The k-th live process ends (status 0, 1, or killed).
+        Exit {
+            k: usize,
+            how: u8,
+        },
+        /// The k-th live process says READY=1.
+        Ready {
+            k: usize,
+        },
+        /// Time passes; then a tick.
+        Advance {
+            ms: u64,
+        },
+        Stop,
+        /// The coordinator dies; a successor adopts what it published. `lost_exit`: the k-th
+        /// live process ended while nobody listened.
+        Takeover {
+            lost_exit: Option<usize>,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (any::<usize>(), prop::bool::weighted(0.85))
+                .prop_map(|(k, ok)| Op::AnswerSpawn { k, ok }),
+            3 => (any::<usize>(), 0u8..3).prop_map(|(k, how)| Op::Exit { k, how }),
+            3 => any::<usize>().prop_map(|k| Op::Ready { k }),
+            3 => prop_oneof![Just(5u64), Just(40), Just(150), Just(1_200)]
+                .prop_map(|ms| Op::Advance { ms }),
+            1 => Just(Op::Stop),
+            2 => proptest::option::of(any::<usize>()).prop_map(|lost_exit| Op::Takeover { lost_exit }),
+        ]
+    }
+
+    fn exit_of(how: u8) -> ProcessExit {
+        match how {
+            0 => ProcessExit::Exited(0),
+            1 => ProcessExit::Exited(1),
+            _ => ProcessExit::Signaled {
+                signal: 9,
+                core_dumped: false,
+            },
+        }
+    }
+
+    /// The services' side: which spawns are asked for, which processes live, which were
+    /// killed, and the last exit of each service (what a keeper would hand over again).
+    struct World {
+        now: Time,
+        next_pid: i32,
+        pending: Vec<usize>,
+        alive: Vec<(usize, i32)>,
+        killed: Vec<i32>,
+        last_exit: Vec<Option<(i32, ProcessExit)>>,
+    }
+
+    struct Run {
+        params: EngineParams,
+        engine: Engine,
+        /// Successors adopted at takeovers, driven with the same events as `engine`: each
+        /// must stay in the same state.
+        shadows: Vec<Engine>,
+        world: World,
+    }
+
+    impl Run {
+        fn new(params: EngineParams) -> Result<Self, TestCaseError> {
+            let n = params.services.len();
+            let (engine, actions) = Engine::new(params.clone(), Time::ZERO);
+            let mut run = Run {
+                params,
+                engine,
+                shadows: Vec::new(),
+                world: World {
+                    now: Time::ZERO,
+                    next_pid: 100,
+                    pending: Vec::new(),
+                    alive: Vec::new(),
+                    killed: Vec::new(),
+                    last_exit: vec![None; n],
+                },
+            };
+            run.perform(actions)?;
+            run.check()?;
+            Ok(run)
+        }
+
+        /// Carries out the engine's actions; none may name a process that is not alive.
+        fn perform(&mut self, actions: Vec<Action>) -> Result<(), TestCaseError> {
+            for action in actions {
+                match action {
+                    Action::Spawn { service } => {
+                        prop_assert!(
+                            !self.world.pending.contains(&service)
+                                && !self.world.alive.iter().any(|&(s, _)| s == service),
+                            "spawn of {service}, which has a process or a spawn under way"
+                        );
+                        self.world.pending.push(service);
+                    }
+                    Action::Signal { service, .. } | Action::Kill { service } => {
+                        let target = self.world.alive.iter().find(|&&(s, _)| s == service);
+                        prop_assert!(target.is_some(), "signal to {service}, which runs nothing");
+                        if matches!(action, Action::Kill { .. }) {
+                            let pid = target.unwrap().1;
+                            self.world.killed.push(pid);
+                        }
+                    }
+                    Action::ShutdownRequested { .. } | Action::ShutdownOver => {
+                        prop_assert!(false, "no service here is cooperative: {action:?}");
+                    }
+                    Action::StartupComplete | Action::Finished(_) => {}
+                }
+            }
+            Ok(())
+        }
+
+        /// Feeds an event to the engine and to every shadow, and carries out the actions.
+        fn feed(&mut self, event: Event) -> Result<(), TestCaseError> {
+            let now = self.world.now;
+            for shadow in &mut self.shadows {
+                shadow.handle(event.clone(), now);
+            }
+            let actions = self.engine.handle(event, now);
+            self.perform(actions)
+        }
+
+        fn answer_spawn(&mut self, i: usize, ok: bool) -> Result<(), TestCaseError> {
+            let service = self.world.pending.remove(i);
+            if ok {
+                self.world.next_pid += 1;
+                let pid = self.world.next_pid;
+                self.world.alive.push((service, pid));
+                self.feed(Event::Spawned { service, pid })
+            } else {
+                let error = "exec: ENOENT".to_owned();
+                self.feed(Event::SpawnFailed { service, error })
+            }
+        }
+
+        /// Process `i` of the live ones ends; the keeper keeps the news.
+        fn end_process(&mut self, i: usize, exit: ProcessExit) -> (usize, i32) {
+            let (service, pid) = self.world.alive.remove(i);
+            self.world.killed.retain(|&p| p != pid);
+            self.world.last_exit[service] = Some((pid, exit));
+            (service, pid)
+        }
+
+        fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
+            match *op {
+                Op::AnswerSpawn { k, ok } if !self.world.pending.is_empty() => {
+                    let i = k % self.world.pending.len();
+                    self.answer_spawn(i, ok)?;
+                }
+                Op::Exit { k, how } if !self.world.alive.is_empty() => {
+                    let exit = exit_of(how);
+                    let (service, _) = self.end_process(k % self.world.alive.len(), exit);
+                    self.feed(Event::Exited { service, exit })?;
+                }
+                Op::Ready { k } if !self.world.alive.is_empty() => {
+                    let (service, _) = self.world.alive[k % self.world.alive.len()];
+                    self.feed(Event::Ready { service })?;
+                }
+                Op::Advance { ms: step } => {
+                    self.world.now += ms(step);
+                    self.feed(Event::Tick)?;
+                }
+                Op::Stop => self.feed(Event::Stop)?,
+                Op::Takeover { lost_exit } => self.takeover(lost_exit)?,
+                Op::AnswerSpawn { .. } | Op::Exit { .. } | Op::Ready { .. } => {}
+            }
+            self.check()
+        }
+
+        /// The coordinator dies now, with what it published: its last snapshot. Meanwhile the
+        /// keeper answers the spawns it was asked for, and perhaps a process ends; the old
+        /// engine hears of it as events (what it would have done had it lived), the successor
+        /// from the keeper, with every exit the keeper still holds (the ones already handled
+        /// are duplicates it must ignore).
+        fn takeover(&mut self, lost_exit: Option<usize>) -> Result<(), TestCaseError> {
+            let snapshot = self.engine.snapshot();
+            // Exits the dead coordinator had handled, which the keeper hands over again.
+            let mut news: Vec<KeeperNews> = (0..self.world.last_exit.len())
+                .filter_map(|s| {
+                    self.world.last_exit[s].map(|(pid, exit)| KeeperNews::Exited {
+                        service: s,
+                        pid,
+                        exit,
+                    })
+                })
+                .collect();
+            while !self.world.pending.is_empty() {
+                let service = self.world.pending[0];
+                self.answer_spawn(0, true)?;
+                let pid = self.world.alive.last().unwrap().1;
+                news.push(KeeperNews::Spawned { service, pid });
+            }
+            if let Some(k) = lost_exit.filter(|_| !self.world.alive.is_empty()) {
+                let exit = ProcessExit::Exited(3);
+                let (service, pid) = self.end_process(k % self.world.alive.len(), exit);
+                news.push(KeeperNews::Exited { service, pid, exit });
+                self.feed(Event::Exited { service, exit })?;
+            }
+            let facts = KeeperFacts {
+                news,
+                running: self.world.alive.clone(),
+            };
+            let (successor, _) =
+                Engine::adopt(self.params.clone(), self.world.now, snapshot, &facts, false);
+            prop_assert_eq!(
+                successor.snapshot(),
+                self.engine.snapshot(),
+                "the successor continues where the coordinator would have been"
+            );
+            self.shadows.push(successor);
+            Ok(())
+        }
+
+        /// The invariants, after every step.
+        fn check(&self) -> Result<(), TestCaseError> {
+            let slots = self.engine.slots();
+            for (s, slot) in slots.iter().enumerate() {
+                // The engine's view of each process is the world's.
+                let alive = self
+                    .world
+                    .alive
+                    .iter()
+                    .find(|&&(x, _)| x == s)
+                    .map(|&(_, p)| p);
+                prop_assert_eq!(slot.pid(), alive, "the process of service {}", s);
+                prop_assert_eq!(
+                    slot.process == Process::Spawning,
+                    self.world.pending.contains(&s),
+                    "the spawn of service {}",
+                    s
+                );
+                // Nothing wanted up is starting or up while something it requires is not up.
+                let on_its_way_up =
+                    matches!(slot.state(), ServiceState::Starting | ServiceState::Up)
+                        && slot.want == Want::Up;
+                if on_its_way_up {
+                    for &(d, kind) in &self.params.services[s].dependencies {
+                        if kind == EdgeKind::Requires {
+                            prop_assert_eq!(
+                                slots[d].state(),
+                                ServiceState::Up,
+                                "service {} is {} but {}, which it requires, is not up",
+                                s,
+                                slot.state(),
+                                d
+                            );
+                        }
+                    }
+                }
+            }
+            for shadow in &self.shadows {
+                prop_assert_eq!(shadow.snapshot(), self.engine.snapshot());
+            }
+            Ok(())
+        }
+
+        /// Stop, then let time pass with every killed process dying, until the engine says
+        /// it is finished: every stop finishes.
+        fn finish(&mut self) -> Result<(), TestCaseError> {
+            self.feed(Event::Stop)?;
+            self.check()?;
+            for _ in 0..100 {
+                if self.engine.is_finished() {
+                    prop_assert!(self.world.alive.is_empty() && self.world.pending.is_empty());
+                    return Ok(());
+                }
+                while !self.world.pending.is_empty() {
+                    self.answer_spawn(0, true)?;
+                }
+                while let Some(&pid) = self.world.killed.first() {
+                    let i = self
+                        .world
+                        .alive
+                        .iter()
+                        .position(|&(_, p)| p == pid)
+                        .unwrap();
+                    let exit = exit_of(2);
+                    let (service, _) = self.end_process(i, exit);
+                    self.feed(Event::Exited { service, exit })?;
+                }
+                self.world.now += ms(300);
+                self.feed(Event::Tick)?;
+                self.check()?;
+            }
+            prop_assert!(
+                false,
+                "the stop never finished: {:?}",
+                self.engine.snapshot()
+            );
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn random_event_sequences_keep_the_invariants(
+            stack in random_stack(),
+            ops in proptest::collection::vec(op(), 0..60),
+        ) {
+            let mut run = Run::new(engine_params(&stack))?;
+            for op in &ops {
+                run.step(op)?;
+            }
+            run.finish()?;
+        }
+    }
 }

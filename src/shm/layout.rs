@@ -216,6 +216,10 @@ shared_struct! {
         pub not_before_ms: AtomicU64,
         /// When it last failed; 0 for never.
         pub last_failure_ms1: AtomicU64,
+        /// The pid whose end `last_exit` records; 0 for none.
+        pub exited_pid: AtomicI32,
+        /// Zero.
+        pub reserved_progress: AtomicU32,
     }
 }
 

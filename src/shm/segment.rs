@@ -19,7 +19,8 @@ use nix::sys::stat::Mode;
 
 use super::layout::{
     Counts, Header, InstanceRecord, LAYOUT_VERSION, Layout, MAGIC, MAX_CONFIG_BLOB, MAX_SERVICES,
-    PROGRESS_ASKED, PROGRESS_KILLED, PROGRESS_START_TIMED_OUT, SERVICE_ID_MAX, ServiceRecord, ServiceStaticRecord, SyncBlock, fnv1a64,
+    PROGRESS_ASKED, PROGRESS_KILLED, PROGRESS_START_TIMED_OUT, SERVICE_ID_MAX, ServiceRecord,
+    ServiceStaticRecord, SyncBlock, fnv1a64,
 };
 use super::mapping::{Access, CreateStep, Mapping, Unpublished};
 use super::robust::{
@@ -1331,14 +1332,15 @@ impl Segment {
     pub fn service_progress(&self, index: usize) -> Result<ServiceProgress, ShmError> {
         let rec = self.service_record(index)?;
         let r = Ordering::Relaxed;
-        let ([want, stage, flags, streak], [since, deadline, started, not_before, failed]) = self
-            .read_consistent(|| {
+        let ([want, stage, flags, streak, exited], [since, deadline, started, not_before, failed]) =
+            self.read_consistent(|| {
                 (
                     [
                         rec.want.load(r),
                         rec.stage.load(r),
                         rec.progress_flags.load(r),
                         rec.streak.load(r),
+                        rec.exited_pid.load(r) as u32,
                     ],
                     [
                         rec.process_since_ms.load(r),
@@ -1362,6 +1364,7 @@ impl Segment {
             not_before_ms: not_before,
             streak,
             last_failure_ms: from_ms1(failed),
+            exited_pid: (exited as i32 > 0).then_some(exited as i32),
         })
     }
 
@@ -1369,17 +1372,18 @@ impl Segment {
     pub fn instance_progress(&self) -> Result<InstanceProgress, ShmError> {
         let inst = self.instance_record();
         let r = Ordering::Relaxed;
-        let ([kind, service, failure, restarts], [exit, deadline]) = self.read_consistent(|| {
-            (
-                [
-                    inst.stop_kind.load(r),
-                    inst.stop_service.load(r),
-                    inst.stop_failure.load(r),
-                    inst.stop_restarts.load(r),
-                ],
-                [inst.stop_exit.load(r), inst.sequence_deadline_ms1.load(r)],
-            )
-        })?;
+        let ([kind, service, failure, restarts], [exit, deadline]) =
+            self.read_consistent(|| {
+                (
+                    [
+                        inst.stop_kind.load(r),
+                        inst.stop_service.load(r),
+                        inst.stop_failure.load(r),
+                        inst.stop_restarts.load(r),
+                    ],
+                    [inst.stop_exit.load(r), inst.sequence_deadline_ms1.load(r)],
+                )
+            })?;
         let what = "the instance record";
         let stopping_for = match kind {
             0 => None,
@@ -1716,11 +1720,7 @@ impl StateWriter<'_> {
         Ok(())
     }
     /// Record the engine's progress on service `index`.
-    pub fn set_service_progress(
-        &self,
-        index: usize,
-        p: &ServiceProgress,
-    ) -> Result<(), ShmError> {
+    pub fn set_service_progress(&self, index: usize, p: &ServiceProgress) -> Result<(), ShmError> {
         let rec = self.record(index)?;
         let r = Ordering::Relaxed;
         let flags = [
@@ -1740,6 +1740,7 @@ impl StateWriter<'_> {
         rec.started_at_ms1.store(to_ms1(p.started_at_ms), r);
         rec.not_before_ms.store(p.not_before_ms, r);
         rec.last_failure_ms1.store(to_ms1(p.last_failure_ms), r);
+        rec.exited_pid.store(p.exited_pid.unwrap_or(0), r);
         Ok(())
     }
 

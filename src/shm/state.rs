@@ -5,8 +5,8 @@
 
 use std::fmt;
 
-pub use crate::vocab::{InstanceState, LastExit, ServiceState, UnknownValue, Want};
 use crate::vocab::stored_enum;
+pub use crate::vocab::{InstanceState, LastExit, ServiceState, UnknownValue, Want};
 
 stored_enum! {
     /// Where a service's process is, as the engine sees it (`engine::Process`). A zeroed
@@ -83,6 +83,8 @@ pub struct ServiceProgress {
     pub streak: u32,
     /// When it last failed.
     pub last_failure_ms: Option<u64>,
+    /// The process whose end the last exit records.
+    pub exited_pid: Option<i32>,
 }
 
 /// Why the stack is stopping, as stored.
