@@ -6,13 +6,69 @@
 //! [`Event`]s with the time they happened and answers with [`Action`]s (spawn this, signal
 //! that, report this) for a driver to carry out. Time is a value passed in, never read from a
 //! clock, so the tests below drive hours of restarts in virtual time, deterministically; the
-//! real driver (the coordinator process) feeds it real events.
+//! real driver (the coordinator process) feeds it real events. It imports nothing from the
+//! shared segment or the spawner: its vocabulary is [`crate::vocab`]'s.
 //!
-//! Each service has a *current* state (what its process is doing) and a *wanted* flag (whether
-//! the stack wants it up). After every event one pass stops, in shutdown order, what is not
-//! wanted and may stop (every dependent going down is already down), and one pass starts, in
-//! startup order, what is wanted and may start (everything it depends on is up), so ordering
-//! falls out of the graph rather than being scripted per situation.
+//! Each service has a [`Process`] (what its process is doing) and a [`Want`] (what the stack
+//! wants of it: up, down, or cycling = taken down by a failure sequence and to come back once
+//! everything that sequence takes down is down). After every event one pass stops, in
+//! shutdown order, what is not wanted up and may stop (every dependent going down is already
+//! down), and one pass starts, in startup order, what is wanted up and may start (everything it
+//! depends on is up), so ordering falls out of the graph rather than being scripted per
+//! situation. The whole state is plain data ([`Snapshot`]): the coordinator publishes it after
+//! every event, and a successor's [`Engine::adopt`] loads it and continues.
+//!
+//! # State × event
+//!
+//! Per service, process state (rows) against event (columns). "fail(k)" is a failure of kind k:
+//! during startup the stack stops (startup failed); later the restart policy decides: restart
+//! (count it in the window, give up past the limit, set the restart delay, and cycle what
+//! requires it, or everything under `restart-all`) or stay down (it and what requires it are
+//! wanted down). "—": ignored (a stale or duplicate report). Want = Up unless said.
+//!
+//! ```text
+//!               | spawned(pid)   | spawn failed   | ready          | exited(e)            | tick                     | stop
+//! --------------+----------------+----------------+----------------+----------------------+--------------------------+---------
+//! None(Stopped/ | —              | —              | —              | —                    | start pass: Spawning if  | want Down
+//!  Failed)      |                |                |                |                      |  wanted up, deps up and  |
+//!               |                |                |                |                      |  restart delay over      |
+//! None(Finished)| —              | —              | —              | —                    | stop pass: if not wanted | want Down
+//!  (one-shot up)|                |                |                |                      |  up -> None(Stopped)     |
+//! Spawning      | Running        | want Up: fail( | —              | —                    | —                        | want Down;
+//!               |  (Waiting,     |  spawn failed) |                |                      |                          |  stopped
+//!               |  deadline);    | else None(     |                |                      |                          |  once it
+//!               |  "started":    |  Stopped)      |                |                      |                          |  answers
+//!               |  as ready      |                |                |                      |                          |
+//! Running       | —              | —              | notify/cc/     | not wanted up: None( | deadline: Kill ->        | want Down
+//!  Waiting      |                |                |  started:      |  Stopped); one-shot, | Stopping(killed, start   |
+//!               |                |                |  Settling, or  |  exit 0: None(       |  timed out)              |
+//!               |                |                |  Up if         |  Finished); else     |                          |
+//!               |                |                |  min_uptime is |  fail(exited)        |                          |
+//!               |                |                |  over          |                      |                          |
+//! Running       | —              | —              | —              | not wanted up: None( | up_at: Up                | want Down
+//!  Settling     |                |                |                |  Stopped); else fail |                          |
+//!               |                |                |                |  (exited: a start    |                          |
+//!               |                |                |                |  that did not hold)  |                          |
+//! Running Up    | —              | —              | —              | as Settling          | —                        | want Down
+//! Stopping      | —              | —              | —              | start timed out and  | kill deadline, not       | want Down
+//!               |                |                |                |  wanted up: fail(    |  killed: Kill, killed    |
+//!               |                |                |                |  start timeout);     |                          |
+//!               |                |                |                |  else None(Stopped)  |                          |
+//! ```
+//!
+//! After every event, the passes: a Running service not wanted up whose dependents going down
+//! are down becomes Stopping (its stop signal, or the service API's request for a cooperative
+//! one; SIGKILL at now + shutdown_timeout). When no cycling service is still alive, every
+//! cycling one is wanted up again. The phase follows: initializing -> steady when everything
+//! wanted is up; recovery -> steady likewise; stopping -> stopped/failed when everything is
+//! down. The sequence deadline (startup_timeout while initializing, shutdown_timeout while
+//! stopping) fails the startup, or kills whatever is left.
+//!
+//! Takeover ([`Engine::adopt`]): every row is loaded as published, deadlines included; then
+//! the keeper's news is replayed as the events above (an exit only for the pid the slot shows);
+//! a published process that no longer runs ended unseen (exited, killed); a spawn nobody
+//! answered is asked again. Under `takeover = "restart"` every service wanted up is first
+//! made cycling.
 
 use std::time::Duration;
 
@@ -559,14 +615,14 @@ impl Engine {
             engine.on_spawned(s, pid);
             actions.retain(|a| *a != Action::Spawn { service: s });
         }
-        for s in 0..n {
+        for (s, &unanswered) in unanswered.iter().enumerate() {
             let runs = |pid| keeper.running.contains(&(s, pid));
             match engine.slots[s].process {
                 Process::Running { pid, .. } | Process::Stopping { pid, .. } if !runs(pid) => {
                     engine.on_exited(s, UNKNOWN_EXIT);
                 }
                 // Nobody answered the spawn: the keeper never took the request. Ask again.
-                Process::Spawning if unanswered[s] => {
+                Process::Spawning if unanswered => {
                     engine.slots[s].process = Process::None(Rest::Stopped);
                 }
                 Process::Spawning

@@ -5,7 +5,7 @@
 //! It is the bottom of the crate: it imports nothing from it, so that the engine (the pure
 //! state machine), the shared segment (which stores these values as integers) and the spawner
 //! (which produces exits) all speak it without depending on one another. The values stored in
-//! the segment are declared with [`stored_enum!`], which gives each its integer and a checked
+//! the segment are declared with `stored_enum!`, which gives each its integer and a checked
 //! conversion back that rejects an integer it does not know.
 
 use std::fmt;
