@@ -224,7 +224,7 @@ impl EngineParams {
                 stop_signal: s.stop_signal.0,
                 restart_delay: s.restart_delay.into(),
                 restart_delay_max: s.restart_delay_max.into(),
-                min_uptime: Duration::ZERO,
+                min_uptime: s.min_uptime.into(),
                 dependencies: config.graph.dependencies(i),
                 dependents: config.graph.dependents(i),
                 cooperative: s.cc_arg || s.ready == ReadyKind::Cc,

@@ -820,6 +820,7 @@ mod tests {
             restart: Default::default(),
             restart_delay: d::RESTART_DELAY,
             restart_delay_max: d::RESTART_DELAY_MAX,
+            min_uptime: Default::default(),
             user: None,
             group: None,
             working_dir: None,

@@ -1239,6 +1239,96 @@ fn stopping_only_stops_what_runs_in_shutdown_order() {
     assert_eq!(actions, vec![Action::Finished(Outcome::Stopped)]);
 }
 
+/// `min_uptime` of `ms` for service `s` of the stack.
+fn with_min_uptime(s: usize, ms_: u64) -> impl FnOnce(&mut EngineParams) {
+    move |p| p.services[s].min_uptime = ms(ms_)
+}
+
+#[test]
+fn min_uptime_holds_dependents_until_the_service_has_stayed_up() {
+    // db (index 1) must run 400 ms to count as up: api waits for that, web for api.
+    let mut sim = Sim::with(stack(), with_min_uptime(1, 400));
+    sim.run_until(ms(399));
+    assert_eq!(sim.state("db"), ServiceState::Starting);
+    sim.run();
+    assert_eq!(
+        sim.log,
+        [
+            "t=0 spawn cache",
+            "t=0 spawn log",
+            "t=0 spawn db",
+            "t=400 spawn api",
+            "t=400 spawn web"
+        ]
+    );
+    assert_eq!(sim.state("db"), ServiceState::Up);
+    assert_eq!(sim.startup_complete_at, Some(ms(400)));
+}
+
+#[test]
+fn min_uptime_counts_from_the_start_for_a_notify_service() {
+    // Ready at 100 ms with a 300 ms min_uptime: up at 300; ready at 500: up at 500.
+    for (ready_after, up_at) in [(100, 300), (500, 500)] {
+        let mut services = vec![svc("a", &[]), svc("b", &["a"])];
+        services[0].ready = ReadyKind::Notify;
+        services[0].behaviour.ready_after = Some(ms(ready_after));
+        let mut sim = Sim::with(services, with_min_uptime(0, 300));
+        sim.run();
+        assert_eq!(
+            sim.log,
+            ["t=0 spawn a".to_owned(), format!("t={up_at} spawn b")]
+        );
+    }
+}
+
+#[test]
+fn an_exit_before_min_uptime_fails_the_startup_naming_the_service() {
+    // db says nothing is wrong at exec, then exits with status 7 after 200 ms of its 1 s.
+    let mut services = stack();
+    services[1].behaviour.exits_after = Some((ms(200), ProcessExit::Exited(7)));
+    let mut sim = Sim::with(services, with_min_uptime(1, 1_000));
+    sim.run();
+    match sim.finished.clone() {
+        Some(Outcome::StartupFailed(f)) => {
+            assert_eq!(f.service, 1);
+            assert_eq!(f.kind, FailureKind::Exited(ProcessExit::Exited(7)));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.startup_complete_at, None, "the startup never completed");
+    assert!(
+        !sim.log.iter().any(|l| l.ends_with("spawn api")),
+        "{:?}",
+        sim.log
+    );
+}
+
+#[test]
+fn after_startup_an_exit_before_min_uptime_is_a_failure_the_restart_counter_counts() {
+    // a is up (it ran its 300 ms); from its second start on it dies after 100 ms, before its
+    // min_uptime: each such start is a failure, counted, until the stack gives up.
+    let mut services = vec![svc("a", &[]), svc("b", &["a"])];
+    services[0].behaviour.later_starts = Some((2, Some((ms(100), ProcessExit::Exited(1)))));
+    let mut sim = Sim::with(services, |p| {
+        p.services[0].min_uptime = ms(300);
+        p.restart_retry_counter = 3;
+    });
+    sim.run_until(ms(1_000));
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+    sim.crash("a");
+    sim.run();
+    match sim.finished.clone() {
+        Some(Outcome::GaveUp { failure, restarts }) => {
+            assert_eq!(failure.service, 0);
+            assert_eq!(restarts, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    // b never came back: a was never up again.
+    let b_spawns = sim.log.iter().filter(|l| l.ends_with("spawn b")).count();
+    assert_eq!(b_spawns, 1, "{:?}", sim.log);
+}
+
 /// Random event sequences over random small stacks, with the invariants checked after every
 /// step (see the module documentation of the engine for the table they exercise).
 mod properties {
