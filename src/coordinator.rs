@@ -307,10 +307,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
 /// waits on; the daemon component mutex is what API services wait on. A coordinator holds
 /// all three until it dies, when the kernel releases them to whoever waits.
 fn take_liveness_locks(segment: &Segment, taking_over: bool) -> Result<(), CoordinatorError> {
-    let mut ids = vec![
-        (MutexId::Daemon, "daemon"),
-        (MutexId::DaemonComponent, "daemon component"),
-    ];
+    let mut ids = vec![(MutexId::Daemon, "daemon")];
     if !taking_over {
         // A standby taking over holds the daemon standby mutex already.
         ids.insert(1, (MutexId::DaemonStandby, "daemon standby"));

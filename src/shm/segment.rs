@@ -23,12 +23,10 @@ use super::layout::{
     ServiceStaticRecord, SyncBlock, fnv1a64,
 };
 use super::mapping::{Access, CreateStep, Mapping, Unpublished};
-use super::robust::{
-    Channel, ChannelCell, MutexError, MutexGuard, RobustMutex, SemaphoreError, SharedMutex,
-};
+use super::robust::{MutexError, MutexGuard, RobustMutex, SharedMutex};
 use super::state::{
-    ChannelId, FailureCode, GiveUpReason, InstanceProgress, InstanceState, LastExit, MutexId,
-    ServiceProgress, ServiceState, Stage, StopIntent, StopKind, UnknownValue, Want,
+    FailureCode, GiveUpReason, InstanceProgress, InstanceState, LastExit, MutexId, ServiceProgress,
+    ServiceState, Stage, StopIntent, StopKind, UnknownValue, Want,
 };
 use crate::process_identity::ProcessIdentity;
 
@@ -227,17 +225,6 @@ pub enum ShmError {
         #[source]
         source: MutexError,
     },
-    /// A channel operation failed.
-    #[error("instance {instance}: {which}: {source}")]
-    Channel {
-        /// The instance.
-        instance: String,
-        /// Which channel.
-        which: ChannelId,
-        /// The error.
-        #[source]
-        source: SemaphoreError,
-    },
 }
 
 fn pid_text(pid: &Option<i32>) -> String {
@@ -366,8 +353,7 @@ pub enum Role {
 pub struct Survivor {
     /// What it is to the instance.
     pub role: Role,
-    /// Its identity, if recorded (a service holding its component mutex may
-    /// not have been recorded yet).
+    /// Its identity (the probe finds survivors by their recorded identities).
     pub process: Option<ProcessIdentity>,
 }
 
@@ -382,7 +368,7 @@ impl fmt::Display for Survivor {
         }
         match self.process {
             Some(p) => write!(f, " (pid {})", p.pid),
-            None => f.write_str(" (holding its component mutex)"),
+            None => f.write_str(" (pid not recorded)"),
         }
     }
 }
@@ -680,7 +666,7 @@ impl Segment {
             )
         })?;
         fresh
-            .init_sync(&layout.mutex_offsets(), &layout.channel_offsets())
+            .init_sync(&layout.mutex_offsets())
             .map_err(|e| io_error("initialising", io::Error::other(e.to_string())))?;
 
         let seg = Segment {
@@ -737,7 +723,6 @@ impl Segment {
         h.config_blob_checksum
             .store(fnv1a64(spec.config_blob.iter().copied()), r);
         h.mutex_size.store(size_of::<RobustMutex>() as u32, r);
-        h.channel_size.store(size_of::<ChannelCell>() as u32, r);
         h.service_record_size
             .store(size_of::<ServiceRecord>() as u32, r);
         h.service_static_size
@@ -942,11 +927,6 @@ impl Segment {
                 size_of::<RobustMutex>(),
             ),
             (
-                "channel",
-                header.channel_size.load(Ordering::Relaxed),
-                size_of::<ChannelCell>(),
-            ),
-            (
                 "service record",
                 header.service_record_size.load(Ordering::Relaxed),
                 size_of::<ServiceRecord>(),
@@ -1060,7 +1040,7 @@ impl Segment {
         Self::remove(&self.instance)
     }
 
-    // ----- mutexes and channels ----------------------------------------------
+    // ----- mutexes ------------------------------------------------------------
 
     /// An owning handle on one of the segment's mutexes.
     pub fn mutex(&self, id: MutexId) -> Result<SharedMutex, ShmError> {
@@ -1068,33 +1048,12 @@ impl Segment {
             MutexId::Manager => self.layout.sync + offset_of!(SyncBlock, manager),
             MutexId::Daemon => self.layout.sync + offset_of!(SyncBlock, daemon),
             MutexId::DaemonStandby => self.layout.sync + offset_of!(SyncBlock, daemon_standby),
-            MutexId::DaemonComponent => self.layout.sync + offset_of!(SyncBlock, daemon_component),
             MutexId::Shm => self.layout.sync + offset_of!(SyncBlock, shm),
-            MutexId::Component(i) => {
-                self.check_index(i)?;
-                self.layout.service_record_at(i) + offset_of!(ServiceRecord, component)
-            }
         };
         Ok(self
             .map
             .mutex(offset)
             .expect("mutex offsets checked at open"))
-    }
-
-    /// An owning handle on one of the segment's channels.
-    pub fn channel(&self, id: ChannelId) -> Result<Channel, ShmError> {
-        let offset = match id {
-            ChannelId::ToCoordinator => self.layout.sync + offset_of!(SyncBlock, to_coordinator),
-            ChannelId::ToManager => self.layout.sync + offset_of!(SyncBlock, to_manager),
-            ChannelId::ToService(i) => {
-                self.check_index(i)?;
-                self.layout.service_record_at(i) + offset_of!(ServiceRecord, inbox)
-            }
-        };
-        Ok(self
-            .map
-            .channel(offset)
-            .expect("channel offsets checked at open"))
     }
 
     // ----- the config image --------------------------------------------------
@@ -1506,16 +1465,7 @@ impl Segment {
             .collect();
         for i in 0..self.service_count() {
             let recorded = self.service_process(i)?.filter(ProcessIdentity::is_alive);
-            let holds_component = match self.mutex(MutexId::Component(i))?.try_lock() {
-                Ok(Some(guard)) => {
-                    drop(guard);
-                    false
-                }
-                Ok(None) => true,
-                Err(MutexError::NotRecoverable) => false,
-                Err(e) => return Err(self.mutex_error(MutexId::Component(i), e)),
-            };
-            if recorded.is_some() || holds_component {
+            if recorded.is_some() {
                 survivors.push(Survivor {
                     role: Role::Service(i),
                     process: recorded,

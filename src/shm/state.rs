@@ -1,6 +1,6 @@
 //! The typed values stored as integers in the segment: service and instance
-//! states, the last exit status, the reason an instance gave up, and the names
-//! of the mutexes and channels. Each conversion from the stored integer rejects
+//! states, the last exit status, the engine's progress (process stage, stop
+//! reason), the reason an instance gave up, and the names of the mutexes. Each conversion from the stored integer rejects
 //! values it does not know.
 
 use std::fmt;
@@ -126,10 +126,15 @@ stored_enum! {
 /// Every mutex of a segment.
 ///
 /// Lock order: a thread that holds several takes them in the order of this
-/// enum (manager, daemon, daemon standby, daemon component, component mutexes
-/// by index) and the shared-memory mutex last; it never blocks on another
-/// mutex while it holds the shared-memory mutex. [`Segment::probe`] keeps to
-/// it.
+/// enum (manager, daemon, daemon standby) and the shared-memory mutex last; it
+/// never blocks on another mutex while it holds the shared-memory mutex.
+/// [`Segment::probe`] keeps to it.
+///
+/// The original design's daemon component mutex (services wait on it, then shut down in
+/// turn) and component mutexes (one per service, held while it lives) are carried by the
+/// service API's own files instead (`shm::api`: a robust futex word in the read-only control
+/// file, and a kernel byte-range lock per service in the API file), because services of
+/// other users must reach those and must never reach these.
 ///
 /// [`Segment::probe`]: super::Segment::probe
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -140,57 +145,28 @@ pub enum MutexId {
     Daemon,
     /// Held by the coordinator; the standby waits on it to see its death.
     DaemonStandby,
-    /// Held by the coordinator, released in stop and recovery; services wait on
-    /// it, then shut down in turn.
-    DaemonComponent,
     /// Guards multi-field reads and writes of the segment.
     Shm,
-    /// Held by service `n` (an index into the services) while it lives.
-    Component(usize),
 }
 
 impl MutexId {
-    /// The five named mutexes.
-    pub const NAMED: [MutexId; 5] = [
+    /// Every mutex.
+    pub const NAMED: [MutexId; 4] = [
         MutexId::Manager,
         MutexId::Daemon,
         MutexId::DaemonStandby,
-        MutexId::DaemonComponent,
         MutexId::Shm,
     ];
 }
 
 impl fmt::Display for MutexId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MutexId::Manager => f.write_str("manager mutex"),
-            MutexId::Daemon => f.write_str("daemon mutex"),
-            MutexId::DaemonStandby => f.write_str("daemon standby mutex"),
-            MutexId::DaemonComponent => f.write_str("daemon component mutex"),
-            MutexId::Shm => f.write_str("shared-memory mutex"),
-            MutexId::Component(n) => write!(f, "component mutex of service #{n}"),
-        }
-    }
-}
-
-/// Every channel of a segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ChannelId {
-    /// From the manager and the services to the coordinator.
-    ToCoordinator,
-    /// From the coordinator to the manager (startup finished or failed, ...).
-    ToManager,
-    /// From the coordinator to service `n`.
-    ToService(usize),
-}
-
-impl fmt::Display for ChannelId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ChannelId::ToCoordinator => f.write_str("channel to the coordinator"),
-            ChannelId::ToManager => f.write_str("channel to the manager"),
-            ChannelId::ToService(n) => write!(f, "channel to service #{n}"),
-        }
+        f.write_str(match self {
+            MutexId::Manager => "manager mutex",
+            MutexId::Daemon => "daemon mutex",
+            MutexId::DaemonStandby => "daemon standby mutex",
+            MutexId::Shm => "shared-memory mutex",
+        })
     }
 }
 
