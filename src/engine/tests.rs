@@ -1344,6 +1344,8 @@ mod properties {
         ready: ReadyKind,
         restart: RestartPolicy,
         min_uptime_ms: u64,
+        /// Takes part in the service API's shutdown protocol.
+        cooperative: bool,
     }
 
     #[derive(Clone, Debug)]
@@ -1369,13 +1371,17 @@ mod properties {
                             1 => Just(RestartPolicy::Never)
                         ],
                         prop_oneof![Just(0u64), Just(30u64)],
+                        prop::bool::weighted(0.25),
                     )
                         .prop_map(
-                            move |(deps, ready, restart, min_uptime_ms)| RandomService {
-                                deps: if i == 0 { Vec::new() } else { deps },
-                                ready,
-                                restart,
-                                min_uptime_ms,
+                            move |(deps, ready, restart, min_uptime_ms, cooperative)| {
+                                RandomService {
+                                    deps: if i == 0 { Vec::new() } else { deps },
+                                    ready,
+                                    restart,
+                                    min_uptime_ms,
+                                    cooperative,
+                                }
                             },
                         )
                 };
@@ -1418,6 +1424,7 @@ mod properties {
         let mut p = params(&services);
         for (s, r) in p.services.iter_mut().zip(&stack.services) {
             s.min_uptime = ms(r.min_uptime_ms);
+            s.cooperative = r.cooperative;
             s.startup_timeout = ms(200);
             s.shutdown_timeout = ms(100);
             s.restart_delay = ms(10);
@@ -1461,6 +1468,9 @@ mod properties {
         Takeover {
             lost_exit: Option<usize>,
         },
+        /// The coordinator dies; a successor with `takeover = "restart"` adopts what it
+        /// published and from then on is the coordinator.
+        TakeoverRestart,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1473,6 +1483,7 @@ mod properties {
                 .prop_map(|ms| Op::Advance { ms }),
             1 => Just(Op::Stop),
             2 => proptest::option::of(any::<usize>()).prop_map(|lost_exit| Op::Takeover { lost_exit }),
+            1 => Just(Op::TakeoverRestart),
         ]
     }
 
@@ -1549,9 +1560,20 @@ mod properties {
                             self.world.killed.push(pid);
                         }
                     }
-                    Action::ShutdownRequested { .. } | Action::ShutdownOver => {
-                        prop_assert!(false, "no service here is cooperative: {action:?}");
+                    Action::ShutdownRequested { services } => {
+                        for s in services {
+                            prop_assert!(
+                                self.params.services[s].cooperative,
+                                "asked {s}, which does not take part in the protocol"
+                            );
+                            prop_assert!(
+                                self.world.pending.contains(&s)
+                                    || self.world.alive.iter().any(|&(x, _)| x == s),
+                                "asked {s} to shut down, which runs nothing"
+                            );
+                        }
                     }
+                    Action::ShutdownOver => {}
                     Action::StartupComplete | Action::Finished(_) => {}
                 }
             }
@@ -1610,6 +1632,7 @@ mod properties {
                 }
                 Op::Stop => self.feed(Event::Stop)?,
                 Op::Takeover { lost_exit } => self.takeover(lost_exit)?,
+                Op::TakeoverRestart => self.takeover_restart()?,
                 Op::AnswerSpawn { .. } | Op::Exit { .. } | Op::Ready { .. } => {}
             }
             self.check()
@@ -1657,6 +1680,29 @@ mod properties {
             );
             self.shadows.push(successor);
             Ok(())
+        }
+
+        /// The coordinator dies; a successor under `takeover = "restart"` takes over for good
+        /// (the spawns asked for before the death were answered meanwhile).
+        fn takeover_restart(&mut self) -> Result<(), TestCaseError> {
+            let snapshot = self.engine.snapshot();
+            let mut news = Vec::new();
+            while !self.world.pending.is_empty() {
+                let service = self.world.pending.remove(0);
+                self.world.next_pid += 1;
+                let pid = self.world.next_pid;
+                self.world.alive.push((service, pid));
+                news.push(KeeperNews::Spawned { service, pid });
+            }
+            let facts = KeeperFacts {
+                news,
+                running: self.world.alive.clone(),
+            };
+            let (successor, actions) =
+                Engine::adopt(self.params.clone(), self.world.now, snapshot, &facts, true);
+            self.engine = successor;
+            self.shadows.clear();
+            self.perform(actions)
         }
 
         /// The invariants, after every step.
