@@ -1,8 +1,8 @@
 //! The coordinator process: the driver that connects the [`crate::engine`] to the world.
 //!
-//! It owns the instance's liveness locks (it holds the daemon, daemon standby and daemon
-//! component mutexes for as long as it lives, so the kernel announces its death to whoever
-//! waits on them), the event loop, and the publication of state into the shared segment. The
+//! It owns the instance's liveness locks (it holds the daemon and daemon standby mutexes, and
+//! the service API's daemon component word, for as long as it lives, so the kernel announces
+//! its death to whoever waits on them), the event loop, and the publication of state into the shared segment. The
 //! loop blocks in `epoll` on: the keeper's socket (spawned, spawn failed, exited), the notify
 //! socket (`READY=1`, attributed by the sender's kernel-checked pid), a signalfd (SIGTERM and
 //! SIGINT stop the stack), and one timerfd armed for the engine's nearest deadline. With
@@ -304,8 +304,9 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
 }
 
 /// The daemon mutex says "a coordinator lives"; the daemon standby mutex is what a standby
-/// waits on; the daemon component mutex is what API services wait on. A coordinator holds
-/// all three until it dies, when the kernel releases them to whoever waits.
+/// waits on (API services wait on the control file's daemon component word instead, see
+/// `gate`). A coordinator holds both until it dies, when the kernel releases them to whoever
+/// waits.
 fn take_liveness_locks(segment: &Segment, taking_over: bool) -> Result<(), CoordinatorError> {
     let mut ids = vec![(MutexId::Daemon, "daemon")];
     if !taking_over {
