@@ -1010,6 +1010,119 @@ fn a_failure_sequence_cut_short_is_finished() {
     assert_eq!(sim.engine.phase(), InstanceState::Steady);
 }
 
+/// base <- mid <- top, top ignoring its stop signal: the reproduction of issue 8's first
+/// defect, in virtual time.
+fn base_mid_top() -> Vec<Svc> {
+    let mut top = svc("top", &["mid"]);
+    top.behaviour.ignores_stop = true;
+    vec![svc("base", &[]), svc("mid", &["base"]), top]
+}
+
+/// The coordinator dies at `death` in the middle of the failure sequence that base's crash at
+/// 1 s set off; its successor adopts what it published, with the keeper's `news`.
+fn successor_mid_failure(death: Time, news: Vec<KeeperNews>) -> Sim {
+    let mut sim = Sim::new(base_mid_top());
+    sim.run_until(ms(1_000));
+    sim.crash("base");
+    sim.run_until(death);
+    let snapshot = sim.engine.snapshot();
+    let facts = KeeperFacts {
+        news,
+        running: (0..3)
+            .filter_map(|s| sim.pids[s].map(|pid| (s, pid)))
+            .collect(),
+    };
+    let (successor, actions) =
+        Engine::adopt(sim.engine.params().clone(), death, snapshot, &facts, false);
+    sim.engine = successor;
+    let from = sim.log.len();
+    sim.perform(actions);
+    sim.log.drain(..from);
+    sim
+}
+
+#[test]
+fn a_takeover_mid_failure_sequence_finishes_the_same_sequence_with_the_same_deadlines() {
+    // top was told to stop at 1 s (SIGKILL due at 1.5 s) and ignores it; mid waits for it.
+    let mut sim = successor_mid_failure(ms(1_100), Vec::new());
+    sim.run();
+    assert_eq!(
+        sim.log,
+        [
+            // The original deadline, not 1.1 s + 500 ms.
+            "t=1500 kill top",
+            "t=1501 stop mid",
+            "t=1502 spawn base",
+            "t=1502 spawn mid",
+            "t=1502 spawn top"
+        ]
+    );
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+    assert_eq!(sim.engine.slots()[0].restarts, 1);
+}
+
+#[test]
+fn an_exit_the_dead_coordinator_already_handled_is_not_handled_twice() {
+    // The keeper hands base's exit over again (not acknowledged): the snapshot records that
+    // pid's end already, so it changes nothing.
+    let mut sim = Sim::new(base_mid_top());
+    sim.run_until(ms(1_000));
+    let base_pid = sim.pids[0].unwrap();
+    let killed = ProcessExit::Signaled {
+        signal: 9,
+        core_dumped: false,
+    };
+    let duplicate = KeeperNews::Exited {
+        service: 0,
+        pid: base_pid,
+        exit: killed,
+    };
+    let mut sim_dup = successor_mid_failure(ms(1_100), vec![duplicate]);
+    let mut sim_plain = successor_mid_failure(ms(1_100), Vec::new());
+    assert_eq!(sim_dup.engine.snapshot(), sim_plain.engine.snapshot());
+    sim_dup.run();
+    sim_plain.run();
+    assert_eq!(sim_dup.log, sim_plain.log);
+    assert_eq!(
+        sim_dup.engine.slots()[0].restarts,
+        1,
+        "one crash, one restart"
+    );
+}
+
+#[test]
+fn an_exit_nobody_heard_is_handled_with_its_status() {
+    // mid (published up, pid shown) exited with status 7 while nobody listened.
+    let mut sim = Sim::new(base_mid_top());
+    sim.run_until(ms(1_000));
+    let snapshot = sim.engine.snapshot();
+    let mid = sim.pids[1].unwrap();
+    let facts = KeeperFacts {
+        news: vec![KeeperNews::Exited {
+            service: 1,
+            pid: mid,
+            exit: ProcessExit::Exited(7),
+        }],
+        running: vec![(0, sim.pids[0].unwrap()), (2, sim.pids[2].unwrap())],
+    };
+    let (engine, _) = Engine::adopt(
+        sim.engine.params().clone(),
+        ms(1_000),
+        snapshot,
+        &facts,
+        false,
+    );
+    let slot = &engine.slots()[1];
+    assert_eq!(slot.last_exit, Some(ProcessExit::Exited(7)));
+    assert_eq!(slot.restarts, 1);
+    assert_eq!(engine.phase(), InstanceState::Recovery);
+    assert_eq!(
+        engine.slots()[2].want,
+        Want::Cycling,
+        "top goes down with mid"
+    );
+}
+
 #[test]
 fn a_stop_cut_short_is_finished_in_order() {
     let stopped = (ServiceState::Stopped, false, None);
