@@ -505,10 +505,10 @@ impl Engine {
     /// failure sequence under way, why the stack is stopping) and then applies what the keeper
     /// saw while nobody listened (`keeper`), in order, as the events it would have been: the
     /// answers to spawns, the exits of processes the snapshot still shows (an exit of any
-    /// other pid is a duplicate, ignored); then which processes run. A process the snapshot shows that neither runs
-    /// nor has a kept exit ended unseen (recorded as killed). A spawn nobody answered is asked
-    /// again. Deadlines keep their times: a service being stopped is killed at its original
-    /// deadline, not a fresh one.
+    /// other pid is a duplicate, ignored); then which processes run. A process the snapshot
+    /// shows that neither runs nor has a kept exit ended unseen (recorded as killed). A spawn
+    /// nobody answered is asked again. Deadlines keep their times: a service being stopped is
+    /// killed at its original deadline, not a fresh one.
     ///
     /// With `restart_all` (takeover = "restart", the original design) every service wanted up
     /// is then cycled: stopped in shutdown order and started again in startup order, and what
