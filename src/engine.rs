@@ -693,6 +693,11 @@ impl Engine {
         self.finished
     }
 
+    /// The deadline of the whole startup or shutdown sequence, while one runs.
+    pub fn sequence_deadline(&self) -> Option<Time> {
+        self.sequence_deadline
+    }
+
     /// The earliest time at which a [`Event::Tick`] has work to do, if any: the driver arms
     /// one timer for it, so an idle coordinator sleeps with no timer at all.
     pub fn next_deadline(&self) -> Option<Time> {
