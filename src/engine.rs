@@ -67,8 +67,9 @@
 //! Takeover ([`Engine::adopt`]): every row is loaded as published, deadlines included; then
 //! the keeper's news is replayed as the events above (an exit only for the pid the slot shows);
 //! a published process that no longer runs ended unseen (exited, killed); a spawn nobody
-//! answered is asked again. Under `takeover = "restart"` every service wanted up is first
-//! made cycling.
+//! answered is asked again. A steady stack passes through recovery (the design's state
+//! machine), so the phase's time says when the successor took over. Under `takeover =
+//! "restart"` every service wanted up is first made cycling.
 
 use std::time::Duration;
 
@@ -552,6 +553,10 @@ impl Engine {
                     slot.want = Want::Cycling;
                 }
             }
+            engine.set_phase(InstanceState::Recovery);
+        } else if engine.phase == InstanceState::Steady {
+            // A takeover is a recovery (the design's state machine: steady -> recovery ->
+            // steady), so the phase's time says when the successor took over.
             engine.set_phase(InstanceState::Recovery);
         }
         // Spawns the dead coordinator asked for: answered by the news or by what runs, or

@@ -1600,6 +1600,13 @@ mod properties {
         ]
     }
 
+    /// A snapshot without the time of the last phase change: a takeover of a steady stack
+    /// passes through recovery, so the successor's says when it took over.
+    fn comparable(mut snapshot: Snapshot) -> Snapshot {
+        snapshot.phase_since = Time::ZERO;
+        snapshot
+    }
+
     fn exit_of(how: u8) -> ProcessExit {
         match how {
             0 => ProcessExit::Exited(0),
@@ -1787,8 +1794,8 @@ mod properties {
             let (successor, _) =
                 Engine::adopt(self.params.clone(), self.world.now, snapshot, &facts, false);
             prop_assert_eq!(
-                successor.snapshot(),
-                self.engine.snapshot(),
+                comparable(successor.snapshot()),
+                comparable(self.engine.snapshot()),
                 "the successor continues where the coordinator would have been"
             );
             self.shadows.push(successor);
@@ -1856,7 +1863,10 @@ mod properties {
                 }
             }
             for shadow in &self.shadows {
-                prop_assert_eq!(shadow.snapshot(), self.engine.snapshot());
+                prop_assert_eq!(
+                    comparable(shadow.snapshot()),
+                    comparable(self.engine.snapshot())
+                );
             }
             Ok(())
         }
