@@ -1,8 +1,8 @@
 //! The coordinator process: the driver that connects the [`crate::engine`] to the world.
 //!
-//! It owns the instance's liveness locks (it holds the daemon, daemon standby and daemon
-//! component mutexes for as long as it lives, so the kernel announces its death to whoever
-//! waits on them), the event loop, and the publication of state into the shared segment. The
+//! It owns the instance's liveness locks (it holds the daemon and daemon standby mutexes, and
+//! the service API's daemon component word, for as long as it lives, so the kernel announces
+//! its death to whoever waits on them), the event loop, and the publication of state into the shared segment. The
 //! loop blocks in `epoll` on: the keeper's socket (spawned, spawn failed, exited), the notify
 //! socket (`READY=1`, attributed by the sender's kernel-checked pid), a signalfd (SIGTERM and
 //! SIGINT stop the stack), and one timerfd armed for the engine's nearest deadline. With
@@ -29,14 +29,18 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, Takeover};
 use crate::engine::{
-    Action, Adopted, Engine, EngineParams, Event, Failure, Outcome, RestartWindow, Time,
+    Action, Engine, EngineParams, Event, Failure, FailureKind, KeeperFacts, KeeperNews, Outcome,
+    Process, Readiness, Rest, RestartWindow, Slot, Snapshot, Time,
 };
 use crate::keeper::protocol::{self, FromKeeper, Outbox, ToKeeper, recv_message};
 use crate::keeper::{COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD};
 use crate::notify::{self, NotifySocket};
 use crate::process_identity::ProcessIdentity;
 use crate::shm::api::{ControlSegment, DaemonComponentHolder};
-use crate::shm::{Deadline, GaveUp, GiveUpReason, InstanceState, LastExit, MutexId, Segment};
+use crate::shm::{
+    Deadline, FailureCode, GaveUp, GiveUpReason, InstanceProgress, InstanceState, LastExit,
+    MutexId, Segment, ServiceProgress, Stage, StopIntent, StopKind,
+};
 use crate::spawn::ProcessExit;
 
 /// Why the coordinator could not run.
@@ -300,13 +304,11 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
 }
 
 /// The daemon mutex says "a coordinator lives"; the daemon standby mutex is what a standby
-/// waits on; the daemon component mutex is what API services wait on. A coordinator holds
-/// all three until it dies, when the kernel releases them to whoever waits.
+/// waits on (API services wait on the control file's daemon component word instead, see
+/// `gate`). A coordinator holds both until it dies, when the kernel releases them to whoever
+/// waits.
 fn take_liveness_locks(segment: &Segment, taking_over: bool) -> Result<(), CoordinatorError> {
-    let mut ids = vec![
-        (MutexId::Daemon, "daemon"),
-        (MutexId::DaemonComponent, "daemon component"),
-    ];
+    let mut ids = vec![(MutexId::Daemon, "daemon")];
     if !taking_over {
         // A standby taking over holds the daemon standby mutex already.
         ids.insert(1, (MutexId::DaemonStandby, "daemon standby"));
@@ -374,14 +376,15 @@ impl Coordinator {
     }
 
     /// Takes over from a dead coordinator: asks the keeper for what happened while nobody
-    /// listened and what runs now, reads what the dead one published, and builds the engine
-    /// that finishes its work.
+    /// listened and what runs now, loads what the dead one published (the engine's whole
+    /// progress: every service's process and wanted state, deadlines, the failure sequence
+    /// under way, why the stack is stopping), and builds the engine that continues it.
     fn adopt(&mut self, params: EngineParams) -> Result<Vec<Action>, CoordinatorError> {
         let n = self.config.services.len();
         self.send(ToKeeper::TakeOver);
-        let mut exits: Vec<Option<ProcessExit>> = vec![None; n];
+        let mut facts = KeeperFacts::default();
         let deadline = Instant::now() + Duration::from_secs(10);
-        let running = loop {
+        facts.running = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(CoordinatorError::Image(
@@ -398,8 +401,14 @@ impl Coordinator {
             }
             match recv_message::<FromKeeper>(self.keeper.as_fd()) {
                 Ok(Some(FromKeeper::Running { services })) => break services,
-                Ok(Some(FromKeeper::Exited { service, exit, .. })) if service < n => {
-                    exits[service] = Some(exit);
+                Ok(Some(FromKeeper::Exited { service, pid, exit })) if service < n => {
+                    facts.news.push(KeeperNews::Exited { service, pid, exit });
+                }
+                Ok(Some(FromKeeper::Spawned { service, pid })) if service < n => {
+                    facts.news.push(KeeperNews::Spawned { service, pid });
+                }
+                Ok(Some(FromKeeper::SpawnFailed { service, error })) if service < n => {
+                    facts.news.push(KeeperNews::SpawnFailed { service, error });
                 }
                 // Answers to the dead coordinator's requests: what runs is in `Running`.
                 Ok(Some(_)) | Ok(None) => {}
@@ -410,36 +419,91 @@ impl Coordinator {
                 }
             }
         };
-        for &(service, pid) in &running {
-            if service < n {
-                self.pids[service] = Some(pid);
-                self.identities[service] = ProcessIdentity::of(pid).ok();
-            }
+        let snapshot = self.published_snapshot(&params)?;
+        let restart_all = self.config.global.coordinator.takeover == Takeover::Restart;
+        let (engine, actions) = Engine::adopt(params, self.now(), snapshot, &facts, restart_all);
+        self.engine = engine;
+        for (s, slot) in self.engine.slots().iter().enumerate() {
+            self.pids[s] = slot.pid();
+            self.identities[s] = slot.pid().and_then(|pid| ProcessIdentity::of(pid).ok());
         }
+        Ok(actions)
+    }
+
+    /// What the dead coordinator published, as the engine's [`Snapshot`].
+    fn published_snapshot(&self, params: &EngineParams) -> Result<Snapshot, CoordinatorError> {
+        let time = |ms: u64| Time::from_millis(ms.saturating_sub(self.epoch_ms));
         let instance = self.segment.instance_status()?;
-        let phase = instance.state;
+        let progress = self.segment.instance_progress()?;
         // The dead coordinator's restart window goes on, its start and count unchanged (the
         // engine drops a count whose span has run out at the next failure).
         let window = RestartWindow {
-            start: Time::from_millis(instance.window_start_ms.saturating_sub(self.epoch_ms)),
+            start: time(instance.window_start_ms),
             count: instance.restarts_in_window,
         };
-        let mut adopted = Vec::with_capacity(n);
-        for (i, exit) in exits.into_iter().enumerate() {
-            let record = self.segment.service_status(i)?;
-            adopted.push(Adopted {
-                state: record.state,
-                running: self.pids[i],
-                exit,
-                restarts: record.restart_count,
-                last_exit: record.last_exit.map(ProcessExit::from),
+        let mut slots = Vec::with_capacity(params.services.len());
+        for i in 0..params.services.len() {
+            let status = self.segment.service_status(i)?;
+            let p = self.segment.service_progress(i)?;
+            let pid = status.process.map(|id| id.pid);
+            let deadline = p.deadline_ms.map(time).unwrap_or_default();
+            let since = time(p.process_since_ms);
+            let process = match (p.stage, pid) {
+                (Stage::Stopped, _) => Process::None(Rest::Stopped),
+                (Stage::Failed, _) => Process::None(Rest::Failed),
+                (Stage::Finished, _) => Process::None(Rest::Finished),
+                // A process whose identity was never recorded: the keeper's word settles it,
+                // as for a spawn not yet answered.
+                (Stage::Spawning, _)
+                | (Stage::Waiting | Stage::Settling | Stage::Up | Stage::Stopping, None) => {
+                    Process::Spawning
+                }
+                (Stage::Waiting, Some(pid)) => Process::Running {
+                    pid,
+                    since,
+                    readiness: Readiness::Waiting { deadline },
+                },
+                (Stage::Settling, Some(pid)) => Process::Running {
+                    pid,
+                    since,
+                    readiness: Readiness::Settling { up_at: deadline },
+                },
+                (Stage::Up, Some(pid)) => Process::Running {
+                    pid,
+                    since,
+                    readiness: Readiness::Up,
+                },
+                (Stage::Stopping, Some(pid)) => Process::Stopping {
+                    pid,
+                    kill_deadline: deadline,
+                    killed: p.killed,
+                    start_timed_out: p.start_timed_out,
+                },
+            };
+            slots.push(Slot {
+                process,
+                want: p.want,
+                since: time(status.last_transition_ms),
+                started_at: p.started_at_ms.map(time),
+                asked: p.asked,
+                not_before: time(p.not_before_ms),
+                streak: p.streak,
+                last_failure_at: p.last_failure_ms.map(time),
+                restarts: status.restart_count,
+                last_exit: status.last_exit.map(ProcessExit::from),
+                exited_pid: p.exited_pid,
             });
         }
-        let restart_all = self.config.global.coordinator.takeover == Takeover::Restart;
-        let (engine, actions) =
-            Engine::adopt(params, self.now(), phase, &adopted, window, restart_all);
-        self.engine = engine;
-        Ok(actions)
+        Ok(Snapshot {
+            phase: instance.state,
+            phase_since: time(instance.last_transition_ms),
+            window,
+            stopping_for: progress
+                .stopping_for
+                .map(|intent| outcome_of(intent, params)),
+            sequence_deadline: progress.sequence_deadline_ms.map(time),
+            slots,
+        })
     }
 
     /// A stop or a failure sequence takes these services down: ask the ones that use the
@@ -845,20 +909,148 @@ impl Coordinator {
         self.send(ToKeeper::Shutdown);
     }
 
-    /// Writes the engine's view into the segment, in one generation.
+    /// Writes the engine's view into the segment, in one generation: what `status` shows, and
+    /// the engine's whole progress, so that a successor continues it ([`Engine::adopt`]).
     fn publish(&self) {
         let Ok(w) = self.segment.write() else { return };
         let ms = |t: Time| self.epoch_ms + t.as_millis() as u64;
         w.set_instance_state(self.engine.phase(), ms(self.engine.phase_since()));
         let window = self.engine.restart_window();
         w.set_restart_window(window.count, ms(window.start));
+        // The same fields as `Engine::snapshot`, read in place: no copy per event.
+        let _ = w.set_instance_progress(&InstanceProgress {
+            stopping_for: self.engine.outcome().map(intent_of),
+            sequence_deadline_ms: self.engine.sequence_deadline().map(ms),
+        });
         for (i, slot) in self.engine.slots().iter().enumerate() {
-            let _ = w.set_service_state(i, slot.state, ms(slot.since));
-            let identity = slot.pid.and(self.identities[i]);
+            let _ = w.set_service_state(i, slot.state(), ms(slot.since));
+            let identity = slot.pid().and(self.identities[i]);
             let _ = w.set_service_process(i, identity);
             let _ = w.set_restart_count(i, slot.restarts);
             let _ = w.set_last_exit(i, slot.last_exit.map(LastExit::from));
+            let _ = w.set_service_progress(i, &progress_of(slot, ms));
         }
+    }
+}
+
+/// One service's progress as the segment stores it.
+fn progress_of(slot: &Slot, ms: impl Fn(Time) -> u64) -> ServiceProgress {
+    let (stage, since, deadline, killed, start_timed_out) = match slot.process {
+        Process::None(Rest::Stopped) => (Stage::Stopped, None, None, false, false),
+        Process::None(Rest::Failed) => (Stage::Failed, None, None, false, false),
+        Process::None(Rest::Finished) => (Stage::Finished, None, None, false, false),
+        Process::Spawning => (Stage::Spawning, None, None, false, false),
+        Process::Running {
+            since, readiness, ..
+        } => match readiness {
+            Readiness::Waiting { deadline } => {
+                (Stage::Waiting, Some(since), Some(deadline), false, false)
+            }
+            Readiness::Settling { up_at } => {
+                (Stage::Settling, Some(since), Some(up_at), false, false)
+            }
+            Readiness::Up => (Stage::Up, Some(since), None, false, false),
+        },
+        Process::Stopping {
+            kill_deadline,
+            killed,
+            start_timed_out,
+            ..
+        } => (
+            Stage::Stopping,
+            None,
+            Some(kill_deadline),
+            killed,
+            start_timed_out,
+        ),
+    };
+    ServiceProgress {
+        want: slot.want,
+        stage,
+        killed,
+        start_timed_out,
+        asked: slot.asked,
+        process_since_ms: since.map_or(0, &ms),
+        deadline_ms: deadline.map(&ms),
+        started_at_ms: slot.started_at.map(&ms),
+        not_before_ms: ms(slot.not_before),
+        streak: slot.streak,
+        last_failure_ms: slot.last_failure_at.map(&ms),
+        exited_pid: slot.exited_pid,
+    }
+}
+
+/// Why the stack is stopping, as the segment stores it.
+fn intent_of(outcome: &Outcome) -> StopIntent {
+    let failure = |f: &Failure| match &f.kind {
+        FailureKind::Exited(exit) => (FailureCode::Exited, Some(LastExit::from(*exit))),
+        FailureKind::SpawnFailed(_) => (FailureCode::SpawnFailed, None),
+        FailureKind::StartTimeout(_) => (FailureCode::StartTimeout, None),
+        FailureKind::SequenceTimeout(_) => (FailureCode::SequenceTimeout, None),
+    };
+    match outcome {
+        Outcome::Stopped => StopIntent {
+            kind: StopKind::Requested,
+            service: None,
+            failure: None,
+            exit: None,
+            restarts: 0,
+        },
+        Outcome::StartupFailed(f) => {
+            let (code, exit) = failure(f);
+            StopIntent {
+                kind: StopKind::StartupFailed,
+                service: Some(f.service),
+                failure: Some(code),
+                exit,
+                restarts: 0,
+            }
+        }
+        Outcome::GaveUp {
+            failure: f,
+            restarts,
+        } => {
+            let (code, exit) = failure(f);
+            StopIntent {
+                kind: StopKind::GaveUp,
+                service: Some(f.service),
+                failure: Some(code),
+                exit,
+                restarts: *restarts,
+            }
+        }
+    }
+}
+
+/// The inverse of [`intent_of`]; a spawn failure's words are not stored, and a timeout's
+/// length is the configuration's.
+fn outcome_of(intent: StopIntent, params: &EngineParams) -> Outcome {
+    let service = intent.service.unwrap_or(0);
+    let kind = match intent.failure {
+        Some(FailureCode::Exited) | None => FailureKind::Exited(
+            intent
+                .exit
+                .map_or(ProcessExit::Exited(1), ProcessExit::from),
+        ),
+        Some(FailureCode::SpawnFailed) => {
+            FailureKind::SpawnFailed("(its reason was lost at a takeover)".into())
+        }
+        Some(FailureCode::StartTimeout) => FailureKind::StartTimeout(
+            params
+                .services
+                .get(service)
+                .map_or(Duration::ZERO, |p| p.startup_timeout),
+        ),
+        Some(FailureCode::SequenceTimeout) => FailureKind::SequenceTimeout(params.startup_timeout),
+    };
+    let failure = Failure { service, kind };
+    match intent.kind {
+        StopKind::Requested => Outcome::Stopped,
+        StopKind::StartupFailed => Outcome::StartupFailed(failure),
+        StopKind::GaveUp => Outcome::GaveUp {
+            failure,
+            restarts: intent.restarts,
+        },
     }
 }
 

@@ -6,13 +6,70 @@
 //! [`Event`]s with the time they happened and answers with [`Action`]s (spawn this, signal
 //! that, report this) for a driver to carry out. Time is a value passed in, never read from a
 //! clock, so the tests below drive hours of restarts in virtual time, deterministically; the
-//! real driver (the coordinator process) feeds it real events.
+//! real driver (the coordinator process) feeds it real events. It imports nothing from the
+//! shared segment or the spawner: its vocabulary is [`crate::vocab`]'s.
 //!
-//! Each service has a *current* state (what its process is doing) and a *wanted* flag (whether
-//! the stack wants it up). After every event one pass stops, in shutdown order, what is not
-//! wanted and may stop (every dependent going down is already down), and one pass starts, in
-//! startup order, what is wanted and may start (everything it depends on is up), so ordering
-//! falls out of the graph rather than being scripted per situation.
+//! Each service has a [`Process`] (what its process is doing) and a [`Want`] (what the stack
+//! wants of it: up, down, or cycling = taken down by a failure sequence and to come back once
+//! everything that sequence takes down is down). After every event one pass stops, in
+//! shutdown order, what is not wanted up and may stop (every dependent going down is already
+//! down), and one pass starts, in startup order, what is wanted up and may start (everything it
+//! depends on is up), so ordering falls out of the graph rather than being scripted per
+//! situation. The whole state is plain data ([`Snapshot`]): the coordinator publishes it after
+//! every event, and a successor's [`Engine::adopt`] loads it and continues.
+//!
+//! # State × event
+//!
+//! Per service, process state (rows) against event (columns). "fail(k)" is a failure of kind k:
+//! during startup the stack stops (startup failed); later the restart policy decides: restart
+//! (count it in the window, give up past the limit, set the restart delay, and cycle what
+//! requires it, or everything under `restart-all`) or stay down (it and what requires it are
+//! wanted down). "—": ignored (a stale or duplicate report). Want = Up unless said.
+//!
+//! ```text
+//!               | spawned(pid)   | spawn failed   | ready          | exited(e)            | tick                     | stop
+//! --------------+----------------+----------------+----------------+----------------------+--------------------------+---------
+//! None(Stopped/ | —              | —              | —              | —                    | start pass: Spawning if  | want Down
+//!  Failed)      |                |                |                |                      |  wanted up, deps up and  |
+//!               |                |                |                |                      |  restart delay over      |
+//! None(Finished)| —              | —              | —              | —                    | stop pass: if not wanted | want Down
+//!  (one-shot up)|                |                |                |                      |  up -> None(Stopped)     |
+//! Spawning      | Running        | want Up: fail( | —              | —                    | —                        | want Down;
+//!               |  (Waiting,     |  spawn failed) |                |                      |                          |  stopped
+//!               |  deadline);    | else None(     |                |                      |                          |  once it
+//!               |  "started":    |  Stopped)      |                |                      |                          |  answers
+//!               |  as ready      |                |                |                      |                          |
+//! Running       | —              | —              | notify/cc/     | not wanted up: None( | deadline: Kill ->        | want Down
+//!  Waiting      |                |                |  started:      |  Stopped); one-shot, | Stopping(killed, start   |
+//!               |                |                |  Settling, or  |  exit 0: None(       |  timed out)              |
+//!               |                |                |  Up if         |  Finished); else     |                          |
+//!               |                |                |  min_uptime is |  fail(exited)        |                          |
+//!               |                |                |  over          |                      |                          |
+//! Running       | —              | —              | —              | not wanted up: None( | up_at: Up                | want Down
+//!  Settling     |                |                |                |  Stopped); else fail |                          |
+//!               |                |                |                |  (exited: a start    |                          |
+//!               |                |                |                |  that did not hold)  |                          |
+//! Running Up    | —              | —              | —              | as Settling          | —                        | want Down
+//! Stopping      | —              | —              | —              | start timed out and  | kill deadline, not       | want Down
+//!               |                |                |                |  wanted up: fail(    |  killed: Kill, killed    |
+//!               |                |                |                |  start timeout);     |                          |
+//!               |                |                |                |  else None(Stopped)  |                          |
+//! ```
+//!
+//! After every event, the passes: a Running service not wanted up whose dependents going down
+//! are down becomes Stopping (its stop signal, or the service API's request for a cooperative
+//! one; SIGKILL at now + shutdown_timeout). When no cycling service is still alive, every
+//! cycling one is wanted up again. The phase follows: initializing -> steady when everything
+//! wanted is up; recovery -> steady likewise; stopping -> stopped/failed when everything is
+//! down. The sequence deadline (startup_timeout while initializing, shutdown_timeout while
+//! stopping) fails the startup, or kills whatever is left.
+//!
+//! Takeover ([`Engine::adopt`]): every row is loaded as published, deadlines included; then
+//! the keeper's news is replayed as the events above (an exit only for the pid the slot shows);
+//! a published process that no longer runs ended unseen (exited, killed); a spawn nobody
+//! answered is asked again. A steady stack passes through recovery (the design's state
+//! machine), so the phase's time says when the successor took over. Under `takeover =
+//! "restart"` every service wanted up is first made cycling.
 
 use std::time::Duration;
 
@@ -25,8 +82,7 @@ use crate::graph::EdgeKind;
 /// coordinator; zero in tests).
 pub type Time = Duration;
 
-pub use crate::shm::{InstanceState, ServiceState};
-pub use crate::spawn::ProcessExit;
+pub use crate::vocab::{InstanceState, ProcessExit, ServiceState, Want};
 
 /// Why a service counts as failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +181,8 @@ pub struct ServiceParams {
     pub stop_signal: Signal,
     pub restart_delay: Duration,
     pub restart_delay_max: Duration,
+    /// How long it must run, once ready, to count as up; an end before that is a failed start.
+    pub min_uptime: Duration,
     /// What it depends on, with the kind of each edge.
     pub dependencies: Vec<(usize, EdgeKind)>,
     /// What depends on it, with the kind of each edge.
@@ -167,6 +225,7 @@ impl EngineParams {
                 stop_signal: s.stop_signal.0,
                 restart_delay: s.restart_delay.into(),
                 restart_delay_max: s.restart_delay_max.into(),
+                min_uptime: s.min_uptime.into(),
                 dependencies: config.graph.dependencies(i),
                 dependents: config.graph.dependents(i),
                 cooperative: s.cc_arg || s.ready == ReadyKind::Cc,
@@ -188,84 +247,142 @@ impl EngineParams {
     }
 }
 
-/// The runtime record of one service.
-#[derive(Clone, Debug)]
-pub struct Slot {
-    pub state: ServiceState,
-    /// The main process, while one exists.
-    pub pid: Option<i32>,
-    /// The stack wants it up.
-    pub wanted: bool,
-    /// Taken down by a failure sequence; wanted again once every service in it is down.
-    cycling: bool,
-    /// Asked to shut down through the service API's protocol (cooperative services only).
-    asked: bool,
+/// Why a service with no process is down, or that it is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rest {
+    /// Stopped (never started, stopped on request, or ended cleanly).
+    Stopped,
+    /// Its last run failed.
+    Failed,
+    /// A one-shot task (`ready = "exit"`) that finished: up, with nothing running.
+    Finished,
+}
+
+/// How far a running process is on its way to being up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Not ready yet; killed (a failed start) if still not ready at `deadline`.
+    Waiting { deadline: Time },
+    /// Ready, but up only once it has run for its `min_uptime`, at `up_at`.
+    Settling { up_at: Time },
+    /// Up.
+    Up,
+}
+
+/// The service's process, as the engine knows it. Exactly one of these at a time: each
+/// deadline belongs to the state it is armed in, so none outlives its meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Process {
+    /// No process: see [`Rest`].
+    None(Rest),
     /// A spawn was asked for and not yet answered.
-    spawn_pending: bool,
-    /// When `state` last changed.
+    Spawning,
+    /// The main process `pid` runs, started at `since`.
+    Running {
+        pid: i32,
+        since: Time,
+        readiness: Readiness,
+    },
+    /// `pid` was told to stop (or killed): SIGKILL at `kill_deadline` unless `killed` already.
+    /// `start_timed_out`: it is being killed because it was not ready within its startup
+    /// timeout (its end is a failed start, unless the stack no longer wants it).
+    Stopping {
+        pid: i32,
+        kill_deadline: Time,
+        killed: bool,
+        start_timed_out: bool,
+    },
+}
+
+/// The runtime record of one service: what its process does, what the stack wants of it, and
+/// its place in the restart bookkeeping. Every field is public and plain data: a
+/// [`Snapshot`] of these is what the coordinator publishes and a successor adopts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub process: Process,
+    pub want: Want,
+    /// When [`Slot::state`] last changed.
     pub since: Time,
     /// When the current or last process was started.
     pub started_at: Option<Time>,
-    /// The startup deadline while starting; the kill deadline while stopping.
-    deadline: Option<Time>,
-    /// SIGKILL was sent to this process.
-    killed: bool,
-    /// It was killed for not becoming ready in time.
-    start_timed_out: bool,
+    /// Asked to shut down through the service API's protocol (cooperative services only).
+    pub asked: bool,
     /// Not to be started before this (the restart delay).
-    not_before: Time,
+    pub not_before: Time,
     /// Restarts in a row without a quiet span, for the doubling delay.
-    streak: u32,
-    last_failure_at: Option<Time>,
-    /// Restarts since the coordinator started.
+    pub streak: u32,
+    pub last_failure_at: Option<Time>,
+    /// Restarts since the stack started.
     pub restarts: u32,
     pub last_exit: Option<ProcessExit>,
+    /// The process whose end `last_exit` records: an exit of it the keeper hands over again at
+    /// a takeover is a duplicate.
+    pub exited_pid: Option<i32>,
 }
 
 impl Slot {
-    fn new() -> Self {
+    fn new(now: Time) -> Self {
         Self {
-            state: ServiceState::Stopped,
-            pid: None,
-            wanted: true,
-            cycling: false,
-            asked: false,
-            spawn_pending: false,
-            since: Time::ZERO,
+            process: Process::None(Rest::Stopped),
+            want: Want::Up,
+            since: now,
             started_at: None,
-            deadline: None,
-            killed: false,
-            start_timed_out: false,
+            asked: false,
             not_before: Time::ZERO,
             streak: 0,
             last_failure_at: None,
             restarts: 0,
             last_exit: None,
+            exited_pid: None,
+        }
+    }
+
+    /// The state `status` shows, derived from the process.
+    pub fn state(&self) -> ServiceState {
+        match self.process {
+            Process::None(Rest::Stopped) => ServiceState::Stopped,
+            Process::None(Rest::Failed) => ServiceState::Failed,
+            Process::None(Rest::Finished) => ServiceState::Up,
+            Process::Spawning => ServiceState::Starting,
+            Process::Running { readiness, .. } => match readiness {
+                Readiness::Waiting { .. } | Readiness::Settling { .. } => ServiceState::Starting,
+                Readiness::Up => ServiceState::Up,
+            },
+            Process::Stopping { .. } => ServiceState::Stopping,
+        }
+    }
+
+    /// The main process, while one exists.
+    pub fn pid(&self) -> Option<i32> {
+        match self.process {
+            Process::Running { pid, .. } | Process::Stopping { pid, .. } => Some(pid),
+            Process::None(_) | Process::Spawning => None,
         }
     }
 
     /// A process exists or is being created.
     fn is_alive(&self) -> bool {
-        self.pid.is_some() || self.spawn_pending
+        match self.process {
+            Process::Spawning | Process::Running { .. } | Process::Stopping { .. } => true,
+            Process::None(_) => false,
+        }
     }
 
-    /// Down for ordering purposes: nothing runs and nothing is on its way.
+    /// Down for ordering purposes: nothing runs, nothing is on its way, and it is not a
+    /// finished one-shot (which counts as up).
     fn is_down(&self) -> bool {
-        !self.is_alive() && matches!(self.state, ServiceState::Stopped | ServiceState::Failed)
+        match self.process {
+            Process::None(Rest::Stopped | Rest::Failed) => true,
+            Process::None(Rest::Finished)
+            | Process::Spawning
+            | Process::Running { .. }
+            | Process::Stopping { .. } => false,
+        }
     }
-}
 
-/// What a coordinator taking over knows of one service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Adopted {
-    /// The state the dead coordinator published.
-    pub state: ServiceState,
-    /// Its main process, if it still runs (the keeper's word).
-    pub running: Option<i32>,
-    /// How it ended, if it ended while no coordinator watched (the keeper kept the news).
-    pub exit: Option<ProcessExit>,
-    pub restarts: u32,
-    pub last_exit: Option<ProcessExit>,
+    fn is_up(&self) -> bool {
+        self.state() == ServiceState::Up
+    }
 }
 
 /// The restart window of the instance: restarts counted since `start`.
@@ -273,6 +390,46 @@ pub struct Adopted {
 pub struct RestartWindow {
     pub start: Time,
     pub count: u32,
+}
+
+/// Everything a coordinator taking over needs to continue the engine where it was: what the
+/// coordinator publishes in the segment after every event, and what [`Engine::adopt`] loads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub phase: InstanceState,
+    pub phase_since: Time,
+    pub window: RestartWindow,
+    /// Why the stack is stopping, once it is.
+    pub stopping_for: Option<Outcome>,
+    /// The deadline of the whole startup or shutdown sequence.
+    pub sequence_deadline: Option<Time>,
+    pub slots: Vec<Slot>,
+}
+
+/// One piece of news the keeper kept while no coordinator listened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeeperNews {
+    /// A spawn was answered: the process `pid` exists.
+    Spawned { service: usize, pid: i32 },
+    /// A spawn failed.
+    SpawnFailed { service: usize, error: String },
+    /// The process `pid` ended. Applied only if the snapshot (or the news before it) shows
+    /// that pid running, or a spawn it answers: one the dead coordinator already handled
+    /// (its pid is the slot's `exited_pid`, or no longer the slot's) is a duplicate, ignored.
+    Exited {
+        service: usize,
+        pid: i32,
+        exit: ProcessExit,
+    },
+}
+
+/// What the keeper tells a coordinator taking over: the news nobody read, in the order it
+/// came, then what runs now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeeperFacts {
+    pub news: Vec<KeeperNews>,
+    /// The services' main processes that run now: (service, pid).
+    pub running: Vec<(usize, i32)>,
 }
 
 /// The state machine. See the module documentation.
@@ -293,6 +450,12 @@ pub struct Engine {
     now: Time,
 }
 
+/// The exit recorded for a process that vanished with no word of how (no keeper kept it).
+const UNKNOWN_EXIT: ProcessExit = ProcessExit::Signaled {
+    signal: Signal::SIGKILL as i32,
+    core_dumped: false,
+};
+
 impl Engine {
     /// A new engine at time `now`; returns it with the first actions (the first level's spawns).
     pub fn new(params: EngineParams, now: Time) -> (Self, Vec<Action>) {
@@ -303,18 +466,14 @@ impl Engine {
     }
 
     /// An engine in `phase` at `now` with every service stopped and wanted, and the startup
-    /// deadline armed when starting up: what `new` and `adopt` build on.
+    /// deadline armed when starting up.
     fn blank(params: EngineParams, now: Time, phase: InstanceState) -> Self {
         let n = params.services.len();
-        let mut slots = vec![Slot::new(); n];
-        for slot in &mut slots {
-            slot.since = now;
-        }
         Self {
             sequence_deadline: (phase == InstanceState::Initializing)
                 .then_some(now + params.startup_timeout),
             params,
-            slots,
+            slots: vec![Slot::new(now); n],
             phase,
             phase_since: now,
             window: RestartWindow {
@@ -328,104 +487,160 @@ impl Engine {
         }
     }
 
-    /// An engine for a coordinator taking over from a dead one, at time `now`: `phase` is what
-    /// the dead one published, `services` what is known of each service (its published record,
-    /// whether its process still runs, how it ended if it died while nobody watched). The new
-    /// engine finishes what the old one was doing: a startup goes on starting, a stop goes on
-    /// stopping, a failure sequence goes on restarting, and a service that died while nobody
-    /// watched goes through the failure sequence like any other crash. With `restart_all`
-    /// (takeover = "restart", the original design) everything running is then stopped in
-    /// shutdown order and started again in startup order. `window` is the dead one's restart
-    /// window, on the same clock as `now`.
+    /// The engine's whole state, for publication: [`Engine::adopt`] of it continues exactly
+    /// where this engine is.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            phase: self.phase,
+            phase_since: self.phase_since,
+            window: self.window,
+            stopping_for: self.stopping_for.clone(),
+            sequence_deadline: self.sequence_deadline,
+            slots: self.slots.clone(),
+        }
+    }
+
+    /// An engine for a coordinator taking over from a dead one, at time `now` (on the same
+    /// clock as the snapshot's times): "load and continue". It loads what the dead one
+    /// published (`snapshot`: every service's process and wanted state, its deadlines, the
+    /// failure sequence under way, why the stack is stopping) and then applies what the keeper
+    /// saw while nobody listened (`keeper`), in order, as the events it would have been: the
+    /// answers to spawns, the exits of processes the snapshot still shows (an exit of any
+    /// other pid is a duplicate, ignored); then which processes run. A process the snapshot
+    /// shows that neither runs nor has a kept exit ended unseen (recorded as killed). A spawn
+    /// nobody answered is asked again. Deadlines keep their times: a service being stopped is
+    /// killed at its original deadline, not a fresh one.
+    ///
+    /// With `restart_all` (takeover = "restart", the original design) every service wanted up
+    /// is then cycled: stopped in shutdown order and started again in startup order, and what
+    /// ended while nobody watched is part of that cycle, not a failure.
+    ///
+    /// The service API's shutdown requests are not carried over: the new coordinator holds a
+    /// fresh daemon component, so the cooperative services going down are asked again.
     pub fn adopt(
         params: EngineParams,
         now: Time,
-        phase: InstanceState,
-        services: &[Adopted],
-        window: RestartWindow,
+        snapshot: Snapshot,
+        keeper: &KeeperFacts,
         restart_all: bool,
     ) -> (Self, Vec<Action>) {
         let n = params.services.len();
-        let mut engine = Self::blank(params, now, phase);
-        // The dead coordinator's window goes on: a takeover neither forgives restarts nor
-        // keeps counting them past their span.
-        engine.window = window;
-        let mut died_unwatched = Vec::new();
-        for (s, adopted) in services.iter().enumerate().take(n) {
-            let ready = engine.params.services[s].ready;
-            let slot = &mut engine.slots[s];
-            slot.restarts = adopted.restarts;
-            slot.last_exit = adopted.exit.or(adopted.last_exit);
-            slot.pid = adopted.running;
-            slot.started_at = adopted.running.map(|_| now);
-            slot.state = match (adopted.running, adopted.state) {
-                (Some(_), ServiceState::Stopping) => ServiceState::Stopping,
-                (Some(_), ServiceState::Up) => ServiceState::Up,
-                // Its exec succeeded (the keeper reported it), and that is all "started" asks.
-                (Some(_), _) if ready == ReadyKind::Started => ServiceState::Up,
-                // Running but not yet known to be up (or not yet published): starting, with a
-                // fresh startup deadline.
-                (Some(_), _) => ServiceState::Starting,
-                // A one-shot task that finished while nobody watched: done, so up.
-                (None, ServiceState::Starting)
-                    if ready == ReadyKind::Exit
-                        && adopted.exit.is_some_and(ProcessExit::success) =>
-                {
-                    ServiceState::Up
-                }
-                // A one-shot task that finished: up with nothing running.
-                (None, ServiceState::Up) if ready == ReadyKind::Exit && adopted.exit.is_none() => {
-                    ServiceState::Up
-                }
-                (None, ServiceState::Failed) => ServiceState::Failed,
-                (None, _) => ServiceState::Stopped,
-            };
-            match slot.state {
-                ServiceState::Starting => {
-                    slot.deadline = Some(now + engine.params.services[s].startup_timeout)
-                }
-                ServiceState::Stopping => {
-                    slot.deadline = Some(now + engine.params.services[s].shutdown_timeout)
-                }
-                _ => {}
-            }
-            let was_running = matches!(adopted.state, ServiceState::Starting | ServiceState::Up);
-            if adopted.running.is_none() && was_running && slot.state != ServiceState::Up {
-                died_unwatched.push(s);
-            }
+        let mut engine = Self::blank(params, now, snapshot.phase);
+        engine.now = now.max(snapshot.phase_since);
+        engine.phase_since = snapshot.phase_since;
+        engine.window = snapshot.window;
+        engine.stopping_for = snapshot.stopping_for.clone();
+        engine.sequence_deadline = snapshot.sequence_deadline;
+        for (slot, published) in engine.slots.iter_mut().zip(snapshot.slots.iter().cloned()) {
+            *slot = published;
+            slot.asked = false;
         }
-        let mut actions = Vec::new();
-        match phase {
-            // The dead coordinator was stopping the stack: finish the stop.
-            InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed => {
-                engine.enter_stopping(Outcome::Stopped);
+        let stopping = matches!(
+            engine.phase,
+            InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed
+        );
+        if stopping {
+            // The dead coordinator was stopping the stack (or had stopped it): finish the stop.
+            let why = engine.stopping_for.clone().unwrap_or(Outcome::Stopped);
+            engine.enter_stopping(why);
+            if snapshot.phase == InstanceState::Stopping {
+                // Its deadline goes on (or stays spent).
+                engine.sequence_deadline = snapshot.sequence_deadline;
             }
-            // Takeover "restart": everything goes down in shutdown order and comes back in
-            // startup order. What is down already (the services of the API shut themselves
-            // down when the coordinator died, as the original design has them do) is part of
-            // that cycle, not a failure.
-            _ if restart_all => {
-                for slot in &mut engine.slots {
-                    if slot.wanted {
-                        slot.wanted = false;
-                        slot.cycling = true;
+        } else if restart_all {
+            for slot in &mut engine.slots {
+                if slot.want == Want::Up {
+                    slot.want = Want::Cycling;
+                }
+            }
+            engine.set_phase(InstanceState::Recovery);
+        } else if engine.phase == InstanceState::Steady {
+            // A takeover is a recovery (the design's state machine: steady -> recovery ->
+            // steady), so the phase's time says when the successor took over.
+            engine.set_phase(InstanceState::Recovery);
+        }
+        // Spawns the dead coordinator asked for: answered by the news or by what runs, or
+        // never taken by the keeper (asked again below).
+        let mut unanswered: Vec<bool> = engine
+            .slots
+            .iter()
+            .map(|slot| slot.process == Process::Spawning)
+            .collect();
+        let mut actions = Vec::new();
+        engine.pump(&mut actions);
+        // What happened while nobody watched, in the order it happened, as if it had been
+        // heard then.
+        for news in &keeper.news {
+            if let KeeperNews::Spawned { service, .. }
+            | KeeperNews::SpawnFailed { service, .. }
+            | KeeperNews::Exited { service, .. } = *news
+                && service < n
+                && engine.slots[service].process == Process::Spawning
+            {
+                unanswered[service] = false;
+            }
+            match *news {
+                KeeperNews::Spawned { service, pid } if service < n => {
+                    actions.extend(engine.handle(Event::Spawned { service, pid }, now));
+                }
+                KeeperNews::SpawnFailed { service, ref error } if service < n => {
+                    let error = error.clone();
+                    actions.extend(engine.handle(Event::SpawnFailed { service, error }, now));
+                }
+                KeeperNews::Exited { service, pid, exit } if service < n => {
+                    let slot = &engine.slots[service];
+                    let answers_the_spawn = slot.process == Process::Spawning
+                        && slot.exited_pid != Some(pid)
+                        && !keeper.running.contains(&(service, pid));
+                    if answers_the_spawn {
+                        // The spawn was answered, and that process ended, both unseen.
+                        actions.extend(engine.handle(Event::Spawned { service, pid }, now));
+                    }
+                    if engine.slots[service].pid() == Some(pid) {
+                        actions.extend(engine.handle(Event::Exited { service, exit }, now));
                     }
                 }
-                engine.set_phase(InstanceState::Recovery);
+                KeeperNews::Spawned { .. }
+                | KeeperNews::SpawnFailed { .. }
+                | KeeperNews::Exited { .. } => {}
             }
-            _ => {
-                for s in died_unwatched {
-                    let exit = services[s].exit.unwrap_or(ProcessExit::Signaled {
-                        signal: Signal::SIGKILL as i32,
-                        core_dumped: false,
-                    });
-                    // While starting up, a death is a startup failure; afterwards a failure to
-                    // recover from. on_failure decides by the phase.
-                    engine.on_failure(s, FailureKind::Exited(exit));
+        }
+        for &(s, pid) in &keeper.running {
+            if s >= n || engine.slots[s].pid() == Some(pid) {
+                continue;
+            }
+            if engine.slots[s].pid().is_some() {
+                // Another process than the one published: the published one ended unseen.
+                engine.on_exited(s, UNKNOWN_EXIT);
+            }
+            // A spawn the dead coordinator asked for (published or not yet) was answered;
+            // if this engine asked for it again meanwhile, that request is the same one.
+            unanswered[s] = false;
+            engine.slots[s].process = Process::Spawning;
+            engine.on_spawned(s, pid);
+            actions.retain(|a| *a != Action::Spawn { service: s });
+        }
+        for (s, &unanswered) in unanswered.iter().enumerate() {
+            let runs = |pid| keeper.running.contains(&(s, pid));
+            match engine.slots[s].process {
+                Process::Running { pid, .. } | Process::Stopping { pid, .. } if !runs(pid) => {
+                    engine.on_exited(s, UNKNOWN_EXIT);
                 }
+                // Nobody answered the spawn: the keeper never took the request. Ask again.
+                Process::Spawning if unanswered => {
+                    engine.slots[s].process = Process::None(Rest::Stopped);
+                }
+                Process::Spawning
+                | Process::Running { .. }
+                | Process::Stopping { .. }
+                | Process::None(_) => {}
             }
         }
         engine.pump(&mut actions);
+        // A stack the dead coordinator had finished stopping stays finished as it was.
+        if engine.finished && engine.phase == snapshot.phase {
+            engine.phase_since = snapshot.phase_since;
+        }
         (engine, actions)
     }
 
@@ -438,30 +653,20 @@ impl Engine {
         now: Time,
         running: &[Option<i32>],
     ) -> (Self, Vec<Action>) {
-        let adopted: Vec<Adopted> = (0..params.services.len())
-            .map(|s| {
-                let running = running.get(s).copied().flatten();
-                Adopted {
-                    state: if running.is_some() {
-                        ServiceState::Up
-                    } else {
-                        ServiceState::Stopped
-                    },
-                    running,
-                    exit: None,
-                    restarts: 0,
-                    last_exit: None,
-                }
-            })
-            .collect();
-        Self::adopt(
-            params,
-            now,
-            InstanceState::Stopping,
-            &adopted,
-            RestartWindow::default(),
-            false,
-        )
+        let mut engine = Self::blank(params, now, InstanceState::Steady);
+        for (s, slot) in engine.slots.iter_mut().enumerate() {
+            if let Some(pid) = running.get(s).copied().flatten() {
+                slot.process = Process::Running {
+                    pid,
+                    since: now,
+                    readiness: Readiness::Up,
+                };
+            }
+        }
+        engine.enter_stopping(Outcome::Stopped);
+        let mut actions = Vec::new();
+        engine.pump(&mut actions);
+        (engine, actions)
     }
 
     pub fn phase(&self) -> InstanceState {
@@ -493,16 +698,32 @@ impl Engine {
         self.finished
     }
 
+    /// The deadline of the whole startup or shutdown sequence, while one runs.
+    pub fn sequence_deadline(&self) -> Option<Time> {
+        self.sequence_deadline
+    }
+
     /// The earliest time at which a [`Event::Tick`] has work to do, if any: the driver arms
     /// one timer for it, so an idle coordinator sleeps with no timer at all.
     pub fn next_deadline(&self) -> Option<Time> {
         let slot_deadlines = self.slots.iter().filter_map(|s| {
-            let timeout = match s.state {
-                ServiceState::Starting | ServiceState::Stopping if !s.killed => s.deadline,
-                _ => None,
+            let timeout = match s.process {
+                Process::Running { readiness, .. } => match readiness {
+                    Readiness::Waiting { deadline } => Some(deadline),
+                    Readiness::Settling { up_at } => Some(up_at),
+                    Readiness::Up => None,
+                },
+                Process::Stopping {
+                    kill_deadline,
+                    killed: false,
+                    ..
+                } => Some(kill_deadline),
+                Process::Stopping { killed: true, .. } | Process::None(_) | Process::Spawning => {
+                    None
+                }
             };
-            let delayed_start =
-                (s.wanted && s.is_down() && s.not_before > self.now).then_some(s.not_before);
+            let delayed_start = (s.want == Want::Up && s.is_down() && s.not_before > self.now)
+                .then_some(s.not_before);
             timeout.into_iter().chain(delayed_start).min()
         });
         slot_deadlines.chain(self.sequence_deadline).min()
@@ -517,23 +738,8 @@ impl Engine {
         }
         match event {
             Event::Spawned { service, pid } => self.on_spawned(service, pid),
-            Event::SpawnFailed { service, error } => {
-                let slot = &mut self.slots[service];
-                if slot.spawn_pending {
-                    slot.spawn_pending = false;
-                    self.on_failure(service, FailureKind::SpawnFailed(error));
-                }
-            }
-            Event::Ready { service } => {
-                let slot = &mut self.slots[service];
-                let waits_for_ready = matches!(
-                    self.params.services[service].ready,
-                    ReadyKind::Notify | ReadyKind::Cc
-                );
-                if slot.state == ServiceState::Starting && waits_for_ready {
-                    self.set_state(service, ServiceState::Up);
-                }
-            }
+            Event::SpawnFailed { service, error } => self.on_spawn_failed(service, error),
+            Event::Ready { service } => self.on_ready(service),
             Event::Exited { service, exit } => self.on_exited(service, exit),
             Event::Tick => self.on_tick(&mut actions),
             Event::Stop => self.begin_stopping(Outcome::Stopped),
@@ -542,14 +748,13 @@ impl Engine {
         actions
     }
 
-    fn set_state(&mut self, service: usize, state: ServiceState) {
+    /// Every process change goes through here, so that `since` follows the shown state.
+    fn set_process(&mut self, service: usize, process: Process) {
         let slot = &mut self.slots[service];
-        if slot.state != state {
-            slot.state = state;
+        let before = slot.state();
+        slot.process = process;
+        if slot.state() != before {
             slot.since = self.now;
-        }
-        if !matches!(state, ServiceState::Starting | ServiceState::Stopping) {
-            slot.deadline = None;
         }
     }
 
@@ -561,66 +766,128 @@ impl Engine {
     }
 
     fn on_spawned(&mut self, service: usize, pid: i32) {
-        let timeout = self.params.services[service].startup_timeout;
-        let ready = self.params.services[service].ready;
-        let now = self.now;
-        let slot = &mut self.slots[service];
-        if !slot.spawn_pending {
-            return;
+        match self.slots[service].process {
+            Process::Spawning => {}
+            // An answer to no request of ours (a stale or duplicate report).
+            Process::None(_) | Process::Running { .. } | Process::Stopping { .. } => return,
         }
-        slot.spawn_pending = false;
-        slot.pid = Some(pid);
-        slot.started_at = Some(now);
-        slot.killed = false;
-        slot.start_timed_out = false;
-        self.set_state(service, ServiceState::Starting);
-        self.slots[service].deadline = Some(now + timeout);
-        if ready == ReadyKind::Started {
-            self.set_state(service, ServiceState::Up);
+        let p = &self.params.services[service];
+        let deadline = self.now + p.startup_timeout;
+        let ready_at_exec = p.ready == ReadyKind::Started;
+        self.slots[service].started_at = Some(self.now);
+        self.set_process(
+            service,
+            Process::Running {
+                pid,
+                since: self.now,
+                readiness: Readiness::Waiting { deadline },
+            },
+        );
+        if ready_at_exec {
+            self.on_ready(service);
+        }
+    }
+
+    fn on_spawn_failed(&mut self, service: usize, error: String) {
+        match self.slots[service].process {
+            Process::Spawning => {}
+            Process::None(_) | Process::Running { .. } | Process::Stopping { .. } => return,
+        }
+        if self.slots[service].want == Want::Up {
+            self.on_failure(service, FailureKind::SpawnFailed(error));
+        } else {
+            // Going down anyway: nothing started, nothing failed that matters now.
+            self.set_process(service, Process::None(Rest::Stopped));
+        }
+    }
+
+    /// The service is ready (READY=1, or its exec for `ready = "started"`): up once it has
+    /// run for its `min_uptime`.
+    fn on_ready(&mut self, service: usize) {
+        let min_uptime = self.params.services[service].min_uptime;
+        let waits_for_word = matches!(
+            self.params.services[service].ready,
+            ReadyKind::Notify | ReadyKind::Cc | ReadyKind::Started
+        );
+        match self.slots[service].process {
+            Process::Running {
+                pid,
+                since,
+                readiness: Readiness::Waiting { .. },
+            } if waits_for_word => {
+                let up_at = since + min_uptime;
+                let readiness = if up_at <= self.now {
+                    Readiness::Up
+                } else {
+                    Readiness::Settling { up_at }
+                };
+                self.set_process(
+                    service,
+                    Process::Running {
+                        pid,
+                        since,
+                        readiness,
+                    },
+                );
+            }
+            // A one-shot is up at its clean exit, never at a word; a repeated word changes
+            // nothing; a process on its way down stays on its way down.
+            Process::Running { .. }
+            | Process::None(_)
+            | Process::Spawning
+            | Process::Stopping { .. } => {}
         }
     }
 
     fn on_exited(&mut self, service: usize, exit: ProcessExit) {
-        let params = &self.params.services[service];
+        let p = &self.params.services[service];
+        let one_shot = p.ready == ReadyKind::Exit;
+        let startup_timeout = p.startup_timeout;
         let slot = &mut self.slots[service];
-        if slot.pid.is_none() {
-            return;
+        let going_down = slot.want != Want::Up;
+        match slot.process {
+            // No process to have ended: a stale report.
+            Process::None(_) | Process::Spawning => return,
+            Process::Running { .. } | Process::Stopping { .. } => {}
         }
-        slot.pid = None;
         slot.last_exit = Some(exit);
-        let timed_out = slot.start_timed_out;
-        let going_down = !slot.wanted;
-        match slot.state {
-            ServiceState::Stopping => self.set_state(service, ServiceState::Stopped),
+        slot.exited_pid = slot.pid();
+        match slot.process {
+            Process::None(_) | Process::Spawning => {}
+            Process::Stopping {
+                start_timed_out: true,
+                ..
+            } if !going_down => {
+                self.on_failure(service, FailureKind::StartTimeout(startup_timeout));
+            }
+            Process::Stopping { .. } => self.set_process(service, Process::None(Rest::Stopped)),
             // The stack is taking it down anyway (a stop, a failure sequence): a service that
             // ends first (an API service whose turn in the shutdown protocol came) stopped.
-            ServiceState::Starting | ServiceState::Up if going_down => {
-                self.set_state(service, ServiceState::Stopped);
+            Process::Running { .. } if going_down => {
+                self.set_process(service, Process::None(Rest::Stopped));
             }
             // A one-shot task that finished: it is up, with nothing running.
-            ServiceState::Starting if params.ready == ReadyKind::Exit && exit.success() => {
-                self.set_state(service, ServiceState::Up);
+            Process::Running {
+                readiness: Readiness::Waiting { .. },
+                ..
+            } if one_shot && exit.success() => {
+                self.set_process(service, Process::None(Rest::Finished));
             }
-            ServiceState::Starting if timed_out => {
-                let kind = FailureKind::StartTimeout(params.startup_timeout);
-                self.on_failure(service, kind);
-            }
-            // A finished one-shot is never "running"; any other exit of a running service is
-            // a failure unless its restart policy calls it a clean end.
-            ServiceState::Starting | ServiceState::Up => {
-                self.on_failure(service, FailureKind::Exited(exit));
-            }
-            ServiceState::Stopped | ServiceState::Failed => {}
+            // Any other end of a process the stack wants is a failure (before its min_uptime
+            // too: a start that did not hold), unless its restart policy calls it clean.
+            Process::Running { .. } => self.on_failure(service, FailureKind::Exited(exit)),
         }
     }
 
     /// A service ended or could not start when it should be running.
     fn on_failure(&mut self, service: usize, kind: FailureKind) {
-        let failed_state = match &kind {
-            FailureKind::Exited(exit) if exit.success() => ServiceState::Stopped,
-            _ => ServiceState::Failed,
+        let clean_exit = matches!(&kind, FailureKind::Exited(exit) if exit.success());
+        let rest = if clean_exit {
+            Rest::Stopped
+        } else {
+            Rest::Failed
         };
-        self.set_state(service, failed_state);
+        self.set_process(service, Process::None(rest));
         let failure = Failure { service, kind };
         match self.phase {
             InstanceState::Initializing => {
@@ -630,9 +897,7 @@ impl Engine {
             InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed => return,
             InstanceState::Steady | InstanceState::Recovery => {}
         }
-        let policy = self.params.services[service].restart;
-        let clean_exit = failed_state == ServiceState::Stopped;
-        let restart = match policy {
+        let restart = match self.params.services[service].restart {
             RestartPolicy::Always => true,
             RestartPolicy::OnFailure => !clean_exit,
             RestartPolicy::Never => false,
@@ -640,8 +905,7 @@ impl Engine {
         if !restart {
             // It stays down, and so does everything that requires it.
             for s in self.requires_closure(service) {
-                self.slots[s].wanted = false;
-                self.slots[s].cycling = false;
+                self.slots[s].want = Want::Down;
             }
             return;
         }
@@ -679,15 +943,13 @@ impl Engine {
 
         let affected = match self.params.on_failure {
             OnFailure::RestartDependents => self.requires_closure(service),
-            OnFailure::RestartAll => (0..self.slots.len())
-                .filter(|&s| self.slots[s].wanted)
-                .collect(),
+            OnFailure::RestartAll => (0..self.slots.len()).collect(),
         };
         for s in affected {
             let slot = &mut self.slots[s];
-            if slot.wanted || slot.cycling {
-                slot.wanted = false;
-                slot.cycling = true;
+            match slot.want {
+                Want::Up | Want::Cycling => slot.want = Want::Cycling,
+                Want::Down => {}
             }
         }
         self.set_phase(InstanceState::Recovery);
@@ -722,14 +984,13 @@ impl Engine {
         self.enter_stopping(why);
     }
 
-    /// Stops everything, whatever the phase (a takeover finishing a dead coordinator's stop).
+    /// Stops everything, whatever the phase.
     fn enter_stopping(&mut self, why: Outcome) {
         self.stopping_for = Some(why);
         self.set_phase(InstanceState::Stopping);
         self.sequence_deadline = Some(self.now + self.params.shutdown_timeout);
         for slot in &mut self.slots {
-            slot.wanted = false;
-            slot.cycling = false;
+            slot.want = Want::Down;
         }
     }
 
@@ -745,7 +1006,7 @@ impl Engine {
                         .startup_sequence
                         .iter()
                         .copied()
-                        .find(|&s| self.slots[s].state != ServiceState::Up)
+                        .find(|&s| !self.slots[s].is_up())
                         .unwrap_or(0);
                     let kind = FailureKind::SequenceTimeout(self.params.startup_timeout);
                     self.begin_stopping(Outcome::StartupFailed(Failure {
@@ -756,30 +1017,82 @@ impl Engine {
                 InstanceState::Stopping => {
                     // The whole shutdown took too long: kill whatever is left.
                     for s in 0..self.slots.len() {
-                        let slot = &mut self.slots[s];
-                        if slot.pid.is_some() && !slot.killed {
-                            slot.killed = true;
-                            if slot.state != ServiceState::Stopping {
-                                self.set_state(s, ServiceState::Stopping);
-                            }
-                            actions.push(Action::Kill { service: s });
-                        }
+                        let process = match self.slots[s].process {
+                            Process::Running { pid, .. } => Process::Stopping {
+                                pid,
+                                kill_deadline: now,
+                                killed: true,
+                                start_timed_out: false,
+                            },
+                            Process::Stopping {
+                                pid,
+                                kill_deadline,
+                                killed: false,
+                                start_timed_out,
+                            } => Process::Stopping {
+                                pid,
+                                kill_deadline,
+                                killed: true,
+                                start_timed_out,
+                            },
+                            Process::Stopping { killed: true, .. }
+                            | Process::None(_)
+                            | Process::Spawning => continue,
+                        };
+                        self.set_process(s, process);
+                        actions.push(Action::Kill { service: s });
                     }
                 }
-                _ => {}
+                InstanceState::Steady
+                | InstanceState::Recovery
+                | InstanceState::Stopped
+                | InstanceState::Failed => {}
             }
         }
         for s in 0..self.slots.len() {
-            let slot = &mut self.slots[s];
-            let due = slot.deadline.is_some_and(|d| d <= now) && !slot.killed && slot.pid.is_some();
-            if !due {
-                continue;
-            }
-            slot.killed = true;
-            if slot.state == ServiceState::Starting {
-                slot.start_timed_out = true;
-            }
-            actions.push(Action::Kill { service: s });
+            let process = match self.slots[s].process {
+                Process::Running {
+                    pid,
+                    readiness: Readiness::Waiting { deadline },
+                    ..
+                } if deadline <= now => {
+                    actions.push(Action::Kill { service: s });
+                    Process::Stopping {
+                        pid,
+                        kill_deadline: deadline,
+                        killed: true,
+                        start_timed_out: true,
+                    }
+                }
+                Process::Running {
+                    pid,
+                    since,
+                    readiness: Readiness::Settling { up_at },
+                } if up_at <= now => Process::Running {
+                    pid,
+                    since,
+                    readiness: Readiness::Up,
+                },
+                Process::Stopping {
+                    pid,
+                    kill_deadline,
+                    killed: false,
+                    start_timed_out,
+                } if kill_deadline <= now => {
+                    actions.push(Action::Kill { service: s });
+                    Process::Stopping {
+                        pid,
+                        kill_deadline,
+                        killed: true,
+                        start_timed_out,
+                    }
+                }
+                Process::Running { .. }
+                | Process::Stopping { .. }
+                | Process::None(_)
+                | Process::Spawning => continue,
+            };
+            self.set_process(s, process);
         }
     }
 
@@ -789,16 +1102,15 @@ impl Engine {
         // Stops, dependents first.
         let shutdown = self.params.shutdown_sequence.clone();
         for (pos, &s) in shutdown.iter().enumerate() {
-            let slot = &self.slots[s];
-            let running = matches!(slot.state, ServiceState::Starting | ServiceState::Up);
-            if slot.wanted || !running || !self.may_stop(s, &shutdown[..pos]) {
+            if self.slots[s].want == Want::Up || !self.may_stop(s, &shutdown[..pos]) {
                 continue;
             }
-            match slot.pid {
+            match self.slots[s].process {
                 // A finished one-shot has nothing to stop.
-                None if !slot.spawn_pending => self.set_state(s, ServiceState::Stopped),
-                None => {} // wait for the spawn's answer, then stop it
-                Some(_) => {
+                Process::None(Rest::Finished) => {
+                    self.set_process(s, Process::None(Rest::Stopped));
+                }
+                Process::Running { pid, .. } => {
                     let p = &self.params.services[s];
                     // A cooperative service stops itself when its turn in the protocol comes.
                     if !p.cooperative {
@@ -807,18 +1119,32 @@ impl Engine {
                             signal: p.stop_signal,
                         });
                     }
-                    let deadline = self.now + p.shutdown_timeout;
-                    self.set_state(s, ServiceState::Stopping);
-                    self.slots[s].deadline = Some(deadline);
+                    let kill_deadline = self.now + p.shutdown_timeout;
+                    self.set_process(
+                        s,
+                        Process::Stopping {
+                            pid,
+                            kill_deadline,
+                            killed: false,
+                            start_timed_out: false,
+                        },
+                    );
                 }
+                // Wait for the spawn's answer, then stop it; the rest is down or going.
+                Process::Spawning
+                | Process::Stopping { .. }
+                | Process::None(Rest::Stopped | Rest::Failed) => {}
             }
         }
         // A failure sequence restarts once everything it took down is down.
-        let cycling_done = self.slots.iter().all(|s| !s.cycling || s.is_down());
+        let cycling_done = self
+            .slots
+            .iter()
+            .all(|s| s.want != Want::Cycling || s.is_down());
         if cycling_done {
             for slot in &mut self.slots {
-                if std::mem::take(&mut slot.cycling) {
-                    slot.wanted = true;
+                if slot.want == Want::Cycling {
+                    slot.want = Want::Up;
                 }
             }
         }
@@ -826,19 +1152,14 @@ impl Engine {
         let startup = self.params.startup_sequence.clone();
         for (pos, &s) in startup.iter().enumerate() {
             let slot = &self.slots[s];
-            if !slot.wanted
+            if slot.want != Want::Up
                 || !slot.is_down()
                 || slot.not_before > self.now
                 || !self.may_start(s, &startup[..pos])
             {
                 continue;
             }
-            let slot = &mut self.slots[s];
-            slot.spawn_pending = true;
-            slot.deadline = None;
-            if slot.state == ServiceState::Failed || slot.state == ServiceState::Stopped {
-                self.set_state(s, ServiceState::Starting);
-            }
+            self.set_process(s, Process::Spawning);
             actions.push(Action::Spawn { service: s });
         }
         self.update_phase(actions);
@@ -849,12 +1170,16 @@ impl Engine {
     /// now if its turn has come, else when it comes.
     pub fn not_cooperative(&mut self, service: usize) -> Vec<Action> {
         self.params.services[service].cooperative = false;
-        let slot = &self.slots[service];
-        if slot.state == ServiceState::Stopping && slot.pid.is_some() && !slot.killed {
-            let signal = self.params.services[service].stop_signal;
-            return vec![Action::Signal { service, signal }];
+        match self.slots[service].process {
+            Process::Stopping { killed: false, .. } => {
+                let signal = self.params.services[service].stop_signal;
+                vec![Action::Signal { service, signal }]
+            }
+            Process::Stopping { killed: true, .. }
+            | Process::Running { .. }
+            | Process::Spawning
+            | Process::None(_) => Vec::new(),
         }
-        Vec::new()
     }
 
     /// Cooperative services stop themselves, in shutdown order, once asked through the
@@ -863,7 +1188,7 @@ impl Engine {
     fn open_or_close_the_gate(&mut self, actions: &mut Vec<Action>) {
         let mut ask = Vec::new();
         for (s, slot) in self.slots.iter_mut().enumerate() {
-            let going_down = !slot.wanted && slot.is_alive();
+            let going_down = slot.want != Want::Up && slot.is_alive();
             if self.params.services[s].cooperative && going_down && !slot.asked {
                 slot.asked = true;
                 ask.push(s);
@@ -887,7 +1212,8 @@ impl Engine {
     /// Everything going down that depends on `s` is down (and, with an explicit shutdown
     /// sequence, everything before it that is going down).
     fn may_stop(&self, s: usize, before_in_sequence: &[usize]) -> bool {
-        let going_down_and_alive = |d: usize| !self.slots[d].wanted && !self.slots[d].is_down();
+        let going_down_and_alive =
+            |d: usize| self.slots[d].want != Want::Up && !self.slots[d].is_down();
         let dependents_down = !self.params.services[s]
             .dependents
             .iter()
@@ -900,26 +1226,27 @@ impl Engine {
     /// Everything `s` requires is up, and everything it comes after that the stack wants is up
     /// (and, with an explicit startup sequence, everything wanted before it).
     fn may_start(&self, s: usize, before_in_sequence: &[usize]) -> bool {
-        let up = |d: usize| self.slots[d].state == ServiceState::Up;
+        let up = |d: usize| self.slots[d].is_up();
         let deps_ok = self.params.services[s]
             .dependencies
             .iter()
             .all(|&(d, kind)| match kind {
                 EdgeKind::Requires => up(d),
-                EdgeKind::After => up(d) || (!self.slots[d].wanted && !self.slots[d].cycling),
+                EdgeKind::After => up(d) || self.slots[d].want == Want::Down,
             });
         let sequence_ok = !self.params.explicit_startup
             || before_in_sequence
                 .iter()
-                .all(|&d| up(d) || !self.slots[d].wanted);
+                .all(|&d| up(d) || self.slots[d].want != Want::Up);
         deps_ok && sequence_ok
     }
 
     fn update_phase(&mut self, actions: &mut Vec<Action>) {
-        let all_wanted_up = self
-            .slots
-            .iter()
-            .all(|s| !s.cycling && (!s.wanted || s.state == ServiceState::Up));
+        let all_wanted_up = self.slots.iter().all(|s| match s.want {
+            Want::Up => s.is_up(),
+            Want::Down => true,
+            Want::Cycling => false,
+        });
         match self.phase {
             InstanceState::Initializing if all_wanted_up => {
                 self.sequence_deadline = None;
@@ -938,7 +1265,12 @@ impl Engine {
                 });
                 actions.push(Action::Finished(outcome));
             }
-            _ => {}
+            InstanceState::Initializing
+            | InstanceState::Recovery
+            | InstanceState::Steady
+            | InstanceState::Stopping
+            | InstanceState::Stopped
+            | InstanceState::Failed => {}
         }
     }
 }

@@ -2,6 +2,8 @@
 //!
 //! The crate is a library with a thin binary (`src/main.rs`). Modules by concern:
 //!
+//! - [`vocab`]: the shared vocabulary (states, exits, the wanted state, takeover mode, instance
+//!   names), the bottom layer every other module may use.
 //! - [`duration`]: the duration syntax of every config file (`250`, `"7s"`, `"2m"`).
 //! - [`config`]: loading and validating `ccmgr.toml` and the `services.d/*.toml` files.
 //! - [`graph`]: the dependency graph, cycle detection, start/stop sequences and levels.
@@ -40,3 +42,4 @@ pub mod records;
 pub mod service;
 pub mod shm;
 pub mod spawn;
+pub mod vocab;

@@ -19,7 +19,6 @@
 //! `close_range` and `rt_sigaction`.
 
 use std::ffi::{CString, c_char, c_int};
-use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -34,6 +33,7 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid, User, fork, getgrouplist, getuid, p
 
 use crate::config::ServiceSpec;
 use crate::config::service::{defaults, read_env_file};
+pub use crate::vocab::ProcessExit;
 
 /// The exit status of a child whose spawn failed after `fork` (the shell's "cannot execute").
 /// The parent reaps such a child itself, so no caller ever sees this status from a failed spawn;
@@ -774,56 +774,6 @@ pub fn signal_group(pgid: Pid, signal: Signal) -> Result<(), Errno> {
     killpg(pgid, signal)
 }
 
-/// How a process ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum ProcessExit {
-    /// It called `exit` (or returned from `main`) with this status.
-    Exited(i32),
-    /// A signal killed it.
-    Signaled { signal: i32, core_dumped: bool },
-}
-
-impl ProcessExit {
-    /// The exit a `waitpid` status describes; `None` for the statuses that are not an end
-    /// (stopped, continued, still alive).
-    pub fn from_wait_status(status: WaitStatus) -> Option<ProcessExit> {
-        match status {
-            WaitStatus::Exited(_, code) => Some(ProcessExit::Exited(code)),
-            WaitStatus::Signaled(_, signal, core_dumped) => Some(ProcessExit::Signaled {
-                signal: signal as i32,
-                core_dumped,
-            }),
-            _ => None,
-        }
-    }
-
-    /// Whether this is a clean `exit(0)`.
-    pub fn success(self) -> bool {
-        self == ProcessExit::Exited(0)
-    }
-}
-
-impl fmt::Display for ProcessExit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            ProcessExit::Exited(code) => write!(f, "exited with status {code}"),
-            ProcessExit::Signaled {
-                signal,
-                core_dumped,
-            } => {
-                match Signal::try_from(signal) {
-                    Ok(s) => write!(f, "killed by {}", s.as_str())?,
-                    Err(_) => write!(f, "killed by signal {signal}")?,
-                }
-                if core_dumped {
-                    f.write_str(" (core dumped)")?;
-                }
-                Ok(())
-            }
-        }
-    }
-}
-
 /// Reaps `pid` if it has ended, without blocking: `Ok(None)` while it runs. For the
 /// coordinator's loop, when the child's pidfd polls readable.
 pub fn try_reap(pid: Pid) -> Result<Option<ProcessExit>, Errno> {
@@ -870,6 +820,7 @@ mod tests {
             restart: Default::default(),
             restart_delay: d::RESTART_DELAY,
             restart_delay_max: d::RESTART_DELAY_MAX,
+            min_uptime: Default::default(),
             user: None,
             group: None,
             working_dir: None,

@@ -1,4 +1,4 @@
-//! Robust mutexes and channels of the segment, with real processes: a holder
+//! Robust mutexes of the segment, with real processes: a holder
 //! killed with SIGKILL wakes a blocked waiter that learns of the death (for
 //! every mutex), mutual exclusion under a storm of 8 processes, timeouts that
 //! return on time, release on execve (and its exception) and on thread exit.
@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ccmgr::process_identity::ProcessIdentity;
-use ccmgr::shm::{Acquired, ChannelId, MutexError, MutexId, Segment, ServiceState};
+use ccmgr::shm::{Acquired, MutexError, MutexId, Segment, ServiceState};
 use shm_support::{
     Helper, PATIENCE, TestInstance, mutex_text, run_role_if_requested, wait_until_blocked_on,
     wait_until_comm,
@@ -86,23 +86,8 @@ fn daemon_standby_mutex_survives_holder_death() {
 }
 
 #[test]
-fn daemon_component_mutex_survives_holder_death() {
-    holder_killed_wakes_blocked_waiter(MutexId::DaemonComponent);
-}
-
-#[test]
 fn shm_mutex_survives_holder_death() {
     holder_killed_wakes_blocked_waiter(MutexId::Shm);
-}
-
-#[test]
-fn first_component_mutex_survives_holder_death() {
-    holder_killed_wakes_blocked_waiter(MutexId::Component(0));
-}
-
-#[test]
-fn last_component_mutex_survives_holder_death() {
-    holder_killed_wakes_blocked_waiter(MutexId::Component(2));
 }
 
 #[test]
@@ -152,16 +137,6 @@ fn lock_timeout_returns_on_time_while_the_holder_lives() {
     let zero = mutex.lock_timeout(Duration::ZERO).unwrap();
     assert!(zero.is_none());
 
-    // A channel's timed receive keeps time the same way.
-    let chan = seg.channel(ChannelId::ToManager).unwrap();
-    let start = Instant::now();
-    assert_eq!(chan.recv_timeout(Duration::from_millis(100)).unwrap(), None);
-    let waited = start.elapsed();
-    assert!(
-        waited >= Duration::from_millis(100) && waited < Duration::from_secs(5),
-        "{waited:?}"
-    );
-
     assert!(ProcessIdentity::of(holder.pid()).unwrap().is_alive());
     holder.kill9();
 }
@@ -171,7 +146,7 @@ fn execve_releases_the_locks_of_the_main_thread() {
     let t = TestInstance::new("exec_main");
     let (seg, starting) = Segment::create(&t.spec(1)).unwrap();
     drop(starting);
-    let mutex = seg.mutex(MutexId::Component(0)).unwrap();
+    let mutex = seg.mutex(MutexId::Manager).unwrap();
     let in_child = mutex.clone();
     let mut cmd = Command::new("cat");
     cmd.stdin(Stdio::piped()).stdout(Stdio::null());
@@ -213,9 +188,9 @@ fn execve_from_another_thread_leaves_its_locks_wedged() {
     let (seg, starting) = Segment::create(&t.spec(1)).unwrap();
     drop(starting);
     // The helper locks in the test harness's worker thread, not its main thread.
-    let mut holder = t.spawn("hold-then-exec", &[(shm_support::MUTEX_VAR, "component:0")]);
+    let mut holder = t.spawn("hold-then-exec", &[(shm_support::MUTEX_VAR, "daemon")]);
     holder.expect_line("locked Clean");
-    let mutex = seg.mutex(MutexId::Component(0)).unwrap();
+    let mutex = seg.mutex(MutexId::Daemon).unwrap();
     holder.say("exec");
     // Once the process runs `cat`, the exec's release of robust locks is over.
     wait_until_comm(holder.pid(), "cat");
@@ -253,28 +228,27 @@ fn thread_exit_releases_the_lock_and_relocking_is_an_error() {
 
 #[test]
 fn a_held_lock_can_be_released_and_taken_again_by_its_thread() {
-    // The coordinator keeps the daemon component mutex as a guard in its state,
-    // releases it during recovery and takes it again.
+    // A guard kept in a struct can be released and taken again by its thread.
     let t = TestInstance::new("held");
     let (seg, starting) = Segment::create(&t.spec(1)).unwrap();
     drop(starting);
-    struct Coordinator {
-        daemon_component: Option<ccmgr::shm::MutexGuard>,
+    struct Holder {
+        held: Option<ccmgr::shm::MutexGuard>,
     }
-    let mutex = seg.mutex(MutexId::DaemonComponent).unwrap();
-    let mut c = Coordinator {
-        daemon_component: Some(mutex.lock().unwrap()),
+    let mutex = seg.mutex(MutexId::DaemonStandby).unwrap();
+    let mut c = Holder {
+        held: Some(mutex.lock().unwrap()),
     };
     drop(seg); // the guard keeps the mapping, not the Segment
     let other = mutex.clone();
     let busy = std::thread::spawn(move || other.try_lock().unwrap().is_none());
     assert!(busy.join().unwrap());
-    c.daemon_component.take().unwrap().unlock().unwrap();
+    c.held.take().unwrap().unlock().unwrap();
     let other = mutex.clone();
     let free = std::thread::spawn(move || other.try_lock().unwrap().map(|g| g.acquired()));
     assert_eq!(free.join().unwrap(), Some(Acquired::Clean));
-    c.daemon_component = Some(mutex.lock().unwrap());
-    assert!(!c.daemon_component.as_ref().unwrap().previous_holder_died());
+    c.held = Some(mutex.lock().unwrap());
+    assert!(!c.held.as_ref().unwrap().previous_holder_died());
 }
 
 #[test]
@@ -306,25 +280,4 @@ fn a_writer_killed_mid_change_is_detected_and_repaired() {
     drop(w);
     assert_eq!(seg.generation() % 2, 0);
     assert!(!seg.write().unwrap().previous_holder_died());
-}
-
-#[test]
-fn channels_carry_bits_between_processes() {
-    let t = TestInstance::new("channel");
-    let (seg, starting) = Segment::create(&t.spec(2)).unwrap();
-    drop(starting);
-    let inbox = seg.channel(ChannelId::ToCoordinator).unwrap();
-    assert_eq!(inbox.try_recv().unwrap(), None);
-    let mut sender = t.spawn("send", &[]);
-    assert_eq!(inbox.recv_timeout(PATIENCE).unwrap(), Some(0b101));
-    sender.expect_line("sent");
-    assert!(sender.wait().success());
-
-    // Bits sent before a receive arrive together; the extra post is absorbed.
-    let to_service = seg.channel(ChannelId::ToService(1)).unwrap();
-    to_service.send(0b01).unwrap();
-    to_service.send(0b10).unwrap();
-    assert_eq!(to_service.recv().unwrap(), 0b11);
-    assert_eq!(to_service.try_recv().unwrap(), None);
-    assert!(seg.channel(ChannelId::ToService(2)).is_err());
 }

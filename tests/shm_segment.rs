@@ -109,7 +109,6 @@ fn create_then_open_round_trips_image_and_state() {
             ..
         })
     ));
-    assert!(created.mutex(MutexId::Component(3)).is_err());
 
     // Exclusive creation.
     let e = Segment::create(&spec).unwrap_err();
@@ -397,7 +396,6 @@ fn a_live_coordinator_refuses_reclaim_and_kill9_makes_it_stale() {
         s.spawn(|| {
             MutexId::NAMED
                 .into_iter()
-                .chain([MutexId::Component(0), MutexId::Component(1)])
                 .map(|id| {
                     seg.mutex(id)
                         .unwrap()
@@ -411,10 +409,10 @@ fn a_live_coordinator_refuses_reclaim_and_kill9_makes_it_stale() {
         .unwrap()
     });
     // Nothing is held. The probe made the manager and daemon mutexes consistent;
-    // the daemon standby and daemon component mutexes, which it does not touch,
-    // still tell their next locker that the coordinator died.
+    // the daemon standby mutex, which it does not touch, still tells its next
+    // locker that the coordinator died.
     let (clean, died) = (Some(Acquired::Clean), Some(Acquired::PreviousHolderDied));
-    assert_eq!(released, [clean, clean, died, died, clean, clean, clean]);
+    assert_eq!(released, [clean, clean, died, clean]);
 
     assert_eq!(Segment::reclaim_stale(&t.name).unwrap(), Reclaimed::Removed);
     assert_eq!(Segment::probe(&t.name).unwrap(), Probe::Absent);
@@ -459,23 +457,15 @@ fn live_services_without_a_coordinator_refuse_reclaim() {
         w.set_service_process(0, Some(me)).unwrap(); // alive
     }
     drop(starting);
-    let mut service = t.spawn("hold", &[(shm_support::MUTEX_VAR, "component:2")]);
-    service.expect_line("locked Clean");
 
     let probe = Segment::probe(&t.name).unwrap();
     assert_eq!(
         probe,
         Probe::Abandoned {
-            survivors: vec![
-                Survivor {
-                    role: Role::Service(0),
-                    process: Some(me)
-                },
-                Survivor {
-                    role: Role::Service(2),
-                    process: None
-                },
-            ]
+            survivors: vec![Survivor {
+                role: Role::Service(0),
+                process: Some(me)
+            }]
         }
     );
     let e = Segment::reclaim_stale(&t.name).unwrap_err();
@@ -486,7 +476,6 @@ fn live_services_without_a_coordinator_refuse_reclaim() {
         "{e}"
     );
 
-    service.kill9();
     seg.write().unwrap().set_service_process(0, None).unwrap();
     assert_eq!(Segment::probe(&t.name).unwrap(), Probe::Stale);
     assert_eq!(Segment::reclaim_stale(&t.name).unwrap(), Reclaimed::Removed);

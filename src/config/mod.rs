@@ -18,6 +18,7 @@ use toml::Spanned;
 use crate::diag::{Diagnostic, Diagnostics, key_at};
 use crate::duration::ConfigDuration;
 use crate::graph::{EdgeKind, SequenceKind, ServiceGraph};
+pub use crate::vocab::Takeover;
 pub use service::{Account, ReadyKind, RestartPolicy, ServiceSpec, SignalName};
 
 /// Where the global config is looked for when neither `--config` nor `$CCMGR_CONFIG` is set.
@@ -36,17 +37,6 @@ pub enum OnFailure {
     RestartDependents,
     /// Stop everything in shutdown order and start everything again (the original design).
     RestartAll,
-}
-
-/// What the standby does when the coordinator dies.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Takeover {
-    /// Become the coordinator and keep every running service as it is.
-    #[default]
-    Adopt,
-    /// Stop the services in shutdown order and start them again (the original design).
-    Restart,
 }
 
 /// The `[coordinator]` table: the original design's daemon table.

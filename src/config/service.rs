@@ -119,6 +119,10 @@ pub struct ServiceSpec {
     pub restart: RestartPolicy,
     pub restart_delay: ConfigDuration,
     pub restart_delay_max: ConfigDuration,
+    /// How long it must run, once ready, to count as up: an end before that is a failed start
+    /// (supervisord's `startsecs`, pm2's `min_uptime`).
+    #[serde(default)]
+    pub min_uptime: ConfigDuration,
     pub user: Option<Account>,
     pub group: Option<Account>,
     pub working_dir: Option<PathBuf>,
@@ -183,6 +187,7 @@ struct RawService {
     restart: RestartPolicy,
     restart_delay: Option<ConfigDuration>,
     restart_delay_max: Option<ConfigDuration>,
+    min_uptime: Option<Spanned<ConfigDuration>>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     working_dir: Option<Spanned<PathBuf>>,
@@ -199,6 +204,8 @@ pub mod defaults {
     pub const SHUTDOWN_TIMEOUT: ConfigDuration = ConfigDuration::from_millis(10_000);
     pub const RESTART_DELAY: ConfigDuration = ConfigDuration::from_millis(100);
     pub const RESTART_DELAY_MAX: ConfigDuration = ConfigDuration::from_millis(10_000);
+    /// Up as soon as ready: see the README ("min_uptime") for why not more.
+    pub const MIN_UPTIME: ConfigDuration = ConfigDuration::from_millis(0);
     pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 }
 
@@ -426,6 +433,21 @@ pub(super) fn parse_service_file(
             ),
         ));
     }
+    let min_uptime = match &raw.min_uptime {
+        None => defaults::MIN_UPTIME,
+        Some(m) => {
+            let value = *m.get_ref();
+            if raw.ready == ReadyKind::Exit && value != defaults::MIN_UPTIME {
+                diags.push(at(
+                    m.span(),
+                    format!(
+                        "key `min_uptime` ({value}) has no meaning for a one-shot task (ready = \"exit\"): it is up when it exits with status 0"
+                    ),
+                ));
+            }
+            value
+        }
+    };
     if diags.len() != before {
         return None;
     }
@@ -446,6 +468,7 @@ pub(super) fn parse_service_file(
             restart: raw.restart,
             restart_delay,
             restart_delay_max,
+            min_uptime,
             user,
             group,
             working_dir,

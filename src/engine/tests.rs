@@ -80,6 +80,7 @@ fn params(services: &[Svc]) -> EngineParams {
                 stop_signal: Signal::SIGTERM,
                 restart_delay: ms(100),
                 restart_delay_max: ms(1_000),
+                min_uptime: Duration::ZERO,
                 dependencies: graph.dependencies(i),
                 dependents: graph.dependents(i),
                 cooperative: s.ready == ReadyKind::Cc,
@@ -323,7 +324,7 @@ impl Sim {
     }
 
     fn state(&self, id: &str) -> ServiceState {
-        self.engine.slots()[self.idx(id)].state
+        self.engine.slots()[self.idx(id)].state()
     }
 }
 
@@ -805,34 +806,101 @@ fn failures_are_described_in_words() {
     );
 }
 
+/// What a dead coordinator published for a service in `state`, with process `pid` (for
+/// the states that have one).
+fn published(state: ServiceState, pid: i32, now: Time) -> Slot {
+    let process = match state {
+        ServiceState::Stopped => Process::None(Rest::Stopped),
+        ServiceState::Failed => Process::None(Rest::Failed),
+        ServiceState::Starting => Process::Running {
+            pid,
+            since: now,
+            readiness: Readiness::Waiting {
+                deadline: now + ms(1_000),
+            },
+        },
+        ServiceState::Up => Process::Running {
+            pid,
+            since: now,
+            readiness: Readiness::Up,
+        },
+        ServiceState::Stopping => Process::Stopping {
+            pid,
+            kill_deadline: now + ms(500),
+            killed: false,
+            start_timed_out: false,
+        },
+    };
+    Slot {
+        process,
+        want: Want::Up,
+        since: now,
+        started_at: Some(now),
+        asked: false,
+        not_before: Time::ZERO,
+        streak: 0,
+        last_failure_at: None,
+        restarts: 0,
+        last_exit: None,
+        exited_pid: None,
+    }
+}
+
+/// A snapshot of a stack in `phase` whose services are in `states`.
+fn snapshot_of(phase: InstanceState, slots: Vec<Slot>, window: RestartWindow) -> Snapshot {
+    Snapshot {
+        phase,
+        phase_since: Time::ZERO,
+        window,
+        stopping_for: None,
+        sequence_deadline: None,
+        slots,
+    }
+}
+
 /// A simulator whose engine takes over from a dead coordinator: `adopted` says, per service,
-/// (published state, still running?, exit while unwatched).
+/// (published state, still running?, exit while unwatched). Each published process is pid
+/// 500 + its index; the keeper reports those still running, and the kept exits.
 fn sim_adopting(
     services: Vec<Svc>,
     phase: InstanceState,
     adopted: &[(ServiceState, bool, Option<ProcessExit>)],
     restart_all: bool,
 ) -> Sim {
+    let mut facts = KeeperFacts::default();
+    let mut slots = Vec::new();
+    for (i, &(state, running, exit)) in adopted.iter().enumerate() {
+        let pid = 500 + i as i32;
+        slots.push(published(state, pid, Time::ZERO));
+        if running {
+            facts.running.push((i, pid));
+        }
+        if let Some(exit) = exit {
+            facts.news.push(KeeperNews::Exited {
+                service: i,
+                pid,
+                exit,
+            });
+        }
+    }
+    let snapshot = snapshot_of(phase, slots, RestartWindow::default());
+    sim_taking_over(services, snapshot, facts, restart_all)
+}
+
+/// A simulator whose engine adopts `snapshot` with the keeper's `facts`, at time zero.
+fn sim_taking_over(
+    services: Vec<Svc>,
+    snapshot: Snapshot,
+    facts: KeeperFacts,
+    restart_all: bool,
+) -> Sim {
     let p = params(&services);
     let n = services.len();
     let mut pids = vec![None; n];
-    let list: Vec<Adopted> = adopted
-        .iter()
-        .enumerate()
-        .map(|(i, &(state, running, exit))| {
-            let pid = running.then_some(500 + i as i32);
-            pids[i] = pid;
-            Adopted {
-                state,
-                running: pid,
-                exit,
-                restarts: 0,
-                last_exit: None,
-            }
-        })
-        .collect();
-    let window = RestartWindow::default();
-    let (engine, actions) = Engine::adopt(p, Time::ZERO, phase, &list, window, restart_all);
+    for &(s, pid) in &facts.running {
+        pids[s] = Some(pid);
+    }
+    let (engine, actions) = Engine::adopt(p, Time::ZERO, snapshot, &facts, restart_all);
     let mut sim = Sim {
         engine,
         ids: services.iter().map(|s| s.id.to_owned()).collect(),
@@ -863,7 +931,7 @@ fn adopting_a_steady_stack_changes_nothing() {
         sim.engine
             .slots()
             .iter()
-            .all(|s| s.state == ServiceState::Up && s.pid.is_some())
+            .all(|s| s.state() == ServiceState::Up && s.pid().is_some())
     );
     assert_eq!(sim.engine.next_deadline(), None);
 }
@@ -900,15 +968,22 @@ fn a_service_that_died_while_nobody_watched_goes_through_the_failure_sequence() 
 
 #[test]
 fn a_startup_cut_short_by_the_coordinators_death_is_finished() {
-    // log and cache were up, db was starting (its process runs), api and web not started.
-    let starting = (ServiceState::Starting, true, None);
-    let down = (ServiceState::Stopped, false, None);
-    let mut sim = sim_adopting(
-        stack(),
-        InstanceState::Initializing,
-        &[UP, starting, UP, down, down],
-        false,
-    );
+    // log and cache were up, db's spawn was asked for (the keeper started it, pid 501, but the
+    // dead coordinator never heard), api and web not started.
+    let mut slots: Vec<Slot> = [UP, UP, UP, UP, UP]
+        .iter()
+        .enumerate()
+        .map(|(i, _)| published(ServiceState::Up, 500 + i as i32, Time::ZERO))
+        .collect();
+    slots[1].process = Process::Spawning;
+    slots[3].process = Process::None(Rest::Stopped);
+    slots[4].process = Process::None(Rest::Stopped);
+    let facts = KeeperFacts {
+        running: vec![(0, 500), (1, 501), (2, 502)],
+        ..KeeperFacts::default()
+    };
+    let snapshot = snapshot_of(InstanceState::Initializing, slots, RestartWindow::default());
+    let mut sim = sim_taking_over(stack(), snapshot, facts, false);
     sim.run();
     // db's process runs and "started" asks nothing more, so it is up, and api and web follow.
     assert_eq!(sim.log, ["t=0 spawn api", "t=0 spawn web"]);
@@ -933,6 +1008,119 @@ fn a_failure_sequence_cut_short_is_finished() {
     sim.run();
     assert_eq!(sim.log, ["t=0 spawn api", "t=0 spawn web"]);
     assert_eq!(sim.engine.phase(), InstanceState::Steady);
+}
+
+/// base <- mid <- top, top ignoring its stop signal: the reproduction of issue 8's first
+/// defect, in virtual time.
+fn base_mid_top() -> Vec<Svc> {
+    let mut top = svc("top", &["mid"]);
+    top.behaviour.ignores_stop = true;
+    vec![svc("base", &[]), svc("mid", &["base"]), top]
+}
+
+/// The coordinator dies at `death` in the middle of the failure sequence that base's crash at
+/// 1 s set off; its successor adopts what it published, with the keeper's `news`.
+fn successor_mid_failure(death: Time, news: Vec<KeeperNews>) -> Sim {
+    let mut sim = Sim::new(base_mid_top());
+    sim.run_until(ms(1_000));
+    sim.crash("base");
+    sim.run_until(death);
+    let snapshot = sim.engine.snapshot();
+    let facts = KeeperFacts {
+        news,
+        running: (0..3)
+            .filter_map(|s| sim.pids[s].map(|pid| (s, pid)))
+            .collect(),
+    };
+    let (successor, actions) =
+        Engine::adopt(sim.engine.params().clone(), death, snapshot, &facts, false);
+    sim.engine = successor;
+    let from = sim.log.len();
+    sim.perform(actions);
+    sim.log.drain(..from);
+    sim
+}
+
+#[test]
+fn a_takeover_mid_failure_sequence_finishes_the_same_sequence_with_the_same_deadlines() {
+    // top was told to stop at 1 s (SIGKILL due at 1.5 s) and ignores it; mid waits for it.
+    let mut sim = successor_mid_failure(ms(1_100), Vec::new());
+    sim.run();
+    assert_eq!(
+        sim.log,
+        [
+            // The original deadline, not 1.1 s + 500 ms.
+            "t=1500 kill top",
+            "t=1501 stop mid",
+            "t=1502 spawn base",
+            "t=1502 spawn mid",
+            "t=1502 spawn top"
+        ]
+    );
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+    assert_eq!(sim.engine.slots()[0].restarts, 1);
+}
+
+#[test]
+fn an_exit_the_dead_coordinator_already_handled_is_not_handled_twice() {
+    // The keeper hands base's exit over again (not acknowledged): the snapshot records that
+    // pid's end already, so it changes nothing.
+    let mut sim = Sim::new(base_mid_top());
+    sim.run_until(ms(1_000));
+    let base_pid = sim.pids[0].unwrap();
+    let killed = ProcessExit::Signaled {
+        signal: 9,
+        core_dumped: false,
+    };
+    let duplicate = KeeperNews::Exited {
+        service: 0,
+        pid: base_pid,
+        exit: killed,
+    };
+    let mut sim_dup = successor_mid_failure(ms(1_100), vec![duplicate]);
+    let mut sim_plain = successor_mid_failure(ms(1_100), Vec::new());
+    assert_eq!(sim_dup.engine.snapshot(), sim_plain.engine.snapshot());
+    sim_dup.run();
+    sim_plain.run();
+    assert_eq!(sim_dup.log, sim_plain.log);
+    assert_eq!(
+        sim_dup.engine.slots()[0].restarts,
+        1,
+        "one crash, one restart"
+    );
+}
+
+#[test]
+fn an_exit_nobody_heard_is_handled_with_its_status() {
+    // mid (published up, pid shown) exited with status 7 while nobody listened.
+    let mut sim = Sim::new(base_mid_top());
+    sim.run_until(ms(1_000));
+    let snapshot = sim.engine.snapshot();
+    let mid = sim.pids[1].unwrap();
+    let facts = KeeperFacts {
+        news: vec![KeeperNews::Exited {
+            service: 1,
+            pid: mid,
+            exit: ProcessExit::Exited(7),
+        }],
+        running: vec![(0, sim.pids[0].unwrap()), (2, sim.pids[2].unwrap())],
+    };
+    let (engine, _) = Engine::adopt(
+        sim.engine.params().clone(),
+        ms(1_000),
+        snapshot,
+        &facts,
+        false,
+    );
+    let slot = &engine.slots()[1];
+    assert_eq!(slot.last_exit, Some(ProcessExit::Exited(7)));
+    assert_eq!(slot.restarts, 1);
+    assert_eq!(engine.phase(), InstanceState::Recovery);
+    assert_eq!(
+        engine.slots()[2].want,
+        Want::Cycling,
+        "top goes down with mid"
+    );
 }
 
 #[test]
@@ -1056,19 +1244,19 @@ fn a_failure_sequence_asks_only_the_cooperative_services_it_takes_down_and_close
 /// (the limit) in a window that began at 1 s; then "a" crashes at `crash`.
 fn crash_after_adopting_five_restarts(now: Time, crash: Time) -> (Engine, Vec<Action>) {
     let services = vec![svc("a", &[])];
-    let adopted = [Adopted {
-        state: ServiceState::Up,
-        running: Some(500),
-        exit: None,
-        restarts: 5,
-        last_exit: None,
-    }];
+    let mut slot = published(ServiceState::Up, 500, ms(1_000));
+    slot.restarts = 5;
     let window = RestartWindow {
         start: ms(1_000),
         count: 5,
     };
+    let snapshot = snapshot_of(InstanceState::Steady, vec![slot], window);
+    let facts = KeeperFacts {
+        running: vec![(0, 500)],
+        ..KeeperFacts::default()
+    };
     let p = params(&services);
-    let (mut engine, _) = Engine::adopt(p, now, InstanceState::Steady, &adopted, window, false);
+    let (mut engine, _) = Engine::adopt(p, now, snapshot, &facts, false);
     let crashed = Event::Exited {
         service: 0,
         exit: ProcessExit::Exited(1),
@@ -1162,4 +1350,577 @@ fn stopping_only_stops_what_runs_in_shutdown_order() {
         Time::from_millis(6),
     );
     assert_eq!(actions, vec![Action::Finished(Outcome::Stopped)]);
+}
+
+/// `min_uptime` of `ms` for service `s` of the stack.
+fn with_min_uptime(s: usize, ms_: u64) -> impl FnOnce(&mut EngineParams) {
+    move |p| p.services[s].min_uptime = ms(ms_)
+}
+
+#[test]
+fn min_uptime_holds_dependents_until_the_service_has_stayed_up() {
+    // db (index 1) must run 400 ms to count as up: api waits for that, web for api.
+    let mut sim = Sim::with(stack(), with_min_uptime(1, 400));
+    sim.run_until(ms(399));
+    assert_eq!(sim.state("db"), ServiceState::Starting);
+    sim.run();
+    assert_eq!(
+        sim.log,
+        [
+            "t=0 spawn cache",
+            "t=0 spawn log",
+            "t=0 spawn db",
+            "t=400 spawn api",
+            "t=400 spawn web"
+        ]
+    );
+    assert_eq!(sim.state("db"), ServiceState::Up);
+    assert_eq!(sim.startup_complete_at, Some(ms(400)));
+}
+
+#[test]
+fn min_uptime_counts_from_the_start_for_a_notify_service() {
+    // Ready at 100 ms with a 300 ms min_uptime: up at 300; ready at 500: up at 500.
+    for (ready_after, up_at) in [(100, 300), (500, 500)] {
+        let mut services = vec![svc("a", &[]), svc("b", &["a"])];
+        services[0].ready = ReadyKind::Notify;
+        services[0].behaviour.ready_after = Some(ms(ready_after));
+        let mut sim = Sim::with(services, with_min_uptime(0, 300));
+        sim.run();
+        assert_eq!(
+            sim.log,
+            ["t=0 spawn a".to_owned(), format!("t={up_at} spawn b")]
+        );
+    }
+}
+
+#[test]
+fn an_exit_before_min_uptime_fails_the_startup_naming_the_service() {
+    // db says nothing is wrong at exec, then exits with status 7 after 200 ms of its 1 s.
+    let mut services = stack();
+    services[1].behaviour.exits_after = Some((ms(200), ProcessExit::Exited(7)));
+    let mut sim = Sim::with(services, with_min_uptime(1, 1_000));
+    sim.run();
+    match sim.finished.clone() {
+        Some(Outcome::StartupFailed(f)) => {
+            assert_eq!(f.service, 1);
+            assert_eq!(f.kind, FailureKind::Exited(ProcessExit::Exited(7)));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.startup_complete_at, None, "the startup never completed");
+    assert!(
+        !sim.log.iter().any(|l| l.ends_with("spawn api")),
+        "{:?}",
+        sim.log
+    );
+}
+
+#[test]
+fn after_startup_an_exit_before_min_uptime_is_a_failure_the_restart_counter_counts() {
+    // a is up (it ran its 300 ms); from its second start on it dies after 100 ms, before its
+    // min_uptime: each such start is a failure, counted, until the stack gives up.
+    let mut services = vec![svc("a", &[]), svc("b", &["a"])];
+    services[0].behaviour.later_starts = Some((2, Some((ms(100), ProcessExit::Exited(1)))));
+    let mut sim = Sim::with(services, |p| {
+        p.services[0].min_uptime = ms(300);
+        p.restart_retry_counter = 3;
+    });
+    sim.run_until(ms(1_000));
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+    sim.crash("a");
+    sim.run();
+    match sim.finished.clone() {
+        Some(Outcome::GaveUp { failure, restarts }) => {
+            assert_eq!(failure.service, 0);
+            assert_eq!(restarts, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    // b never came back: a was never up again.
+    let b_spawns = sim.log.iter().filter(|l| l.ends_with("spawn b")).count();
+    assert_eq!(b_spawns, 1, "{:?}", sim.log);
+}
+
+/// Random event sequences over random small stacks, with the invariants checked after every
+/// step (see the module documentation of the engine for the table they exercise).
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One service of a random stack: its dependencies (on services before it) and behaviour.
+    #[derive(Clone, Debug)]
+    struct RandomService {
+        /// (dependency index below this one, requires?).
+        deps: Vec<(usize, bool)>,
+        ready: ReadyKind,
+        restart: RestartPolicy,
+        min_uptime_ms: u64,
+        /// Takes part in the service API's shutdown protocol.
+        cooperative: bool,
+    }
+
+    #[derive(Clone, Debug)]
+    struct RandomStack {
+        services: Vec<RandomService>,
+        restart_all: bool,
+    }
+
+    fn random_stack() -> impl Strategy<Value = RandomStack> {
+        (1usize..=5)
+            .prop_flat_map(|n| {
+                let service = |i: usize| {
+                    (
+                        proptest::collection::vec((0..i.max(1), any::<bool>()), 0..=i.min(2)),
+                        prop_oneof![
+                            Just(ReadyKind::Started),
+                            Just(ReadyKind::Notify),
+                            Just(ReadyKind::Exit)
+                        ],
+                        prop_oneof![
+                            3 => Just(RestartPolicy::Always),
+                            2 => Just(RestartPolicy::OnFailure),
+                            1 => Just(RestartPolicy::Never)
+                        ],
+                        prop_oneof![Just(0u64), Just(30u64)],
+                        prop::bool::weighted(0.25),
+                    )
+                        .prop_map(
+                            move |(deps, ready, restart, min_uptime_ms, cooperative)| {
+                                RandomService {
+                                    deps: if i == 0 { Vec::new() } else { deps },
+                                    ready,
+                                    restart,
+                                    min_uptime_ms,
+                                    cooperative,
+                                }
+                            },
+                        )
+                };
+                let services: Vec<_> = (0..n).map(service).collect();
+                (services, any::<bool>())
+            })
+            .prop_map(|(services, restart_all)| RandomStack {
+                services,
+                restart_all,
+            })
+    }
+
+    const IDS: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
+
+    fn engine_params(stack: &RandomStack) -> EngineParams {
+        let services: Vec<Svc> = stack
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut requires = Vec::new();
+                let mut after = Vec::new();
+                for &(d, req) in &r.deps {
+                    let list = if req { &mut requires } else { &mut after };
+                    if !list.contains(&IDS[d]) {
+                        list.push(IDS[d]);
+                    }
+                }
+                after.retain(|d| !requires.contains(d));
+                Svc {
+                    id: IDS[i],
+                    requires,
+                    after,
+                    ready: r.ready,
+                    restart: r.restart,
+                    behaviour: Behaviour::default(),
+                }
+            })
+            .collect();
+        let mut p = params(&services);
+        for (s, r) in p.services.iter_mut().zip(&stack.services) {
+            s.min_uptime = ms(r.min_uptime_ms);
+            s.cooperative = r.cooperative;
+            s.startup_timeout = ms(200);
+            s.shutdown_timeout = ms(100);
+            s.restart_delay = ms(10);
+            s.restart_delay_max = ms(80);
+        }
+        p.on_failure = if stack.restart_all {
+            OnFailure::RestartAll
+        } else {
+            OnFailure::RestartDependents
+        };
+        p.restart_retry_counter = 4;
+        p.restart_time_span = ms(2_000);
+        p.startup_timeout = ms(3_000);
+        p.shutdown_timeout = ms(1_000);
+        p
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Answer the k-th pending spawn: started, or failed.
+        AnswerSpawn {
+            k: usize,
+            ok: bool,
+        },
+        /// The k-th live process ends (status 0, 1, or killed).
+        Exit {
+            k: usize,
+            how: u8,
+        },
+        /// The k-th live process says READY=1.
+        Ready {
+            k: usize,
+        },
+        /// Time passes; then a tick.
+        Advance {
+            ms: u64,
+        },
+        Stop,
+        /// The coordinator dies; a successor adopts what it published. `lost_exit`: the k-th
+        /// live process ended while nobody listened.
+        Takeover {
+            lost_exit: Option<usize>,
+        },
+        /// The coordinator dies; a successor with `takeover = "restart"` adopts what it
+        /// published and from then on is the coordinator.
+        TakeoverRestart,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (any::<usize>(), prop::bool::weighted(0.85))
+                .prop_map(|(k, ok)| Op::AnswerSpawn { k, ok }),
+            3 => (any::<usize>(), 0u8..3).prop_map(|(k, how)| Op::Exit { k, how }),
+            3 => any::<usize>().prop_map(|k| Op::Ready { k }),
+            3 => prop_oneof![Just(5u64), Just(40), Just(150), Just(1_200)]
+                .prop_map(|ms| Op::Advance { ms }),
+            1 => Just(Op::Stop),
+            2 => proptest::option::of(any::<usize>()).prop_map(|lost_exit| Op::Takeover { lost_exit }),
+            1 => Just(Op::TakeoverRestart),
+        ]
+    }
+
+    /// A snapshot without the time of the last phase change: a takeover of a steady stack
+    /// passes through recovery, so the successor's says when it took over.
+    fn comparable(mut snapshot: Snapshot) -> Snapshot {
+        snapshot.phase_since = Time::ZERO;
+        snapshot
+    }
+
+    fn exit_of(how: u8) -> ProcessExit {
+        match how {
+            0 => ProcessExit::Exited(0),
+            1 => ProcessExit::Exited(1),
+            _ => ProcessExit::Signaled {
+                signal: 9,
+                core_dumped: false,
+            },
+        }
+    }
+
+    /// The services' side: which spawns are asked for, which processes live, which were
+    /// killed, and the last exit of each service (what a keeper would hand over again).
+    struct World {
+        now: Time,
+        next_pid: i32,
+        pending: Vec<usize>,
+        alive: Vec<(usize, i32)>,
+        killed: Vec<i32>,
+        last_exit: Vec<Option<(i32, ProcessExit)>>,
+    }
+
+    struct Run {
+        params: EngineParams,
+        engine: Engine,
+        /// Successors adopted at takeovers, driven with the same events as `engine`: each
+        /// must stay in the same state.
+        shadows: Vec<Engine>,
+        world: World,
+    }
+
+    impl Run {
+        fn new(params: EngineParams) -> Result<Self, TestCaseError> {
+            let n = params.services.len();
+            let (engine, actions) = Engine::new(params.clone(), Time::ZERO);
+            let mut run = Run {
+                params,
+                engine,
+                shadows: Vec::new(),
+                world: World {
+                    now: Time::ZERO,
+                    next_pid: 100,
+                    pending: Vec::new(),
+                    alive: Vec::new(),
+                    killed: Vec::new(),
+                    last_exit: vec![None; n],
+                },
+            };
+            run.perform(actions)?;
+            run.check()?;
+            Ok(run)
+        }
+
+        /// Carries out the engine's actions; none may name a process that is not alive.
+        fn perform(&mut self, actions: Vec<Action>) -> Result<(), TestCaseError> {
+            for action in actions {
+                match action {
+                    Action::Spawn { service } => {
+                        prop_assert!(
+                            !self.world.pending.contains(&service)
+                                && !self.world.alive.iter().any(|&(s, _)| s == service),
+                            "spawn of {service}, which has a process or a spawn under way"
+                        );
+                        self.world.pending.push(service);
+                    }
+                    Action::Signal { service, .. } | Action::Kill { service } => {
+                        let target = self.world.alive.iter().find(|&&(s, _)| s == service);
+                        prop_assert!(target.is_some(), "signal to {service}, which runs nothing");
+                        if matches!(action, Action::Kill { .. }) {
+                            let pid = target.unwrap().1;
+                            self.world.killed.push(pid);
+                        }
+                    }
+                    Action::ShutdownRequested { services } => {
+                        for s in services {
+                            prop_assert!(
+                                self.params.services[s].cooperative,
+                                "asked {s}, which does not take part in the protocol"
+                            );
+                            prop_assert!(
+                                self.world.pending.contains(&s)
+                                    || self.world.alive.iter().any(|&(x, _)| x == s),
+                                "asked {s} to shut down, which runs nothing"
+                            );
+                        }
+                    }
+                    Action::ShutdownOver => {}
+                    Action::StartupComplete | Action::Finished(_) => {}
+                }
+            }
+            Ok(())
+        }
+
+        /// Feeds an event to the engine and to every shadow, and carries out the actions.
+        fn feed(&mut self, event: Event) -> Result<(), TestCaseError> {
+            let now = self.world.now;
+            for shadow in &mut self.shadows {
+                shadow.handle(event.clone(), now);
+            }
+            let actions = self.engine.handle(event, now);
+            self.perform(actions)
+        }
+
+        fn answer_spawn(&mut self, i: usize, ok: bool) -> Result<(), TestCaseError> {
+            let service = self.world.pending.remove(i);
+            if ok {
+                self.world.next_pid += 1;
+                let pid = self.world.next_pid;
+                self.world.alive.push((service, pid));
+                self.feed(Event::Spawned { service, pid })
+            } else {
+                let error = "exec: ENOENT".to_owned();
+                self.feed(Event::SpawnFailed { service, error })
+            }
+        }
+
+        /// Process `i` of the live ones ends; the keeper keeps the news.
+        fn end_process(&mut self, i: usize, exit: ProcessExit) -> (usize, i32) {
+            let (service, pid) = self.world.alive.remove(i);
+            self.world.killed.retain(|&p| p != pid);
+            self.world.last_exit[service] = Some((pid, exit));
+            (service, pid)
+        }
+
+        fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
+            match *op {
+                Op::AnswerSpawn { k, ok } if !self.world.pending.is_empty() => {
+                    let i = k % self.world.pending.len();
+                    self.answer_spawn(i, ok)?;
+                }
+                Op::Exit { k, how } if !self.world.alive.is_empty() => {
+                    let exit = exit_of(how);
+                    let (service, _) = self.end_process(k % self.world.alive.len(), exit);
+                    self.feed(Event::Exited { service, exit })?;
+                }
+                Op::Ready { k } if !self.world.alive.is_empty() => {
+                    let (service, _) = self.world.alive[k % self.world.alive.len()];
+                    self.feed(Event::Ready { service })?;
+                }
+                Op::Advance { ms: step } => {
+                    self.world.now += ms(step);
+                    self.feed(Event::Tick)?;
+                }
+                Op::Stop => self.feed(Event::Stop)?,
+                Op::Takeover { lost_exit } => self.takeover(lost_exit)?,
+                Op::TakeoverRestart => self.takeover_restart()?,
+                Op::AnswerSpawn { .. } | Op::Exit { .. } | Op::Ready { .. } => {}
+            }
+            self.check()
+        }
+
+        /// The coordinator dies now, with what it published: its last snapshot. Meanwhile the
+        /// keeper answers the spawns it was asked for, and perhaps a process ends; the old
+        /// engine hears of it as events (what it would have done had it lived), the successor
+        /// from the keeper, with every exit the keeper still holds (the ones already handled
+        /// are duplicates it must ignore).
+        fn takeover(&mut self, lost_exit: Option<usize>) -> Result<(), TestCaseError> {
+            let snapshot = self.engine.snapshot();
+            // Exits the dead coordinator had handled, which the keeper hands over again.
+            let mut news: Vec<KeeperNews> = (0..self.world.last_exit.len())
+                .filter_map(|s| {
+                    self.world.last_exit[s].map(|(pid, exit)| KeeperNews::Exited {
+                        service: s,
+                        pid,
+                        exit,
+                    })
+                })
+                .collect();
+            while !self.world.pending.is_empty() {
+                let service = self.world.pending[0];
+                self.answer_spawn(0, true)?;
+                let pid = self.world.alive.last().unwrap().1;
+                news.push(KeeperNews::Spawned { service, pid });
+            }
+            if let Some(k) = lost_exit.filter(|_| !self.world.alive.is_empty()) {
+                let exit = ProcessExit::Exited(3);
+                let (service, pid) = self.end_process(k % self.world.alive.len(), exit);
+                news.push(KeeperNews::Exited { service, pid, exit });
+                self.feed(Event::Exited { service, exit })?;
+            }
+            let facts = KeeperFacts {
+                news,
+                running: self.world.alive.clone(),
+            };
+            let (successor, _) =
+                Engine::adopt(self.params.clone(), self.world.now, snapshot, &facts, false);
+            prop_assert_eq!(
+                comparable(successor.snapshot()),
+                comparable(self.engine.snapshot()),
+                "the successor continues where the coordinator would have been"
+            );
+            self.shadows.push(successor);
+            Ok(())
+        }
+
+        /// The coordinator dies; a successor under `takeover = "restart"` takes over for good
+        /// (the spawns asked for before the death were answered meanwhile).
+        fn takeover_restart(&mut self) -> Result<(), TestCaseError> {
+            let snapshot = self.engine.snapshot();
+            let mut news = Vec::new();
+            while !self.world.pending.is_empty() {
+                let service = self.world.pending.remove(0);
+                self.world.next_pid += 1;
+                let pid = self.world.next_pid;
+                self.world.alive.push((service, pid));
+                news.push(KeeperNews::Spawned { service, pid });
+            }
+            let facts = KeeperFacts {
+                news,
+                running: self.world.alive.clone(),
+            };
+            let (successor, actions) =
+                Engine::adopt(self.params.clone(), self.world.now, snapshot, &facts, true);
+            self.engine = successor;
+            self.shadows.clear();
+            self.perform(actions)
+        }
+
+        /// The invariants, after every step.
+        fn check(&self) -> Result<(), TestCaseError> {
+            let slots = self.engine.slots();
+            for (s, slot) in slots.iter().enumerate() {
+                // The engine's view of each process is the world's.
+                let alive = self
+                    .world
+                    .alive
+                    .iter()
+                    .find(|&&(x, _)| x == s)
+                    .map(|&(_, p)| p);
+                prop_assert_eq!(slot.pid(), alive, "the process of service {}", s);
+                prop_assert_eq!(
+                    slot.process == Process::Spawning,
+                    self.world.pending.contains(&s),
+                    "the spawn of service {}",
+                    s
+                );
+                // Nothing wanted up is starting or up while something it requires is not up.
+                let on_its_way_up =
+                    matches!(slot.state(), ServiceState::Starting | ServiceState::Up)
+                        && slot.want == Want::Up;
+                if on_its_way_up {
+                    for &(d, kind) in &self.params.services[s].dependencies {
+                        if kind == EdgeKind::Requires {
+                            prop_assert_eq!(
+                                slots[d].state(),
+                                ServiceState::Up,
+                                "service {} is {} but {}, which it requires, is not up",
+                                s,
+                                slot.state(),
+                                d
+                            );
+                        }
+                    }
+                }
+            }
+            for shadow in &self.shadows {
+                prop_assert_eq!(
+                    comparable(shadow.snapshot()),
+                    comparable(self.engine.snapshot())
+                );
+            }
+            Ok(())
+        }
+
+        /// Stop, then let time pass with every killed process dying, until the engine says
+        /// it is finished: every stop finishes.
+        fn finish(&mut self) -> Result<(), TestCaseError> {
+            self.feed(Event::Stop)?;
+            self.check()?;
+            for _ in 0..100 {
+                if self.engine.is_finished() {
+                    prop_assert!(self.world.alive.is_empty() && self.world.pending.is_empty());
+                    return Ok(());
+                }
+                while !self.world.pending.is_empty() {
+                    self.answer_spawn(0, true)?;
+                }
+                while let Some(&pid) = self.world.killed.first() {
+                    let i = self
+                        .world
+                        .alive
+                        .iter()
+                        .position(|&(_, p)| p == pid)
+                        .unwrap();
+                    let exit = exit_of(2);
+                    let (service, _) = self.end_process(i, exit);
+                    self.feed(Event::Exited { service, exit })?;
+                }
+                self.world.now += ms(300);
+                self.feed(Event::Tick)?;
+                self.check()?;
+            }
+            prop_assert!(
+                false,
+                "the stop never finished: {:?}",
+                self.engine.snapshot()
+            );
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn random_event_sequences_keep_the_invariants(
+            stack in random_stack(),
+            ops in proptest::collection::vec(op(), 0..60),
+        ) {
+            let mut run = Run::new(engine_params(&stack))?;
+            for op in &ops {
+                run.step(op)?;
+            }
+            run.finish()?;
+        }
+    }
 }

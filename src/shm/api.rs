@@ -778,7 +778,7 @@ impl ControlSegment {
                 .map_err(|(_, e)| io_error("creating (O_TMPFILE in /dev/shm)", &path)(e))?;
         // No pthread objects in it: the daemon component is a bare futex word.
         fresh
-            .init_sync(&[], &[])
+            .init_sync(&[])
             .map_err(|e| io_error("initialising", &path)(io::Error::other(e.to_string())))?;
         write_control_image(fresh.mapping(), &layout, spec);
 

@@ -4,15 +4,14 @@
 //!
 //! ```text
 //! offset 0        Header          magic, version, sizes, counts, region offsets, generation
-//! sync            SyncBlock       manager, daemon, daemon standby, daemon component and
-//!                                 shared-memory mutexes; channels to the coordinator and
-//!                                 to the manager
+//! sync            SyncBlock       manager, daemon, daemon standby and shared-memory
+//!                                 mutexes
 //! instance        InstanceRecord  instance state, manager/coordinator/standby identities,
 //!                                 restart window, give-up reason
 //! service_static  [ServiceStaticRecord; services]   ids and timeouts (config image)
 //! startup         [u32; startup_len]                startup sequence (service indices)
 //! shutdown        [u32; shutdown_len]               shutdown sequence
-//! state_table     [ServiceRecord; services]         component mutex, inbox, live state
+//! state_table     [ServiceRecord; services]         live state and the engine's progress
 //! config_blob     [u8; blob_len]                    the serialized full config
 //! ```
 //! Every region starts on a 64-byte boundary. Every field is an atomic (or a
@@ -23,12 +22,12 @@ use std::mem::{offset_of, size_of};
 use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, AtomicU64};
 
 use super::mapping::shared_struct;
-use super::robust::{ChannelCell, RobustMutex};
+use super::robust::RobustMutex;
 
 /// The first eight bytes of every ccmgr segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ccmgrSHM");
 /// Bumped on every change of the layout below.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// The most services one instance may have.
 pub const MAX_SERVICES: u32 = 4096;
 /// The longest service id, in bytes.
@@ -62,12 +61,12 @@ shared_struct! {
         pub config_blob_checksum: AtomicU64,
         /// `size_of::<RobustMutex>()` of the creator: catches an ABI mismatch.
         pub mutex_size: AtomicU32,
-        /// `size_of::<ChannelCell>()` of the creator.
-        pub channel_size: AtomicU32,
         /// `size_of::<ServiceRecord>()` of the creator.
         pub service_record_size: AtomicU32,
         /// `size_of::<ServiceStaticRecord>()` of the creator.
         pub service_static_size: AtomicU32,
+        /// Effective uid of the creator (informational; the file owner is checked).
+        pub creator_uid: AtomicU32,
         /// Offset of the [`SyncBlock`].
         pub sync_offset: AtomicU64,
         /// Offset of the [`InstanceRecord`].
@@ -82,15 +81,13 @@ shared_struct! {
         pub state_table_offset: AtomicU64,
         /// Offset of the config blob.
         pub config_blob_offset: AtomicU64,
-        /// Effective uid of the creator (informational; the file owner is checked).
-        pub creator_uid: AtomicU32,
-        /// Zero.
-        pub reserved: AtomicU32,
     }
 }
 
 shared_struct! {
-    /// The named mutexes and the instance-wide channels.
+    /// The named mutexes. The original design's daemon component and component mutexes
+    /// are not here: the service API carries them in its own files (see `shm::api`), where
+    /// services of other users can reach them without reaching these.
     pub struct SyncBlock {
         /// Held by `ccmgr start` while a start is under way.
         pub manager: RobustMutex,
@@ -98,15 +95,8 @@ shared_struct! {
         pub daemon: RobustMutex,
         /// Held by the coordinator; the standby waits on it.
         pub daemon_standby: RobustMutex,
-        /// Held by the coordinator, released in stop and recovery; services
-        /// wait on it.
-        pub daemon_component: RobustMutex,
         /// Guards multi-field changes of the segment.
         pub shm: RobustMutex,
-        /// Manager and services to the coordinator.
-        pub to_coordinator: ChannelCell,
-        /// Coordinator to the manager.
-        pub to_manager: ChannelCell,
     }
 }
 
@@ -141,6 +131,20 @@ shared_struct! {
         pub keeper_pid: AtomicI32,
         /// Start time of the keeper.
         pub keeper_start_time: AtomicU64,
+        /// Why the stack is stopping, a [`StopKind`](super::state::StopKind); 0 while it
+        /// is not.
+        pub stop_kind: AtomicU32,
+        /// The service whose failure stops it; `u32::MAX` for none.
+        pub stop_service: AtomicU32,
+        /// How that service failed, a [`FailureCode`](super::state::FailureCode); 0 for none.
+        pub stop_failure: AtomicU32,
+        /// Restarts counted when the stack gave up.
+        pub stop_restarts: AtomicU32,
+        /// The exit of that failure, encoded by [`LastExit`](super::state::LastExit).
+        pub stop_exit: AtomicU64,
+        /// The deadline of the whole startup or shutdown sequence, monotonic milliseconds
+        /// plus one; 0 for none.
+        pub sequence_deadline_ms1: AtomicU64,
     }
 }
 
@@ -163,10 +167,6 @@ shared_struct! {
 shared_struct! {
     /// One service's live record in the state table.
     pub struct ServiceRecord {
-        /// Held by the service (or the coordinator on its behalf) while it lives.
-        pub component: RobustMutex,
-        /// Coordinator to this service.
-        pub inbox: ChannelCell,
         /// A [`ServiceState`](super::state::ServiceState).
         pub state: AtomicU32,
         /// Restarts so far.
@@ -181,8 +181,40 @@ shared_struct! {
         pub last_transition_ms: AtomicU64,
         /// The last exit status, encoded by [`LastExit`](super::state::LastExit).
         pub last_exit: AtomicU64,
+        // The engine's progress on the service, so that a coordinator taking over continues
+        // it (see `engine::Snapshot`). Times are monotonic milliseconds; those ending in `1`
+        // are plus one, 0 meaning none, so that a zeroed record means "nothing yet".
+        /// What the stack wants of it, a [`Want`](crate::vocab::Want).
+        pub want: AtomicU32,
+        /// Where its process is, a [`Stage`](super::state::Stage).
+        pub stage: AtomicU32,
+        /// [`PROGRESS_KILLED`], [`PROGRESS_START_TIMED_OUT`], [`PROGRESS_ASKED`].
+        pub progress_flags: AtomicU32,
+        /// Failures in a row without a quiet span (the restart delay doubles with it).
+        pub streak: AtomicU32,
+        /// When its running process started.
+        pub process_since_ms: AtomicU64,
+        /// The deadline of its stage: readiness, min_uptime or SIGKILL; 0 for none.
+        pub deadline_ms1: AtomicU64,
+        /// When its current or last process started; 0 for never.
+        pub started_at_ms1: AtomicU64,
+        /// Not to be started before this (the restart delay).
+        pub not_before_ms: AtomicU64,
+        /// When it last failed; 0 for never.
+        pub last_failure_ms1: AtomicU64,
+        /// The pid whose end `last_exit` records; 0 for none.
+        pub exited_pid: AtomicI32,
+        /// Zero.
+        pub reserved_progress: AtomicU32,
     }
 }
+
+/// [`ServiceRecord::progress_flags`]: SIGKILL was sent to its process.
+pub const PROGRESS_KILLED: u32 = 1;
+/// [`ServiceRecord::progress_flags`]: it is being killed for not being ready in time.
+pub const PROGRESS_START_TIMED_OUT: u32 = 2;
+/// [`ServiceRecord::progress_flags`]: it was asked to shut down through the service API.
+pub const PROGRESS_ASKED: u32 = 4;
 
 /// The variable counts a layout is computed from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,34 +340,17 @@ impl Layout {
         self.state_table + index * size_of::<ServiceRecord>()
     }
 
-    /// Offset of every robust mutex: the five named ones, then each service's.
+    /// Offset of every robust mutex: the four named ones.
     pub fn mutex_offsets(&self) -> Vec<usize> {
-        let named = [
+        [
             offset_of!(SyncBlock, manager),
             offset_of!(SyncBlock, daemon),
             offset_of!(SyncBlock, daemon_standby),
-            offset_of!(SyncBlock, daemon_component),
             offset_of!(SyncBlock, shm),
-        ];
-        let mut all: Vec<usize> = named.iter().map(|o| self.sync + o).collect();
-        all.extend(
-            (0..self.counts.services as usize)
-                .map(|i| self.service_record_at(i) + offset_of!(ServiceRecord, component)),
-        );
-        all
-    }
-
-    /// Offset of every channel: the two instance-wide ones, then each service's.
-    pub fn channel_offsets(&self) -> Vec<usize> {
-        let mut all = vec![
-            self.sync + offset_of!(SyncBlock, to_coordinator),
-            self.sync + offset_of!(SyncBlock, to_manager),
-        ];
-        all.extend(
-            (0..self.counts.services as usize)
-                .map(|i| self.service_record_at(i) + offset_of!(ServiceRecord, inbox)),
-        );
-        all
+        ]
+        .iter()
+        .map(|o| self.sync + o)
+        .collect()
     }
 }
 
@@ -350,11 +365,10 @@ pub fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
 }
 
 // The record sizes the layout documentation and the ABI check rely on
-// (x86_64 / aarch64 glibc: pthread_mutex_t is 40 bytes, sem_t 32).
-const _: () = assert!(size_of::<Header>() == 136);
-const _: () = assert!(size_of::<InstanceRecord>() == 80);
+// (x86_64 / aarch64 glibc: pthread_mutex_t is 40 bytes).
+const _: () = assert!(size_of::<Header>() == 128);
+const _: () = assert!(size_of::<InstanceRecord>() == 112);
 const _: () = assert!(size_of::<ServiceStaticRecord>() == 88);
-const _: () = assert!(size_of::<ChannelCell>() == size_of::<libc::sem_t>() + 8);
 const _: () = assert!(size_of::<RobustMutex>() == size_of::<libc::pthread_mutex_t>());
 
 #[cfg(test)]
@@ -373,12 +387,11 @@ mod tests {
     #[test]
     fn empty_layout() {
         let l = Layout::compute(counts(0, 0, 0, 0)).unwrap();
-        assert_eq!(l.sync, 192); // 136 rounded up to 64
+        assert_eq!(l.sync, 128); // 128, a multiple of 64
         assert!(l.instance >= l.sync + size_of::<SyncBlock>());
         assert_eq!(l.service_static, l.startup);
         assert_eq!(l.total_size, l.config_blob);
-        assert_eq!(l.mutex_offsets().len(), 5);
-        assert_eq!(l.channel_offsets().len(), 2);
+        assert_eq!(l.mutex_offsets().len(), 4);
     }
 
     #[test]
@@ -400,8 +413,7 @@ mod tests {
             assert_eq!(b % REGION_ALIGN, 0);
         }
         assert_eq!(l.total_size, l.config_blob + 1000);
-        assert_eq!(l.mutex_offsets().len(), 5 + 3);
-        assert_eq!(l.channel_offsets().len(), 2 + 3);
+        assert_eq!(l.mutex_offsets().len(), 4);
         let rec = l.service_record_at(2);
         assert_eq!(rec, l.state_table + 2 * size_of::<ServiceRecord>());
         assert!(rec + size_of::<ServiceRecord>() <= l.config_blob);

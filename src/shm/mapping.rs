@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use nix::sys::mman::{MapFlags, ProtFlags};
 
 use super::robust::{
-    Channel, ChannelCell, Deadline, FutexWait, MutexError, RobustMutex, Semaphore, SemaphoreError,
-    SharedMutex, ThreadRobustList, futex_wait_raw, futex_wake_raw,
+    Deadline, FutexWait, MutexError, RobustMutex, SharedMutex, ThreadRobustList, futex_wait_raw,
+    futex_wake_raw,
 };
 
 /// Types that may be viewed in place in the mapped segment.
@@ -53,10 +53,6 @@ unsafe impl Shared for AtomicU64 {}
 // pattern is a value; Rust never reads it, it only passes its address to the
 // pthread functions, which are made for concurrent use across processes.
 unsafe impl Shared for RobustMutex {}
-// SAFETY: as for RobustMutex, with sem_t and the sem_* functions.
-unsafe impl Shared for Semaphore {}
-// SAFETY: repr(C) of a Semaphore and an AtomicU64, both Shared.
-unsafe impl Shared for ChannelCell {}
 // SAFETY: an array of Shared elements is Shared element by element.
 unsafe impl<T: Shared, const N: usize> Shared for [T; N] {}
 
@@ -181,12 +177,6 @@ impl Mapping {
     pub(crate) fn mutex(self: &Arc<Self>, offset: usize) -> Option<SharedMutex> {
         let ptr = self.checked::<RobustMutex>(offset, 1)?;
         Some(SharedMutex::new(Arc::clone(self), ptr))
-    }
-
-    /// An owning handle on the channel at `offset`.
-    pub(crate) fn channel(self: &Arc<Self>, offset: usize) -> Option<Channel> {
-        let ptr = self.checked::<ChannelCell>(offset, 1)?;
-        Some(Channel::new(Arc::clone(self), ptr))
     }
 }
 
@@ -445,13 +435,9 @@ impl Unpublished {
         &self.map
     }
 
-    /// Initialise the robust mutexes and channels at the given offsets, once.
+    /// Initialise the robust mutexes at the given offsets, once.
     /// Panics if an offset is out of bounds or misaligned (a layout bug).
-    pub(crate) fn init_sync(
-        &mut self,
-        mutexes: &[usize],
-        channels: &[usize],
-    ) -> Result<(), InitError> {
+    pub(crate) fn init_sync(&mut self, mutexes: &[usize]) -> Result<(), InitError> {
         assert!(
             !self.sync_initialised,
             "synchronisation objects initialised twice"
@@ -473,14 +459,6 @@ impl Unpublished {
             // exactly once (the flag above).
             unsafe { m.init() }.map_err(InitError::Mutex)?;
         }
-        for &offset in channels {
-            let c = self
-                .map
-                .get::<ChannelCell>(offset)
-                .expect("channel offset inside the new mapping");
-            // SAFETY: as for the mutexes.
-            unsafe { c.init() }.map_err(InitError::Semaphore)?;
-        }
         Ok(())
     }
 
@@ -501,8 +479,6 @@ impl Unpublished {
 pub(crate) enum InitError {
     #[error("initialising a robust mutex: {0}")]
     Mutex(MutexError),
-    #[error("initialising a semaphore: {0}")]
-    Semaphore(SemaphoreError),
 }
 
 /// Gives the unnamed file `fd` (made with `O_TMPFILE`) its name, exclusively: `AlreadyExists`

@@ -5,8 +5,8 @@
 //!
 //! - [`segment`]: creating, opening (with every check), probing and reclaiming
 //!   an instance's segment; typed accessors; the state writer and readers.
-//! - [`robust`]: the robust mutex ([`SharedMutex`], [`MutexGuard`]), the
-//!   channels ([`Channel`]) and monotonic deadlines; all pthread/semaphore FFI.
+//! - [`robust`]: the robust mutex ([`SharedMutex`], [`MutexGuard`]), the futex words of
+//!   the service API and monotonic deadlines; all pthread and futex FFI.
 //! - `mapping` (private): the raw mapping and the only casts from bytes.
 //! - [`layout`]: the versioned `#[repr(C)]` layout and its size computation.
 //! - [`state`]: the typed values stored in the segment.
@@ -22,14 +22,13 @@ pub mod robust;
 pub mod segment;
 pub mod state;
 
-pub use robust::{
-    Acquired, Channel, Deadline, MutexError, MutexGuard, SemaphoreError, SharedMutex, monotonic_ms,
-};
+pub use robust::{Acquired, Deadline, MutexError, MutexGuard, SharedMutex, monotonic_ms};
 pub use segment::{
     GaveUp, InstanceStatus, Probe, Reclaimed, Role, SHM_DIR, Segment, SegmentSpec, ServiceStatic,
     ServiceStatus, ShmError, StateWriter, Survivor, segment_os_id, segment_path,
     validate_instance_name,
 };
 pub use state::{
-    ChannelId, GiveUpReason, InstanceState, LastExit, MutexId, ServiceState, UnknownValue,
+    FailureCode, GiveUpReason, InstanceProgress, InstanceState, LastExit, MutexId, ServiceProgress,
+    ServiceState, Stage, StopIntent, StopKind, UnknownValue, Want,
 };

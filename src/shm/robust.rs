@@ -1,6 +1,6 @@
-//! Robust, process-shared pthread mutexes and process-shared semaphores that
-//! live inside the mapped segment, and the monotonic-clock deadlines their
-//! timed waits use. All the pthread/semaphore FFI of ccmgr is here.
+//! Robust, process-shared pthread mutexes that live inside the mapped segment,
+//! the futex words of the service API, and the monotonic-clock deadlines their
+//! timed waits use. All the pthread and futex FFI of ccmgr is here.
 //!
 //! # Robust mutexes
 //! A [`RobustMutex`] is a `pthread_mutex_t` initialised `PTHREAD_PROCESS_SHARED`,
@@ -28,12 +28,6 @@
 //!   therefore owns a reference to the mapping: even a guard given to
 //!   [`MutexGuard::hold_until_exit`] keeps the mapping for the process's life.
 //!
-//! # Semaphores and channels
-//! A POSIX semaphore has no owner, so a process that dies around it cannot
-//! wedge it (at worst a post is lost with its sender). A [`Channel`] pairs one
-//! with a word of message bits: senders OR bits in and post; the receiver waits
-//! and takes all the bits at once.
-//!
 //! # Futex words and a thread's own robust list
 //! The service API ([`crate::shm::api`]) uses bare futex words instead of pthread mutexes
 //! where other users' processes are involved: `futex_wait`/`futex_wake` (and the raw
@@ -47,7 +41,7 @@ use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::ptr::{self, NonNull};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -57,18 +51,13 @@ use super::mapping::Mapping;
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 compile_error!(
     "ccmgr's shared-memory substrate needs glibc >= 2.30 on Linux \
-     (pthread_mutex_clocklock, sem_clockwait, robust process-shared mutexes)"
+     (pthread_mutex_clocklock, robust process-shared mutexes)"
 );
 
-// glibc >= 2.30 exports both; the `libc` crate (0.2.191) does not declare them.
+// glibc >= 2.30 exports it; the `libc` crate (0.2.191) does not declare it.
 unsafe extern "C" {
     fn pthread_mutex_clocklock(
         mutex: *mut libc::pthread_mutex_t,
-        clockid: libc::clockid_t,
-        abstime: *const libc::timespec,
-    ) -> libc::c_int;
-    fn sem_clockwait(
-        sem: *mut libc::sem_t,
         clockid: libc::clockid_t,
         abstime: *const libc::timespec,
     ) -> libc::c_int;
@@ -478,252 +467,6 @@ impl fmt::Debug for MutexGuard {
                 &format_args!("{:#x}", self.mutex.as_ptr() as usize),
             )
             .field("acquired", &self.acquired)
-            .finish()
-    }
-}
-
-/// Why a semaphore operation failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SemaphoreError {
-    /// The count would exceed `SEM_VALUE_MAX`: no one has been receiving.
-    #[error("the semaphore's count is at its maximum: its receiver is not reading")]
-    Overflow,
-    /// Any other failure, with its errno.
-    #[error("{op} failed: {errno}")]
-    Os {
-        /// The C function that failed.
-        op: &'static str,
-        /// Its error.
-        errno: Errno,
-    },
-}
-
-/// A process-shared POSIX semaphore as it lies in the segment.
-#[repr(C)]
-pub struct Semaphore {
-    inner: UnsafeCell<libc::sem_t>,
-}
-
-// SAFETY: a process-shared semaphore is made for concurrent use by many threads
-// and processes; all access goes through the sem_* functions.
-unsafe impl Sync for Semaphore {}
-// SAFETY: plain memory without thread affinity.
-unsafe impl Send for Semaphore {}
-
-/// The outcome of a wait that may end without the semaphore.
-enum Waited {
-    Decremented,
-    TimedOut,
-}
-
-impl Semaphore {
-    /// Initialise with count 0, shared between processes.
-    ///
-    /// # Safety
-    /// As for [`RobustMutex::init`]: no one else may use this memory yet.
-    pub(crate) unsafe fn init(&self) -> Result<(), SemaphoreError> {
-        // SAFETY: `inner` is valid, aligned memory for a sem_t; the caller
-        // guarantees exclusive access. pshared = 1 makes it process-shared.
-        let rc = unsafe { libc::sem_init(self.inner.get(), 1, 0) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(SemaphoreError::Os {
-                op: "sem_init",
-                errno: Errno::last(),
-            })
-        }
-    }
-
-    fn post(&self) -> Result<(), SemaphoreError> {
-        // SAFETY: `inner` is valid while `self` is borrowed; sem_post is safe to
-        // call concurrently (it is even async-signal-safe).
-        let rc = unsafe { libc::sem_post(self.inner.get()) };
-        if rc == 0 {
-            return Ok(());
-        }
-        match Errno::last() {
-            Errno::EOVERFLOW => Err(SemaphoreError::Overflow),
-            errno => Err(SemaphoreError::Os {
-                op: "sem_post",
-                errno,
-            }),
-        }
-    }
-
-    fn wait(&self) -> Result<(), SemaphoreError> {
-        loop {
-            // SAFETY: as in `post`.
-            let rc = unsafe { libc::sem_wait(self.inner.get()) };
-            if rc == 0 {
-                return Ok(());
-            }
-            match Errno::last() {
-                Errno::EINTR => continue,
-                errno => {
-                    return Err(SemaphoreError::Os {
-                        op: "sem_wait",
-                        errno,
-                    });
-                }
-            }
-        }
-    }
-
-    fn try_wait(&self) -> Result<bool, SemaphoreError> {
-        loop {
-            // SAFETY: as in `post`.
-            let rc = unsafe { libc::sem_trywait(self.inner.get()) };
-            if rc == 0 {
-                return Ok(true);
-            }
-            match Errno::last() {
-                Errno::EAGAIN => return Ok(false),
-                Errno::EINTR => continue,
-                errno => {
-                    return Err(SemaphoreError::Os {
-                        op: "sem_trywait",
-                        errno,
-                    });
-                }
-            }
-        }
-    }
-
-    fn wait_until(&self, deadline: Deadline) -> Result<Waited, SemaphoreError> {
-        let ts = deadline.timespec();
-        loop {
-            // SAFETY: as in `post`; `ts` is a normalised timespec that outlives
-            // the call.
-            let rc = unsafe { sem_clockwait(self.inner.get(), libc::CLOCK_MONOTONIC, &ts) };
-            if rc == 0 {
-                return Ok(Waited::Decremented);
-            }
-            match Errno::last() {
-                Errno::ETIMEDOUT => return Ok(Waited::TimedOut),
-                // The deadline is absolute: retrying after a signal keeps it.
-                Errno::EINTR => continue,
-                errno => {
-                    return Err(SemaphoreError::Os {
-                        op: "sem_clockwait",
-                        errno,
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// A one-way channel as it lies in the segment: a semaphore and a word of
-/// message bits.
-#[repr(C)]
-pub struct ChannelCell {
-    sem: Semaphore,
-    bits: AtomicU64,
-}
-
-impl ChannelCell {
-    /// # Safety
-    /// As for [`RobustMutex::init`].
-    pub(crate) unsafe fn init(&self) -> Result<(), SemaphoreError> {
-        self.bits.store(0, Ordering::Relaxed);
-        // SAFETY: forwarded from the caller.
-        unsafe { self.sem.init() }
-    }
-}
-
-/// An owning handle on a one-way channel in the segment, carrying flag bits
-/// (the meaning of each bit is the protocol's). Any number of senders; one
-/// receiver at a time (messages are taken, not broadcast).
-#[derive(Clone)]
-pub struct Channel {
-    /// Keeps the mapping (and so the channel) mapped.
-    _mapping: Arc<Mapping>,
-    cell: NonNull<ChannelCell>,
-}
-
-// SAFETY: as for SharedMutex: an Arc of a Send + Sync mapping and a pointer to
-// a Sync cell inside it.
-unsafe impl Send for Channel {}
-// SAFETY: as above.
-unsafe impl Sync for Channel {}
-
-impl Channel {
-    /// Only the mapping makes handles, after checking bounds and alignment.
-    pub(crate) fn new(map: Arc<Mapping>, cell: NonNull<ChannelCell>) -> Channel {
-        Channel {
-            _mapping: map,
-            cell,
-        }
-    }
-
-    fn cell(&self) -> &ChannelCell {
-        // SAFETY: checked to lie inside the mapping, aligned, when the handle was
-        // made; `self._mapping` keeps the mapping alive while `self` is borrowed.
-        unsafe { self.cell.as_ref() }
-    }
-
-    /// Set `bits` (must not be 0) and wake the receiver.
-    pub fn send(&self, bits: u64) -> Result<(), SemaphoreError> {
-        debug_assert!(bits != 0, "a message needs at least one bit");
-        let cell = self.cell();
-        cell.bits.fetch_or(bits, Ordering::Release);
-        cell.sem.post()
-    }
-
-    fn take(&self) -> u64 {
-        self.cell().bits.swap(0, Ordering::Acquire)
-    }
-
-    /// Block until a message arrives; return all bits sent since the last receive.
-    pub fn recv(&self) -> Result<u64, SemaphoreError> {
-        loop {
-            self.cell().sem.wait()?;
-            // A post whose bits an earlier receive already took yields 0: wait on.
-            match self.take() {
-                0 => continue,
-                bits => return Ok(bits),
-            }
-        }
-    }
-
-    /// Take pending bits without blocking; `None` if there are none.
-    pub fn try_recv(&self) -> Result<Option<u64>, SemaphoreError> {
-        while self.cell().sem.try_wait()? {
-            match self.take() {
-                0 => continue,
-                bits => return Ok(Some(bits)),
-            }
-        }
-        Ok(None)
-    }
-
-    /// Block for at most `timeout` on `CLOCK_MONOTONIC`; `None` if nothing came.
-    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<u64>, SemaphoreError> {
-        self.recv_until(Deadline::after(timeout))
-    }
-
-    /// Block until the deadline at most; `None` if nothing came.
-    pub fn recv_until(&self, deadline: Deadline) -> Result<Option<u64>, SemaphoreError> {
-        loop {
-            match self.cell().sem.wait_until(deadline)? {
-                Waited::TimedOut => return Ok(None),
-                Waited::Decremented => match self.take() {
-                    0 => continue,
-                    bits => return Ok(Some(bits)),
-                },
-            }
-        }
-    }
-}
-
-impl fmt::Debug for Channel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Channel")
-            .field(
-                "address",
-                &format_args!("{:#x}", self.cell.as_ptr() as usize),
-            )
             .finish()
     }
 }

@@ -19,14 +19,14 @@ use nix::sys::stat::Mode;
 
 use super::layout::{
     Counts, Header, InstanceRecord, LAYOUT_VERSION, Layout, MAGIC, MAX_CONFIG_BLOB, MAX_SERVICES,
-    SERVICE_ID_MAX, ServiceRecord, ServiceStaticRecord, SyncBlock, fnv1a64,
+    PROGRESS_ASKED, PROGRESS_KILLED, PROGRESS_START_TIMED_OUT, SERVICE_ID_MAX, ServiceRecord,
+    ServiceStaticRecord, SyncBlock, fnv1a64,
 };
 use super::mapping::{Access, CreateStep, Mapping, Unpublished};
-use super::robust::{
-    Channel, ChannelCell, MutexError, MutexGuard, RobustMutex, SemaphoreError, SharedMutex,
-};
+use super::robust::{MutexError, MutexGuard, RobustMutex, SharedMutex};
 use super::state::{
-    ChannelId, GiveUpReason, InstanceState, LastExit, MutexId, ServiceState, UnknownValue,
+    FailureCode, GiveUpReason, InstanceProgress, InstanceState, LastExit, MutexId, ServiceProgress,
+    ServiceState, Stage, StopIntent, StopKind, UnknownValue, Want,
 };
 use crate::process_identity::ProcessIdentity;
 
@@ -225,17 +225,6 @@ pub enum ShmError {
         #[source]
         source: MutexError,
     },
-    /// A channel operation failed.
-    #[error("instance {instance}: {which}: {source}")]
-    Channel {
-        /// The instance.
-        instance: String,
-        /// Which channel.
-        which: ChannelId,
-        /// The error.
-        #[source]
-        source: SemaphoreError,
-    },
 }
 
 fn pid_text(pid: &Option<i32>) -> String {
@@ -247,11 +236,7 @@ fn pid_text(pid: &Option<i32>) -> String {
 
 /// Check an instance name: 1 to 64 characters from `[A-Za-z0-9_.-]`.
 pub fn validate_instance_name(name: &str) -> Result<(), ShmError> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+    if crate::vocab::is_valid_instance_name(name) {
         Ok(())
     } else {
         Err(ShmError::InvalidInstanceName {
@@ -368,8 +353,7 @@ pub enum Role {
 pub struct Survivor {
     /// What it is to the instance.
     pub role: Role,
-    /// Its identity, if recorded (a service holding its component mutex may
-    /// not have been recorded yet).
+    /// Its identity (the probe finds survivors by their recorded identities).
     pub process: Option<ProcessIdentity>,
 }
 
@@ -384,7 +368,7 @@ impl fmt::Display for Survivor {
         }
         match self.process {
             Some(p) => write!(f, " (pid {})", p.pid),
-            None => f.write_str(" (holding its component mutex)"),
+            None => f.write_str(" (pid not recorded)"),
         }
     }
 }
@@ -445,6 +429,15 @@ impl fmt::Debug for Segment {
 /// Identity fields as stored: pid 0 (or negative) means none.
 fn identity(pid: i32, start_time: u64) -> Option<ProcessIdentity> {
     (pid > 0).then_some(ProcessIdentity { pid, start_time })
+}
+
+/// An optional time stored plus one, so that a zeroed record means "none".
+fn to_ms1(ms: Option<u64>) -> u64 {
+    ms.map_or(0, |ms| ms.saturating_add(1))
+}
+
+fn from_ms1(word: u64) -> Option<u64> {
+    word.checked_sub(1)
 }
 
 fn read_bytes(bytes: &[AtomicU8]) -> Vec<u8> {
@@ -673,7 +666,7 @@ impl Segment {
             )
         })?;
         fresh
-            .init_sync(&layout.mutex_offsets(), &layout.channel_offsets())
+            .init_sync(&layout.mutex_offsets())
             .map_err(|e| io_error("initialising", io::Error::other(e.to_string())))?;
 
         let seg = Segment {
@@ -730,7 +723,6 @@ impl Segment {
         h.config_blob_checksum
             .store(fnv1a64(spec.config_blob.iter().copied()), r);
         h.mutex_size.store(size_of::<RobustMutex>() as u32, r);
-        h.channel_size.store(size_of::<ChannelCell>() as u32, r);
         h.service_record_size
             .store(size_of::<ServiceRecord>() as u32, r);
         h.service_static_size
@@ -935,11 +927,6 @@ impl Segment {
                 size_of::<RobustMutex>(),
             ),
             (
-                "channel",
-                header.channel_size.load(Ordering::Relaxed),
-                size_of::<ChannelCell>(),
-            ),
-            (
                 "service record",
                 header.service_record_size.load(Ordering::Relaxed),
                 size_of::<ServiceRecord>(),
@@ -1053,7 +1040,7 @@ impl Segment {
         Self::remove(&self.instance)
     }
 
-    // ----- mutexes and channels ----------------------------------------------
+    // ----- mutexes ------------------------------------------------------------
 
     /// An owning handle on one of the segment's mutexes.
     pub fn mutex(&self, id: MutexId) -> Result<SharedMutex, ShmError> {
@@ -1061,33 +1048,12 @@ impl Segment {
             MutexId::Manager => self.layout.sync + offset_of!(SyncBlock, manager),
             MutexId::Daemon => self.layout.sync + offset_of!(SyncBlock, daemon),
             MutexId::DaemonStandby => self.layout.sync + offset_of!(SyncBlock, daemon_standby),
-            MutexId::DaemonComponent => self.layout.sync + offset_of!(SyncBlock, daemon_component),
             MutexId::Shm => self.layout.sync + offset_of!(SyncBlock, shm),
-            MutexId::Component(i) => {
-                self.check_index(i)?;
-                self.layout.service_record_at(i) + offset_of!(ServiceRecord, component)
-            }
         };
         Ok(self
             .map
             .mutex(offset)
             .expect("mutex offsets checked at open"))
-    }
-
-    /// An owning handle on one of the segment's channels.
-    pub fn channel(&self, id: ChannelId) -> Result<Channel, ShmError> {
-        let offset = match id {
-            ChannelId::ToCoordinator => self.layout.sync + offset_of!(SyncBlock, to_coordinator),
-            ChannelId::ToManager => self.layout.sync + offset_of!(SyncBlock, to_manager),
-            ChannelId::ToService(i) => {
-                self.check_index(i)?;
-                self.layout.service_record_at(i) + offset_of!(ServiceRecord, inbox)
-            }
-        };
-        Ok(self
-            .map
-            .channel(offset)
-            .expect("channel offsets checked at open"))
     }
 
     // ----- the config image --------------------------------------------------
@@ -1321,6 +1287,90 @@ impl Segment {
         })
     }
 
+    /// Service `index`'s progress (the engine's intent), read consistently.
+    pub fn service_progress(&self, index: usize) -> Result<ServiceProgress, ShmError> {
+        let rec = self.service_record(index)?;
+        let r = Ordering::Relaxed;
+        let ([want, stage, flags, streak, exited], [since, deadline, started, not_before, failed]) =
+            self.read_consistent(|| {
+                (
+                    [
+                        rec.want.load(r),
+                        rec.stage.load(r),
+                        rec.progress_flags.load(r),
+                        rec.streak.load(r),
+                        rec.exited_pid.load(r) as u32,
+                    ],
+                    [
+                        rec.process_since_ms.load(r),
+                        rec.deadline_ms1.load(r),
+                        rec.started_at_ms1.load(r),
+                        rec.not_before_ms.load(r),
+                        rec.last_failure_ms1.load(r),
+                    ],
+                )
+            })?;
+        let what = format!("service #{index}");
+        Ok(ServiceProgress {
+            want: Want::try_from(want).map_err(|e| self.unknown(&what, e))?,
+            stage: Stage::try_from(stage).map_err(|e| self.unknown(&what, e))?,
+            killed: flags & PROGRESS_KILLED != 0,
+            start_timed_out: flags & PROGRESS_START_TIMED_OUT != 0,
+            asked: flags & PROGRESS_ASKED != 0,
+            process_since_ms: since,
+            deadline_ms: from_ms1(deadline),
+            started_at_ms: from_ms1(started),
+            not_before_ms: not_before,
+            streak,
+            last_failure_ms: from_ms1(failed),
+            exited_pid: (exited as i32 > 0).then_some(exited as i32),
+        })
+    }
+
+    /// The instance's progress (why it is stopping, the sequence deadline), read consistently.
+    pub fn instance_progress(&self) -> Result<InstanceProgress, ShmError> {
+        let inst = self.instance_record();
+        let r = Ordering::Relaxed;
+        let ([kind, service, failure, restarts], [exit, deadline]) =
+            self.read_consistent(|| {
+                (
+                    [
+                        inst.stop_kind.load(r),
+                        inst.stop_service.load(r),
+                        inst.stop_failure.load(r),
+                        inst.stop_restarts.load(r),
+                    ],
+                    [inst.stop_exit.load(r), inst.sequence_deadline_ms1.load(r)],
+                )
+            })?;
+        let what = "the instance record";
+        let stopping_for = match kind {
+            0 => None,
+            kind => Some(StopIntent {
+                kind: StopKind::try_from(kind).map_err(|e| self.unknown(what, e))?,
+                service: match service {
+                    u32::MAX => None,
+                    s if (s as usize) < self.service_count() => Some(s as usize),
+                    s => {
+                        return Err(self.corrupt(format!(
+                            "the instance is stopping for service #{s}, beyond the service count"
+                        )));
+                    }
+                },
+                failure: match failure {
+                    0 => None,
+                    f => Some(FailureCode::try_from(f).map_err(|e| self.unknown(what, e))?),
+                },
+                exit: LastExit::decode(exit).map_err(|e| self.unknown(what, e))?,
+                restarts,
+            }),
+        };
+        Ok(InstanceProgress {
+            stopping_for,
+            sequence_deadline_ms: from_ms1(deadline),
+        })
+    }
+
     /// Lock the shared-memory mutex to change the state table or the instance
     /// record. The generation is odd until the writer is dropped.
     pub fn write(&self) -> Result<StateWriter<'_>, ShmError> {
@@ -1415,16 +1465,7 @@ impl Segment {
             .collect();
         for i in 0..self.service_count() {
             let recorded = self.service_process(i)?.filter(ProcessIdentity::is_alive);
-            let holds_component = match self.mutex(MutexId::Component(i))?.try_lock() {
-                Ok(Some(guard)) => {
-                    drop(guard);
-                    false
-                }
-                Ok(None) => true,
-                Err(MutexError::NotRecoverable) => false,
-                Err(e) => return Err(self.mutex_error(MutexId::Component(i), e)),
-            };
-            if recorded.is_some() || holds_component {
+            if recorded.is_some() {
                 survivors.push(Survivor {
                     role: Role::Service(i),
                     process: recorded,
@@ -1626,6 +1667,58 @@ impl StateWriter<'_> {
         self.record(index)?
             .last_exit
             .store(LastExit::encode(exit), Ordering::Relaxed);
+        Ok(())
+    }
+    /// Record the engine's progress on service `index`.
+    pub fn set_service_progress(&self, index: usize, p: &ServiceProgress) -> Result<(), ShmError> {
+        let rec = self.record(index)?;
+        let r = Ordering::Relaxed;
+        let flags = [
+            (p.killed, PROGRESS_KILLED),
+            (p.start_timed_out, PROGRESS_START_TIMED_OUT),
+            (p.asked, PROGRESS_ASKED),
+        ]
+        .iter()
+        .filter(|(set, _)| *set)
+        .fold(0, |acc, (_, bit)| acc | bit);
+        rec.want.store(p.want.as_u32(), r);
+        rec.stage.store(p.stage.as_u32(), r);
+        rec.progress_flags.store(flags, r);
+        rec.streak.store(p.streak, r);
+        rec.process_since_ms.store(p.process_since_ms, r);
+        rec.deadline_ms1.store(to_ms1(p.deadline_ms), r);
+        rec.started_at_ms1.store(to_ms1(p.started_at_ms), r);
+        rec.not_before_ms.store(p.not_before_ms, r);
+        rec.last_failure_ms1.store(to_ms1(p.last_failure_ms), r);
+        rec.exited_pid.store(p.exited_pid.unwrap_or(0), r);
+        Ok(())
+    }
+
+    /// Record the engine's progress on the instance.
+    pub fn set_instance_progress(&self, p: &InstanceProgress) -> Result<(), ShmError> {
+        let i = self.instance();
+        let r = Ordering::Relaxed;
+        let (kind, service, failure, exit, restarts) = match p.stopping_for {
+            None => (0, u32::MAX, 0, None, 0),
+            Some(s) => {
+                let service = match s.service {
+                    None => u32::MAX,
+                    Some(index) => {
+                        self.seg.check_index(index)?;
+                        index as u32
+                    }
+                };
+                let failure = s.failure.map_or(0, FailureCode::as_u32);
+                (s.kind.as_u32(), service, failure, s.exit, s.restarts)
+            }
+        };
+        i.stop_kind.store(kind, r);
+        i.stop_service.store(service, r);
+        i.stop_failure.store(failure, r);
+        i.stop_restarts.store(restarts, r);
+        i.stop_exit.store(LastExit::encode(exit), r);
+        i.sequence_deadline_ms1
+            .store(to_ms1(p.sequence_deadline_ms), r);
         Ok(())
     }
 }

@@ -1,94 +1,114 @@
 //! The typed values stored as integers in the segment: service and instance
-//! states, the last exit status, the reason an instance gave up, and the names
-//! of the mutexes and channels. Each conversion from the stored integer rejects
+//! states, the last exit status, the engine's progress (process stage, stop
+//! reason), the reason an instance gave up, and the names of the mutexes. Each conversion from the stored integer rejects
 //! values it does not know.
 
 use std::fmt;
 
-/// A stored integer that is not a value of the type it should hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{value} is not a valid {what}")]
-pub struct UnknownValue {
-    /// The type expected ("service state", ...).
-    pub what: &'static str,
-    /// The value found.
-    pub value: u64,
-}
-
-macro_rules! stored_enum {
-    (
-        $(#[$meta:meta])*
-        pub enum $name:ident as $what:literal {
-            $( $(#[$vmeta:meta])* $variant:ident = $value:literal => $text:literal ),* $(,)?
-        }
-    ) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        #[repr(u32)]
-        pub enum $name {
-            $( $(#[$vmeta])* $variant = $value ),*
-        }
-
-        impl $name {
-            /// Every value, in numeric order.
-            pub const ALL: &'static [$name] = &[$($name::$variant),*];
-
-            /// The integer stored in the segment.
-            pub fn as_u32(self) -> u32 {
-                self as u32
-            }
-        }
-
-        impl TryFrom<u32> for $name {
-            type Error = UnknownValue;
-            fn try_from(value: u32) -> Result<Self, UnknownValue> {
-                match value {
-                    $( $value => Ok($name::$variant), )*
-                    _ => Err(UnknownValue { what: $what, value: u64::from(value) }),
-                }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(match self { $( $name::$variant => $text ),* })
-            }
-        }
-    };
-}
+use crate::vocab::stored_enum;
+pub use crate::vocab::{InstanceState, LastExit, ServiceState, UnknownValue, Want};
 
 stored_enum! {
-    /// The state of one service. A zeroed record reads as `Stopped`.
-    pub enum ServiceState as "service state" {
-        /// Not running.
+    /// Where a service's process is, as the engine sees it (`engine::Process`). A zeroed
+    /// record reads as `Stopped`.
+    pub enum Stage as "process stage" {
+        /// No process; stopped.
         Stopped = 0 => "stopped",
-        /// Started, not yet ready.
-        Starting = 1 => "starting",
-        /// Running and ready.
-        Up = 2 => "up",
-        /// Being shut down.
-        Stopping = 3 => "stopping",
-        /// Given up on.
-        Failed = 4 => "failed",
+        /// No process; its last run failed.
+        Failed = 1 => "failed",
+        /// No process; a one-shot task that finished (up).
+        Finished = 2 => "finished",
+        /// A spawn was asked for and not yet answered.
+        Spawning = 3 => "spawning",
+        /// Running, not yet ready.
+        Waiting = 4 => "waiting",
+        /// Running and ready, not yet up for its min_uptime.
+        Settling = 5 => "settling",
+        /// Running and up.
+        Up = 6 => "up",
+        /// Told to stop (or killed).
+        Stopping = 7 => "stopping",
     }
 }
 
 stored_enum! {
-    /// The state of the instance. A zeroed record reads as `Initializing`.
-    pub enum InstanceState as "instance state" {
-        /// The coordinator is reading the config and starting services in order.
-        Initializing = 0 => "initializing",
-        /// Everything is up; the coordinator watches.
-        Steady = 1 => "steady",
-        /// A failure sequence, or the standby taking over.
-        Recovery = 2 => "recovery",
-        /// Stopping in shutdown order.
-        Stopping = 3 => "stopping",
-        /// Stopped cleanly.
-        Stopped = 4 => "stopped",
-        /// Gave up (see the give-up reason).
-        Failed = 5 => "failed",
+    /// Why the stack is stopping.
+    pub enum StopKind as "stop reason" {
+        /// Someone asked.
+        Requested = 1 => "requested",
+        /// The startup sequence failed.
+        StartupFailed = 2 => "startup failed",
+        /// Too many restarts.
+        GaveUp = 3 => "gave up",
     }
+}
+
+stored_enum! {
+    /// How the service a stop is blamed on failed.
+    pub enum FailureCode as "failure kind" {
+        /// Its process ended (the exit is stored beside).
+        Exited = 1 => "exited",
+        /// It could not be started (the reason in words is not kept).
+        SpawnFailed = 2 => "spawn failed",
+        /// It was not ready within its startup timeout.
+        StartTimeout = 3 => "start timeout",
+        /// The whole startup sequence timed out.
+        SequenceTimeout = 4 => "sequence timeout",
+    }
+}
+
+/// The engine's progress on one service, as stored: what a coordinator taking over needs to
+/// continue it. Times are monotonic milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceProgress {
+    /// What the stack wants of it.
+    pub want: Want,
+    /// Where its process is.
+    pub stage: Stage,
+    /// SIGKILL was sent to its process.
+    pub killed: bool,
+    /// Its process is being killed for not being ready in time.
+    pub start_timed_out: bool,
+    /// It was asked to shut down through the service API.
+    pub asked: bool,
+    /// When its running process started.
+    pub process_since_ms: u64,
+    /// The deadline of its stage (readiness, min_uptime, SIGKILL).
+    pub deadline_ms: Option<u64>,
+    /// When its current or last process started.
+    pub started_at_ms: Option<u64>,
+    /// Not to be started before this.
+    pub not_before_ms: u64,
+    /// Failures in a row without a quiet span.
+    pub streak: u32,
+    /// When it last failed.
+    pub last_failure_ms: Option<u64>,
+    /// The process whose end the last exit records.
+    pub exited_pid: Option<i32>,
+}
+
+/// Why the stack is stopping, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopIntent {
+    /// Why.
+    pub kind: StopKind,
+    /// The service whose failure it is, for a failed start or a give-up.
+    pub service: Option<usize>,
+    /// How it failed.
+    pub failure: Option<FailureCode>,
+    /// Its exit, for [`FailureCode::Exited`].
+    pub exit: Option<LastExit>,
+    /// Restarts counted, for a give-up.
+    pub restarts: u32,
+}
+
+/// The engine's progress on the instance, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InstanceProgress {
+    /// Why the stack is stopping, once it is.
+    pub stopping_for: Option<StopIntent>,
+    /// The deadline of the whole startup or shutdown sequence, monotonic milliseconds.
+    pub sequence_deadline_ms: Option<u64>,
 }
 
 stored_enum! {
@@ -103,85 +123,18 @@ stored_enum! {
     }
 }
 
-/// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LastExit {
-    /// It exited with this code.
-    Exited(i32),
-    /// A signal killed it.
-    Signaled(i32),
-}
-
-impl From<crate::spawn::ProcessExit> for LastExit {
-    fn from(exit: crate::spawn::ProcessExit) -> Self {
-        match exit {
-            crate::spawn::ProcessExit::Exited(code) => LastExit::Exited(code),
-            crate::spawn::ProcessExit::Signaled { signal, .. } => LastExit::Signaled(signal),
-        }
-    }
-}
-
-/// The stored form has no core-dump flag: read back, a signal death is one without a core.
-impl From<LastExit> for crate::spawn::ProcessExit {
-    fn from(exit: LastExit) -> Self {
-        match exit {
-            LastExit::Exited(code) => crate::spawn::ProcessExit::Exited(code),
-            LastExit::Signaled(signal) => crate::spawn::ProcessExit::Signaled {
-                signal,
-                core_dumped: false,
-            },
-        }
-    }
-}
-
-const EXIT_NONE: u64 = 0;
-const EXIT_EXITED: u64 = 1;
-const EXIT_SIGNALED: u64 = 2;
-
-impl LastExit {
-    /// One 64-bit word, stored atomically so a reader never sees a kind from one
-    /// exit and a value from another: kind in the high half (0 none, 1 exited,
-    /// 2 signaled), the value's bits in the low half.
-    pub fn encode(exit: Option<LastExit>) -> u64 {
-        match exit {
-            None => EXIT_NONE << 32,
-            Some(LastExit::Exited(code)) => (EXIT_EXITED << 32) | u64::from(code as u32),
-            Some(LastExit::Signaled(sig)) => (EXIT_SIGNALED << 32) | u64::from(sig as u32),
-        }
-    }
-
-    /// The inverse of [`encode`](Self::encode); rejects unknown kinds and a
-    /// "none" with a value.
-    pub fn decode(word: u64) -> Result<Option<LastExit>, UnknownValue> {
-        let value = (word & 0xffff_ffff) as u32 as i32;
-        match word >> 32 {
-            EXIT_NONE if value == 0 => Ok(None),
-            EXIT_EXITED => Ok(Some(LastExit::Exited(value))),
-            EXIT_SIGNALED => Ok(Some(LastExit::Signaled(value))),
-            _ => Err(UnknownValue {
-                what: "exit status",
-                value: word,
-            }),
-        }
-    }
-}
-
-impl fmt::Display for LastExit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LastExit::Exited(code) => write!(f, "exited with code {code}"),
-            LastExit::Signaled(sig) => write!(f, "killed by signal {sig}"),
-        }
-    }
-}
-
 /// Every mutex of a segment.
 ///
 /// Lock order: a thread that holds several takes them in the order of this
-/// enum (manager, daemon, daemon standby, daemon component, component mutexes
-/// by index) and the shared-memory mutex last; it never blocks on another
-/// mutex while it holds the shared-memory mutex. [`Segment::probe`] keeps to
-/// it.
+/// enum (manager, daemon, daemon standby) and the shared-memory mutex last; it
+/// never blocks on another mutex while it holds the shared-memory mutex.
+/// [`Segment::probe`] keeps to it.
+///
+/// The original design's daemon component mutex (services wait on it, then shut down in
+/// turn) and component mutexes (one per service, held while it lives) are carried by the
+/// service API's own files instead (`shm::api`: a robust futex word in the read-only control
+/// file, and a kernel byte-range lock per service in the API file), because services of
+/// other users must reach those and must never reach these.
 ///
 /// [`Segment::probe`]: super::Segment::probe
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -192,57 +145,28 @@ pub enum MutexId {
     Daemon,
     /// Held by the coordinator; the standby waits on it to see its death.
     DaemonStandby,
-    /// Held by the coordinator, released in stop and recovery; services wait on
-    /// it, then shut down in turn.
-    DaemonComponent,
     /// Guards multi-field reads and writes of the segment.
     Shm,
-    /// Held by service `n` (an index into the services) while it lives.
-    Component(usize),
 }
 
 impl MutexId {
-    /// The five named mutexes.
-    pub const NAMED: [MutexId; 5] = [
+    /// Every mutex.
+    pub const NAMED: [MutexId; 4] = [
         MutexId::Manager,
         MutexId::Daemon,
         MutexId::DaemonStandby,
-        MutexId::DaemonComponent,
         MutexId::Shm,
     ];
 }
 
 impl fmt::Display for MutexId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MutexId::Manager => f.write_str("manager mutex"),
-            MutexId::Daemon => f.write_str("daemon mutex"),
-            MutexId::DaemonStandby => f.write_str("daemon standby mutex"),
-            MutexId::DaemonComponent => f.write_str("daemon component mutex"),
-            MutexId::Shm => f.write_str("shared-memory mutex"),
-            MutexId::Component(n) => write!(f, "component mutex of service #{n}"),
-        }
-    }
-}
-
-/// Every channel of a segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ChannelId {
-    /// From the manager and the services to the coordinator.
-    ToCoordinator,
-    /// From the coordinator to the manager (startup finished or failed, ...).
-    ToManager,
-    /// From the coordinator to service `n`.
-    ToService(usize),
-}
-
-impl fmt::Display for ChannelId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ChannelId::ToCoordinator => f.write_str("channel to the coordinator"),
-            ChannelId::ToManager => f.write_str("channel to the manager"),
-            ChannelId::ToService(n) => write!(f, "channel to service #{n}"),
-        }
+        f.write_str(match self {
+            MutexId::Manager => "manager mutex",
+            MutexId::Daemon => "daemon mutex",
+            MutexId::DaemonStandby => "daemon standby mutex",
+            MutexId::Shm => "shared-memory mutex",
+        })
     }
 }
 

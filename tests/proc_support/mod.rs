@@ -43,6 +43,7 @@ pub fn service_spec(id: &str, command: &[&str]) -> ServiceSpec {
         restart: Default::default(),
         restart_delay: defaults::RESTART_DELAY,
         restart_delay_max: defaults::RESTART_DELAY_MAX,
+        min_uptime: Default::default(),
         user: None,
         group: None,
         working_dir: None,

@@ -270,21 +270,14 @@ pub fn wait_until_comm(pid: i32, comm: &str) {
 }
 
 /// Parse a mutex name as the helpers take it: `manager`, `daemon`,
-/// `daemon_standby`, `daemon_component`, `shm`, `component:N`.
+/// `daemon_standby`, `shm`.
 pub fn parse_mutex(text: &str) -> MutexId {
     match text {
         "manager" => MutexId::Manager,
         "daemon" => MutexId::Daemon,
         "daemon_standby" => MutexId::DaemonStandby,
-        "daemon_component" => MutexId::DaemonComponent,
         "shm" => MutexId::Shm,
-        other => {
-            let n = other
-                .strip_prefix("component:")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("unknown mutex {other:?}"));
-            MutexId::Component(n)
-        }
+        other => panic!("unknown mutex {other:?}"),
     }
 }
 
@@ -293,9 +286,7 @@ pub fn mutex_text(id: MutexId) -> String {
         MutexId::Manager => "manager".into(),
         MutexId::Daemon => "daemon".into(),
         MutexId::DaemonStandby => "daemon_standby".into(),
-        MutexId::DaemonComponent => "daemon_component".into(),
         MutexId::Shm => "shm".into(),
-        MutexId::Component(n) => format!("component:{n}"),
     }
 }
 
@@ -367,11 +358,7 @@ pub fn run_role_if_requested() {
         "coordinator" => {
             let (seg, starting) =
                 Segment::create(&standard_spec(&instance, 2)).expect("helper creating");
-            for id in [
-                MutexId::Daemon,
-                MutexId::DaemonStandby,
-                MutexId::DaemonComponent,
-            ] {
+            for id in [MutexId::Daemon, MutexId::DaemonStandby] {
                 seg.mutex(id).unwrap().lock().unwrap().hold_until_exit();
             }
             let me = ProcessIdentity::current().unwrap();
@@ -405,16 +392,6 @@ pub fn run_role_if_requested() {
                 .unwrap();
             say("writing");
             idle_until_stdin_closes();
-        }
-        // Send message bits on the channel to the coordinator.
-        "send" => {
-            let seg = open();
-            seg.channel(ccmgr::shm::ChannelId::ToCoordinator)
-                .unwrap()
-                .send(0b101)
-                .unwrap();
-            say("sent");
-            std::process::exit(0);
         }
         other => panic!("unknown helper role {other:?}"),
     }
