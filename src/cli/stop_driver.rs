@@ -264,6 +264,7 @@ fn record_service_params(recorded: &crate::records::RecordedService) -> ServiceP
         stop_signal: Signal::try_from(recorded.stop_signal).unwrap_or(Signal::SIGTERM),
         restart_delay: Duration::ZERO,
         restart_delay_max: Duration::ZERO,
+        min_uptime: Duration::ZERO,
         dependencies: Vec::new(),
         dependents: Vec::new(),
         cooperative: false,
@@ -463,7 +464,7 @@ pub fn stop_services(inventory: &Inventory, instance: &str) -> usize {
             wait = wait.min(Duration::from_secs(1));
         }
         let live: Vec<usize> = (0..n)
-            .filter(|&s| watched[s].is_some() && engine.slots()[s].pid.is_some())
+            .filter(|&s| watched[s].is_some() && engine.slots()[s].pid().is_some())
             .collect();
         let mut fds: Vec<PollFd> = live
             .iter()
@@ -590,7 +591,7 @@ fn driver_progress(engine: &Engine, watched: &[Option<Watched>], now: Time) -> O
         .slots()
         .iter()
         .enumerate()
-        .filter(|(_, slot)| slot.state == ServiceState::Stopping && slot.pid.is_some())
+        .filter(|(_, slot)| slot.state() == ServiceState::Stopping && slot.pid().is_some())
         .map(|(s, slot)| {
             let p = &params.services[s];
             let ago = now.saturating_sub(slot.since);
