@@ -79,6 +79,7 @@ scenarios! {
     empty_services_dir_is_valid => "empty-services-dir",
     errors_in_several_files_are_all_reported => "errors-in-several-files",
     valid_stack_with_explicit_sequences => "valid-explicit-sequences",
+    service_files_that_are_not_regular_files_are_errors => "non-regular-service-files",
 }
 
 #[test]
@@ -153,6 +154,81 @@ fn instance_and_services_dir_flags_override_the_file() {
     let out = run(&dir, &["--instance", "bad/name", "check"]);
     assert!(
         out.starts_with("exit: 2\n") && out.contains("--instance: instance name `bad/name`"),
+        "{out}"
+    );
+}
+
+/// Runs `ccmgr --config <dir>/ccmgr.toml <args>` and gives up (killing it) after 20 s: a
+/// `check` that blocks is a failure, not a hung test run.
+fn run_with_deadline(dir: &Path, args: &[&str]) -> String {
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ccmgr"))
+        .arg("--config")
+        .arg(dir.join("ccmgr.toml"))
+        .args(args)
+        .env_remove("CCMGR_CONFIG")
+        .env("PATH", "/usr/bin:/bin")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the ccmgr binary runs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ccmgr {args:?} did not finish within 20 s (blocked on a FIFO?)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "exit: {}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code().map_or("signal".into(), |c| c.to_string()),
+        String::from_utf8_lossy(&out.stdout).replace(&dir.display().to_string(), "$DIR"),
+        String::from_utf8_lossy(&out.stderr).replace(&dir.display().to_string(), "$DIR"),
+    )
+}
+
+/// A FIFO can be neither committed nor found in a scenario folder: built here. Neither a FIFO
+/// named like a service file, nor one given as `env_file`, nor one given as `--config` may
+/// block `check` or be skipped.
+#[test]
+fn fifos_are_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = |p: &Path| nix::unistd::mkfifo(p, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::fs::write(dir.path().join("ccmgr.toml"), "instance = \"fifo\"\n").unwrap();
+    let services = dir.path().join("services.d");
+    std::fs::create_dir(&services).unwrap();
+    fifo(&services.join("pipe.toml"));
+    fifo(&dir.path().join("vars.env"));
+    std::fs::write(
+        services.join("web.toml"),
+        "command = \"sleep 1\"\nenv_file = \"../vars.env\"\n",
+    )
+    .unwrap();
+    let out = run_with_deadline(dir.path(), &["check"]);
+    assert!(out.starts_with("exit: 2\n"), "{out}");
+    assert!(
+        out.contains(
+            "error: $DIR/services.d/pipe.toml: the service file is a FIFO (named pipe), not a regular file"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("web.toml:2:12: key `env_file`: `$DIR/services.d/../vars.env` is a FIFO"),
+        "{out}"
+    );
+
+    let conf = tempfile::tempdir().unwrap();
+    fifo(&conf.path().join("ccmgr.toml"));
+    let out = run_with_deadline(conf.path(), &["check"]);
+    assert!(
+        out.starts_with("exit: 2\n")
+            && out.contains("$DIR/ccmgr.toml: the configuration file is a FIFO"),
         "{out}"
     );
 }

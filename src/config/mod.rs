@@ -6,10 +6,10 @@
 //! every problem (file, line, column, key) before failing, checks references between services,
 //! builds the dependency graph and settles the startup and shutdown sequences.
 
+pub mod files;
 pub mod service;
 
 use std::collections::HashMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -154,28 +154,35 @@ impl Config {
         let Some(global) = global else {
             return Err(diags);
         };
+        // Ids of files that failed: a reference to one of them is not also "unknown".
+        let mut broken = std::collections::HashSet::new();
+        let stem = |p: &Path| {
+            p.file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        };
         let files = match service::list_service_files(&global.services_dir) {
-            Ok(files) => files,
+            Ok((files, problems)) => {
+                for d in problems {
+                    broken.extend(d.path.as_deref().map(stem));
+                    diags.push(d);
+                }
+                files
+            }
             Err(d) => {
                 diags.push(d);
                 return Err(diags);
             }
         };
         let mut parsed = Vec::with_capacity(files.len());
-        // Ids of files that failed: a reference to one of them is not also "unknown".
-        let mut broken = std::collections::HashSet::new();
         let mut programs = service::ProgramCache::default();
         for file in &files {
             match service::parse_service_file(file, &global.services_dir, &mut programs, &mut diags)
             {
                 Some(p) => parsed.push(p),
                 None => {
-                    broken.insert(
-                        file.file_stem()
-                            .unwrap_or_default()
-                            .to_string_lossy()
-                            .into_owned(),
-                    );
+                    broken.insert(stem(file));
                 }
             }
         }
@@ -320,7 +327,7 @@ fn load_global(
     let (path, explicit) = config_path(options);
     let path = absolute(&path);
     let mut spans = SequenceSpans::default();
-    let (raw, source) = match fs::read_to_string(&path) {
+    let (raw, source) = match files::read_regular(&path) {
         Ok(text) => match toml::from_str::<RawGlobal>(&text) {
             Ok(raw) => {
                 spans.path = Some(path.clone());
@@ -332,14 +339,13 @@ fn load_global(
                 return (None, spans);
             }
         },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-            (RawGlobal::default(), None)
-        }
+        Err(e) if files::is_not_found(&e) && !explicit => (RawGlobal::default(), None),
         Err(e) => {
-            diags.push(Diagnostic::in_file(
-                Some(&path),
-                format!("cannot read the configuration file: {e}"),
-            ));
+            let msg = match e {
+                files::NotRegular::Io(e) => format!("cannot read the configuration file: {e}"),
+                e => format!("the configuration file {e}"),
+            };
+            diags.push(Diagnostic::in_file(Some(&path), msg));
             return (None, spans);
         }
     };

@@ -238,13 +238,16 @@ pub(super) struct ParsedService {
 }
 
 /// The drop-in rule: `*.toml` directly in the directory, no dotfiles, no editor leftovers;
-/// `web.toml.disabled`, `web.toml~`, `.web.toml.swp` and subdirectories are ignored.
+/// `web.toml.disabled`, `web.toml~`, `.web.toml.swp` and subdirectories not named `*.toml`
+/// are ignored.
 pub fn is_service_file_name(name: &str) -> bool {
     !name.starts_with('.') && name.len() > ".toml".len() && name.ends_with(".toml")
 }
 
-/// The service files of `dir`, sorted by name so every run sees the same order.
-pub fn list_service_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
+/// The service files of `dir`, sorted by name so every run sees the same order, and an error
+/// for every entry named like a service file that is not one (see [`super::files`]): such an
+/// entry is never silently skipped, or its service would be lost without a word.
+pub fn list_service_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<Diagnostic>), Diagnostic> {
     let entries = fs::read_dir(dir).map_err(|e| {
         Diagnostic::in_file(
             Some(dir),
@@ -252,6 +255,7 @@ pub fn list_service_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
         )
     })?;
     let mut files = Vec::new();
+    let mut problems = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| {
             Diagnostic::in_file(
@@ -259,16 +263,32 @@ pub fn list_service_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
                 format!("cannot read the services directory: {e}"),
             )
         })?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
         let path = entry.path();
-        // `metadata` follows symlinks: a link to a service file elsewhere is a service file.
-        if is_service_file_name(name) && path.metadata().is_ok_and(|m| m.is_file()) {
-            files.push(path);
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            if name.as_encoded_bytes().ends_with(b".toml") {
+                problems.push(Diagnostic::in_file(
+                    Some(&path),
+                    "the file name is not valid UTF-8, so it cannot name a service",
+                ));
+            }
+            continue;
+        };
+        if !is_service_file_name(name) {
+            continue;
+        }
+        // A symlink to a regular file counts (the drop-in convention); anything else is named.
+        match super::files::check_regular(&path) {
+            Ok(()) => files.push(path),
+            Err(e) => problems.push(Diagnostic::in_file(
+                Some(&path),
+                format!("the service file {e}"),
+            )),
         }
     }
     files.sort();
-    Ok(files)
+    problems.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((files, problems))
 }
 
 /// Whether `id` may name a service: `[A-Za-z0-9_.@-]`, 1 to 64 bytes, not starting with `.`
@@ -299,12 +319,12 @@ pub(super) fn parse_service_file(
     programs: &mut ProgramCache,
     diags: &mut Diagnostics,
 ) -> Option<ParsedService> {
-    let text = match fs::read_to_string(path) {
+    let text = match super::files::read_regular(path) {
         Ok(text) => text,
         Err(e) => {
             diags.push(Diagnostic::in_file(
                 Some(path),
-                format!("cannot read the file: {e}"),
+                format!("the service file {e}"),
             ));
             return None;
         }
@@ -530,8 +550,7 @@ fn resolve_group(name: &str) -> Result<Account, String> {
 /// Reads an env file: `KEY=VALUE` lines; blank lines and `#` comments skipped; an optional
 /// `export ` prefix; a value in matching single or double quotes loses them.
 pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, String> {
-    let text =
-        fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let text = super::files::read_regular(path).map_err(|e| format!("`{}` {e}", path.display()))?;
     parse_env_text(&text).map_err(|(line, msg)| format!("{}:{line}: {msg}", path.display()))
 }
 
