@@ -80,6 +80,7 @@ scenarios! {
     errors_in_several_files_are_all_reported => "errors-in-several-files",
     valid_stack_with_explicit_sequences => "valid-explicit-sequences",
     service_files_that_are_not_regular_files_are_errors => "non-regular-service-files",
+    user_and_group_may_be_numeric_ids => "numeric-user-and-group",
 }
 
 #[test]
@@ -151,11 +152,13 @@ fn instance_and_services_dir_flags_override_the_file() {
         )),
         "{out}"
     );
-    let out = run(&dir, &["--instance", "bad/name", "check"]);
-    assert!(
-        out.starts_with("exit: 2\n") && out.contains("--instance: instance name `bad/name`"),
-        "{out}"
-    );
+    for verb in ["check", "start", "stop", "status", "graph"] {
+        let out = run(&dir, &["--instance", "bad/name", verb]);
+        assert!(
+            out.starts_with("exit: 2\n") && out.contains("--instance: instance name `bad/name`"),
+            "{verb}: a bad --instance is bad usage\n{out}"
+        );
+    }
 }
 
 /// Runs `ccmgr --config <dir>/ccmgr.toml <args>` and gives up (killing it) after 20 s: a

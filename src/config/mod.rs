@@ -18,7 +18,7 @@ use toml::Spanned;
 use crate::diag::{Diagnostic, Diagnostics, key_at};
 use crate::duration::ConfigDuration;
 use crate::graph::{EdgeKind, SequenceKind, ServiceGraph};
-pub use service::{Account, ReadyKind, RestartPolicy, ServiceSpec, SignalName};
+pub use service::{Account, AccountRef, ReadyKind, RestartPolicy, ServiceSpec, SignalName};
 
 /// Where the global config is looked for when neither `--config` nor `$CCMGR_CONFIG` is set.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ccmgr/ccmgr.toml";
@@ -101,7 +101,7 @@ struct RawGlobal {
     services_dir: Option<PathBuf>,
     log_dir: Option<PathBuf>,
     run_dir: Option<PathBuf>,
-    group: Option<Spanned<String>>,
+    group: Option<Spanned<service::AccountRef>>,
     #[serde(default)]
     coordinator: RawCoordinator,
 }
@@ -383,23 +383,17 @@ fn load_global(
     let (default_log, default_run) = default_state_dirs();
     let log_dir = raw.log_dir.as_deref().map_or(default_log, in_config_dir);
     let run_dir = raw.run_dir.as_deref().map_or(default_run, in_config_dir);
-    let group = raw.group.as_ref().and_then(|g| {
-        let found = match g.get_ref().parse::<u32>() {
-            Ok(gid) => nix::unistd::Group::from_gid(gid.into()),
-            Err(_) => nix::unistd::Group::from_name(g.get_ref()),
-        };
-        match found {
-            Ok(Some(group)) => Some(Account {
-                name: group.name,
-                id: group.gid.as_raw(),
-            }),
-            _ => {
-                let msg = format!("key `group`: no group `{}` on this machine", g.get_ref());
+    let group = raw
+        .group
+        .as_ref()
+        .and_then(|g| match service::resolve_group(g.get_ref()) {
+            Ok(group) => Some(group),
+            Err(msg) => {
+                let msg = format!("key `group`: {msg}");
                 diags.push(Diagnostic::at_span(&path, &spans.text, g.span(), msg));
                 None
             }
-        }
-    });
+        });
 
     let c = raw.coordinator;
     let defaults = CoordinatorConfig::default();
@@ -441,12 +435,16 @@ fn load_global(
 }
 
 /// Whether `name` may name an instance: `[A-Za-z0-9_.-]`, 1 to 64 bytes, not starting with
-/// `.` or `-` (it names shared-memory objects and files).
+/// `.` or `-` (it names shared-memory objects and files). Whatever the segment refuses
+/// ([`crate::shm::validate_instance_name`]) is refused here too, so `check` and the command
+/// line catch it before `start` does.
 pub fn check_instance_name(name: &str) -> Result<(), String> {
+    let segment_accepts = crate::shm::validate_instance_name(name).is_ok();
     let valid_chars = name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if name.is_empty()
+    if !segment_accepts
+        || name.is_empty()
         || name.len() > MAX_INSTANCE_LEN
         || !valid_chars
         || name.starts_with(['.', '-'])

@@ -98,6 +98,59 @@ pub struct Account {
     pub id: u32,
 }
 
+/// A user or group as written: a name, or a numeric id, in either TOML form (`user = "nobody"`,
+/// `user = 65534`, `user = "65534"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccountRef {
+    Name(String),
+    Id(u32),
+}
+
+impl fmt::Display for AccountRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccountRef::Name(name) => f.write_str(name),
+            AccountRef::Id(id) => write!(f, "{id}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AccountRef {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AccountVisitor;
+
+        impl Visitor<'_> for AccountVisitor {
+            type Value = AccountRef;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a name (a string) or a numeric id (an integer)")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(match v.parse::<u32>() {
+                    Ok(id) => AccountRef::Id(id),
+                    Err(_) => AccountRef::Name(v.to_owned()),
+                })
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                u32::try_from(v).map(AccountRef::Id).map_err(|_| {
+                    E::custom(format!(
+                        "{v} is not a user or group id: ids run from 0 to {}",
+                        u32::MAX
+                    ))
+                })
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+        }
+
+        deserializer.deserialize_any(AccountVisitor)
+    }
+}
+
 /// A service, validated and resolved: what the coordinator needs to run it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
@@ -183,8 +236,8 @@ struct RawService {
     restart: RestartPolicy,
     restart_delay: Option<ConfigDuration>,
     restart_delay_max: Option<ConfigDuration>,
-    user: Option<Spanned<String>>,
-    group: Option<Spanned<String>>,
+    user: Option<Spanned<AccountRef>>,
+    group: Option<Spanned<AccountRef>>,
     working_dir: Option<Spanned<PathBuf>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
@@ -517,33 +570,35 @@ pub fn find_program(argv0: &str, base: &Path, path_var: Option<&str>) -> Result<
         .ok_or_else(|| format!("program `{argv0}` is not found in PATH ({search})"))
 }
 
-fn resolve_user(name: &str) -> Result<Account, String> {
-    let found = match name.parse::<u32>() {
-        Ok(uid) => nix::unistd::User::from_uid(uid.into()),
-        Err(_) => nix::unistd::User::from_name(name),
+/// The user `user` names, which must exist on this machine.
+pub fn resolve_user(user: &AccountRef) -> Result<Account, String> {
+    let found = match user {
+        AccountRef::Id(uid) => nix::unistd::User::from_uid((*uid).into()),
+        AccountRef::Name(name) => nix::unistd::User::from_name(name),
     };
     match found {
         Ok(Some(u)) => Ok(Account {
             name: u.name,
             id: u.uid.as_raw(),
         }),
-        Ok(None) => Err(format!("no user `{name}` on this machine")),
-        Err(e) => Err(format!("cannot look up user `{name}`: {e}")),
+        Ok(None) => Err(format!("no user `{user}` on this machine")),
+        Err(e) => Err(format!("cannot look up user `{user}`: {e}")),
     }
 }
 
-fn resolve_group(name: &str) -> Result<Account, String> {
-    let found = match name.parse::<u32>() {
-        Ok(gid) => nix::unistd::Group::from_gid(gid.into()),
-        Err(_) => nix::unistd::Group::from_name(name),
+/// The group `group` names, which must exist on this machine.
+pub fn resolve_group(group: &AccountRef) -> Result<Account, String> {
+    let found = match group {
+        AccountRef::Id(gid) => nix::unistd::Group::from_gid((*gid).into()),
+        AccountRef::Name(name) => nix::unistd::Group::from_name(name),
     };
     match found {
         Ok(Some(g)) => Ok(Account {
             name: g.name,
             id: g.gid.as_raw(),
         }),
-        Ok(None) => Err(format!("no group `{name}` on this machine")),
-        Err(e) => Err(format!("cannot look up group `{name}`: {e}")),
+        Ok(None) => Err(format!("no group `{group}` on this machine")),
+        Err(e) => Err(format!("cannot look up group `{group}`: {e}")),
     }
 }
 
