@@ -81,6 +81,7 @@ scenarios! {
     valid_stack_with_explicit_sequences => "valid-explicit-sequences",
     service_files_that_are_not_regular_files_are_errors => "non-regular-service-files",
     user_and_group_may_be_numeric_ids => "numeric-user-and-group",
+    nul_bytes_that_start_could_not_pass_on => "nul-bytes",
 }
 
 #[test]
@@ -232,6 +233,57 @@ fn fifos_are_refused_without_blocking() {
     assert!(
         out.starts_with("exit: 2\n")
             && out.contains("$DIR/ccmgr.toml: the configuration file is a FIFO"),
+        "{out}"
+    );
+}
+
+/// More services than the segment holds: `check` refuses what `start` would, naming the limit
+/// (built here: 5000 files are no fixture to commit).
+#[test]
+fn more_services_than_the_segment_holds_is_a_check_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ccmgr.toml"), "instance = \"many\"\n").unwrap();
+    let services = dir.path().join("services.d");
+    std::fs::create_dir(&services).unwrap();
+    for i in 0..5000 {
+        std::fs::write(
+            services.join(format!("s{i:04}.toml")),
+            "command = \"/bin/sleep 1\"\n",
+        )
+        .unwrap();
+    }
+    let out = run_with_deadline(dir.path(), &["check"]);
+    assert!(out.starts_with("exit: 2\n"), "{out}");
+    assert!(
+        out.contains(
+            "error: $DIR/services.d: 5000 services, more than the 4096 one instance's shared segment holds (MAX_SERVICES)"
+        ),
+        "{out}"
+    );
+}
+
+/// A configuration image over the segment's limit (a 20 MB description): a `check` error at
+/// the file and line of the key that weighs most, naming the limit.
+#[test]
+fn a_configuration_image_over_its_limit_is_a_check_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ccmgr.toml"), "instance = \"heavy\"\n").unwrap();
+    let services = dir.path().join("services.d");
+    std::fs::create_dir(&services).unwrap();
+    std::fs::write(services.join("light.toml"), "command = \"sleep 1\"\n").unwrap();
+    let description = "x".repeat(20 << 20);
+    std::fs::write(
+        services.join("heavy.toml"),
+        format!("command = \"sleep 1\"\n\ndescription = \"{description}\"\n"),
+    )
+    .unwrap();
+    let out = run_with_deadline(dir.path(), &["check"]);
+    assert!(out.starts_with("exit: 2\n"), "{out}");
+    assert!(
+        out.contains("error: $DIR/services.d/heavy.toml:3:15: the configuration image is ")
+            && out.contains(
+                "more than the 16777216 (MAX_CONFIG_BLOB) one instance's shared segment holds; key `description` of `heavy` is the largest part"
+            ),
         "{out}"
     );
 }

@@ -18,6 +18,7 @@ use toml::Spanned;
 use crate::diag::{Diagnostic, Diagnostics, key_at};
 use crate::duration::ConfigDuration;
 use crate::graph::{EdgeKind, SequenceKind, ServiceGraph};
+use crate::shm::layout::{MAX_CONFIG_BLOB, MAX_SERVICES};
 pub use service::{Account, AccountRef, ReadyKind, RestartPolicy, ServiceSpec, SignalName};
 
 /// Where the global config is looked for when neither `--config` nor `$CCMGR_CONFIG` is set.
@@ -98,9 +99,9 @@ pub struct GlobalConfig {
 #[serde(deny_unknown_fields)]
 struct RawGlobal {
     instance: Option<Spanned<String>>,
-    services_dir: Option<PathBuf>,
-    log_dir: Option<PathBuf>,
-    run_dir: Option<PathBuf>,
+    services_dir: Option<Spanned<PathBuf>>,
+    log_dir: Option<Spanned<PathBuf>>,
+    run_dir: Option<Spanned<PathBuf>>,
     group: Option<Spanned<service::AccountRef>>,
     #[serde(default)]
     coordinator: RawCoordinator,
@@ -187,6 +188,9 @@ impl Config {
             }
         }
         let config = assemble(global, parsed, &broken, &sequence_spans, &mut diags);
+        if let Some(config) = &config {
+            check_segment_limits(config, &mut diags);
+        }
         match config {
             Some(config) if diags.is_empty() => Ok(config),
             _ => Err(diags),
@@ -287,6 +291,56 @@ impl Config {
     }
 }
 
+/// What `start` would refuse because the shared segment cannot hold it: more services than
+/// [`MAX_SERVICES`], a configuration image larger than [`MAX_CONFIG_BLOB`]. Checked here with
+/// the segment's own constants, so `check` refuses exactly what `start` would.
+fn check_segment_limits(config: &Config, diags: &mut Diagnostics) {
+    let n = config.services.len();
+    if n > MAX_SERVICES as usize {
+        diags.push(Diagnostic::in_file(
+            Some(&config.global.services_dir),
+            format!(
+                "{n} services, more than the {MAX_SERVICES} one instance's shared segment holds (MAX_SERVICES); split the stack into several instances"
+            ),
+        ));
+    }
+    let image_len = config.to_image().len() as u64;
+    if image_len <= MAX_CONFIG_BLOB {
+        return;
+    }
+    // The image is the whole configuration; point at the service that weighs most, and in
+    // its file at the key whose value is the longest.
+    let weight = |s: &ServiceSpec| serde_json::to_vec(s).map_or(0, |v| v.len());
+    let heaviest = config.services.iter().max_by_key(|s| weight(s));
+    let message = format!(
+        "the configuration image is {image_len} bytes, more than the {MAX_CONFIG_BLOB} (MAX_CONFIG_BLOB) one instance's shared segment holds"
+    );
+    let mut d = match heaviest.and_then(|s| longest_key(&s.source).map(|at| (s, at))) {
+        Some((s, (key, text, span))) => Diagnostic::at_span(
+            &s.source,
+            &text,
+            span,
+            format!("{message}; key `{key}` of `{}` is the largest part", s.id),
+        ),
+        None => Diagnostic::in_file(Some(&config.global.services_dir), message),
+    };
+    if let Some(s) = heaviest {
+        d = d.with_note(format!("service `{}` weighs {} bytes", s.id, weight(s)));
+    }
+    diags.push(d);
+}
+
+/// The top-level key of a TOML file whose value spans the most bytes, with the file's text
+/// and that value's span.
+fn longest_key(path: &Path) -> Option<(String, String, std::ops::Range<usize>)> {
+    let text = files::read_regular(path).ok()?;
+    let table: std::collections::BTreeMap<String, Spanned<toml::Value>> =
+        toml::from_str(&text).ok()?;
+    let (key, value) = table.iter().max_by_key(|(_, v)| v.span().len())?;
+    let span = value.span();
+    Some((key.clone(), text, span))
+}
+
 /// The text and spans of the global file, kept to point errors in sequences at their line.
 #[derive(Default)]
 struct SequenceSpans {
@@ -372,17 +426,37 @@ fn load_global(
         };
         diags.push(d);
     }
+    // A path with a NUL byte reaches no system call: refused here, not at `start`.
+    let mut paths_usable = true;
+    for (key, dir) in [
+        ("services_dir", &raw.services_dir),
+        ("log_dir", &raw.log_dir),
+        ("run_dir", &raw.run_dir),
+    ] {
+        if let Some(dir) = dir.as_ref().filter(|d| service::has_nul(d.get_ref())) {
+            let msg = format!("key `{key}`: {}", service::holds_nul("the path"));
+            diags.push(Diagnostic::at_span(&path, &spans.text, dir.span(), msg));
+            // The services cannot even be listed; the other paths are only used at `start`.
+            paths_usable &= key != "services_dir";
+        }
+    }
     let services_dir = match &options.services_dir {
         Some(dir) => absolute(dir),
         None => in_config_dir(
             raw.services_dir
-                .as_deref()
-                .unwrap_or(Path::new("services.d")),
+                .as_ref()
+                .map_or(Path::new("services.d"), |d| d.get_ref()),
         ),
     };
     let (default_log, default_run) = default_state_dirs();
-    let log_dir = raw.log_dir.as_deref().map_or(default_log, in_config_dir);
-    let run_dir = raw.run_dir.as_deref().map_or(default_run, in_config_dir);
+    let log_dir = raw
+        .log_dir
+        .as_ref()
+        .map_or(default_log, |d| in_config_dir(d.get_ref()));
+    let run_dir = raw
+        .run_dir
+        .as_ref()
+        .map_or(default_run, |d| in_config_dir(d.get_ref()));
     let group = raw
         .group
         .as_ref()
@@ -431,7 +505,7 @@ fn load_global(
         group,
         coordinator,
     };
-    (Some(global), spans)
+    (paths_usable.then_some(global), spans)
 }
 
 /// Whether `name` may name an instance: `[A-Za-z0-9_.-]`, 1 to 64 bytes, not starting with

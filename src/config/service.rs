@@ -22,7 +22,7 @@ use crate::diag::{Diagnostic, Diagnostics};
 use crate::duration::ConfigDuration;
 
 /// The longest service id: ids name log files and fixed-size records in the shared segment.
-pub const MAX_ID_LEN: usize = 64;
+pub const MAX_ID_LEN: usize = crate::shm::layout::SERVICE_ID_MAX;
 
 /// When a started service counts as up.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,7 +240,7 @@ struct RawService {
     group: Option<Spanned<AccountRef>>,
     working_dir: Option<Spanned<PathBuf>>,
     #[serde(default)]
-    env: BTreeMap<String, String>,
+    env: BTreeMap<String, Spanned<String>>,
     env_file: Option<Spanned<PathBuf>>,
 }
 
@@ -425,29 +425,65 @@ pub(super) fn parse_service_file(
             }
         },
     };
-    let working_dir = raw
-        .working_dir
-        .as_ref()
-        .map(|d| absolutize(base_dir, d.get_ref()));
-    let env = raw.env;
-    for key in env.keys() {
-        if key.is_empty() || key.contains('=') || key.contains('\0') {
-            diags.push(Diagnostic::in_file(
-                Some(path),
+    if let Some(i) = command.iter().position(|word| word.contains('\0')) {
+        diags.push(at(
+            command_span.clone(),
+            format!("key `command`: {}", holds_nul(&format!("argument {i}"))),
+        ));
+    }
+    let working_dir = raw.working_dir.as_ref().and_then(|d| {
+        if has_nul(d.get_ref()) {
+            diags.push(at(
+                d.span(),
+                format!("key `working_dir`: {}", holds_nul("the path")),
+            ));
+            return None;
+        }
+        Some(absolutize(base_dir, d.get_ref()))
+    });
+    for (key, value) in &raw.env {
+        let shown = key.escape_debug();
+        if key.is_empty() || key.contains('=') {
+            diags.push(at(
+                value.span(),
                 format!(
-                    "key `env.{key}`: an environment variable name may not be empty or hold `=`"
+                    "key `env.{shown}`: an environment variable name may not be empty or hold `=`"
                 ),
+            ));
+        } else if key.contains('\0') {
+            diags.push(at(
+                value.span(),
+                format!("key `env.{shown}`: {}", holds_nul("the variable name")),
+            ));
+        } else if value.get_ref().contains('\0') {
+            diags.push(at(
+                value.span(),
+                format!("key `env.{shown}`: {}", holds_nul("the value")),
             ));
         }
     }
-    let env_file = raw.env_file.as_ref().map(|f| {
+    let env: BTreeMap<String, String> = raw
+        .env
+        .into_iter()
+        .map(|(key, value)| (key, value.into_inner()))
+        .collect();
+    let env_file = raw.env_file.as_ref().and_then(|f| {
+        if has_nul(f.get_ref()) {
+            diags.push(at(
+                f.span(),
+                format!("key `env_file`: {}", holds_nul("the path")),
+            ));
+            return None;
+        }
         let resolved = absolutize(base_dir, f.get_ref());
         if let Err(e) = read_env_file(&resolved) {
             diags.push(at(f.span(), format!("key `env_file`: {e}")));
         }
-        resolved
+        Some(resolved)
     });
     let program = match command.first() {
+        // Already reported: a path with a NUL cannot even be looked up.
+        Some(argv0) if argv0.contains('\0') => PathBuf::new(),
         None => {
             if diags.len() == before {
                 diags.push(at(
@@ -530,6 +566,19 @@ pub(super) fn parse_service_file(
         id_span,
         source_text: text,
     })
+}
+
+/// Whether a path holds a NUL byte, which no system call can take.
+pub(crate) fn has_nul(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    p.as_os_str().as_bytes().contains(&0)
+}
+
+/// The sentence for a string that `start` could not hand to the kernel.
+pub(crate) fn holds_nul(what: &str) -> String {
+    format!(
+        "{what} holds a NUL byte (\\0); the kernel takes arguments, environment strings and paths as NUL-terminated strings, so `start` could not pass it on"
+    )
 }
 
 fn absolutize(base: &Path, p: &Path) -> PathBuf {
@@ -625,6 +674,9 @@ fn parse_env_text(text: &str) -> Result<Vec<(String, String)>, (usize, String)> 
             return Err((n + 1, format!("`{key}` is not a variable name")));
         }
         let value = value.trim();
+        if value.contains('\0') {
+            return Err((n + 1, holds_nul(&format!("the value of `{key}`"))));
+        }
         let unquoted = ['"', '\'']
             .iter()
             .find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
