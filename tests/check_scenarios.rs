@@ -82,6 +82,8 @@ scenarios! {
     service_files_that_are_not_regular_files_are_errors => "non-regular-service-files",
     user_and_group_may_be_numeric_ids => "numeric-user-and-group",
     nul_bytes_that_start_could_not_pass_on => "nul-bytes",
+    a_restart_time_span_of_zero_is_refused => "restart-span-zero",
+    a_retry_window_no_crash_loop_can_fill_is_refused => "retry-window-too-short",
 }
 
 #[test]

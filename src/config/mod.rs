@@ -112,8 +112,8 @@ struct RawGlobal {
 struct RawCoordinator {
     startup_timeout: Option<ConfigDuration>,
     shutdown_timeout: Option<ConfigDuration>,
-    restart_retry_counter: Option<u32>,
-    restart_time_span: Option<ConfigDuration>,
+    restart_retry_counter: Option<Spanned<u32>>,
+    restart_time_span: Option<Spanned<ConfigDuration>>,
     on_failure: Option<OnFailure>,
     standby: Option<bool>,
     takeover: Option<Takeover>,
@@ -190,6 +190,7 @@ impl Config {
         let config = assemble(global, parsed, &broken, &sequence_spans, &mut diags);
         if let Some(config) = &config {
             check_segment_limits(config, &mut diags);
+            check_retry_window(config, &sequence_spans, &mut diags);
         }
         match config {
             Some(config) if diags.is_empty() => Ok(config),
@@ -291,6 +292,83 @@ impl Config {
     }
 }
 
+/// The least time a crash loop of a service needs for `counter` restarts: the engine waits
+/// `restart_delay` before the first and doubles the wait with each further one, up to
+/// `restart_delay_max` (a service that dies at once after each start makes exactly these waits).
+fn least_time_for_restarts(service: &ServiceSpec, counter: u32) -> std::time::Duration {
+    let (mut delay, max) = (
+        service.restart_delay.as_duration(),
+        service.restart_delay_max.as_duration(),
+    );
+    let mut total = std::time::Duration::ZERO;
+    for done in 0..counter {
+        // Every further wait is the same (the cap, or 0 which doubles to 0): computed, not
+        // looped over up to a counter of 4 billion.
+        if delay >= max || delay.is_zero() {
+            return total.saturating_add(delay.saturating_mul(counter - done));
+        }
+        total = total.saturating_add(delay);
+        delay = delay.saturating_mul(2).min(max);
+    }
+    total
+}
+
+/// Refuses a retry window no crash loop can fill: if `restart_retry_counter` restarts of a
+/// service take longer than `restart_time_span` even when it dies at once each time, the count
+/// starts over before it is ever exceeded, and that service's crash loop never gives up (the
+/// counter is meaningless for it). A counter of 0 is meaningful: the first failure gives up.
+fn check_retry_window(config: &Config, spans: &SequenceSpans, diags: &mut Diagnostics) {
+    let c = &config.global.coordinator;
+    let (counter, window) = (c.restart_retry_counter, c.restart_time_span.as_duration());
+    if window.is_zero() {
+        return; // Already refused on its own.
+    }
+    let mut never: Vec<(&ServiceSpec, std::time::Duration)> = config
+        .services
+        .iter()
+        .filter(|s| s.restart != RestartPolicy::Never)
+        .map(|s| (s, least_time_for_restarts(s, counter)))
+        .filter(|&(_, least)| least > window)
+        .collect();
+    if never.is_empty() {
+        return;
+    }
+    never.sort_by_key(|&(s, least)| (std::cmp::Reverse(least), &s.id));
+    let (worst, least) = never[0];
+    let show = |d: std::time::Duration| {
+        ConfigDuration(std::time::Duration::from_millis(d.as_millis() as u64)).to_string()
+    };
+    let message = format!(
+        "key `coordinator.restart_time_span` ({}) is too short for `restart_retry_counter` ({counter}): a crash loop of `{}` needs at least {} for {counter} restarts (restart_delay {}, doubling up to {}), so the count would start over before it is exceeded and the loop would never give up",
+        c.restart_time_span,
+        worst.id,
+        show(least),
+        worst.restart_delay,
+        worst.restart_delay_max,
+    );
+    let path = spans
+        .path
+        .as_deref()
+        .unwrap_or(Path::new(DEFAULT_CONFIG_PATH));
+    let mut d = match spans.time_span.clone().or(spans.retry_counter.clone()) {
+        Some(span) => Diagnostic::at_span(path, &spans.text, span, message),
+        None => Diagnostic::in_file(spans.path.as_deref(), message),
+    };
+    d = d.with_note(format!(
+        "make the span at least {}, or lower `restart_retry_counter`, or `restart_delay`/`restart_delay_max` in {}",
+        show(least),
+        worst.source.display()
+    ));
+    if never.len() > 1 {
+        let others: Vec<String> = never[1..]
+            .iter()
+            .map(|(s, _)| format!("`{}`", s.id))
+            .collect();
+        d = d.with_note(format!("the same holds for {}", others.join(", ")));
+    }
+    diags.push(d);
+}
+
 /// What `start` would refuse because the shared segment cannot hold it: more services than
 /// [`MAX_SERVICES`], a configuration image larger than [`MAX_CONFIG_BLOB`]. Checked here with
 /// the segment's own constants, so `check` refuses exactly what `start` would.
@@ -350,6 +428,9 @@ struct SequenceSpans {
     shutdown: Vec<std::ops::Range<usize>>,
     startup_whole: Option<std::ops::Range<usize>>,
     shutdown_whole: Option<std::ops::Range<usize>>,
+    /// Where `restart_time_span` and `restart_retry_counter` are written, if they are.
+    time_span: Option<std::ops::Range<usize>>,
+    retry_counter: Option<std::ops::Range<usize>>,
 }
 
 /// Reads only the global file: enough for `stop` and `status`, which must work even when a
@@ -483,13 +564,27 @@ fn load_global(
         spans.shutdown = s.get_ref().iter().map(Spanned::span).collect();
         spans.shutdown_whole = Some(s.span());
     }
+    spans.time_span = c.restart_time_span.as_ref().map(Spanned::span);
+    spans.retry_counter = c.restart_retry_counter.as_ref().map(Spanned::span);
+    if let Some(span) = c
+        .restart_time_span
+        .as_ref()
+        .filter(|d| d.get_ref().as_duration().is_zero())
+    {
+        let msg = "key `coordinator.restart_time_span`: a span of 0 makes `restart_retry_counter` meaningless: the count would start over at every restart, so a crash loop would never give up; give the window restarts are counted in, such as \"60s\"";
+        diags.push(Diagnostic::at_span(&path, &spans.text, span.span(), msg));
+    }
     let coordinator = CoordinatorConfig {
         startup_timeout: c.startup_timeout.unwrap_or(defaults.startup_timeout),
         shutdown_timeout: c.shutdown_timeout.unwrap_or(defaults.shutdown_timeout),
         restart_retry_counter: c
             .restart_retry_counter
-            .unwrap_or(defaults.restart_retry_counter),
-        restart_time_span: c.restart_time_span.unwrap_or(defaults.restart_time_span),
+            .as_ref()
+            .map_or(defaults.restart_retry_counter, |n| *n.get_ref()),
+        restart_time_span: c
+            .restart_time_span
+            .as_ref()
+            .map_or(defaults.restart_time_span, |d| *d.get_ref()),
         on_failure: c.on_failure.unwrap_or(defaults.on_failure),
         standby: c.standby.unwrap_or(defaults.standby),
         takeover: c.takeover.unwrap_or(defaults.takeover),
@@ -871,6 +966,29 @@ mod tests {
         for bad in ["", "-x", ".x", "a b", "a/b", "a@b", &"a".repeat(65)] {
             assert!(check_instance_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn least_time_for_restarts_doubles_up_to_the_cap() {
+        let options = LoadOptions {
+            config_path: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("ccmgr.toml")),
+            ..Default::default()
+        };
+        let mut s = Config::load(&options).unwrap().services.remove(0);
+        s.restart_delay = ConfigDuration::from_millis(100);
+        s.restart_delay_max = ConfigDuration::from_millis(1_000);
+        let ms = |n| std::time::Duration::from_millis(n);
+        assert_eq!(least_time_for_restarts(&s, 0), ms(0));
+        assert_eq!(least_time_for_restarts(&s, 1), ms(100));
+        // 100 + 200 + 400 + 800 + 1000 (the cap) + 1000
+        assert_eq!(least_time_for_restarts(&s, 6), ms(3_500));
+        // A huge counter is computed, not looped over.
+        assert_eq!(
+            least_time_for_restarts(&s, u32::MAX),
+            ms(1_500) + ms(1_000) * (u32::MAX - 4)
+        );
+        s.restart_delay = ConfigDuration::from_millis(0);
+        assert_eq!(least_time_for_restarts(&s, u32::MAX), ms(0));
     }
 
     #[test]
