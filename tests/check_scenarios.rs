@@ -84,6 +84,7 @@ scenarios! {
     nul_bytes_that_start_could_not_pass_on => "nul-bytes",
     a_restart_time_span_of_zero_is_refused => "restart-span-zero",
     a_retry_window_no_crash_loop_can_fill_is_refused => "retry-window-too-short",
+    an_unclosed_bracket_is_pointed_at_where_it_opens => "unclosed-brackets",
 }
 
 #[test]

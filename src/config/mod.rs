@@ -672,11 +672,27 @@ pub(crate) fn toml_error(path: &Path, text: &str, error: &toml::de::Error) -> Di
         }
         return d;
     }
-    let message = match key_at(text, span.start) {
+    // Where a bracket opened lines above is never closed, the parser stops at a later key
+    // that is not at fault: name the key the bracket belongs to and point at its line.
+    let (error_line, _) = crate::diag::line_col(text, span.start);
+    let unclosed = crate::diag::unclosed_before(text, span.start)
+        .filter(|&(_, at)| crate::diag::line_col(text, at).0 < error_line);
+    let key_offset = unclosed.map_or(span.start, |(_, at)| at);
+    let message = match key_at(text, key_offset) {
         Some(key) => format!("key `{key}`: {message}"),
         None => message,
     };
-    Diagnostic::at_span(path, text, span, message)
+    let mut d = Diagnostic::at_span(path, text, span, message);
+    if let Some((delimiter, at)) = unclosed {
+        let (line, column) = crate::diag::line_col(text, at);
+        d = d.with_note(format!(
+            "{}:{line}:{column}: the {} opened here is never closed: a `{}` is missing",
+            path.display(),
+            delimiter.name(),
+            delimiter.closer()
+        ));
+    }
+    d
 }
 
 /// The candidate closest to `word`, if it is close enough to be a likely typo.
