@@ -85,6 +85,7 @@ scenarios! {
     a_restart_time_span_of_zero_is_refused => "restart-span-zero",
     a_retry_window_no_crash_loop_can_fill_is_refused => "retry-window-too-short",
     an_unclosed_bracket_is_pointed_at_where_it_opens => "unclosed-brackets",
+    a_run_dir_too_deep_for_the_notify_socket_is_refused => "run-dir-too-deep",
 }
 
 #[test]

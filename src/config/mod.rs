@@ -189,7 +189,7 @@ impl Config {
         }
         let config = assemble(global, parsed, &broken, &sequence_spans, &mut diags);
         if let Some(config) = &config {
-            check_segment_limits(config, &mut diags);
+            check_start_limits(config, &sequence_spans, &mut diags);
             check_retry_window(config, &sequence_spans, &mut diags);
         }
         match config {
@@ -370,9 +370,10 @@ fn check_retry_window(config: &Config, spans: &SequenceSpans, diags: &mut Diagno
 }
 
 /// What `start` would refuse because the shared segment cannot hold it: more services than
-/// [`MAX_SERVICES`], a configuration image larger than [`MAX_CONFIG_BLOB`]. Checked here with
-/// the segment's own constants, so `check` refuses exactly what `start` would.
-fn check_segment_limits(config: &Config, diags: &mut Diagnostics) {
+/// [`MAX_SERVICES`], a configuration image larger than [`MAX_CONFIG_BLOB`]; and a notify socket
+/// path too long for a socket address. Checked with the segment's own constants and the
+/// keeper's own path, so `check` refuses exactly what `start` would.
+fn check_start_limits(config: &Config, spans: &SequenceSpans, diags: &mut Diagnostics) {
     let n = config.services.len();
     if n > MAX_SERVICES as usize {
         diags.push(Diagnostic::in_file(
@@ -381,6 +382,23 @@ fn check_segment_limits(config: &Config, diags: &mut Diagnostics) {
                 "{n} services, more than the {MAX_SERVICES} one instance's shared segment holds (MAX_SERVICES); split the stack into several instances"
             ),
         ));
+    }
+    // The keeper binds the notify socket in `run_dir`; a Unix socket address holds a path
+    // of at most 107 bytes, so a deep `run_dir` would fail `start`.
+    let socket = crate::keeper::notify_socket_path(config);
+    if nix::sys::socket::UnixAddr::new(&socket).is_err() {
+        let max = std::mem::size_of::<libc::sockaddr_un>()
+            - std::mem::offset_of!(libc::sockaddr_un, sun_path)
+            - 1;
+        let msg = format!(
+            "key `run_dir`: the notify socket `{}` would be {} bytes long, more than the {max} a Unix socket address holds; choose a shorter `run_dir` or instance name",
+            socket.display(),
+            socket.as_os_str().len()
+        );
+        diags.push(match (&spans.path, &spans.run_dir) {
+            (Some(path), Some(span)) => Diagnostic::at_span(path, &spans.text, span.clone(), msg),
+            _ => Diagnostic::in_file(config.global.source.as_deref(), msg),
+        });
     }
     let image_len = config.to_image().len() as u64;
     if image_len <= MAX_CONFIG_BLOB {
@@ -431,6 +449,7 @@ struct SequenceSpans {
     /// Where `restart_time_span` and `restart_retry_counter` are written, if they are.
     time_span: Option<std::ops::Range<usize>>,
     retry_counter: Option<std::ops::Range<usize>>,
+    run_dir: Option<std::ops::Range<usize>>,
 }
 
 /// Reads only the global file: enough for `stop` and `status`, which must work even when a
@@ -564,6 +583,7 @@ fn load_global(
         spans.shutdown = s.get_ref().iter().map(Spanned::span).collect();
         spans.shutdown_whole = Some(s.span());
     }
+    spans.run_dir = raw.run_dir.as_ref().map(Spanned::span);
     spans.time_span = c.restart_time_span.as_ref().map(Spanned::span);
     spans.retry_counter = c.restart_retry_counter.as_ref().map(Spanned::span);
     if let Some(span) = c
