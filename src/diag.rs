@@ -344,4 +344,23 @@ mod tests {
         // An error before the opening is not about it.
         assert_eq!(unclosed_before("x = 1\ny = [", 2), None);
     }
+
+    proptest::proptest! {
+        /// Any text, any offset: no panic, and what is found opens before the offset on a
+        /// character that opens something.
+        #[test]
+        fn unclosed_before_never_panics(text in "[\\[\\]{}\"'#\\\\\n a=]{0,64}", at in 0usize..80) {
+            if let Some((kind, open)) = unclosed_before(&text, at) {
+                proptest::prop_assert!(open < at);
+                let first = text.as_bytes()[open];
+                let expected = match kind {
+                    Delimiter::Array => b'[',
+                    Delimiter::InlineTable => b'{',
+                    Delimiter::MultiLineString => b'"',
+                    Delimiter::MultiLineLiteral => b'\'',
+                };
+                proptest::prop_assert_eq!(first, expected);
+            }
+        }
+    }
 }
