@@ -1,14 +1,16 @@
 //! Benchmark of `ccmgr check`'s work on a large generated stack.
 //!
-//! Generates 10,000 service files with ~30,000 edges (each service requires or comes after up
+//! Generates as many service files as one instance may have (`MAX_SERVICES`, 4096: `check`
+//! refuses more, as `start` would) with ~3 edges each (each service requires or comes after up
 //! to three services of lower number, a layered random DAG from a fixed seed), then times, over
 //! several rounds, against a baseline measured in the same run:
-//! - baseline: reading the 10,000 files (the I/O any loader must do);
+//! - baseline: reading every file (the I/O any loader must do);
 //! - `Config::load`: read, parse, resolve, check references, build the graph, derive orders;
 //! - the graph alone: `ServiceGraph::build` on the same edges;
 //! - the real binary: `ccmgr check` end to end (process start, load, printing).
 //!
-//! Run: `cargo bench --bench check_bench` (optionally `-- 20000` for another size).
+//! Run: `cargo bench --bench check_bench` (optionally `-- 1000` for another size, at most
+//! `MAX_SERVICES`).
 
 use std::fs;
 use std::path::Path;
@@ -100,7 +102,7 @@ fn main() {
     let n: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(10_000);
+        .unwrap_or(ccmgr::shm::layout::MAX_SERVICES as usize);
     let tmp = tempfile::tempdir().unwrap();
     let (ids, edges) = generate(tmp.path(), n);
     let options = LoadOptions {

@@ -160,6 +160,128 @@ pub fn key_at(source: &str, offset: usize) -> Option<String> {
     })
 }
 
+/// What a TOML text opens and must close again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delimiter {
+    Array,
+    InlineTable,
+    MultiLineString,
+    MultiLineLiteral,
+}
+
+impl Delimiter {
+    /// What it is, in words.
+    pub fn name(self) -> &'static str {
+        match self {
+            Delimiter::Array => "array",
+            Delimiter::InlineTable => "inline table",
+            Delimiter::MultiLineString | Delimiter::MultiLineLiteral => "multi-line string",
+        }
+    }
+
+    /// The text that closes it.
+    pub fn closer(self) -> &'static str {
+        match self {
+            Delimiter::Array => "]",
+            Delimiter::InlineTable => "}",
+            Delimiter::MultiLineString => "\"\"\"",
+            Delimiter::MultiLineLiteral => "'''",
+        }
+    }
+}
+
+/// The innermost delimiter opened before byte `offset` of a TOML text and never closed in the
+/// whole text, with the byte offset where it opens.
+///
+/// A parser reports a missing `]` where it notices it — at the next key, often lines later,
+/// under that key's name — while the mistake is where the array opens. This scan finds that
+/// place so the report can point at it. It knows just enough TOML to count brackets: strings
+/// (with escapes), comments and `[table]` headers are skipped.
+pub fn unclosed_before(source: &str, offset: usize) -> Option<(Delimiter, usize)> {
+    let bytes = source.as_bytes();
+    let mut open: Vec<(Delimiter, usize)> = Vec::new();
+    let mut i = 0;
+    // Only blanks since the last newline, outside any array or inline table: a `[` here
+    // starts a table header, not an array.
+    let mut line_start = true;
+    // The end of the line holding byte `i` (the newline itself is not consumed).
+    let line_end = |i: usize| {
+        bytes[i..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(bytes.len(), |n| i + n)
+    };
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'\n' => {
+                line_start = open.is_empty();
+                i += 1;
+                continue;
+            }
+            b' ' | b'\t' | b'\r' => {
+                i += 1;
+                continue;
+            }
+            b'#' => i = line_end(i),
+            b'[' if line_start => i = line_end(i),
+            b'"' | b'\'' if bytes[i..].starts_with(&[b; 3]) => {
+                let start = i;
+                i += 3;
+                loop {
+                    if i >= bytes.len() {
+                        let kind = if b == b'"' {
+                            Delimiter::MultiLineString
+                        } else {
+                            Delimiter::MultiLineLiteral
+                        };
+                        open.push((kind, start));
+                        break;
+                    }
+                    if b == b'"' && bytes[i] == b'\\' {
+                        i += 2;
+                    } else if bytes[i..].starts_with(&[b; 3]) {
+                        i += 3;
+                        // Up to two more quotes may end the string's content.
+                        while i < bytes.len() && bytes[i] == b {
+                            i += 1;
+                        }
+                        break;
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            b'"' | b'\'' => {
+                // A one-line string ends at its quote, or (unterminated) at the line's end,
+                // which the parser reports on that line itself.
+                i += 1;
+                while i < bytes.len() && bytes[i] != b && bytes[i] != b'\n' {
+                    i += if b == b'"' && bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                if i < bytes.len() && bytes[i] == b {
+                    i += 1;
+                }
+            }
+            b'[' => {
+                open.push((Delimiter::Array, i));
+                i += 1;
+            }
+            b'{' => {
+                open.push((Delimiter::InlineTable, i));
+                i += 1;
+            }
+            b']' | b'}' => {
+                open.pop();
+                i += 1;
+            }
+            _ => i += 1,
+        }
+        line_start = false;
+    }
+    open.into_iter().rev().find(|&(_, at)| at < offset)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +318,49 @@ mod tests {
         let d = Diagnostic::at_span(Path::new("s/web.toml"), "a = 1\nb = 2", 6..7, "bad b")
             .with_note("try c");
         assert_eq!(d.to_string(), "s/web.toml:2:1: bad b\n  note: try c");
+    }
+
+    #[test]
+    fn unclosed_delimiters_are_found_where_they_open() {
+        let src = "a = 1\nrequires = [\"api\"\nenv = { A = \"]\" }\n[t]\nx = [1, [2]]\n";
+        let at_env = src.find("env").unwrap();
+        assert_eq!(
+            unclosed_before(src, at_env),
+            Some((Delimiter::Array, src.find('[').unwrap()))
+        );
+        // Closed arrays, brackets in strings and comments, and table headers count for nothing.
+        let fine = "a = [\n  \"]\", # ] [\n  'x[',\n]\n[[b]]\nc = {d = [1]}\ne = \"\"\"]\"\"\"\"\n";
+        assert_eq!(unclosed_before(fine, fine.len()), None);
+        let src = "d = \"\"\"never\nclosed\nx = 1\n";
+        assert_eq!(
+            unclosed_before(src, src.len()),
+            Some((Delimiter::MultiLineString, 4))
+        );
+        let src = "d = '''a'''\nt = { a = 1\nx = 1\n";
+        assert_eq!(
+            unclosed_before(src, src.len()),
+            Some((Delimiter::InlineTable, src.find('{').unwrap()))
+        );
+        // An error before the opening is not about it.
+        assert_eq!(unclosed_before("x = 1\ny = [", 2), None);
+    }
+
+    proptest::proptest! {
+        /// Any text, any offset: no panic, and what is found opens before the offset on a
+        /// character that opens something.
+        #[test]
+        fn unclosed_before_never_panics(text in "[\\[\\]{}\"'#\\\\\n a=]{0,64}", at in 0usize..80) {
+            if let Some((kind, open)) = unclosed_before(&text, at) {
+                proptest::prop_assert!(open < at);
+                let first = text.as_bytes()[open];
+                let expected = match kind {
+                    Delimiter::Array => b'[',
+                    Delimiter::InlineTable => b'{',
+                    Delimiter::MultiLineString => b'"',
+                    Delimiter::MultiLineLiteral => b'\'',
+                };
+                proptest::prop_assert_eq!(first, expected);
+            }
+        }
     }
 }

@@ -79,6 +79,13 @@ scenarios! {
     empty_services_dir_is_valid => "empty-services-dir",
     errors_in_several_files_are_all_reported => "errors-in-several-files",
     valid_stack_with_explicit_sequences => "valid-explicit-sequences",
+    service_files_that_are_not_regular_files_are_errors => "non-regular-service-files",
+    user_and_group_may_be_numeric_ids => "numeric-user-and-group",
+    nul_bytes_that_start_could_not_pass_on => "nul-bytes",
+    a_restart_time_span_of_zero_is_refused => "restart-span-zero",
+    a_retry_window_no_crash_loop_can_fill_is_refused => "retry-window-too-short",
+    an_unclosed_bracket_is_pointed_at_where_it_opens => "unclosed-brackets",
+    a_run_dir_too_deep_for_the_notify_socket_is_refused => "run-dir-too-deep",
 }
 
 #[test]
@@ -150,9 +157,137 @@ fn instance_and_services_dir_flags_override_the_file() {
         )),
         "{out}"
     );
-    let out = run(&dir, &["--instance", "bad/name", "check"]);
+    for verb in ["check", "start", "stop", "status", "graph"] {
+        let out = run(&dir, &["--instance", "bad/name", verb]);
+        assert!(
+            out.starts_with("exit: 2\n") && out.contains("--instance: instance name `bad/name`"),
+            "{verb}: a bad --instance is bad usage\n{out}"
+        );
+    }
+}
+
+/// Runs `ccmgr --config <dir>/ccmgr.toml <args>` and gives up (killing it) after 20 s: a
+/// `check` that blocks is a failure, not a hung test run.
+fn run_with_deadline(dir: &Path, args: &[&str]) -> String {
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ccmgr"))
+        .arg("--config")
+        .arg(dir.join("ccmgr.toml"))
+        .args(args)
+        .env_remove("CCMGR_CONFIG")
+        .env("PATH", "/usr/bin:/bin")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the ccmgr binary runs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ccmgr {args:?} did not finish within 20 s (blocked on a FIFO?)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "exit: {}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code().map_or("signal".into(), |c| c.to_string()),
+        String::from_utf8_lossy(&out.stdout).replace(&dir.display().to_string(), "$DIR"),
+        String::from_utf8_lossy(&out.stderr).replace(&dir.display().to_string(), "$DIR"),
+    )
+}
+
+/// A FIFO can be neither committed nor found in a scenario folder: built here. Neither a FIFO
+/// named like a service file, nor one given as `env_file`, nor one given as `--config` may
+/// block `check` or be skipped.
+#[test]
+fn fifos_are_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = |p: &Path| nix::unistd::mkfifo(p, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::fs::write(dir.path().join("ccmgr.toml"), "instance = \"fifo\"\n").unwrap();
+    let services = dir.path().join("services.d");
+    std::fs::create_dir(&services).unwrap();
+    fifo(&services.join("pipe.toml"));
+    fifo(&dir.path().join("vars.env"));
+    std::fs::write(
+        services.join("web.toml"),
+        "command = \"sleep 1\"\nenv_file = \"../vars.env\"\n",
+    )
+    .unwrap();
+    let out = run_with_deadline(dir.path(), &["check"]);
+    assert!(out.starts_with("exit: 2\n"), "{out}");
     assert!(
-        out.starts_with("exit: 2\n") && out.contains("--instance: instance name `bad/name`"),
+        out.contains(
+            "error: $DIR/services.d/pipe.toml: the service file is a FIFO (named pipe), not a regular file"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("web.toml:2:12: key `env_file`: `$DIR/services.d/../vars.env` is a FIFO"),
+        "{out}"
+    );
+
+    let conf = tempfile::tempdir().unwrap();
+    fifo(&conf.path().join("ccmgr.toml"));
+    let out = run_with_deadline(conf.path(), &["check"]);
+    assert!(
+        out.starts_with("exit: 2\n")
+            && out.contains("$DIR/ccmgr.toml: the configuration file is a FIFO"),
+        "{out}"
+    );
+}
+
+/// More services than the segment holds: `check` refuses what `start` would, naming the limit
+/// (built here: 5000 files are no fixture to commit).
+#[test]
+fn more_services_than_the_segment_holds_is_a_check_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ccmgr.toml"), "instance = \"many\"\n").unwrap();
+    let services = dir.path().join("services.d");
+    std::fs::create_dir(&services).unwrap();
+    for i in 0..5000 {
+        std::fs::write(
+            services.join(format!("s{i:04}.toml")),
+            "command = \"/bin/sleep 1\"\n",
+        )
+        .unwrap();
+    }
+    let out = run_with_deadline(dir.path(), &["check"]);
+    assert!(out.starts_with("exit: 2\n"), "{out}");
+    assert!(
+        out.contains(
+            "error: $DIR/services.d: 5000 services, more than the 4096 one instance's shared segment holds (MAX_SERVICES)"
+        ),
+        "{out}"
+    );
+}
+
+/// A configuration image over the segment's limit (a 20 MB description): a `check` error at
+/// the file and line of the key that weighs most, naming the limit.
+#[test]
+fn a_configuration_image_over_its_limit_is_a_check_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ccmgr.toml"), "instance = \"heavy\"\n").unwrap();
+    let services = dir.path().join("services.d");
+    std::fs::create_dir(&services).unwrap();
+    std::fs::write(services.join("light.toml"), "command = \"sleep 1\"\n").unwrap();
+    let description = "x".repeat(20 << 20);
+    std::fs::write(
+        services.join("heavy.toml"),
+        format!("command = \"sleep 1\"\n\ndescription = \"{description}\"\n"),
+    )
+    .unwrap();
+    let out = run_with_deadline(dir.path(), &["check"]);
+    assert!(out.starts_with("exit: 2\n"), "{out}");
+    assert!(
+        out.contains("error: $DIR/services.d/heavy.toml:3:15: the configuration image is ")
+            && out.contains(
+                "more than the 16777216 (MAX_CONFIG_BLOB) one instance's shared segment holds; key `description` of `heavy` is the largest part"
+            ),
         "{out}"
     );
 }

@@ -144,6 +144,15 @@ pub fn main() -> ExitCode {
     if !supervises {
         crate::spawn::default_sigpipe();
     }
+    // A bad `--instance` is bad usage (exit 2) for every verb, not an operation that failed.
+    if let Some(Err(msg)) = cli
+        .instance
+        .as_deref()
+        .map(crate::config::check_instance_name)
+    {
+        eprintln!("error: --instance: {msg}");
+        return Exit::BadConfig.into();
+    }
     let result = match &cli.command {
         Command::Check => load_or_report(&cli).map(|c| check::check(&c)),
         Command::Graph { format } => load_or_report(&cli).map(|c| check::graph(&c, *format)),

@@ -6,10 +6,10 @@
 //! every problem (file, line, column, key) before failing, checks references between services,
 //! builds the dependency graph and settles the startup and shutdown sequences.
 
+pub mod files;
 pub mod service;
 
 use std::collections::HashMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -18,8 +18,9 @@ use toml::Spanned;
 use crate::diag::{Diagnostic, Diagnostics, key_at};
 use crate::duration::ConfigDuration;
 use crate::graph::{EdgeKind, SequenceKind, ServiceGraph};
+use crate::shm::layout::{MAX_CONFIG_BLOB, MAX_SERVICES};
 pub use crate::vocab::Takeover;
-pub use service::{Account, ReadyKind, RestartPolicy, ServiceSpec, SignalName};
+pub use service::{Account, AccountRef, ReadyKind, RestartPolicy, ServiceSpec, SignalName};
 
 /// Where the global config is looked for when neither `--config` nor `$CCMGR_CONFIG` is set.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ccmgr/ccmgr.toml";
@@ -88,10 +89,10 @@ pub struct GlobalConfig {
 #[serde(deny_unknown_fields)]
 struct RawGlobal {
     instance: Option<Spanned<String>>,
-    services_dir: Option<PathBuf>,
-    log_dir: Option<PathBuf>,
-    run_dir: Option<PathBuf>,
-    group: Option<Spanned<String>>,
+    services_dir: Option<Spanned<PathBuf>>,
+    log_dir: Option<Spanned<PathBuf>>,
+    run_dir: Option<Spanned<PathBuf>>,
+    group: Option<Spanned<service::AccountRef>>,
     #[serde(default)]
     coordinator: RawCoordinator,
 }
@@ -101,8 +102,8 @@ struct RawGlobal {
 struct RawCoordinator {
     startup_timeout: Option<ConfigDuration>,
     shutdown_timeout: Option<ConfigDuration>,
-    restart_retry_counter: Option<u32>,
-    restart_time_span: Option<ConfigDuration>,
+    restart_retry_counter: Option<Spanned<u32>>,
+    restart_time_span: Option<Spanned<ConfigDuration>>,
     on_failure: Option<OnFailure>,
     standby: Option<bool>,
     takeover: Option<Takeover>,
@@ -144,32 +145,43 @@ impl Config {
         let Some(global) = global else {
             return Err(diags);
         };
+        // Ids of files that failed: a reference to one of them is not also "unknown".
+        let mut broken = std::collections::HashSet::new();
+        let stem = |p: &Path| {
+            p.file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        };
         let files = match service::list_service_files(&global.services_dir) {
-            Ok(files) => files,
+            Ok((files, problems)) => {
+                for d in problems {
+                    broken.extend(d.path.as_deref().map(stem));
+                    diags.push(d);
+                }
+                files
+            }
             Err(d) => {
                 diags.push(d);
                 return Err(diags);
             }
         };
         let mut parsed = Vec::with_capacity(files.len());
-        // Ids of files that failed: a reference to one of them is not also "unknown".
-        let mut broken = std::collections::HashSet::new();
         let mut programs = service::ProgramCache::default();
         for file in &files {
             match service::parse_service_file(file, &global.services_dir, &mut programs, &mut diags)
             {
                 Some(p) => parsed.push(p),
                 None => {
-                    broken.insert(
-                        file.file_stem()
-                            .unwrap_or_default()
-                            .to_string_lossy()
-                            .into_owned(),
-                    );
+                    broken.insert(stem(file));
                 }
             }
         }
         let config = assemble(global, parsed, &broken, &sequence_spans, &mut diags);
+        if let Some(config) = &config {
+            check_start_limits(config, &sequence_spans, &mut diags);
+            check_retry_window(config, &sequence_spans, &mut diags);
+        }
         match config {
             Some(config) if diags.is_empty() => Ok(config),
             _ => Err(diags),
@@ -202,14 +214,44 @@ pub struct ConfigImage {
     pub services: Vec<ServiceSpec>,
 }
 
+/// [`ConfigImage`] borrowed, field for field, to serialise it without copying the services.
+#[derive(Serialize)]
+struct ConfigImageRef<'a> {
+    global: &'a GlobalConfig,
+    services: &'a [ServiceSpec],
+}
+
 impl Config {
     /// The serialised image of this configuration.
     pub fn to_image(&self) -> Vec<u8> {
-        let image = ConfigImage {
-            global: self.global.clone(),
-            services: self.services.clone(),
-        };
-        serde_json::to_vec(&image).expect("a configuration always serialises")
+        serde_json::to_vec(&self.image_ref()).expect("a configuration always serialises")
+    }
+
+    /// A [`ConfigImage`] made of borrows: it serialises the same, without a copy.
+    fn image_ref(&self) -> ConfigImageRef<'_> {
+        ConfigImageRef {
+            global: &self.global,
+            services: &self.services,
+        }
+    }
+
+    /// The length of [`Config::to_image`], counted without building the image.
+    pub fn image_len(&self) -> u64 {
+        /// Counts what is written and keeps none of it.
+        struct Counter(u64);
+        impl std::io::Write for Counter {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len() as u64;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut counter = Counter(0);
+        serde_json::to_writer(&mut counter, &self.image_ref())
+            .expect("a configuration always serialises");
+        counter.0
     }
 
     /// Rebuilds a configuration from its image. The image was checked when it was made, so a
@@ -270,6 +312,151 @@ impl Config {
     }
 }
 
+/// The least time a crash loop of a service needs for `counter` restarts: the engine waits
+/// `restart_delay` before the first and doubles the wait with each further one, up to
+/// `restart_delay_max` (a service that dies at once after each start makes exactly these waits).
+fn least_time_for_restarts(service: &ServiceSpec, counter: u32) -> std::time::Duration {
+    let (mut delay, max) = (
+        service.restart_delay.as_duration(),
+        service.restart_delay_max.as_duration(),
+    );
+    let mut total = std::time::Duration::ZERO;
+    for done in 0..counter {
+        // Every further wait is the same (the cap, or 0 which doubles to 0): computed, not
+        // looped over up to a counter of 4 billion.
+        if delay >= max || delay.is_zero() {
+            return total.saturating_add(delay.saturating_mul(counter - done));
+        }
+        total = total.saturating_add(delay);
+        delay = delay.saturating_mul(2).min(max);
+    }
+    total
+}
+
+/// Refuses a retry window no crash loop can fill: if `restart_retry_counter` restarts of a
+/// service take longer than `restart_time_span` even when it dies at once each time, the count
+/// starts over before it is ever exceeded, and that service's crash loop never gives up (the
+/// counter is meaningless for it). A counter of 0 is meaningful: the first failure gives up.
+fn check_retry_window(config: &Config, spans: &SequenceSpans, diags: &mut Diagnostics) {
+    let c = &config.global.coordinator;
+    let (counter, window) = (c.restart_retry_counter, c.restart_time_span.as_duration());
+    if window.is_zero() {
+        return; // Already refused on its own.
+    }
+    let mut never: Vec<(&ServiceSpec, std::time::Duration)> = config
+        .services
+        .iter()
+        .filter(|s| s.restart != RestartPolicy::Never)
+        .map(|s| (s, least_time_for_restarts(s, counter)))
+        .filter(|&(_, least)| least > window)
+        .collect();
+    if never.is_empty() {
+        return;
+    }
+    never.sort_by_key(|&(s, least)| (std::cmp::Reverse(least), &s.id));
+    let (worst, least) = never[0];
+    let show = |d: std::time::Duration| {
+        ConfigDuration(std::time::Duration::from_millis(d.as_millis() as u64)).to_string()
+    };
+    let message = format!(
+        "key `coordinator.restart_time_span` ({}) is too short for `restart_retry_counter` ({counter}): a crash loop of `{}` needs at least {} for {counter} restarts (restart_delay {}, doubling up to {}), so the count would start over before it is exceeded and the loop would never give up",
+        c.restart_time_span,
+        worst.id,
+        show(least),
+        worst.restart_delay,
+        worst.restart_delay_max,
+    );
+    let path = spans
+        .path
+        .as_deref()
+        .unwrap_or(Path::new(DEFAULT_CONFIG_PATH));
+    let mut d = match spans.time_span.clone().or(spans.retry_counter.clone()) {
+        Some(span) => Diagnostic::at_span(path, &spans.text, span, message),
+        None => Diagnostic::in_file(spans.path.as_deref(), message),
+    };
+    d = d.with_note(format!(
+        "make the span at least {}, or lower `restart_retry_counter`, or `restart_delay`/`restart_delay_max` in {}",
+        show(least),
+        worst.source.display()
+    ));
+    if never.len() > 1 {
+        let others: Vec<String> = never[1..]
+            .iter()
+            .map(|(s, _)| format!("`{}`", s.id))
+            .collect();
+        d = d.with_note(format!("the same holds for {}", others.join(", ")));
+    }
+    diags.push(d);
+}
+
+/// What `start` would refuse because the shared segment cannot hold it: more services than
+/// [`MAX_SERVICES`], a configuration image larger than [`MAX_CONFIG_BLOB`]; and a notify socket
+/// path too long for a socket address. Checked with the segment's own constants and the
+/// keeper's own path, so `check` refuses exactly what `start` would.
+fn check_start_limits(config: &Config, spans: &SequenceSpans, diags: &mut Diagnostics) {
+    let n = config.services.len();
+    if n > MAX_SERVICES as usize {
+        diags.push(Diagnostic::in_file(
+            Some(&config.global.services_dir),
+            format!(
+                "{n} services, more than the {MAX_SERVICES} one instance's shared segment holds (MAX_SERVICES); split the stack into several instances"
+            ),
+        ));
+    }
+    // The keeper binds the notify socket in `run_dir`; a Unix socket address holds a path
+    // of at most 107 bytes, so a deep `run_dir` would fail `start`.
+    let socket = crate::keeper::notify_socket_path(config);
+    if nix::sys::socket::UnixAddr::new(&socket).is_err() {
+        let max = std::mem::size_of::<libc::sockaddr_un>()
+            - std::mem::offset_of!(libc::sockaddr_un, sun_path)
+            - 1;
+        let msg = format!(
+            "key `run_dir`: the notify socket `{}` would be {} bytes long, more than the {max} a Unix socket address holds; choose a shorter `run_dir` or instance name",
+            socket.display(),
+            socket.as_os_str().len()
+        );
+        diags.push(match (&spans.path, &spans.run_dir) {
+            (Some(path), Some(span)) => Diagnostic::at_span(path, &spans.text, span.clone(), msg),
+            _ => Diagnostic::in_file(config.global.source.as_deref(), msg),
+        });
+    }
+    let image_len = config.image_len();
+    if image_len <= MAX_CONFIG_BLOB {
+        return;
+    }
+    // The image is the whole configuration; point at the service that weighs most, and in
+    // its file at the key whose value is the longest.
+    let weight = |s: &ServiceSpec| serde_json::to_vec(s).map_or(0, |v| v.len());
+    let heaviest = config.services.iter().max_by_key(|s| weight(s));
+    let message = format!(
+        "the configuration image is {image_len} bytes, more than the {MAX_CONFIG_BLOB} (MAX_CONFIG_BLOB) one instance's shared segment holds"
+    );
+    let mut d = match heaviest.and_then(|s| longest_key(&s.source).map(|at| (s, at))) {
+        Some((s, (key, text, span))) => Diagnostic::at_span(
+            &s.source,
+            &text,
+            span,
+            format!("{message}; key `{key}` of `{}` is the largest part", s.id),
+        ),
+        None => Diagnostic::in_file(Some(&config.global.services_dir), message),
+    };
+    if let Some(s) = heaviest {
+        d = d.with_note(format!("service `{}` weighs {} bytes", s.id, weight(s)));
+    }
+    diags.push(d);
+}
+
+/// The top-level key of a TOML file whose value spans the most bytes, with the file's text
+/// and that value's span.
+fn longest_key(path: &Path) -> Option<(String, String, std::ops::Range<usize>)> {
+    let text = files::read_regular(path).ok()?;
+    let table: std::collections::BTreeMap<String, Spanned<toml::Value>> =
+        toml::from_str(&text).ok()?;
+    let (key, value) = table.iter().max_by_key(|(_, v)| v.span().len())?;
+    let span = value.span();
+    Some((key.clone(), text, span))
+}
+
 /// The text and spans of the global file, kept to point errors in sequences at their line.
 #[derive(Default)]
 struct SequenceSpans {
@@ -279,6 +466,10 @@ struct SequenceSpans {
     shutdown: Vec<std::ops::Range<usize>>,
     startup_whole: Option<std::ops::Range<usize>>,
     shutdown_whole: Option<std::ops::Range<usize>>,
+    /// Where `restart_time_span` and `restart_retry_counter` are written, if they are.
+    time_span: Option<std::ops::Range<usize>>,
+    retry_counter: Option<std::ops::Range<usize>>,
+    run_dir: Option<std::ops::Range<usize>>,
 }
 
 /// Reads only the global file: enough for `stop` and `status`, which must work even when a
@@ -310,7 +501,7 @@ fn load_global(
     let (path, explicit) = config_path(options);
     let path = absolute(&path);
     let mut spans = SequenceSpans::default();
-    let (raw, source) = match fs::read_to_string(&path) {
+    let (raw, source) = match files::read_regular(&path) {
         Ok(text) => match toml::from_str::<RawGlobal>(&text) {
             Ok(raw) => {
                 spans.path = Some(path.clone());
@@ -322,14 +513,13 @@ fn load_global(
                 return (None, spans);
             }
         },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-            (RawGlobal::default(), None)
-        }
+        Err(e) if files::is_not_found(&e) && !explicit => (RawGlobal::default(), None),
         Err(e) => {
-            diags.push(Diagnostic::in_file(
-                Some(&path),
-                format!("cannot read the configuration file: {e}"),
-            ));
+            let msg = match e {
+                files::NotRegular::Io(e) => format!("cannot read the configuration file: {e}"),
+                e => format!("the configuration file {e}"),
+            };
+            diags.push(Diagnostic::in_file(Some(&path), msg));
             return (None, spans);
         }
     };
@@ -356,34 +546,48 @@ fn load_global(
         };
         diags.push(d);
     }
+    // A path with a NUL byte reaches no system call: refused here, not at `start`.
+    let mut paths_usable = true;
+    for (key, dir) in [
+        ("services_dir", &raw.services_dir),
+        ("log_dir", &raw.log_dir),
+        ("run_dir", &raw.run_dir),
+    ] {
+        if let Some(dir) = dir.as_ref().filter(|d| service::has_nul(d.get_ref())) {
+            let msg = format!("key `{key}`: {}", service::holds_nul("the path"));
+            diags.push(Diagnostic::at_span(&path, &spans.text, dir.span(), msg));
+            // The services cannot even be listed; the other paths are only used at `start`.
+            paths_usable &= key != "services_dir";
+        }
+    }
     let services_dir = match &options.services_dir {
         Some(dir) => absolute(dir),
         None => in_config_dir(
             raw.services_dir
-                .as_deref()
-                .unwrap_or(Path::new("services.d")),
+                .as_ref()
+                .map_or(Path::new("services.d"), |d| d.get_ref()),
         ),
     };
     let (default_log, default_run) = default_state_dirs();
-    let log_dir = raw.log_dir.as_deref().map_or(default_log, in_config_dir);
-    let run_dir = raw.run_dir.as_deref().map_or(default_run, in_config_dir);
-    let group = raw.group.as_ref().and_then(|g| {
-        let found = match g.get_ref().parse::<u32>() {
-            Ok(gid) => nix::unistd::Group::from_gid(gid.into()),
-            Err(_) => nix::unistd::Group::from_name(g.get_ref()),
-        };
-        match found {
-            Ok(Some(group)) => Some(Account {
-                name: group.name,
-                id: group.gid.as_raw(),
-            }),
-            _ => {
-                let msg = format!("key `group`: no group `{}` on this machine", g.get_ref());
+    let log_dir = raw
+        .log_dir
+        .as_ref()
+        .map_or(default_log, |d| in_config_dir(d.get_ref()));
+    let run_dir = raw
+        .run_dir
+        .as_ref()
+        .map_or(default_run, |d| in_config_dir(d.get_ref()));
+    let group = raw
+        .group
+        .as_ref()
+        .and_then(|g| match service::resolve_group(g.get_ref()) {
+            Ok(group) => Some(group),
+            Err(msg) => {
+                let msg = format!("key `group`: {msg}");
                 diags.push(Diagnostic::at_span(&path, &spans.text, g.span(), msg));
                 None
             }
-        }
-    });
+        });
 
     let c = raw.coordinator;
     let defaults = CoordinatorConfig::default();
@@ -399,13 +603,28 @@ fn load_global(
         spans.shutdown = s.get_ref().iter().map(Spanned::span).collect();
         spans.shutdown_whole = Some(s.span());
     }
+    spans.run_dir = raw.run_dir.as_ref().map(Spanned::span);
+    spans.time_span = c.restart_time_span.as_ref().map(Spanned::span);
+    spans.retry_counter = c.restart_retry_counter.as_ref().map(Spanned::span);
+    if let Some(span) = c
+        .restart_time_span
+        .as_ref()
+        .filter(|d| d.get_ref().as_duration().is_zero())
+    {
+        let msg = "key `coordinator.restart_time_span`: a span of 0 makes `restart_retry_counter` meaningless: the count would start over at every restart, so a crash loop would never give up; give the window restarts are counted in, such as \"60s\"";
+        diags.push(Diagnostic::at_span(&path, &spans.text, span.span(), msg));
+    }
     let coordinator = CoordinatorConfig {
         startup_timeout: c.startup_timeout.unwrap_or(defaults.startup_timeout),
         shutdown_timeout: c.shutdown_timeout.unwrap_or(defaults.shutdown_timeout),
         restart_retry_counter: c
             .restart_retry_counter
-            .unwrap_or(defaults.restart_retry_counter),
-        restart_time_span: c.restart_time_span.unwrap_or(defaults.restart_time_span),
+            .as_ref()
+            .map_or(defaults.restart_retry_counter, |n| *n.get_ref()),
+        restart_time_span: c
+            .restart_time_span
+            .as_ref()
+            .map_or(defaults.restart_time_span, |d| *d.get_ref()),
         on_failure: c.on_failure.unwrap_or(defaults.on_failure),
         standby: c.standby.unwrap_or(defaults.standby),
         takeover: c.takeover.unwrap_or(defaults.takeover),
@@ -421,16 +640,20 @@ fn load_global(
         group,
         coordinator,
     };
-    (Some(global), spans)
+    (paths_usable.then_some(global), spans)
 }
 
 /// Whether `name` may name an instance: `[A-Za-z0-9_.-]`, 1 to 64 bytes, not starting with
-/// `.` or `-` (it names shared-memory objects and files).
+/// `.` or `-` (it names shared-memory objects and files). Whatever the segment refuses
+/// ([`crate::shm::validate_instance_name`]) is refused here too, so `check` and the command
+/// line catch it before `start` does.
 pub fn check_instance_name(name: &str) -> Result<(), String> {
+    let segment_accepts = crate::shm::validate_instance_name(name).is_ok();
     let valid_chars = name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if name.is_empty()
+    if !segment_accepts
+        || name.is_empty()
         || name.len() > MAX_INSTANCE_LEN
         || !valid_chars
         || name.starts_with(['.', '-'])
@@ -489,11 +712,27 @@ pub(crate) fn toml_error(path: &Path, text: &str, error: &toml::de::Error) -> Di
         }
         return d;
     }
-    let message = match key_at(text, span.start) {
+    // Where a bracket opened lines above is never closed, the parser stops at a later key
+    // that is not at fault: name the key the bracket belongs to and point at its line.
+    let (error_line, _) = crate::diag::line_col(text, span.start);
+    let unclosed = crate::diag::unclosed_before(text, span.start)
+        .filter(|&(_, at)| crate::diag::line_col(text, at).0 < error_line);
+    let key_offset = unclosed.map_or(span.start, |(_, at)| at);
+    let message = match key_at(text, key_offset) {
         Some(key) => format!("key `{key}`: {message}"),
         None => message,
     };
-    Diagnostic::at_span(path, text, span, message)
+    let mut d = Diagnostic::at_span(path, text, span, message);
+    if let Some((delimiter, at)) = unclosed {
+        let (line, column) = crate::diag::line_col(text, at);
+        d = d.with_note(format!(
+            "{}:{line}:{column}: the {} opened here is never closed: a `{}` is missing",
+            path.display(),
+            delimiter.name(),
+            delimiter.closer()
+        ));
+    }
+    d
 }
 
 /// The candidate closest to `word`, if it is close enough to be a likely typo.
@@ -766,6 +1005,7 @@ mod tests {
             ..Default::default()
         };
         let config = Config::load(&options).unwrap();
+        assert_eq!(config.image_len(), config.to_image().len() as u64);
         let back = Config::from_image(&config.to_image()).unwrap();
         assert_eq!(back.global, config.global);
         assert_eq!(back.services, config.services);
@@ -783,6 +1023,29 @@ mod tests {
         for bad in ["", "-x", ".x", "a b", "a/b", "a@b", &"a".repeat(65)] {
             assert!(check_instance_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn least_time_for_restarts_doubles_up_to_the_cap() {
+        let options = LoadOptions {
+            config_path: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("ccmgr.toml")),
+            ..Default::default()
+        };
+        let mut s = Config::load(&options).unwrap().services.remove(0);
+        s.restart_delay = ConfigDuration::from_millis(100);
+        s.restart_delay_max = ConfigDuration::from_millis(1_000);
+        let ms = |n| std::time::Duration::from_millis(n);
+        assert_eq!(least_time_for_restarts(&s, 0), ms(0));
+        assert_eq!(least_time_for_restarts(&s, 1), ms(100));
+        // 100 + 200 + 400 + 800 + 1000 (the cap) + 1000
+        assert_eq!(least_time_for_restarts(&s, 6), ms(3_500));
+        // A huge counter is computed, not looped over.
+        assert_eq!(
+            least_time_for_restarts(&s, u32::MAX),
+            ms(1_500) + ms(1_000) * (u32::MAX - 4)
+        );
+        s.restart_delay = ConfigDuration::from_millis(0);
+        assert_eq!(least_time_for_restarts(&s, u32::MAX), ms(0));
     }
 
     #[test]

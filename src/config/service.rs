@@ -22,7 +22,7 @@ use crate::diag::{Diagnostic, Diagnostics};
 use crate::duration::ConfigDuration;
 
 /// The longest service id: ids name log files and fixed-size records in the shared segment.
-pub const MAX_ID_LEN: usize = 64;
+pub const MAX_ID_LEN: usize = crate::shm::layout::SERVICE_ID_MAX;
 
 /// When a started service counts as up.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +96,59 @@ impl<'de> Deserialize<'de> for SignalName {
 pub struct Account {
     pub name: String,
     pub id: u32,
+}
+
+/// A user or group as written: a name, or a numeric id, in either TOML form (`user = "nobody"`,
+/// `user = 65534`, `user = "65534"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccountRef {
+    Name(String),
+    Id(u32),
+}
+
+impl fmt::Display for AccountRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccountRef::Name(name) => f.write_str(name),
+            AccountRef::Id(id) => write!(f, "{id}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AccountRef {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AccountVisitor;
+
+        impl Visitor<'_> for AccountVisitor {
+            type Value = AccountRef;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a name (a string) or a numeric id (an integer)")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(match v.parse::<u32>() {
+                    Ok(id) => AccountRef::Id(id),
+                    Err(_) => AccountRef::Name(v.to_owned()),
+                })
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                u32::try_from(v).map(AccountRef::Id).map_err(|_| {
+                    E::custom(format!(
+                        "{v} is not a user or group id: ids run from 0 to {}",
+                        u32::MAX
+                    ))
+                })
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+        }
+
+        deserializer.deserialize_any(AccountVisitor)
+    }
 }
 
 /// A service, validated and resolved: what the coordinator needs to run it.
@@ -188,11 +241,11 @@ struct RawService {
     restart_delay: Option<ConfigDuration>,
     restart_delay_max: Option<ConfigDuration>,
     min_uptime: Option<Spanned<ConfigDuration>>,
-    user: Option<Spanned<String>>,
-    group: Option<Spanned<String>>,
+    user: Option<Spanned<AccountRef>>,
+    group: Option<Spanned<AccountRef>>,
     working_dir: Option<Spanned<PathBuf>>,
     #[serde(default)]
-    env: BTreeMap<String, String>,
+    env: BTreeMap<String, Spanned<String>>,
     env_file: Option<Spanned<PathBuf>>,
 }
 
@@ -245,13 +298,16 @@ pub(super) struct ParsedService {
 }
 
 /// The drop-in rule: `*.toml` directly in the directory, no dotfiles, no editor leftovers;
-/// `web.toml.disabled`, `web.toml~`, `.web.toml.swp` and subdirectories are ignored.
+/// `web.toml.disabled`, `web.toml~`, `.web.toml.swp` and subdirectories not named `*.toml`
+/// are ignored.
 pub fn is_service_file_name(name: &str) -> bool {
     !name.starts_with('.') && name.len() > ".toml".len() && name.ends_with(".toml")
 }
 
-/// The service files of `dir`, sorted by name so every run sees the same order.
-pub fn list_service_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
+/// The service files of `dir`, sorted by name so every run sees the same order, and an error
+/// for every entry named like a service file that is not one (see [`super::files`]): such an
+/// entry is never silently skipped, or its service would be lost without a word.
+pub fn list_service_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<Diagnostic>), Diagnostic> {
     let entries = fs::read_dir(dir).map_err(|e| {
         Diagnostic::in_file(
             Some(dir),
@@ -259,6 +315,7 @@ pub fn list_service_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
         )
     })?;
     let mut files = Vec::new();
+    let mut problems = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| {
             Diagnostic::in_file(
@@ -266,16 +323,32 @@ pub fn list_service_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
                 format!("cannot read the services directory: {e}"),
             )
         })?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
         let path = entry.path();
-        // `metadata` follows symlinks: a link to a service file elsewhere is a service file.
-        if is_service_file_name(name) && path.metadata().is_ok_and(|m| m.is_file()) {
-            files.push(path);
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            if name.as_encoded_bytes().ends_with(b".toml") {
+                problems.push(Diagnostic::in_file(
+                    Some(&path),
+                    "the file name is not valid UTF-8, so it cannot name a service",
+                ));
+            }
+            continue;
+        };
+        if !is_service_file_name(name) {
+            continue;
+        }
+        // A symlink to a regular file counts (the drop-in convention); anything else is named.
+        match super::files::check_regular(&path) {
+            Ok(()) => files.push(path),
+            Err(e) => problems.push(Diagnostic::in_file(
+                Some(&path),
+                format!("the service file {e}"),
+            )),
         }
     }
     files.sort();
-    Ok(files)
+    problems.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((files, problems))
 }
 
 /// Whether `id` may name a service: `[A-Za-z0-9_.@-]`, 1 to 64 bytes, not starting with `.`
@@ -306,12 +379,12 @@ pub(super) fn parse_service_file(
     programs: &mut ProgramCache,
     diags: &mut Diagnostics,
 ) -> Option<ParsedService> {
-    let text = match fs::read_to_string(path) {
+    let text = match super::files::read_regular(path) {
         Ok(text) => text,
         Err(e) => {
             diags.push(Diagnostic::in_file(
                 Some(path),
-                format!("cannot read the file: {e}"),
+                format!("the service file {e}"),
             ));
             return None;
         }
@@ -359,29 +432,65 @@ pub(super) fn parse_service_file(
             }
         },
     };
-    let working_dir = raw
-        .working_dir
-        .as_ref()
-        .map(|d| absolutize(base_dir, d.get_ref()));
-    let env = raw.env;
-    for key in env.keys() {
-        if key.is_empty() || key.contains('=') || key.contains('\0') {
-            diags.push(Diagnostic::in_file(
-                Some(path),
+    if let Some(i) = command.iter().position(|word| word.contains('\0')) {
+        diags.push(at(
+            command_span.clone(),
+            format!("key `command`: {}", holds_nul(&format!("argument {i}"))),
+        ));
+    }
+    let working_dir = raw.working_dir.as_ref().and_then(|d| {
+        if has_nul(d.get_ref()) {
+            diags.push(at(
+                d.span(),
+                format!("key `working_dir`: {}", holds_nul("the path")),
+            ));
+            return None;
+        }
+        Some(absolutize(base_dir, d.get_ref()))
+    });
+    for (key, value) in &raw.env {
+        let shown = key.escape_debug();
+        if key.is_empty() || key.contains('=') {
+            diags.push(at(
+                value.span(),
                 format!(
-                    "key `env.{key}`: an environment variable name may not be empty or hold `=`"
+                    "key `env.{shown}`: an environment variable name may not be empty or hold `=`"
                 ),
+            ));
+        } else if key.contains('\0') {
+            diags.push(at(
+                value.span(),
+                format!("key `env.{shown}`: {}", holds_nul("the variable name")),
+            ));
+        } else if value.get_ref().contains('\0') {
+            diags.push(at(
+                value.span(),
+                format!("key `env.{shown}`: {}", holds_nul("the value")),
             ));
         }
     }
-    let env_file = raw.env_file.as_ref().map(|f| {
+    let env: BTreeMap<String, String> = raw
+        .env
+        .into_iter()
+        .map(|(key, value)| (key, value.into_inner()))
+        .collect();
+    let env_file = raw.env_file.as_ref().and_then(|f| {
+        if has_nul(f.get_ref()) {
+            diags.push(at(
+                f.span(),
+                format!("key `env_file`: {}", holds_nul("the path")),
+            ));
+            return None;
+        }
         let resolved = absolutize(base_dir, f.get_ref());
         if let Err(e) = read_env_file(&resolved) {
             diags.push(at(f.span(), format!("key `env_file`: {e}")));
         }
-        resolved
+        Some(resolved)
     });
     let program = match command.first() {
+        // Already reported: a path with a NUL cannot even be looked up.
+        Some(argv0) if argv0.contains('\0') => PathBuf::new(),
         None => {
             if diags.len() == before {
                 diags.push(at(
@@ -482,6 +591,19 @@ pub(super) fn parse_service_file(
     })
 }
 
+/// Whether a path holds a NUL byte, which no system call can take.
+pub(crate) fn has_nul(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    p.as_os_str().as_bytes().contains(&0)
+}
+
+/// The sentence for a string that `start` could not hand to the kernel.
+pub(crate) fn holds_nul(what: &str) -> String {
+    format!(
+        "{what} holds a NUL byte (\\0); the kernel takes arguments, environment strings and paths as NUL-terminated strings, so `start` could not pass it on"
+    )
+}
+
 fn absolutize(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
@@ -520,41 +642,42 @@ pub fn find_program(argv0: &str, base: &Path, path_var: Option<&str>) -> Result<
         .ok_or_else(|| format!("program `{argv0}` is not found in PATH ({search})"))
 }
 
-fn resolve_user(name: &str) -> Result<Account, String> {
-    let found = match name.parse::<u32>() {
-        Ok(uid) => nix::unistd::User::from_uid(uid.into()),
-        Err(_) => nix::unistd::User::from_name(name),
+/// The user `user` names, which must exist on this machine.
+pub fn resolve_user(user: &AccountRef) -> Result<Account, String> {
+    let found = match user {
+        AccountRef::Id(uid) => nix::unistd::User::from_uid((*uid).into()),
+        AccountRef::Name(name) => nix::unistd::User::from_name(name),
     };
     match found {
         Ok(Some(u)) => Ok(Account {
             name: u.name,
             id: u.uid.as_raw(),
         }),
-        Ok(None) => Err(format!("no user `{name}` on this machine")),
-        Err(e) => Err(format!("cannot look up user `{name}`: {e}")),
+        Ok(None) => Err(format!("no user `{user}` on this machine")),
+        Err(e) => Err(format!("cannot look up user `{user}`: {e}")),
     }
 }
 
-fn resolve_group(name: &str) -> Result<Account, String> {
-    let found = match name.parse::<u32>() {
-        Ok(gid) => nix::unistd::Group::from_gid(gid.into()),
-        Err(_) => nix::unistd::Group::from_name(name),
+/// The group `group` names, which must exist on this machine.
+pub fn resolve_group(group: &AccountRef) -> Result<Account, String> {
+    let found = match group {
+        AccountRef::Id(gid) => nix::unistd::Group::from_gid((*gid).into()),
+        AccountRef::Name(name) => nix::unistd::Group::from_name(name),
     };
     match found {
         Ok(Some(g)) => Ok(Account {
             name: g.name,
             id: g.gid.as_raw(),
         }),
-        Ok(None) => Err(format!("no group `{name}` on this machine")),
-        Err(e) => Err(format!("cannot look up group `{name}`: {e}")),
+        Ok(None) => Err(format!("no group `{group}` on this machine")),
+        Err(e) => Err(format!("cannot look up group `{group}`: {e}")),
     }
 }
 
 /// Reads an env file: `KEY=VALUE` lines; blank lines and `#` comments skipped; an optional
 /// `export ` prefix; a value in matching single or double quotes loses them.
 pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, String> {
-    let text =
-        fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let text = super::files::read_regular(path).map_err(|e| format!("`{}` {e}", path.display()))?;
     parse_env_text(&text).map_err(|(line, msg)| format!("{}:{line}: {msg}", path.display()))
 }
 
@@ -574,6 +697,9 @@ fn parse_env_text(text: &str) -> Result<Vec<(String, String)>, (usize, String)> 
             return Err((n + 1, format!("`{key}` is not a variable name")));
         }
         let value = value.trim();
+        if value.contains('\0') {
+            return Err((n + 1, holds_nul(&format!("the value of `{key}`"))));
+        }
         let unquoted = ['"', '\'']
             .iter()
             .find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
