@@ -32,7 +32,9 @@ use crate::engine::{
     Action, Adopted, Engine, EngineParams, Event, Failure, Outcome, RestartWindow, Time,
 };
 use crate::keeper::protocol::{self, FromKeeper, Outbox, ToKeeper, recv_message};
-use crate::keeper::{COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD};
+use crate::keeper::{
+    COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD, RecentDeaths,
+};
 use crate::notify::{self, NotifySocket};
 use crate::process_identity::ProcessIdentity;
 use crate::shm::api::{ControlSegment, DaemonComponentHolder};
@@ -151,9 +153,13 @@ struct Coordinator {
     gate: DaemonComponentHolder,
     /// The standby's pid, while one runs.
     standby: Option<i32>,
-    /// Standbys that died soon after starting, in a row: a standby that cannot live is not
-    /// restarted for ever.
-    standby_failures: u32,
+    /// Recent deaths of standbys: one that keeps dying is not restarted for ever, but tried
+    /// again after a quiet span.
+    standby_deaths: RecentDeaths,
+    /// While standbys are given up on: when (engine time) to try one again.
+    standby_retry_at: Option<Time>,
+    /// Exits handled in this loop pass, acknowledged to the keeper once published.
+    pending_acks: Vec<(usize, i32)>,
 }
 
 /// The fds the keeper hands its coordinator, taken first thing at start, before anything
@@ -246,6 +252,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         } else {
             w.set_gave_up(None)?;
         }
+        w.set_standby_disabled(false);
     }
     // Engine time is the monotonic clock since boot, as in the segment, so that what a dead
     // coordinator published (the restart window's start) means the same to its successor.
@@ -274,7 +281,9 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         unclaimed_ready: Vec::new(),
         gate,
         standby: None,
-        standby_failures: 0,
+        standby_deaths: RecentDeaths::new(STANDBY_DEATH_SPAN, STANDBY_DEATH_LIMIT),
+        standby_retry_at: None,
+        pending_acks: Vec::new(),
     };
     let actions = if took_over {
         let actions = c.adopt(params)?;
@@ -292,6 +301,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
     };
     c.perform(actions);
     c.publish();
+    c.acknowledge_exits();
     c.event_loop()?;
     Ok(match c.engine.outcome() {
         Some(Outcome::Stopped) | None => 0,
@@ -398,8 +408,10 @@ impl Coordinator {
             }
             match recv_message::<FromKeeper>(self.keeper.as_fd()) {
                 Ok(Some(FromKeeper::Running { services })) => break services,
-                Ok(Some(FromKeeper::Exited { service, exit, .. })) if service < n => {
+                Ok(Some(FromKeeper::Exited { service, exit, pid })) if service < n => {
                     exits[service] = Some(exit);
+                    // Published with the adopted state, then acknowledged.
+                    self.pending_acks.push((service, pid));
                 }
                 // Answers to the dead coordinator's requests: what runs is in `Running`.
                 Ok(Some(_)) | Ok(None) => {}
@@ -481,14 +493,44 @@ impl Coordinator {
         }
     }
 
-    /// Asks the keeper for a standby, when the configuration wants one and the stack runs.
+    /// The stack is being stopped (or is): nothing new may start.
+    fn stack_is_stopping(&self) -> bool {
+        self.engine.is_finished()
+            || matches!(
+                self.engine.phase(),
+                InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed
+            )
+    }
+
+    /// Asks the keeper for a standby, when the configuration wants one, the stack runs, and
+    /// standbys are not given up on for now.
     fn spawn_standby(&mut self) {
-        let stopping = matches!(
-            self.engine.phase(),
-            InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed
-        );
-        if self.config.global.coordinator.standby && self.standby.is_none() && !stopping {
+        if self.config.global.coordinator.standby
+            && self.standby.is_none()
+            && self.standby_retry_at.is_none()
+            && !self.stack_is_stopping()
+        {
             self.send(ToKeeper::SpawnStandby);
+        }
+    }
+
+    /// Standbys were given up on a quiet span ago: try one again.
+    fn retry_standby_if_due(&mut self) {
+        if self.standby_retry_at.is_some_and(|at| at <= self.now()) {
+            self.standby_retry_at = None;
+            if let Ok(w) = self.segment.write() {
+                w.set_standby_disabled(false);
+            }
+            info!("the standby has been quiet for the span: trying one again");
+            self.spawn_standby();
+        }
+    }
+
+    /// Tells the keeper that the exits handled so far are published: it need not hand them
+    /// to a successor any more. Called only after `publish`.
+    fn acknowledge_exits(&mut self) {
+        for (service, pid) in std::mem::take(&mut self.pending_acks) {
+            self.send(ToKeeper::AckExit { service, pid });
         }
     }
 
@@ -538,18 +580,27 @@ impl Coordinator {
                     Some(Source::Timer) => {
                         let _ = self.timer.wait();
                         self.feed(Event::Tick);
+                        self.retry_standby_if_due();
                     }
                     None => {}
                 }
             }
             self.publish();
+            self.acknowledge_exits();
         }
         Ok(())
     }
 
-    /// One timer for the engine's nearest deadline; none when nothing is due.
+    /// One timer for the nearest deadline (the engine's, or a standby's retry); none when
+    /// nothing is due.
     fn arm_timer(&self) {
-        match self.engine.next_deadline() {
+        let next = self
+            .engine
+            .next_deadline()
+            .into_iter()
+            .chain(self.standby_retry_at)
+            .min();
+        match next {
             Some(deadline) => {
                 let wait = deadline
                     .saturating_sub(self.now())
@@ -615,6 +666,9 @@ impl Coordinator {
                 self.feed(Event::SpawnFailed { service, error });
             }
             FromKeeper::Exited { service, pid, exit } => {
+                // Acknowledged once this pass is published, handled or not (an exit of a
+                // process no longer the service's is stale: nothing to publish).
+                self.pending_acks.push((service, pid));
                 if self.pids.get(service).copied().flatten() != Some(pid) {
                     return;
                 }
@@ -639,12 +693,27 @@ impl Coordinator {
                 if let Ok(w) = self.segment.write() {
                     w.set_standby(None);
                 }
-                self.standby_failures += 1;
-                if self.standby_failures <= MAX_STANDBY_RESTARTS {
+                if self.stack_is_stopping() {
+                    // Nothing new starts once the stack is stopping (the keeper stops the
+                    // standby at the end of the stop; its end may be reported after that).
+                    info!(pid, "the standby ended; the stack is stopping: no other is started");
+                    return;
+                }
+                if self.standby_deaths.record(Instant::now()) {
+                    let retry = self.standby_deaths.quiet_at().unwrap_or_else(Instant::now);
+                    self.standby_retry_at = Some(retry.saturating_duration_since(self.epoch));
+                    error!(
+                        pid,
+                        deaths = STANDBY_DEATH_LIMIT,
+                        span_s = STANDBY_DEATH_SPAN.as_secs(),
+                        "the standby keeps dying: running without one until it has been quiet for the span"
+                    );
+                    if let Ok(w) = self.segment.write() {
+                        w.set_standby_disabled(true);
+                    }
+                } else {
                     warn!(pid, "the standby died: starting another");
                     self.spawn_standby();
-                } else {
-                    error!(pid, "the standby keeps dying: running without one");
                 }
             }
             // Only meaningful during a takeover (see `adopt`).
@@ -865,5 +934,7 @@ impl Coordinator {
 /// READY=1 messages kept for services whose start is not reported yet, at most.
 const MAX_UNCLAIMED_READY: usize = 64;
 
-/// A standby that dies is replaced at most this many times in a coordinator's life.
-const MAX_STANDBY_RESTARTS: u32 = 20;
+/// Standbys that die this many times within [`STANDBY_DEATH_SPAN`] are given up on (the
+/// segment says so, for `status`) until the span has passed without a death.
+const STANDBY_DEATH_LIMIT: usize = 5;
+const STANDBY_DEATH_SPAN: Duration = Duration::from_secs(60);

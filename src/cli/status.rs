@@ -216,6 +216,9 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             "warning: no coordinator is alive: nothing supervises these services (`ccmgr stop` stops them)"
         );
     }
+    if segment.standby_disabled() {
+        println!("warning: the standby keeps dying: running without one until it has been quiet for a while (see the coordinator's log)");
+    }
     if let Some(w) = &out.restart_window {
         println!(
             "restarts: {} of at most {} in the window that began {} ago",

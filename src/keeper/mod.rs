@@ -17,18 +17,31 @@
 //! - owns the notify socket, so `READY=1` datagrams wait in it while no coordinator reads;
 //! - starts the coordinator (and standbys), queues service events while no coordinator is
 //!   connected, and is a child subreaper, so nothing a service leaves behind becomes a zombie
-//!   of init.
+//!   of init;
+//! - keeps each service's latest exit until a coordinator acknowledges that it has published
+//!   it ([`ToKeeper::AckExit`]), and hands every unacknowledged one to a coordinator that takes
+//!   over: an exit the dead coordinator received but never published is not lost;
+//! - never leaves the instance without a coordinator while it lives: when the coordinator dies
+//!   and no standby can take over, it starts a successor (a process in the standby role, which
+//!   finds the daemon standby mutex free and takes over at once). Only when successors keep
+//!   dying ([`SUCCESSOR_LIMIT`] deaths within [`SUCCESSOR_SPAN`]), or a stop signal comes while
+//!   none can be started, does it stop the stack itself: in order, driven by
+//!   [`Engine::stopping`], the same engine every ordered stop runs on;
+//! - writes the [`ProcessRecord`] of the instance's processes to `run_dir` whenever that set
+//!   changes, for a `ccmgr stop` that cannot read the segment.
 //!
-//! Its event loop blocks in `epoll` on a signalfd, the coordinator's socket and the log pipes;
-//! it never sleeps or polls.
+//! Its event loop blocks in `epoll` on a signalfd, the coordinator's socket, the log pipes and
+//! one timerfd (armed only for the deadlines of its own ordered stop); it never sleeps or
+//! polls.
 
 pub mod protocol;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
 use nix::errno::Errno;
@@ -39,12 +52,15 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::cgroup;
 use crate::config::Config;
+use crate::engine::{Action, Engine, EngineParams, Event};
 use crate::logsink::{self, LogSink};
 use crate::notify::NotifySocket;
+use crate::process_identity::ProcessIdentity;
+use crate::records::{self, ProcessRecord, Recorded, RecordedService};
 use crate::shm::Segment;
 use crate::spawn::{self, ExecStage, ProcessExit, SpawnError, SpawnRequest};
 use protocol::{FromKeeper, ToKeeper, recv_message};
@@ -53,6 +69,11 @@ use protocol::{FromKeeper, ToKeeper, recv_message};
 pub const COORDINATOR_CHANNEL_FD: RawFd = 3;
 pub const COORDINATOR_NOTIFY_FD: RawFd = 4;
 pub const COORDINATOR_REPORT_FD: RawFd = 5;
+
+/// Successors (coordinators the keeper starts because no standby could take over) that die
+/// this many times within [`SUCCESSOR_SPAN`] are given up on: the keeper stops the stack.
+pub const SUCCESSOR_LIMIT: usize = 5;
+pub const SUCCESSOR_SPAN: Duration = Duration::from_secs(60);
 
 /// Rotation of service logs: the current file and this many older ones, each up to the size.
 pub const LOG_MAX_BYTES: u64 = 4 << 20;
@@ -148,10 +169,26 @@ struct Keeper {
     coordinator: Option<i32>,
     /// Service events waiting for a coordinator to take over.
     queued: Vec<FromKeeper>,
+    /// Each service's latest exit (pid, how), until a coordinator acknowledges that it has
+    /// published it; sent again to whoever takes over.
+    unacked_exits: Vec<Option<(i32, ProcessExit)>>,
     /// A coordinator said the stack is stopped.
     shutdown_requested: bool,
-    /// Stopping everything without a coordinator (a signal arrived while none was alive).
-    emergency: bool,
+    /// Deaths of coordinators (and of standbys while no coordinator lived), for the successor
+    /// limit.
+    coordinator_deaths: RecentDeaths,
+    /// A stop signal came while only a standby or successor was on its way: it is passed on
+    /// to it once it has taken over.
+    stop_after_takeover: bool,
+    /// Standbys killed on the coordinator's request ([`ToKeeper::StopStandby`]): their end is
+    /// no death to report or to replace.
+    retired_standbys: HashSet<i32>,
+    /// The keeper's own ordered stop, when no coordinator can do it.
+    last_resort: Option<LastResortStop>,
+    /// The (pid, start time) of each child, read once when it starts, for the process record.
+    identities: HashMap<i32, ProcessIdentity>,
+    /// The set of processes changed since the record was last written.
+    record_dirty: bool,
     /// How the last coordinator exited.
     coordinator_exit: Option<ProcessExit>,
     /// The instance's cgroups, one per service, where the machine offers cgroup v2.
@@ -220,6 +257,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(KeeperError::Setup)?;
     let notify = NotifySocket::bind(&notify_socket_path(&config))?;
     let n = config.services.len();
+    let coordinator_deaths = RecentDeaths::new(SUCCESSOR_SPAN, SUCCESSOR_LIMIT);
     let mut keeper = Keeper {
         config,
         foreground,
@@ -236,8 +274,14 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         peers: HashMap::new(),
         coordinator: None,
         queued: Vec::new(),
+        unacked_exits: vec![None; n],
         shutdown_requested: false,
-        emergency: false,
+        coordinator_deaths,
+        stop_after_takeover: false,
+        retired_standbys: HashSet::new(),
+        last_resort: None,
+        identities: HashMap::new(),
+        record_dirty: true,
         coordinator_exit: None,
         join_cgroups: cgroups.is_some(),
         cgroups,
@@ -259,6 +303,8 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     info!(pid, "keeper started the coordinator");
     keeper.run_loop();
     keeper.remove_cgroups();
+    // Nothing of the instance is left to record.
+    ProcessRecord::remove(&keeper.record_path());
     // Nothing of the instance is left alive: its shared state goes with it. (`status` reads
     // the outcome the coordinator left in run_dir.)
     let _ = crate::shm::api::ControlSegment::remove(&keeper.config.global.instance);
@@ -334,6 +380,7 @@ impl Keeper {
         // The Child handle is dropped without waiting: the keeper reaps through waitid.
         drop(child);
         self.children.insert(pid, role);
+        self.remember(pid);
         // Non-blocking: the loop reads every waiting message and must not wait for the next.
         protocol::set_nonblocking(ours.as_fd()).map_err(KeeperError::Setup)?;
         watch(
@@ -358,12 +405,15 @@ impl Keeper {
         let mut events = vec![EpollEvent::empty(); 64];
         while !self.done() {
             self.watch_writability();
+            self.arm_timer();
+            // At most one write per pass, however many processes came and went in it.
+            self.write_record();
             let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
                     warn!(error = %e, "the keeper's epoll failed; stopping everything");
-                    self.begin_emergency_stop();
+                    self.kill_everything();
                     break;
                 }
             };
@@ -391,12 +441,14 @@ impl Keeper {
     /// coordinator said so or nothing is left to keep.
     fn done(&self) -> bool {
         self.children.is_empty()
-            && (self.shutdown_requested || self.emergency || self.coordinator.is_none())
+            && (self.shutdown_requested
+                || self.last_resort.is_some()
+                || self.coordinator.is_none())
     }
 
     fn exit_code(&self) -> i32 {
         match self.coordinator_exit {
-            Some(ProcessExit::Exited(code)) if !self.emergency => code,
+            Some(ProcessExit::Exited(code)) if self.last_resort.is_none() => code,
             _ => 1,
         }
     }
@@ -414,7 +466,8 @@ impl Keeper {
         self.reap_children();
     }
 
-    /// SIGTERM/SIGINT: the coordinator stops the stack in order; without one, stop it here.
+    /// SIGTERM/SIGINT: the coordinator stops the stack in order; while a standby or successor
+    /// is on its way to take over, it does once it has; with neither, the keeper does.
     fn on_stop_signal(&mut self) {
         match self
             .coordinator
@@ -424,36 +477,145 @@ impl Keeper {
                 info!(pid, "asking the coordinator to stop the stack");
                 let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             }
-            None => self.begin_emergency_stop(),
+            None if self.standby_alive() && self.last_resort.is_none() => {
+                info!("a stop signal came while no coordinator lived: passed on once one takes over");
+                self.stop_after_takeover = true;
+            }
+            None => self.begin_last_resort_stop(),
         }
     }
 
-    /// No coordinator: send every service its stop signal, in shutdown order, and SIGKILL what
-    /// is left after the longest shutdown timeout.
-    fn begin_emergency_stop(&mut self) {
-        if self.emergency {
+    /// A standby (or a successor) lives and will take over.
+    fn standby_alive(&self) -> bool {
+        self.children.values().any(|r| *r == Role::Standby)
+    }
+
+    /// The coordinator is gone and nothing can take over: start a successor, unless they keep
+    /// dying (then, or if none can be started, stop the stack in order here).
+    fn ensure_coordinator(&mut self) {
+        if self.shutdown_requested
+            || self.last_resort.is_some()
+            || self.coordinator.is_some()
+            || self.standby_alive()
+        {
             return;
         }
-        self.emergency = true;
-        warn!("no coordinator is alive: stopping the services directly");
-        let mut longest = std::time::Duration::ZERO;
-        for &s in &self.config.shutdown_sequence {
-            if let Some(pid) = self.service_pids[s] {
-                let spec = &self.config.services[s];
-                let _ = spawn::signal_group(Pid::from_raw(pid), spec.stop_signal.0);
-                longest = longest.max(spec.shutdown_timeout.into());
+        let deaths = self.coordinator_deaths.count(Instant::now());
+        if deaths >= SUCCESSOR_LIMIT {
+            error!(
+                deaths,
+                span_s = SUCCESSOR_SPAN.as_secs(),
+                "coordinators keep dying: the keeper stops the stack in order"
+            );
+            self.begin_last_resort_stop();
+            return;
+        }
+        match self.start_coordinator(Role::Standby, None) {
+            Ok(pid) => warn!(
+                pid,
+                "no standby can take over: started a new coordinator to adopt the stack"
+            ),
+            Err(e) => {
+                error!(error = %e, "cannot start a new coordinator: the keeper stops the stack in order");
+                self.begin_last_resort_stop();
             }
         }
-        let _ = self.timer.set(
-            Expiration::OneShot(TimeSpec::from_duration(
-                longest.max(std::time::Duration::from_millis(1)),
-            )),
-            TimerSetTimeFlags::empty(),
+    }
+
+    /// No coordinator can stop the stack: stop it here, in shutdown order, with each service's
+    /// stop signal and timeout, on the same engine a coordinator stops it with.
+    fn begin_last_resort_stop(&mut self) {
+        if self.last_resort.is_some() {
+            return;
+        }
+        warn!("no coordinator is alive: the keeper stops the services in order");
+        let epoch = Instant::now();
+        let (engine, actions) = Engine::stopping(
+            EngineParams::from_config(&self.config),
+            Duration::ZERO,
+            &self.service_pids,
         );
+        self.last_resort = Some(LastResortStop { engine, epoch });
+        self.perform_stop(actions);
+    }
+
+    /// Feeds the keeper's ordered stop, if it runs.
+    fn feed_stop(&mut self, event: Event) {
+        let Some(stop) = self.last_resort.as_mut() else {
+            return;
+        };
+        let actions = stop.engine.handle(event, stop.epoch.elapsed());
+        self.perform_stop(actions);
+    }
+
+    /// Carries out what the keeper's ordered stop decides.
+    fn perform_stop(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Signal { service, signal } => {
+                    if let Some(pid) = self.service_pids[service] {
+                        info!(service = %self.config.services[service].id, pid, signal = signal.as_str(), "stopping");
+                        let _ = spawn::signal_group(Pid::from_raw(pid), signal);
+                    }
+                }
+                Action::Kill { service } => {
+                    if let Some(pid) = self.service_pids[service] {
+                        warn!(service = %self.config.services[service].id, pid, "timed out: killing its process group");
+                        let _ = spawn::signal_group(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                    self.kill_service_cgroup(service);
+                }
+                // The service API's shutdown gate is the coordinator's: without one, its
+                // services get their stop signal at their turn like any other.
+                Action::ShutdownRequested { services } => {
+                    let more: Vec<Action> = match self.last_resort.as_mut() {
+                        Some(stop) => services
+                            .into_iter()
+                            .flat_map(|s| stop.engine.not_cooperative(s))
+                            .collect(),
+                        None => Vec::new(),
+                    };
+                    self.perform_stop(more);
+                }
+                Action::Finished(_) => {
+                    info!("the keeper's ordered stop is over");
+                    self.kill_all_cgroups();
+                }
+                // A stopping engine starts nothing.
+                Action::Spawn { .. } | Action::StartupComplete | Action::ShutdownOver => {}
+            }
+        }
+    }
+
+    /// The timer is armed only for the keeper's ordered stop: its nearest deadline.
+    fn arm_timer(&self) {
+        let next = self.last_resort.as_ref().and_then(|stop| {
+            stop.engine
+                .next_deadline()
+                .map(|d| d.saturating_sub(stop.epoch.elapsed()))
+        });
+        match next {
+            Some(wait) => {
+                let _ = self.timer.set(
+                    Expiration::OneShot(TimeSpec::from_duration(
+                        wait.max(Duration::from_micros(1)),
+                    )),
+                    TimerSetTimeFlags::empty(),
+                );
+            }
+            None => {
+                let _ = self.timer.unset();
+            }
+        }
     }
 
     fn on_timer(&mut self) {
         let _ = self.timer.wait();
+        self.feed_stop(Event::Tick);
+    }
+
+    /// The keeper's own loop broke: nothing can be stopped in order any more.
+    fn kill_everything(&mut self) {
         for pid in self.service_pids.iter().flatten() {
             let _ = spawn::signal_group(Pid::from_raw(*pid), Signal::SIGKILL);
         }
@@ -503,7 +665,11 @@ impl Keeper {
 
     fn on_service_exit(&mut self, service: usize, pid: i32, exit: ProcessExit) {
         self.service_pids[service] = None;
+        self.identities.remove(&pid);
+        self.record_dirty = true;
+        self.unacked_exits[service] = Some((pid, exit));
         self.tell_coordinator(FromKeeper::Exited { service, pid, exit });
+        self.feed_stop(Event::Exited { service, exit });
     }
 
     /// A coordinator or a standby ended. `role` is what it was when it died: a coordinator
@@ -511,6 +677,9 @@ impl Keeper {
     /// neither the current coordinator nor a standby to replace.
     fn on_peer_exit(&mut self, pid: i32, role: Role, exit: ProcessExit) {
         let was_coordinator = self.coordinator == Some(pid);
+        let retired = self.retired_standbys.remove(&pid);
+        self.identities.remove(&pid);
+        self.record_dirty = true;
         if let Some(mut peer) = self.peers.remove(&pid) {
             unwatch(&self.epoll, &mut self.sources, peer.socket.as_fd());
             if was_coordinator {
@@ -526,14 +695,19 @@ impl Keeper {
             self.coordinator_exit = Some(exit);
             if !self.shutdown_requested {
                 warn!(pid, %exit, "the coordinator died");
-                let standby = self.children.values().any(|r| *r == Role::Standby);
-                if !standby && self.foreground {
-                    // Nobody can take over: do not leave services unsupervised in a container.
-                    self.begin_emergency_stop();
-                }
+                self.coordinator_deaths.record(Instant::now());
+                // A standby that lives takes over; otherwise a successor must.
+                self.ensure_coordinator();
             }
-        } else if role == Role::Standby && self.coordinator.is_some() {
-            self.tell_coordinator(FromKeeper::StandbyExited { pid });
+        } else if role == Role::Standby && !retired {
+            if self.coordinator.is_some() {
+                self.tell_coordinator(FromKeeper::StandbyExited { pid });
+            } else if !self.shutdown_requested {
+                // It was to take over from a dead coordinator (or was a successor).
+                warn!(pid, %exit, "the standby died while no coordinator lived");
+                self.coordinator_deaths.record(Instant::now());
+                self.ensure_coordinator();
+            }
         }
     }
 
@@ -613,8 +787,24 @@ impl Keeper {
                 info!(pid = from, "a standby takes over as coordinator");
                 self.coordinator = Some(from);
                 self.children.insert(from, Role::Coordinator);
-                // First what happened while nobody listened, then what runs now.
+                self.record_dirty = true;
+                // First what happened while nobody listened, then every exit no coordinator
+                // has published (the dead one may have read it and died before publishing),
+                // then what runs now. The exits queued are among the unacknowledged ones.
                 for message in std::mem::take(&mut self.queued) {
+                    if !matches!(message, FromKeeper::Exited { .. }) {
+                        self.tell_coordinator(message);
+                    }
+                }
+                let unacked: Vec<FromKeeper> = self
+                    .unacked_exits
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(service, e)| {
+                        e.map(|(pid, exit)| FromKeeper::Exited { service, pid, exit })
+                    })
+                    .collect();
+                for message in unacked {
                     self.tell_coordinator(message);
                 }
                 let services = self
@@ -624,6 +814,10 @@ impl Keeper {
                     .filter_map(|(s, pid)| pid.map(|p| (s, p)))
                     .collect();
                 self.tell_coordinator(FromKeeper::Running { services });
+                if std::mem::take(&mut self.stop_after_takeover) {
+                    info!(pid = from, "asking the new coordinator to stop the stack");
+                    let _ = kill(Pid::from_raw(from), Signal::SIGTERM);
+                }
             }
             // Everything else comes from the coordinator only.
             _ if !is_coordinator => warn!(
@@ -653,7 +847,12 @@ impl Keeper {
                 }
             }
             ToKeeper::SpawnStandby => {
-                let pid = self.start_coordinator(Role::Standby, None).ok();
+                // Nothing new starts once the stack is stopped.
+                let pid = if self.shutdown_requested {
+                    None
+                } else {
+                    self.start_coordinator(Role::Standby, None).ok()
+                };
                 self.tell_coordinator(FromKeeper::StandbySpawned { pid });
             }
             ToKeeper::StopStandby => {
@@ -661,10 +860,19 @@ impl Keeper {
                     if *role == Role::Standby {
                         info!(pid, "stopping the standby");
                         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                        self.retired_standbys.insert(pid);
                     }
                 }
             }
             ToKeeper::Shutdown => self.shutdown_requested = true,
+            ToKeeper::AckExit { service, pid } => {
+                let slot = self.unacked_exits.get_mut(service);
+                if let Some(slot) = slot.filter(|e| e.is_some_and(|(p, _)| p == pid)) {
+                    *slot = None;
+                }
+            }
+            // The watchdog is not armed: a sign of life needs no answer.
+            ToKeeper::Alive => {}
         }
     }
 
@@ -720,6 +928,10 @@ impl Keeper {
         let pid = spawned.pid.as_raw();
         self.children.insert(pid, Role::Service(service));
         self.service_pids[service] = Some(pid);
+        if let Ok(identity) = ProcessIdentity::of(pid) {
+            self.identities.insert(pid, identity);
+        }
+        self.record_dirty = true;
         if let Err(e) = watch(
             &self.epoll,
             &mut self.sources,
@@ -749,6 +961,59 @@ impl Keeper {
         };
         if eof && let Some(pipe) = self.pipes.remove(&fd) {
             unwatch(&self.epoll, &mut self.sources, pipe.as_fd());
+        }
+    }
+}
+
+/// The keeper's record of the instance's processes ([`crate::records`]).
+impl Keeper {
+    fn record_path(&self) -> PathBuf {
+        records::record_path(&self.config.global.run_dir, &self.config.global.instance)
+    }
+
+    /// Notes a new child's identity (read now, while it surely exists) for the record.
+    fn remember(&mut self, pid: i32) {
+        if let Ok(identity) = ProcessIdentity::of(pid) {
+            self.identities.insert(pid, identity);
+        }
+        self.record_dirty = true;
+    }
+
+    /// Writes the record if the set of processes changed since it was last written.
+    fn write_record(&mut self) {
+        if !std::mem::take(&mut self.record_dirty) {
+            return;
+        }
+        let recorded = |pid: i32| self.identities.get(&pid).copied().map(Recorded::from);
+        let standby = self
+            .children
+            .iter()
+            .find(|(_, role)| **role == Role::Standby)
+            .and_then(|(&pid, _)| recorded(pid));
+        let services = self
+            .config
+            .shutdown_sequence
+            .iter()
+            .filter_map(|&s| {
+                let process = recorded(self.service_pids[s]?)?;
+                let spec = &self.config.services[s];
+                let timeout: Duration = spec.shutdown_timeout.into();
+                Some(RecordedService {
+                    id: spec.id.clone(),
+                    process,
+                    stop_signal: spec.stop_signal.0 as i32,
+                    shutdown_timeout_ms: timeout.as_millis() as u64,
+                })
+            })
+            .collect();
+        let record = ProcessRecord {
+            keeper: ProcessIdentity::current().ok().map(Recorded::from),
+            coordinator: self.coordinator.and_then(recorded),
+            standby,
+            services,
+        };
+        if let Err(e) = record.write(&self.record_path()) {
+            warn!(error = %e, "cannot record the instance's processes");
         }
     }
 }
@@ -837,5 +1102,73 @@ fn watch(
 fn unwatch(epoll: &Epoll, sources: &mut HashMap<RawFd, Source>, fd: BorrowedFd<'_>) {
     if sources.remove(&fd.as_raw_fd()).is_some() {
         let _ = epoll.delete(fd);
+    }
+}
+
+/// The keeper's own ordered stop: the engine every ordered stop runs on, and its time zero.
+struct LastResortStop {
+    engine: Engine,
+    epoch: Instant,
+}
+
+/// Deaths counted in a sliding window: something that died `limit` times within `span` is
+/// given up on, and one that stays quiet for `span` starts afresh (its old deaths fall out).
+#[derive(Debug)]
+pub struct RecentDeaths {
+    span: Duration,
+    limit: usize,
+    deaths: VecDeque<Instant>,
+}
+
+impl RecentDeaths {
+    pub fn new(span: Duration, limit: usize) -> Self {
+        RecentDeaths {
+            span,
+            limit,
+            deaths: VecDeque::new(),
+        }
+    }
+
+    /// Counts a death at `now`; true when `limit` deaths now fall within the span.
+    pub fn record(&mut self, now: Instant) -> bool {
+        self.deaths.push_back(now);
+        self.count(now) >= self.limit
+    }
+
+    /// The deaths within the span before `now`.
+    pub fn count(&mut self, now: Instant) -> usize {
+        while self
+            .deaths
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) >= self.span)
+        {
+            self.deaths.pop_front();
+        }
+        self.deaths.len()
+    }
+
+    /// When the window is quiet again (every death counted now has fallen out of it).
+    pub fn quiet_at(&self) -> Option<Instant> {
+        self.deaths.back().map(|&t| t + self.span)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_deaths_give_up_at_the_limit_and_forget_after_a_quiet_span() {
+        let t0 = Instant::now();
+        let span = Duration::from_secs(10);
+        let mut deaths = RecentDeaths::new(span, 3);
+        assert!(!deaths.record(t0));
+        assert!(!deaths.record(t0 + Duration::from_secs(1)));
+        assert!(deaths.record(t0 + Duration::from_secs(2)), "third in the span");
+        // The first falls out of the window: two left, one more is not yet the limit.
+        assert_eq!(deaths.count(t0 + Duration::from_secs(10)), 2);
+        assert_eq!(deaths.quiet_at(), Some(t0 + Duration::from_secs(12)));
+        assert_eq!(deaths.count(t0 + Duration::from_secs(12)), 0, "a quiet span forgets");
+        assert!(!deaths.record(t0 + Duration::from_secs(13)));
     }
 }

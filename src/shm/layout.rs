@@ -141,6 +141,11 @@ shared_struct! {
         pub keeper_pid: AtomicI32,
         /// Start time of the keeper.
         pub keeper_start_time: AtomicU64,
+        /// 1 while the coordinator runs without a standby because standbys kept dying (it
+        /// tries again after a quiet span); 0 otherwise.
+        pub standby_disabled: AtomicU32,
+        /// Zero: pads the record to a multiple of 8 bytes.
+        pub standby_reserved: AtomicU32,
     }
 }
 
@@ -352,7 +357,7 @@ pub fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
 // The record sizes the layout documentation and the ABI check rely on
 // (x86_64 / aarch64 glibc: pthread_mutex_t is 40 bytes, sem_t 32).
 const _: () = assert!(size_of::<Header>() == 136);
-const _: () = assert!(size_of::<InstanceRecord>() == 80);
+const _: () = assert!(size_of::<InstanceRecord>() == 88);
 const _: () = assert!(size_of::<ServiceStaticRecord>() == 88);
 const _: () = assert!(size_of::<ChannelCell>() == size_of::<libc::sem_t>() + 8);
 const _: () = assert!(size_of::<RobustMutex>() == size_of::<libc::pthread_mutex_t>());
