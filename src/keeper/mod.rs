@@ -656,6 +656,12 @@ impl Keeper {
             match role {
                 Some(Role::Service(service)) => self.on_service_exit(service, pid.as_raw(), exit),
                 Some(role @ (Role::Coordinator | Role::Standby)) => {
+                    // What it sent before it died is all in its socket: read it first (a
+                    // coordinator's last words are "stop the standby" and "shut down"; lost,
+                    // its orderly end would look like a death).
+                    self.on_peer(pid.as_raw());
+                    let role = self.children.get(&pid.as_raw()).copied().unwrap_or(role);
+                    self.children.remove(&pid.as_raw());
                     self.on_peer_exit(pid.as_raw(), role, exit)
                 }
                 None => {} // an orphan a service left behind: reaped, nothing to report
