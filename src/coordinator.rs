@@ -107,14 +107,16 @@ enum Source {
     Notify,
     Signals,
     Timer,
+    Watchdog,
 }
 
 impl Source {
-    const ALL: [Source; 4] = [
+    const ALL: [Source; 5] = [
         Source::Keeper,
         Source::Notify,
         Source::Signals,
         Source::Timer,
+        Source::Watchdog,
     ];
 
     fn token(self) -> u64 {
@@ -160,6 +162,9 @@ struct Coordinator {
     standby_retry_at: Option<Time>,
     /// Exits handled in this loop pass, acknowledged to the keeper once published.
     pending_acks: Vec<(usize, i32)>,
+    /// With `[coordinator] watchdog`: a periodic timer, at each tick of which the loop tells
+    /// the keeper it is alive. None by default: an idle coordinator makes no wakeups.
+    watchdog: Option<TimerFd>,
 }
 
 /// The fds the keeper hands its coordinator, taken first thing at start, before anything
@@ -284,7 +289,9 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         standby_deaths: RecentDeaths::new(STANDBY_DEATH_SPAN, STANDBY_DEATH_LIMIT),
         standby_retry_at: None,
         pending_acks: Vec::new(),
+        watchdog: None,
     };
+    c.watchdog = c.start_watchdog()?;
     let actions = if took_over {
         let actions = c.adopt(params)?;
         info!(pid = std::process::id(), services = n, phase = %c.engine.phase(), "the standby took over as coordinator");
@@ -526,6 +533,24 @@ impl Coordinator {
         }
     }
 
+    /// With `[coordinator] watchdog`, a periodic timer for the signs of life the keeper
+    /// expects (twice per period, so that one late wakeup is no silence of two periods).
+    fn start_watchdog(&self) -> Result<Option<TimerFd>, CoordinatorError> {
+        let Some(period) = self.config.global.coordinator.watchdog else {
+            return Ok(None);
+        };
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
+        )?;
+        let every = (period.as_duration() / 2).max(Duration::from_millis(1));
+        timer.set(
+            Expiration::Interval(TimeSpec::from_duration(every)),
+            TimerSetTimeFlags::empty(),
+        )?;
+        Ok(Some(timer))
+    }
+
     /// Tells the keeper that the exits handled so far are published: it need not hand them
     /// to a successor any more. Called only after `publish`.
     fn acknowledge_exits(&mut self) {
@@ -542,6 +567,10 @@ impl Coordinator {
                 Source::Notify => self.notify.as_fd(),
                 Source::Signals => self.signals.as_fd(),
                 Source::Timer => self.timer.as_fd(),
+                Source::Watchdog => match &self.watchdog {
+                    Some(timer) => timer.as_fd(),
+                    None => continue,
+                },
             };
             epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, source.token()))?;
         }
@@ -581,6 +610,13 @@ impl Coordinator {
                         let _ = self.timer.wait();
                         self.feed(Event::Tick);
                         self.retry_standby_if_due();
+                    }
+                    Some(Source::Watchdog) => {
+                        if let Some(timer) = &self.watchdog {
+                            let _ = timer.wait();
+                        }
+                        // Sent from the loop itself: a wedged loop sends nothing.
+                        self.send(ToKeeper::Alive);
                     }
                     None => {}
                 }
@@ -696,7 +732,10 @@ impl Coordinator {
                 if self.stack_is_stopping() {
                     // Nothing new starts once the stack is stopping (the keeper stops the
                     // standby at the end of the stop; its end may be reported after that).
-                    info!(pid, "the standby ended; the stack is stopping: no other is started");
+                    info!(
+                        pid,
+                        "the standby ended; the stack is stopping: no other is started"
+                    );
                     return;
                 }
                 if self.standby_deaths.record(Instant::now()) {

@@ -176,7 +176,12 @@ fn background_both_killed_at_once_a_new_coordinator_adopts_the_stack() {
             "{id} kept its process"
         );
     }
-    assert_eq!(lines(&log).len(), 2, "nothing was stopped: {:?}", lines(&log));
+    assert_eq!(
+        lines(&log).len(),
+        2,
+        "nothing was stopped: {:?}",
+        lines(&log)
+    );
     assert_supervised(&stack);
     let log_text = stack.coordinator_log();
     assert!(
@@ -191,7 +196,12 @@ fn without_a_standby_a_dead_coordinator_is_replaced() {
     let coordinator = pid(&before["coordinator"]).unwrap();
     signal(coordinator, Signal::SIGKILL);
     wait_new_coordinator(&stack, &[coordinator]);
-    assert_eq!(lines(&log).len(), 2, "nothing was stopped: {:?}", lines(&log));
+    assert_eq!(
+        lines(&log).len(),
+        2,
+        "nothing was stopped: {:?}",
+        lines(&log)
+    );
     assert_supervised(&stack);
 }
 
@@ -237,7 +247,12 @@ fn foreground_both_killed_at_once_a_new_coordinator_adopts_the_stack() {
         foreground.0.try_wait().unwrap().is_none(),
         "the foreground keeper stayed"
     );
-    assert_eq!(lines(&log).len(), 2, "nothing was stopped: {:?}", lines(&log));
+    assert_eq!(
+        lines(&log).len(),
+        2,
+        "nothing was stopped: {:?}",
+        lines(&log)
+    );
     assert_supervised(&stack);
     // And the foreground stack still stops in order on SIGTERM, through its new coordinator.
     signal(foreground.0.id() as i32, Signal::SIGTERM);
@@ -294,7 +309,10 @@ shutdown_timeout = "5s"
     }
     let deadline = Instant::now() + LONG;
     while Stack::alive(keeper) {
-        assert!(Instant::now() < deadline, "the keeper never finished its stop");
+        assert!(
+            Instant::now() < deadline,
+            "the keeper never finished its stop"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let l = lines(&log);
@@ -323,7 +341,10 @@ fn the_process_record_follows_the_processes_and_goes_with_the_stack() {
     };
     let record = read();
     assert_eq!(record.keeper.map(|r| r.pid), pid(&status["keeper"]));
-    assert_eq!(record.coordinator.map(|r| r.pid), pid(&status["coordinator"]));
+    assert_eq!(
+        record.coordinator.map(|r| r.pid),
+        pid(&status["coordinator"])
+    );
     assert_eq!(record.standby.map(|r| r.pid), pid(&status["standby"]));
     let ids: Vec<&str> = record.services.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(ids, ["api", "db"], "in shutdown order");
@@ -344,7 +365,10 @@ fn the_process_record_follows_the_processes_and_goes_with_the_stack() {
             assert!(!record.services.iter().any(|s| s.process.pid == db));
             break;
         }
-        assert!(Instant::now() < deadline, "record never updated: {record:?}");
+        assert!(
+            Instant::now() < deadline,
+            "record never updated: {record:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let out = stack.stop();
@@ -379,7 +403,11 @@ fn a_standby_that_keeps_dying_is_given_up_on_and_status_says_so() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let status = stack.status().unwrap();
-    assert_eq!(pid(&status["standby"]), None, "no standby is started: {status}");
+    assert_eq!(
+        pid(&status["standby"]),
+        None,
+        "no standby is started: {status}"
+    );
     assert_eq!(pid(&status["coordinator"]), Some(coordinator));
     let own_log = stack.coordinator_log();
     assert!(own_log.contains("the standby keeps dying"), "{own_log}");
@@ -428,11 +456,74 @@ fn give_up_once(test: &str) {
         .lines()
         .skip_while(|l| !l.contains("stopping the standby"))
         .collect();
-    assert!(!after_stop.is_empty(), "the standby was stopped:\n{own_log}");
+    assert!(
+        !after_stop.is_empty(),
+        "the standby was stopped:\n{own_log}"
+    );
     assert!(
         !after_stop
             .iter()
             .any(|l| l.contains("starting another") || l.contains("standby started")),
         "a standby was started after the stop began:\n{own_log}"
+    );
+}
+
+#[test]
+fn with_a_watchdog_a_frozen_coordinator_is_killed_and_replaced() {
+    let (stack, log, before) = two_tier("watchdog", "[coordinator]\nwatchdog = \"1s\"");
+    let coordinator = pid(&before["coordinator"]).unwrap();
+    let standby = pid(&before["standby"]).unwrap();
+    signal(coordinator, Signal::SIGSTOP);
+    let after = stack
+        .wait_for("the standby to take over from the frozen one", LONG, |s| {
+            s.as_ref()
+                .is_some_and(|s| pid(&s["coordinator"]) == Some(standby) && s["state"] == "steady")
+        })
+        .unwrap();
+    assert!(
+        !Stack::alive(coordinator),
+        "the frozen coordinator was killed"
+    );
+    assert_eq!(
+        lines(&log).len(),
+        2,
+        "nothing was stopped: {:?}",
+        lines(&log)
+    );
+    let own_log = stack.coordinator_log();
+    assert!(own_log.contains("no sign of life"), "{own_log}");
+    assert_eq!(after["supervised"], true);
+    assert_supervised(&stack);
+}
+
+/// Voluntary plus involuntary context switches of `pid`: a process that does not wake up
+/// does not switch.
+fn switches(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("ctxt_switches"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn without_a_watchdog_an_idle_stack_makes_no_wakeups() {
+    let (_stack, _log, status) = two_tier("idle", "");
+    let parties: Vec<i32> = ["keeper", "coordinator", "standby"]
+        .iter()
+        .filter_map(|k| pid(&status[*k]))
+        .collect();
+    assert_eq!(parties.len(), 3);
+    // Let the start's last work settle: wait until every party is blocked.
+    for &p in &parties[..2] {
+        wait_blocked_in_epoll(p);
+    }
+    let before: Vec<u64> = parties.iter().map(|&p| switches(p)).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after: Vec<u64> = parties.iter().map(|&p| switches(p)).collect();
+    assert_eq!(
+        before, after,
+        "keeper, coordinator, standby woke up while idle"
     );
 }

@@ -217,7 +217,9 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
         );
     }
     if segment.standby_disabled() {
-        println!("warning: the standby keeps dying: running without one until it has been quiet for a while (see the coordinator's log)");
+        println!(
+            "warning: the standby keeps dying: running without one until it has been quiet for a while (see the coordinator's log)"
+        );
     }
     if let Some(w) = &out.restart_window {
         println!(

@@ -146,6 +146,7 @@ struct Peer {
 enum Source {
     Signals,
     Timer,
+    Watchdog,
     Peer(i32),
     LogPipe(usize),
 }
@@ -189,6 +190,8 @@ struct Keeper {
     identities: HashMap<i32, ProcessIdentity>,
     /// The set of processes changed since the record was last written.
     record_dirty: bool,
+    /// With `[coordinator] watchdog`: the check of the coordinator's signs of life.
+    watchdog: Option<Watchdog>,
     /// How the last coordinator exited.
     coordinator_exit: Option<ProcessExit>,
     /// The instance's cgroups, one per service, where the machine offers cgroup v2.
@@ -282,6 +285,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         last_resort: None,
         identities: HashMap::new(),
         record_dirty: true,
+        watchdog: None,
         coordinator_exit: None,
         join_cgroups: cgroups.is_some(),
         cgroups,
@@ -298,8 +302,19 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         keeper.timer.as_fd(),
         Source::Timer,
     )?;
+    if let Some(period) = keeper.config.global.coordinator.watchdog {
+        let watchdog = Watchdog::new(period.as_duration())?;
+        watch(
+            &keeper.epoll,
+            &mut keeper.sources,
+            watchdog.timer.as_fd(),
+            Source::Watchdog,
+        )?;
+        keeper.watchdog = Some(watchdog);
+    }
     let pid = keeper.start_coordinator(Role::Coordinator, report)?;
     keeper.coordinator = Some(pid);
+    keeper.heard_from_coordinator();
     info!(pid, "keeper started the coordinator");
     keeper.run_loop();
     keeper.remove_cgroups();
@@ -422,6 +437,7 @@ impl Keeper {
                 match self.sources.get(&fd).copied() {
                     Some(Source::Signals) => self.on_signals(),
                     Some(Source::Timer) => self.on_timer(),
+                    Some(Source::Watchdog) => self.on_watchdog(),
                     Some(Source::Peer(pid)) => self.on_peer(pid),
                     Some(Source::LogPipe(service)) => self.on_log_pipe(fd, service),
                     None => {}
@@ -441,9 +457,7 @@ impl Keeper {
     /// coordinator said so or nothing is left to keep.
     fn done(&self) -> bool {
         self.children.is_empty()
-            && (self.shutdown_requested
-                || self.last_resort.is_some()
-                || self.coordinator.is_none())
+            && (self.shutdown_requested || self.last_resort.is_some() || self.coordinator.is_none())
     }
 
     fn exit_code(&self) -> i32 {
@@ -478,7 +492,9 @@ impl Keeper {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             }
             None if self.standby_alive() && self.last_resort.is_none() => {
-                info!("a stop signal came while no coordinator lived: passed on once one takes over");
+                info!(
+                    "a stop signal came while no coordinator lived: passed on once one takes over"
+                );
                 self.stop_after_takeover = true;
             }
             None => self.begin_last_resort_stop(),
@@ -788,6 +804,9 @@ impl Keeper {
 
     fn on_request(&mut self, from: i32, message: ToKeeper) {
         let is_coordinator = self.coordinator == Some(from);
+        if is_coordinator || message == ToKeeper::TakeOver {
+            self.heard_from_coordinator();
+        }
         match message {
             ToKeeper::TakeOver => {
                 info!(pid = from, "a standby takes over as coordinator");
@@ -877,7 +896,7 @@ impl Keeper {
                     *slot = None;
                 }
             }
-            // The watchdog is not armed: a sign of life needs no answer.
+            // A sign of life for the watchdog, noted above; it needs no answer.
             ToKeeper::Alive => {}
         }
     }
@@ -1111,6 +1130,73 @@ fn unwatch(epoll: &Epoll, sources: &mut HashMap<RawFd, Source>, fd: BorrowedFd<'
     }
 }
 
+/// The keeper's end of `[coordinator] watchdog`: a coordinator that sends no sign of life for
+/// two periods is wedged (frozen, deadlocked, looping) and is killed, so that a standby or a
+/// successor takes over as from any death.
+struct Watchdog {
+    period: Duration,
+    timer: TimerFd,
+    last_heard: Instant,
+}
+
+impl Watchdog {
+    fn new(period: Duration) -> Result<Watchdog, KeeperError> {
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
+        )
+        .map_err(KeeperError::Setup)?;
+        // Checked twice per period: a silence is noticed between two and two and a half.
+        let every = (period / 2).max(Duration::from_millis(1));
+        timer
+            .set(
+                Expiration::Interval(TimeSpec::from_duration(every)),
+                TimerSetTimeFlags::empty(),
+            )
+            .map_err(KeeperError::Setup)?;
+        Ok(Watchdog {
+            period,
+            timer,
+            last_heard: Instant::now(),
+        })
+    }
+}
+
+impl Keeper {
+    /// The coordinator spoke (any message is a sign of life), or a new one took over.
+    fn heard_from_coordinator(&mut self) {
+        if let Some(watchdog) = self.watchdog.as_mut() {
+            watchdog.last_heard = Instant::now();
+        }
+    }
+
+    /// A watchdog check: kill a coordinator silent for two periods.
+    fn on_watchdog(&mut self) {
+        let Some(watchdog) = self.watchdog.as_mut() else {
+            return;
+        };
+        let _ = watchdog.timer.wait();
+        let silent = watchdog.last_heard.elapsed();
+        let Some(pid) = self
+            .coordinator
+            .filter(|pid| self.children.get(pid) == Some(&Role::Coordinator))
+        else {
+            return;
+        };
+        if self.shutdown_requested || silent < 2 * watchdog.period {
+            return;
+        }
+        error!(
+            pid,
+            silent_ms = silent.as_millis() as u64,
+            "the coordinator has sent no sign of life for two watchdog periods: killing it"
+        );
+        // Counted once: its death is handled as any other when it is reaped.
+        watchdog.last_heard = Instant::now();
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
 /// The keeper's own ordered stop: the engine every ordered stop runs on, and its time zero.
 struct LastResortStop {
     engine: Engine,
@@ -1170,11 +1256,18 @@ mod tests {
         let mut deaths = RecentDeaths::new(span, 3);
         assert!(!deaths.record(t0));
         assert!(!deaths.record(t0 + Duration::from_secs(1)));
-        assert!(deaths.record(t0 + Duration::from_secs(2)), "third in the span");
+        assert!(
+            deaths.record(t0 + Duration::from_secs(2)),
+            "third in the span"
+        );
         // The first falls out of the window: two left, one more is not yet the limit.
         assert_eq!(deaths.count(t0 + Duration::from_secs(10)), 2);
         assert_eq!(deaths.quiet_at(), Some(t0 + Duration::from_secs(12)));
-        assert_eq!(deaths.count(t0 + Duration::from_secs(12)), 0, "a quiet span forgets");
+        assert_eq!(
+            deaths.count(t0 + Duration::from_secs(12)),
+            0,
+            "a quiet span forgets"
+        );
         assert!(!deaths.record(t0 + Duration::from_secs(13)));
     }
 }
