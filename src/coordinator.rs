@@ -5,8 +5,13 @@
 //! waits on them), the event loop, and the publication of state into the shared segment. The
 //! loop blocks in `epoll` on: the keeper's socket (spawned, spawn failed, exited), the notify
 //! socket (`READY=1`, attributed by the sender's kernel-checked pid), a signalfd (SIGTERM and
-//! SIGINT stop the stack), and one timerfd armed for the engine's nearest deadline. With
-//! nothing due it arms no timer at all: an idle coordinator makes no wakeups.
+//! SIGINT stop the stack), and one timerfd armed for the engine's nearest deadline (or for
+//! trying a standby again after standbys kept dying). With nothing due it arms no timer at all:
+//! an idle coordinator makes no wakeups, unless `[coordinator] watchdog` asks it to send the
+//! keeper a sign of life each period.
+//!
+//! An exit is acknowledged to the keeper ([`ToKeeper::AckExit`]) only after the pass that
+//! handled it has been published: until then the keeper holds it for a successor.
 //!
 //! Each event goes to the engine; its actions go to the keeper; then the state is published
 //! to the segment, where `ccmgr status` reads it without asking anyone.

@@ -483,6 +483,9 @@ impl Keeper {
     /// SIGTERM/SIGINT: the coordinator stops the stack in order; while a standby or successor
     /// is on its way to take over, it does once it has; with neither, the keeper does.
     fn on_stop_signal(&mut self) {
+        // A coordinator that died but is not reaped yet (SIGTERM is read before SIGCHLD) must
+        // not be the one the stop is passed to.
+        self.reap_children();
         match self
             .coordinator
             .filter(|pid| self.children.contains_key(pid))
