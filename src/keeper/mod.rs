@@ -727,6 +727,16 @@ impl Keeper {
         } else if role == Role::Standby && !retired {
             if self.coordinator.is_some() {
                 self.tell_coordinator(FromKeeper::StandbyExited { pid });
+            } else if exit == ProcessExit::Exited(0) {
+                // A standby exits 0 only to retire: it found the stack stopped in order (the
+                // coordinator died after publishing that, before telling us).
+                info!(pid, "the stack was stopped in order: nothing to take over");
+                if self.service_pids.iter().any(Option::is_some) {
+                    // Stopped, says the segment, yet something runs: stop it here.
+                    self.begin_last_resort_stop();
+                } else {
+                    self.shutdown_requested = true;
+                }
             } else if !self.shutdown_requested {
                 // It was to take over from a dead coordinator (or was a successor).
                 warn!(pid, %exit, "the standby died while no coordinator lived");
