@@ -275,12 +275,12 @@ fn when_successors_keep_dying_the_keeper_stops_the_stack_in_order() {
     let stack = Stack::new("successors-die", "[coordinator]\nstandby = false", &[]);
     let log = stack.file("events.log");
     stack.write_service("db", &recorder("db", &log, ""));
-    // api ignores SIGTERM for a while: the keeper's stop must wait for it (its timeout),
-    // not signal db at the same time.
+    // api takes half a second to stop and says so at the end: were db signalled at the same
+    // time, its line would come first.
     stack.write_service(
         "api",
         &format!(
-            r#"command = ["sh", "-c", "echo start api >> {log}; trap 'echo stop api >> {log}; sleep 0.5; exit 0' TERM; while :; do sleep 1; done"]
+            r#"command = ["sh", "-c", "echo start api >> {log}; trap 'sleep 0.5; echo stop api >> {log}; exit 0' TERM; while :; do sleep 1; done"]
 requires = ["db"]
 shutdown_timeout = "5s"
 "#
