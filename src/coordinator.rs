@@ -158,8 +158,9 @@ struct Coordinator {
     /// The daemon component of the service API, held while no shutdown is asked for; its
     /// holder thread's death (with ours) is what API services see as the coordinator's death.
     gate: DaemonComponentHolder,
-    /// The standby's pid, while one runs.
+    /// The standby's pid, while one runs, and when it was started.
     standby: Option<i32>,
+    standby_since: Option<Instant>,
     /// Recent deaths of standbys: one that keeps dying is not restarted for ever, but tried
     /// again after a quiet span.
     standby_deaths: RecentDeaths,
@@ -291,6 +292,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         unclaimed_ready: Vec::new(),
         gate,
         standby: None,
+        standby_since: None,
         standby_deaths: RecentDeaths::new(STANDBY_DEATH_SPAN, STANDBY_DEATH_LIMIT),
         standby_retry_at: None,
         pending_acks: Vec::new(),
@@ -723,6 +725,7 @@ impl Coordinator {
             FromKeeper::StandbySpawned { pid: Some(pid) } => {
                 info!(pid, "standby started");
                 self.standby = Some(pid);
+                self.standby_since = Some(Instant::now());
             }
             FromKeeper::StandbySpawned { pid: None } => {
                 warn!("the keeper could not start a standby")
@@ -743,7 +746,12 @@ impl Coordinator {
                     );
                     return;
                 }
-                if self.standby_deaths.record(Instant::now()) {
+                // A standby that lived a while did its job: only quick deaths count.
+                let quick = self
+                    .standby_since
+                    .take()
+                    .is_none_or(|t| t.elapsed() < STANDBY_QUICK_DEATH);
+                if quick && self.standby_deaths.record(Instant::now()) {
                     let retry = self.standby_deaths.quiet_at().unwrap_or_else(Instant::now);
                     self.standby_retry_at = Some(retry.saturating_duration_since(self.epoch));
                     error!(
@@ -978,7 +986,9 @@ impl Coordinator {
 /// READY=1 messages kept for services whose start is not reported yet, at most.
 const MAX_UNCLAIMED_READY: usize = 64;
 
-/// Standbys that die this many times within [`STANDBY_DEATH_SPAN`] are given up on (the
-/// segment says so, for `status`) until the span has passed without a death.
+/// Standbys that die within [`STANDBY_QUICK_DEATH`] of their start this many times within
+/// [`STANDBY_DEATH_SPAN`] are given up on (the segment says so, for `status`) until the span
+/// has passed without a death.
 const STANDBY_DEATH_LIMIT: usize = 5;
 const STANDBY_DEATH_SPAN: Duration = Duration::from_secs(60);
+const STANDBY_QUICK_DEATH: Duration = Duration::from_secs(10);

@@ -290,8 +290,8 @@ shutdown_timeout = "5s"
     let status = stack.wait_steady(LONG);
     let keeper = pid(&status["keeper"]).unwrap();
     let mut killed = Vec::new();
-    // Kill every coordinator (and successor, even before it takes over) as it shows up.
-    while killed.len() < keeper_successor_limit() {
+    // Kill the coordinator, then every successor (even before it takes over) as it shows up.
+    while killed.len() < keeper_successor_limit() + 1 {
         let deadline = Instant::now() + LONG;
         let victim = loop {
             let s = stack.status();

@@ -71,9 +71,12 @@ pub const COORDINATOR_NOTIFY_FD: RawFd = 4;
 pub const COORDINATOR_REPORT_FD: RawFd = 5;
 
 /// Successors (coordinators the keeper starts because no standby could take over) that die
-/// this many times within [`SUCCESSOR_SPAN`] are given up on: the keeper stops the stack.
+/// within [`SUCCESSOR_QUICK`] of their start, this many times within [`SUCCESSOR_SPAN`], are
+/// given up on: the keeper stops the stack. A successor that lived longer did its job, and
+/// deaths a standby took over from are no failure of the keeper's.
 pub const SUCCESSOR_LIMIT: usize = 5;
 pub const SUCCESSOR_SPAN: Duration = Duration::from_secs(60);
+pub const SUCCESSOR_QUICK: Duration = Duration::from_secs(2);
 
 /// Rotation of service logs: the current file and this many older ones, each up to the size.
 pub const LOG_MAX_BYTES: u64 = 4 << 20;
@@ -175,9 +178,10 @@ struct Keeper {
     unacked_exits: Vec<Option<(i32, ProcessExit)>>,
     /// A coordinator said the stack is stopped.
     shutdown_requested: bool,
-    /// Deaths of coordinators (and of standbys while no coordinator lived), for the successor
-    /// limit.
-    coordinator_deaths: RecentDeaths,
+    /// The successors the keeper started, with when, until they die.
+    successors: HashMap<i32, Instant>,
+    /// Quick deaths of successors, for the successor limit.
+    successor_deaths: RecentDeaths,
     /// A stop signal came while only a standby or successor was on its way: it is passed on
     /// to it once it has taken over.
     stop_after_takeover: bool,
@@ -260,7 +264,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(KeeperError::Setup)?;
     let notify = NotifySocket::bind(&notify_socket_path(&config))?;
     let n = config.services.len();
-    let coordinator_deaths = RecentDeaths::new(SUCCESSOR_SPAN, SUCCESSOR_LIMIT);
+    let successor_deaths = RecentDeaths::new(SUCCESSOR_SPAN, SUCCESSOR_LIMIT);
     let mut keeper = Keeper {
         config,
         foreground,
@@ -279,7 +283,8 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         queued: Vec::new(),
         unacked_exits: vec![None; n],
         shutdown_requested: false,
-        coordinator_deaths,
+        successors: HashMap::new(),
+        successor_deaths,
         stop_after_takeover: false,
         retired_standbys: HashSet::new(),
         last_resort: None,
@@ -504,6 +509,14 @@ impl Keeper {
         }
     }
 
+    /// A successor the keeper started (at `since`) died: a quick death counts towards the
+    /// successor limit.
+    fn count_successor_death(&mut self, since: Option<Instant>) {
+        if since.is_some_and(|t| t.elapsed() < SUCCESSOR_QUICK) {
+            self.successor_deaths.record(Instant::now());
+        }
+    }
+
     /// A standby (or a successor) lives and will take over.
     fn standby_alive(&self) -> bool {
         self.children.values().any(|r| *r == Role::Standby)
@@ -519,7 +532,7 @@ impl Keeper {
         {
             return;
         }
-        let deaths = self.coordinator_deaths.count(Instant::now());
+        let deaths = self.successor_deaths.count(Instant::now());
         if deaths >= SUCCESSOR_LIMIT {
             error!(
                 deaths,
@@ -530,10 +543,13 @@ impl Keeper {
             return;
         }
         match self.start_coordinator(Role::Standby, None) {
-            Ok(pid) => warn!(
-                pid,
-                "no standby can take over: started a new coordinator to adopt the stack"
-            ),
+            Ok(pid) => {
+                warn!(
+                    pid,
+                    "no standby can take over: started a new coordinator to adopt the stack"
+                );
+                self.successors.insert(pid, Instant::now());
+            }
             Err(e) => {
                 error!(error = %e, "cannot start a new coordinator: the keeper stops the stack in order");
                 self.begin_last_resort_stop();
@@ -703,6 +719,7 @@ impl Keeper {
     fn on_peer_exit(&mut self, pid: i32, role: Role, exit: ProcessExit) {
         let was_coordinator = self.coordinator == Some(pid);
         let retired = self.retired_standbys.remove(&pid);
+        let successor_since = self.successors.remove(&pid);
         self.identities.remove(&pid);
         self.record_dirty = true;
         if let Some(mut peer) = self.peers.remove(&pid) {
@@ -720,7 +737,7 @@ impl Keeper {
             self.coordinator_exit = Some(exit);
             if !self.shutdown_requested {
                 warn!(pid, %exit, "the coordinator died");
-                self.coordinator_deaths.record(Instant::now());
+                self.count_successor_death(successor_since);
                 // A standby that lives takes over; otherwise a successor must.
                 self.ensure_coordinator();
             }
@@ -740,7 +757,7 @@ impl Keeper {
             } else if !self.shutdown_requested {
                 // It was to take over from a dead coordinator (or was a successor).
                 warn!(pid, %exit, "the standby died while no coordinator lived");
-                self.coordinator_deaths.record(Instant::now());
+                self.count_successor_death(successor_since);
                 self.ensure_coordinator();
             }
         }
