@@ -310,6 +310,11 @@ shutdown_timeout = "5s"
         signal(victim, Signal::SIGKILL);
         killed.push(victim);
     }
+    // api takes at least half a second to stop: meanwhile `status` shows the keeper's stop.
+    let during = stack.wait_for("the keeper's stop to show", LONG, |s| {
+        s.is_none() || s.as_ref().is_some_and(|s| s["state"] == "stopping")
+    });
+    assert!(during.is_some(), "the stop was over before status saw it");
     let deadline = Instant::now() + LONG;
     while Stack::alive(keeper) {
         assert!(
@@ -327,6 +332,8 @@ shutdown_timeout = "5s"
     let own_log = stack.coordinator_log();
     assert!(own_log.contains("coordinators keep dying"), "{own_log}");
     assert!(stack.status().is_none(), "fully stopped");
+    let human = text(&stack.ccmgr(&["status"]));
+    assert!(human.contains("last run: stopped by the keeper"), "{human}");
 }
 
 fn keeper_successor_limit() -> usize {

@@ -196,6 +196,9 @@ struct Keeper {
     record_dirty: bool,
     /// With `[coordinator] watchdog`: the check of the coordinator's signs of life.
     watchdog: Option<Watchdog>,
+    /// The instance's segment: the keeper publishes its own ordered stop there, and removes
+    /// it at the end.
+    segment: Segment,
     /// How the last coordinator exited.
     coordinator_exit: Option<ProcessExit>,
     /// The instance's cgroups, one per service, where the machine offers cgroup v2.
@@ -291,6 +294,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         identities: HashMap::new(),
         record_dirty: true,
         watchdog: None,
+        segment,
         coordinator_exit: None,
         join_cgroups: cgroups.is_some(),
         cgroups,
@@ -328,7 +332,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     // Nothing of the instance is left alive: its shared state goes with it. (`status` reads
     // the outcome the coordinator left in run_dir.)
     let _ = crate::shm::api::ControlSegment::remove(&keeper.config.global.instance);
-    if let Err(e) = segment.unlink() {
+    if let Err(e) = keeper.segment.unlink() {
         warn!(error = %e, "cannot remove the instance's segment");
     }
     info!("the keeper is done");
@@ -565,13 +569,40 @@ impl Keeper {
         }
         warn!("no coordinator is alive: the keeper stops the services in order");
         let epoch = Instant::now();
+        let epoch_ms = crate::shm::monotonic_ms();
         let (engine, actions) = Engine::stopping(
             EngineParams::from_config(&self.config),
             Duration::ZERO,
             &self.service_pids,
         );
-        self.last_resort = Some(LastResortStop { engine, epoch });
+        self.last_resort = Some(LastResortStop {
+            engine,
+            epoch,
+            epoch_ms,
+        });
         self.perform_stop(actions);
+        self.publish_stop();
+    }
+
+    /// Writes the keeper's ordered stop into the segment, as a coordinator publishes its own,
+    /// so that `status` says what is going on: stopping, and each service's state.
+    fn publish_stop(&self) {
+        let Some(stop) = &self.last_resort else {
+            return;
+        };
+        let Ok(w) = self.segment.write() else {
+            return;
+        };
+        let ms = |t: Duration| stop.epoch_ms + t.as_millis() as u64;
+        w.set_instance_state(stop.engine.phase(), ms(stop.engine.phase_since()));
+        for (i, slot) in stop.engine.slots().iter().enumerate() {
+            let _ = w.set_service_state(i, slot.state, ms(slot.since));
+            let identity = slot.pid.and_then(|pid| self.identities.get(&pid).copied());
+            let _ = w.set_service_process(i, identity);
+            if let Some(exit) = slot.last_exit {
+                let _ = w.set_last_exit(i, Some(exit.into()));
+            }
+        }
     }
 
     /// Feeds the keeper's ordered stop, if it runs.
@@ -581,6 +612,7 @@ impl Keeper {
         };
         let actions = stop.engine.handle(event, stop.epoch.elapsed());
         self.perform_stop(actions);
+        self.publish_stop();
     }
 
     /// Carries out what the keeper's ordered stop decides.
@@ -615,9 +647,30 @@ impl Keeper {
                 Action::Finished(_) => {
                     info!("the keeper's ordered stop is over");
                     self.kill_all_cgroups();
+                    self.record_outcome();
                 }
                 // A stopping engine starts nothing.
                 Action::Spawn { .. } | Action::StartupComplete | Action::ShutdownOver => {}
+            }
+        }
+    }
+
+    /// For `status` once everything is gone: the stack was stopped by the keeper, and why.
+    fn record_outcome(&self) {
+        let at_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = crate::coordinator::LastOutcome {
+            outcome: "stopped by the keeper: no coordinator could run".into(),
+            service: None,
+            how: None,
+            restarts: None,
+            at_unix,
+        };
+        if let Ok(text) = serde_json::to_string_pretty(&last) {
+            let path = crate::coordinator::last_outcome_path(&self.config);
+            if let Err(e) = std::fs::write(&path, text) {
+                warn!(error = %e, path = %path.display(), "cannot record how the run ended");
             }
         }
     }
@@ -1231,6 +1284,8 @@ impl Keeper {
 struct LastResortStop {
     engine: Engine,
     epoch: Instant,
+    /// `epoch` on the segment's monotonic clock, in milliseconds.
+    epoch_ms: u64,
 }
 
 /// Deaths counted in a sliding window: something that died `limit` times within `span` is
