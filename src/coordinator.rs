@@ -5,8 +5,13 @@
 //! its death to whoever waits on them), the event loop, and the publication of state into the shared segment. The
 //! loop blocks in `epoll` on: the keeper's socket (spawned, spawn failed, exited), the notify
 //! socket (`READY=1`, attributed by the sender's kernel-checked pid), a signalfd (SIGTERM and
-//! SIGINT stop the stack), and one timerfd armed for the engine's nearest deadline. With
-//! nothing due it arms no timer at all: an idle coordinator makes no wakeups.
+//! SIGINT stop the stack), and one timerfd armed for the engine's nearest deadline (or for
+//! trying a standby again after standbys kept dying). With nothing due it arms no timer at all:
+//! an idle coordinator makes no wakeups, unless `[coordinator] watchdog` asks it to send the
+//! keeper a sign of life each period.
+//!
+//! An exit is acknowledged to the keeper ([`ToKeeper::AckExit`]) only after the pass that
+//! handled it has been published: until then the keeper holds it for a successor.
 //!
 //! Each event goes to the engine; its actions go to the keeper; then the state is published
 //! to the segment, where `ccmgr status` reads it without asking anyone.
@@ -33,7 +38,9 @@ use crate::engine::{
     Process, Readiness, Rest, RestartWindow, Slot, Snapshot, Time,
 };
 use crate::keeper::protocol::{self, FromKeeper, Outbox, ToKeeper, recv_message};
-use crate::keeper::{COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD};
+use crate::keeper::{
+    COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD, RecentDeaths,
+};
 use crate::notify::{self, NotifySocket};
 use crate::process_identity::ProcessIdentity;
 use crate::shm::api::{ControlSegment, DaemonComponentHolder};
@@ -109,14 +116,16 @@ enum Source {
     Notify,
     Signals,
     Timer,
+    Watchdog,
 }
 
 impl Source {
-    const ALL: [Source; 4] = [
+    const ALL: [Source; 5] = [
         Source::Keeper,
         Source::Notify,
         Source::Signals,
         Source::Timer,
+        Source::Watchdog,
     ];
 
     fn token(self) -> u64 {
@@ -153,11 +162,19 @@ struct Coordinator {
     /// The daemon component of the service API, held while no shutdown is asked for; its
     /// holder thread's death (with ours) is what API services see as the coordinator's death.
     gate: DaemonComponentHolder,
-    /// The standby's pid, while one runs.
+    /// The standby's pid, while one runs, and when it was started.
     standby: Option<i32>,
-    /// Standbys that died soon after starting, in a row: a standby that cannot live is not
-    /// restarted for ever.
-    standby_failures: u32,
+    standby_since: Option<Instant>,
+    /// Recent deaths of standbys: one that keeps dying is not restarted for ever, but tried
+    /// again after a quiet span.
+    standby_deaths: RecentDeaths,
+    /// While standbys are given up on: when (engine time) to try one again.
+    standby_retry_at: Option<Time>,
+    /// Exits handled in this loop pass, acknowledged to the keeper once published.
+    pending_acks: Vec<(usize, i32)>,
+    /// With `[coordinator] watchdog`: a periodic timer, at each tick of which the loop tells
+    /// the keeper it is alive. None by default: an idle coordinator makes no wakeups.
+    watchdog: Option<TimerFd>,
 }
 
 /// The fds the keeper hands its coordinator, taken first thing at start, before anything
@@ -250,6 +267,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         } else {
             w.set_gave_up(None)?;
         }
+        w.set_standby_disabled(false);
     }
     // Engine time is the monotonic clock since boot, as in the segment, so that what a dead
     // coordinator published (the restart window's start) means the same to its successor.
@@ -278,8 +296,13 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         unclaimed_ready: Vec::new(),
         gate,
         standby: None,
-        standby_failures: 0,
+        standby_since: None,
+        standby_deaths: RecentDeaths::new(STANDBY_DEATH_SPAN, STANDBY_DEATH_LIMIT),
+        standby_retry_at: None,
+        pending_acks: Vec::new(),
+        watchdog: None,
     };
+    c.watchdog = c.start_watchdog()?;
     let actions = if took_over {
         let actions = c.adopt(params)?;
         info!(pid = std::process::id(), services = n, phase = %c.engine.phase(), "the standby took over as coordinator");
@@ -296,6 +319,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
     };
     c.perform(actions);
     c.publish();
+    c.acknowledge_exits();
     c.event_loop()?;
     Ok(match c.engine.outcome() {
         Some(Outcome::Stopped) | None => 0,
@@ -403,6 +427,8 @@ impl Coordinator {
                 Ok(Some(FromKeeper::Running { services })) => break services,
                 Ok(Some(FromKeeper::Exited { service, pid, exit })) if service < n => {
                     facts.news.push(KeeperNews::Exited { service, pid, exit });
+                    // Published with the adopted state, then acknowledged.
+                    self.pending_acks.push((service, pid));
                 }
                 Ok(Some(FromKeeper::Spawned { service, pid })) if service < n => {
                     facts.news.push(KeeperNews::Spawned { service, pid });
@@ -545,14 +571,62 @@ impl Coordinator {
         }
     }
 
-    /// Asks the keeper for a standby, when the configuration wants one and the stack runs.
+    /// The stack is being stopped (or is): nothing new may start.
+    fn stack_is_stopping(&self) -> bool {
+        self.engine.is_finished()
+            || matches!(
+                self.engine.phase(),
+                InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed
+            )
+    }
+
+    /// Asks the keeper for a standby, when the configuration wants one, the stack runs, and
+    /// standbys are not given up on for now.
     fn spawn_standby(&mut self) {
-        let stopping = matches!(
-            self.engine.phase(),
-            InstanceState::Stopping | InstanceState::Stopped | InstanceState::Failed
-        );
-        if self.config.global.coordinator.standby && self.standby.is_none() && !stopping {
+        if self.config.global.coordinator.standby
+            && self.standby.is_none()
+            && self.standby_retry_at.is_none()
+            && !self.stack_is_stopping()
+        {
             self.send(ToKeeper::SpawnStandby);
+        }
+    }
+
+    /// Standbys were given up on a quiet span ago: try one again.
+    fn retry_standby_if_due(&mut self) {
+        if self.standby_retry_at.is_some_and(|at| at <= self.now()) {
+            self.standby_retry_at = None;
+            if let Ok(w) = self.segment.write() {
+                w.set_standby_disabled(false);
+            }
+            info!("the standby has been quiet for the span: trying one again");
+            self.spawn_standby();
+        }
+    }
+
+    /// With `[coordinator] watchdog`, a periodic timer for the signs of life the keeper
+    /// expects (twice per period, so that one late wakeup is no silence of two periods).
+    fn start_watchdog(&self) -> Result<Option<TimerFd>, CoordinatorError> {
+        let Some(period) = self.config.global.coordinator.watchdog else {
+            return Ok(None);
+        };
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
+        )?;
+        let every = (period.as_duration() / 2).max(Duration::from_millis(1));
+        timer.set(
+            Expiration::Interval(TimeSpec::from_duration(every)),
+            TimerSetTimeFlags::empty(),
+        )?;
+        Ok(Some(timer))
+    }
+
+    /// Tells the keeper that the exits handled so far are published: it need not hand them
+    /// to a successor any more. Called only after `publish`.
+    fn acknowledge_exits(&mut self) {
+        for (service, pid) in std::mem::take(&mut self.pending_acks) {
+            self.send(ToKeeper::AckExit { service, pid });
         }
     }
 
@@ -564,6 +638,10 @@ impl Coordinator {
                 Source::Notify => self.notify.as_fd(),
                 Source::Signals => self.signals.as_fd(),
                 Source::Timer => self.timer.as_fd(),
+                Source::Watchdog => match &self.watchdog {
+                    Some(timer) => timer.as_fd(),
+                    None => continue,
+                },
             };
             epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, source.token()))?;
         }
@@ -602,18 +680,34 @@ impl Coordinator {
                     Some(Source::Timer) => {
                         let _ = self.timer.wait();
                         self.feed(Event::Tick);
+                        self.retry_standby_if_due();
+                    }
+                    Some(Source::Watchdog) => {
+                        if let Some(timer) = &self.watchdog {
+                            let _ = timer.wait();
+                        }
+                        // Sent from the loop itself: a wedged loop sends nothing.
+                        self.send(ToKeeper::Alive);
                     }
                     None => {}
                 }
             }
             self.publish();
+            self.acknowledge_exits();
         }
         Ok(())
     }
 
-    /// One timer for the engine's nearest deadline; none when nothing is due.
+    /// One timer for the nearest deadline (the engine's, or a standby's retry); none when
+    /// nothing is due.
     fn arm_timer(&self) {
-        match self.engine.next_deadline() {
+        let next = self
+            .engine
+            .next_deadline()
+            .into_iter()
+            .chain(self.standby_retry_at)
+            .min();
+        match next {
             Some(deadline) => {
                 let wait = deadline
                     .saturating_sub(self.now())
@@ -679,6 +773,9 @@ impl Coordinator {
                 self.feed(Event::SpawnFailed { service, error });
             }
             FromKeeper::Exited { service, pid, exit } => {
+                // Acknowledged once this pass is published, handled or not (an exit of a
+                // process no longer the service's is stale: nothing to publish).
+                self.pending_acks.push((service, pid));
                 if self.pids.get(service).copied().flatten() != Some(pid) {
                     return;
                 }
@@ -692,6 +789,7 @@ impl Coordinator {
             FromKeeper::StandbySpawned { pid: Some(pid) } => {
                 info!(pid, "standby started");
                 self.standby = Some(pid);
+                self.standby_since = Some(Instant::now());
             }
             FromKeeper::StandbySpawned { pid: None } => {
                 warn!("the keeper could not start a standby")
@@ -703,12 +801,35 @@ impl Coordinator {
                 if let Ok(w) = self.segment.write() {
                     w.set_standby(None);
                 }
-                self.standby_failures += 1;
-                if self.standby_failures <= MAX_STANDBY_RESTARTS {
+                if self.stack_is_stopping() {
+                    // Nothing new starts once the stack is stopping (the keeper stops the
+                    // standby at the end of the stop; its end may be reported after that).
+                    info!(
+                        pid,
+                        "the standby ended; the stack is stopping: no other is started"
+                    );
+                    return;
+                }
+                // A standby that lived a while did its job: only quick deaths count.
+                let quick = self
+                    .standby_since
+                    .take()
+                    .is_none_or(|t| t.elapsed() < STANDBY_QUICK_DEATH);
+                if quick && self.standby_deaths.record(Instant::now()) {
+                    let retry = self.standby_deaths.quiet_at().unwrap_or_else(Instant::now);
+                    self.standby_retry_at = Some(retry.saturating_duration_since(self.epoch));
+                    error!(
+                        pid,
+                        deaths = STANDBY_DEATH_LIMIT,
+                        span_s = STANDBY_DEATH_SPAN.as_secs(),
+                        "the standby keeps dying: running without one until it has been quiet for the span"
+                    );
+                    if let Ok(w) = self.segment.write() {
+                        w.set_standby_disabled(true);
+                    }
+                } else {
                     warn!(pid, "the standby died: starting another");
                     self.spawn_standby();
-                } else {
-                    error!(pid, "the standby keeps dying: running without one");
                 }
             }
             // Only meaningful during a takeover (see `adopt`).
@@ -1057,5 +1178,9 @@ fn outcome_of(intent: StopIntent, params: &EngineParams) -> Outcome {
 /// READY=1 messages kept for services whose start is not reported yet, at most.
 const MAX_UNCLAIMED_READY: usize = 64;
 
-/// A standby that dies is replaced at most this many times in a coordinator's life.
-const MAX_STANDBY_RESTARTS: u32 = 20;
+/// Standbys that die within [`STANDBY_QUICK_DEATH`] of their start this many times within
+/// [`STANDBY_DEATH_SPAN`] are given up on (the segment says so, for `status`) until the span
+/// has passed without a death.
+const STANDBY_DEATH_LIMIT: usize = 5;
+const STANDBY_DEATH_SPAN: Duration = Duration::from_secs(60);
+const STANDBY_QUICK_DEATH: Duration = Duration::from_secs(10);

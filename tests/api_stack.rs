@@ -161,7 +161,7 @@ fn takeover_adopt_api_services_keep_running_until_the_new_coordinator_stops_them
 }
 
 #[test]
-fn stop_after_both_coordinators_died_goes_through_the_api() {
+fn stop_after_the_coordinator_died_with_no_standby_goes_through_the_api() {
     let (stack, log) = api_stack("api-orphans", "[coordinator]\nstandby = false");
     stack.start_ok();
     let status = stack.wait_steady(LONG);
@@ -170,18 +170,21 @@ fn stop_after_both_coordinators_died_goes_through_the_api() {
         Signal::SIGKILL,
     )
     .unwrap();
-    stack.wait_for("the coordinator's death to show", LONG, |s| {
-        s.as_ref()
-            .is_some_and(|s| s["coordinator"]["pid"].is_null())
+    // No standby: the keeper starts a successor, which adopts the stack.
+    let dead = pid(&status["coordinator"]);
+    stack.wait_for("a successor to adopt the stack", LONG, |s| {
+        s.as_ref().is_some_and(|s| {
+            pid(&s["coordinator"]).is_some_and(|c| Some(c) != dead) && s["state"] == "steady"
+        })
     });
-    // adopt (the default): the services are still up, waiting for a coordinator.
+    // adopt (the default): the services are still up, under the new coordinator.
     assert!(shutdowns(&log).is_empty());
     let out = stack.stop();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(
         shutdowns(&log),
         ["web", "api", "db"],
-        "stop took the dead coordinator's gate and asked them"
+        "the successor's stop asked them in order"
     );
     for p in service_pids(&status).into_iter().flatten() {
         assert!(!Stack::alive(p));

@@ -258,6 +258,11 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             Some(_) => {}
         }
     }
+    if segment.standby_disabled() {
+        println!(
+            "warning: the standby keeps dying: running without one until it has been quiet for a while (see the coordinator's log)"
+        );
+    }
     if let Some(w) = &out.restart_window {
         println!(
             "restarts: {} of at most {} in the window that began {} ago",

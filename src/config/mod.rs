@@ -52,6 +52,11 @@ pub struct CoordinatorConfig {
     pub takeover: Takeover,
     pub startup_sequence: Option<Vec<String>>,
     pub shutdown_sequence: Option<Vec<String>>,
+    /// Opt-in: the coordinator sends the keeper a sign of life each period, and the keeper
+    /// takes a silence of two periods for death. Off (None, or zero) by default, so that an
+    /// idle stack makes no wakeups.
+    #[serde(default)]
+    pub watchdog: Option<ConfigDuration>,
 }
 
 impl Default for CoordinatorConfig {
@@ -66,6 +71,7 @@ impl Default for CoordinatorConfig {
             takeover: Takeover::default(),
             startup_sequence: None,
             shutdown_sequence: None,
+            watchdog: None,
         }
     }
 }
@@ -109,6 +115,7 @@ struct RawCoordinator {
     takeover: Option<Takeover>,
     startup_sequence: Option<Spanned<Vec<Spanned<String>>>>,
     shutdown_sequence: Option<Spanned<Vec<Spanned<String>>>>,
+    watchdog: Option<ConfigDuration>,
 }
 
 /// What the command line says about finding the configuration.
@@ -630,6 +637,7 @@ fn load_global(
         takeover: c.takeover.unwrap_or(defaults.takeover),
         startup_sequence: unspan(&c.startup_sequence),
         shutdown_sequence: unspan(&c.shutdown_sequence),
+        watchdog: c.watchdog.filter(|d| !d.as_duration().is_zero()),
     };
     let global = GlobalConfig {
         source,

@@ -17,18 +17,31 @@
 //! - owns the notify socket, so `READY=1` datagrams wait in it while no coordinator reads;
 //! - starts the coordinator (and standbys), queues service events while no coordinator is
 //!   connected, and is a child subreaper, so nothing a service leaves behind becomes a zombie
-//!   of init.
+//!   of init;
+//! - keeps each service's latest exit until a coordinator acknowledges that it has published
+//!   it ([`ToKeeper::AckExit`]), and hands every unacknowledged one to a coordinator that takes
+//!   over: an exit the dead coordinator received but never published is not lost;
+//! - never leaves the instance without a coordinator while it lives: when the coordinator dies
+//!   and no standby can take over, it starts a successor (a process in the standby role, which
+//!   finds the daemon standby mutex free and takes over at once). Only when successors keep
+//!   dying ([`SUCCESSOR_LIMIT`] deaths within [`SUCCESSOR_SPAN`]), or a stop signal comes while
+//!   none can be started, does it stop the stack itself: in order, driven by
+//!   [`Engine::stopping`], the same engine every ordered stop runs on;
+//! - writes the [`ProcessRecord`] of the instance's processes to `run_dir` whenever that set
+//!   changes, for a `ccmgr stop` that cannot read the segment.
 //!
-//! Its event loop blocks in `epoll` on a signalfd, the coordinator's socket and the log pipes;
-//! it never sleeps or polls.
+//! Its event loop blocks in `epoll` on a signalfd, the coordinator's socket, the log pipes and
+//! one timerfd (armed only for the deadlines of its own ordered stop); it never sleeps or
+//! polls.
 
 pub mod protocol;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
 use nix::errno::Errno;
@@ -39,12 +52,15 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::cgroup;
 use crate::config::Config;
+use crate::engine::{Action, Engine, EngineParams, Event};
 use crate::logsink::{self, LogSink};
 use crate::notify::NotifySocket;
+use crate::process_identity::ProcessIdentity;
+use crate::records::{self, ProcessRecord, Recorded, RecordedService};
 use crate::shm::Segment;
 use crate::spawn::{self, ExecStage, ProcessExit, SpawnError, SpawnRequest};
 use protocol::{FromKeeper, ToKeeper, recv_message};
@@ -53,6 +69,14 @@ use protocol::{FromKeeper, ToKeeper, recv_message};
 pub const COORDINATOR_CHANNEL_FD: RawFd = 3;
 pub const COORDINATOR_NOTIFY_FD: RawFd = 4;
 pub const COORDINATOR_REPORT_FD: RawFd = 5;
+
+/// Successors (coordinators the keeper starts because no standby could take over) that die
+/// within [`SUCCESSOR_QUICK`] of their start, this many times within [`SUCCESSOR_SPAN`], are
+/// given up on: the keeper stops the stack. A successor that lived longer did its job, and
+/// deaths a standby took over from are no failure of the keeper's.
+pub const SUCCESSOR_LIMIT: usize = 5;
+pub const SUCCESSOR_SPAN: Duration = Duration::from_secs(60);
+pub const SUCCESSOR_QUICK: Duration = Duration::from_secs(2);
 
 /// Rotation of service logs: the current file and this many older ones, each up to the size.
 pub const LOG_MAX_BYTES: u64 = 4 << 20;
@@ -125,6 +149,7 @@ struct Peer {
 enum Source {
     Signals,
     Timer,
+    Watchdog,
     Peer(i32),
     LogPipe(usize),
 }
@@ -148,10 +173,32 @@ struct Keeper {
     coordinator: Option<i32>,
     /// Service events waiting for a coordinator to take over.
     queued: Vec<FromKeeper>,
+    /// Each service's latest exit (pid, how), until a coordinator acknowledges that it has
+    /// published it; sent again to whoever takes over.
+    unacked_exits: Vec<Option<(i32, ProcessExit)>>,
     /// A coordinator said the stack is stopped.
     shutdown_requested: bool,
-    /// Stopping everything without a coordinator (a signal arrived while none was alive).
-    emergency: bool,
+    /// The successors the keeper started, with when, until they die.
+    successors: HashMap<i32, Instant>,
+    /// Quick deaths of successors, for the successor limit.
+    successor_deaths: RecentDeaths,
+    /// A stop signal came while only a standby or successor was on its way: it is passed on
+    /// to it once it has taken over.
+    stop_after_takeover: bool,
+    /// Standbys killed on the coordinator's request ([`ToKeeper::StopStandby`]): their end is
+    /// no death to report or to replace.
+    retired_standbys: HashSet<i32>,
+    /// The keeper's own ordered stop, when no coordinator can do it.
+    last_resort: Option<LastResortStop>,
+    /// The (pid, start time) of each child, read once when it starts, for the process record.
+    identities: HashMap<i32, ProcessIdentity>,
+    /// The set of processes changed since the record was last written.
+    record_dirty: bool,
+    /// With `[coordinator] watchdog`: the check of the coordinator's signs of life.
+    watchdog: Option<Watchdog>,
+    /// The instance's segment: the keeper publishes its own ordered stop there, and removes
+    /// it at the end.
+    segment: Segment,
     /// How the last coordinator exited.
     coordinator_exit: Option<ProcessExit>,
     /// The instance's cgroups, one per service, where the machine offers cgroup v2.
@@ -220,6 +267,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(KeeperError::Setup)?;
     let notify = NotifySocket::bind(&notify_socket_path(&config))?;
     let n = config.services.len();
+    let successor_deaths = RecentDeaths::new(SUCCESSOR_SPAN, SUCCESSOR_LIMIT);
     let mut keeper = Keeper {
         config,
         foreground,
@@ -236,8 +284,17 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         peers: HashMap::new(),
         coordinator: None,
         queued: Vec::new(),
+        unacked_exits: vec![None; n],
         shutdown_requested: false,
-        emergency: false,
+        successors: HashMap::new(),
+        successor_deaths,
+        stop_after_takeover: false,
+        retired_standbys: HashSet::new(),
+        last_resort: None,
+        identities: HashMap::new(),
+        record_dirty: true,
+        watchdog: None,
+        segment,
         coordinator_exit: None,
         join_cgroups: cgroups.is_some(),
         cgroups,
@@ -254,15 +311,28 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         keeper.timer.as_fd(),
         Source::Timer,
     )?;
+    if let Some(period) = keeper.config.global.coordinator.watchdog {
+        let watchdog = Watchdog::new(period.as_duration())?;
+        watch(
+            &keeper.epoll,
+            &mut keeper.sources,
+            watchdog.timer.as_fd(),
+            Source::Watchdog,
+        )?;
+        keeper.watchdog = Some(watchdog);
+    }
     let pid = keeper.start_coordinator(Role::Coordinator, report)?;
     keeper.coordinator = Some(pid);
+    keeper.heard_from_coordinator();
     info!(pid, "keeper started the coordinator");
     keeper.run_loop();
     keeper.remove_cgroups();
+    // Nothing of the instance is left to record.
+    ProcessRecord::remove(&keeper.record_path());
     // Nothing of the instance is left alive: its shared state goes with it. (`status` reads
     // the outcome the coordinator left in run_dir.)
     let _ = crate::shm::api::ControlSegment::remove(&keeper.config.global.instance);
-    if let Err(e) = segment.unlink() {
+    if let Err(e) = keeper.segment.unlink() {
         warn!(error = %e, "cannot remove the instance's segment");
     }
     info!("the keeper is done");
@@ -334,6 +404,7 @@ impl Keeper {
         // The Child handle is dropped without waiting: the keeper reaps through waitid.
         drop(child);
         self.children.insert(pid, role);
+        self.remember(pid);
         // Non-blocking: the loop reads every waiting message and must not wait for the next.
         protocol::set_nonblocking(ours.as_fd()).map_err(KeeperError::Setup)?;
         watch(
@@ -358,12 +429,15 @@ impl Keeper {
         let mut events = vec![EpollEvent::empty(); 64];
         while !self.done() {
             self.watch_writability();
+            self.arm_timer();
+            // At most one write per pass, however many processes came and went in it.
+            self.write_record();
             let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
                     warn!(error = %e, "the keeper's epoll failed; stopping everything");
-                    self.begin_emergency_stop();
+                    self.kill_everything();
                     break;
                 }
             };
@@ -372,6 +446,7 @@ impl Keeper {
                 match self.sources.get(&fd).copied() {
                     Some(Source::Signals) => self.on_signals(),
                     Some(Source::Timer) => self.on_timer(),
+                    Some(Source::Watchdog) => self.on_watchdog(),
                     Some(Source::Peer(pid)) => self.on_peer(pid),
                     Some(Source::LogPipe(service)) => self.on_log_pipe(fd, service),
                     None => {}
@@ -391,12 +466,12 @@ impl Keeper {
     /// coordinator said so or nothing is left to keep.
     fn done(&self) -> bool {
         self.children.is_empty()
-            && (self.shutdown_requested || self.emergency || self.coordinator.is_none())
+            && (self.shutdown_requested || self.last_resort.is_some() || self.coordinator.is_none())
     }
 
     fn exit_code(&self) -> i32 {
         match self.coordinator_exit {
-            Some(ProcessExit::Exited(code)) if !self.emergency => code,
+            Some(ProcessExit::Exited(code)) if self.last_resort.is_none() => code,
             _ => 1,
         }
     }
@@ -414,8 +489,12 @@ impl Keeper {
         self.reap_children();
     }
 
-    /// SIGTERM/SIGINT: the coordinator stops the stack in order; without one, stop it here.
+    /// SIGTERM/SIGINT: the coordinator stops the stack in order; while a standby or successor
+    /// is on its way to take over, it does once it has; with neither, the keeper does.
     fn on_stop_signal(&mut self) {
+        // A coordinator that died but is not reaped yet (SIGTERM is read before SIGCHLD) must
+        // not be the one the stop is passed to.
+        self.reap_children();
         match self
             .coordinator
             .filter(|pid| self.children.contains_key(pid))
@@ -424,36 +503,207 @@ impl Keeper {
                 info!(pid, "asking the coordinator to stop the stack");
                 let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             }
-            None => self.begin_emergency_stop(),
+            None if self.standby_alive() && self.last_resort.is_none() => {
+                info!(
+                    "a stop signal came while no coordinator lived: passed on once one takes over"
+                );
+                self.stop_after_takeover = true;
+            }
+            None => self.begin_last_resort_stop(),
         }
     }
 
-    /// No coordinator: send every service its stop signal, in shutdown order, and SIGKILL what
-    /// is left after the longest shutdown timeout.
-    fn begin_emergency_stop(&mut self) {
-        if self.emergency {
+    /// A successor the keeper started (at `since`) died: a quick death counts towards the
+    /// successor limit.
+    fn count_successor_death(&mut self, since: Option<Instant>) {
+        if since.is_some_and(|t| t.elapsed() < SUCCESSOR_QUICK) {
+            self.successor_deaths.record(Instant::now());
+        }
+    }
+
+    /// A standby (or a successor) lives and will take over.
+    fn standby_alive(&self) -> bool {
+        self.children.values().any(|r| *r == Role::Standby)
+    }
+
+    /// The coordinator is gone and nothing can take over: start a successor, unless they keep
+    /// dying (then, or if none can be started, stop the stack in order here).
+    fn ensure_coordinator(&mut self) {
+        if self.shutdown_requested
+            || self.last_resort.is_some()
+            || self.coordinator.is_some()
+            || self.standby_alive()
+        {
             return;
         }
-        self.emergency = true;
-        warn!("no coordinator is alive: stopping the services directly");
-        let mut longest = std::time::Duration::ZERO;
-        for &s in &self.config.shutdown_sequence {
-            if let Some(pid) = self.service_pids[s] {
-                let spec = &self.config.services[s];
-                let _ = spawn::signal_group(Pid::from_raw(pid), spec.stop_signal.0);
-                longest = longest.max(spec.shutdown_timeout.into());
+        let deaths = self.successor_deaths.count(Instant::now());
+        if deaths >= SUCCESSOR_LIMIT {
+            error!(
+                deaths,
+                span_s = SUCCESSOR_SPAN.as_secs(),
+                "coordinators keep dying: the keeper stops the stack in order"
+            );
+            self.begin_last_resort_stop();
+            return;
+        }
+        match self.start_coordinator(Role::Standby, None) {
+            Ok(pid) => {
+                warn!(
+                    pid,
+                    "no standby can take over: started a new coordinator to adopt the stack"
+                );
+                self.successors.insert(pid, Instant::now());
+            }
+            Err(e) => {
+                error!(error = %e, "cannot start a new coordinator: the keeper stops the stack in order");
+                self.begin_last_resort_stop();
             }
         }
-        let _ = self.timer.set(
-            Expiration::OneShot(TimeSpec::from_duration(
-                longest.max(std::time::Duration::from_millis(1)),
-            )),
-            TimerSetTimeFlags::empty(),
+    }
+
+    /// No coordinator can stop the stack: stop it here, in shutdown order, with each service's
+    /// stop signal and timeout, on the same engine a coordinator stops it with.
+    fn begin_last_resort_stop(&mut self) {
+        if self.last_resort.is_some() {
+            return;
+        }
+        warn!("no coordinator is alive: the keeper stops the services in order");
+        let epoch = Instant::now();
+        let epoch_ms = crate::shm::monotonic_ms();
+        let (engine, actions) = Engine::stopping(
+            EngineParams::from_config(&self.config),
+            Duration::ZERO,
+            &self.service_pids,
         );
+        self.last_resort = Some(LastResortStop {
+            engine,
+            epoch,
+            epoch_ms,
+        });
+        self.perform_stop(actions);
+        self.publish_stop();
+    }
+
+    /// Writes the keeper's ordered stop into the segment, as a coordinator publishes its own,
+    /// so that `status` says what is going on: stopping, and each service's state.
+    fn publish_stop(&self) {
+        let Some(stop) = &self.last_resort else {
+            return;
+        };
+        let Ok(w) = self.segment.write() else {
+            return;
+        };
+        let ms = |t: Duration| stop.epoch_ms + t.as_millis() as u64;
+        w.set_instance_state(stop.engine.phase(), ms(stop.engine.phase_since()));
+        for (i, slot) in stop.engine.slots().iter().enumerate() {
+            let _ = w.set_service_state(i, slot.state(), ms(slot.since));
+            let identity = slot.pid().and_then(|pid| self.identities.get(&pid).copied());
+            let _ = w.set_service_process(i, identity);
+            if let Some(exit) = slot.last_exit {
+                let _ = w.set_last_exit(i, Some(exit.into()));
+            }
+        }
+    }
+
+    /// Feeds the keeper's ordered stop, if it runs.
+    fn feed_stop(&mut self, event: Event) {
+        let Some(stop) = self.last_resort.as_mut() else {
+            return;
+        };
+        let actions = stop.engine.handle(event, stop.epoch.elapsed());
+        self.perform_stop(actions);
+        self.publish_stop();
+    }
+
+    /// Carries out what the keeper's ordered stop decides.
+    fn perform_stop(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Signal { service, signal } => {
+                    if let Some(pid) = self.service_pids[service] {
+                        info!(service = %self.config.services[service].id, pid, signal = signal.as_str(), "stopping");
+                        let _ = spawn::signal_group(Pid::from_raw(pid), signal);
+                    }
+                }
+                Action::Kill { service } => {
+                    if let Some(pid) = self.service_pids[service] {
+                        warn!(service = %self.config.services[service].id, pid, "timed out: killing its process group");
+                        let _ = spawn::signal_group(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                    self.kill_service_cgroup(service);
+                }
+                // The service API's shutdown gate is the coordinator's: without one, its
+                // services get their stop signal at their turn like any other.
+                Action::ShutdownRequested { services } => {
+                    let more: Vec<Action> = match self.last_resort.as_mut() {
+                        Some(stop) => services
+                            .into_iter()
+                            .flat_map(|s| stop.engine.not_cooperative(s))
+                            .collect(),
+                        None => Vec::new(),
+                    };
+                    self.perform_stop(more);
+                }
+                Action::Finished(_) => {
+                    info!("the keeper's ordered stop is over");
+                    self.kill_all_cgroups();
+                    self.record_outcome();
+                }
+                // A stopping engine starts nothing.
+                Action::Spawn { .. } | Action::StartupComplete | Action::ShutdownOver => {}
+            }
+        }
+    }
+
+    /// For `status` once everything is gone: the stack was stopped by the keeper, and why.
+    fn record_outcome(&self) {
+        let at_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = crate::coordinator::LastOutcome {
+            outcome: "stopped by the keeper: no coordinator could run".into(),
+            service: None,
+            how: None,
+            restarts: None,
+            at_unix,
+        };
+        if let Ok(text) = serde_json::to_string_pretty(&last) {
+            let path = crate::coordinator::last_outcome_path(&self.config);
+            if let Err(e) = std::fs::write(&path, text) {
+                warn!(error = %e, path = %path.display(), "cannot record how the run ended");
+            }
+        }
+    }
+
+    /// The timer is armed only for the keeper's ordered stop: its nearest deadline.
+    fn arm_timer(&self) {
+        let next = self.last_resort.as_ref().and_then(|stop| {
+            stop.engine
+                .next_deadline()
+                .map(|d| d.saturating_sub(stop.epoch.elapsed()))
+        });
+        match next {
+            Some(wait) => {
+                let _ = self.timer.set(
+                    Expiration::OneShot(TimeSpec::from_duration(
+                        wait.max(Duration::from_micros(1)),
+                    )),
+                    TimerSetTimeFlags::empty(),
+                );
+            }
+            None => {
+                let _ = self.timer.unset();
+            }
+        }
     }
 
     fn on_timer(&mut self) {
         let _ = self.timer.wait();
+        self.feed_stop(Event::Tick);
+    }
+
+    /// The keeper's own loop broke: nothing can be stopped in order any more.
+    fn kill_everything(&mut self) {
         for pid in self.service_pids.iter().flatten() {
             let _ = spawn::signal_group(Pid::from_raw(*pid), Signal::SIGKILL);
         }
@@ -494,6 +744,12 @@ impl Keeper {
             match role {
                 Some(Role::Service(service)) => self.on_service_exit(service, pid.as_raw(), exit),
                 Some(role @ (Role::Coordinator | Role::Standby)) => {
+                    // What it sent before it died is all in its socket: read it first (a
+                    // coordinator's last words are "stop the standby" and "shut down"; lost,
+                    // its orderly end would look like a death).
+                    self.on_peer(pid.as_raw());
+                    let role = self.children.get(&pid.as_raw()).copied().unwrap_or(role);
+                    self.children.remove(&pid.as_raw());
                     self.on_peer_exit(pid.as_raw(), role, exit)
                 }
                 None => {} // an orphan a service left behind: reaped, nothing to report
@@ -503,7 +759,11 @@ impl Keeper {
 
     fn on_service_exit(&mut self, service: usize, pid: i32, exit: ProcessExit) {
         self.service_pids[service] = None;
+        self.identities.remove(&pid);
+        self.record_dirty = true;
+        self.unacked_exits[service] = Some((pid, exit));
         self.tell_coordinator(FromKeeper::Exited { service, pid, exit });
+        self.feed_stop(Event::Exited { service, exit });
     }
 
     /// A coordinator or a standby ended. `role` is what it was when it died: a coordinator
@@ -511,6 +771,10 @@ impl Keeper {
     /// neither the current coordinator nor a standby to replace.
     fn on_peer_exit(&mut self, pid: i32, role: Role, exit: ProcessExit) {
         let was_coordinator = self.coordinator == Some(pid);
+        let retired = self.retired_standbys.remove(&pid);
+        let successor_since = self.successors.remove(&pid);
+        self.identities.remove(&pid);
+        self.record_dirty = true;
         if let Some(mut peer) = self.peers.remove(&pid) {
             unwatch(&self.epoll, &mut self.sources, peer.socket.as_fd());
             if was_coordinator {
@@ -526,14 +790,29 @@ impl Keeper {
             self.coordinator_exit = Some(exit);
             if !self.shutdown_requested {
                 warn!(pid, %exit, "the coordinator died");
-                let standby = self.children.values().any(|r| *r == Role::Standby);
-                if !standby && self.foreground {
-                    // Nobody can take over: do not leave services unsupervised in a container.
-                    self.begin_emergency_stop();
-                }
+                self.count_successor_death(successor_since);
+                // A standby that lives takes over; otherwise a successor must.
+                self.ensure_coordinator();
             }
-        } else if role == Role::Standby && self.coordinator.is_some() {
-            self.tell_coordinator(FromKeeper::StandbyExited { pid });
+        } else if role == Role::Standby && !retired {
+            if self.coordinator.is_some() {
+                self.tell_coordinator(FromKeeper::StandbyExited { pid });
+            } else if exit == ProcessExit::Exited(0) {
+                // A standby exits 0 only to retire: it found the stack stopped in order (the
+                // coordinator died after publishing that, before telling us).
+                info!(pid, "the stack was stopped in order: nothing to take over");
+                if self.service_pids.iter().any(Option::is_some) {
+                    // Stopped, says the segment, yet something runs: stop it here.
+                    self.begin_last_resort_stop();
+                } else {
+                    self.shutdown_requested = true;
+                }
+            } else if !self.shutdown_requested {
+                // It was to take over from a dead coordinator (or was a successor).
+                warn!(pid, %exit, "the standby died while no coordinator lived");
+                self.count_successor_death(successor_since);
+                self.ensure_coordinator();
+            }
         }
     }
 
@@ -608,13 +887,32 @@ impl Keeper {
 
     fn on_request(&mut self, from: i32, message: ToKeeper) {
         let is_coordinator = self.coordinator == Some(from);
+        if is_coordinator || message == ToKeeper::TakeOver {
+            self.heard_from_coordinator();
+        }
         match message {
             ToKeeper::TakeOver => {
                 info!(pid = from, "a standby takes over as coordinator");
                 self.coordinator = Some(from);
                 self.children.insert(from, Role::Coordinator);
-                // First what happened while nobody listened, then what runs now.
+                self.record_dirty = true;
+                // First what happened while nobody listened, then every exit no coordinator
+                // has published (the dead one may have read it and died before publishing),
+                // then what runs now. The exits queued are among the unacknowledged ones.
                 for message in std::mem::take(&mut self.queued) {
+                    if !matches!(message, FromKeeper::Exited { .. }) {
+                        self.tell_coordinator(message);
+                    }
+                }
+                let unacked: Vec<FromKeeper> = self
+                    .unacked_exits
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(service, e)| {
+                        e.map(|(pid, exit)| FromKeeper::Exited { service, pid, exit })
+                    })
+                    .collect();
+                for message in unacked {
                     self.tell_coordinator(message);
                 }
                 let services = self
@@ -624,6 +922,10 @@ impl Keeper {
                     .filter_map(|(s, pid)| pid.map(|p| (s, p)))
                     .collect();
                 self.tell_coordinator(FromKeeper::Running { services });
+                if std::mem::take(&mut self.stop_after_takeover) {
+                    info!(pid = from, "asking the new coordinator to stop the stack");
+                    let _ = kill(Pid::from_raw(from), Signal::SIGTERM);
+                }
             }
             // Everything else comes from the coordinator only.
             _ if !is_coordinator => warn!(
@@ -653,7 +955,12 @@ impl Keeper {
                 }
             }
             ToKeeper::SpawnStandby => {
-                let pid = self.start_coordinator(Role::Standby, None).ok();
+                // Nothing new starts once the stack is stopped.
+                let pid = if self.shutdown_requested {
+                    None
+                } else {
+                    self.start_coordinator(Role::Standby, None).ok()
+                };
                 self.tell_coordinator(FromKeeper::StandbySpawned { pid });
             }
             ToKeeper::StopStandby => {
@@ -661,10 +968,19 @@ impl Keeper {
                     if *role == Role::Standby {
                         info!(pid, "stopping the standby");
                         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                        self.retired_standbys.insert(pid);
                     }
                 }
             }
             ToKeeper::Shutdown => self.shutdown_requested = true,
+            ToKeeper::AckExit { service, pid } => {
+                let slot = self.unacked_exits.get_mut(service);
+                if let Some(slot) = slot.filter(|e| e.is_some_and(|(p, _)| p == pid)) {
+                    *slot = None;
+                }
+            }
+            // A sign of life for the watchdog, noted above; it needs no answer.
+            ToKeeper::Alive => {}
         }
     }
 
@@ -720,6 +1036,10 @@ impl Keeper {
         let pid = spawned.pid.as_raw();
         self.children.insert(pid, Role::Service(service));
         self.service_pids[service] = Some(pid);
+        if let Ok(identity) = ProcessIdentity::of(pid) {
+            self.identities.insert(pid, identity);
+        }
+        self.record_dirty = true;
         if let Err(e) = watch(
             &self.epoll,
             &mut self.sources,
@@ -749,6 +1069,59 @@ impl Keeper {
         };
         if eof && let Some(pipe) = self.pipes.remove(&fd) {
             unwatch(&self.epoll, &mut self.sources, pipe.as_fd());
+        }
+    }
+}
+
+/// The keeper's record of the instance's processes ([`crate::records`]).
+impl Keeper {
+    fn record_path(&self) -> PathBuf {
+        records::record_path(&self.config.global.run_dir, &self.config.global.instance)
+    }
+
+    /// Notes a new child's identity (read now, while it surely exists) for the record.
+    fn remember(&mut self, pid: i32) {
+        if let Ok(identity) = ProcessIdentity::of(pid) {
+            self.identities.insert(pid, identity);
+        }
+        self.record_dirty = true;
+    }
+
+    /// Writes the record if the set of processes changed since it was last written.
+    fn write_record(&mut self) {
+        if !std::mem::take(&mut self.record_dirty) {
+            return;
+        }
+        let recorded = |pid: i32| self.identities.get(&pid).copied().map(Recorded::from);
+        let standby = self
+            .children
+            .iter()
+            .find(|(_, role)| **role == Role::Standby)
+            .and_then(|(&pid, _)| recorded(pid));
+        let services = self
+            .config
+            .shutdown_sequence
+            .iter()
+            .filter_map(|&s| {
+                let process = recorded(self.service_pids[s]?)?;
+                let spec = &self.config.services[s];
+                let timeout: Duration = spec.shutdown_timeout.into();
+                Some(RecordedService {
+                    id: spec.id.clone(),
+                    process,
+                    stop_signal: spec.stop_signal.0 as i32,
+                    shutdown_timeout_ms: timeout.as_millis() as u64,
+                })
+            })
+            .collect();
+        let record = ProcessRecord {
+            keeper: ProcessIdentity::current().ok().map(Recorded::from),
+            coordinator: self.coordinator.and_then(recorded),
+            standby,
+            services,
+        };
+        if let Err(e) = record.write(&self.record_path()) {
+            warn!(error = %e, "cannot record the instance's processes");
         }
     }
 }
@@ -837,5 +1210,149 @@ fn watch(
 fn unwatch(epoll: &Epoll, sources: &mut HashMap<RawFd, Source>, fd: BorrowedFd<'_>) {
     if sources.remove(&fd.as_raw_fd()).is_some() {
         let _ = epoll.delete(fd);
+    }
+}
+
+/// The keeper's end of `[coordinator] watchdog`: a coordinator that sends no sign of life for
+/// two periods is wedged (frozen, deadlocked, looping) and is killed, so that a standby or a
+/// successor takes over as from any death.
+struct Watchdog {
+    period: Duration,
+    timer: TimerFd,
+    last_heard: Instant,
+}
+
+impl Watchdog {
+    fn new(period: Duration) -> Result<Watchdog, KeeperError> {
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
+        )
+        .map_err(KeeperError::Setup)?;
+        // Checked twice per period: a silence is noticed between two and two and a half.
+        let every = (period / 2).max(Duration::from_millis(1));
+        timer
+            .set(
+                Expiration::Interval(TimeSpec::from_duration(every)),
+                TimerSetTimeFlags::empty(),
+            )
+            .map_err(KeeperError::Setup)?;
+        Ok(Watchdog {
+            period,
+            timer,
+            last_heard: Instant::now(),
+        })
+    }
+}
+
+impl Keeper {
+    /// The coordinator spoke (any message is a sign of life), or a new one took over.
+    fn heard_from_coordinator(&mut self) {
+        if let Some(watchdog) = self.watchdog.as_mut() {
+            watchdog.last_heard = Instant::now();
+        }
+    }
+
+    /// A watchdog check: kill a coordinator silent for two periods.
+    fn on_watchdog(&mut self) {
+        let Some(watchdog) = self.watchdog.as_mut() else {
+            return;
+        };
+        let _ = watchdog.timer.wait();
+        let silent = watchdog.last_heard.elapsed();
+        let Some(pid) = self
+            .coordinator
+            .filter(|pid| self.children.get(pid) == Some(&Role::Coordinator))
+        else {
+            return;
+        };
+        if self.shutdown_requested || silent < 2 * watchdog.period {
+            return;
+        }
+        error!(
+            pid,
+            silent_ms = silent.as_millis() as u64,
+            "the coordinator has sent no sign of life for two watchdog periods: killing it"
+        );
+        // Counted once: its death is handled as any other when it is reaped.
+        watchdog.last_heard = Instant::now();
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// The keeper's own ordered stop: the engine every ordered stop runs on, and its time zero.
+struct LastResortStop {
+    engine: Engine,
+    epoch: Instant,
+    /// `epoch` on the segment's monotonic clock, in milliseconds.
+    epoch_ms: u64,
+}
+
+/// Deaths counted in a sliding window: something that died `limit` times within `span` is
+/// given up on, and one that stays quiet for `span` starts afresh (its old deaths fall out).
+#[derive(Debug)]
+pub struct RecentDeaths {
+    span: Duration,
+    limit: usize,
+    deaths: VecDeque<Instant>,
+}
+
+impl RecentDeaths {
+    pub fn new(span: Duration, limit: usize) -> Self {
+        RecentDeaths {
+            span,
+            limit,
+            deaths: VecDeque::new(),
+        }
+    }
+
+    /// Counts a death at `now`; true when `limit` deaths now fall within the span.
+    pub fn record(&mut self, now: Instant) -> bool {
+        self.deaths.push_back(now);
+        self.count(now) >= self.limit
+    }
+
+    /// The deaths within the span before `now`.
+    pub fn count(&mut self, now: Instant) -> usize {
+        while self
+            .deaths
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) >= self.span)
+        {
+            self.deaths.pop_front();
+        }
+        self.deaths.len()
+    }
+
+    /// When the window is quiet again (every death counted now has fallen out of it).
+    pub fn quiet_at(&self) -> Option<Instant> {
+        self.deaths.back().map(|&t| t + self.span)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_deaths_give_up_at_the_limit_and_forget_after_a_quiet_span() {
+        let t0 = Instant::now();
+        let span = Duration::from_secs(10);
+        let mut deaths = RecentDeaths::new(span, 3);
+        assert!(!deaths.record(t0));
+        assert!(!deaths.record(t0 + Duration::from_secs(1)));
+        assert!(
+            deaths.record(t0 + Duration::from_secs(2)),
+            "third in the span"
+        );
+        // The first falls out of the window: two left, one more is not yet the limit.
+        assert_eq!(deaths.count(t0 + Duration::from_secs(10)), 2);
+        assert_eq!(deaths.quiet_at(), Some(t0 + Duration::from_secs(12)));
+        assert_eq!(
+            deaths.count(t0 + Duration::from_secs(12)),
+            0,
+            "a quiet span forgets"
+        );
+        assert!(!deaths.record(t0 + Duration::from_secs(13)));
     }
 }

@@ -39,6 +39,13 @@ pub enum ToKeeper {
     StopStandby,
     /// The stack is stopped: exit once the coordinator has.
     Shutdown,
+    /// The exit of `service`'s process `pid` is in the published state: the keeper need not
+    /// hand it to a successor any more. Sent only after the publication that includes it, so
+    /// that an exit is never in neither place.
+    AckExit { service: usize, pid: i32 },
+    /// A sign of life, sent each `[coordinator] watchdog` period when one is set: a
+    /// coordinator silent for two periods is taken for dead.
+    Alive,
 }
 
 /// From the keeper to the coordinator.
@@ -49,7 +56,10 @@ pub enum FromKeeper {
     /// The service's process could not be started; `error` says why in words.
     SpawnFailed { service: usize, error: String },
     /// The service's main process ended, as `exit` says; the rest of its process group has
-    /// been killed, and the process reaped.
+    /// been killed, and the process reaped. The keeper keeps the latest exit of each service
+    /// until a coordinator acknowledges it ([`ToKeeper::AckExit`]) and sends it again to a
+    /// coordinator that takes over, so one already published can come twice: the receiver
+    /// keys exits by pid.
     Exited {
         service: usize,
         pid: i32,

@@ -145,6 +145,11 @@ shared_struct! {
         /// The deadline of the whole startup or shutdown sequence, monotonic milliseconds
         /// plus one; 0 for none.
         pub sequence_deadline_ms1: AtomicU64,
+        /// 1 while the coordinator runs without a standby because standbys kept dying (it
+        /// tries again after a quiet span); 0 otherwise.
+        pub standby_disabled: AtomicU32,
+        /// Zero: pads the record to a multiple of 8 bytes.
+        pub standby_reserved: AtomicU32,
     }
 }
 
@@ -367,7 +372,7 @@ pub fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
 // The record sizes the layout documentation and the ABI check rely on
 // (x86_64 / aarch64 glibc: pthread_mutex_t is 40 bytes).
 const _: () = assert!(size_of::<Header>() == 128);
-const _: () = assert!(size_of::<InstanceRecord>() == 112);
+const _: () = assert!(size_of::<InstanceRecord>() == 120);
 const _: () = assert!(size_of::<ServiceStaticRecord>() == 88);
 const _: () = assert!(size_of::<RobustMutex>() == size_of::<libc::pthread_mutex_t>());
 

@@ -1371,6 +1371,15 @@ impl Segment {
         })
     }
 
+    /// Whether the coordinator runs without a standby because standbys kept dying (one
+    /// word, read on its own: no consistent snapshot needed).
+    pub fn standby_disabled(&self) -> bool {
+        self.instance_record()
+            .standby_disabled
+            .load(Ordering::Relaxed)
+            != 0
+    }
+
     /// Lock the shared-memory mutex to change the state table or the instance
     /// record. The generation is odd until the writer is dropped.
     pub fn write(&self) -> Result<StateWriter<'_>, ShmError> {
@@ -1588,6 +1597,13 @@ impl StateWriter<'_> {
     pub fn set_standby(&self, p: Option<ProcessIdentity>) {
         let i = self.instance();
         Self::set_party(&i.standby_pid, &i.standby_start_time, p);
+    }
+
+    /// Record whether the coordinator runs without a standby because standbys kept dying.
+    pub fn set_standby_disabled(&self, disabled: bool) {
+        self.instance()
+            .standby_disabled
+            .store(u32::from(disabled), Ordering::Relaxed);
     }
 
     /// Record (or clear) the keeper.
