@@ -4,9 +4,9 @@
 //!
 //! It never repeats a state it cannot vouch for: every recorded pid is checked against its
 //! start time, so a service whose process is gone is `dead`, never `up`; the stack is
-//! `supervised` only while a coordinator lives and can answer (not frozen by SIGSTOP, not a
-//! zombie). When the segment cannot be read (truncated, corrupt), it says so and lists what
-//! the keeper's process record in `run_dir` says runs.
+//! `supervised` only while a coordinator and the keeper live and can answer (neither frozen
+//! by SIGSTOP nor a zombie). When the segment cannot be read (truncated, corrupt), it says so
+//! and lists what the keeper's process record in `run_dir` says runs.
 //!
 //! Exit codes: 0, the instance runs (read `supervised` and the service states for its health);
 //! 3, it does not run; 1, its state cannot be read (a damaged segment, or processes of the
@@ -28,8 +28,8 @@ struct Party {
     pid: Option<i32>,
 }
 
-/// Whether the coordinator `who` lives and can answer: a process frozen by SIGSTOP (state
-/// `T`, or `t` under a tracer) holds its locks but decides nothing.
+/// Whether `who` (the coordinator or the keeper) lives and can answer: a process frozen by
+/// SIGSTOP (state `T`, or `t` under a tracer) holds its locks but does nothing.
 fn answering(who: ProcessIdentity) -> bool {
     who.is_alive() && read_stat(who.pid).is_ok_and(|s| !matches!(s.state, 'T' | 't'))
 }
@@ -180,9 +180,11 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
     };
     let live = |p: Option<ProcessIdentity>| p.filter(ProcessIdentity::is_alive);
     let coordinator = live(inst.coordinator);
-    let supervised = coordinator.is_some_and(answering);
     let standby = live(inst.standby);
     let keeper = live(inst.keeper);
+    // Supervision takes both: the coordinator decides, but only the keeper can start, signal
+    // and reap; a coordinator whose keeper died is on its way out.
+    let supervised = coordinator.is_some_and(answering) && keeper.is_some_and(answering);
     let mut services = Vec::with_capacity(config.services.len());
     for (i, spec) in config.services.iter().enumerate() {
         let Ok(st) = segment.service_status(i) else {
