@@ -106,7 +106,7 @@ const SERVICES: [(&str, &[&str]); 4] = [
 fn new_stack(cell: &Cell) -> Stack {
     let takeover = if cell.restart_all { "restart" } else { "adopt" };
     let global = format!(
-        "[coordinator]\ntakeover = \"{takeover}\"\nrestart_retry_counter = 20\nrestart_time_span = \"60s\"\nstartup_timeout = \"30s\"\nshutdown_timeout = \"15s\"\n"
+        "[coordinator]\ntakeover = \"{takeover}\"\nrestart_retry_counter = 5\nrestart_time_span = \"60s\"\nstartup_timeout = \"30s\"\nshutdown_timeout = \"15s\"\n"
     );
     let stack = Stack::new(&cell.name(), &global, &[]);
     let gate = stack.file("gate-open");
@@ -236,8 +236,25 @@ fn frozen(pid: i32) -> bool {
 }
 
 /// `status` agrees with /proc: what it calls up lives; every live process of the instance is
-/// listed; `supervised` is false without a live, unfrozen coordinator.
+/// listed; `supervised` is false without a live, unfrozen coordinator and keeper. A process
+/// the keeper is starting this very moment (a new standby) cannot be listed yet, so an unlisted
+/// one is looked for again, for a short while, before it counts.
 fn check_status_is_true(stack: &Stack, cell: &str) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check_status_once(stack, cell)
+        })) {
+            Ok(()) => return,
+            Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+fn check_status_once(stack: &Stack, cell: &str) {
     let Some(status) = stack.status_relaxed() else {
         // Not running: nothing of the instance may live.
         let left = processes_of(&stack.instance);
@@ -264,13 +281,13 @@ fn check_status_is_true(stack: &Stack, cell: &str) {
         }
         listed.extend(pid);
     }
-    let coordinator_answers =
-        pid_at(&status, "coordinator").is_some_and(|pid| Stack::alive(pid) && !frozen(pid));
-    if !coordinator_answers {
+    let answers =
+        |key: &str| pid_at(&status, key).is_some_and(|pid| Stack::alive(pid) && !frozen(pid));
+    if !answers("coordinator") || !answers("keeper") {
         assert_ne!(
             status["supervised"],
             Value::Bool(true),
-            "{cell}: status says supervised without a live, answering coordinator: {status}"
+            "{cell}: status says supervised without a live, answering coordinator and keeper: {status}"
         );
     }
     for (pid, what) in processes_of(&stack.instance) {
@@ -376,6 +393,22 @@ fn signal_parties(status: &Value, cell: &Cell) -> Vec<i32> {
     };
     for &pid in &hit {
         kill(Pid::from_raw(pid), signal).unwrap();
+    }
+    // A signal is delivered asynchronously: wait until /proc shows it took effect, so that
+    // what follows is checked against the fault, not against the instant before it.
+    let deadline = Instant::now() + LONG;
+    for &pid in &hit {
+        while !match cell.fault {
+            Fault::Kill => !Stack::alive(pid),
+            Fault::Freeze => frozen(pid),
+        } {
+            assert!(
+                Instant::now() < deadline,
+                "{}: pid {pid} never took {signal:?}",
+                cell.name()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
     hit
 }

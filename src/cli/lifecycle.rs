@@ -206,7 +206,17 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
     let keeper_pid = keeper.id() as i32;
     let keeper_fd = spawn::pidfd_open(Pid::from_raw(keeper_pid)).ok();
     let timeout = config.global.coordinator.startup_timeout.as_duration() + GRACE;
-    let waited = wait_for_report(report_read, keeper_fd.as_ref(), &interruptions, timeout);
+    let parties = Parties {
+        segment: &segment,
+        keeper: ProcessIdentity::of(keeper_pid).ok(),
+    };
+    let waited = wait_for_report(
+        report_read,
+        keeper_fd.as_ref(),
+        &interruptions,
+        timeout,
+        &parties,
+    );
     if let Ok(w) = segment.write() {
         w.set_manager(None);
     }
@@ -338,13 +348,21 @@ fn wait_for_report(
     keeper: Option<&OwnedFd>,
     interruptions: &SignalFd,
     timeout: Duration,
+    parties: &Parties<'_>,
 ) -> Waited {
     let deadline = Instant::now() + timeout;
+    let mut freezes = FreezeWatch::default();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Waited::Failed(format!("no report within {timeout:?}"));
         }
+        // A frozen (SIGSTOPped) keeper or coordinator would make us wait out the whole
+        // startup timeout for a report that cannot come: check once a second.
+        if let Some(why) = freezes.check(parties.current()) {
+            return Waited::Failed(why);
+        }
+        let left = left.min(Duration::from_secs(1));
         let mut fds = vec![
             PollFd::new(fd.as_fd(), PollFlags::POLLIN),
             PollFd::new(interruptions.as_fd(), PollFlags::POLLIN),
@@ -387,6 +405,63 @@ fn wait_for_report(
     match serde_json::from_str(line.trim()) {
         Ok(report) => Waited::Report(Some(report)),
         Err(e) => Waited::Failed(format!("unreadable report: {e}")),
+    }
+}
+
+/// The keeper and the coordinator of a start under way, for [`FreezeWatch`].
+struct Parties<'a> {
+    segment: &'a Segment,
+    keeper: Option<ProcessIdentity>,
+}
+
+impl Parties<'_> {
+    /// The keeper and the coordinator the segment names now, with their roles.
+    fn current(&self) -> Vec<(&'static str, ProcessIdentity)> {
+        let coordinator = self
+            .segment
+            .instance_status()
+            .ok()
+            .and_then(|s| s.coordinator);
+        [("keeper", self.keeper), ("coordinator", coordinator)]
+            .into_iter()
+            .filter_map(|(role, who)| who.map(|w| (role, w)))
+            .collect()
+    }
+}
+
+/// Notices a party that stays frozen (state `T`: SIGSTOPped, or `t` under a tracer) for
+/// [`ANSWER_DEADLINE`]: it holds its locks but does nothing, so waiting for it is waiting for
+/// ever.
+#[derive(Default)]
+struct FreezeWatch {
+    since: Vec<(ProcessIdentity, Instant)>,
+}
+
+impl FreezeWatch {
+    /// Why waiting is pointless, once one of `parties` has been frozen for the deadline.
+    fn check(&mut self, parties: Vec<(&'static str, ProcessIdentity)>) -> Option<String> {
+        let now = Instant::now();
+        let mut still = Vec::new();
+        for (role, who) in parties {
+            if !read_stat(who.pid).is_ok_and(|s| matches!(s.state, 'T' | 't')) {
+                continue;
+            }
+            let since = self
+                .since
+                .iter()
+                .find(|(w, _)| *w == who)
+                .map_or(now, |(_, t)| *t);
+            if now.duration_since(since) >= ANSWER_DEADLINE {
+                return Some(format!(
+                    "the {role} (pid {}) has been stopped (frozen) for {} s",
+                    who.pid,
+                    ANSWER_DEADLINE.as_secs()
+                ));
+            }
+            still.push((who, since));
+        }
+        self.since = still;
+        None
     }
 }
 
@@ -849,7 +924,7 @@ fn stop_through_coordinator(
     // A successor is asked to stop once it has taken over (a standby still waiting for its
     // turn is not a coordinator yet); `true` once `current` was asked.
     let mut current_asked = true;
-    let mut frozen_since: Option<Instant> = None;
+    let mut freezes = FreezeWatch::default();
     let progress = std::io::stderr().is_terminal();
     let clear_progress = || {
         if progress {
@@ -937,7 +1012,6 @@ fn stop_through_coordinator(
                     current_asked = false;
                     coordinator_fd = Some(fd);
                     asked_at = Instant::now();
-                    frozen_since = None;
                     continue;
                 }
                 None => {
@@ -972,19 +1046,10 @@ fn stop_through_coordinator(
                 state.map_or_else(|| "unreadable".to_owned(), |s| s.to_string())
             ));
         }
-        let frozen = read_stat(current.pid).is_ok_and(|s| matches!(s.state, 'T' | 't'));
-        if frozen {
-            let since = *frozen_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= ANSWER_DEADLINE {
-                clear_progress();
-                return Some(format!(
-                    "the coordinator (pid {}) has been stopped (frozen) for {} s",
-                    current.pid,
-                    ANSWER_DEADLINE.as_secs()
-                ));
-            }
-        } else {
-            frozen_since = None;
+        // FreezeWatch keys on the identity, so a successor starts with a clean slate.
+        if let Some(why) = freezes.check(vec![("keeper", keeper), ("coordinator", current)]) {
+            clear_progress();
+            return Some(why);
         }
         if Instant::now() >= overall {
             clear_progress();
