@@ -75,9 +75,9 @@ fn exe() -> std::path::PathBuf {
 }
 
 /// Refuses to start over a live instance; reclaims a stale one. `Err` carries the exit code.
-fn clear_the_way(instance: &str) -> Result<(), Exit> {
+fn clear_the_way(instance: &str, run_dir: &std::path::Path) -> Result<(), Exit> {
     match probe_settled(instance) {
-        Ok(Probe::Absent) => Ok(()),
+        Ok(Probe::Absent) => refuse_recorded_survivors(instance, run_dir),
         Ok(Probe::Live { coordinator }) => {
             let pid = coordinator.map_or_else(|| "unknown".to_owned(), |c| c.pid.to_string());
             eprintln!("ccmgr: instance {instance} is already running (coordinator pid {pid})");
@@ -96,17 +96,19 @@ fn clear_the_way(instance: &str) -> Result<(), Exit> {
             );
             Err(Exit::Failed)
         }
-        Ok(Probe::Stale) => match reclaim(instance) {
+        Ok(Probe::Stale) => match refuse_recorded_survivors(instance, run_dir).and_then(|()| {
+            reclaim(instance).map_err(|e| {
+                eprintln!("ccmgr: {e}");
+                Exit::Failed
+            })
+        }) {
             Ok(_) => {
                 eprintln!(
                     "ccmgr: removed the state of an earlier run of instance {instance} that was killed"
                 );
                 Ok(())
             }
-            Err(e) => {
-                eprintln!("ccmgr: {e}");
-                Err(Exit::Failed)
-            }
+            Err(exit) => Err(exit),
         },
         Err(e) => {
             eprintln!("ccmgr: {e}");
@@ -115,13 +117,40 @@ fn clear_the_way(instance: &str) -> Result<(), Exit> {
     }
 }
 
+/// The segment is not the only witness of a running instance: when it was removed (or its
+/// name now leads nowhere) while the keeper and its services live, the keeper's process record
+/// still names them. Starting a second stack beside them would run every service twice, and
+/// the two keepers would kill each other's services through the shared cgroups.
+fn refuse_recorded_survivors(instance: &str, run_dir: &std::path::Path) -> Result<(), Exit> {
+    let path = crate::records::record_path(run_dir, instance);
+    let record = match ProcessRecord::read(&path) {
+        Ok(Some(record)) => record,
+        // No record, or one nobody can read: the segment's probe decides alone.
+        Ok(None) | Err(_) => return Ok(()),
+    };
+    let survivors = record.survivors();
+    if survivors.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = survivors
+        .iter()
+        .map(|(who, p)| format!("{who} (pid {})", p.pid))
+        .collect();
+    eprintln!(
+        "ccmgr: instance {instance} is still running according to its process record {}: {}; run `ccmgr stop` first",
+        path.display(),
+        list.join(", ")
+    );
+    Err(Exit::Failed)
+}
+
 pub fn start(cli: &Cli, foreground: bool) -> Exit {
     let config = match load_or_report(cli) {
         Ok(c) => c,
         Err(e) => return e,
     };
     let instance = config.global.instance.clone();
-    if let Err(e) = clear_the_way(&instance) {
+    if let Err(e) = clear_the_way(&instance, &config.global.run_dir) {
         return e;
     }
     for dir in [&config.global.run_dir, &config.global.log_dir] {

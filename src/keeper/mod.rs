@@ -590,6 +590,12 @@ impl Keeper {
         let Some(stop) = &self.last_resort else {
             return;
         };
+        // A truncated segment is the likeliest reason no coordinator could run: touching it
+        // would kill the keeper with SIGBUS in the middle of its stop, leaving the rest of the
+        // services to init.
+        if !self.segment.intact() {
+            return;
+        }
         let Ok(w) = self.segment.write() else {
             return;
         };

@@ -1380,6 +1380,17 @@ impl Segment {
             != 0
     }
 
+    /// Whether the file behind this mapping still has the size its layout needs. A process
+    /// of the owner's uid can truncate the segment under us, and an access past the new end
+    /// raises SIGBUS: a process that must outlive such damage (the keeper, the parent of every
+    /// service) asks this before it touches the segment.
+    pub fn intact(&self) -> bool {
+        self.map
+            .file()
+            .metadata()
+            .is_ok_and(|m| m.len() >= self.layout.total_size as u64)
+    }
+
     /// Lock the shared-memory mutex to change the state table or the instance
     /// record. The generation is odd until the writer is dropped.
     pub fn write(&self) -> Result<StateWriter<'_>, ShmError> {

@@ -1,0 +1,157 @@
+//! Faults an outside tester found after issue 8 landed, each through the real binary: the
+//! instance's shared state removed or truncated under a running stack.
+
+mod stack_support;
+
+use std::time::{Duration, Instant};
+
+use stack_support::{Stack, text};
+
+const SLEEP: &str = r#"command = ["sleep", "100000"]"#;
+
+/// Every live (non-zombie) process whose environment names `instance`: the services and
+/// whatever they forked.
+fn processes_of(instance: &str) -> Vec<i32> {
+    let needle = format!("CCMGR_INSTANCE={instance}");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|&b| b == 0)
+            .any(|var| var == needle.as_bytes())
+            && Stack::alive(pid)
+        {
+            out.push(pid);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+fn pids_of(status: &serde_json::Value) -> Vec<i32> {
+    let mut pids: Vec<i32> = ["coordinator", "standby", "keeper"]
+        .iter()
+        .filter_map(|k| status[*k]["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect();
+    pids.extend(
+        status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["pid"].as_i64())
+            .map(|p| p as i32),
+    );
+    pids
+}
+
+/// The segment removed (`rm /dev/shm/ccmgr.<instance>`) while the stack runs: the keeper's
+/// process record still names the live keeper and services, so `start` must refuse instead of
+/// starting a second stack beside the first (on main it did: every service ran twice, the two
+/// keepers killed each other's services through the shared cgroups, and the first stack's
+/// coordinator restarted them out of everyone's reach).
+#[test]
+fn start_refuses_while_the_process_record_names_live_processes() {
+    let stack = Stack::new(
+        "adv-rm-segment",
+        "",
+        &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
+    );
+    stack.start_ok();
+    let status = stack.wait_steady(Duration::from_secs(10));
+    let pids = pids_of(&status);
+    stack.remember(&pids);
+    let services_before = processes_of(&stack.instance);
+    assert_eq!(services_before.len(), 2, "{services_before:?}");
+
+    std::fs::remove_file(format!("/dev/shm/ccmgr.{}", stack.instance)).unwrap();
+    let out = stack.start();
+    let services_after = processes_of(&stack.instance);
+    stack.remember(&services_after);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "start over a live instance whose segment was removed must refuse:\n{}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("still running"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        services_after, services_before,
+        "the refused start must leave the running services alone and start none"
+    );
+
+    let out = stack.ccmgr(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for pid in pids {
+        assert!(!Stack::alive(pid), "pid {pid} survived the stop");
+    }
+    assert_eq!(processes_of(&stack.instance), Vec::<i32>::new());
+}
+
+/// The segment truncated under a running stack: every coordinator dies of SIGBUS, so the
+/// keeper stops the stack itself. It must not touch the truncated segment while it does (on
+/// main it published its stop there and died of SIGBUS after the first services, leaving the
+/// rest to init, unsupervised): every service ends, and so does the keeper.
+#[test]
+fn the_keeper_finishes_its_stop_over_a_truncated_segment() {
+    let chain: Vec<(String, String)> = (1..=4)
+        .map(|i| {
+            let requires = if i > 1 {
+                format!("\nrequires = [\"s{}\"]", i - 1)
+            } else {
+                String::new()
+            };
+            (format!("s{i}"), format!("{SLEEP}{requires}"))
+        })
+        .collect();
+    let services: Vec<(&str, &str)> = chain
+        .iter()
+        .map(|(id, toml)| (id.as_str(), toml.as_str()))
+        .collect();
+    let stack = Stack::new("adv-truncated-keeper", "", &services);
+    stack.start_ok();
+    let status = stack.wait_steady(Duration::from_secs(10));
+    let pids = pids_of(&status);
+    stack.remember(&pids);
+    let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/dev/shm/ccmgr.{}", stack.instance))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = processes_of(&stack.instance);
+        stack.remember(&left);
+        if left.is_empty() && !Stack::alive(keeper) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "with a truncated segment the keeper must stop every service and end; still alive: \
+             services {left:?}, keeper {keeper} alive: {}\n{}",
+            Stack::alive(keeper),
+            stack.coordinator_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        stack
+            .coordinator_log()
+            .contains("the keeper's ordered stop is over"),
+        "{}",
+        stack.coordinator_log()
+    );
+}
