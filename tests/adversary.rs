@@ -97,10 +97,11 @@ fn start_refuses_while_the_process_record_names_live_processes() {
     assert_eq!(processes_of(&stack.instance), Vec::<i32>::new());
 }
 
-/// The segment truncated under a running stack: every coordinator dies of SIGBUS, so the
-/// keeper stops the stack itself. It must not touch the truncated segment while it does (on
-/// main it published its stop there and died of SIGBUS after the first services, leaving the
-/// rest to init, unsupervised): every service ends, and so does the keeper.
+/// The segment truncated under a running stack without a standby, then a service killed: the
+/// coordinator dies of SIGBUS as it publishes the death, so the keeper stops the stack itself.
+/// It must not touch the truncated segment while it does (on main its successors died five
+/// times, then it published its own stop there and died of SIGBUS after the first services,
+/// leaving the rest to init, unsupervised): every service ends, and so does the keeper.
 #[test]
 fn the_keeper_finishes_its_stop_over_a_truncated_segment() {
     let chain: Vec<(String, String)> = (1..=4)
@@ -117,7 +118,11 @@ fn the_keeper_finishes_its_stop_over_a_truncated_segment() {
         .iter()
         .map(|(id, toml)| (id.as_str(), toml.as_str()))
         .collect();
-    let stack = Stack::new("adv-truncated-keeper", "", &services);
+    let stack = Stack::new(
+        "adv-truncated-keeper",
+        "[coordinator]\nstandby = false",
+        &services,
+    );
     stack.start_ok();
     let status = stack.wait_steady(Duration::from_secs(10));
     let pids = pids_of(&status);
@@ -130,6 +135,19 @@ fn the_keeper_finishes_its_stop_over_a_truncated_segment() {
         .unwrap()
         .set_len(0)
         .unwrap();
+    // An idle coordinator touches nothing; a death makes it publish.
+    let top = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "s4")
+        .and_then(|s| s["pid"].as_i64())
+        .unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(top),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -154,4 +172,56 @@ fn the_keeper_finishes_its_stop_over_a_truncated_segment() {
         "{}",
         stack.coordinator_log()
     );
+}
+
+/// The segment truncated, then the coordinator killed: the standby waits on a mutex inside
+/// the truncated segment, which the kernel cannot mark at the coordinator's death, so it never
+/// wakes. On main the keeper waited for it forever and the services ran on with nothing to
+/// supervise them; the keeper must see that nobody can take over and stop the stack itself.
+#[test]
+fn a_standby_stuck_in_a_truncated_segment_does_not_hold_the_stack_forever() {
+    let stack = Stack::new(
+        "adv-truncated-standby",
+        "",
+        &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
+    );
+    stack.start_ok();
+    let status = stack.wait_for("a standby", Duration::from_secs(10), |s| {
+        s.as_ref()
+            .is_some_and(|s| stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64())
+    });
+    let status = status.unwrap();
+    let pids = pids_of(&status);
+    stack.remember(&pids);
+    let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
+    let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/dev/shm/ccmgr.{}", stack.instance))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(coordinator),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = processes_of(&stack.instance);
+        stack.remember(&left);
+        let alive: Vec<i32> = pids.iter().copied().filter(|&p| Stack::alive(p)).collect();
+        if left.is_empty() && alive.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "with a truncated segment and the coordinator dead, the keeper must stop the stack; \
+             still alive: services {left:?}, recorded {alive:?} (keeper {keeper})\n{}",
+            stack.coordinator_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -529,11 +529,26 @@ impl Keeper {
     /// The coordinator is gone and nothing can take over: start a successor, unless they keep
     /// dying (then, or if none can be started, stop the stack in order here).
     fn ensure_coordinator(&mut self) {
-        if self.shutdown_requested
-            || self.last_resort.is_some()
-            || self.coordinator.is_some()
-            || self.standby_alive()
-        {
+        if self.shutdown_requested || self.last_resort.is_some() || self.coordinator.is_some() {
+            return;
+        }
+        if !self.segment.intact() {
+            // The standby waits on a mutex inside the truncated segment: the kernel cannot
+            // mark it at the coordinator's death, so it never wakes; a successor would die of
+            // SIGBUS. Nobody can take over: stop the stack here.
+            error!(
+                "the instance's segment is truncated: no coordinator can take over; the keeper stops the stack in order"
+            );
+            for (&pid, role) in &self.children {
+                if *role == Role::Standby {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    self.retired_standbys.insert(pid);
+                }
+            }
+            self.begin_last_resort_stop();
+            return;
+        }
+        if self.standby_alive() {
             return;
         }
         let deaths = self.successor_deaths.count(Instant::now());
