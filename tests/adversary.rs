@@ -3,6 +3,7 @@
 
 mod stack_support;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use stack_support::{Stack, text};
@@ -224,4 +225,90 @@ fn a_standby_stuck_in_a_truncated_segment_does_not_hold_the_stack_forever() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A damaged segment and a process record that exists but is not one: `status` must say the
+/// record is unusable, not that there is none (on main: "no process record was found").
+#[test]
+fn status_names_an_unusable_process_record_as_such() {
+    let stack = Stack::new("adv-bad-record", "", &[("a", SLEEP)]);
+    stack.start_ok();
+    let status = stack.wait_steady(Duration::from_secs(10));
+    stack.remember(&pids_of(&status));
+    let record = stack
+        .path()
+        .join("run")
+        .join(format!("{}.procs", stack.instance));
+    assert!(record.exists(), "the keeper writes {}", record.display());
+    std::fs::write(&record, b"{garbage").unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/dev/shm/ccmgr.{}", stack.instance))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+
+    let out = stack.ccmgr(&["status"]);
+    let stop = stack.ccmgr(&["stop"]);
+    assert_eq!(stop.status.code(), Some(0), "{}", text(&stop));
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        stderr.contains("process record is unusable") && stderr.contains("is not a process record"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// Everything of the instance still runs, but its segment is truncated and the keeper's record
+/// is gone: nothing names the keeper, the coordinator and the standby. On main `stop` gave up
+/// ("may not be stopped ... cannot be found", exit 1) every time, and `start` refused the
+/// truncated segment: a dead end. `stop` must find the parties in /proc (by the command line
+/// they run with) and the rest by the environment, stop them, and let a new `start` work.
+#[test]
+fn stop_finds_the_parties_without_a_segment_or_a_record() {
+    let stack = Stack::new(
+        "adv-no-record",
+        "",
+        &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
+    );
+    stack.start_ok();
+    let status = stack.wait_for("a standby", Duration::from_secs(10), |s| {
+        s.as_ref()
+            .is_some_and(|s| stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64())
+    });
+    let pids = pids_of(&status.unwrap());
+    stack.remember(&pids);
+    std::fs::remove_file(
+        stack
+            .path()
+            .join("run")
+            .join(format!("{}.procs", stack.instance)),
+    )
+    .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/dev/shm/ccmgr.{}", stack.instance))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+
+    let out = stack.ccmgr(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for pid in &pids {
+        assert!(
+            !Stack::alive(*pid),
+            "pid {pid} survived the stop:\n{}",
+            text(&out)
+        );
+    }
+    assert_eq!(processes_of(&stack.instance), Vec::<i32>::new());
+    for suffix in ["", ".ctl", ".api"] {
+        let path = format!("/dev/shm/ccmgr.{}{suffix}", stack.instance);
+        assert!(!Path::new(&path).exists(), "{path} is left behind");
+    }
+    stack.start_ok();
+    let out = stack.ccmgr(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }

@@ -782,9 +782,13 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
     let mut existed = segment.is_some() || damage.is_some();
     let mut coordinator_stopped_it = false;
     if let Some(why) = &damage {
-        reason = Some(format!(
-            "{why}; going by the keeper's record and the cgroups"
-        ));
+        reason = Some(if inventory.has_record {
+            format!("{why}; going by the keeper's record and the cgroups")
+        } else {
+            format!(
+                "{why}, and the keeper left no usable process record; going by /proc and the cgroups"
+            )
+        });
     } else if segment.is_some() {
         match probe_settled(instance) {
             Ok(Probe::Starting { manager }) => {
@@ -848,7 +852,7 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
         );
         return Exit::Failed;
     }
-    if damage.is_some() && !inventory.has_record {
+    if damage.is_some() && !inventory.has_record && !inventory.searched_proc {
         // Only the cgroups were left to go by: the keeper, the coordinator and the standby
         // run outside them, and nothing readable names them.
         eprintln!(

@@ -313,16 +313,19 @@ fn report_from_record(
     damage: Option<String>,
     json: bool,
 ) -> Option<Exit> {
-    let record = global.and_then(|g| {
-        ProcessRecord::read(&crate::records::record_path(&g.run_dir, instance))
-            .ok()
-            .flatten()
-    });
+    let read =
+        global.map(|g| ProcessRecord::read(&crate::records::record_path(&g.run_dir, instance)));
+    // A record that exists but cannot be read is no "no record": say which it is.
+    let (record, record_missing) = match read {
+        Some(Ok(record)) => (record, "no process record was found".to_owned()),
+        Some(Err(e)) => (None, format!("the process record is unusable ({e})")),
+        None => (None, "no process record was found".to_owned()),
+    };
     let record = match (record, &damage) {
         (Some(r), _) => r,
         (None, Some(why)) => {
             eprintln!(
-                "ccmgr: the shared state of instance {instance} is damaged: {why}; and no process record was found (`ccmgr stop` stops what the cgroups hold)"
+                "ccmgr: the shared state of instance {instance} is damaged: {why}; and {record_missing} (`ccmgr stop` stops what the cgroups hold)"
             );
             return Some(Exit::Failed);
         }

@@ -75,6 +75,12 @@ pub struct Inventory {
     pub cgroups: Option<(PathBuf, PathBuf)>,
     /// The keeper's process record was found and read.
     pub has_record: bool,
+    /// No record named the parties, so `/proc` was searched for them (and for the processes
+    /// whose environment names the instance): what is not found there does not live.
+    pub searched_proc: bool,
+    /// Processes of the instance found only by their environment (`CCMGR_INSTANCE`): a
+    /// service or what it forked, when nothing recorded names it. Killed with the keeper.
+    pub strays: Vec<ProcessIdentity>,
 }
 
 impl Inventory {
@@ -105,14 +111,72 @@ impl Inventory {
             parties: Vec::new(),
             cgroups,
             has_record: record.is_some(),
+            searched_proc: false,
+            strays: Vec::new(),
         };
         if let Some(segment) = segment {
             inventory.add_segment(segment);
         }
         if let Some(record) = &record {
             inventory.add_record(record);
+        } else {
+            inventory.search_proc(instance);
         }
         inventory
+    }
+
+    /// Without the keeper's record nothing names the keeper, the coordinator and the standby
+    /// (they run outside the services' cgroups): find them in `/proc` by the command line
+    /// they are started with (`--instance NAME internal ROLE`), and the processes whose
+    /// environment names the instance (its services, and what they forked, on a machine
+    /// without cgroups). Only processes of our own user are considered: we could signal no
+    /// other, and no other user's process can be ours.
+    fn search_proc(&mut self, instance: &str) {
+        use std::os::unix::fs::MetadataExt as _;
+        self.searched_proc = true;
+        let me = std::process::id() as i32;
+        let uid = nix::unistd::geteuid().as_raw();
+        let marker = format!("CCMGR_INSTANCE={instance}");
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            self.searched_proc = false;
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let dir = entry.path();
+            if pid == me || std::fs::metadata(&dir).map_or(true, |m| m.uid() != uid) {
+                continue;
+            }
+            let Ok(who) = ProcessIdentity::of(pid) else {
+                continue;
+            };
+            let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let party = args.windows(4).find_map(|w| {
+                (w[0] == b"--instance" && w[1] == instance.as_bytes() && w[2] == b"internal")
+                    .then(|| match w[3] {
+                        b"keeper" => Some(Party::Keeper),
+                        b"coordinator" => Some(Party::Coordinator),
+                        b"standby" => Some(Party::Standby),
+                        _ => None,
+                    })
+                    .flatten()
+            });
+            if let Some(party) = party {
+                self.add_party(party, who);
+                continue;
+            }
+            let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
+            if environ
+                .split(|&b| b == 0)
+                .any(|var| var == marker.as_bytes())
+                && !self.strays.contains(&who)
+            {
+                self.strays.push(who);
+            }
+        }
     }
 
     /// Adds what the segment records (a damaged field is skipped: the other records remain).
@@ -197,6 +261,12 @@ impl Inventory {
             self.cgroups = later.cgroups;
         }
         self.has_record |= later.has_record;
+        self.searched_proc |= later.searched_proc;
+        for who in later.strays {
+            if !self.strays.contains(&who) {
+                self.strays.push(who);
+            }
+        }
     }
 
     /// The recorded processes that still live, named, services first in shutdown order.
@@ -212,6 +282,12 @@ impl Inventory {
         }
         for (party, who) in self.parties.iter().filter(|(_, w)| w.is_alive()) {
             out.push(format!("{party} (pid {})", who.pid));
+        }
+        for who in self.strays.iter().filter(|w| w.is_alive()) {
+            out.push(format!(
+                "process {} (its environment names the instance)",
+                who.pid
+            ));
         }
         if let Some((dir, _)) = &self.cgroups {
             if cgroup_populated(dir) {
@@ -340,6 +416,15 @@ pub fn finish_parties(inventory: &Inventory) {
     for (party, who) in inventory.live_parties() {
         if kill_and_wait(who) {
             eprintln!("ccmgr: killed {party} (pid {})", who.pid);
+        }
+    }
+    // Nothing names their service or order (the record is lost): they go last, at once.
+    for &who in inventory.strays.iter().filter(|w| w.is_alive()) {
+        if kill_and_wait(who) {
+            eprintln!(
+                "ccmgr: killed process {} (its environment names the instance; no record names its service)",
+                who.pid
+            );
         }
     }
 }
