@@ -312,3 +312,47 @@ fn stop_finds_the_parties_without_a_segment_or_a_record() {
     let out = stack.ccmgr(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+/// The standby frozen (SIGSTOP), then the coordinator killed: the standby cannot take over,
+/// yet it lives, so on main the keeper waited for it forever and the stack stayed unsupervised
+/// (with or without the watchdog, which killed a frozen coordinator only to wait on a frozen
+/// standby). The keeper must give the standby a deadline, then kill it and start a successor.
+#[test]
+fn a_frozen_standby_is_replaced_when_it_does_not_take_over() {
+    let stack = Stack::new(
+        "adv-frozen-standby",
+        "",
+        &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
+    );
+    stack.start_ok();
+    let status = stack
+        .wait_for("a standby", Duration::from_secs(10), |s| {
+            s.as_ref().is_some_and(|s| {
+                stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64()
+            })
+        })
+        .unwrap();
+    stack.remember(&pids_of(&status));
+    let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
+    let standby = status["standby"]["pid"].as_i64().unwrap() as i32;
+    let pid = nix::unistd::Pid::from_raw;
+    nix::sys::signal::kill(pid(standby), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    nix::sys::signal::kill(pid(coordinator), nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    let status = stack.wait_for(
+        "a new coordinator other than the frozen standby",
+        Duration::from_secs(20),
+        |s| {
+            s.as_ref().is_some_and(|s| {
+                let c = s["coordinator"]["pid"].as_i64().map(|p| p as i32);
+                c.is_some_and(|c| c != coordinator && c != standby)
+                    && s["supervised"] == true
+                    && stack_support::steady_and_all_up(s)
+            })
+        },
+    );
+    stack.remember(&pids_of(status.as_ref().unwrap()));
+    assert!(!Stack::alive(standby), "the frozen standby must be gone");
+    let out = stack.ccmgr(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}

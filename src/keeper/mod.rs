@@ -77,6 +77,10 @@ pub const COORDINATOR_REPORT_FD: RawFd = 5;
 pub const SUCCESSOR_LIMIT: usize = 5;
 pub const SUCCESSOR_SPAN: Duration = Duration::from_secs(60);
 pub const SUCCESSOR_QUICK: Duration = Duration::from_secs(2);
+/// How long a standby (or a successor) may take, after the coordinator's death, to tell the
+/// keeper it takes over. A frozen (SIGSTOPped) or wedged standby never does: it is killed, and
+/// a successor started in its place. A takeover tells the keeper within milliseconds.
+pub const TAKEOVER_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Rotation of service logs: the current file and this many older ones, each up to the size.
 pub const LOG_MAX_BYTES: u64 = 4 << 20;
@@ -190,6 +194,9 @@ struct Keeper {
     retired_standbys: HashSet<i32>,
     /// The keeper's own ordered stop, when no coordinator can do it.
     last_resort: Option<LastResortStop>,
+    /// The coordinator is dead and a standby or successor is to take over: by then it must
+    /// have said so ([`TAKEOVER_DEADLINE`]), or it is killed and replaced.
+    takeover_due: Option<Instant>,
     /// The (pid, start time) of each child, read once when it starts, for the process record.
     identities: HashMap<i32, ProcessIdentity>,
     /// The set of processes changed since the record was last written.
@@ -294,6 +301,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         identities: HashMap::new(),
         record_dirty: true,
         watchdog: None,
+        takeover_due: None,
         segment,
         coordinator_exit: None,
         join_cgroups: cgroups.is_some(),
@@ -549,6 +557,8 @@ impl Keeper {
             return;
         }
         if self.standby_alive() {
+            self.takeover_due
+                .get_or_insert_with(|| Instant::now() + TAKEOVER_DEADLINE);
             return;
         }
         let deaths = self.successor_deaths.count(Instant::now());
@@ -568,6 +578,7 @@ impl Keeper {
                     "no standby can take over: started a new coordinator to adopt the stack"
                 );
                 self.successors.insert(pid, Instant::now());
+                self.takeover_due = Some(Instant::now() + TAKEOVER_DEADLINE);
             }
             Err(e) => {
                 error!(error = %e, "cannot start a new coordinator: the keeper stops the stack in order");
@@ -698,13 +709,21 @@ impl Keeper {
         }
     }
 
-    /// The timer is armed only for the keeper's ordered stop: its nearest deadline.
+    /// The timer is armed only for the keeper's ordered stop and a takeover under way: their
+    /// nearest deadline. An idle stack arms nothing.
     fn arm_timer(&self) {
-        let next = self.last_resort.as_ref().and_then(|stop| {
+        let stop = self.last_resort.as_ref().and_then(|stop| {
             stop.engine
                 .next_deadline()
                 .map(|d| d.saturating_sub(stop.epoch.elapsed()))
         });
+        let takeover = self
+            .takeover_due
+            .map(|due| due.saturating_duration_since(Instant::now()));
+        let next = match (stop, takeover) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match next {
             Some(wait) => {
                 let _ = self.timer.set(
@@ -722,7 +741,35 @@ impl Keeper {
 
     fn on_timer(&mut self) {
         let _ = self.timer.wait();
+        self.check_takeover();
         self.feed_stop(Event::Tick);
+    }
+
+    /// The coordinator died and the standby (or successor) that is to take over has not said
+    /// so in time: it is frozen or wedged, and while it lives the keeper would wait for it
+    /// forever. Kill it; its death then starts a successor, as any standby's death would.
+    fn check_takeover(&mut self) {
+        let Some(due) = self.takeover_due else {
+            return;
+        };
+        if self.coordinator.is_some() || self.shutdown_requested || self.last_resort.is_some() {
+            self.takeover_due = None;
+            return;
+        }
+        if Instant::now() < due {
+            return;
+        }
+        self.takeover_due = None;
+        for (&pid, role) in &self.children {
+            if *role == Role::Standby {
+                error!(
+                    pid,
+                    deadline_ms = TAKEOVER_DEADLINE.as_millis() as u64,
+                    "the standby has not taken over in time (frozen or wedged): killing it"
+                );
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
     }
 
     /// The keeper's own loop broke: nothing can be stopped in order any more.
@@ -916,6 +963,7 @@ impl Keeper {
         match message {
             ToKeeper::TakeOver => {
                 info!(pid = from, "a standby takes over as coordinator");
+                self.takeover_due = None;
                 self.coordinator = Some(from);
                 self.children.insert(from, Role::Coordinator);
                 self.record_dirty = true;
