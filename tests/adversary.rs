@@ -356,3 +356,65 @@ fn a_frozen_standby_is_replaced_when_it_does_not_take_over() {
     let out = stack.ccmgr(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+/// kill -9 of every process of the instance: the segment is left, still saying "steady". On
+/// main `status` said the instance was steady and exited 0 (as for a running instance) though
+/// nothing of it lived; it must say it is not running (exit 3) and why.
+#[test]
+fn status_after_everything_was_killed_says_not_running() {
+    let stack = Stack::new(
+        "adv-all-killed",
+        "",
+        &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
+    );
+    stack.start_ok();
+    let status = stack
+        .wait_for("a standby", Duration::from_secs(10), |s| {
+            s.as_ref().is_some_and(|s| {
+                stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64()
+            })
+        })
+        .unwrap();
+    let pids = pids_of(&status);
+    stack.remember(&pids);
+    let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
+    let kill = |pid: i32| {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    };
+    kill(keeper);
+    for pid in pids.iter().copied().chain(processes_of(&stack.instance)) {
+        kill(pid);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|&p| Stack::alive(p)) || !processes_of(&stack.instance).is_empty() {
+        assert!(Instant::now() < deadline, "SIGKILL did not end them");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let out = stack.ccmgr(&["status", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "nothing of the instance lives: status must say it does not run\n{}",
+        text(&out)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["state"], "stopped", "{json}");
+    assert!(
+        json["last_run"]["outcome"]
+            .as_str()
+            .is_some_and(|o| o.starts_with("killed")),
+        "{json}"
+    );
+    let human = stack.ccmgr(&["status"]);
+    assert_eq!(human.status.code(), Some(3), "{}", text(&human));
+
+    let out = stack.ccmgr(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    stack.start_ok();
+    let out = stack.ccmgr(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}

@@ -301,7 +301,11 @@ fn status_never_calls_a_dead_service_up_after_everything_was_killed() {
         signal(pid, Signal::SIGKILL);
         wait_dead(pid, &what);
     }
-    let after = stack.status().expect("the state is still there");
+    // Nothing of the instance lives: it does not run (exit 3), and what its state said of
+    // each service is still shown, none of it "up".
+    let out = stack.ccmgr(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let after: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(after["supervised"], false, "{after}");
     for id in ["a", "b"] {
         let s = service(&after, id);

@@ -214,6 +214,55 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             last_exit: st.last_exit.map(exit_json),
         });
     }
+    // A segment alone is no running instance: after a kill -9 of everything it still says
+    // "steady". When no process it or the keeper's record names lives, the instance does not
+    // run, whatever state it last recorded.
+    let record_survivors = global.as_ref().is_some_and(|g| {
+        ProcessRecord::read(&crate::records::record_path(&g.run_dir, &instance))
+            .ok()
+            .flatten()
+            .is_some_and(|r| !r.survivors().is_empty())
+            || super::stop_driver::cgroups_populated(&g.run_dir, &instance)
+    });
+    let nothing_lives = live(inst.manager).is_none()
+        && coordinator.is_none()
+        && standby.is_none()
+        && keeper.is_none()
+        && services.iter().all(|s| s.pid.is_none())
+        && !record_survivors;
+    if nothing_lives {
+        let outcome = format!(
+            "killed: no process of the instance lives, but its state (last recorded: {}) was left behind; `ccmgr stop` removes it",
+            inst.state
+        );
+        if json {
+            let out = StatusJson {
+                instance,
+                state: "stopped".into(),
+                since_ms: None,
+                coordinator: Party { pid: None },
+                standby: Party { pid: None },
+                keeper: Party { pid: None },
+                supervised: false,
+                restart_window: None,
+                services,
+                last_run: Some(LastOutcome {
+                    outcome,
+                    service: None,
+                    how: None,
+                    restarts: None,
+                    at_unix: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                }),
+            };
+            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        } else {
+            println!("instance {instance}: not running");
+            println!("last run: {outcome}");
+        }
+        return Exit::NotRunning;
+    }
     let out = StatusJson {
         instance: instance.clone(),
         state: inst.state.to_string(),

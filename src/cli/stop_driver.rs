@@ -354,6 +354,12 @@ fn read_cgroup_record(run_dir: &Path, instance: &str) -> Option<(PathBuf, PathBu
     Some((lines.next()?.into(), lines.next()?.into()))
 }
 
+/// Whether a process lives in the instance's cgroups as the keeper recorded them (a daemon
+/// that escaped its service's process group with setsid is found there and nowhere else).
+pub fn cgroups_populated(run_dir: &Path, instance: &str) -> bool {
+    read_cgroup_record(run_dir, instance).is_some_and(|(dir, _)| cgroup_populated(&dir))
+}
+
 /// Whether any process is in the cgroup at `dir` or below it.
 fn cgroup_populated(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("cgroup.events")).is_ok_and(|text| {
