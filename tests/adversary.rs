@@ -418,3 +418,54 @@ fn status_after_everything_was_killed_says_not_running() {
     let out = stack.ccmgr(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+/// The coordinator killed during a `stop` whose stderr is not a terminal: `stop` follows the
+/// standby and says so, and writes no terminal escape codes into the log it is piped to (on
+/// main the line began with "\r\x1b[K").
+#[test]
+fn stop_writes_no_escape_codes_when_not_on_a_terminal() {
+    let stack = Stack::new(
+        "adv-stop-escapes",
+        "",
+        &[
+            ("a", SLEEP),
+            (
+                "b",
+                "command = [\"sh\", \"-c\", \"trap '' TERM; exec sleep 100000\"]\nrequires = [\"a\"]\nshutdown_timeout = \"3s\"",
+            ),
+        ],
+    );
+    stack.start_ok();
+    let status = stack
+        .wait_for("a standby", Duration::from_secs(10), |s| {
+            s.as_ref().is_some_and(|s| {
+                stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64()
+            })
+        })
+        .unwrap();
+    stack.remember(&pids_of(&status));
+    let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
+    let stop = std::process::Command::new(stack_support::ccmgr_bin())
+        .arg("--config")
+        .arg(stack.path().join("ccmgr.toml"))
+        .arg("stop")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    stack.wait_for_relaxed("the stop to begin", Duration::from_secs(10), |s| {
+        s.as_ref().is_none_or(|s| s["state"] == "stopping")
+    });
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(coordinator),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let out = stop.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("following its successor"), "{}", text(&out));
+    assert!(
+        !stderr.contains('\x1b') && !stderr.contains('\r'),
+        "escape codes in a piped stderr: {stderr:?}"
+    );
+}

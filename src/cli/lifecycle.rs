@@ -1037,8 +1037,11 @@ fn stop_through_coordinator(
                 .and_then(|next| stop_driver::pidfd_of(next).map(|fd| (next, fd)))
             {
                 Some((next, fd)) => {
+                    // The progress line is erased only where one was drawn (a terminal): a
+                    // log file gets no escape codes.
+                    clear_progress();
                     eprintln!(
-                        "\r\x1b[Kccmgr: the coordinator (pid {}) died during the stop; following its successor (pid {})",
+                        "ccmgr: the coordinator (pid {}) died during the stop; following its successor (pid {})",
                         current.pid, next.pid
                     );
                     current = next;
