@@ -469,3 +469,32 @@ fn stop_writes_no_escape_codes_when_not_on_a_terminal() {
         "escape codes in a piped stderr: {stderr:?}"
     );
 }
+
+/// The keeper frozen (SIGSTOP) under a healthy coordinator: `status` must blame the keeper,
+/// not the coordinator (on main: "the coordinator (pid N) is frozen", which it was not).
+#[test]
+fn status_blames_a_frozen_keeper_not_the_coordinator() {
+    let stack = Stack::new("adv-frozen-keeper", "", &[("a", SLEEP)]);
+    stack.start_ok();
+    let status = stack.wait_steady(Duration::from_secs(10));
+    stack.remember(&pids_of(&status));
+    let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
+    let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
+    let pid = nix::unistd::Pid::from_raw(keeper);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let out = stack.ccmgr(&["status"]);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("the keeper (pid {keeper}) is frozen")),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !stdout.contains(&format!("the coordinator (pid {coordinator}) is frozen")),
+        "{}",
+        text(&out)
+    );
+    let out = stack.ccmgr(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}

@@ -302,10 +302,20 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             None => println!(
                 "warning: no coordinator is alive: nothing supervises these services (`ccmgr stop` stops them)"
             ),
-            Some(c) if !supervised => println!(
+            Some(c) if !answering(c) => println!(
                 "warning: the coordinator (pid {}) is frozen (stopped): nothing supervises these services (`ccmgr stop` stops them)",
                 c.pid
             ),
+            // The coordinator answers, but only the keeper can start, signal and reap.
+            Some(_) if !supervised => match keeper {
+                None => println!(
+                    "warning: the keeper is dead: nothing can start, stop or reap these services (`ccmgr stop` stops them)"
+                ),
+                Some(k) => println!(
+                    "warning: the keeper (pid {}) is frozen (stopped): nothing can start, stop or reap these services (`ccmgr stop` stops them)",
+                    k.pid
+                ),
+            },
             Some(_) => {}
         }
     }
