@@ -498,3 +498,32 @@ fn status_blames_a_frozen_keeper_not_the_coordinator() {
     let out = stack.ccmgr(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+/// The standby frozen: `status` must say so (on main it listed the frozen standby as any
+/// other, though it cannot take over).
+#[test]
+fn status_warns_of_a_frozen_standby() {
+    let stack = Stack::new("adv-frozen-standby-status", "", &[("a", SLEEP)]);
+    stack.start_ok();
+    let status = stack
+        .wait_for("a standby", Duration::from_secs(10), |s| {
+            s.as_ref().is_some_and(|s| {
+                stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64()
+            })
+        })
+        .unwrap();
+    stack.remember(&pids_of(&status));
+    let standby = status["standby"]["pid"].as_i64().unwrap() as i32;
+    let pid = nix::unistd::Pid::from_raw(standby);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let out = stack.ccmgr(&["status"]);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("the standby (pid {standby}) is frozen")),
+        "{}",
+        text(&out)
+    );
+    let out = stack.ccmgr(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}

@@ -319,6 +319,12 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             Some(_) => {}
         }
     }
+    if let Some(st) = standby.filter(|s| !answering(*s)) {
+        println!(
+            "warning: the standby (pid {}) is frozen (stopped): it cannot take over while it is",
+            st.pid
+        );
+    }
     if segment.standby_disabled() {
         println!(
             "warning: the standby keeps dying: running without one until it has been quiet for a while (see the coordinator's log)"
