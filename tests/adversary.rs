@@ -527,3 +527,36 @@ fn status_warns_of_a_frozen_standby() {
     let out = stack.ccmgr(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+/// The keeper killed, then `stop`: nothing of the instance may be left, its notify socket in
+/// `run_dir` included (on main the dead keeper's `<instance>.notify` stayed for good).
+#[test]
+fn stop_after_the_keeper_was_killed_leaves_no_notify_socket() {
+    let stack = Stack::new("adv-notify-left", "", &[("a", SLEEP)]);
+    stack.start_ok();
+    let status = stack.wait_steady(Duration::from_secs(10));
+    stack.remember(&pids_of(&status));
+    let socket = stack
+        .path()
+        .join("run")
+        .join(format!("{}.notify", stack.instance));
+    assert!(socket.exists(), "the keeper binds {}", socket.display());
+    let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(keeper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Stack::alive(keeper) {
+        assert!(Instant::now() < deadline, "the keeper outlived SIGKILL");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = stack.ccmgr(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        !socket.exists(),
+        "stop left the dead keeper's notify socket {}",
+        socket.display()
+    );
+}

@@ -912,8 +912,29 @@ fn remove_state(
     }
     if let Some(run_dir) = run_dir {
         ProcessRecord::remove(&crate::records::record_path(run_dir, instance));
+        remove_dead_notify_socket(&run_dir.join(format!("{instance}.notify")));
     }
     Ok(())
+}
+
+/// A keeper killed by `stop` (or by anyone) leaves its notify socket behind. It goes once
+/// nobody is bound to it (a datagram sent there is refused), so that a keeper a concurrent
+/// `start` has just started keeps its own.
+fn remove_dead_notify_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt as _;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if !is_socket {
+        return;
+    }
+    let Ok(probe) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    if probe
+        .connect(path)
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Sends `signal` to the process `who` if it is still that process; returns a pidfd on it.
