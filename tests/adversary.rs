@@ -560,3 +560,45 @@ fn stop_after_the_keeper_was_killed_leaves_no_notify_socket() {
         socket.display()
     );
 }
+
+/// `ccmgr start` frozen (SIGSTOP, as Ctrl-Z does) while the stack comes up: it holds the
+/// "start under way" lock for as long as it is frozen. On main `stop` refused ("is being
+/// started ...; stop it once the start has finished") for as long as that lasted, leaving a
+/// running stack nobody could stop; it must stop it all the same.
+#[test]
+fn a_frozen_start_does_not_make_the_stack_unstoppable() {
+    let stack = Stack::new("adv-frozen-start", "", &[]);
+    let gate = stack.file("open");
+    stack.write_service(
+        "gate",
+        &format!(
+            "command = [\"sh\", \"-c\", \"while [ ! -e {gate} ]; do sleep 0.02; done\"]\nready = \"exit\""
+        ),
+    );
+    stack.write_service("a", &format!("{SLEEP}\nrequires = [\"gate\"]"));
+    let mut start = std::process::Command::new(stack_support::ccmgr_bin())
+        .arg("--config")
+        .arg(stack.path().join("ccmgr.toml"))
+        .arg("start")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start_pid = nix::unistd::Pid::from_raw(start.id() as i32);
+    stack.wait_for_relaxed("the start to begin", Duration::from_secs(10), |s| {
+        s.as_ref().is_some_and(|s| s["keeper"]["pid"].is_i64())
+    });
+    nix::sys::signal::kill(start_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::fs::write(&gate, b"").unwrap();
+    let status = stack.wait_steady(Duration::from_secs(10));
+    stack.remember(&pids_of(&status));
+
+    let out = stack.ccmgr(&["stop"]);
+    nix::sys::signal::kill(start_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let _ = start.wait();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for pid in pids_of(&status) {
+        assert!(!Stack::alive(pid), "pid {pid} survived the stop");
+    }
+    assert_eq!(processes_of(&stack.instance), Vec::<i32>::new());
+}

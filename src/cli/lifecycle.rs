@@ -791,6 +791,34 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
         });
     } else if segment.is_some() {
         match probe_settled(instance) {
+            // A `ccmgr start` frozen by SIGSTOP (Ctrl-Z) never finishes while it is: the stack
+            // it started is not to be left unstoppable for that.
+            Ok(Probe::Starting {
+                manager: Some(manager),
+            }) if manager.is_alive()
+                && read_stat(manager.pid).is_ok_and(|s| matches!(s.state, 'T' | 't')) =>
+            {
+                eprintln!(
+                    "ccmgr: the `ccmgr start` of instance {instance} (pid {}) is frozen (stopped): stopping the instance all the same",
+                    manager.pid
+                );
+                let coordinator = segment
+                    .as_ref()
+                    .and_then(|s| s.instance_status().ok())
+                    .and_then(|s| s.coordinator)
+                    .filter(ProcessIdentity::is_alive);
+                match (segment.as_ref(), config.as_ref(), coordinator) {
+                    (Some(segment), Some(config), Some(coordinator)) => {
+                        reason = stop_through_coordinator(instance, segment, config, coordinator);
+                        coordinator_stopped_it = reason.is_none();
+                    }
+                    _ => {
+                        reason = Some(format!(
+                            "no coordinator of instance {instance} lives under the frozen start"
+                        ));
+                    }
+                }
+            }
             Ok(Probe::Starting { manager }) => {
                 let pid = manager.map_or_else(|| "unknown".to_owned(), |m| m.pid.to_string());
                 eprintln!(
