@@ -341,7 +341,7 @@ fn a_frozen_standby_is_replaced_when_it_does_not_take_over() {
 
     let status = stack.wait_for(
         "a new coordinator other than the frozen standby",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         |s| {
             s.as_ref().is_some_and(|s| {
                 let c = s["coordinator"]["pid"].as_i64().map(|p| p as i32);

@@ -79,8 +79,10 @@ pub const SUCCESSOR_SPAN: Duration = Duration::from_secs(60);
 pub const SUCCESSOR_QUICK: Duration = Duration::from_secs(2);
 /// How long a standby (or a successor) may take, after the coordinator's death, to tell the
 /// keeper it takes over. A frozen (SIGSTOPped) or wedged standby never does: it is killed, and
-/// a successor started in its place. A takeover tells the keeper within milliseconds.
-pub const TAKEOVER_DEADLINE: Duration = Duration::from_secs(5);
+/// a successor started in its place. A takeover tells the keeper within milliseconds; this is
+/// longer than the standby's own bounded waits before it does (5 s for the daemon mutex, 5 s
+/// for the daemon component), so a standby that is merely slow is never killed for it.
+pub const TAKEOVER_DEADLINE: Duration = Duration::from_secs(12);
 
 /// Rotation of service logs: the current file and this many older ones, each up to the size.
 pub const LOG_MAX_BYTES: u64 = 4 << 20;
