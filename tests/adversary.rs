@@ -34,6 +34,27 @@ fn processes_of(instance: &str) -> Vec<i32> {
     out
 }
 
+/// SIGSTOP is delivered asynchronously: waits until `/proc` shows `pid` stopped.
+fn freeze(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned));
+        if matches!(state.as_deref(), Some("T" | "t")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pid {pid} did not stop: {stat}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn pids_of(status: &serde_json::Value) -> Vec<i32> {
     let mut pids: Vec<i32> = ["coordinator", "standby", "keeper"]
         .iter()
@@ -336,7 +357,7 @@ fn a_frozen_standby_is_replaced_when_it_does_not_take_over() {
     let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
     let standby = status["standby"]["pid"].as_i64().unwrap() as i32;
     let pid = nix::unistd::Pid::from_raw;
-    nix::sys::signal::kill(pid(standby), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    freeze(standby);
     nix::sys::signal::kill(pid(coordinator), nix::sys::signal::Signal::SIGKILL).unwrap();
 
     let status = stack.wait_for(
@@ -481,7 +502,7 @@ fn status_blames_a_frozen_keeper_not_the_coordinator() {
     let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
     let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
     let pid = nix::unistd::Pid::from_raw(keeper);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    freeze(keeper);
     let out = stack.ccmgr(&["status"]);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -515,7 +536,7 @@ fn status_warns_of_a_frozen_standby() {
     stack.remember(&pids_of(&status));
     let standby = status["standby"]["pid"].as_i64().unwrap() as i32;
     let pid = nix::unistd::Pid::from_raw(standby);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    freeze(standby);
     let out = stack.ccmgr(&["status"]);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     assert!(
@@ -588,7 +609,7 @@ fn a_frozen_start_does_not_make_the_stack_unstoppable() {
     stack.wait_for_relaxed("the start to begin", Duration::from_secs(10), |s| {
         s.as_ref().is_some_and(|s| s["keeper"]["pid"].is_i64())
     });
-    nix::sys::signal::kill(start_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    freeze(start_pid.as_raw());
     std::fs::write(&gate, b"").unwrap();
     let status = stack.wait_steady(Duration::from_secs(10));
     stack.remember(&pids_of(&status));
