@@ -623,3 +623,89 @@ fn a_frozen_start_does_not_make_the_stack_unstoppable() {
     }
     assert_eq!(processes_of(&stack.instance), Vec::<i32>::new());
 }
+
+/// The coordinator processes of `instance` (the coordinator, standbys, successors), found by
+/// the command line the keeper starts them with.
+fn coordinators_of(instance: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if args.windows(4).any(|w| {
+            w[0] == b"--instance"
+                && w[1] == instance.as_bytes()
+                && w[2] == b"internal"
+                && (w[3] == b"coordinator" || w[3] == b"standby")
+        }) && Stack::alive(pid)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Coordinators that keep dying: the keeper stops the stack itself and publishes its stop.
+/// A service still up keeps its uptime (on main the keeper's stop reset every service's
+/// state time to its own start, so `status` showed an up service with an uptime of 0).
+#[test]
+fn the_keepers_stop_keeps_the_uptime_of_a_service_still_up() {
+    let stack = Stack::new(
+        "adv-keeper-stop-uptime",
+        "[coordinator]\nstandby = false",
+        &[
+            ("a", SLEEP),
+            (
+                "b",
+                "command = [\"sh\", \"-c\", \"trap '' TERM; exec sleep 100000\"]\nrequires = [\"a\"]\nshutdown_timeout = \"4s\"",
+            ),
+        ],
+    );
+    stack.start_ok();
+    let status = stack.wait_for("a up for 1.5 s", Duration::from_secs(10), |s| {
+        s.as_ref().is_some_and(|s| {
+            s["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["id"] == "a" && x["uptime_ms"].as_u64().is_some_and(|u| u >= 1500))
+        })
+    });
+    stack.remember(&pids_of(status.as_ref().unwrap()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !stack.coordinator_log().contains("coordinators keep dying") {
+        for pid in coordinators_of(&stack.instance) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the keeper did not take over the stop:\n{}",
+            stack.coordinator_log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = stack
+        .wait_for_relaxed("the keeper's stop", Duration::from_secs(5), |s| {
+            s.as_ref().is_some_and(|s| s["state"] == "stopping")
+        })
+        .unwrap();
+    let a = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == "a")
+        .unwrap()
+        .clone();
+    assert_eq!(a["state"], "up", "{status}");
+    assert!(
+        a["uptime_ms"].as_u64().is_some_and(|u| u >= 1500),
+        "a has been up for more than 1.5 s: {status}"
+    );
+    let out = stack.ccmgr(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}

@@ -624,13 +624,21 @@ impl Keeper {
         if !self.segment.intact() {
             return;
         }
+        // The stopping engine starts every slot's clock at the keeper's time zero: a service
+        // still in the state the segment shows keeps that state's time (an `up` service's
+        // uptime is not reset by the keeper's taking over the stop).
+        let shown: Vec<Option<crate::vocab::ServiceState>> = (0..stop.engine.slots().len())
+            .map(|i| self.segment.service_status(i).ok().map(|st| st.state))
+            .collect();
         let Ok(w) = self.segment.write() else {
             return;
         };
         let ms = |t: Duration| stop.epoch_ms + t.as_millis() as u64;
         w.set_instance_state(stop.engine.phase(), ms(stop.engine.phase_since()));
         for (i, slot) in stop.engine.slots().iter().enumerate() {
-            let _ = w.set_service_state(i, slot.state(), ms(slot.since));
+            if shown[i] != Some(slot.state()) {
+                let _ = w.set_service_state(i, slot.state(), ms(slot.since));
+            }
             let identity = slot
                 .pid()
                 .and_then(|pid| self.identities.get(&pid).copied());
