@@ -709,3 +709,37 @@ fn the_keepers_stop_keeps_the_uptime_of_a_service_still_up() {
     let out = stack.ccmgr(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+/// `ccmgr stop | head -1`: the reader of stop's output goes away while stop works. On main
+/// stop died of SIGPIPE at its next line, right after freezing the keeper, leaving the stack
+/// frozen and half stopped. It must finish the stop whatever became of its output.
+#[test]
+fn stop_finishes_when_its_output_pipe_closes() {
+    let stack = Stack::new(
+        "adv-stop-sigpipe",
+        "",
+        &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
+    );
+    stack.start_ok();
+    let status = stack.wait_steady(Duration::from_secs(10));
+    let pids = pids_of(&status);
+    stack.remember(&pids);
+    // A frozen coordinator: stop does the stop itself, saying what it does line by line.
+    freeze(status["coordinator"]["pid"].as_i64().unwrap() as i32);
+    let mut stop = std::process::Command::new(stack_support::ccmgr_bin())
+        .arg("--config")
+        .arg(stack.path().join("ccmgr.toml"))
+        .arg("stop")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(stop.stdout.take());
+    drop(stop.stderr.take());
+    let exit = stop.wait().unwrap();
+    assert_eq!(exit.code(), Some(0), "stop ended with {exit:?}");
+    for pid in pids {
+        assert!(!Stack::alive(pid), "pid {pid} survived the stop");
+    }
+    assert_eq!(processes_of(&stack.instance), Vec::<i32>::new());
+}

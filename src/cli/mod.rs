@@ -141,9 +141,24 @@ pub fn main() -> ExitCode {
             | Command::Start { foreground: true }
             | Command::Restart { foreground: true }
     );
-    if !supervises {
-        crate::spawn::default_sigpipe();
-    }
+    // A stop must finish whatever happens to the output it reports to (`ccmgr stop | head -1`,
+    // a terminal closed meanwhile): killed by SIGPIPE or panicking in `eprintln!` in the
+    // middle, it would leave the keeper frozen and the stack half stopped. `start` stops what
+    // it started when it fails, so it is one of these too.
+    let must_finish = matches!(
+        cli.command,
+        Command::Stop
+            | Command::Start { foreground: false }
+            | Command::Restart { foreground: false }
+    );
+    let _shield = if must_finish {
+        OutputShield::install()
+    } else {
+        if !supervises {
+            crate::spawn::default_sigpipe();
+        }
+        None
+    };
     // A bad `--instance` is bad usage (exit 2) for every verb, not an operation that failed.
     if let Some(Err(msg)) = cli
         .instance
@@ -178,4 +193,82 @@ pub fn main() -> ExitCode {
         }
     };
     result.unwrap_or_else(|e| e).into()
+}
+
+/// Stdout and stderr behind pipes that a thread each drains into the real ones, ignoring
+/// their errors: the command's own writes then never fail (no EPIPE, so no SIGPIPE and no
+/// panic in `println!`), whatever became of the reader. Dropped at the end of `main`: the
+/// pipes are closed and what is in them is forwarded before the process exits.
+struct OutputShield {
+    forwarders: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl OutputShield {
+    fn install() -> Option<OutputShield> {
+        use std::io::{Read as _, Write as _};
+        let mut forwarders = Vec::new();
+        for is_stderr in [false, true] {
+            let real = if is_stderr {
+                nix::unistd::dup(std::io::stderr())
+            } else {
+                nix::unistd::dup(std::io::stdout())
+            };
+            let Ok(real) = real else {
+                continue;
+            };
+            // Close-on-exec: the keeper `start` spawns must not hold our caller's pipe open.
+            let cloexec = nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC);
+            if nix::fcntl::fcntl(&real, cloexec).is_err() {
+                continue;
+            }
+            let Ok((read, write)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
+                continue;
+            };
+            let redirected = if is_stderr {
+                nix::unistd::dup2_stderr(&write)
+            } else {
+                nix::unistd::dup2_stdout(&write)
+            };
+            if redirected.is_err() {
+                continue;
+            }
+            drop(write);
+            forwarders.push(std::thread::spawn(move || {
+                let mut from = std::fs::File::from(read);
+                let mut to = Some(std::fs::File::from(real));
+                let mut buf = [0u8; 4096];
+                loop {
+                    match from.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            // Once the reader is gone, the rest is drained and dropped.
+                            if to.as_mut().is_some_and(|t| t.write_all(&buf[..n]).is_err()) {
+                                to = None;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
+        Some(OutputShield { forwarders })
+    }
+}
+
+impl Drop for OutputShield {
+    fn drop(&mut self) {
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // Closing our ends of the pipes (fds 1 and 2 now point to /dev/null) ends the
+        // forwarders once they have passed on everything.
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2_stdout(&null);
+            let _ = nix::unistd::dup2_stderr(&null);
+        }
+        for forwarder in self.forwarders.drain(..) {
+            let _ = forwarder.join();
+        }
+    }
 }
