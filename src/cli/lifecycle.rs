@@ -18,7 +18,7 @@
 //! [`super::stop_driver`]; with nothing running it says so and succeeds.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, IsTerminal as _};
+use std::io::{BufRead, BufReader};
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -1007,7 +1007,7 @@ fn stop_through_coordinator(
     // turn is not a coordinator yet); `true` once `current` was asked.
     let mut current_asked = true;
     let mut freezes = FreezeWatch::default();
-    let progress = std::io::stderr().is_terminal();
+    let progress = super::stderr_is_terminal();
     let clear_progress = || {
         if progress {
             eprint!("\r\x1b[K");

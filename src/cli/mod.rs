@@ -195,6 +195,15 @@ pub fn main() -> ExitCode {
     result.unwrap_or_else(|e| e).into()
 }
 
+/// Whether stderr was a terminal when the command began (before [`OutputShield`] put a pipe
+/// in its place): progress lines are drawn only there.
+static STDERR_IS_TERMINAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Whether this command's stderr is a terminal.
+pub(crate) fn stderr_is_terminal() -> bool {
+    *STDERR_IS_TERMINAL.get_or_init(|| std::io::IsTerminal::is_terminal(&std::io::stderr()))
+}
+
 /// Stdout and stderr behind pipes that a thread each drains into the real ones, ignoring
 /// their errors: the command's own writes then never fail (no EPIPE, so no SIGPIPE and no
 /// panic in `println!`), whatever became of the reader. Dropped at the end of `main`: the
@@ -206,6 +215,8 @@ struct OutputShield {
 impl OutputShield {
     fn install() -> Option<OutputShield> {
         use std::io::{Read as _, Write as _};
+        // Looked at while stderr is still the real one.
+        stderr_is_terminal();
         let mut forwarders = Vec::new();
         for is_stderr in [false, true] {
             let real = if is_stderr {

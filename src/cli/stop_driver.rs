@@ -21,7 +21,6 @@
 //! removes them. [`Inventory::survivors`] then says whether anything of the instance still
 //! lives, which is what `stop` must prove before it says "stopped".
 
-use std::io::IsTerminal as _;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -507,7 +506,7 @@ pub fn stop_services(inventory: &Inventory, instance: &str) -> usize {
     let now = || epoch.elapsed();
     let (mut engine, mut actions) = Engine::stopping(params.clone(), now(), &running);
     let mut gate = None;
-    let progress = std::io::stderr().is_terminal();
+    let progress = super::stderr_is_terminal();
     let mut last_progress = Instant::now();
     let mut stopped = 0;
     loop {
