@@ -209,7 +209,8 @@ pub(crate) fn stderr_is_terminal() -> bool {
 /// panic in `println!`), whatever became of the reader. Dropped at the end of `main`: the
 /// pipes are closed and what is in them is forwarded before the process exits.
 struct OutputShield {
-    forwarders: Vec<std::thread::JoinHandle<()>>,
+    /// Per stream redirected (false: stdout, true: stderr), its forwarder.
+    forwarders: Vec<(bool, std::thread::JoinHandle<()>)>,
 }
 
 impl OutputShield {
@@ -218,6 +219,13 @@ impl OutputShield {
         // Looked at while stderr is still the real one.
         stderr_is_terminal();
         let mut forwarders = Vec::new();
+        // Signals are the main thread's business (`start` reads SIGINT and SIGTERM from a
+        // signalfd once it has blocked them there): one reaching a forwarder unblocked would
+        // take its default action and end the process. The forwarders are born with every
+        // signal blocked (a thread inherits its creator's mask); ours is put back after.
+        let previous_mask = nix::sys::signal::SigSet::all()
+            .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)
+            .ok();
         for is_stderr in [false, true] {
             let real = if is_stderr {
                 nix::unistd::dup(std::io::stderr())
@@ -244,24 +252,30 @@ impl OutputShield {
                 continue;
             }
             drop(write);
-            forwarders.push(std::thread::spawn(move || {
-                let mut from = std::fs::File::from(read);
-                let mut to = Some(std::fs::File::from(real));
-                let mut buf = [0u8; 4096];
-                loop {
-                    match from.read(&mut buf) {
-                        Ok(0) => return,
-                        Ok(n) => {
-                            // Once the reader is gone, the rest is drained and dropped.
-                            if to.as_mut().is_some_and(|t| t.write_all(&buf[..n]).is_err()) {
-                                to = None;
+            forwarders.push((
+                is_stderr,
+                std::thread::spawn(move || {
+                    let mut from = std::fs::File::from(read);
+                    let mut to = Some(std::fs::File::from(real));
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match from.read(&mut buf) {
+                            Ok(0) => return,
+                            Ok(n) => {
+                                // Once the reader is gone, the rest is drained and dropped.
+                                if to.as_mut().is_some_and(|t| t.write_all(&buf[..n]).is_err()) {
+                                    to = None;
+                                }
                             }
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(_) => return,
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(_) => return,
                     }
-                }
-            }));
+                }),
+            ));
+        }
+        if let Some(mask) = previous_mask {
+            let _ = mask.thread_set_mask();
         }
         Some(OutputShield { forwarders })
     }
@@ -274,11 +288,18 @@ impl Drop for OutputShield {
         let _ = std::io::stderr().flush();
         // Closing our ends of the pipes (fds 1 and 2 now point to /dev/null) ends the
         // forwarders once they have passed on everything.
+        // Only the streams redirected: with stdout closed from the start, fd 1 may be a
+        // forwarder's own copy of the real stderr.
         if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-            let _ = nix::unistd::dup2_stdout(&null);
-            let _ = nix::unistd::dup2_stderr(&null);
+            for (is_stderr, _) in &self.forwarders {
+                let _ = if *is_stderr {
+                    nix::unistd::dup2_stderr(&null)
+                } else {
+                    nix::unistd::dup2_stdout(&null)
+                };
+            }
         }
-        for forwarder in self.forwarders.drain(..) {
+        for (_, forwarder) in self.forwarders.drain(..) {
             let _ = forwarder.join();
         }
     }
