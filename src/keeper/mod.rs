@@ -889,7 +889,11 @@ impl Keeper {
                 }
             } else if !self.shutdown_requested {
                 // It was to take over from a dead coordinator (or was a successor).
-                warn!(pid, %exit, "the standby died while no coordinator lived");
+                if successor_since.is_some() {
+                    warn!(pid, %exit, "the successor coordinator died before it took over");
+                } else {
+                    warn!(pid, %exit, "the standby died while no coordinator lived");
+                }
                 self.count_successor_death(successor_since);
                 self.ensure_coordinator();
             }
