@@ -163,6 +163,11 @@ struct Coordinator {
     notify_filter: SenderFilter,
     /// Notify datagrams dropped, counted for a summary line per period.
     notify_drops: DropTally,
+    /// While a flood pauses reading the notify socket: until when (engine time).
+    notify_paused_until: Option<Time>,
+    /// Drops counted since (engine time), over a span of [`NOTIFY_FLOOD_PAUSE`]: a flood
+    /// detector.
+    notify_recent_drops: (Time, usize),
     /// The daemon component of the service API, held while no shutdown is asked for; its
     /// holder thread's death (with ours) is what API services see as the coordinator's death.
     gate: DaemonComponentHolder,
@@ -283,9 +288,12 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
     let (engine, first_actions) = Engine::new(params.clone(), started_at);
     // Services run as root, as this process's user, or as their configured `user`.
     let notify_filter = SenderFilter::new(
-        [0, nix::unistd::geteuid().as_raw()]
-            .into_iter()
-            .chain(config.services.iter().filter_map(|s| s.user.as_ref().map(|u| u.id))),
+        [0, nix::unistd::geteuid().as_raw()].into_iter().chain(
+            config
+                .services
+                .iter()
+                .filter_map(|s| s.user.as_ref().map(|u| u.id)),
+        ),
     );
     let mut c = Coordinator {
         config,
@@ -306,6 +314,8 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         unclaimed_ready: Vec::new(),
         notify_filter,
         notify_drops: DropTally::new(NOTIFY_DROP_PERIOD),
+        notify_paused_until: None,
+        notify_recent_drops: (Time::ZERO, 0),
         gate,
         standby: None,
         standby_since: None,
@@ -687,13 +697,14 @@ impl Coordinator {
                 let source = Source::ALL.into_iter().find(|s| s.token() == event.data());
                 match source {
                     Some(Source::Keeper) => self.on_keeper(&epoll),
-                    Some(Source::Notify) => self.on_notify(),
+                    Some(Source::Notify) => self.on_notify(&epoll),
                     Some(Source::Signals) => self.on_signals(),
                     Some(Source::Timer) => {
                         let _ = self.timer.wait();
                         self.feed(Event::Tick);
                         self.retry_standby_if_due();
                         self.summarize_notify_drops();
+                        self.resume_notify_if_due(&epoll);
                     }
                     Some(Source::Watchdog) => {
                         if let Some(timer) = &self.watchdog {
@@ -720,6 +731,7 @@ impl Coordinator {
             .into_iter()
             .chain(self.standby_retry_at)
             .chain(self.notify_drops.due())
+            .chain(self.notify_paused_until)
             .min();
         match next {
             Some(deadline) => {
@@ -856,7 +868,12 @@ impl Coordinator {
     /// Any local user can send here, so a datagram is first judged by its kernel-attested
     /// sender alone ([`notify::SenderFilter`]): a stranger's is dropped unparsed, without a
     /// `/proc` read, and counted rather than logged one by one.
-    fn on_notify(&mut self) {
+    ///
+    /// A batch's worth of drops within [`NOTIFY_FLOOD_PAUSE`] is a flood: the socket is then
+    /// left unread for that long, so that a flood costs the coordinator about one batch per
+    /// pause, whatever its rate. A service's `READY=1` meanwhile waits in its (blocking)
+    /// `send` or in the socket's queue, and is taken when reading resumes.
+    fn on_notify(&mut self, epoll: &Epoll) {
         self.summarize_notify_drops();
         for _ in 0..NOTIFY_BATCH {
             let (filter, pids) = (&self.notify_filter, &self.pids);
@@ -873,10 +890,10 @@ impl Coordinator {
                     self.note_notify_drop(None);
                     continue;
                 }
-                Ok(None) => return,
+                Ok(None) => break,
                 Err(e) => {
                     warn!(error = %e, "cannot read the notify socket");
-                    return;
+                    break;
                 }
             };
             if !message.is_ready() {
@@ -917,11 +934,35 @@ impl Coordinator {
                 }
             }
         }
+        if self.notify_recent_drops.1 >= NOTIFY_BATCH && epoll.delete(self.notify.as_fd()).is_ok() {
+            self.notify_paused_until = Some(self.now() + NOTIFY_FLOOD_PAUSE);
+            self.notify_recent_drops.1 = 0;
+        }
+    }
+
+    /// Reads the notify socket again once a flood's pause is over.
+    fn resume_notify_if_due(&mut self, epoll: &Epoll) {
+        if self
+            .notify_paused_until
+            .is_some_and(|until| until <= self.now())
+        {
+            self.notify_paused_until = None;
+            let event = EpollEvent::new(EpollFlags::EPOLLIN, Source::Notify.token());
+            if let Err(e) = epoll.add(self.notify.as_fd(), event) {
+                error!(error = %e, "cannot watch the notify socket again: readiness by notification is lost");
+            }
+        }
     }
 
     /// Counts a dropped notify datagram; only the first of a spell is logged at once.
     fn note_notify_drop(&mut self, sender: Option<notify::Sender>) {
-        if self.notify_drops.note(self.now(), sender) {
+        let now = self.now();
+        let (since, count) = &mut self.notify_recent_drops;
+        if now >= *since + NOTIFY_FLOOD_PAUSE {
+            (*since, *count) = (now, 0);
+        }
+        *count += 1;
+        if self.notify_drops.note(now, sender) {
             warn!(
                 pid = sender.map(|s| s.pid),
                 uid = sender.map(|s| s.uid),
@@ -1251,6 +1292,10 @@ const MAX_UNCLAIMED_READY: usize = 64;
 /// Notify datagrams taken per wakeup, at most: a flood cannot hold the loop, and what waits
 /// beyond is bounded by the socket's receive buffer.
 const NOTIFY_BATCH: usize = 64;
+
+/// After a batch's worth of dropped datagrams within this span, the notify socket is left
+/// unread this long.
+const NOTIFY_FLOOD_PAUSE: Duration = Duration::from_millis(2);
 
 /// Dropped notify datagrams are logged once per this period, as a count.
 const NOTIFY_DROP_PERIOD: Duration = Duration::from_secs(10);

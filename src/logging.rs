@@ -87,8 +87,9 @@ impl SharedLog {
         let full = held.as_ref().is_some_and(|m| m.len() >= self.max_bytes);
         let moved = periodic
             && held.as_ref().is_some_and(|held| {
-                std::fs::metadata(&self.path)
-                    .map_or(true, |now| (now.dev(), now.ino()) != (held.dev(), held.ino()))
+                std::fs::metadata(&self.path).map_or(true, |now| {
+                    (now.dev(), now.ino()) != (held.dev(), held.ino())
+                })
             });
         if periodic {
             self.writes_since_check = 0;
@@ -156,12 +157,7 @@ pub fn init(file: Option<&Path>, stderr: bool, role: &'static str) -> tracing::s
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        SharedLog::open(
-            path,
-            crate::keeper::LOG_MAX_BYTES,
-            crate::keeper::LOG_KEEP,
-        )
-        .ok()
+        SharedLog::open(path, crate::keeper::LOG_MAX_BYTES, crate::keeper::LOG_KEEP).ok()
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -656,12 +656,19 @@ mod tests {
         };
         let mut tally = DropTally::new(s(10));
         assert_eq!(tally.due(), None);
-        assert!(tally.note(s(1), Some(stranger)), "the first is logged at once");
+        assert!(
+            tally.note(s(1), Some(stranger)),
+            "the first is logged at once"
+        );
         for t in 1..=5 {
             assert!(!tally.note(s(t), Some(stranger)));
         }
         assert_eq!(tally.due(), Some(s(11)));
-        assert_eq!(tally.take_summary(s(10)), None, "not before the period ends");
+        assert_eq!(
+            tally.take_summary(s(10)),
+            None,
+            "not before the period ends"
+        );
         assert_eq!(
             tally.take_summary(s(11)),
             Some(DropSummary {
@@ -674,7 +681,10 @@ mod tests {
         assert_eq!(tally.due(), Some(s(21)));
         assert_eq!(tally.take_summary(s(21)), None);
         assert_eq!(tally.due(), None);
-        assert!(tally.note(s(30), None), "a new spell is logged at once again");
+        assert!(
+            tally.note(s(30), None),
+            "a new spell is logged at once again"
+        );
     }
 
     #[test]

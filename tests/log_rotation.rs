@@ -67,7 +67,10 @@ fn two_writer_processes_share_one_rotated_log() {
         .map(rotated)
         .chain([path.clone()])
         .collect();
-    assert!(!rotated(KEEP + 1).exists(), "only {KEEP} old files are kept");
+    assert!(
+        !rotated(KEEP + 1).exists(),
+        "only {KEEP} old files are kept"
+    );
     // 2 × 4000 × 64 bytes is 500 KiB: far more than fits, so every old file exists.
     let mut last_seq = std::collections::HashMap::new();
     for file in &files {

@@ -46,16 +46,19 @@ fn a_notify_flood_from_another_user_is_cheap_quiet_and_harmless() {
         f.ready_after
     );
     // Receiving a datagram still costs a system call; parsing, /proc reads and a log line
-    // per datagram must be gone. Per datagram: about 50 µs before the fix (which also held
-    // the flood back to what it could take), a few µs after. Generous for a loaded machine.
+    // per datagram must be gone. Per datagram: about 50 µs before the fix, a few µs after.
+    // Generous for a loaded machine.
     let per_datagram = f.coordinator_cpu.as_secs_f64() / f.sent as f64;
     assert!(
         per_datagram < 15e-6,
         "the coordinator spent {:.1} µs of CPU per datagram: {f:?}",
         per_datagram * 1e6
     );
+    // And a flood is detected and read at a bounded rate: the coordinator's CPU over the
+    // flood is a small share of its span whatever the flooder's rate (a third of a core
+    // before the fix, about a tenth after in a debug build).
     assert!(
-        f.coordinator_cpu.as_secs_f64() < 0.5 * f.span.as_secs_f64(),
+        f.coordinator_cpu.as_secs_f64() < 0.25 * f.span.as_secs_f64(),
         "the coordinator spent {:?} of CPU in {:?} of flood",
         f.coordinator_cpu,
         f.span

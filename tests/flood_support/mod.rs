@@ -75,7 +75,9 @@ pub fn cpu_time(pid: i32) -> Duration {
 
 /// Lines in ccmgr's own log, its rotated files included.
 fn log_lines(stack: &Stack) -> usize {
-    let base = stack.log_dir().join(format!("ccmgr-{}.log", stack.instance));
+    let base = stack
+        .log_dir()
+        .join(format!("ccmgr-{}.log", stack.instance));
     let mut paths = vec![base.clone()];
     paths.extend((1..=3).map(|n| base.with_extension(format!("log.{n}"))));
     paths
@@ -88,7 +90,11 @@ fn log_lines(stack: &Stack) -> usize {
 /// Starts a stack whose notify service `late` waits for a go file, floods its notify socket
 /// for `flood` (as nobody) if asked, gives the go, and measures. `name` names the stack.
 pub fn run(name: &str, flood: Option<Duration>, span: Duration) -> Figures {
-    let stack = Stack::new(name, "[coordinator]\nstandby = false\nstartup_timeout = \"30s\"", &[]);
+    let stack = Stack::new(
+        name,
+        "[coordinator]\nstandby = false\nstartup_timeout = \"30s\"",
+        &[],
+    );
     // nobody must reach the socket in run_dir: the test's temp dir is 0700.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(stack.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -115,7 +121,10 @@ after = ["base"]
             .expect("ccmgr runs");
         (out, Instant::now())
     });
-    let socket = stack.path().join("run").join(format!("{}.notify", stack.instance));
+    let socket = stack
+        .path()
+        .join("run")
+        .join(format!("{}.notify", stack.instance));
     let status = stack.wait_for_relaxed("the coordinator and base", Duration::from_secs(20), |s| {
         s.as_ref().is_some_and(|s| {
             s["coordinator"]["pid"].is_i64()
@@ -129,7 +138,13 @@ after = ["base"]
 
     let mut flooder = flood.map(|flood| {
         let mut child = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c"])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+            ])
             .arg(FLOODER)
             .arg(&socket)
             .arg(format!("{}", flood.as_secs_f64()))
