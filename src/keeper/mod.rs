@@ -597,7 +597,9 @@ impl Keeper {
         w.set_instance_state(stop.engine.phase(), ms(stop.engine.phase_since()));
         for (i, slot) in stop.engine.slots().iter().enumerate() {
             let _ = w.set_service_state(i, slot.state(), ms(slot.since));
-            let identity = slot.pid().and_then(|pid| self.identities.get(&pid).copied());
+            let identity = slot
+                .pid()
+                .and_then(|pid| self.identities.get(&pid).copied());
             let _ = w.set_service_process(i, identity);
             if let Some(exit) = slot.last_exit {
                 let _ = w.set_last_exit(i, Some(exit.into()));

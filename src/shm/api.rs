@@ -101,7 +101,8 @@ use nix::fcntl::{FcntlArg, fcntl};
 
 use super::layout::{MAX_SERVICES, REGION_ALIGN, SERVICE_ID_MAX};
 use super::mapping::{
-    Mapping, ReadOnlyMapping, RobustPending, Unpublished, link_exclusive, shared_struct,
+    Mapping, Protection, ReadOnly, ReadWrite, RobustPending, Unpublished, link_exclusive,
+    shared_struct,
 };
 use super::robust::{
     Deadline, FUTEX_OWNER_DIED, FUTEX_TID_MASK, FUTEX_WAITERS, FutexWait, futex_wait, futex_wake,
@@ -418,40 +419,6 @@ fn takeover_from_code(code: u32) -> Option<Takeover> {
     }
 }
 
-/// Word-sized reads of a control segment, whichever way it is mapped.
-trait Words {
-    fn u8_at(&self, offset: usize) -> Option<u8>;
-    fn u32_at(&self, offset: usize) -> Option<u32>;
-    fn u64_at(&self, offset: usize) -> Option<u64>;
-}
-
-impl Words for Mapping {
-    fn u8_at(&self, offset: usize) -> Option<u8> {
-        self.get::<AtomicU8>(offset)
-            .map(|w| w.load(Ordering::Relaxed))
-    }
-    fn u32_at(&self, offset: usize) -> Option<u32> {
-        self.get::<AtomicU32>(offset)
-            .map(|w| w.load(Ordering::Relaxed))
-    }
-    fn u64_at(&self, offset: usize) -> Option<u64> {
-        self.get::<AtomicU64>(offset)
-            .map(|w| w.load(Ordering::Relaxed))
-    }
-}
-
-impl Words for ReadOnlyMapping {
-    fn u8_at(&self, offset: usize) -> Option<u8> {
-        self.load_u8(offset)
-    }
-    fn u32_at(&self, offset: usize) -> Option<u32> {
-        self.load_u32(offset)
-    }
-    fn u64_at(&self, offset: usize) -> Option<u64> {
-        self.load_u64(offset)
-    }
-}
-
 /// What the header of a mapped control segment says, checked against the file's size.
 struct Validated {
     layout: ControlLayout,
@@ -460,22 +427,26 @@ struct Validated {
     sequence: Vec<usize>,
 }
 
-fn validate(words: &dyn Words, size: u64, path: &Path) -> Result<Validated, ApiError> {
+fn validate<P: Protection>(
+    map: &Mapping<P>,
+    size: u64,
+    path: &Path,
+) -> Result<Validated, ApiError> {
     let corrupt = |detail: String| ApiError::Corrupt {
         path: path.to_path_buf(),
         detail,
     };
     // The header is at offset 0: its field offsets are file offsets.
-    let magic = words
-        .u64_at(offset_of!(ControlHeader, magic))
+    let magic = map
+        .load_u64(offset_of!(ControlHeader, magic))
         .ok_or_else(|| corrupt(format!("it has only {size} bytes")))?;
     // The creator writes the magic last with release ordering.
     fence(Ordering::Acquire);
     if magic != CONTROL_MAGIC {
         return Err(corrupt(format!("its magic is {magic:#018x}")));
     }
-    let read32 = |off: usize| words.u32_at(off).unwrap_or(0);
-    let read64 = |off: usize| words.u64_at(off).unwrap_or(0);
+    let read32 = |off: usize| map.load_u32(off).unwrap_or(0);
+    let read64 = |off: usize| map.load_u64(off).unwrap_or(0);
     let version = read32(offset_of!(ControlHeader, layout_version));
     if version != API_LAYOUT_VERSION {
         return Err(corrupt(format!(
@@ -531,8 +502,7 @@ fn validate(words: &dyn Words, size: u64, path: &Path) -> Result<Validated, ApiE
         }
         let bytes: Vec<u8> = (0..len)
             .map(|k| {
-                words
-                    .u8_at(rec + offset_of!(ControlRecord, id) + k)
+                map.load_u8(rec + offset_of!(ControlRecord, id) + k)
                     .unwrap_or(0)
             })
             .collect();
@@ -734,7 +704,7 @@ fn create_api_file(path: &Path, services: usize) -> Result<File, ApiError> {
 /// clone.
 #[derive(Clone)]
 pub struct ControlSegment {
-    map: Arc<Mapping>,
+    map: Arc<Mapping<ReadWrite>>,
     layout: ControlLayout,
     takeover: Takeover,
     ids: Arc<Vec<String>>,
@@ -823,8 +793,8 @@ impl ControlSegment {
                 detail: format!("it has {size} bytes"),
             });
         }
-        let map =
-            Mapping::map(OwnedFd::from(file), size as usize).map_err(io_error("mapping", &path))?;
+        let map = Mapping::<ReadWrite>::map(OwnedFd::from(file), size as usize)
+            .map_err(io_error("mapping", &path))?;
         let v = validate(&map, size, &path)?;
         Ok(ControlSegment {
             map: Arc::new(map),
@@ -981,7 +951,7 @@ fn exists_or(e: io::Error, instance: &str, path: &Path) -> ApiError {
 }
 
 /// Write the header (magic last) and the records of a control segment no one can see yet.
-fn write_control_image(map: &Arc<Mapping>, layout: &ControlLayout, spec: &ApiSpec) {
+fn write_control_image(map: &Arc<Mapping<ReadWrite>>, layout: &ControlLayout, spec: &ApiSpec) {
     let r = Ordering::Relaxed;
     let h: &ControlHeader = map.get(0).expect("header inside the new mapping");
     h.layout_version.store(API_LAYOUT_VERSION, r);
@@ -1488,7 +1458,7 @@ fn first_write_lock(
 /// The control segment, mapped read-only: the services' side. Every decision of the shutdown
 /// protocol is taken from here.
 pub(crate) struct ControlView {
-    map: Arc<ReadOnlyMapping>,
+    map: Arc<Mapping<ReadOnly>>,
     layout: ControlLayout,
     takeover: Takeover,
     ids: Vec<String>,
@@ -1519,7 +1489,7 @@ impl ControlView {
                 detail: format!("it has {size} bytes"),
             });
         }
-        let map = ReadOnlyMapping::map(OwnedFd::from(file), size as usize)
+        let map = Mapping::<ReadOnly>::map(OwnedFd::from(file), size as usize)
             .map_err(io_error("mapping", &path))?;
         let v = validate(&map, size, &path)?;
         Ok((

@@ -22,7 +22,7 @@ use super::layout::{
     PROGRESS_ASKED, PROGRESS_KILLED, PROGRESS_START_TIMED_OUT, SERVICE_ID_MAX, ServiceRecord,
     ServiceStaticRecord, SyncBlock, fnv1a64,
 };
-use super::mapping::{Access, CreateStep, Mapping, Unpublished};
+use super::mapping::{Access, CreateStep, Mapping, ReadWrite, Unpublished};
 use super::robust::{MutexError, MutexGuard, RobustMutex, SharedMutex};
 use super::state::{
     FailureCode, GiveUpReason, InstanceProgress, InstanceState, LastExit, MutexId, ServiceProgress,
@@ -410,7 +410,7 @@ pub enum Reclaimed {
 /// `Send + Sync`.
 #[derive(Clone)]
 pub struct Segment {
-    map: Arc<Mapping>,
+    map: Arc<Mapping<ReadWrite>>,
     layout: Layout,
     instance: String,
     path: PathBuf,
@@ -866,7 +866,8 @@ impl Segment {
                 expected: max,
             });
         }
-        let map = Mapping::map(file.into(), size as usize).map_err(|e| io_error("mapping", e))?;
+        let map = Mapping::<ReadWrite>::map(file.into(), size as usize)
+            .map_err(|e| io_error("mapping", e))?;
         let header: &Header = map.get(0).expect("size checked above");
         let magic = header.magic.load(Ordering::Acquire);
         if magic != MAGIC {
