@@ -16,17 +16,18 @@
 //! Unsafe code lives in `robust.rs` (FFI) and `mapping.rs` (mmap and casts).
 
 pub mod api;
+pub mod error;
 pub mod layout;
 mod mapping;
 pub mod robust;
 pub mod segment;
 pub mod state;
 
+pub use error::ShmError;
 pub use robust::{Acquired, Deadline, MutexError, MutexGuard, SharedMutex, monotonic_ms};
 pub use segment::{
     GaveUp, InstanceStatus, Probe, Reclaimed, Role, SHM_DIR, Segment, SegmentSpec, ServiceStatic,
-    ServiceStatus, ShmError, StateWriter, Survivor, segment_os_id, segment_path,
-    validate_instance_name,
+    ServiceStatus, StateWriter, Survivor, segment_os_id, segment_path, validate_instance_name,
 };
 pub use state::{
     FailureCode, GiveUpReason, InstanceProgress, InstanceState, LastExit, MutexId, ServiceProgress,

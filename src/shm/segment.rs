@@ -17,6 +17,7 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
+use super::error::*;
 use super::layout::{
     Counts, Header, InstanceRecord, LAYOUT_VERSION, Layout, MAGIC, MAX_CONFIG_BLOB, MAX_SERVICES,
     PROGRESS_ASKED, PROGRESS_KILLED, PROGRESS_START_TIMED_OUT, SERVICE_ID_MAX, ServiceRecord,
@@ -32,207 +33,6 @@ use crate::process_identity::ProcessIdentity;
 
 /// The directory where glibc's `shm_open` keeps its objects.
 pub const SHM_DIR: &str = "/dev/shm";
-
-/// Errors of the shared-memory segment. Each names the instance and, where
-/// there is one, the segment's path.
-#[derive(Debug, thiserror::Error)]
-pub enum ShmError {
-    /// The instance name is unusable in a segment name.
-    #[error("invalid instance name {name:?}: use 1 to 64 of the characters A-Z a-z 0-9 _ . -")]
-    InvalidInstanceName {
-        /// The name given.
-        name: String,
-    },
-    /// The spec given to [`Segment::create`] cannot be laid out.
-    #[error("cannot create the segment of instance {instance}: {reason}")]
-    InvalidSpec {
-        /// The instance.
-        instance: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A segment with that name exists already.
-    #[error("segment {path} of instance {instance} already exists")]
-    AlreadyExists {
-        /// The instance.
-        instance: String,
-        /// The segment path.
-        path: String,
-    },
-    /// No segment with that name exists.
-    #[error("instance {instance} has no segment ({path} does not exist)")]
-    NotFound {
-        /// The instance.
-        instance: String,
-        /// The segment path.
-        path: String,
-    },
-    /// The segment belongs to another user.
-    #[error(
-        "segment {path} of instance {instance} was created by uid {owner}, not by uid {expected}: refusing to use it"
-    )]
-    WrongOwner {
-        /// The instance.
-        instance: String,
-        /// The segment path.
-        path: String,
-        /// Its owner.
-        owner: u32,
-        /// The owner required.
-        expected: u32,
-    },
-    /// Users other than the owner (and its group) may use the segment.
-    #[error(
-        "segment {path} of instance {instance} has mode {mode:04o}, open to other users: refusing to use it"
-    )]
-    TooOpen {
-        /// The instance.
-        instance: String,
-        /// The segment path.
-        path: String,
-        /// Its permission bits.
-        mode: u32,
-    },
-    /// The path is not a regular file.
-    #[error(
-        "{path} (the segment of instance {instance}) is not a regular file: refusing to use it"
-    )]
-    NotRegularFile {
-        /// The instance.
-        instance: String,
-        /// The segment path.
-        path: String,
-    },
-    /// The file is shorter than its layout.
-    #[error(
-        "segment {path} of instance {instance} is truncated: it has {size} bytes, its layout needs {needed}"
-    )]
-    Truncated {
-        /// The instance.
-        instance: String,
-        /// The segment path.
-        path: String,
-        /// The file's size.
-        size: u64,
-        /// The size needed.
-        needed: u64,
-    },
-    /// The file is longer than its layout.
-    #[error(
-        "segment {path} of instance {instance} has {size} bytes, but its layout has {expected}: refusing to use it"
-    )]
-    WrongSize {
-        /// The instance.
-        instance: String,
-        /// The segment path.
-        path: String,
-        /// The file's size.
-        size: u64,
-        /// The size expected.
-        expected: u64,
-    },
-    /// The file does not start with the ccmgr magic.
-    #[error(
-        "{path} is not a ccmgr segment (magic {found:#018x}, expected {MAGIC:#018x}): refusing to use it for instance {instance}"
-    )]
-    BadMagic {
-        /// The instance.
-        instance: String,
-        /// The segment path.
-        path: String,
-        /// The first eight bytes, little-endian.
-        found: u64,
-    },
-    /// The layout version is not this build's.
-    #[error(
-        "segment {path} of instance {instance} has layout version {found}, this ccmgr uses version {LAYOUT_VERSION}: refusing to use it"
-    )]
-    WrongVersion {
-        /// The instance.
-        instance: String,
-        /// The segment path.
-        path: String,
-        /// The version found.
-        found: u32,
-    },
-    /// Something inside the segment is out of bounds or inconsistent.
-    #[error("segment {path} of instance {instance} is corrupt: {detail}")]
-    Corrupt {
-        /// The instance.
-        instance: String,
-        /// The segment path.
-        path: String,
-        /// What is wrong.
-        detail: String,
-    },
-    /// A system call failed.
-    #[error("instance {instance}: {action} {path}: {source}")]
-    Io {
-        /// The instance.
-        instance: String,
-        /// The segment path.
-        path: String,
-        /// What was being done ("creating", "opening", ...).
-        action: &'static str,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
-    /// A live coordinator holds the instance.
-    #[error("instance {instance} is already running (coordinator {})", pid_text(.coordinator_pid))]
-    AlreadyRunning {
-        /// The instance.
-        instance: String,
-        /// The coordinator's pid, if it has announced itself yet.
-        coordinator_pid: Option<i32>,
-    },
-    /// A live `ccmgr start` holds the manager mutex.
-    #[error("instance {instance} is being started (ccmgr start {})", pid_text(.manager_pid))]
-    BeingStarted {
-        /// The instance.
-        instance: String,
-        /// The manager's pid, if recorded.
-        manager_pid: Option<i32>,
-    },
-    /// No coordinator, but processes of the instance still live.
-    #[error(
-        "instance {instance} has no coordinator, but {survivors} still alive: stop them before its segment can be reclaimed"
-    )]
-    StillInUse {
-        /// The instance.
-        instance: String,
-        /// The live processes, described.
-        survivors: String,
-    },
-    /// A service index beyond the service count.
-    #[error("instance {instance} has no service #{index} (it has {count})")]
-    NoSuchService {
-        /// The instance.
-        instance: String,
-        /// The index asked for.
-        index: usize,
-        /// The number of services.
-        count: usize,
-    },
-    /// A mutex operation failed.
-    #[error("instance {instance}: {which}: {source}")]
-    Mutex {
-        /// The instance.
-        instance: String,
-        /// Which mutex.
-        which: MutexId,
-        /// The error.
-        #[source]
-        source: MutexError,
-    },
-}
-
-fn pid_text(pid: &Option<i32>) -> String {
-    match pid {
-        Some(pid) => format!("pid {pid}"),
-        None => "pid not yet recorded".to_owned(),
-    }
-}
 
 /// Check an instance name: 1 to 64 characters from `[A-Za-z0-9_.-]`.
 pub fn validate_instance_name(name: &str) -> Result<(), ShmError> {
@@ -410,10 +210,10 @@ pub enum Reclaimed {
 /// `Send + Sync`.
 #[derive(Clone)]
 pub struct Segment {
-    map: Arc<Mapping<ReadWrite>>,
-    layout: Layout,
-    instance: String,
-    path: PathBuf,
+    pub(super) map: Arc<Mapping<ReadWrite>>,
+    pub(super) layout: Layout,
+    pub(super) instance: String,
+    pub(super) path: PathBuf,
 }
 
 impl fmt::Debug for Segment {
@@ -427,30 +227,30 @@ impl fmt::Debug for Segment {
 }
 
 /// Identity fields as stored: pid 0 (or negative) means none.
-fn identity(pid: i32, start_time: u64) -> Option<ProcessIdentity> {
+pub(super) fn identity(pid: i32, start_time: u64) -> Option<ProcessIdentity> {
     (pid > 0).then_some(ProcessIdentity { pid, start_time })
 }
 
 /// An optional time stored plus one, so that a zeroed record means "none".
-fn to_ms1(ms: Option<u64>) -> u64 {
+pub(super) fn to_ms1(ms: Option<u64>) -> u64 {
     ms.map_or(0, |ms| ms.saturating_add(1))
 }
 
-fn from_ms1(word: u64) -> Option<u64> {
+pub(super) fn from_ms1(word: u64) -> Option<u64> {
     word.checked_sub(1)
 }
 
-fn read_bytes(bytes: &[AtomicU8]) -> Vec<u8> {
+pub(super) fn read_bytes(bytes: &[AtomicU8]) -> Vec<u8> {
     bytes.iter().map(|b| b.load(Ordering::Relaxed)).collect()
 }
 
-fn write_bytes(dst: &[AtomicU8], src: &[u8]) {
+pub(super) fn write_bytes(dst: &[AtomicU8], src: &[u8]) {
     for (d, s) in dst.iter().zip(src) {
         d.store(*s, Ordering::Relaxed);
     }
 }
 
-fn check_spec(spec: &SegmentSpec) -> Result<Layout, String> {
+pub(super) fn check_spec(spec: &SegmentSpec) -> Result<Layout, String> {
     let n = spec.services.len();
     if n > MAX_SERVICES as usize {
         return Err(format!(
@@ -485,7 +285,7 @@ fn check_spec(spec: &SegmentSpec) -> Result<Layout, String> {
 }
 
 /// A sequence holds each service index at most once, each below `services`.
-fn check_sequence(which: &str, seq: &[u32], services: usize) -> Result<(), String> {
+pub(super) fn check_sequence(which: &str, seq: &[u32], services: usize) -> Result<(), String> {
     let mut seen = vec![false; services];
     for &index in seq {
         match seen.get_mut(index as usize) {
@@ -504,7 +304,7 @@ fn check_sequence(which: &str, seq: &[u32], services: usize) -> Result<(), Strin
 }
 
 /// The largest segment any valid header can describe.
-fn max_segment_size() -> u64 {
+pub(super) fn max_segment_size() -> u64 {
     Layout::compute(Counts {
         services: MAX_SERVICES,
         startup_len: MAX_SERVICES,
@@ -533,11 +333,11 @@ impl Segment {
         &self.layout
     }
 
-    fn path_text(&self) -> String {
+    pub(super) fn path_text(&self) -> String {
         self.path.display().to_string()
     }
 
-    fn corrupt(&self, detail: impl Into<String>) -> ShmError {
+    pub(super) fn corrupt(&self, detail: impl Into<String>) -> ShmError {
         ShmError::Corrupt {
             instance: self.instance.clone(),
             path: self.path_text(),
@@ -545,11 +345,11 @@ impl Segment {
         }
     }
 
-    fn unknown(&self, what: &str, e: UnknownValue) -> ShmError {
+    pub(super) fn unknown(&self, what: &str, e: UnknownValue) -> ShmError {
         self.corrupt(format!("{what}: {e}"))
     }
 
-    fn mutex_error(&self, which: MutexId, source: MutexError) -> ShmError {
+    pub(super) fn mutex_error(&self, which: MutexId, source: MutexError) -> ShmError {
         ShmError::Mutex {
             instance: self.instance.clone(),
             which,
@@ -557,7 +357,7 @@ impl Segment {
         }
     }
 
-    fn check_index(&self, index: usize) -> Result<(), ShmError> {
+    pub(super) fn check_index(&self, index: usize) -> Result<(), ShmError> {
         let count = self.service_count();
         if index < count {
             Ok(())
@@ -572,17 +372,17 @@ impl Segment {
 
     // ----- views (bounds guaranteed by the layout validated at open) ----------
 
-    fn header(&self) -> &Header {
+    pub(super) fn header(&self) -> &Header {
         self.map.get(0).expect("header checked at open")
     }
 
-    fn instance_record(&self) -> &InstanceRecord {
+    pub(super) fn instance_record(&self) -> &InstanceRecord {
         self.map
             .get(self.layout.instance)
             .expect("instance record checked at open")
     }
 
-    fn static_record(&self, index: usize) -> Result<&ServiceStaticRecord, ShmError> {
+    pub(super) fn static_record(&self, index: usize) -> Result<&ServiceStaticRecord, ShmError> {
         self.check_index(index)?;
         Ok(self
             .map
@@ -590,7 +390,7 @@ impl Segment {
             .expect("service static records checked at open"))
     }
 
-    fn service_record(&self, index: usize) -> Result<&ServiceRecord, ShmError> {
+    pub(super) fn service_record(&self, index: usize) -> Result<&ServiceRecord, ShmError> {
         self.check_index(index)?;
         Ok(self
             .map
@@ -598,7 +398,7 @@ impl Segment {
             .expect("state table checked at open"))
     }
 
-    fn sequence_words(&self, startup: bool) -> &[AtomicU32] {
+    pub(super) fn sequence_words(&self, startup: bool) -> &[AtomicU32] {
         let (offset, len) = if startup {
             (self.layout.startup, self.layout.counts.startup_len)
         } else {
@@ -609,7 +409,7 @@ impl Segment {
             .expect("sequences checked at open")
     }
 
-    fn blob_bytes(&self) -> &[AtomicU8] {
+    pub(super) fn blob_bytes(&self) -> &[AtomicU8] {
         self.map
             .slice(
                 self.layout.config_blob,
@@ -709,7 +509,7 @@ impl Segment {
 
     /// Write the header (all but the magic), the config image, the blob and
     /// the initial records of a segment no one else can see yet.
-    fn write_image(&self, spec: &SegmentSpec, manager: ProcessIdentity) {
+    pub(super) fn write_image(&self, spec: &SegmentSpec, manager: ProcessIdentity) {
         let l = &self.layout;
         let h = self.header();
         let r = Ordering::Relaxed;
@@ -1095,7 +895,7 @@ impl Segment {
         Ok(None)
     }
 
-    fn sequence(&self, startup: bool) -> Result<Vec<u32>, ShmError> {
+    pub(super) fn sequence(&self, startup: bool) -> Result<Vec<u32>, ShmError> {
         let which = if startup { "startup" } else { "shutdown" };
         let seq: Vec<u32> = self
             .sequence_words(startup)
@@ -1141,7 +941,7 @@ impl Segment {
     /// writer is at work; if one takes long (or died mid-change), read under
     /// the shared-memory mutex instead, which also repairs a dead writer's
     /// generation.
-    fn read_consistent<T>(&self, read: impl Fn() -> T) -> Result<T, ShmError> {
+    pub(super) fn read_consistent<T>(&self, read: impl Fn() -> T) -> Result<T, ShmError> {
         const ATTEMPTS: u32 = 200;
         let generation = &self.header().generation;
         for attempt in 0..ATTEMPTS {
@@ -1205,7 +1005,9 @@ impl Segment {
     }
 
     /// The recorded manager, coordinator, standby and keeper.
-    fn recorded_parties(&self) -> Result<[(Role, Option<ProcessIdentity>); 4], ShmError> {
+    pub(super) fn recorded_parties(
+        &self,
+    ) -> Result<[(Role, Option<ProcessIdentity>); 4], ShmError> {
         let inst = self.instance_record();
         let r = Ordering::Relaxed;
         let (m, mt, c, ct, s, st, k, kt) = self.read_consistent(|| {
@@ -1387,7 +1189,7 @@ impl Segment {
         self.lock_state(true)
     }
 
-    fn lock_state(&self, bump: bool) -> Result<StateWriter<'_>, ShmError> {
+    pub(super) fn lock_state(&self, bump: bool) -> Result<StateWriter<'_>, ShmError> {
         let guard = self
             .mutex(MutexId::Shm)?
             .lock()
@@ -1430,7 +1232,7 @@ impl Segment {
 
     /// The probe proper. On `Stale` it returns the manager and daemon locks it
     /// took, so that the caller can act before anyone else concludes the same.
-    fn examine(&self) -> Result<(Probe, Vec<MutexGuard>), ShmError> {
+    pub(super) fn examine(&self) -> Result<(Probe, Vec<MutexGuard>), ShmError> {
         let parties = self.recorded_parties()?;
         let alive = |role: Role| {
             parties
@@ -1554,11 +1356,11 @@ impl StateWriter<'_> {
         self.guard.previous_holder_died()
     }
 
-    fn record(&self, index: usize) -> Result<&ServiceRecord, ShmError> {
+    pub(super) fn record(&self, index: usize) -> Result<&ServiceRecord, ShmError> {
         self.seg.service_record(index)
     }
 
-    fn instance(&self) -> &InstanceRecord {
+    pub(super) fn instance(&self) -> &InstanceRecord {
         self.seg.instance_record()
     }
 
@@ -1569,7 +1371,7 @@ impl StateWriter<'_> {
         inst.last_transition_ms.store(at_ms, Ordering::Relaxed);
     }
 
-    fn set_party(
+    pub(super) fn set_party(
         pid: &std::sync::atomic::AtomicI32,
         start: &std::sync::atomic::AtomicU64,
         p: Option<ProcessIdentity>,
@@ -1812,28 +1614,6 @@ mod tests {
         assert!(
             check_spec(&s).is_ok(),
             "a partial sequence is the graph's business"
-        );
-    }
-
-    #[test]
-    fn error_messages_read_as_sentences() {
-        let e = ShmError::WrongOwner {
-            instance: "x".into(),
-            path: "/dev/shm/ccmgr.x".into(),
-            owner: 65534,
-            expected: 0,
-        };
-        assert_eq!(
-            e.to_string(),
-            "segment /dev/shm/ccmgr.x of instance x was created by uid 65534, not by uid 0: refusing to use it"
-        );
-        let e = ShmError::AlreadyRunning {
-            instance: "x".into(),
-            coordinator_pid: Some(42),
-        };
-        assert_eq!(
-            e.to_string(),
-            "instance x is already running (coordinator pid 42)"
         );
     }
 }
