@@ -19,15 +19,17 @@ pub mod api;
 pub mod error;
 pub mod layout;
 mod mapping;
+pub mod reclaim;
 pub mod robust;
 pub mod segment;
 pub mod state;
 
 pub use error::ShmError;
+pub use reclaim::{Probe, Reclaimed, Role, Survivor};
 pub use robust::{Acquired, Deadline, MutexError, MutexGuard, SharedMutex, monotonic_ms};
 pub use segment::{
-    GaveUp, InstanceStatus, Probe, Reclaimed, Role, SHM_DIR, Segment, SegmentSpec, ServiceStatic,
-    ServiceStatus, StateWriter, Survivor, segment_os_id, segment_path, validate_instance_name,
+    GaveUp, InstanceStatus, SHM_DIR, Segment, SegmentSpec, ServiceStatic, ServiceStatus,
+    StateWriter, segment_os_id, segment_path, validate_instance_name,
 };
 pub use state::{
     FailureCode, GiveUpReason, InstanceProgress, InstanceState, LastExit, MutexId, ServiceProgress,
