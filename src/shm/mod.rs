@@ -23,15 +23,17 @@ pub mod reclaim;
 pub mod robust;
 pub mod segment;
 pub mod state;
+pub mod status;
 
 pub use error::ShmError;
 pub use reclaim::{Probe, Reclaimed, Role, Survivor};
 pub use robust::{Acquired, Deadline, MutexError, MutexGuard, SharedMutex, monotonic_ms};
 pub use segment::{
-    GaveUp, InstanceStatus, SHM_DIR, Segment, SegmentSpec, ServiceStatic, ServiceStatus,
-    StateWriter, segment_os_id, segment_path, validate_instance_name,
+    SHM_DIR, Segment, SegmentSpec, ServiceStatic, segment_os_id, segment_path,
+    validate_instance_name,
 };
 pub use state::{
     FailureCode, GiveUpReason, InstanceProgress, InstanceState, LastExit, MutexId, ServiceProgress,
     ServiceState, Stage, StopIntent, StopKind, UnknownValue, Want,
 };
+pub use status::{GaveUp, InstanceStatus, ServiceStatus, StateWriter};
