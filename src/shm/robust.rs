@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 
-use super::mapping::Mapping;
+use super::mapping::{Mapping, ReadWrite};
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 compile_error!(
@@ -315,7 +315,7 @@ impl RobustMutex {
 /// and `Send`: hand it to the thread that is to hold the lock.
 #[derive(Clone)]
 pub struct SharedMutex {
-    map: Arc<Mapping>,
+    map: Arc<Mapping<ReadWrite>>,
     mutex: NonNull<RobustMutex>,
 }
 
@@ -328,7 +328,7 @@ unsafe impl Sync for SharedMutex {}
 impl SharedMutex {
     /// Only the mapping makes handles, after checking that `mutex` lies inside
     /// it, aligned.
-    pub(crate) fn new(map: Arc<Mapping>, mutex: NonNull<RobustMutex>) -> SharedMutex {
+    pub(crate) fn new(map: Arc<Mapping<ReadWrite>>, mutex: NonNull<RobustMutex>) -> SharedMutex {
         SharedMutex { map, mutex }
     }
 
@@ -405,7 +405,7 @@ impl fmt::Debug for SharedMutex {
 #[must_use = "dropping the guard unlocks the mutex at once"]
 pub struct MutexGuard {
     /// Keeps the mapping (and so the mutex) mapped while the lock is held.
-    _mapping: Arc<Mapping>,
+    _mapping: Arc<Mapping<ReadWrite>>,
     mutex: NonNull<RobustMutex>,
     acquired: Acquired,
     /// Set by `unlock`, so that drop does not unlock twice.
