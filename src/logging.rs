@@ -23,9 +23,9 @@
 //! also compares its file with the path's, so that a log removed or moved by an operator is
 //! recreated.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -64,15 +64,13 @@ impl SharedLog {
             file: None,
             writes_since_check: 0,
         };
-        log.file = Some(open_append(path)?);
+        log.file = Some(crate::logsink::open_append(path)?);
         Ok(log)
     }
 
     /// `<path>.<n>`: the n-th most recent rotated file.
     pub fn rotated_path(&self, n: u32) -> PathBuf {
-        let mut name = self.path.as_os_str().to_owned();
-        name.push(format!(".{n}"));
-        PathBuf::from(name)
+        crate::logsink::rotated(&self.path, n)
     }
 
     /// The file to append the next line to: the one held, unless it is full (then rotate or
@@ -103,16 +101,13 @@ impl SharedLog {
 
     /// Under the lock: rotates if the file the path names is full, then opens the path.
     fn rotate_if_full_and_reopen(&mut self) -> io::Result<()> {
-        let lock_file = open_append(&self.lock_path)?;
+        let lock_file = crate::logsink::open_append(&self.lock_path)?;
         let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| e)?;
         let full = std::fs::metadata(&self.path).is_ok_and(|m| m.len() >= self.max_bytes);
         if full {
-            for n in (1..self.keep).rev() {
-                rename_if_present(&self.rotated_path(n), &self.rotated_path(n + 1))?;
-            }
-            rename_if_present(&self.path, &self.rotated_path(1))?;
+            crate::logsink::shift_rotations(&self.path, self.keep)?;
         }
-        self.file = Some(open_append(&self.path)?);
+        self.file = Some(crate::logsink::open_append(&self.path)?);
         Ok(())
     }
 }
@@ -129,21 +124,6 @@ impl Write for SharedLog {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .open(path)
-}
-
-fn rename_if_present(from: &Path, to: &Path) -> io::Result<()> {
-    match std::fs::rename(from, to) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
     }
 }
 
