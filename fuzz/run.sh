@@ -45,8 +45,8 @@ for t in "${targets[@]}"; do
     "$replay" --seeds "$t" "$seeds"
     [ -n "$(ls -A "$seeds")" ] || printf 'x' >"$seeds/empty"
     echo "--- fuzzing $t for ${seconds}s"
-    # -t: an input that takes over 1 s is a hang; -m: over 1 GiB of memory is a crash.
-    cargo afl fuzz -V "$seconds" -t 1000 -m 1024 -i "$seeds" -o "$out" -- "$bin" "$t" \
+    # -t: an input that takes over 3 s is a hang (a reader waits up to 1 s for a lock, a probe reads twice); -m: over 1 GiB of memory is a crash.
+    cargo afl fuzz -V "$seconds" -t 3000 -m 1024 -i "$seeds" -o "$out" -- "$bin" "$t" \
         >"fuzz/out/$t.log" 2>&1 || { tail -30 "fuzz/out/$t.log"; exit 1; }
     rm -rf "$seeds"
     # The segment target's files, should a crash have left one (only our own prefixes).

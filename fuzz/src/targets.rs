@@ -258,18 +258,23 @@ pub fn segment(data: &[u8]) {
     write_private(&path, &bytes);
     match Segment::open(&instance) {
         Ok(seg) => {
-            let _ = seg.services();
-            let _ = seg.instance_status();
-            for i in 0..seg.service_count() {
-                let _ = seg.service_status(i);
-                let _ = seg.service_process(i);
-                let _ = seg.service_progress(i);
-            }
-            let _ = seg.instance_progress();
-            if let Ok(blob) = seg.config_blob()
-                && let Err(e) = Config::from_image(&blob)
-            {
-                assert_sentence("segment config blob", &e);
+            // As `status` reads it; the first error ends the reading, as it ends `status`.
+            let read = || -> Result<(), ccmgr::shm::segment::ShmError> {
+                seg.services()?;
+                seg.instance_status()?;
+                for i in 0..seg.service_count() {
+                    seg.service_status(i)?;
+                    seg.service_process(i)?;
+                    seg.service_progress(i)?;
+                }
+                seg.instance_progress()?;
+                if let Err(e) = Config::from_image(&seg.config_blob()?) {
+                    assert_sentence("segment config blob", &e);
+                }
+                Ok(())
+            };
+            if let Err(e) = read() {
+                assert_sentence("segment read", &e.to_string());
             }
         }
         Err(e) => assert_sentence("segment", &e.to_string()),
@@ -335,8 +340,8 @@ fn segment_template() -> &'static [u8] {
             config_blob: config.to_image(),
         };
         let (segment, guard) = Segment::create(&spec).expect("create the template segment");
-        let bytes = std::fs::read(segment.path()).expect("read the template segment");
         drop(guard);
+        let bytes = std::fs::read(segment.path()).expect("read the template segment");
         let _ = segment.unlink();
         bytes
     })

@@ -178,6 +178,16 @@ pub enum ShmError {
         #[source]
         source: io::Error,
     },
+    /// A reader waited [`READ_LOCK_LIMIT`] for the state lock in vain: its holder is stopped
+    /// or wedged, or the segment's bytes only look locked. A reader never waits for ever.
+    #[error(
+        "instance {instance}: the lock of its shared state has been held for over {}s (a stopped or wedged writer, or a corrupt segment): cannot read a consistent state",
+        READ_LOCK_LIMIT.as_secs()
+    )]
+    StateLockHeld {
+        /// The instance.
+        instance: String,
+    },
     /// A live coordinator holds the instance.
     #[error("instance {instance} is already running (coordinator {})", pid_text(.coordinator_pid))]
     AlreadyRunning {
@@ -504,6 +514,9 @@ fn check_sequence(which: &str, seq: &[u32], services: usize) -> Result<(), Strin
 }
 
 /// The largest segment any valid header can describe.
+/// How long a reader waits for the state lock, which writers hold for microseconds.
+pub const READ_LOCK_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn max_segment_size() -> u64 {
     Layout::compute(Counts {
         services: MAX_SERVICES,
@@ -992,6 +1005,15 @@ impl Segment {
             instance: instance.to_owned(),
             path,
         };
+        // A mutex whose bytes are not those of a robust shared mutex must never reach glibc,
+        // which aborts on an inconsistent one (found by fuzzing).
+        for id in MutexId::NAMED {
+            if !seg.mutex(id)?.has_expected_kind() {
+                return Err(corrupt(format!(
+                    "its {id} is not a robust process-shared mutex as ccmgr makes them"
+                )));
+            }
+        }
         // The config image must read back whole: ids, sequences, checksum.
         seg.services()?;
         seg.startup_sequence()?;
@@ -1158,7 +1180,16 @@ impl Segment {
                 std::thread::yield_now();
             }
         }
-        let locked = self.lock_state(false)?;
+        // Bounded: a reader (`status`) must answer, even when the holder never lets go (found
+        // by fuzzing: bytes that say "held by a thread that no longer exists" block for ever).
+        let guard = self
+            .mutex(MutexId::Shm)?
+            .lock_timeout(READ_LOCK_LIMIT)
+            .map_err(|e| self.mutex_error(MutexId::Shm, e))?
+            .ok_or_else(|| ShmError::StateLockHeld {
+                instance: self.instance.clone(),
+            })?;
+        let locked = self.state_writer(guard, false);
         let value = read();
         drop(locked);
         Ok(value)
@@ -1382,6 +1413,11 @@ impl Segment {
             .mutex(MutexId::Shm)?
             .lock()
             .map_err(|e| self.mutex_error(MutexId::Shm, e))?;
+        Ok(self.state_writer(guard, bump))
+    }
+
+    /// The state lock, `guard`, made a writer (`bump`) or a reader's hold.
+    fn state_writer(&self, guard: MutexGuard, bump: bool) -> StateWriter<'_> {
         let generation = &self.header().generation;
         let mut g = generation.load(Ordering::Relaxed);
         if g % 2 == 1 {
@@ -1394,11 +1430,11 @@ impl Segment {
             generation.store(g + 1, Ordering::Relaxed);
             fence(Ordering::Release);
         }
-        Ok(StateWriter {
+        StateWriter {
             seg: self,
             guard,
             generation: bump.then_some(g),
-        })
+        }
     }
 
     // ----- stale state -------------------------------------------------------
