@@ -145,14 +145,17 @@ pub fn duration(data: &[u8]) {
 pub fn notify(data: &[u8]) {
     use ccmgr::notify::NotifySocket;
     use std::os::unix::net::UnixDatagram;
-    static SOCKET: OnceLock<(tempfile::TempDir, NotifySocket, UnixDatagram)> = OnceLock::new();
-    let (_dir, socket, sender) = SOCKET.get_or_init(|| {
+    static SOCKET: OnceLock<(NotifySocket, UnixDatagram)> = OnceLock::new();
+    let (socket, sender) = SOCKET.get_or_init(|| {
         let dir = tempfile::tempdir().expect("a temp dir");
         let path = dir.path().join("notify");
         let socket = NotifySocket::bind(&path).expect("bind the notify socket");
         let sender = UnixDatagram::unbound().expect("a datagram socket");
         sender.connect(&path).expect("connect to the notify socket");
-        (dir, socket, sender)
+        // A connected sender needs no name any more: the directory goes now, as a static
+        // is never dropped.
+        drop(dir);
+        (socket, sender)
     });
     // The pure parser sees every input, also those the socket drops for their size.
     let _ = ccmgr::notify::parse_payload(data);
