@@ -9,6 +9,7 @@ use std::io;
 use super::layout::{LAYOUT_VERSION, MAGIC};
 use super::robust::MutexError;
 use super::state::MutexId;
+use super::status::READ_LOCK_LIMIT;
 
 /// Errors of the shared-memory segment. Each names the instance and, where
 /// there is one, the segment's path.
@@ -154,6 +155,16 @@ pub enum ShmError {
         /// The error.
         #[source]
         source: io::Error,
+    },
+    /// A reader waited [`READ_LOCK_LIMIT`] for the state lock in vain: its holder is stopped
+    /// or wedged, or the segment's bytes only look locked. A reader never waits for ever.
+    #[error(
+        "instance {instance}: the lock of its shared state has been held for over {}s (a stopped or wedged writer, or a corrupt segment): cannot read a consistent state",
+        READ_LOCK_LIMIT.as_secs()
+    )]
+    StateLockHeld {
+        /// The instance.
+        instance: String,
     },
     /// A live coordinator holds the instance.
     #[error("instance {instance} is already running (coordinator {})", pid_text(.coordinator_pid))]

@@ -46,4 +46,4 @@ pub use state::{
     FailureCode, GiveUpReason, InstanceProgress, InstanceState, LastExit, MutexId, ServiceProgress,
     ServiceState, Stage, StopIntent, StopKind, UnknownValue, Want,
 };
-pub use status::{GaveUp, InstanceStatus, ServiceStatus, StateWriter};
+pub use status::{GaveUp, InstanceStatus, READ_LOCK_LIMIT, ServiceStatus, StateWriter};

@@ -457,6 +457,15 @@ impl Segment {
             instance: instance.to_owned(),
             path,
         };
+        // A mutex whose bytes are not those of a robust shared mutex must never reach glibc,
+        // which aborts on an inconsistent one (found by fuzzing).
+        for id in MutexId::NAMED {
+            if !seg.mutex(id)?.has_expected_kind() {
+                return Err(corrupt(format!(
+                    "its {id} is not a robust process-shared mutex as ccmgr makes them"
+                )));
+            }
+        }
         // The config image must read back whole: ids, sequences, checksum.
         seg.services()?;
         seg.startup_sequence()?;

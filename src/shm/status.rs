@@ -96,7 +96,16 @@ impl Segment {
                 std::thread::yield_now();
             }
         }
-        let locked = self.lock_state(false)?;
+        // Bounded: a reader (`status`) must answer, even when the holder never lets go (found
+        // by fuzzing: bytes that say "held by a thread that no longer exists" block for ever).
+        let guard = self
+            .mutex(MutexId::Shm)?
+            .lock_timeout(READ_LOCK_LIMIT)
+            .map_err(|e| self.mutex_error(MutexId::Shm, e))?
+            .ok_or_else(|| ShmError::StateLockHeld {
+                instance: self.instance().to_owned(),
+            })?;
+        let locked = self.state_writer(guard, false);
         let value = read();
         drop(locked);
         Ok(value)
@@ -305,6 +314,11 @@ impl Segment {
             .mutex(MutexId::Shm)?
             .lock()
             .map_err(|e| self.mutex_error(MutexId::Shm, e))?;
+        Ok(self.state_writer(guard, bump))
+    }
+
+    /// The state lock, `guard`, made a writer (`bump`) or a reader's hold.
+    fn state_writer(&self, guard: MutexGuard, bump: bool) -> StateWriter<'_> {
         let generation = &self.header().generation;
         let mut g = generation.load(Ordering::Relaxed);
         if g % 2 == 1 {
@@ -317,13 +331,16 @@ impl Segment {
             generation.store(g + 1, Ordering::Relaxed);
             fence(Ordering::Release);
         }
-        Ok(StateWriter {
+        StateWriter {
             seg: self,
             guard,
             generation: bump.then_some(g),
-        })
+        }
     }
 }
+
+/// How long a reader waits for the state lock, which writers hold for microseconds.
+pub const READ_LOCK_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Exclusive write access to the live state, under the shared-memory mutex.
 /// Readers see the changes made through one writer as one change: the
