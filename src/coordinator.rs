@@ -41,7 +41,7 @@ use crate::keeper::protocol::{self, FromKeeper, Outbox, ToKeeper, recv_message};
 use crate::keeper::{
     COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD, RecentDeaths,
 };
-use crate::notify::{self, NotifySocket};
+use crate::notify::{self, DropTally, NotifySocket, Received, SenderFilter};
 use crate::process_identity::ProcessIdentity;
 use crate::shm::api::{ControlSegment, DaemonComponentHolder};
 use crate::shm::{
@@ -159,6 +159,15 @@ struct Coordinator {
     outbox: Outbox,
     /// READY=1 senders not yet known as services: (pid, session).
     unclaimed_ready: Vec<(i32, Option<i32>)>,
+    /// Which notify senders may be a service's, judged from their credentials alone.
+    notify_filter: SenderFilter,
+    /// Notify datagrams dropped, counted for a summary line per period.
+    notify_drops: DropTally,
+    /// While a flood pauses reading the notify socket: until when (engine time).
+    notify_paused_until: Option<Time>,
+    /// Drops counted since (engine time), over a span of [`NOTIFY_FLOOD_PAUSE`]: a flood
+    /// detector.
+    notify_recent_drops: (Time, usize),
     /// The daemon component of the service API, held while no shutdown is asked for; its
     /// holder thread's death (with ours) is what API services see as the coordinator's death.
     gate: DaemonComponentHolder,
@@ -277,6 +286,15 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
     // The engine is replaced below for a takeover; a fresh one costs nothing.
     let started_at = epoch.elapsed();
     let (engine, first_actions) = Engine::new(params.clone(), started_at);
+    // Services run as root, as this process's user, or as their configured `user`.
+    let notify_filter = SenderFilter::new(
+        [0, nix::unistd::geteuid().as_raw()].into_iter().chain(
+            config
+                .services
+                .iter()
+                .filter_map(|s| s.user.as_ref().map(|u| u.id)),
+        ),
+    );
     let mut c = Coordinator {
         config,
         segment,
@@ -294,6 +312,10 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         keeper_lost: false,
         outbox: Outbox::default(),
         unclaimed_ready: Vec::new(),
+        notify_filter,
+        notify_drops: DropTally::new(NOTIFY_DROP_PERIOD),
+        notify_paused_until: None,
+        notify_recent_drops: (Time::ZERO, 0),
         gate,
         standby: None,
         standby_since: None,
@@ -675,12 +697,14 @@ impl Coordinator {
                 let source = Source::ALL.into_iter().find(|s| s.token() == event.data());
                 match source {
                     Some(Source::Keeper) => self.on_keeper(&epoll),
-                    Some(Source::Notify) => self.on_notify(),
+                    Some(Source::Notify) => self.on_notify(&epoll),
                     Some(Source::Signals) => self.on_signals(),
                     Some(Source::Timer) => {
                         let _ = self.timer.wait();
                         self.feed(Event::Tick);
                         self.retry_standby_if_due();
+                        self.summarize_notify_drops();
+                        self.resume_notify_if_due(&epoll);
                     }
                     Some(Source::Watchdog) => {
                         if let Some(timer) = &self.watchdog {
@@ -706,6 +730,8 @@ impl Coordinator {
             .next_deadline()
             .into_iter()
             .chain(self.standby_retry_at)
+            .chain(self.notify_drops.due())
+            .chain(self.notify_paused_until)
             .min();
         match next {
             Some(deadline) => {
@@ -837,26 +863,55 @@ impl Coordinator {
         }
     }
 
-    fn on_notify(&mut self) {
-        loop {
-            let message = match self.notify.recv() {
-                Ok(Some(m)) => m,
-                Ok(None) => return,
+    /// Takes what waits on the notify socket, at most [`NOTIFY_BATCH`] datagrams per wakeup
+    /// (the level-triggered loop comes back for the rest after serving the other sources).
+    /// Any local user can send here, so a datagram is first judged by its kernel-attested
+    /// sender alone ([`notify::SenderFilter`]): a stranger's is dropped unparsed, without a
+    /// `/proc` read, and counted rather than logged one by one.
+    ///
+    /// A batch's worth of drops within [`NOTIFY_FLOOD_PAUSE`] is a flood: the socket is then
+    /// left unread for that long, so that a flood costs the coordinator about one batch per
+    /// pause, whatever its rate. A service's `READY=1` meanwhile waits in its (blocking)
+    /// `send` or in the socket's queue, and is taken when reading resumes.
+    fn on_notify(&mut self, epoll: &Epoll) {
+        self.summarize_notify_drops();
+        for _ in 0..NOTIFY_BATCH {
+            let (filter, pids) = (&self.notify_filter, &self.pids);
+            let message = match self
+                .notify
+                .recv_filtered(|sender| filter.admits(sender, pids))
+            {
+                Ok(Some(Received::Message(m))) => m,
+                Ok(Some(Received::Refused(sender) | Received::Malformed(Some(sender)))) => {
+                    self.note_notify_drop(Some(sender));
+                    continue;
+                }
+                Ok(Some(Received::Malformed(None))) => {
+                    self.note_notify_drop(None);
+                    continue;
+                }
+                Ok(None) => break,
                 Err(e) => {
                     warn!(error = %e, "cannot read the notify socket");
-                    return;
+                    break;
                 }
             };
             if !message.is_ready() {
                 continue;
             }
             // The kernel vouches for the sender's pid; it must be a service's main process or
-            // one of its process group.
-            let owner = (0..self.pids.len()).find(|&s| {
-                self.pids[s].is_some_and(|pid| {
-                    pid == message.pid || notify::sender_belongs_to(message.pid, pid)
-                })
-            });
+            // in its session (a service leads its own session). /proc is read once, and only
+            // for a sender that is not a main process.
+            let mut session = None;
+            let owner = self
+                .pids
+                .iter()
+                .position(|&pid| pid == Some(message.pid))
+                .or_else(|| {
+                    session = notify::proc_ids(message.pid).ok().map(|ids| ids.session);
+                    let leader = session.filter(|&s| s > 0)?;
+                    self.pids.iter().position(|&pid| pid == Some(leader))
+                });
             match owner {
                 Some(service) => {
                     info!(service = %self.config.services[service].id, pid = message.pid, "ready");
@@ -865,16 +920,72 @@ impl Coordinator {
                 None => {
                     // Perhaps a service so quick that its READY=1 came before the keeper's
                     // word that it was started: keep it (with the sender's session, read now,
-                    // while the sender surely exists) until the next spawns are reported.
-                    let session = notify::proc_ids(message.pid).ok().map(|ids| ids.session);
+                    // while the sender surely exists) until the next spawns are reported. At
+                    // most MAX_UNCLAIMED_READY are kept; each one pushed out is a drop.
                     if self.unclaimed_ready.len() == MAX_UNCLAIMED_READY {
-                        let (pid, _) = self.unclaimed_ready.remove(0);
-                        warn!(pid, "READY=1 from a process that is no service's: ignored");
+                        self.unclaimed_ready.remove(0);
+                        self.note_notify_drop(Some(notify::Sender {
+                            pid: message.pid,
+                            uid: message.uid,
+                            gid: message.gid,
+                        }));
                     }
                     self.unclaimed_ready.push((message.pid, session));
                 }
             }
         }
+        if self.notify_recent_drops.1 >= NOTIFY_BATCH && epoll.delete(self.notify.as_fd()).is_ok() {
+            self.notify_paused_until = Some(self.now() + NOTIFY_FLOOD_PAUSE);
+            self.notify_recent_drops.1 = 0;
+        }
+    }
+
+    /// Reads the notify socket again once a flood's pause is over.
+    fn resume_notify_if_due(&mut self, epoll: &Epoll) {
+        if self
+            .notify_paused_until
+            .is_some_and(|until| until <= self.now())
+        {
+            self.notify_paused_until = None;
+            let event = EpollEvent::new(EpollFlags::EPOLLIN, Source::Notify.token());
+            if let Err(e) = epoll.add(self.notify.as_fd(), event) {
+                error!(error = %e, "cannot watch the notify socket again: readiness by notification is lost");
+            }
+        }
+    }
+
+    /// Counts a dropped notify datagram; only the first of a spell is logged at once.
+    fn note_notify_drop(&mut self, sender: Option<notify::Sender>) {
+        let now = self.now();
+        let (since, count) = &mut self.notify_recent_drops;
+        if now >= *since + NOTIFY_FLOOD_PAUSE {
+            (*since, *count) = (now, 0);
+        }
+        *count += 1;
+        if self.notify_drops.note(now, sender) {
+            warn!(
+                pid = sender.map(|s| s.pid),
+                uid = sender.map(|s| s.uid),
+                "notify datagram from a process that is no service's (or malformed) dropped; more within {} s are counted, not logged",
+                NOTIFY_DROP_PERIOD.as_secs()
+            );
+        }
+    }
+
+    /// Logs the count of notify datagrams dropped in the period just ended, if it has ended.
+    fn summarize_notify_drops(&mut self) {
+        let Some(summary) = self.notify_drops.take_summary(self.now()) else {
+            return;
+        };
+        let example = match summary.example {
+            Some(s) => format!(", e.g. pid {} uid {}", s.pid, s.uid),
+            None => String::new(),
+        };
+        warn!(
+            "dropped {} notify datagrams from processes that are no service's (or malformed) in the last {} s{example}",
+            summary.count,
+            summary.over.as_secs().max(1)
+        );
     }
 
     fn on_signals(&mut self) {
@@ -1177,6 +1288,17 @@ fn outcome_of(intent: StopIntent, params: &EngineParams) -> Outcome {
 
 /// READY=1 messages kept for services whose start is not reported yet, at most.
 const MAX_UNCLAIMED_READY: usize = 64;
+
+/// Notify datagrams taken per wakeup, at most: a flood cannot hold the loop, and what waits
+/// beyond is bounded by the socket's receive buffer.
+const NOTIFY_BATCH: usize = 64;
+
+/// After a batch's worth of dropped datagrams within this span, the notify socket is left
+/// unread this long.
+const NOTIFY_FLOOD_PAUSE: Duration = Duration::from_millis(2);
+
+/// Dropped notify datagrams are logged once per this period, as a count.
+const NOTIFY_DROP_PERIOD: Duration = Duration::from_secs(10);
 
 /// Standbys that die within [`STANDBY_QUICK_DEATH`] of their start this many times within
 /// [`STANDBY_DEATH_SPAN`] are given up on (the segment says so, for `status`) until the span

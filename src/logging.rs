@@ -1,16 +1,131 @@
 //! Where the coordinator's and the keeper's own log lines go: one line per event, appended to
-//! `log_dir/ccmgr-<instance>.log`, and to stderr too in the foreground.
+//! `log_dir/ccmgr-<instance>.log` ([`SharedLog`]), and to stderr too in the foreground.
 //!
 //! Writes are appends of whole lines to a regular file (and a terminal in the foreground):
 //! they do not wait on any reader, so logging cannot stall the event loops. `RUST_LOG`
 //! filters as usual (default `info`).
+//!
+//! The file is size-capped and rotated like the services' logs ([`crate::logsink`]): once it
+//! reaches [`crate::keeper::LOG_MAX_BYTES`] it becomes `.log.1`, `.1` becomes `.2`, and so on
+//! up to [`crate::keeper::LOG_KEEP`]; the oldest is dropped. So nothing, not even a local user
+//! making the coordinator warn as fast as it can, fills the disk through ccmgr.
+//!
+//! Several processes (keeper, coordinator, standby) append to the same file, so rotation must
+//! be safe between them. Every writer opens the file `O_APPEND`, so lines from different
+//! processes never overwrite each other. Before each line, a writer looks at the size of the
+//! file it holds (`fstat`): a file at or over the cap is either the current one, full, or one
+//! another writer already rotated away (a file is rotated only once it is full). Either way
+//! the writer takes an exclusive `flock` on `<log>.lock` in the same directory, and then, by
+//! path: if the current file is still the full one, it rotates (renames only); then it opens
+//! whatever the path names now. One rotation per fill, whoever comes first; the others just
+//! reopen. A file can exceed the cap by the lines written between a writer's `fstat` and
+//! another's rotation: a few lines, not a flood. Every [`REOPEN_CHECK_EVERY`] lines a writer
+//! also compares its file with the path's, so that a log removed or moved by an operator is
+//! recreated.
 
-use std::fs::OpenOptions;
-use std::path::Path;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use nix::fcntl::{Flock, FlockArg};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::MakeWriterExt;
+
+/// Lines between checks that the path still names the file a writer holds.
+pub const REOPEN_CHECK_EVERY: u32 = 256;
+
+/// A size-capped, rotated log file that several processes append to (see the module
+/// documentation for how they agree on rotation). A write is one line; errors are returned
+/// and the next write tries again.
+#[derive(Debug)]
+pub struct SharedLog {
+    path: PathBuf,
+    lock_path: PathBuf,
+    max_bytes: u64,
+    keep: u32,
+    /// `None` until opened, or after a failed open.
+    file: Option<File>,
+    writes_since_check: u32,
+}
+
+impl SharedLog {
+    /// A log at `path` rotated at `max_bytes` (at least 1), keeping `keep` old files (at
+    /// least 1). Opens (creating, mode 0640) the file now, so that a bad path shows at once.
+    pub fn open(path: &Path, max_bytes: u64, keep: u32) -> io::Result<SharedLog> {
+        let mut lock_name = path.as_os_str().to_owned();
+        lock_name.push(".lock");
+        let mut log = SharedLog {
+            path: path.to_path_buf(),
+            lock_path: PathBuf::from(lock_name),
+            max_bytes: max_bytes.max(1),
+            keep: keep.max(1),
+            file: None,
+            writes_since_check: 0,
+        };
+        log.file = Some(crate::logsink::open_append(path)?);
+        Ok(log)
+    }
+
+    /// `<path>.<n>`: the n-th most recent rotated file.
+    pub fn rotated_path(&self, n: u32) -> PathBuf {
+        crate::logsink::rotated(&self.path, n)
+    }
+
+    /// The file to append the next line to: the one held, unless it is full (then rotate or
+    /// follow a rotation) or, at a periodic check, no longer the one the path names.
+    fn current(&mut self) -> io::Result<&mut File> {
+        let held = match &self.file {
+            Some(file) => Some(file.metadata()?),
+            None => None,
+        };
+        self.writes_since_check += 1;
+        let periodic = self.writes_since_check >= REOPEN_CHECK_EVERY;
+        let full = held.as_ref().is_some_and(|m| m.len() >= self.max_bytes);
+        let moved = periodic
+            && held.as_ref().is_some_and(|held| {
+                std::fs::metadata(&self.path).map_or(true, |now| {
+                    (now.dev(), now.ino()) != (held.dev(), held.ino())
+                })
+            });
+        if periodic {
+            self.writes_since_check = 0;
+        }
+        if held.is_none() || full || moved {
+            self.file = None;
+            self.rotate_if_full_and_reopen()?;
+        }
+        Ok(self.file.as_mut().expect("opened above"))
+    }
+
+    /// Under the lock: rotates if the file the path names is full, then opens the path.
+    fn rotate_if_full_and_reopen(&mut self) -> io::Result<()> {
+        let lock_file = crate::logsink::open_append(&self.lock_path)?;
+        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| e)?;
+        let full = std::fs::metadata(&self.path).is_ok_and(|m| m.len() >= self.max_bytes);
+        if full {
+            crate::logsink::shift_rotations(&self.path, self.keep)?;
+        }
+        self.file = Some(crate::logsink::open_append(&self.path)?);
+        Ok(())
+    }
+}
+
+impl Write for SharedLog {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let result = self.current()?.write(buf);
+        if result.is_err() {
+            // Open again next time: the file may have gone.
+            self.file = None;
+        }
+        result
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Installs the process's log subscriber and enters a span naming `role` ("coordinator",
 /// "keeper"), so every line says which process wrote it. Keep the returned guard for the
@@ -22,7 +137,7 @@ pub fn init(file: Option<&Path>, stderr: bool, role: &'static str) -> tracing::s
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        OpenOptions::new().create(true).append(true).open(path).ok()
+        SharedLog::open(path, crate::keeper::LOG_MAX_BYTES, crate::keeper::LOG_KEEP).ok()
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -98,7 +98,23 @@ pub fn log_path(dir: &Path, id: &str) -> PathBuf {
 
 /// `<dir>/<id>.log.<n>`: the n-th most recent rotated file (1 is the newest).
 pub fn rotated_path(dir: &Path, id: &str, n: u32) -> PathBuf {
-    dir.join(format!("{id}.log.{n}"))
+    rotated(&log_path(dir, id), n)
+}
+
+/// `<path>.<n>`: the n-th most recent rotated file of the log at `path` (1 is the newest).
+pub fn rotated(path: &Path, n: u32) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+/// Shifts `<path>.1` .. `<path>.<keep-1>` up by one (dropping `<path>.<keep>`) and moves
+/// `path` to `<path>.1`: one rotation, for the services' logs and ccmgr's own alike.
+pub(crate) fn shift_rotations(path: &Path, keep: u32) -> io::Result<()> {
+    for n in (1..keep).rev() {
+        rename_if_present(&rotated(path, n), &rotated(path, n + 1))?;
+    }
+    rename_if_present(path, &rotated(path, 1))
 }
 
 /// The log of one service.
@@ -116,8 +132,6 @@ thread_local! {
 /// The size-bounded file and its rotation, apart from the read buffer so both can be borrowed.
 #[derive(Debug)]
 struct LogFile {
-    dir: PathBuf,
-    id: String,
     path: PathBuf,
     max_bytes: u64,
     keep: u32,
@@ -146,8 +160,6 @@ impl LogSink {
             .len();
         Ok(LogSink {
             file: LogFile {
-                dir: dir.to_path_buf(),
-                id: id.to_owned(),
                 path,
                 max_bytes: max_bytes.max(1),
                 keep,
@@ -272,13 +284,7 @@ impl LogFile {
                     .open(&self.path)?;
                 drop(file);
             } else {
-                for n in (1..self.keep).rev() {
-                    rename_if_present(
-                        &rotated_path(&self.dir, &self.id, n),
-                        &rotated_path(&self.dir, &self.id, n + 1),
-                    )?;
-                }
-                rename_if_present(&self.path, &rotated_path(&self.dir, &self.id, 1))?;
+                shift_rotations(&self.path, self.keep)?;
             }
             // Rotated: if the open below fails, the retry must only open, not rotate again.
             self.size = 0;
@@ -290,7 +296,7 @@ impl LogFile {
     }
 }
 
-fn open_append(path: &Path) -> io::Result<File> {
+pub(crate) fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .append(true)
         .create(true)

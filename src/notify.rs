@@ -17,7 +17,12 @@
 //! other users can connect (connecting to a Unix socket needs write permission on its file;
 //! the run directory must also be searchable by them). That lets any local user send to it,
 //! which is harmless because every message is attributed by its kernel-supplied credentials
-//! and a sender that is not part of a service is ignored.
+//! and a sender that is not part of a service is ignored. It is also cheap: a flood from a
+//! stranger must not cost the coordinator its loop or fill its log. So the coordinator takes
+//! datagrams with [`NotifySocket::recv_filtered`], which drops one whose sender's uid no
+//! service runs as and whose pid is no service's main pid ([`SenderFilter`]) before parsing it
+//! or reading `/proc`; it takes a bounded number per wakeup; and it logs drops through a
+//! [`DropTally`]: one line at the first, then one summary with a count per period.
 //!
 //! Not supported, by design: abstract-namespace addresses (`@name`; `$NOTIFY_SOCKET` is always
 //! a filesystem path here), and `FDSTORE=1`. File descriptors sent with `SCM_RIGHTS` are
@@ -28,6 +33,7 @@ use std::io::{self, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
@@ -44,7 +50,7 @@ pub const MAX_DATAGRAM: usize = 4096;
 /// room for that many, so a message can never have fds cut off unseen (and so leaked).
 const SCM_MAX_FD: usize = 253;
 /// How many unusable datagrams one [`NotifySocket::recv`] call skips before it returns, so a
-/// flood of junk cannot hold the coordinator's loop.
+/// flood of junk cannot hold its caller.
 const MAX_SKIPPED: usize = 64;
 
 /// Why the notify socket could not be set up or read.
@@ -232,64 +238,213 @@ impl NotifySocket {
     /// Datagrams longer than [`MAX_DATAGRAM`] and datagrams without credentials are dropped,
     /// and fds that came with a datagram are closed. After skipping a run of such datagrams
     /// this may return `None` while more wait; a level-triggered poll wakes the caller again.
+    /// For a socket any local user can send to, prefer [`NotifySocket::recv_filtered`].
     pub fn recv(&self) -> Result<Option<NotifyMessage>, NotifyError> {
+        for _ in 0..MAX_SKIPPED {
+            match self.recv_filtered(|_| true)? {
+                None => return Ok(None),
+                Some(Received::Message(message)) => return Ok(Some(message)),
+                Some(Received::Refused(_)) => {}
+                Some(Received::Malformed(sender)) => {
+                    tracing::warn!(
+                        pid = sender.map(|s| s.pid),
+                        "notify datagram without credentials or over {MAX_DATAGRAM} bytes dropped"
+                    )
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Takes one waiting datagram, or `None` when none waits; never blocks, logs nothing.
+    ///
+    /// `admit` sees the kernel-attested sender first; a datagram it refuses is dropped
+    /// unparsed ([`Received::Refused`]), so that a stranger's datagram costs one `recvmsg`
+    /// and whatever `admit` costs. Datagrams longer than [`MAX_DATAGRAM`] or without
+    /// credentials are [`Received::Malformed`]; fds sent along are closed in every case.
+    pub fn recv_filtered(
+        &self,
+        admit: impl FnOnce(Sender) -> bool,
+    ) -> Result<Option<Received>, NotifyError> {
         let mut payload = [0u8; MAX_DATAGRAM];
         let mut control = nix::cmsg_space!(libc::ucred, [RawFd; SCM_MAX_FD]);
-        let mut skipped = 0;
-        while skipped < MAX_SKIPPED {
-            let mut iov = [IoSliceMut::new(&mut payload)];
-            let msg = match recvmsg::<()>(
+        let mut iov = [IoSliceMut::new(&mut payload)];
+        let msg = loop {
+            match recvmsg::<()>(
                 self.fd.as_raw_fd(),
                 &mut iov,
                 Some(&mut control),
                 MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
             ) {
-                Ok(msg) => msg,
+                Ok(msg) => break msg,
                 Err(Errno::EAGAIN) => return Ok(None),
                 Err(Errno::EINTR) => continue,
                 Err(errno) => return Err(NotifyError::Recv(errno)),
-            };
-            let mut credentials = None;
-            match msg.cmsgs() {
-                Ok(cmsgs) => {
-                    for cmsg in cmsgs {
-                        match cmsg {
-                            ControlMessageOwned::ScmCredentials(c) => credentials = Some(c),
-                            ControlMessageOwned::ScmRights(fds) => close_received(&fds),
-                            _ => {}
-                        }
+            }
+        };
+        let mut credentials = None;
+        match msg.cmsgs() {
+            Ok(cmsgs) => {
+                for cmsg in cmsgs {
+                    match cmsg {
+                        ControlMessageOwned::ScmCredentials(c) => credentials = Some(c),
+                        ControlMessageOwned::ScmRights(fds) => close_received(&fds),
+                        _ => {}
                     }
                 }
-                // MSG_CTRUNC. The control buffer holds credentials plus the kernel's maximum
-                // number of fds, and no other control message is enabled, so this means the
-                // kernel changed under us.
-                Err(errno) => {
-                    tracing::error!(%errno, "notify datagram with truncated control data")
-                }
             }
-            let (bytes, truncated) = (msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC));
-            let Some(credentials) = credentials else {
-                tracing::warn!("notify datagram without sender credentials dropped");
-                skipped += 1;
-                continue;
-            };
-            if truncated {
-                tracing::warn!(
-                    pid = credentials.pid(),
-                    limit = MAX_DATAGRAM,
-                    "oversized notify datagram dropped"
-                );
-                skipped += 1;
-                continue;
+            // MSG_CTRUNC. The control buffer holds credentials plus the kernel's maximum
+            // number of fds, and no other control message is enabled, so this means the
+            // kernel changed under us.
+            Err(errno) => {
+                tracing::error!(%errno, "notify datagram with truncated control data")
             }
-            return Ok(Some(NotifyMessage {
-                pid: credentials.pid(),
-                uid: credentials.uid(),
-                gid: credentials.gid(),
-                fields: parse_payload(&payload[..bytes]),
-            }));
         }
-        Ok(None)
+        let (bytes, truncated) = (msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC));
+        let sender = credentials.map(|c| Sender {
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        });
+        let Some(sender) = sender else {
+            return Ok(Some(Received::Malformed(None)));
+        };
+        if !admit(sender) {
+            return Ok(Some(Received::Refused(sender)));
+        }
+        if truncated {
+            return Ok(Some(Received::Malformed(Some(sender))));
+        }
+        Ok(Some(Received::Message(NotifyMessage {
+            pid: sender.pid,
+            uid: sender.uid,
+            gid: sender.gid,
+            fields: parse_payload(&iov[0][..bytes]),
+        })))
+    }
+}
+
+/// Who sent a datagram, as the kernel attests (`SCM_CREDENTIALS`): not forgeable without
+/// CAP_SYS_ADMIN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sender {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One datagram taken by [`NotifySocket::recv_filtered`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// From an admitted sender, parsed.
+    Message(NotifyMessage),
+    /// Refused by the filter before anything was parsed.
+    Refused(Sender),
+    /// Dropped: over [`MAX_DATAGRAM`] bytes, or without credentials (then no sender).
+    Malformed(Option<Sender>),
+}
+
+/// Decides from a sender's credentials alone, with no `/proc` read, whether a datagram can
+/// be a service's: its pid is a service's main pid, or its uid is one a service runs as.
+///
+/// Every other datagram is a stranger's (any local user can send to the socket, see the
+/// module documentation) and is dropped unparsed. The uids are root's, the coordinator's own
+/// (services without `user` run as it) and each configured `user`'s. A process of a service
+/// that changes to another uid can still notify from the main pid; from a helper it is
+/// refused, as a stranger is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SenderFilter {
+    /// Sorted, without duplicates.
+    uids: Vec<u32>,
+}
+
+impl SenderFilter {
+    pub fn new(uids: impl IntoIterator<Item = u32>) -> SenderFilter {
+        let mut uids: Vec<u32> = uids.into_iter().collect();
+        uids.sort_unstable();
+        uids.dedup();
+        SenderFilter { uids }
+    }
+
+    /// Whether `sender` may be a service's process, given the services' main pids.
+    pub fn admits(&self, sender: Sender, main_pids: &[Option<i32>]) -> bool {
+        self.uids.binary_search(&sender.uid).is_ok() || main_pids.contains(&Some(sender.pid))
+    }
+}
+
+/// Counts dropped datagrams so that a flood of them costs one log line per period, not one
+/// per datagram, and no wakeup once it is over.
+///
+/// The first drop after a quiet spell is for logging at once ([`DropTally::note`] says so);
+/// later ones are counted until the period since that first one has passed, when
+/// [`DropTally::take_summary`] hands out the count and an example sender, and a new period
+/// begins. A period in which nothing was dropped ends the tally: [`DropTally::due`] is then
+/// `None`, so the caller arms no timer for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DropTally {
+    period: Duration,
+    /// When the current period began (in the caller's clock), while one runs.
+    since: Option<Duration>,
+    count: u64,
+    example: Option<Sender>,
+}
+
+/// A summary of drops: how many, over how long, and one sender as an example.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropSummary {
+    pub count: u64,
+    pub over: Duration,
+    pub example: Option<Sender>,
+}
+
+impl DropTally {
+    pub fn new(period: Duration) -> DropTally {
+        DropTally {
+            period,
+            since: None,
+            count: 0,
+            example: None,
+        }
+    }
+
+    /// Notes one dropped datagram at `now`; true when it is the first of a spell and should
+    /// be logged at once (the rest are counted for the summary).
+    pub fn note(&mut self, now: Duration, sender: Option<Sender>) -> bool {
+        if self.since.is_none() {
+            self.since = Some(now);
+            return true;
+        }
+        self.count += 1;
+        if self.example.is_none() {
+            self.example = sender;
+        }
+        false
+    }
+
+    /// When the current period ends, while one runs: the time to call `take_summary`.
+    pub fn due(&self) -> Option<Duration> {
+        self.since.map(|since| since + self.period)
+    }
+
+    /// At or after [`DropTally::due`]: the drops counted in the period (`None` if there were
+    /// none, which ends the tally, or if the period has not ended yet).
+    pub fn take_summary(&mut self, now: Duration) -> Option<DropSummary> {
+        let since = self.since?;
+        if now < since + self.period {
+            return None;
+        }
+        if self.count == 0 {
+            self.since = None;
+            return None;
+        }
+        let summary = DropSummary {
+            count: self.count,
+            over: now.saturating_sub(since),
+            example: self.example.take(),
+        };
+        self.count = 0;
+        self.since = Some(now);
+        Some(summary)
     }
 }
 
@@ -476,5 +631,79 @@ mod tests {
         let sock = NotifySocket::bind(&dir.path().join("n")).unwrap();
         assert_eq!(sock.recv().unwrap(), None);
         assert_eq!(sock.env_var().0, "NOTIFY_SOCKET");
+    }
+
+    #[test]
+    fn the_filter_admits_service_uids_and_main_pids_only() {
+        let filter = SenderFilter::new([1000, 0, 1000]);
+        let sender = |pid, uid| Sender { pid, uid, gid: uid };
+        let pids = [None, Some(42)];
+        assert!(filter.admits(sender(7, 0), &pids));
+        assert!(filter.admits(sender(7, 1000), &pids));
+        // A main pid speaks whatever uid it switched to.
+        assert!(filter.admits(sender(42, 65534), &pids));
+        assert!(!filter.admits(sender(7, 65534), &pids));
+        assert!(!filter.admits(sender(7, 65534), &[]));
+    }
+
+    #[test]
+    fn the_tally_logs_the_first_then_one_summary_per_period_then_falls_quiet() {
+        let s = |n| Duration::from_secs(n);
+        let stranger = Sender {
+            pid: 9,
+            uid: 65534,
+            gid: 65534,
+        };
+        let mut tally = DropTally::new(s(10));
+        assert_eq!(tally.due(), None);
+        assert!(
+            tally.note(s(1), Some(stranger)),
+            "the first is logged at once"
+        );
+        for t in 1..=5 {
+            assert!(!tally.note(s(t), Some(stranger)));
+        }
+        assert_eq!(tally.due(), Some(s(11)));
+        assert_eq!(
+            tally.take_summary(s(10)),
+            None,
+            "not before the period ends"
+        );
+        assert_eq!(
+            tally.take_summary(s(11)),
+            Some(DropSummary {
+                count: 5,
+                over: s(10),
+                example: Some(stranger)
+            })
+        );
+        // A new period runs; nothing in it ends the tally, and no timer is needed.
+        assert_eq!(tally.due(), Some(s(21)));
+        assert_eq!(tally.take_summary(s(21)), None);
+        assert_eq!(tally.due(), None);
+        assert!(
+            tally.note(s(30), None),
+            "a new spell is logged at once again"
+        );
+    }
+
+    #[test]
+    fn recv_filtered_refuses_before_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n");
+        let sock = NotifySocket::bind(&path).unwrap();
+        let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        client.send_to(b"READY=1", &path).unwrap();
+        client.send_to(b"READY=1", &path).unwrap();
+        let me = std::process::id() as i32;
+        match sock.recv_filtered(|_| false).unwrap() {
+            Some(Received::Refused(sender)) => assert_eq!(sender.pid, me),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        match sock.recv_filtered(|sender| sender.pid == me).unwrap() {
+            Some(Received::Message(m)) => assert!(m.is_ready()),
+            other => panic!("expected a message, got {other:?}"),
+        }
+        assert_eq!(sock.recv_filtered(|_| true).unwrap(), None);
     }
 }

@@ -3,7 +3,7 @@
 //! This module owns everything that happens between "the coordinator decided to start a
 //! service" and "the service's program is running": building its environment, forking,
 //! putting the child in its own session (and its service's cgroup, when given one), handing it
-//! `/dev/null` and the output pipe, changing directory and credentials, and `execve`. It also
+//! `/dev/null` and the output pipe, changing credentials and then directory, and `execve`. It also
 //! owns the two ways to signal a running service ([`signal_group`], [`signal_pidfd`]) and the
 //! [`ProcessExit`] a reaped child turns into.
 //!
@@ -562,8 +562,8 @@ fn wait_blocking(pid: Pid) -> Result<WaitStatus, Errno> {
 /// The child side of [`spawn_service`]. Never returns: ends in `execve` or `_exit(127)`.
 ///
 /// Only raw libc calls on pre-built data happen here, each of them async-signal-safe
-/// (signal-safety(7)): rt_sigaction, pthread_sigmask, setsid, fcntl, dup2, chdir, setgroups,
-/// setgid, setuid, setrlimit, syscall(close_range), execve, write, _exit.
+/// (signal-safety(7)): rt_sigaction, pthread_sigmask, setsid, fcntl, dup2, setrlimit, setgroups,
+/// setgid, setuid, chdir, syscall(close_range), execve, write, _exit.
 fn run_child(plan: &ChildPlan<'_>) -> ! {
     // Signal dispositions first: SIG_IGN survives execve, so a service would otherwise inherit
     // whatever the coordinator ignores (SIGPIPE, at the least: Rust programs ignore it). The
@@ -626,11 +626,6 @@ fn run_child(plan: &ChildPlan<'_>) -> ! {
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, limit) };
     }
 
-    // SAFETY: `working_dir` is a NUL-terminated string owned by `plan`.
-    if unsafe { libc::chdir(plan.working_dir.as_ptr()) } < 0 {
-        fail(plan, ExecStage::Chdir);
-    }
-
     // Groups, then gid, then uid: each step needs the privilege the next one gives up.
     if let Some((uid, gid, groups)) = &plan.credentials {
         // SAFETY: `groups` is a live slice of `groups.len()` gid_t values.
@@ -645,6 +640,13 @@ fn run_child(plan: &ChildPlan<'_>) -> ! {
         if unsafe { libc::setuid(*uid) } < 0 {
             fail(plan, ExecStage::Setuid);
         }
+    }
+
+    // Only now, with the service's own identity: entering the directory is an access check
+    // like any other, and root's rights must not let a `nobody` service start in /root (0700).
+    // SAFETY: `working_dir` is a NUL-terminated string owned by `plan`.
+    if unsafe { libc::chdir(plan.working_dir.as_ptr()) } < 0 {
+        fail(plan, ExecStage::Chdir);
     }
 
     // Whatever fd the coordinator forgot to open close-on-exec, the service must not inherit

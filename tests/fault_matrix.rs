@@ -22,13 +22,12 @@
 mod stack_support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use stack_support::{CCMGR, Stack, text};
+use stack_support::{Running, Stack, service_of as service, text};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -137,48 +136,6 @@ fn open_gate(stack: &Stack) {
 
 fn pid_at(v: &Value, key: &str) -> Option<i32> {
     v[key]["pid"].as_i64().map(|p| p as i32)
-}
-
-fn service<'a>(status: &'a Value, id: &str) -> &'a Value {
-    status["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no service {id} in {status}"))
-}
-
-/// `ccmgr <args>` as a child process, for a verb that blocks while the fault is dealt.
-fn spawn_ccmgr(stack: &Stack, args: &[&str]) -> Child {
-    Command::new(CCMGR)
-        .arg("--config")
-        .arg(stack.path().join("ccmgr.toml"))
-        .args(args)
-        .env_remove("CCMGR_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ccmgr runs")
-}
-
-/// Waits for a child `ccmgr` to finish, killing it (and failing) past the deadline.
-fn finish(mut child: Child, what: &str, timeout: Duration) -> std::process::Output {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "`{what}` did not finish within {timeout:?}:\n{}",
-                text(&out)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The live processes of the instance: services (their environment names the instance) and
@@ -424,10 +381,10 @@ fn run_cell(cell: Cell) {
     let name = cell.name();
     let stack = new_stack(&cell);
     let needs_standby = cell.parties.contains(&Party::Standby);
-    let mut pending: Option<(Child, &str)> = None;
+    let mut pending: Option<(Running, &str)> = None;
     let status = match cell.phase {
         Phase::Startup => {
-            let start = spawn_ccmgr(&stack, &["start"]);
+            let start = Running::spawn(&stack, &["start"]);
             let status = stack
                 .wait_for_relaxed(&format!("{name}: the startup to be under way"), LONG, |s| {
                     s.as_ref().is_some_and(|s| {
@@ -462,16 +419,15 @@ fn run_cell(cell: Cell) {
                         .unwrap()
                 }
                 Phase::Stop => {
-                    let mut stop = spawn_ccmgr(&stack, &["stop"]);
+                    let mut stop = Running::spawn(&stack, &["stop"]);
                     let seen =
                         stack.wait_for_relaxed(&format!("{name}: the stop under way"), LONG, |s| {
-                            s.as_ref().is_some_and(|s| s["state"] == "stopping")
-                                || matches!(stop.try_wait(), Ok(Some(_)))
+                            s.as_ref().is_some_and(|s| s["state"] == "stopping") || stop.has_ended()
                         });
                     let Some(seen) = seen.filter(|s| s["state"] == "stopping") else {
                         // On a loaded machine the whole stop can slip between two looks.
                         eprintln!("{name}: the stop was over before it could be hit");
-                        let out = finish(stop, "stop", LONG);
+                        let out = stop.finish(LONG);
                         assert_eq!(out.status.code(), Some(0), "{name}: {}", text(&out));
                         stop_leaves_nothing(&stack, &name);
                         return;
@@ -492,7 +448,7 @@ fn run_cell(cell: Cell) {
     match cell.fault {
         Fault::Kill if !keeper_hit => {
             if let Some((child, what)) = pending.take() {
-                let out = finish(child, what, LONG * 2);
+                let out = child.finish(LONG * 2);
                 // Whatever `start` or `stop` said, the stack must agree with it.
                 let up = settle_up_or_stopped(&stack, &name);
                 if what == "start" && out.status.code() == Some(0) {
@@ -516,7 +472,7 @@ fn run_cell(cell: Cell) {
             // a pending verb must end (honestly) rather than hang.
             check_status_is_true(&stack, &name);
             if let Some((child, what)) = pending.take() {
-                let out = finish(child, what, LONG * 2);
+                let out = child.finish(LONG * 2);
                 if what == "stop" {
                     let left = processes_of(&stack.instance);
                     assert!(

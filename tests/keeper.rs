@@ -186,11 +186,17 @@ fn background_both_killed_at_once_a_new_coordinator_adopts_the_stack() {
         lines(&log)
     );
     assert_supervised(&stack);
-    let log_text = stack.coordinator_log();
-    assert!(
-        log_text.contains("started a new coordinator to adopt the stack"),
-        "{log_text}"
-    );
+    // The keeper logs the successor's start after forking it, so the successor can publish
+    // (and the waits above end) before the line is written: poll for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log_text = stack.coordinator_log();
+        if log_text.contains("started a new coordinator to adopt the stack") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{log_text}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]

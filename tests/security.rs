@@ -82,3 +82,38 @@ fn the_shared_state_is_owner_only() {
     let meta = std::fs::metadata(format!("/dev/shm/ccmgr.{}", stack.instance)).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 }
+
+/// Issue 9, item 4: the working directory is entered with the service's own rights, after the
+/// switch to its user. Before, root entered it first, and a `nobody` service ran in a 0700
+/// root-only directory it could never have entered itself.
+#[test]
+fn a_service_enters_its_working_dir_with_its_own_rights_not_roots() {
+    if !need_root() {
+        return;
+    }
+    let stack = Stack::new("workdir-rights", "", &[]);
+    // The way to the directory is open to everyone; only the directory itself is root's.
+    std::fs::set_permissions(stack.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let private = stack.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    stack.write_service(
+        "intruder",
+        &format!(
+            "user = \"nobody\"\nworking_dir = \"{}\"\nrestart = \"never\"\ncommand = [\"sleep\", \"1000\"]\n",
+            private.display()
+        ),
+    );
+    let out = stack.start();
+    let t = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a nobody service started in a root-only directory:\n{t}"
+    );
+    let expected = format!(
+        "changing directory to {}: Permission denied",
+        private.display()
+    );
+    assert!(t.contains(&expected), "expected `{expected}` in:\n{t}");
+}

@@ -4,81 +4,21 @@
 
 mod stack_support;
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
-use stack_support::{Stack, ccmgr_bin, text};
+use stack_support::{Running, Stack, ccmgr_bin, service_of as service, text};
 
 const LONG: Duration = Duration::from_secs(30);
 
 /// A service that ignores SIGTERM (the disposition survives the exec).
 const TERM_IGNORING: &str = r#"command = ["sh", "-c", "trap '' TERM; exec sleep 100000"]"#;
 
-/// A `ccmgr` command running in the background; killed and reaped on drop if still running.
-struct Running {
-    child: Option<Child>,
-}
-
-impl Running {
-    fn spawn(stack: &Stack, args: &[&str]) -> Running {
-        let child = Command::new(ccmgr_bin())
-            .arg("--config")
-            .arg(stack.path().join("ccmgr.toml"))
-            .args(args)
-            .env_remove("CCMGR_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("ccmgr runs");
-        Running { child: Some(child) }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-
-    /// Waits for it to end; panics (killing it) if it is not done within `limit`.
-    fn finish(mut self, limit: Duration) -> Output {
-        let deadline = Instant::now() + limit;
-        let mut child = self.child.take().unwrap();
-        loop {
-            if child.try_wait().unwrap().is_some() {
-                return child.wait_with_output().unwrap();
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let out = child.wait_with_output().unwrap();
-                panic!("ccmgr did not finish within {limit:?}:\n{}", text(&out));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn pid_at(v: &Value) -> i32 {
     v.as_i64().unwrap_or_else(|| panic!("{v} is not a pid")) as i32
-}
-
-fn service<'a>(status: &'a Value, id: &str) -> &'a Value {
-    status["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no service {id} in {status}"))
 }
 
 fn signal(pid: i32, sig: Signal) {

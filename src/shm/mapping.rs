@@ -3,6 +3,13 @@
 //! mapped bytes to Rust references. The `Shared` marker trait says which types
 //! such a cast may produce.
 //!
+//! One mapping type, [`Mapping`], for every segment, parameterised by its protection
+//! ([`ReadWrite`] or [`ReadOnly`]): the main segment and the coordinator's control segment
+//! are read-write, a service's view of the control segment is read-only. The operations both
+//! allow (bounds-checked relaxed loads, futex waits and wakes, robust-list registration) are
+//! written once; those that hand out references, and so may write, exist only on
+//! `Mapping<ReadWrite>`, so a read-only mapping cannot be written through by construction.
+//!
 //! Creation uses `O_TMPFILE` in `/dev/shm`: the file has no name while its
 //! creator initialises it, so no one can open a half-built segment, and a
 //! creator killed mid-way leaves nothing behind. `linkat` then gives it its
@@ -15,6 +22,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::marker::PhantomData;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -86,44 +94,90 @@ macro_rules! shared_struct {
 }
 pub(crate) use shared_struct;
 
-/// A `MAP_SHARED` read-write mapping of a whole segment file.
-pub(crate) struct Mapping {
-    base: NonNull<u8>,
-    len: usize,
-    file: File,
+/// How a [`Mapping`] is protected: a marker type, so that which operations a mapping allows
+/// is decided at compile time. Sealed: [`ReadWrite`] and [`ReadOnly`] are the only two.
+pub(crate) trait Protection: sealed::Sealed + Send + Sync + 'static {
+    /// The `mmap` protection.
+    const PROT: ProtFlags;
+    /// How the mapping is named in a log line.
+    const NAME: &'static str;
 }
 
-// SAFETY: the mapping is shared memory reachable only through `Shared` views,
-// which are all Sync; the File is Send + Sync. Nothing ties it to one thread.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::ReadWrite {}
+    impl Sealed for super::ReadOnly {}
+}
 
-impl Mapping {
-    /// Map `len` bytes of `fd` read-write and shared. The caller has checked the
-    /// file's size; `len` must not be zero.
-    pub(crate) fn map(fd: OwnedFd, len: usize) -> io::Result<Mapping> {
+/// `PROT_READ | PROT_WRITE`, from a descriptor opened `O_RDWR`: the main segment, and the
+/// coordinator's mapping of the service API's control segment. Robust futexes in shared memory
+/// need it, and only such a mapping hands out references ([`Mapping::get`],
+/// [`Mapping::slice`], [`Mapping::mutex`]).
+pub(crate) enum ReadWrite {}
+
+/// `PROT_READ` only, from a descriptor opened `O_RDONLY`: how services map the control
+/// segment, which they may read but not write.
+///
+/// No reference into such a mapping is ever handed out, so nothing can try to store through
+/// one: the only accesses are atomic loads with `Ordering::Relaxed` of at most 8 bytes, which
+/// Rust documents as sound on read-only memory (std::sync::atomic, "Atomic accesses to
+/// read-only memory": larger loads, or stronger orderings, may be compiled to
+/// read-modify-write instructions that fault), and futex waits and wakes, which the kernel
+/// performs without writing. A reader that needs acquire ordering follows its relaxed load
+/// with `fence(Ordering::Acquire)`.
+pub(crate) enum ReadOnly {}
+
+impl Protection for ReadWrite {
+    const PROT: ProtFlags = ProtFlags::PROT_READ.union(ProtFlags::PROT_WRITE);
+    const NAME: &'static str = "read-write";
+}
+
+impl Protection for ReadOnly {
+    const PROT: ProtFlags = ProtFlags::PROT_READ;
+    const NAME: &'static str = "read-only";
+}
+
+/// A `MAP_SHARED` mapping of a whole file, read-write or read-only by its type parameter.
+///
+/// Operations every mapping has: relaxed atomic loads of words (`load_u8`, `load_u32`,
+/// `load_u64`), futex waits and wakes, and registering a word as the thread's pending
+/// robust-futex entry. Operations only a [`ReadWrite`] mapping has: references to `Shared`
+/// values in place (`get`, `slice`) and handles on robust mutexes (`mutex`), which write.
+pub(crate) struct Mapping<P: Protection> {
+    base: NonNull<u8>,
+    len: usize,
+    /// Keeps the descriptor (and so the file) as long as the mapping.
+    file: File,
+    _protection: PhantomData<P>,
+}
+
+// SAFETY: the mapping is shared memory, reached only through `Shared` views, which are all
+// Sync (read-write), or through atomic loads and syscalls (both protections); the File is
+// Send + Sync. Nothing ties it to one thread.
+unsafe impl<P: Protection> Send for Mapping<P> {}
+// SAFETY: as above.
+unsafe impl<P: Protection> Sync for Mapping<P> {}
+
+impl<P: Protection> Mapping<P> {
+    /// Map `len` bytes of `fd` shared, with `P`'s protection; the descriptor must be open for
+    /// it (`O_RDWR` for [`ReadWrite`]). The caller has checked the file's size; `len` must
+    /// not be zero.
+    pub(crate) fn map(fd: OwnedFd, len: usize) -> io::Result<Mapping<P>> {
         let Some(nonzero) = NonZeroUsize::new(len) else {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
         };
-        // SAFETY: a fresh mapping at an address of the kernel's choosing cannot
-        // overlap any Rust object. MAP_SHARED on a file opened O_RDWR with
-        // PROT_READ|PROT_WRITE is what robust futexes in shared memory require.
-        let base = unsafe {
-            nix::sys::mman::mmap(
-                None,
-                nonzero,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                &fd,
-                0,
-            )
-        }
-        .map_err(io::Error::from)?;
+        // SAFETY: a fresh mapping at an address of the kernel's choosing cannot overlap any
+        // Rust object. MAP_SHARED with PROT_READ|PROT_WRITE (on a descriptor opened O_RDWR,
+        // or mmap fails) is what robust futexes in shared memory require; PROT_READ alone
+        // hands out no reference (see `ReadOnly`).
+        let base =
+            unsafe { nix::sys::mman::mmap(None, nonzero, P::PROT, MapFlags::MAP_SHARED, &fd, 0) }
+                .map_err(io::Error::from)?;
         Ok(Mapping {
             base: base.cast::<u8>(),
             len,
             file: File::from(fd),
+            _protection: PhantomData,
         })
     }
 
@@ -137,9 +191,9 @@ impl Mapping {
         self.file.as_fd()
     }
 
-    /// Where `count` values of `T` would start at `offset`, if they lie wholly
-    /// inside the mapping and are aligned.
-    fn checked<T: Shared>(&self, offset: usize, count: usize) -> Option<NonNull<T>> {
+    /// Where `count` values of `T` would start at `offset`, if they lie wholly inside the
+    /// mapping and are aligned. The only place that turns an offset into an address.
+    fn address<T>(&self, offset: usize, count: usize) -> Option<NonNull<T>> {
         let bytes = std::mem::size_of::<T>().checked_mul(count)?;
         let end = offset.checked_add(bytes)?;
         if end > self.len {
@@ -149,134 +203,34 @@ impl Mapping {
         if addr % std::mem::align_of::<T>() != 0 {
             return None;
         }
-        // SAFETY: `offset + bytes <= len`, so the result stays inside the mapping
-        // (or one past its end when count is 0), which is a single allocation.
+        // SAFETY: `offset + bytes <= len`, so the result stays inside the mapping (or one
+        // past its end when count is 0), which is a single allocation.
         let ptr = unsafe { self.base.as_ptr().add(offset) };
         NonNull::new(ptr.cast::<T>())
     }
 
-    /// A view of the `T` at `offset`, if it lies inside the mapping, aligned.
-    pub(crate) fn get<T: Shared>(&self, offset: usize) -> Option<&T> {
-        let ptr = self.checked::<T>(offset, 1)?;
-        // SAFETY: in bounds and aligned (checked); any bytes are a valid T and
-        // concurrent writes by other processes are sound (T: Shared); the
-        // reference borrows `self`, which keeps the memory mapped.
-        Some(unsafe { ptr.as_ref() })
-    }
-
-    /// A view of `count` consecutive `T`s at `offset`, if inside and aligned.
-    pub(crate) fn slice<T: Shared>(&self, offset: usize, count: usize) -> Option<&[T]> {
-        let ptr = self.checked::<T>(offset, count)?;
-        // SAFETY: as in `get`, for `count` elements; `checked` bounded the whole
-        // run by the mapping's length, and `size_of::<T>() * count` did not
-        // overflow.
-        Some(unsafe { std::slice::from_raw_parts(ptr.as_ptr(), count) })
-    }
-
-    /// An owning handle on the robust mutex at `offset`.
-    pub(crate) fn mutex(self: &Arc<Self>, offset: usize) -> Option<SharedMutex> {
-        let ptr = self.checked::<RobustMutex>(offset, 1)?;
-        Some(SharedMutex::new(Arc::clone(self), ptr))
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`len` describe the mapping made in `map`, unmapped only
-        // here. Views borrow the Mapping and handles and guards own an Arc of
-        // it, so none outlives this drop; a lock held "until exit" leaks its Arc
-        // and so never reaches here.
-        if let Err(e) = unsafe { nix::sys::mman::munmap(self.base.cast(), self.len) } {
-            tracing::error!(error = %e, "munmap of a ccmgr segment failed");
-        }
-    }
-}
-
-/// A `MAP_SHARED` **read-only** mapping of a whole file (`PROT_READ`, from a descriptor
-/// opened `O_RDONLY`): how services map the control segment, which they may read but not
-/// write.
-///
-/// No reference into it is ever handed out: the only accesses are atomic loads with
-/// `Ordering::Relaxed` of at most 8 bytes, which Rust documents as sound on read-only memory
-/// (std::sync::atomic, "Atomic accesses to read-only memory": larger loads, or stronger
-/// orderings, may be compiled to read-modify-write instructions that fault), and futex waits
-/// and wakes, which the kernel performs without writing. A reader that needs acquire ordering
-/// follows its relaxed load with `fence(Ordering::Acquire)`.
-pub(crate) struct ReadOnlyMapping {
-    base: NonNull<u8>,
-    len: usize,
-    /// Keeps the descriptor (and so the file) as long as the mapping.
-    _file: File,
-}
-
-// SAFETY: the mapping is only read, through atomic loads and syscalls; the File is Send +
-// Sync. Nothing ties it to one thread.
-unsafe impl Send for ReadOnlyMapping {}
-// SAFETY: as above.
-unsafe impl Sync for ReadOnlyMapping {}
-
-impl ReadOnlyMapping {
-    /// Map `len` bytes of `fd` read-only and shared; `len` must not be zero.
-    pub(crate) fn map(fd: OwnedFd, len: usize) -> io::Result<ReadOnlyMapping> {
-        let Some(nonzero) = NonZeroUsize::new(len) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
-        };
-        // SAFETY: a fresh mapping at an address of the kernel's choosing overlaps no Rust
-        // object; PROT_READ and MAP_SHARED on a descriptor opened for reading.
-        let base = unsafe {
-            nix::sys::mman::mmap(
-                None,
-                nonzero,
-                ProtFlags::PROT_READ,
-                MapFlags::MAP_SHARED,
-                &fd,
-                0,
-            )
-        }
-        .map_err(io::Error::from)?;
-        Ok(ReadOnlyMapping {
-            base: base.cast::<u8>(),
-            len,
-            _file: File::from(fd),
-        })
-    }
-
-    /// The address of the `T`-sized, `T`-aligned value at `offset`, if inside the mapping.
-    fn address<T>(&self, offset: usize) -> Option<*const T> {
-        let end = offset.checked_add(std::mem::size_of::<T>())?;
-        if end > self.len {
-            return None;
-        }
-        let addr = (self.base.as_ptr() as usize).checked_add(offset)?;
-        if addr % std::mem::align_of::<T>() != 0 {
-            return None;
-        }
-        // SAFETY: offset + size <= len, so the result stays inside the mapping.
-        Some(unsafe { self.base.as_ptr().add(offset) }.cast::<T>())
-    }
-
     /// The `u8` at `offset` (a relaxed atomic load), if inside the mapping.
     pub(crate) fn load_u8(&self, offset: usize) -> Option<u8> {
-        let ptr = self.address::<AtomicU8>(offset)?;
-        // SAFETY: in bounds and aligned (checked), mapped while `self` is borrowed; a relaxed
-        // load of one byte is sound on read-only memory (see the type's documentation) and
-        // tolerates concurrent writes through the owner's mapping.
-        Some(unsafe { (*ptr).load(Ordering::Relaxed) })
+        let ptr = self.address::<AtomicU8>(offset, 1)?;
+        // SAFETY: in bounds and aligned (checked), mapped while `self` is borrowed; any byte
+        // is a valid AtomicU8; a relaxed load of one byte is sound on read-only memory (see
+        // `ReadOnly`) and tolerates concurrent writes through other mappings.
+        Some(unsafe { ptr.as_ref() }.load(Ordering::Relaxed))
     }
 
     /// The `u32` at `offset` (a relaxed atomic load), if inside the mapping and aligned.
     pub(crate) fn load_u32(&self, offset: usize) -> Option<u32> {
-        let ptr = self.address::<AtomicU32>(offset)?;
+        let ptr = self.address::<AtomicU32>(offset, 1)?;
         // SAFETY: as in `load_u8`, for 4 bytes.
-        Some(unsafe { (*ptr).load(Ordering::Relaxed) })
+        Some(unsafe { ptr.as_ref() }.load(Ordering::Relaxed))
     }
 
     /// The `u64` at `offset` (a relaxed atomic load), if inside the mapping and aligned.
     pub(crate) fn load_u64(&self, offset: usize) -> Option<u64> {
-        let ptr = self.address::<AtomicU64>(offset)?;
+        let ptr = self.address::<AtomicU64>(offset, 1)?;
         // SAFETY: as in `load_u8`, for 8 bytes (within the 8-byte limit of 64-bit targets;
         // ccmgr builds only for 64-bit Linux with glibc, see robust.rs).
-        Some(unsafe { (*ptr).load(Ordering::Relaxed) })
+        Some(unsafe { ptr.as_ref() }.load(Ordering::Relaxed))
     }
 
     /// Sleep while the word at `offset` holds `expected` (see [`futex_wait_raw`]). `None` if
@@ -287,9 +241,10 @@ impl ReadOnlyMapping {
         expected: u32,
         deadline: Option<Deadline>,
     ) -> Option<Result<FutexWait, nix::errno::Errno>> {
-        let ptr = self.address::<u32>(offset)?;
-        // SAFETY: aligned and inside the mapping, which `self` keeps mapped for the call.
-        Some(unsafe { futex_wait_raw(ptr, expected, deadline) })
+        let ptr = self.address::<u32>(offset, 1)?;
+        // SAFETY: aligned and inside the mapping, which `self` keeps mapped for the call; the
+        // kernel only reads the word.
+        Some(unsafe { futex_wait_raw(ptr.as_ptr(), expected, deadline) })
     }
 
     /// Wake at most `count` sleepers of the word at `offset` (see [`futex_wake_raw`]).
@@ -298,24 +253,26 @@ impl ReadOnlyMapping {
         offset: usize,
         count: i32,
     ) -> Option<Result<usize, nix::errno::Errno>> {
-        let ptr = self.address::<u32>(offset)?;
+        let ptr = self.address::<u32>(offset, 1)?;
         // SAFETY: as in `futex_wait`.
-        Some(unsafe { futex_wake_raw(ptr, count) })
+        Some(unsafe { futex_wake_raw(ptr.as_ptr(), count) })
     }
 
     /// Make the word at `offset` the calling thread's pending robust-futex entry for as long
     /// as the returned value lives (see [`ThreadRobustList`]): if the thread dies meanwhile,
-    /// the kernel passes a wake-up on that word to another sleeper when the word has no owner.
+    /// the kernel handles that word as a robust futex the thread held (the coordinator's
+    /// holder of the daemon component word), or, when the word has no owner, passes a wake-up
+    /// on it to another sleeper (a service waiting on a read-only mapping).
     pub(crate) fn robust_pending(
         self: &Arc<Self>,
         offset: usize,
     ) -> Option<Result<RobustPending, nix::errno::Errno>> {
-        let ptr = self.address::<u32>(offset)?;
+        let ptr = self.address::<u32>(offset, 1)?;
         // SAFETY: aligned and inside the mapping; the returned value owns an Arc of the
         // mapping, so the word stays mapped as long as the registration lives, and it is
         // !Send (ThreadRobustList is), so it is dropped on the installing thread.
         Some(
-            unsafe { ThreadRobustList::install(ptr) }.map(|list| RobustPending {
+            unsafe { ThreadRobustList::install(ptr.as_ptr()) }.map(|list| RobustPending {
                 _list: list,
                 _mapping: Arc::clone(self) as Arc<dyn Send + Sync>,
             }),
@@ -323,13 +280,40 @@ impl ReadOnlyMapping {
     }
 }
 
-impl Drop for ReadOnlyMapping {
+impl Mapping<ReadWrite> {
+    /// A view of the `T` at `offset`, if it lies inside the mapping, aligned.
+    pub(crate) fn get<T: Shared>(&self, offset: usize) -> Option<&T> {
+        let ptr = self.address::<T>(offset, 1)?;
+        // SAFETY: in bounds and aligned (checked); any bytes are a valid T and concurrent
+        // writes by other processes are sound (T: Shared); the memory is writable (ReadWrite),
+        // so whatever T's methods store through the reference cannot fault; the reference
+        // borrows `self`, which keeps the memory mapped.
+        Some(unsafe { ptr.as_ref() })
+    }
+
+    /// A view of `count` consecutive `T`s at `offset`, if inside and aligned.
+    pub(crate) fn slice<T: Shared>(&self, offset: usize, count: usize) -> Option<&[T]> {
+        let ptr = self.address::<T>(offset, count)?;
+        // SAFETY: as in `get`, for `count` elements; `address` bounded the whole run by the
+        // mapping's length, and `size_of::<T>() * count` did not overflow.
+        Some(unsafe { std::slice::from_raw_parts(ptr.as_ptr(), count) })
+    }
+
+    /// An owning handle on the robust mutex at `offset`.
+    pub(crate) fn mutex(self: &Arc<Self>, offset: usize) -> Option<SharedMutex> {
+        let ptr = self.address::<RobustMutex>(offset, 1)?;
+        Some(SharedMutex::new(Arc::clone(self), ptr))
+    }
+}
+
+impl<P: Protection> Drop for Mapping<P> {
     fn drop(&mut self) {
-        // SAFETY: `base`/`len` describe the mapping made in `map`, unmapped only here; no
-        // reference into it exists (none is ever handed out), and a RobustPending keeps an
-        // Arc of it.
+        // SAFETY: `base`/`len` describe the mapping made in `map`, unmapped only here. Views
+        // borrow the Mapping, and handles, guards and robust-list registrations own an Arc of
+        // it, so none outlives this drop; a lock held "until exit" leaks its Arc and so never
+        // reaches here.
         if let Err(e) = unsafe { nix::sys::mman::munmap(self.base.cast(), self.len) } {
-            tracing::error!(error = %e, "munmap of a read-only ccmgr segment failed");
+            tracing::error!(error = %e, protection = P::NAME, "munmap of a ccmgr segment failed");
         }
     }
 }
@@ -340,26 +324,6 @@ pub(crate) struct RobustPending {
     // Field order matters: the registration goes before the mapping it names.
     _list: ThreadRobustList,
     _mapping: Arc<dyn Send + Sync>,
-}
-
-impl Mapping {
-    /// As [`ReadOnlyMapping::robust_pending`], for a word of a read-write mapping (the
-    /// coordinator's holder of the daemon component word).
-    pub(crate) fn robust_pending(
-        self: &Arc<Self>,
-        offset: usize,
-    ) -> Option<Result<RobustPending, nix::errno::Errno>> {
-        let ptr = self.checked::<AtomicU32>(offset, 1)?;
-        // SAFETY: as in ReadOnlyMapping::robust_pending.
-        Some(
-            unsafe { ThreadRobustList::install(ptr.as_ptr().cast::<u32>()) }.map(|list| {
-                RobustPending {
-                    _list: list,
-                    _mapping: Arc::clone(self) as Arc<dyn Send + Sync>,
-                }
-            }),
-        )
-    }
 }
 
 /// The file mode and group of a new segment.
@@ -382,7 +346,7 @@ pub(crate) enum CreateStep {
 /// A segment being built: mapped, but with no name yet, so no other process
 /// can reach it.
 pub(crate) struct Unpublished {
-    map: Arc<Mapping>,
+    map: Arc<Mapping<ReadWrite>>,
     sync_initialised: bool,
 }
 
@@ -431,7 +395,7 @@ impl Unpublished {
     }
 
     /// The mapping, to write the non-synchronising fields through views.
-    pub(crate) fn mapping(&self) -> &Arc<Mapping> {
+    pub(crate) fn mapping(&self) -> &Arc<Mapping<ReadWrite>> {
         &self.map
     }
 
@@ -464,7 +428,7 @@ impl Unpublished {
 
     /// Give the file its name with `linkat`, exclusively: fails with
     /// `AlreadyExists` if `path` exists.
-    pub(crate) fn publish(self, path: &Path) -> io::Result<Arc<Mapping>> {
+    pub(crate) fn publish(self, path: &Path) -> io::Result<Arc<Mapping<ReadWrite>>> {
         assert!(
             self.sync_initialised,
             "publishing a segment whose mutexes were never initialised"

@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 
-use super::mapping::Mapping;
+use super::mapping::{Mapping, ReadWrite};
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 compile_error!(
@@ -244,6 +244,40 @@ impl RobustMutex {
         result
     }
 
+    /// Whether this memory says it is a mutex of the kind [`init`](Self::init) makes. glibc
+    /// keeps the type, robustness, sharing and priority protocol of a mutex in its `__kind`
+    /// word, which no lock operation changes; it is compared with that of a mutex this process
+    /// initialises itself. Bytes that say anything else (a corrupted or forged segment) must
+    /// never be locked: glibc aborts the process on an assertion when a mutex's state does not
+    /// fit its kind (found by fuzzing segment open: the README's "Fuzzing").
+    pub(crate) fn has_expected_kind(&self) -> bool {
+        static EXPECTED: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
+        let expected = EXPECTED.get_or_init(|| {
+            let fresh = Box::new(RobustMutex {
+                // SAFETY: an all-zero pthread_mutex_t is valid memory to initialise.
+                inner: UnsafeCell::new(unsafe { std::mem::zeroed() }),
+            });
+            // SAFETY: `fresh` is this function's own, reachable by no other thread.
+            unsafe { fresh.init() }.ok()?;
+            Some(fresh.kind())
+        });
+        expected.is_some_and(|expected| self.kind() == expected)
+    }
+
+    /// glibc's `__kind`: the fifth `int` of `struct __pthread_mutex_s` on 64-bit targets
+    /// (after `__lock`, `__count`, `__owner`, `__nusers`), the fourth on 32-bit ones.
+    fn kind(&self) -> i32 {
+        const KIND_INDEX: usize = if cfg!(target_pointer_width = "64") {
+            4
+        } else {
+            3
+        };
+        // SAFETY: `inner` is valid, aligned memory of a pthread_mutex_t (at least 24 bytes,
+        // 4-aligned), so the int at KIND_INDEX lies inside it. A volatile read: other
+        // processes may operate on the mutex meanwhile, but never on this word.
+        unsafe { ptr::read_volatile(self.inner.get().cast::<i32>().add(KIND_INDEX)) }
+    }
+
     /// Turn a pthread return code from a locking call into our answer: `None`
     /// for "not acquired" (`EBUSY`/`ETIMEDOUT`), `Some` when the calling thread
     /// now holds the mutex, made consistent if its holder had died.
@@ -315,7 +349,7 @@ impl RobustMutex {
 /// and `Send`: hand it to the thread that is to hold the lock.
 #[derive(Clone)]
 pub struct SharedMutex {
-    map: Arc<Mapping>,
+    map: Arc<Mapping<ReadWrite>>,
     mutex: NonNull<RobustMutex>,
 }
 
@@ -328,7 +362,7 @@ unsafe impl Sync for SharedMutex {}
 impl SharedMutex {
     /// Only the mapping makes handles, after checking that `mutex` lies inside
     /// it, aligned.
-    pub(crate) fn new(map: Arc<Mapping>, mutex: NonNull<RobustMutex>) -> SharedMutex {
+    pub(crate) fn new(map: Arc<Mapping<ReadWrite>>, mutex: NonNull<RobustMutex>) -> SharedMutex {
         SharedMutex { map, mutex }
     }
 
@@ -338,6 +372,11 @@ impl SharedMutex {
         // as long as `self` is borrowed. RobustMutex is only used through
         // shared references.
         unsafe { self.mutex.as_ref() }
+    }
+
+    /// See [`RobustMutex::has_expected_kind`].
+    pub(crate) fn has_expected_kind(&self) -> bool {
+        self.raw().has_expected_kind()
     }
 
     fn guard(&self, acquired: Acquired) -> MutexGuard {
@@ -405,7 +444,7 @@ impl fmt::Debug for SharedMutex {
 #[must_use = "dropping the guard unlocks the mutex at once"]
 pub struct MutexGuard {
     /// Keeps the mapping (and so the mutex) mapped while the lock is held.
-    _mapping: Arc<Mapping>,
+    _mapping: Arc<Mapping<ReadWrite>>,
     mutex: NonNull<RobustMutex>,
     acquired: Acquired,
     /// Set by `unlock`, so that drop does not unlock twice.

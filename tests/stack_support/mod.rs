@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Once;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -153,20 +153,9 @@ impl Stack {
         &self,
         what: &str,
         timeout: Duration,
-        mut condition: impl FnMut(&Option<Value>) -> bool,
+        condition: impl FnMut(&Option<Value>) -> bool,
     ) -> Option<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status_relaxed();
-            if condition(&status) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; last status: {status:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll_status(what, timeout, || self.status_relaxed(), condition)
     }
 
     /// Pids the test learned of itself, to be killed and reaped on drop if still there.
@@ -195,20 +184,9 @@ impl Stack {
         &self,
         what: &str,
         timeout: Duration,
-        mut condition: impl FnMut(&Option<Value>) -> bool,
+        condition: impl FnMut(&Option<Value>) -> bool,
     ) -> Option<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if condition(&status) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; last status: {status:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll_status(what, timeout, || self.status(), condition)
     }
 
     /// Waits until every service is up with the instance steady.
@@ -323,6 +301,27 @@ impl Stack {
     }
 }
 
+/// Reads a status with `fetch` until `condition` holds, or panics after `timeout`.
+fn poll_status(
+    what: &str,
+    timeout: Duration,
+    mut fetch: impl FnMut() -> Option<Value>,
+    mut condition: impl FnMut(&Option<Value>) -> bool,
+) -> Option<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = fetch();
+        if condition(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last status: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Whether `status` shows the instance steady with every service up.
 pub fn steady_and_all_up(status: &Value) -> bool {
     status["state"] == "steady"
@@ -372,4 +371,72 @@ pub fn wait_lines(path: &str, n: usize, timeout: Duration) -> Vec<String> {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A `ccmgr` command running in the background; killed and reaped on drop if still running.
+pub struct Running {
+    pub child: Option<Child>,
+}
+
+impl Running {
+    pub fn spawn(stack: &Stack, args: &[&str]) -> Running {
+        let child = Command::new(ccmgr_bin())
+            .arg("--config")
+            .arg(stack.path().join("ccmgr.toml"))
+            .args(args)
+            .env_remove("CCMGR_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ccmgr runs");
+        Running { child: Some(child) }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Whether it has ended (without reaping it).
+    pub fn has_ended(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
+    /// Waits for it to end; panics (killing it) if it is not done within `limit`.
+    pub fn finish(mut self, limit: Duration) -> Output {
+        let deadline = Instant::now() + limit;
+        let mut child = self.child.take().unwrap();
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return child.wait_with_output().unwrap();
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!("ccmgr did not finish within {limit:?}:\n{}", text(&out));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The status record of service `id` in a `status --json` document.
+pub fn service_of<'a>(status: &'a Value, id: &str) -> &'a Value {
+    status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no service {id} in {status}"))
 }
