@@ -169,6 +169,10 @@ fn background_both_killed_at_once_a_new_coordinator_adopts_the_stack() {
     let (stack, log, before) = two_tier("both-killed-bg", "");
     let coordinator = pid(&before["coordinator"]).unwrap();
     let standby = pid(&before["standby"]).unwrap();
+    // Both at once: the standby is frozen first, so it cannot take over in the instant
+    // between the two kills (it would then ask for a new standby, and no successor would be
+    // needed).
+    signal(standby, Signal::SIGSTOP);
     signal(coordinator, Signal::SIGKILL);
     signal(standby, Signal::SIGKILL);
     let after = wait_new_coordinator(&stack, &[coordinator, standby]);
@@ -249,6 +253,8 @@ fn foreground_both_killed_at_once_a_new_coordinator_adopts_the_stack() {
         .unwrap();
     let coordinator = pid(&before["coordinator"]).unwrap();
     let standby = pid(&before["standby"]).unwrap();
+    // Frozen first, so the standby cannot take over between the two kills.
+    signal(standby, Signal::SIGSTOP);
     signal(coordinator, Signal::SIGKILL);
     signal(standby, Signal::SIGKILL);
     wait_new_coordinator(&stack, &[coordinator, standby]);
