@@ -75,7 +75,8 @@ fn build() -> Result<Artifacts, String> {
         other => vec!["--profile", other],
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // CI builds both once, before the tests (`cargo build --workspace --examples`), and says
+    // CI builds both once, before the tests (`cargo build -p ccmgr -p ccmgr-capi --lib
+    // --examples`), and says
     // so: a nested cargo per test binary would only wait on the target directory's lock.
     let prebuilt = std::env::var_os("CCMGR_TEST_PREBUILT").is_some();
     for what in [
@@ -172,7 +173,7 @@ fn copy_executable(from: &Path, to: &Path) -> Result<(), String> {
     fs::copy(from, to).map_err(|e| {
         format!(
             "copying {} to {}: {e} (with CCMGR_TEST_PREBUILT set, build them first: \
-             cargo build --workspace --examples)",
+             cargo build -p ccmgr -p ccmgr-capi --lib --examples)",
             from.display(),
             to.display()
         )
