@@ -76,8 +76,8 @@ fn build() -> Result<Artifacts, String> {
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // CI builds both once, before the tests (`cargo build -p ccmgr -p ccmgr-capi --lib
-    // --examples`), and says
-    // so: a nested cargo per test binary would only wait on the target directory's lock.
+    // --examples`), and says so: a nested cargo per test binary would only wait on the target
+    // directory's lock.
     let prebuilt = std::env::var_os("CCMGR_TEST_PREBUILT").is_some();
     for what in [
         &["--example", "cc_service", "-p", "ccmgr"][..],
