@@ -49,7 +49,10 @@ impl Stack {
     pub fn new(test: &str, global: &str, services: &[(&str, &str)]) -> Stack {
         become_subreaper();
         let dir = tempfile::Builder::new()
-            .prefix(&format!("cc-{}-", test.chars().take(12).collect::<String>()))
+            .prefix(&format!(
+                "cc-{}-",
+                test.chars().take(12).collect::<String>()
+            ))
             .tempdir()
             .unwrap();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
