@@ -83,7 +83,7 @@ fn services_of_one_level_start_in_parallel() {
         stack.write_service(
             me,
             &format!(
-                r#"command = ["sh", "-c", "touch {dir}/{me}.started; while [ ! -e {dir}/{other}.started ]; do sleep 0.01; done; /usr/bin/python3 -c 'import os,socket; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(os.environ[\"NOTIFY_SOCKET\"]); s.send(b\"READY=1\")'; exec sleep 1000"]
+                r#"command = ["sh", "-c", "touch {dir}/{me}.started; while [ ! -e {dir}/{other}.started ]; do sleep 0.01; done; exec /usr/bin/python3 -c 'import os,socket,time; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(os.environ[\"NOTIFY_SOCKET\"]); s.send(b\"READY=1\"); time.sleep(1000)'"]
 ready = "notify"
 startup_timeout = "8s"
 "#
@@ -106,7 +106,7 @@ fn an_explicit_startup_sequence_starts_one_at_a_time() {
     stack.write_service(
         "a",
         &format!(
-            r#"command = ["sh", "-c", "echo start a >> {log}; sleep 0.3; echo ready a >> {log}; /usr/bin/python3 -c 'import os,socket; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(os.environ[\"NOTIFY_SOCKET\"]); s.send(b\"READY=1\")'; exec sleep 1000"]
+            r#"command = ["sh", "-c", "echo start a >> {log}; sleep 0.3; echo ready a >> {log}; exec /usr/bin/python3 -c 'import os,socket,time; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(os.environ[\"NOTIFY_SOCKET\"]); s.send(b\"READY=1\"); time.sleep(1000)'"]
 ready = "notify"
 "#
         ),

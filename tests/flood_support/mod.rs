@@ -103,7 +103,7 @@ pub fn run(name: &str, flood: Option<Duration>, span: Duration) -> Figures {
     stack.write_service(
         "late",
         &format!(
-            r#"command = ["sh", "-c", "while [ ! -e {go} ]; do sleep 0.005; done; /usr/bin/python3 -c 'import os,socket; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(os.environ[\"NOTIFY_SOCKET\"]); s.send(b\"READY=1\")'; exec sleep 1000"]
+            r#"command = ["sh", "-c", "while [ ! -e {go} ]; do sleep 0.005; done; exec /usr/bin/python3 -c 'import os,socket,time; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(os.environ[\"NOTIFY_SOCKET\"]); s.send(b\"READY=1\"); time.sleep(1000)'"]
 ready = "notify"
 startup_timeout = "20s"
 after = ["base"]
