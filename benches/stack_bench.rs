@@ -44,7 +44,7 @@ impl Stack {
         std::fs::write(
             dir.path().join("ccmgr.toml"),
             format!(
-                "instance = \"{instance}\"\nlog_dir = \"log\"\nrun_dir = \"run\"\n[coordinator]\nstandby = false\nstartup_timeout = \"600s\"\nrestart_retry_counter = 1000000\n"
+                "instance = \"{instance}\"\nlog_dir = \"log\"\nrun_dir = \"run\"\n[coordinator]\nstandby = false\nstartup_timeout = \"600s\"\nrestart_retry_counter = 1000\nrestart_time_span = \"3h\"\n"
             ),
         )
         .unwrap();
