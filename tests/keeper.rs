@@ -361,7 +361,17 @@ fn the_process_record_follows_the_processes_and_goes_with_the_stack() {
             .unwrap()
             .expect("a record")
     };
-    let record = read();
+    // The keeper writes the record once a burst of changes has settled (a few ms after the
+    // standby's start): poll until it names the standby.
+    let deadline = Instant::now() + LONG;
+    let record = loop {
+        let record = ccmgr::records::ProcessRecord::read(&path).unwrap();
+        match record {
+            Some(r) if r.standby.map(|s| s.pid) == pid(&status["standby"]) => break r,
+            other => assert!(Instant::now() < deadline, "record: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     assert_eq!(record.keeper.map(|r| r.pid), pid(&status["keeper"]));
     assert_eq!(
         record.coordinator.map(|r| r.pid),

@@ -84,6 +84,12 @@ pub const SUCCESSOR_QUICK: Duration = Duration::from_secs(2);
 /// for the daemon component), so a standby that is merely slow is never killed for it.
 pub const TAKEOVER_DEADLINE: Duration = Duration::from_secs(12);
 
+/// The process record is written once no event has come for this long after a change (a burst
+/// of spawns and exits is written once, after it)...
+const RECORD_SETTLE: Duration = Duration::from_millis(5);
+/// ...or once a change is this old, however busy the keeper is (a service flooding its log).
+const RECORD_MAX_LAG: Duration = Duration::from_millis(100);
+
 /// Rotation of service logs: the current file and this many older ones, each up to the size.
 pub const LOG_MAX_BYTES: u64 = 4 << 20;
 pub const LOG_KEEP: u32 = 3;
@@ -203,6 +209,8 @@ struct Keeper {
     identities: HashMap<i32, ProcessIdentity>,
     /// The set of processes changed since the record was last written.
     record_dirty: bool,
+    /// When the loop first saw the record changed and not yet written.
+    record_changed_at: Option<Instant>,
     /// With `[coordinator] watchdog`: the check of the coordinator's signs of life.
     watchdog: Option<Watchdog>,
     /// The instance's segment: the keeper publishes its own ordered stop there, and removes
@@ -302,6 +310,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         last_resort: None,
         identities: HashMap::new(),
         record_dirty: true,
+        record_changed_at: None,
         watchdog: None,
         takeover_due: None,
         segment,
@@ -440,9 +449,26 @@ impl Keeper {
         while !self.done() {
             self.watch_writability();
             self.arm_timer();
-            // At most one write per pass, however many processes came and went in it.
-            self.write_record();
-            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+            // The record is written once the burst that changed it has settled (no event for
+            // RECORD_SETTLE), or once it is RECORD_MAX_LAG old: never on the path of a restart,
+            // whose spawn request follows the exit within a fraction of a millisecond. An idle
+            // keeper, its record written, blocks with no timeout at all.
+            let wait = match self.record_dirty_since(Instant::now()) {
+                Some(age) if age >= RECORD_MAX_LAG => {
+                    self.write_record();
+                    EpollTimeout::NONE
+                }
+                Some(age) => {
+                    let left = RECORD_SETTLE.min(RECORD_MAX_LAG - age);
+                    EpollTimeout::try_from(left).unwrap_or(EpollTimeout::NONE)
+                }
+                None => EpollTimeout::NONE,
+            };
+            let n = match self.epoll.wait(&mut events, wait) {
+                Ok(0) if wait != EpollTimeout::NONE => {
+                    self.write_record();
+                    continue;
+                }
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
@@ -1172,8 +1198,18 @@ impl Keeper {
         self.record_dirty = true;
     }
 
+    /// How long the record has waited to be written, if it has changed since it last was.
+    fn record_dirty_since(&mut self, now: Instant) -> Option<Duration> {
+        if !self.record_dirty {
+            self.record_changed_at = None;
+            return None;
+        }
+        Some(now.duration_since(*self.record_changed_at.get_or_insert(now)))
+    }
+
     /// Writes the record if the set of processes changed since it was last written.
     fn write_record(&mut self) {
+        self.record_changed_at = None;
         if !std::mem::take(&mut self.record_dirty) {
             return;
         }
