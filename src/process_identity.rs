@@ -34,6 +34,12 @@ impl StatFields {
     pub fn is_finished(&self) -> bool {
         matches!(self.state, 'Z' | 'X' | 'x')
     }
+
+    /// A process stopped by a signal (`T`: SIGSTOP, Ctrl-Z) or a tracer (`t`) holds its
+    /// locks but runs no code: it answers nothing until it is continued.
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.state, 'T' | 't')
+    }
 }
 
 /// Why a `/proc/<pid>/stat` line could not be read.
@@ -122,6 +128,14 @@ impl ProcessIdentity {
             Ok(stat) => stat.start_time == self.start_time && !stat.is_finished(),
             Err(_) => false,
         }
+    }
+}
+
+impl ProcessIdentity {
+    /// True only if this very process (same start time) is stopped (see
+    /// [`StatFields::is_stopped`]).
+    pub fn is_frozen(&self) -> bool {
+        read_stat(self.pid).is_ok_and(|s| s.start_time == self.start_time && s.is_stopped())
     }
 }
 

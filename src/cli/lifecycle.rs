@@ -37,7 +37,7 @@ use crate::config::{Config, LoadOptions};
 use crate::coordinator::{self, StartReport};
 use crate::keeper::{self, COORDINATOR_REPORT_FD, KeeperSetup};
 use crate::logsink;
-use crate::process_identity::{ProcessIdentity, read_stat};
+use crate::process_identity::ProcessIdentity;
 use crate::records::ProcessRecord;
 use crate::shm::api::{ApiSpec, ControlSegment};
 use crate::shm::{
@@ -472,7 +472,7 @@ impl FreezeWatch {
         let now = Instant::now();
         let mut still = Vec::new();
         for (role, who) in parties {
-            if !read_stat(who.pid).is_ok_and(|s| matches!(s.state, 'T' | 't')) {
+            if !who.is_frozen() {
                 continue;
             }
             let since = self
@@ -795,9 +795,7 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
             // it started is not to be left unstoppable for that.
             Ok(Probe::Starting {
                 manager: Some(manager),
-            }) if manager.is_alive()
-                && read_stat(manager.pid).is_ok_and(|s| matches!(s.state, 'T' | 't')) =>
-            {
+            }) if manager.is_frozen() => {
                 eprintln!(
                     "ccmgr: the `ccmgr start` of instance {instance} (pid {}) is frozen (stopped): stopping the instance all the same",
                     manager.pid

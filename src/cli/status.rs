@@ -19,7 +19,7 @@ use super::{Cli, Exit};
 use crate::config::Config;
 use crate::config::ReadyKind;
 use crate::coordinator::LastOutcome;
-use crate::process_identity::{ProcessIdentity, read_stat};
+use crate::process_identity::ProcessIdentity;
 use crate::records::ProcessRecord;
 use crate::shm::{InstanceState, LastExit, Segment, ServiceState, ShmError, monotonic_ms};
 
@@ -31,7 +31,7 @@ struct Party {
 /// Whether `who` (the coordinator or the keeper) lives and can answer: a process frozen by
 /// SIGSTOP (state `T`, or `t` under a tracer) holds its locks but does nothing.
 fn answering(who: ProcessIdentity) -> bool {
-    who.is_alive() && read_stat(who.pid).is_ok_and(|s| !matches!(s.state, 'T' | 't'))
+    who.is_alive() && !who.is_frozen()
 }
 
 #[derive(Serialize)]
