@@ -65,6 +65,28 @@ struct StatusJson {
     last_run: Option<LastOutcome>,
 }
 
+impl StatusJson {
+    /// An instance of which nothing runs: stopped, no party, the services as last known.
+    fn not_running(
+        instance: String,
+        services: Vec<ServiceJson>,
+        last_run: Option<LastOutcome>,
+    ) -> Self {
+        StatusJson {
+            instance,
+            state: "stopped".into(),
+            since_ms: None,
+            coordinator: Party { pid: None },
+            standby: Party { pid: None },
+            keeper: Party { pid: None },
+            supervised: false,
+            restart_window: None,
+            services,
+            last_run,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Window {
     restarts: u32,
@@ -123,18 +145,7 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             }
             let last = last_run(global.as_ref(), &instance);
             if json {
-                let out = StatusJson {
-                    instance,
-                    state: "stopped".into(),
-                    since_ms: None,
-                    coordinator: Party { pid: None },
-                    standby: Party { pid: None },
-                    keeper: Party { pid: None },
-                    supervised: false,
-                    restart_window: None,
-                    services: Vec::new(),
-                    last_run: last,
-                };
+                let out = StatusJson::not_running(instance, Vec::new(), last);
                 println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
             } else {
                 println!("instance {instance}: not running");
@@ -236,26 +247,16 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             inst.state
         );
         if json {
-            let out = StatusJson {
-                instance,
-                state: "stopped".into(),
-                since_ms: None,
-                coordinator: Party { pid: None },
-                standby: Party { pid: None },
-                keeper: Party { pid: None },
-                supervised: false,
-                restart_window: None,
-                services,
-                last_run: Some(LastOutcome {
-                    outcome,
-                    service: None,
-                    how: None,
-                    restarts: None,
-                    at_unix: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
-                }),
+            let last = LastOutcome {
+                outcome,
+                service: None,
+                how: None,
+                restarts: None,
+                at_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
             };
+            let out = StatusJson::not_running(instance, services, Some(last));
             println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         } else {
             println!("instance {instance}: not running");
