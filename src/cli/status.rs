@@ -34,6 +34,12 @@ fn answering(who: ProcessIdentity) -> bool {
     who.is_alive() && !who.is_frozen()
 }
 
+/// Supervision takes both: the coordinator decides, but only the keeper can start, signal and
+/// reap; a coordinator whose keeper died or froze supervises nothing.
+fn supervised(coordinator: Option<ProcessIdentity>, keeper: Option<ProcessIdentity>) -> bool {
+    coordinator.is_some_and(answering) && keeper.is_some_and(answering)
+}
+
 #[derive(Serialize)]
 struct ExitJson {
     code: Option<i32>,
@@ -193,9 +199,7 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
     let coordinator = live(inst.coordinator);
     let standby = live(inst.standby);
     let keeper = live(inst.keeper);
-    // Supervision takes both: the coordinator decides, but only the keeper can start, signal
-    // and reap; a coordinator whose keeper died is on its way out.
-    let supervised = coordinator.is_some_and(answering) && keeper.is_some_and(answering);
+    let supervised = supervised(coordinator, keeper);
     let mut services = Vec::with_capacity(config.services.len());
     for (i, spec) in config.services.iter().enumerate() {
         let Ok(st) = segment.service_status(i) else {
@@ -426,10 +430,10 @@ fn report_from_record(
         })
         .collect();
     let coordinator = alive(record.coordinator);
-    let supervised = record
-        .coordinator
-        .map(ProcessIdentity::from)
-        .is_some_and(answering);
+    let supervised = supervised(
+        record.coordinator.map(ProcessIdentity::from),
+        record.keeper.map(ProcessIdentity::from),
+    );
     if json {
         let out = StatusJson {
             instance: instance.to_owned(),
