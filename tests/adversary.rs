@@ -6,7 +6,7 @@ mod stack_support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use stack_support::{Stack, text};
+use stack_support::{Stack, pids_in, text};
 
 const SLEEP: &str = r#"command = ["sleep", "100000"]"#;
 
@@ -55,23 +55,6 @@ fn freeze(pid: i32) {
     }
 }
 
-fn pids_of(status: &serde_json::Value) -> Vec<i32> {
-    let mut pids: Vec<i32> = ["coordinator", "standby", "keeper"]
-        .iter()
-        .filter_map(|k| status[*k]["pid"].as_i64())
-        .map(|p| p as i32)
-        .collect();
-    pids.extend(
-        status["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|s| s["pid"].as_i64())
-            .map(|p| p as i32),
-    );
-    pids
-}
-
 /// The segment removed (`rm /dev/shm/ccmgr.<instance>`) while the stack runs: the keeper's
 /// process record still names the live keeper and services, so `start` must refuse instead of
 /// starting a second stack beside the first (on main it did: every service ran twice, the two
@@ -86,7 +69,7 @@ fn start_refuses_while_the_process_record_names_live_processes() {
     );
     stack.start_ok();
     let status = stack.wait_steady(Duration::from_secs(10));
-    let pids = pids_of(&status);
+    let pids = pids_in(&status);
     stack.remember(&pids);
     let services_before = processes_of(&stack.instance);
     assert_eq!(services_before.len(), 2, "{services_before:?}");
@@ -147,7 +130,7 @@ fn the_keeper_finishes_its_stop_over_a_truncated_segment() {
     );
     stack.start_ok();
     let status = stack.wait_steady(Duration::from_secs(10));
-    let pids = pids_of(&status);
+    let pids = pids_in(&status);
     stack.remember(&pids);
     let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
 
@@ -213,7 +196,7 @@ fn a_standby_stuck_in_a_truncated_segment_does_not_hold_the_stack_forever() {
             .is_some_and(|s| stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64())
     });
     let status = status.unwrap();
-    let pids = pids_of(&status);
+    let pids = pids_in(&status);
     stack.remember(&pids);
     let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
     let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
@@ -255,7 +238,7 @@ fn status_names_an_unusable_process_record_as_such() {
     let stack = Stack::new("adv-bad-record", "", &[("a", SLEEP)]);
     stack.start_ok();
     let status = stack.wait_steady(Duration::from_secs(10));
-    stack.remember(&pids_of(&status));
+    stack.remember(&pids_in(&status));
     let record = stack
         .path()
         .join("run")
@@ -299,7 +282,7 @@ fn stop_finds_the_parties_without_a_segment_or_a_record() {
         s.as_ref()
             .is_some_and(|s| stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64())
     });
-    let pids = pids_of(&status.unwrap());
+    let pids = pids_in(&status.unwrap());
     stack.remember(&pids);
     std::fs::remove_file(
         stack
@@ -353,7 +336,7 @@ fn a_frozen_standby_is_replaced_when_it_does_not_take_over() {
             })
         })
         .unwrap();
-    stack.remember(&pids_of(&status));
+    stack.remember(&pids_in(&status));
     let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
     let standby = status["standby"]["pid"].as_i64().unwrap() as i32;
     let pid = nix::unistd::Pid::from_raw;
@@ -372,7 +355,7 @@ fn a_frozen_standby_is_replaced_when_it_does_not_take_over() {
             })
         },
     );
-    stack.remember(&pids_of(status.as_ref().unwrap()));
+    stack.remember(&pids_in(status.as_ref().unwrap()));
     assert!(!Stack::alive(standby), "the frozen standby must be gone");
     let out = stack.ccmgr(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -396,7 +379,7 @@ fn status_after_everything_was_killed_says_not_running() {
             })
         })
         .unwrap();
-    let pids = pids_of(&status);
+    let pids = pids_in(&status);
     stack.remember(&pids);
     let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
     let kill = |pid: i32| {
@@ -464,7 +447,7 @@ fn stop_writes_no_escape_codes_when_not_on_a_terminal() {
             })
         })
         .unwrap();
-    stack.remember(&pids_of(&status));
+    stack.remember(&pids_in(&status));
     let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
     let stop = std::process::Command::new(stack_support::ccmgr_bin())
         .arg("--config")
@@ -498,7 +481,7 @@ fn status_blames_a_frozen_keeper_not_the_coordinator() {
     let stack = Stack::new("adv-frozen-keeper", "", &[("a", SLEEP)]);
     stack.start_ok();
     let status = stack.wait_steady(Duration::from_secs(10));
-    stack.remember(&pids_of(&status));
+    stack.remember(&pids_in(&status));
     let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
     let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
     let pid = nix::unistd::Pid::from_raw(keeper);
@@ -533,7 +516,7 @@ fn status_warns_of_a_frozen_standby() {
             })
         })
         .unwrap();
-    stack.remember(&pids_of(&status));
+    stack.remember(&pids_in(&status));
     let standby = status["standby"]["pid"].as_i64().unwrap() as i32;
     let pid = nix::unistd::Pid::from_raw(standby);
     freeze(standby);
@@ -556,7 +539,7 @@ fn stop_after_the_keeper_was_killed_leaves_no_notify_socket() {
     let stack = Stack::new("adv-notify-left", "", &[("a", SLEEP)]);
     stack.start_ok();
     let status = stack.wait_steady(Duration::from_secs(10));
-    stack.remember(&pids_of(&status));
+    stack.remember(&pids_in(&status));
     let socket = stack
         .path()
         .join("run")
@@ -612,13 +595,13 @@ fn a_frozen_start_does_not_make_the_stack_unstoppable() {
     freeze(start_pid.as_raw());
     std::fs::write(&gate, b"").unwrap();
     let status = stack.wait_steady(Duration::from_secs(10));
-    stack.remember(&pids_of(&status));
+    stack.remember(&pids_in(&status));
 
     let out = stack.ccmgr(&["stop"]);
     nix::sys::signal::kill(start_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     let _ = start.wait();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    for pid in pids_of(&status) {
+    for pid in pids_in(&status) {
         assert!(!Stack::alive(pid), "pid {pid} survived the stop");
     }
     assert_eq!(processes_of(&stack.instance), Vec::<i32>::new());
@@ -673,7 +656,7 @@ fn the_keepers_stop_keeps_the_uptime_of_a_service_still_up() {
                 .any(|x| x["id"] == "a" && x["uptime_ms"].as_u64().is_some_and(|u| u >= 1500))
         })
     });
-    stack.remember(&pids_of(status.as_ref().unwrap()));
+    stack.remember(&pids_in(status.as_ref().unwrap()));
     let deadline = Instant::now() + Duration::from_secs(20);
     while !stack.coordinator_log().contains("coordinators keep dying") {
         for pid in coordinators_of(&stack.instance) {
@@ -729,7 +712,7 @@ fn stop_finishes_when_its_output_pipe_closes() {
     );
     stack.start_ok();
     let status = stack.wait_steady(Duration::from_secs(10));
-    let pids = pids_of(&status);
+    let pids = pids_in(&status);
     stack.remember(&pids);
     // A frozen coordinator: stop does the stop itself, saying what it does line by line.
     freeze(status["coordinator"]["pid"].as_i64().unwrap() as i32);

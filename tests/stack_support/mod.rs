@@ -201,23 +201,8 @@ impl Stack {
     }
 
     fn all_pids(&self) -> Vec<i32> {
-        let Some(status) = self.status_quiet() else {
-            return Vec::new();
-        };
-        let mut pids: Vec<i32> = ["coordinator", "standby", "keeper"]
-            .iter()
-            .filter_map(|k| status[*k]["pid"].as_i64())
-            .map(|p| p as i32)
-            .collect();
-        pids.extend(
-            status["services"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|s| s["pid"].as_i64())
-                .map(|p| p as i32),
-        );
-        pids
+        self.status_quiet()
+            .map_or_else(Vec::new, |status| pids_in(&status))
     }
 
     fn status_quiet(&self) -> Option<Value> {
@@ -442,4 +427,22 @@ pub fn service_of<'a>(status: &'a Value, id: &str) -> &'a Value {
         .iter()
         .find(|s| s["id"] == id)
         .unwrap_or_else(|| panic!("no service {id} in {status}"))
+}
+
+/// Every pid a `status --json` document names: coordinator, standby, keeper and services.
+pub fn pids_in(status: &Value) -> Vec<i32> {
+    let mut pids: Vec<i32> = ["coordinator", "standby", "keeper"]
+        .iter()
+        .filter_map(|k| status[*k]["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect();
+    pids.extend(
+        status["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["pid"].as_i64())
+            .map(|p| p as i32),
+    );
+    pids
 }
