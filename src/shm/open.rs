@@ -29,6 +29,23 @@ use super::segment::{SHM_DIR, Segment, SegmentSpec, segment_os_id, segment_path,
 use super::state::{InstanceState, LastExit, MutexId, ServiceState};
 use crate::process_identity::ProcessIdentity;
 
+/// Every service id a segment or control segment is made with: 1 to [`SERVICE_ID_MAX`] bytes,
+/// no NUL (the records hold them in fixed fields), none twice.
+pub(super) fn check_service_ids<'a>(ids: impl Iterator<Item = &'a str>) -> Result<(), String> {
+    let mut seen = HashSet::new();
+    for (i, id) in ids.enumerate() {
+        if id.is_empty() || id.len() > SERVICE_ID_MAX || id.contains('\0') {
+            return Err(format!(
+                "service #{i} has id {id:?}: ids have 1 to {SERVICE_ID_MAX} bytes and no NUL"
+            ));
+        }
+        if !seen.insert(id) {
+            return Err(format!("service id {id:?} appears twice"));
+        }
+    }
+    Ok(())
+}
+
 fn check_spec(spec: &SegmentSpec) -> Result<Layout, String> {
     let n = spec.services.len();
     if n > MAX_SERVICES as usize {
@@ -36,18 +53,7 @@ fn check_spec(spec: &SegmentSpec) -> Result<Layout, String> {
             "{n} services, more than the {MAX_SERVICES} a segment holds"
         ));
     }
-    let mut ids = HashSet::new();
-    for (i, s) in spec.services.iter().enumerate() {
-        if s.id.is_empty() || s.id.len() > SERVICE_ID_MAX || s.id.contains('\0') {
-            return Err(format!(
-                "service #{i} has id {:?}: ids have 1 to {SERVICE_ID_MAX} bytes and no NUL",
-                s.id
-            ));
-        }
-        if !ids.insert(s.id.as_str()) {
-            return Err(format!("service id {:?} appears twice", s.id));
-        }
-    }
+    check_service_ids(spec.services.iter().map(|s| s.id.as_str()))?;
     for (which, seq) in [
         ("startup", &spec.startup_sequence),
         ("shutdown", &spec.shutdown_sequence),

@@ -19,7 +19,7 @@ use super::{
     api_path, control_path, io_error,
 };
 use crate::config::Takeover;
-use crate::shm::layout::{MAX_SERVICES, SERVICE_ID_MAX};
+use crate::shm::layout::MAX_SERVICES;
 use crate::shm::mapping::{Mapping, ReadWrite, Unpublished, link_exclusive};
 use crate::shm::robust::{Deadline, futex_wake};
 use crate::shm::segment::SHM_DIR;
@@ -70,18 +70,7 @@ pub(super) fn check_spec(spec: &ApiSpec) -> Result<ControlLayout, String> {
     let n = spec.services.len();
     let layout = ControlLayout::compute(n)
         .ok_or_else(|| format!("{n} services, more than the {MAX_SERVICES} allowed"))?;
-    let mut ids = std::collections::HashSet::new();
-    for (i, s) in spec.services.iter().enumerate() {
-        if s.id.is_empty() || s.id.len() > SERVICE_ID_MAX || s.id.contains('\0') {
-            return Err(format!(
-                "service #{i} has id {:?}: ids have 1 to {SERVICE_ID_MAX} bytes and no NUL",
-                s.id
-            ));
-        }
-        if !ids.insert(s.id.as_str()) {
-            return Err(format!("service id {:?} appears twice", s.id));
-        }
-    }
+    crate::shm::open::check_service_ids(spec.services.iter().map(|s| s.id.as_str()))?;
     let mut seen = vec![false; n];
     for &i in &spec.shutdown_sequence {
         match seen.get_mut(i as usize) {
