@@ -116,9 +116,16 @@ impl Cli {
     }
 }
 
-/// Loads the configuration, or prints every problem and says how many there were.
+/// Loads the configuration (printing its warnings), or prints every problem and says how many
+/// there were.
 fn load_or_report(cli: &Cli) -> Result<Config, Exit> {
-    Config::load(&cli.load_options()).map_err(|diags| {
+    let loaded = Config::load(&cli.load_options());
+    if let Ok(config) = &loaded {
+        for w in config.warnings.iter() {
+            eprintln!("warning: {w}");
+        }
+    }
+    loaded.map_err(|diags| {
         for d in diags.iter() {
             eprintln!("error: {d}");
         }
