@@ -1080,6 +1080,34 @@ mod tests {
     }
 
     #[test]
+    fn wants_and_before_survive_the_image_and_a_missing_wanted_id_is_only_a_warning() {
+        let scenario =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/wants-and-before");
+        let options = LoadOptions {
+            config_path: Some(scenario.join("ccmgr.toml")),
+            ..Default::default()
+        };
+        let config = Config::load(&options).unwrap();
+        assert_eq!(config.warnings.len(), 1, "{}", config.warnings);
+        let warning = config.warnings.to_string();
+        assert!(warning.contains("`web` wants `node-exporter`"), "{warning}");
+        let i = |id: &str| config.service_index(id).unwrap();
+        assert_eq!(
+            config.graph.dependencies(i("web")),
+            [
+                (i("db"), EdgeKind::Requires),
+                (i("metrics"), EdgeKind::Wants),
+                (i("migrate"), EdgeKind::Before),
+            ]
+        );
+        let back = Config::from_image(&config.to_image()).unwrap();
+        assert_eq!(back.services, config.services);
+        assert_eq!(back.graph.edges(), config.graph.edges());
+        assert_eq!(back.startup_sequence, config.startup_sequence);
+        assert!(back.warnings.is_empty());
+    }
+
+    #[test]
     fn instance_names() {
         for ok in ["default", "t-1.x_2", &"a".repeat(64)] {
             assert!(check_instance_name(ok).is_ok(), "{ok}");
