@@ -10,6 +10,7 @@
 
 mod check;
 mod lifecycle;
+mod logs;
 mod status;
 mod stop_driver;
 
@@ -81,6 +82,18 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Show what services wrote (none named: ccmgr's own event log): the last lines, then
+    /// with -f what follows, across rotations.
+    Logs {
+        /// The services whose output to show; with several, each line starts with its name.
+        services: Vec<String>,
+        /// How many of the last lines to show first.
+        #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 10)]
+        lines: usize,
+        /// Keep following the logs (across rotations) until interrupted.
+        #[arg(short, long)]
+        follow: bool,
     },
     /// The roles ccmgr runs itself as (not for direct use).
     #[command(hide = true)]
@@ -182,6 +195,11 @@ pub fn main() -> ExitCode {
         Command::Stop => Ok(lifecycle::stop(&cli)),
         Command::Restart { foreground } => Ok(lifecycle::restart(&cli, *foreground)),
         Command::Status { json } => Ok(status::status(&cli, *json)),
+        Command::Logs {
+            services,
+            lines,
+            follow,
+        } => Ok(logs::logs(&cli, services, *lines, *follow)),
         Command::Internal { role, foreground } => {
             let instance = cli.instance.clone().unwrap_or_default();
             Ok(match role {
