@@ -133,7 +133,10 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(1000);
     let instance = format!("bench.{}", std::process::id());
-    let cleanup = Cleanup(instance.clone(), tempfile::tempdir().expect("a run directory"));
+    let cleanup = Cleanup(
+        instance.clone(),
+        tempfile::tempdir().expect("a run directory"),
+    );
     let run_dir = cleanup.1.path().to_owned();
     let spec = SegmentSpec {
         instance: instance.clone(),

@@ -94,7 +94,13 @@ fn a_service_spec_sets_argv_directory_and_environment() {
     svc.working_dir = Some(tmp.path().to_path_buf());
     svc.env_file = Some(env_file);
     svc.env.insert("X".into(), "table".into());
-    let env = build_environment(&svc, "inst", Path::new("/run/ccmgr"), &pairs(&[("NOTIFY_SOCKET", "/run/n")])).unwrap();
+    let env = build_environment(
+        &svc,
+        "inst",
+        Path::new("/run/ccmgr"),
+        &pairs(&[("NOTIFY_SOCKET", "/run/n")]),
+    )
+    .unwrap();
     let (read_end, write_end) = make_output_pipe().unwrap();
     let req = SpawnRequest::for_service(&svc, env, write_end.as_fd()).unwrap();
     assert_eq!(req.credentials, None);

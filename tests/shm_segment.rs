@@ -141,7 +141,11 @@ fn a_group_segment_has_mode_0640_and_the_group() {
     spec.group = Some(65534);
     let (seg, _starting) = Segment::create(&spec).unwrap();
     let meta = std::fs::metadata(seg.path()).unwrap();
-    assert_eq!(meta.mode() & 0o7777, 0o640, "the group reads, only the owner writes");
+    assert_eq!(
+        meta.mode() & 0o7777,
+        0o640,
+        "the group reads, only the owner writes"
+    );
     assert_eq!(meta.gid(), 65534);
     Segment::open(t.dir(), &t.name).unwrap();
     // A snapshot reads the same.
@@ -175,7 +179,10 @@ fn a_snapshot_is_a_private_consistent_copy() {
         .set_service_state(0, ServiceState::Starting, 7)
         .unwrap();
     assert_eq!(copy.service_status(0).unwrap().state, ServiceState::Stopped);
-    assert!(!copy.unlink().unwrap(), "a copy never removes the segment's name");
+    assert!(
+        !copy.unlink().unwrap(),
+        "a copy never removes the segment's name"
+    );
     assert!(t.segment_path().exists());
 }
 
@@ -212,14 +219,7 @@ fn another_uid_cannot_create_the_segment_and_its_file_is_refused() {
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     let euid = nix::unistd::geteuid().as_raw();
-    let mut creator = Helper::spawn(
-        &exe,
-        "create",
-        t.dir(),
-        &t.name,
-        &[],
-        Some((65534, 65534)),
-    );
+    let mut creator = Helper::spawn(&exe, "create", t.dir(), &t.name, &[], Some((65534, 65534)));
     let said = creator.expect_line("refused: ");
     assert!(creator.wait().success());
     assert!(
@@ -231,12 +231,7 @@ fn another_uid_cannot_create_the_segment_and_its_file_is_refused() {
     // A segment file of another uid (made here, then given away) is never used.
     let (seg, starting) = Segment::create(&t.spec(1)).unwrap();
     drop(starting);
-    nix::unistd::chown(
-        seg.path(),
-        Some(nix::unistd::Uid::from_raw(65534)),
-        None,
-    )
-    .unwrap();
+    nix::unistd::chown(seg.path(), Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
     let e = Segment::open(t.dir(), &t.name).unwrap_err();
     assert!(
         matches!(e, ShmError::WrongOwner { owner: 65534, .. }),
@@ -469,9 +464,15 @@ fn a_live_coordinator_refuses_reclaim_and_kill9_makes_it_stale() {
     let (clean, died) = (Some(Acquired::Clean), Some(Acquired::PreviousHolderDied));
     assert_eq!(released, [clean, clean, died, clean]);
 
-    assert_eq!(Segment::reclaim_stale(t.dir(), &t.name).unwrap(), Reclaimed::Removed);
+    assert_eq!(
+        Segment::reclaim_stale(t.dir(), &t.name).unwrap(),
+        Reclaimed::Removed
+    );
     assert_eq!(Segment::probe(t.dir(), &t.name).unwrap(), Probe::Absent);
-    assert_eq!(Segment::reclaim_stale(t.dir(), &t.name).unwrap(), Reclaimed::Absent);
+    assert_eq!(
+        Segment::reclaim_stale(t.dir(), &t.name).unwrap(),
+        Reclaimed::Absent
+    );
     let (fresh, _starting) = Segment::create_reclaiming_stale(&spec).unwrap();
     assert_eq!(fresh.instance_status().unwrap().coordinator, None);
 }
@@ -533,7 +534,10 @@ fn live_services_without_a_coordinator_refuse_reclaim() {
 
     seg.write().unwrap().set_service_process(0, None).unwrap();
     assert_eq!(Segment::probe(t.dir(), &t.name).unwrap(), Probe::Stale);
-    assert_eq!(Segment::reclaim_stale(t.dir(), &t.name).unwrap(), Reclaimed::Removed);
+    assert_eq!(
+        Segment::reclaim_stale(t.dir(), &t.name).unwrap(),
+        Reclaimed::Removed
+    );
 }
 
 #[test]

@@ -664,7 +664,8 @@ pub fn run_role_if_requested(extra: impl FnOnce(&str, &Path, &str)) {
         // The coordinator's side: hold the daemon component; release it asking the services
         // listed ("release 0,2"), re-take it ("retake"); end when stdin closes.
         "coordinator" => {
-            let ctl = ControlSegment::open(&run_dir, &instance).expect("opening the control segment");
+            let ctl =
+                ControlSegment::open(&run_dir, &instance).expect("opening the control segment");
             let mut holder = ctl
                 .hold_daemon_component(Deadline::after(PATIENCE))
                 .expect("taking the daemon component");
