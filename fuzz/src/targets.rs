@@ -8,7 +8,7 @@
 //! apart. It uses only ccmgr's public API, `tempfile` and `std`.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -294,12 +294,19 @@ pub fn segment(data: &[u8]) {
     let _ = Segment::remove(run_dir, &instance);
 }
 
-/// The run directory of the segment target's instances: one private directory per process
-/// (the segment's files live in an instance's `run_dir`).
+/// The run directory of the segment target's instances (the segment's files live in an
+/// instance's `run_dir`): one directory of the fuzzing user's, `$TMPDIR/ccmgr-fuzz-<uid>`,
+/// mode 0700, shared by every process of a run (the fuzzer forks one per input, so a fresh
+/// directory each would pile up); the instance names carry the pid.
 fn fuzz_run_dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("a temp dir"))
-        .path()
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir =
+            std::env::temp_dir().join(format!("ccmgr-fuzz-{}", nix::unistd::geteuid().as_raw()));
+        let _ = std::fs::create_dir(&dir);
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        dir
+    })
 }
 
 fn write_private(path: &Path, bytes: &[u8]) {
