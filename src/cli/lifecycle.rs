@@ -847,9 +847,10 @@ fn read_segment(
 /// record is dead (pid and start time), and the instance's cgroups are gone. `run_dir` is where
 /// the instance's state and records are (from the global configuration file, or the caller's
 /// default).
-pub fn stop_instance(instance: &str, run_dir: &std::path::Path) -> Exit {
-    let (segment, config, damage) = read_segment(run_dir, instance);
-    let run_dir = Some(run_dir);
+pub fn stop_instance(instance: &str, dir: &std::path::Path) -> Exit {
+    let (segment, config, damage) = read_segment(dir, instance);
+    // The records' readers below take an optional directory.
+    let run_dir = Some(dir);
     let mut inventory = Inventory::gather(instance, segment.as_ref(), config.as_ref(), run_dir);
     // Why the command does the stop itself, if it must.
     let mut reason = None;
@@ -864,7 +865,7 @@ pub fn stop_instance(instance: &str, run_dir: &std::path::Path) -> Exit {
             )
         });
     } else if segment.is_some() {
-        match probe_settled(run_dir.unwrap_or(std::path::Path::new("")), instance) {
+        match probe_settled(dir, instance) {
             // A `ccmgr start` frozen by SIGSTOP (Ctrl-Z) never finishes while it is: the stack
             // it started is not to be left unstoppable for that.
             Ok(Probe::Starting {
