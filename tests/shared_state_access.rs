@@ -310,3 +310,153 @@ fn a_group_member_reads_the_status_but_cannot_write_or_stop() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(stack.state_files(), Vec::<PathBuf>::new());
 }
+
+/// An instance of `nobody`'s own, driven by `nobody` through a copy of the binary, in a
+/// directory of a sticky world-writable one (as `/tmp`). On drop: stopped as nobody, and any
+/// process of it still alive killed and reaped.
+struct NobodysInstance {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    config: String,
+    pids: std::cell::RefCell<Vec<i32>>,
+}
+
+impl NobodysInstance {
+    fn new(tag: &str) -> NobodysInstance {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let bin = dir.path().join("ccmgr");
+        std::fs::copy(ccmgr_bin(), &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let home = dir.path().join("home");
+        let instance = format!("nb-{tag}-{}", std::process::id());
+        let script = format!(
+            "mkdir -p {home}/services.d && printf 'instance = \"{instance}\"\\nlog_dir = \"log\"\\nrun_dir = \"run\"\\n' > {home}/ccmgr.toml && printf 'command = [\"sleep\", \"1000\"]\\n' > {home}/services.d/a.toml",
+            home = home.display()
+        );
+        let out = as_nobody(Path::new("/bin/sh"), &["-c", &script]);
+        assert!(out.status.success(), "{}", text(&out));
+        NobodysInstance {
+            config: home.join("ccmgr.toml").display().to_string(),
+            dir,
+            bin,
+            pids: Default::default(),
+        }
+    }
+
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.home().join("run")
+    }
+
+    /// `ccmgr <args>` as nobody (`as_root`: as root, on nobody's instance).
+    fn ccmgr(&self, args: &[&str], as_root: bool) -> Output {
+        let mut all = vec!["--config", &self.config];
+        all.extend_from_slice(args);
+        let out = if as_root {
+            Command::new(&self.bin)
+                .args(&all)
+                .env_remove("CCMGR_CONFIG")
+                .output()
+                .unwrap()
+        } else {
+            as_nobody(&self.bin, &all)
+        };
+        if args == ["status", "--json"] && out.status.success() {
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            self.pids.borrow_mut().extend(pids_in(&json));
+        }
+        out
+    }
+}
+
+impl Drop for NobodysInstance {
+    fn drop(&mut self) {
+        let _ = self.ccmgr(&["stop"], false);
+        for &pid in self.pids.borrow().iter() {
+            if Stack::alive(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            // Ours to reap only if it was re-parented to this process (a subreaper).
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+    }
+}
+
+/// Unprivileged instances keep working: `nobody` starts, reads and stops an instance of its
+/// own, whose state is in a run_dir of its own (below a sticky world-writable directory, as
+/// /tmp); root may read its status but not stop it; and a run_dir below a directory anyone may
+/// write that is not sticky is refused.
+#[test]
+fn an_unprivileged_owner_runs_its_instance_and_no_one_else_controls_it() {
+    if !need_root() {
+        return;
+    }
+    let n = NobodysInstance::new("own");
+    let out = n.ccmgr(&["start"], false);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = n.ccmgr(&["status", "--json"], false);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let pids = n.pids.borrow().clone();
+    assert!(!pids.is_empty());
+    for ext in ["seg", "ctl", "api"] {
+        let meta = std::fs::read_dir(n.run_dir())
+            .unwrap()
+            .flatten()
+            .find(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .ends_with(&format!(".{ext}"))
+            })
+            .unwrap_or_else(|| panic!("no .{ext} in {}", n.run_dir().display()))
+            .metadata()
+            .unwrap();
+        assert_eq!(meta.uid(), NOBODY.0, ".{ext}");
+    }
+    // Root reads the status (a private copy), but may not stop it.
+    let out = n.ccmgr(&["status"], true);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = n.ccmgr(&["stop"], true);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(4), "{t}");
+    assert!(t.contains("only uid 65534 may control instance"), "{t}");
+    for pid in &pids {
+        assert!(Stack::alive(*pid), "pid {pid} died of root's refused stop");
+    }
+    // Its owner stops it, and everything it made goes.
+    let out = n.ccmgr(&["stop"], false);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let left: Vec<String> = std::fs::read_dir(n.run_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| [".seg", ".ctl", ".api"].iter().any(|s| name.ends_with(s)))
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
+
+    // Its home made writable by everyone, not sticky: anyone could replace `run`. Refused.
+    let out = as_nobody(
+        Path::new("/bin/chmod"),
+        &["0777", &n.home().display().to_string()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = n.ccmgr(&["start"], false);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!(
+            "{} is owned by uid 65534 and has mode 0777",
+            n.home().display()
+        )) && t.contains("not sticky"),
+        "{t}"
+    );
+}
