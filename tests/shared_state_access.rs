@@ -148,6 +148,16 @@ fn a_run_dir_others_could_write_or_own_is_refused() {
             Vec::<PathBuf>::new(),
             "{mode_or_owner}"
         );
+        // Nor do `status` and `stop` believe or remove anything there.
+        for verb in ["status", "stop"] {
+            let out = stack.ccmgr(&[verb]);
+            let t = text(&out);
+            assert_eq!(out.status.code(), Some(1), "{mode_or_owner}: {verb}: {t}");
+            assert!(
+                t.contains("refusing the run directory"),
+                "{mode_or_owner}: {verb}: {t}"
+            );
+        }
     };
 
     // Group-writable, then world-writable (even sticky: names in it are still anyone's).

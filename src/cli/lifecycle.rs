@@ -787,6 +787,15 @@ pub fn stop(cli: &Cli) -> Exit {
     if let Err(e) = refuse_non_owner(&instance, &run_dir) {
         return e;
     }
+    // Nothing in a directory others could write is believed (a record there could name any
+    // process), nor removed.
+    match crate::shm::trusted_dir(&run_dir, Some(nix::unistd::geteuid().as_raw())) {
+        Ok(_) | Err(crate::shm::DirTrustError::Missing { .. }) => {}
+        Err(e) => {
+            eprintln!("ccmgr: {e}");
+            return Exit::Failed;
+        }
+    }
     stop_instance(&instance, &run_dir)
 }
 

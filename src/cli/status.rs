@@ -189,6 +189,11 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             }
             return Exit::NotRunning;
         }
+        // Not damage: a directory whose files cannot be trusted (nor its records).
+        Err(e @ ShmError::UntrustedDir(_)) => {
+            eprintln!("ccmgr: {e}");
+            return Exit::Failed;
+        }
         Err(e) => {
             return report_from_record(&instance, global.as_ref(), Some(e.to_string()), json)
                 .unwrap_or(Exit::Failed);
