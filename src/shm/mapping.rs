@@ -383,19 +383,27 @@ pub(crate) fn create_unnamed(path: &Path) -> io::Result<(File, Option<TempName>)
     {
         Ok(file) => Ok((file, None)),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
-            let temp = dir.join(format!("{}{}", temp_prefix(path), std::process::id()));
-            let _ = std::fs::remove_file(&temp);
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&temp)?;
-            Ok((file, Some(TempName(temp))))
+            create_under_temp_name(path).map(|(file, temp)| (file, Some(temp)))
         }
         Err(e) => Err(e),
     }
+}
+
+/// The fallback of [`create_unnamed`]: the file under an exclusive temporary name beside
+/// `path`, mode 0600 until the caller sets the final one.
+fn create_under_temp_name(path: &Path) -> io::Result<(File, TempName)> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let temp = dir.join(format!("{}{}", temp_prefix(path), std::process::id()));
+    // A name of this process's pid is a leftover of a dead process that had the same pid.
+    let _ = std::fs::remove_file(&temp);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&temp)?;
+    Ok((file, TempName(temp)))
 }
 
 /// Give a file made by [`create_unnamed`] its name `path`, exclusively: `AlreadyExists` if
@@ -537,4 +545,47 @@ pub(crate) fn link_exclusive(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> 
         nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
     )
     .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where the file system has no `O_TMPFILE`: the file is built under a temporary name,
+    /// published exclusively, and the temporary name goes; a leftover is removed with the
+    /// instance's files.
+    #[test]
+    fn the_temporary_name_fallback_publishes_exclusively_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.seg");
+        let names = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let (file, temp) = create_under_temp_name(&path).unwrap();
+        assert_eq!(names(), [format!(".x.seg.tmp.{}", std::process::id())]);
+        file.set_len(8).unwrap();
+        publish_unnamed(file.as_fd(), Some(temp), &path).unwrap();
+        assert_eq!(names(), ["x.seg"]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 8);
+
+        // The name is taken: AlreadyExists, and the temporary name still goes.
+        let (file, temp) = create_under_temp_name(&path).unwrap();
+        let e = publish_unnamed(file.as_fd(), Some(temp), &path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(names(), ["x.seg"]);
+
+        // A creator killed mid-way leaves its temporary name: removed with the files.
+        let (_file, temp) = create_under_temp_name(&path).unwrap();
+        std::mem::forget(temp);
+        std::fs::write(dir.path().join("other.tmp.1"), "").unwrap();
+        assert_eq!(names().len(), 3);
+        remove_temp_leftovers(&path);
+        assert_eq!(names(), ["other.tmp.1", "x.seg"]);
+    }
 }
