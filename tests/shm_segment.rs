@@ -574,3 +574,65 @@ fn snapshots_are_never_torn() {
     assert!(reads > 0);
     assert_eq!(seg.generation(), 2 * writes as u64);
 }
+
+/// The group's read-only view copies the file while a writer is busy: every copy is whole
+/// (taken between two changes, by the generation counter), never half of one change.
+#[test]
+fn private_copies_are_never_torn() {
+    let t = TestInstance::new("torn_copy");
+    let (seg, starting) = Segment::create(&t.spec(1)).unwrap();
+    drop(starting);
+    let writes = 5_000;
+    let writer_seg = seg.clone();
+    let writer = std::thread::spawn(move || {
+        for k in 1..=writes {
+            let w = writer_seg.write().unwrap();
+            let p = ProcessIdentity {
+                pid: k,
+                start_time: k as u64 * 1000,
+            };
+            w.set_service_process(0, Some(p)).unwrap();
+            w.set_restart_count(0, k as u32).unwrap();
+        }
+    });
+    let mut copies = 0u64;
+    loop {
+        let copy = match Segment::open_snapshot(t.dir(), &t.name) {
+            Ok(copy) => copy,
+            // A writer that never let go for the bounded attempts: said so, never torn.
+            Err(ShmError::NoConsistentCopy { .. }) => continue,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(copy.generation() % 2, 0);
+        let status = copy.service_status(0).unwrap();
+        if let Some(p) = status.process {
+            assert_eq!(p.start_time, p.pid as u64 * 1000, "torn identity");
+            assert_eq!(status.restart_count, p.pid as u32, "torn record");
+        }
+        copies += 1;
+        if status.restart_count == writes as u32 {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    assert!(copies > 0);
+}
+
+/// A change that never ends (a writer stopped mid-change: the generation counter stays odd)
+/// gives a reader's copy up after its bounded attempts, with a sentence; it never waits for
+/// ever, nor reads half a change.
+#[test]
+fn a_change_that_never_ends_is_said_not_waited_for() {
+    let t = TestInstance::new("odd_generation");
+    let (_seg, starting) = Segment::create(&t.spec(1)).unwrap();
+    drop(starting);
+    segment_file(&t)
+        .write_all_at(&7u64.to_ne_bytes(), offset_of!(Header, generation) as u64)
+        .unwrap();
+    let e = Segment::open_snapshot(t.dir(), &t.name).unwrap_err();
+    assert!(matches!(e, ShmError::NoConsistentCopy { .. }), "{e}");
+    assert!(
+        e.to_string().contains("was being changed at each of"),
+        "{e}"
+    );
+}

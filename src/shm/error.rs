@@ -170,6 +170,19 @@ pub enum ShmError {
         /// The instance.
         instance: String,
     },
+    /// A reader's private copy ([`Segment::open_snapshot`](super::Segment::open_snapshot))
+    /// found a change under way at every attempt.
+    #[error(
+        "segment {path} of instance {instance} was being changed at each of {attempts} attempts to copy it (a writer stopped or wedged in the middle of a change?): cannot read a consistent state"
+    )]
+    NoConsistentCopy {
+        /// The instance.
+        instance: String,
+        /// The segment path.
+        path: String,
+        /// How many copies were tried.
+        attempts: u32,
+    },
     /// A live coordinator holds the instance.
     #[error("instance {instance} is already running (coordinator {})", pid_text(.coordinator_pid))]
     AlreadyRunning {

@@ -424,8 +424,10 @@ impl Segment {
         let size = examine(instance, &path, &file, dir.owner)?;
         let bytes = consistent_copy(&file, size as usize)
             .map_err(|e| io_error("reading", e))?
-            .ok_or_else(|| ShmError::StateLockHeld {
+            .ok_or_else(|| ShmError::NoConsistentCopy {
                 instance: instance.to_owned(),
+                path: path_text.clone(),
+                attempts: COPY_ATTEMPTS,
             })?;
         let copy = nix::sys::memfd::memfd_create(
             c"ccmgr-status-snapshot",
