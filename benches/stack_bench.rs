@@ -90,7 +90,7 @@ impl Stack {
     }
 
     fn segment(&self) -> Segment {
-        Segment::open(&self.instance).unwrap()
+        Segment::open(&self.dir.path().join("run"), &self.instance).unwrap()
     }
 }
 

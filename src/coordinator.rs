@@ -216,8 +216,14 @@ pub enum Role {
 
 /// Runs the coordinator (or a standby that becomes one); returns the process exit code (0:
 /// stopped on request, or a standby retired by an orderly stop; 1: failed).
-pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, CoordinatorError> {
-    let segment = Segment::open(instance)?;
+/// The instance's state is in `run_dir`.
+pub fn run(
+    run_dir: &std::path::Path,
+    instance: &str,
+    handed: Handed,
+    role: Role,
+) -> Result<i32, CoordinatorError> {
+    let segment = Segment::open(run_dir, instance)?;
     let config = Config::from_image(&segment.config_blob()?).map_err(CoordinatorError::Image)?;
     let keeper = handed
         .keeper
@@ -262,7 +268,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
     // The daemon component's holder is a thread: made only now that the signals the loop
     // reads through its signalfd are blocked, so that it inherits the mask and none of them
     // can reach it (a SIGTERM delivered to it would kill the process).
-    let gate = ControlSegment::open(instance)?
+    let gate = ControlSegment::open(run_dir, instance)?
         .hold_daemon_component(Deadline::after(Duration::from_secs(5)))?;
     let timer = TimerFd::new(
         ClockId::CLOCK_MONOTONIC,

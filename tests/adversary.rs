@@ -3,7 +3,6 @@
 
 mod stack_support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use stack_support::{Stack, pids_in, text};
@@ -55,7 +54,7 @@ fn freeze(pid: i32) {
     }
 }
 
-/// The segment removed (`rm /dev/shm/ccmgr.<instance>`) while the stack runs: the keeper's
+/// The segment removed (`rm <run_dir>/<instance>.seg`) while the stack runs: the keeper's
 /// process record still names the live keeper and services, so `start` must refuse instead of
 /// starting a second stack beside the first (on main it did: every service ran twice, the two
 /// keepers killed each other's services through the shared cgroups, and the first stack's
@@ -74,7 +73,7 @@ fn start_refuses_while_the_process_record_names_live_processes() {
     let services_before = processes_of(&stack.instance);
     assert_eq!(services_before.len(), 2, "{services_before:?}");
 
-    std::fs::remove_file(format!("/dev/shm/ccmgr.{}", stack.instance)).unwrap();
+    std::fs::remove_file(stack.segment_path()).unwrap();
     let out = stack.start();
     let services_after = processes_of(&stack.instance);
     stack.remember(&services_after);
@@ -136,7 +135,7 @@ fn the_keeper_finishes_its_stop_over_a_truncated_segment() {
 
     std::fs::OpenOptions::new()
         .write(true)
-        .open(format!("/dev/shm/ccmgr.{}", stack.instance))
+        .open(stack.segment_path())
         .unwrap()
         .set_len(0)
         .unwrap();
@@ -203,7 +202,7 @@ fn a_standby_stuck_in_a_truncated_segment_does_not_hold_the_stack_forever() {
 
     std::fs::OpenOptions::new()
         .write(true)
-        .open(format!("/dev/shm/ccmgr.{}", stack.instance))
+        .open(stack.segment_path())
         .unwrap()
         .set_len(0)
         .unwrap();
@@ -247,7 +246,7 @@ fn status_names_an_unusable_process_record_as_such() {
     std::fs::write(&record, b"{garbage").unwrap();
     std::fs::OpenOptions::new()
         .write(true)
-        .open(format!("/dev/shm/ccmgr.{}", stack.instance))
+        .open(stack.segment_path())
         .unwrap()
         .set_len(0)
         .unwrap();
@@ -293,7 +292,7 @@ fn stop_finds_the_parties_without_a_segment_or_a_record() {
     .unwrap();
     std::fs::OpenOptions::new()
         .write(true)
-        .open(format!("/dev/shm/ccmgr.{}", stack.instance))
+        .open(stack.segment_path())
         .unwrap()
         .set_len(0)
         .unwrap();
@@ -308,10 +307,11 @@ fn stop_finds_the_parties_without_a_segment_or_a_record() {
         );
     }
     assert_eq!(processes_of(&stack.instance), Vec::<i32>::new());
-    for suffix in ["", ".ctl", ".api"] {
-        let path = format!("/dev/shm/ccmgr.{}{suffix}", stack.instance);
-        assert!(!Path::new(&path).exists(), "{path} is left behind");
-    }
+    assert_eq!(
+        stack.state_files(),
+        Vec::<std::path::PathBuf>::new(),
+        "left behind"
+    );
     stack.start_ok();
     let out = stack.ccmgr(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

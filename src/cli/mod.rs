@@ -27,6 +27,9 @@ pub enum Exit {
     Failed = 1,
     BadConfig = 2,
     NotRunning = 3,
+    /// The caller may not do that to the instance: only its owner may start, stop or restart
+    /// it (the members of its group may read its status).
+    NotPermitted = 4,
 }
 
 impl From<Exit> for ExitCode {
@@ -89,6 +92,10 @@ pub enum Command {
         role: InternalRole,
         #[arg(long)]
         foreground: bool,
+        /// The instance's run directory, where its shared state is (the caller's default
+        /// run directory if not given).
+        #[arg(long, value_name = "DIR")]
+        run_dir: Option<PathBuf>,
     },
 }
 
@@ -175,16 +182,25 @@ pub fn main() -> ExitCode {
         Command::Stop => Ok(lifecycle::stop(&cli)),
         Command::Restart { foreground } => Ok(lifecycle::restart(&cli, *foreground)),
         Command::Status { json } => Ok(status::status(&cli, *json)),
-        Command::Internal { role, foreground } => {
+        Command::Internal {
+            role,
+            foreground,
+            run_dir,
+        } => {
             let instance = cli.instance.clone().unwrap_or_default();
+            let run_dir = run_dir
+                .clone()
+                .unwrap_or_else(crate::shm::state_dir::default_run_dir);
             Ok(match role {
-                InternalRole::Keeper => lifecycle::internal_keeper(&instance),
+                InternalRole::Keeper => lifecycle::internal_keeper(&run_dir, &instance),
                 InternalRole::Coordinator => lifecycle::internal_coordinator(
+                    &run_dir,
                     &instance,
                     *foreground,
                     crate::coordinator::Role::Coordinator,
                 ),
                 InternalRole::Standby => lifecycle::internal_coordinator(
+                    &run_dir,
                     &instance,
                     *foreground,
                     crate::coordinator::Role::Standby,

@@ -8,13 +8,17 @@
 //! by SIGSTOP nor a zombie). When the segment cannot be read (truncated, corrupt), it says so
 //! and lists what the keeper's process record in `run_dir` says runs.
 //!
+//! The instance's owner reads the live segment; anyone else allowed to read it (the members of
+//! the instance's `group`: the segment is 0640) reads a consistent private copy of it
+//! ([`Segment::open_snapshot`]), so a reader can never write the instance's state.
+//!
 //! Exit codes: 0, the instance runs (read `supervised` and the service states for its health);
 //! 3, it does not run; 1, its state cannot be read (a damaged segment, or processes of the
 //! instance that no segment describes).
 
 use serde::Serialize;
 
-use super::lifecycle::instance_of;
+use super::lifecycle::{instance_of, run_dir_of};
 use super::{Cli, Exit};
 use crate::config::Config;
 use crate::config::ReadyKind;
@@ -138,14 +142,28 @@ fn last_run(global: Option<&crate::config::GlobalConfig>, instance: &str) -> Opt
     serde_json::from_str(&text).ok()
 }
 
+/// The segment as this caller may see it: the live one for the instance's owner (the owner of
+/// `run_dir`); for anyone else (a member of the instance's group), a consistent private copy,
+/// through which nothing can write the real segment or take its mutexes.
+fn open_for_status(run_dir: &std::path::Path, instance: &str) -> Result<Segment, ShmError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let me = nix::unistd::geteuid().as_raw();
+    match std::fs::metadata(run_dir) {
+        Ok(meta) if meta.uid() == me => Segment::open(run_dir, instance),
+        _ => Segment::open_snapshot(run_dir, instance),
+    }
+}
+
 pub fn status(cli: &Cli, json: bool) -> Exit {
     let (instance, global) = match instance_of(cli) {
         Ok(found) => found,
         Err(e) => return e,
     };
-    let segment = match Segment::open(&instance) {
+    let run_dir = run_dir_of(&instance, global.as_ref());
+    let segment = match open_for_status(&run_dir, &instance) {
         Ok(segment) => segment,
-        Err(ShmError::NotFound { .. }) => {
+        Err(ShmError::NotFound { .. })
+        | Err(ShmError::UntrustedDir(crate::shm::DirTrustError::Missing { .. })) => {
             if let Some(exit) = report_from_record(&instance, global.as_ref(), None, json) {
                 return exit;
             }
@@ -170,6 +188,11 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
                 }
             }
             return Exit::NotRunning;
+        }
+        // Not damage: a directory whose files cannot be trusted (nor its records).
+        Err(e @ ShmError::UntrustedDir(_)) => {
+            eprintln!("ccmgr: {e}");
+            return Exit::Failed;
         }
         Err(e) => {
             return report_from_record(&instance, global.as_ref(), Some(e.to_string()), json)

@@ -473,7 +473,8 @@ struct Watched {
 /// Stops the inventory's services in shutdown order with [`Engine::stopping`]; returns how
 /// many processes it stopped. Prints a line per service stopped; while it waits, and when
 /// stderr is a terminal, says each second what it waits for.
-pub fn stop_services(inventory: &Inventory, instance: &str) -> usize {
+/// The service API's files are looked for in `run_dir`.
+pub fn stop_services(inventory: &Inventory, instance: &str, run_dir: Option<&Path>) -> usize {
     let n = inventory.params.services.len();
     let mut watched: Vec<Option<Watched>> = (0..n).map(|_| None).collect();
     // A second live process recorded for a service (the segment and the record disagree): it
@@ -529,6 +530,7 @@ pub fn stop_services(inventory: &Inventory, instance: &str) -> usize {
                     Action::ShutdownRequested { services } => {
                         more.extend(ask_api_services(
                             &mut gate,
+                            run_dir,
                             instance,
                             &services,
                             &mut engine,
@@ -643,12 +645,14 @@ fn signal_service(watched: &mut Option<Watched>, signal: Signal, kill: bool) {
 /// release it asking them. A service that never registered is stopped by its signal instead.
 fn ask_api_services(
     gate: &mut Option<crate::shm::api::DaemonComponentHolder>,
+    run_dir: Option<&Path>,
     instance: &str,
     services: &[usize],
     engine: &mut Engine,
 ) -> Vec<Action> {
     if gate.is_none() {
-        *gate = ControlSegment::open(instance).ok().and_then(|c| {
+        let control = run_dir.and_then(|dir| ControlSegment::open(dir, instance).ok());
+        *gate = control.and_then(|c| {
             c.hold_daemon_component(Deadline::after(Duration::from_secs(5)))
                 .ok()
         });

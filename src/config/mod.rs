@@ -85,7 +85,8 @@ pub struct GlobalConfig {
     pub services_dir: PathBuf,
     pub log_dir: PathBuf,
     pub run_dir: PathBuf,
-    /// A group whose members may read the instance's state (segment mode 0660 instead of 0600).
+    /// A group whose members may read the instance's status (segment mode 0640 instead of 0600),
+    /// never write it.
     pub group: Option<Account>,
     pub coordinator: CoordinatorConfig,
 }

@@ -350,7 +350,10 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     ProcessRecord::remove(&keeper.record_path());
     // Nothing of the instance is left alive: its shared state goes with it. (`status` reads
     // the outcome the coordinator left in run_dir.)
-    let _ = crate::shm::api::ControlSegment::remove(&keeper.config.global.instance);
+    let _ = crate::shm::api::ControlSegment::remove(
+        &keeper.config.global.run_dir,
+        &keeper.config.global.instance,
+    );
     if let Err(e) = keeper.segment.unlink() {
         warn!(error = %e, "cannot remove the instance's segment");
     }
@@ -398,6 +401,8 @@ impl Keeper {
             } else {
                 "coordinator"
             })
+            .arg("--run-dir")
+            .arg(&self.config.global.run_dir)
             .stdin(Stdio::null())
             // Its own process group: a Ctrl-C at the terminal reaches the keeper, which then
             // asks the coordinator for an orderly stop.
@@ -1122,9 +1127,13 @@ impl Keeper {
             .map_err(|e| e.to_string())?;
             self.logs[service] = Some(sink);
         }
-        let env =
-            spawn::build_environment(spec, &self.config.global.instance, &[self.notify.env_var()])
-                .map_err(|e| e.to_string())?;
+        let env = spawn::build_environment(
+            spec,
+            &self.config.global.instance,
+            &self.config.global.run_dir,
+            &[self.notify.env_var()],
+        )
+        .map_err(|e| e.to_string())?;
         let (read_end, write_end) = logsink::make_output_pipe().map_err(|e| e.to_string())?;
         let mut request =
             SpawnRequest::for_service(spec, env, write_end.as_fd()).map_err(|e| e.to_string())?;
