@@ -36,6 +36,7 @@ use crate::vocab::{InstanceState, ProcessExit, ServiceState};
 /// | `gave-up`, `startup-failed` | the instance stopped everything after a failure | `service`, `reason` |
 /// | `takeover` | the standby became the coordinator | `pid` |
 /// | `standby-started`, `standby-lost` | the standby's life | `pid` |
+/// | `lost` | (from `ccmgr events` itself) this reader fell behind and missed events | `lost` |
 ///
 /// Every line also has `time` (RFC 3339, UTC, milliseconds), `unix_ms` and `instance`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +69,12 @@ pub struct LifecycleEvent {
     /// Why, for `gave-up` and `startup-failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The service's restarts since the stack started (given to failure commands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<u32>,
+    /// For `lost` (written by the reader, not the ring): how many events it missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<u64>,
 }
 
 impl LifecycleEvent {
@@ -90,6 +97,8 @@ impl LifecycleEvent {
             delay_ms: None,
             state: None,
             reason: None,
+            restarts: None,
+            lost: None,
         }
     }
 
@@ -116,6 +125,31 @@ impl LifecycleEvent {
         self
     }
 
+    /// The event as the environment of a failure command: `CCMGR_EVENT`, `CCMGR_SERVICE`,
+    /// `CCMGR_EXIT_STATUS` or `CCMGR_SIGNAL`, `CCMGR_PID`, `CCMGR_RESTARTS`,
+    /// `CCMGR_ATTEMPT`/`CCMGR_MAX_ATTEMPTS`, `CCMGR_DELAY_MS`, `CCMGR_REASON`, `CCMGR_TIME`.
+    pub fn hook_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("CCMGR_EVENT".to_owned(), self.event.clone()),
+            ("CCMGR_TIME".to_owned(), self.time.clone()),
+        ];
+        let mut add = |k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                env.push((k.to_owned(), v));
+            }
+        };
+        add("CCMGR_SERVICE", self.service.clone());
+        add("CCMGR_EXIT_STATUS", self.status.map(|v| v.to_string()));
+        add("CCMGR_SIGNAL", self.signal.clone());
+        add("CCMGR_PID", self.pid.map(|v| v.to_string()));
+        add("CCMGR_RESTARTS", self.restarts.map(|v| v.to_string()));
+        add("CCMGR_ATTEMPT", self.attempt.map(|v| v.to_string()));
+        add("CCMGR_MAX_ATTEMPTS", self.of.map(|v| v.to_string()));
+        add("CCMGR_DELAY_MS", self.delay_ms.map(|v| v.to_string()));
+        add("CCMGR_REASON", self.reason.clone());
+        env
+    }
+
     /// The one-line human form `ccmgr events` prints without `--json`.
     pub fn human(&self) -> String {
         let mut line = format!("{} {}", self.time, self.instance);
@@ -139,13 +173,20 @@ impl LifecycleEvent {
                 }
                 d
             }
-            "stack" => format!("is {}", self.state.as_deref().unwrap_or("?")),
+            "stack" => match self.state.as_deref().unwrap_or("?") {
+                "initializing" => "is starting".to_owned(),
+                "steady" => "is steady: everything wanted is up".to_owned(),
+                "recovery" => "is recovering".to_owned(),
+                "failed" => "has failed".to_owned(),
+                other => format!("is {other}"),
+            },
+            "takeover" => "coordinator changed: the standby took over".to_owned(),
             "gave-up" | "startup-failed" => format!(
                 "{}: {}",
                 self.event,
                 self.reason.as_deref().unwrap_or("no reason recorded")
             ),
-            other => other.to_owned(),
+            other => other.replace('-', " "),
         };
         line.push(' ');
         line.push_str(&detail);
@@ -202,22 +243,47 @@ impl Seen {
 
 /// Derives events from the engine's state at each publication and appends them to the ring.
 pub struct EventTap {
-    ring: EventRing,
+    /// None if the ring could not be made: the failure commands still run.
+    ring: Option<EventRing>,
     instance: String,
     seen: Vec<Seen>,
-    phase: InstanceState,
+    /// The instance's state last announced; None before the first announcement.
+    phase: Option<InstanceState>,
 }
 
 impl EventTap {
-    /// A tap that takes what `engine` shows now as already announced (a new stack: nothing
-    /// runs; a successor: what the predecessor published).
-    pub fn new(ring: EventRing, instance: &str, engine: &Engine) -> Self {
+    /// A tap for a new stack: nothing was announced, everything is stopped.
+    pub fn fresh(ring: Option<EventRing>, instance: &str, services: usize) -> Self {
+        let stopped = Seen {
+            state: ServiceState::Stopped,
+            pid: None,
+            restarts: 0,
+            exited_pid: None,
+        };
+        EventTap {
+            ring,
+            instance: instance.to_owned(),
+            seen: vec![stopped; services],
+            phase: None,
+        }
+    }
+
+    /// A successor's tap: what `engine` shows (what the predecessor published) counts as
+    /// announced.
+    pub fn continuing(ring: Option<EventRing>, instance: &str, engine: &Engine) -> Self {
         EventTap {
             ring,
             instance: instance.to_owned(),
             seen: engine.slots().iter().map(Seen::of).collect(),
-            phase: engine.phase(),
+            phase: Some(engine.phase()),
         }
+    }
+
+    fn announce_phase(&mut self, phase: InstanceState) {
+        self.phase = Some(phase);
+        let mut e = LifecycleEvent::new(&self.instance, "stack");
+        e.state = Some(phase.to_string());
+        self.append(&e);
     }
 
     /// Append one event that is not a change of a service's record (a takeover, the standby).
@@ -226,23 +292,38 @@ impl EventTap {
         self.append(&event);
     }
 
-    /// Append the end of the stack after a failure (`gave-up`, `startup-failed`).
-    pub fn announce_failure(&mut self, kind: &str, service: &str, reason: &str) {
+    /// Append the end of the stack after a failure (`gave-up`, `startup-failed`); returns
+    /// the event, for the instance's failure command.
+    pub fn announce_failure(&mut self, kind: &str, service: &str, reason: &str) -> LifecycleEvent {
         let mut event = LifecycleEvent::new(&self.instance, kind).service(service);
         event.reason = Some(reason.to_owned());
         self.append(&event);
+        event
     }
 
     fn append(&mut self, event: &LifecycleEvent) {
-        if let Ok(line) = serde_json::to_string(event) {
-            self.ring.append(&line);
+        if let Some(ring) = &mut self.ring
+            && let Ok(line) = serde_json::to_string(event)
+        {
+            ring.append(&line);
         }
     }
 
     /// Compare every service's record with what was last seen, append an event per change,
     /// and wake the readers once. Called where the coordinator publishes the segment.
-    pub fn observe(&mut self, engine: &Engine, now: Time) {
+    /// Returns the failures among them (`restarting`, `failed`), for the failure commands.
+    pub fn observe(&mut self, engine: &Engine, now: Time) -> Vec<(usize, LifecycleEvent)> {
+        let mut failures = Vec::new();
         let params = engine.params();
+        // A disturbance is announced before what it consists of, a result after.
+        let phase = engine.phase();
+        let disturbance = matches!(
+            phase,
+            InstanceState::Initializing | InstanceState::Recovery | InstanceState::Stopping
+        );
+        if disturbance && self.phase != Some(phase) {
+            self.announce_phase(phase);
+        }
         for (i, slot) in engine.slots().iter().enumerate() {
             let new = Seen::of(slot);
             let Some(old) = self.seen.get(i).copied() else {
@@ -284,23 +365,33 @@ impl EventTap {
                     ServiceState::Starting => {}
                 }
             }
-            for e in &out {
-                self.append(e);
+            for e in out {
+                self.append(&e);
+                if matches!(e.event.as_str(), "restarting" | "failed") {
+                    let mut failure = e;
+                    // The failure command wants to know how the process ended.
+                    if let Some(exit) = slot.last_exit {
+                        failure = failure.pid(new.exited_pid.or(old.pid)).exit(exit);
+                    }
+                    failure.restarts = Some(slot.restarts);
+                    failures.push((i, failure));
+                }
             }
         }
-        let phase = engine.phase();
-        if phase != self.phase {
-            self.phase = phase;
-            let mut e = LifecycleEvent::new(&self.instance, "stack");
-            e.state = Some(phase.to_string());
-            self.append(&e);
+        if self.phase != Some(phase) {
+            self.announce_phase(phase);
         }
-        self.ring.wake_readers();
+        if let Some(ring) = &mut self.ring {
+            ring.wake_readers();
+        }
+        failures
     }
 
     /// Wake the readers for what `announce` appended outside a publication.
     pub fn flush(&mut self) {
-        self.ring.wake_readers();
+        if let Some(ring) = &mut self.ring {
+            ring.wake_readers();
+        }
     }
 }
 

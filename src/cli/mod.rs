@@ -9,6 +9,7 @@
 //! - 3: `status` of an instance that is not running (as `systemctl status`).
 
 mod check;
+mod events;
 mod lifecycle;
 mod status;
 mod stop_driver;
@@ -81,6 +82,15 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Follow the instance's lifecycle events as they happen (until it stops).
+    Events {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Begin with the last N events the instance still holds (at most 1024).
+        #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 0)]
+        backlog: u64,
     },
     /// The roles ccmgr runs itself as (not for direct use).
     #[command(hide = true)]
@@ -175,6 +185,7 @@ pub fn main() -> ExitCode {
         Command::Stop => Ok(lifecycle::stop(&cli)),
         Command::Restart { foreground } => Ok(lifecycle::restart(&cli, *foreground)),
         Command::Status { json } => Ok(status::status(&cli, *json)),
+        Command::Events { json, backlog } => Ok(events::events(&cli, *json, *backlog)),
         Command::Internal { role, foreground } => {
             let instance = cli.instance.clone().unwrap_or_default();
             Ok(match role {

@@ -128,9 +128,15 @@ impl EventRing {
             .map_err(|e| io_err(path, "creating")(io::Error::other(e.to_string())))?;
         {
             let map = unpublished.mapping();
-            let word = |offset| map.get::<AtomicU64>(offset).expect("header inside the ring");
+            let word = |offset| {
+                map.get::<AtomicU64>(offset)
+                    .expect("header inside the ring")
+            };
             word(OFF_MAGIC).store(EVENTS_MAGIC, Ordering::Relaxed);
-            let word32 = |offset| map.get::<AtomicU32>(offset).expect("header inside the ring");
+            let word32 = |offset| {
+                map.get::<AtomicU32>(offset)
+                    .expect("header inside the ring")
+            };
             word32(OFF_VERSION).store(EVENTS_VERSION, Ordering::Relaxed);
             word32(OFF_SLOTS).store(EVENT_SLOTS, Ordering::Relaxed);
             word32(OFF_SLOT_SIZE).store(EVENT_SLOT_SIZE, Ordering::Relaxed);
@@ -140,9 +146,7 @@ impl EventRing {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(path, "removing the previous run's ring")(e)),
         }
-        let map = unpublished
-            .publish(path)
-            .map_err(io_err(path, "naming"))?;
+        let map = unpublished.publish(path).map_err(io_err(path, "naming"))?;
         Ok(EventRing {
             map,
             unannounced: false,
