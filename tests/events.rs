@@ -310,3 +310,24 @@ fn a_failure_command_that_hangs_is_killed_and_the_coordinator_keeps_working() {
     let out = stack.stop();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+#[test]
+fn check_refuses_a_failure_command_that_cannot_run() {
+    let stack = Stack::new(
+        "events-check",
+        "[coordinator]\non_failure_timeout = \"0s\"\n",
+        &[(
+            "svc",
+            "command = [\"sleep\", \"100\"]\non_failure_command = \"  \"\n",
+        )],
+    );
+    let out = stack.ccmgr(&["check"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let svc = stack.path().join("services.d").join("svc.toml");
+    assert!(
+        stderr.contains(&format!("{}:2:", svc.display())) && stderr.contains("on_failure_command"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("on_failure_timeout"), "{stderr}");
+}

@@ -180,7 +180,7 @@ impl EventRing {
         let slot = HEADER + (seq % u64::from(EVENT_SLOTS)) as usize * EVENT_SLOT_SIZE as usize;
         let bytes = cut_at_char_boundary(line, EVENT_MAX_LINE);
         let stamp = self.word(slot + SLOT_STAMP);
-        stamp.store(2 * seq + 1, Ordering::Relaxed);
+        stamp.store(writing_stamp(seq), Ordering::Relaxed);
         // The odd stamp is visible before any byte of the new line.
         fence(Ordering::Release);
         let len: &AtomicU32 = self.map.get(slot + SLOT_LEN).expect("slot inside the ring");
@@ -192,8 +192,9 @@ impl EventRing {
         for (d, s) in data.iter().zip(bytes) {
             d.store(*s, Ordering::Relaxed);
         }
-        stamp.store(2 * seq + 2, Ordering::Release);
-        self.word(OFF_HEAD).store(seq + 1, Ordering::Release);
+        stamp.store(complete_stamp(seq), Ordering::Release);
+        self.word(OFF_HEAD)
+            .store(seq.wrapping_add(1), Ordering::Release);
         self.unannounced = true;
     }
 
@@ -208,6 +209,17 @@ impl EventRing {
         wake.fetch_add(1, Ordering::Release);
         let _ = self.map.futex_wake(OFF_WAKE, i32::MAX);
     }
+}
+
+/// A slot's stamp while event `seq` is written into it. Wrapping: the words are data any
+/// process of the owner's uid could have written, and must never make the writer panic.
+fn writing_stamp(seq: u64) -> u64 {
+    seq.wrapping_mul(2).wrapping_add(1)
+}
+
+/// A slot's stamp once event `seq` is complete in it.
+fn complete_stamp(seq: u64) -> u64 {
+    seq.wrapping_mul(2).wrapping_add(2)
 }
 
 fn cut_at_char_boundary(line: &str, max: usize) -> &[u8] {
@@ -320,7 +332,7 @@ impl EventFollower {
             .map_err(io_err(path, "mapping"))?;
         let mut follower = EventFollower { map, next: 0 };
         let head = follower.head();
-        follower.next = head.saturating_sub(backlog.min(u64::from(EVENT_SLOTS)));
+        follower.next = head.wrapping_sub(backlog.min(u64::from(EVENT_SLOTS)).min(head));
         Ok(follower)
     }
 
@@ -337,7 +349,9 @@ impl EventFollower {
             let wake = self.map.load_u32(OFF_WAKE).expect("header inside the ring");
             fence(Ordering::Acquire);
             let head = self.head();
-            if self.next < head {
+            // Wrapping distances: a forged head near the counter's end must not stall readers.
+            let ahead = head.wrapping_sub(self.next);
+            if ahead != 0 && ahead < u64::MAX / 2 {
                 return self.take(head);
             }
             if self.ended() {
@@ -354,14 +368,14 @@ impl EventFollower {
     /// Event `self.next`, known to be below `head`.
     fn take(&mut self, head: u64) -> Followed {
         let slots = u64::from(EVENT_SLOTS);
-        if head - self.next > slots {
-            let lost = head - slots - self.next;
-            self.next = head - slots;
-            return Followed::Lost(lost);
+        let ahead = head.wrapping_sub(self.next);
+        if ahead > slots {
+            self.next = head.wrapping_sub(slots);
+            return Followed::Lost(ahead - slots);
         }
         let seq = self.next;
         let slot = HEADER + (seq % slots) as usize * EVENT_SLOT_SIZE as usize;
-        let complete = 2 * seq + 2;
+        let complete = complete_stamp(seq);
         let before = self.map.load_u64(slot + SLOT_STAMP).unwrap_or(0);
         fence(Ordering::Acquire);
         let len = (self.map.load_u32(slot + SLOT_LEN).unwrap_or(0) as usize).min(EVENT_MAX_LINE);
@@ -370,7 +384,7 @@ impl EventFollower {
             .collect();
         fence(Ordering::Acquire);
         let after = self.map.load_u64(slot + SLOT_STAMP).unwrap_or(0);
-        self.next += 1;
+        self.next = self.next.wrapping_add(1);
         if before != complete || after != complete {
             // Overwritten while we were on our way (or being overwritten now).
             return Followed::Lost(1);
@@ -462,6 +476,23 @@ mod tests {
         let mut reader = EventFollower::open(&path, uid, 0).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(reader.next(Duration::from_millis(10)), Followed::Ended);
+    }
+
+    #[test]
+    fn a_forged_head_near_the_end_of_the_counter_does_not_panic_the_writer() {
+        let (_dir, path, ring) = ring();
+        ring.word(OFF_HEAD).store(u64::MAX - 1, Ordering::Relaxed);
+        drop(ring);
+        let mut ring = EventRing::open(&path).unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        let mut reader = EventFollower::open(&path, uid, 0).unwrap();
+        ring.append("near the end");
+        ring.append("wrapped");
+        assert_eq!(ring.head(), 0);
+        assert_eq!(
+            reader.next(Duration::ZERO),
+            Followed::Line("near the end".into())
+        );
     }
 
     #[test]
