@@ -13,6 +13,7 @@ mod events;
 mod lifecycle;
 mod status;
 mod stop_driver;
+mod why;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,11 +78,15 @@ pub enum Command {
         #[arg(long)]
         foreground: bool,
     },
-    /// Show the state of the instance and of every service (exit 3 when not running).
+    /// Show the state of the instance and of every service, and why a service is not up
+    /// (exit 3 when not running); with SERVICE names, explain those, with their last log lines.
     Status {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Services to explain.
+        #[arg(value_name = "SERVICE")]
+        services: Vec<String>,
     },
     /// Follow the instance's lifecycle events as they happen (until it stops).
     Events {
@@ -184,7 +189,7 @@ pub fn main() -> ExitCode {
         Command::Start { foreground } => Ok(lifecycle::start(&cli, *foreground)),
         Command::Stop => Ok(lifecycle::stop(&cli)),
         Command::Restart { foreground } => Ok(lifecycle::restart(&cli, *foreground)),
-        Command::Status { json } => Ok(status::status(&cli, *json)),
+        Command::Status { json, services } => Ok(status::status(&cli, *json, services)),
         Command::Events { json, backlog } => Ok(events::events(&cli, *json, *backlog)),
         Command::Internal { role, foreground } => {
             let instance = cli.instance.clone().unwrap_or_default();
