@@ -9,6 +9,7 @@
 //! - [`graph`]: the dependency graph, cycle detection, start/stop sequences and levels.
 //! - [`diag`]: file/line/column diagnostics shared by every loader.
 //! - [`engine`]: the coordinator's decisions, a pure state machine tested in virtual time.
+//! - [`events`]: lifecycle events (`ccmgr events`), derived from the engine's state.
 //! - [`coordinator`]: the coordinator process: the engine's event loop and state publishing.
 //! - [`keeper`]: the long-lived parent of every process of an instance.
 //! - [`spawn`]: starting one service process, signalling it, and how it ended.
@@ -32,6 +33,7 @@ pub mod coordinator;
 pub mod diag;
 pub mod duration;
 pub mod engine;
+pub mod events;
 pub mod graph;
 pub mod keeper;
 pub mod logging;

@@ -831,6 +831,7 @@ mod tests {
             working_dir: None,
             env: BTreeMap::new(),
             env_file: None,
+            on_failure_command: None,
         }
     }
 

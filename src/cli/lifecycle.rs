@@ -1029,6 +1029,8 @@ fn remove_state(
     {
         ProcessRecord::remove(&crate::records::record_path(run_dir, instance));
         remove_dead_notify_socket(&run_dir.join(format!("{instance}.notify")));
+        // Its readers (`ccmgr events`) see the name go and end.
+        let _ = std::fs::remove_file(crate::coordinator::events_path_in(run_dir, instance));
     }
     Ok(())
 }

@@ -9,9 +9,11 @@
 //! - 3: `status` of an instance that is not running (as `systemctl status`).
 
 mod check;
+mod events;
 mod lifecycle;
 mod status;
 mod stop_driver;
+mod why;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,11 +81,24 @@ pub enum Command {
         #[arg(long)]
         foreground: bool,
     },
-    /// Show the state of the instance and of every service (exit 3 when not running).
+    /// Show the state of the instance and of every service, and why a service is not up
+    /// (exit 3 when not running); with SERVICE names, explain those, with their last log lines.
     Status {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Services to explain.
+        #[arg(value_name = "SERVICE")]
+        services: Vec<String>,
+    },
+    /// Follow the instance's lifecycle events as they happen (until it stops).
+    Events {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Begin with the last N events the instance still holds (at most 1024).
+        #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 0)]
+        backlog: u64,
     },
     /// The roles ccmgr runs itself as (not for direct use).
     #[command(hide = true)]
@@ -181,7 +196,8 @@ pub fn main() -> ExitCode {
         Command::Start { foreground } => Ok(lifecycle::start(&cli, *foreground)),
         Command::Stop => Ok(lifecycle::stop(&cli)),
         Command::Restart { foreground } => Ok(lifecycle::restart(&cli, *foreground)),
-        Command::Status { json } => Ok(status::status(&cli, *json)),
+        Command::Status { json, services } => Ok(status::status(&cli, *json, services)),
+        Command::Events { json, backlog } => Ok(events::events(&cli, *json, *backlog)),
         Command::Internal {
             role,
             foreground,

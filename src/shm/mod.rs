@@ -22,6 +22,7 @@
 //!   the service API and monotonic deadlines; all pthread and futex FFI.
 //! - `mapping` (private): the one mapping type, read-write or read-only, and the only casts
 //!   from bytes.
+//! - [`events`]: the event ring that `ccmgr events` follows.
 //! - [`api`]: the service API's control segment and API file, and the coordinator's side of
 //!   the services' shutdown protocol.
 //!
@@ -29,6 +30,7 @@
 
 pub mod api;
 pub mod error;
+pub mod events;
 pub mod layout;
 mod mapping;
 pub mod open;
