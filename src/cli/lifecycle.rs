@@ -947,7 +947,22 @@ fn remove_state(
         Segment::remove(instance)?;
         let _ = ControlSegment::remove(instance);
     } else {
-        reclaim(instance)?;
+        match reclaim(instance) {
+            Ok(()) => {}
+            // The segment names live processes, but the stop has proven that none of the
+            // instance's lives: those it names are not the instance's (a forged or stale
+            // record, reported above). Its state must not stay, or no start would follow.
+            Err(e @ ShmError::StillInUse { .. }) => {
+                eprintln!(
+                    "ccmgr: {e}; none of them is this instance's process (see above): removing its state all the same"
+                );
+                if let Ok(segment) = Segment::open(instance) {
+                    segment.unlink()?;
+                }
+                let _ = ControlSegment::remove(instance);
+            }
+            Err(e) => return Err(e),
+        }
     }
     if let Some(run_dir) = run_dir {
         ProcessRecord::remove(&crate::records::record_path(run_dir, instance));

@@ -814,7 +814,10 @@ mod tests {
         // This test process stands for the keeper, a child of it for the service `web`, and
         // another for a process the record names but nothing ties to the instance.
         let me = ProcessIdentity::current().unwrap();
-        let mut web = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut web = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let web_id = ProcessIdentity::of(web.id() as i32).unwrap();
         let gone = Recorded {
             pid: me.pid,
