@@ -279,3 +279,53 @@ fn a_takeover_does_not_signal_a_forged_service_pid() {
         text(&out)
     );
 }
+
+/// The keeper killed (its services live on, orphaned), then the keeper's process record in
+/// `run_dir` forged to name another process as the keeper: `stop` must stop the orphaned
+/// services (proven by their cgroup or their environment) and leave the innocent alone (on
+/// main it froze it with SIGSTOP, then killed it).
+#[test]
+fn a_forged_keeper_in_the_process_record_is_not_signalled() {
+    use ccmgr::records::{ProcessRecord, record_path};
+    let stack = Stack::new(
+        "pp-record",
+        "[coordinator]\nstandby = false",
+        &[("a", SLEEP)],
+    );
+    stack.start_ok();
+    let status = stack.wait_steady(LONG);
+    let pids = pids_in(&status);
+    stack.remember(&pids);
+    let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
+    let keeper_id = ProcessIdentity::of(keeper).unwrap();
+    kill(Pid::from_raw(keeper), Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + LONG;
+    while keeper_id.is_alive() {
+        assert!(Instant::now() < deadline, "the keeper did not die");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let innocent = Innocent::start();
+    let path = record_path(&stack.path().join("run"), &stack.instance);
+    let mut record = ProcessRecord::read(&path)
+        .unwrap()
+        .expect("the keeper's record");
+    record.keeper = Some(innocent.id.into());
+    record.write(&path).unwrap();
+
+    let out = stop_promptly(&stack);
+    assert!(
+        innocent.alive(),
+        "stop signalled the process the forged record named as the keeper:\n{}",
+        text(&out)
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "pid {} recorded as the keeper is not this instance's process",
+            innocent.id.pid
+        )),
+        "{}",
+        text(&out)
+    );
+    assert_all_gone(&pids, &out);
+}
