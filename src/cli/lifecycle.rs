@@ -1009,9 +1009,15 @@ fn stop_through_coordinator(
     inventory: &Inventory,
 ) -> Option<String> {
     let Some(keeper) = inventory.proven_party(Party::Keeper) else {
-        return Some(format!(
-            "no live keeper of instance {instance} is proven to be the instance's"
-        ));
+        let recorded_alive = inventory
+            .parties
+            .iter()
+            .any(|(p, who)| *p == Party::Keeper && who.is_alive());
+        return Some(if recorded_alive {
+            format!("no live keeper of instance {instance} is proven to be the instance's")
+        } else {
+            format!("the keeper of instance {instance} is dead")
+        });
     };
     let keeper_fd = keeper.pidfd();
     let keeper = keeper.identity();

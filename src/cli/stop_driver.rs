@@ -25,8 +25,8 @@
 //! removes them. [`Inventory::survivors`] then says whether anything of the instance still
 //! lives, which is what `stop` must prove before it says "stopped".
 
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -96,8 +96,17 @@ pub struct Inventory {
     pub strays: Vec<ProcessIdentity>,
     /// What proves a recorded process the instance's (see [`crate::membership`]).
     pub evidence: InstanceEvidence,
-    /// The recorded processes already reported as not the instance's (each is said once).
-    refused: RefCell<Vec<ProcessIdentity>>,
+}
+
+/// Prints `line` on stderr unless this process already did: a refusal is found again at each
+/// look at the records (a stop looks several times), and is said once.
+fn say_once(line: String) {
+    static SAID: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if !said.contains(&line) {
+        eprintln!("{line}");
+        said.push(line);
+    }
 }
 
 impl Inventory {
@@ -123,12 +132,14 @@ impl Inventory {
             .and_then(|(run_dir, (dir, path))| {
                 match membership::prove_cgroup_record(instance, owner_uid, &dir, &path) {
                     Ok(()) => Some((dir, path)),
+                    // Removed already (a stale record): nothing in it to kill.
+                    Err(_) if !dir.exists() => None,
                     Err(why) => {
-                        eprintln!(
+                        say_once(format!(
                             "ccmgr: the cgroup record {} names {}, which is not this instance's cgroup ({why}): not used",
                             Tree::record_path(run_dir, instance).display(),
                             dir.display()
-                        );
+                        ));
                         None
                     }
                 }
@@ -157,7 +168,6 @@ impl Inventory {
             searched_proc: false,
             strays: Vec::new(),
             evidence,
-            refused: RefCell::new(Vec::new()),
         };
         if let Some(segment) = segment {
             inventory.add_segment(segment);
@@ -199,11 +209,10 @@ impl Inventory {
             Ok(proven) => Some(proven),
             Err(e) if e.is_gone() => None,
             Err(e) => {
-                let mut refused = self.refused.borrow_mut();
-                if !refused.contains(&who) {
-                    refused.push(who);
-                    eprintln!("ccmgr: {}", membership::refusal(who, recorded_as, &e));
-                }
+                say_once(format!(
+                    "ccmgr: {}",
+                    membership::refusal(who, recorded_as, &e)
+                ));
                 None
             }
         }
