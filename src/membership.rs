@@ -16,9 +16,10 @@
 //!
 //! What counts as evidence, by role:
 //! - the **keeper**: it runs as the instance owner and maps the instance's segment file (its
-//!   device and inode appear in `/proc/<pid>/maps`). Only the owner (and, read-only, the
-//!   configured group) can open that file, and a process of the owner's uid is one the owner
-//!   could signal anyway. When no segment file is left to compare (it was removed), its
+//!   device and inode appear in `/proc/<pid>/maps`). Only the owner and the configured group
+//!   can open that file, the uid excludes the group's own processes, and a process of the
+//!   owner's uid that maps the instance's state is the instance's (the owner could signal it
+//!   anyway). When no segment file is left to compare (it was removed), its
 //!   command line must be the keeper's own (`--instance NAME internal keeper`), again with the
 //!   owner's uid.
 //! - the **coordinator** and the **standby**: the owner's uid, and a proven keeper as parent,
