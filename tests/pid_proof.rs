@@ -298,17 +298,24 @@ fn a_forged_keeper_in_the_process_record_is_not_signalled() {
     stack.remember(&pids);
     let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
     let keeper_id = ProcessIdentity::of(keeper).unwrap();
-    kill(Pid::from_raw(keeper), Signal::SIGKILL).unwrap();
+    let path = record_path(&stack.path().join("run"), &stack.instance);
+    // The keeper writes its record once a burst of changes has settled: wait for it.
     let deadline = Instant::now() + LONG;
+    let mut record = loop {
+        match ProcessRecord::read(&path).unwrap() {
+            Some(record) if !record.services.is_empty() => break record,
+            _ => {
+                assert!(Instant::now() < deadline, "the keeper wrote no record");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    kill(Pid::from_raw(keeper), Signal::SIGKILL).unwrap();
     while keeper_id.is_alive() {
         assert!(Instant::now() < deadline, "the keeper did not die");
         std::thread::sleep(Duration::from_millis(5));
     }
     let innocent = Innocent::start();
-    let path = record_path(&stack.path().join("run"), &stack.instance);
-    let mut record = ProcessRecord::read(&path)
-        .unwrap()
-        .expect("the keeper's record");
     record.keeper = Some(innocent.id.into());
     record.write(&path).unwrap();
 

@@ -174,8 +174,12 @@ impl Inventory {
         }
         if let Some(record) = &record {
             inventory.add_record(record);
+            // The segment and the record may be forged, or the record a moment behind (the
+            // keeper writes it once a burst of changes settles): the parties are also looked
+            // for by their command line, and the proof decides which are the instance's.
+            inventory.search_proc(instance, false);
         } else {
-            inventory.search_proc(instance);
+            inventory.search_proc(instance, true);
         }
         inventory.settle_keeper();
         inventory
@@ -227,21 +231,21 @@ impl Inventory {
     }
 
     /// Without the keeper's record nothing names the keeper, the coordinator and the standby
-    /// (they run outside the services' cgroups): find them in `/proc` by the command line
+    /// (they run outside the services' cgroups), and with it the record may be behind or
+    /// forged: find them in `/proc` by the command line
     /// they are started with (`--instance NAME internal ROLE`), and the processes whose
     /// environment names the instance (its services, and what they forked, on a machine
-    /// without cgroups). Only processes of our own user are considered: we could signal no
-    /// other, and no other user's process can be ours.
-    fn search_proc(&mut self, instance: &str) {
+    /// without cgroups), the latter only `with_strays`. Only processes of our own user are
+    /// considered: no other user's process can be a party of ours.
+    fn search_proc(&mut self, instance: &str, with_strays: bool) {
         use std::os::unix::fs::MetadataExt as _;
-        self.searched_proc = true;
         let me = std::process::id() as i32;
         let uid = nix::unistd::geteuid().as_raw();
         let marker = format!("CCMGR_INSTANCE={instance}");
         let Ok(entries) = std::fs::read_dir("/proc") else {
-            self.searched_proc = false;
             return;
         };
+        self.searched_proc |= with_strays;
         for entry in entries.flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
@@ -262,6 +266,9 @@ impl Inventory {
             };
             if let Some(party) = party {
                 self.add_party(party, who);
+                continue;
+            }
+            if !with_strays {
                 continue;
             }
             let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
