@@ -20,6 +20,8 @@
 //! - [`service`]: the service API (alive, ready, the orderly shutdown protocol) that services
 //!   link; its C ABI is the `ccmgr-capi` crate with `include/ccmgr.h`.
 //! - [`process_identity`]: processes named by (pid, start time), never by a bare pid.
+//! - [`membership`]: the proof that a recorded pid is the instance's process, without which
+//!   no ccmgr process signals it.
 //! - [`records`]: the keeper's record of the instance's processes in `run_dir`, which `stop`
 //!   can use when the segment is lost.
 //! - [`logging`]: where the coordinator's and keeper's own log lines go.
@@ -38,6 +40,7 @@ pub mod graph;
 pub mod keeper;
 pub mod logging;
 pub mod logsink;
+pub mod membership;
 pub mod notify;
 pub mod process_identity;
 pub mod records;

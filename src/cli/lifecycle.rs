@@ -31,12 +31,13 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::{Pid, pipe2};
 
-use super::stop_driver::{self, Inventory};
+use super::stop_driver::{self, Inventory, Party};
 use super::{Cli, Exit, load_or_report};
 use crate::config::{Config, LoadOptions};
 use crate::coordinator::{self, StartReport};
 use crate::keeper::{self, COORDINATOR_REPORT_FD, KeeperSetup};
 use crate::logsink;
+use crate::membership::Role;
 use crate::process_identity::ProcessIdentity;
 use crate::records::ProcessRecord;
 use crate::shm::api::{ApiSpec, ControlSegment};
@@ -891,7 +892,13 @@ pub fn stop_instance(instance: &str, dir: &std::path::Path) -> Exit {
                     .filter(ProcessIdentity::is_alive);
                 match (segment.as_ref(), config.as_ref(), coordinator) {
                     (Some(segment), Some(config), Some(coordinator)) => {
-                        reason = stop_through_coordinator(instance, segment, config, coordinator);
+                        reason = stop_through_coordinator(
+                            instance,
+                            segment,
+                            config,
+                            coordinator,
+                            &inventory,
+                        );
                         coordinator_stopped_it = reason.is_none();
                     }
                     _ => {
@@ -913,7 +920,13 @@ pub fn stop_instance(instance: &str, dir: &std::path::Path) -> Exit {
             }) => {
                 let (segment, config) = (segment.as_ref(), config.as_ref());
                 if let (Some(segment), Some(config)) = (segment, config) {
-                    reason = stop_through_coordinator(instance, segment, config, coordinator);
+                    reason = stop_through_coordinator(
+                        instance,
+                        segment,
+                        config,
+                        coordinator,
+                        &inventory,
+                    );
                     coordinator_stopped_it = reason.is_none();
                 }
             }
@@ -1024,7 +1037,22 @@ fn remove_state(
         Segment::remove(run_dir, instance)?;
         let _ = ControlSegment::remove(run_dir, instance);
     } else {
-        reclaim(run_dir, instance)?;
+        match reclaim(run_dir, instance) {
+            Ok(()) => {}
+            // The segment names live processes, but the stop has proven that none of the
+            // instance's lives: those it names are not the instance's (a forged or stale
+            // record, reported above). Its state must not stay, or no start would follow.
+            Err(e @ ShmError::StillInUse { .. }) => {
+                eprintln!(
+                    "ccmgr: {e}; none of them is this instance's process (see above): removing its state all the same"
+                );
+                if let Ok(segment) = Segment::open(run_dir, instance) {
+                    segment.unlink()?;
+                }
+                let _ = ControlSegment::remove(run_dir, instance);
+            }
+            Err(e) => return Err(e),
+        }
     }
     {
         ProcessRecord::remove(&crate::records::record_path(run_dir, instance));
@@ -1055,41 +1083,56 @@ fn remove_dead_notify_socket(path: &std::path::Path) {
     }
 }
 
-/// Sends `signal` to the process `who` if it is still that process; returns a pidfd on it.
-fn signal_identity(who: ProcessIdentity, signal: Signal) -> Option<OwnedFd> {
-    let fd = stop_driver::pidfd_of(who)?;
-    spawn::signal_pidfd(fd.as_fd(), signal).ok()?;
-    Some(fd)
-}
-
 /// Asks the live `coordinator` to stop the stack, and waits for the keeper (which exits last,
 /// once every service is reaped) while watching the keeper and the coordinator at once.
 /// Returns `None` once the keeper is done, else why the command must do the stop itself: the
 /// keeper died, the coordinator died with no standby to take over, or it did not answer (see
 /// [`ANSWER_DEADLINE`]), or the whole stop overran its timeout.
+///
+/// The keeper, the coordinator and its successors are read from the segment, which can be
+/// forged: each is signalled (and watched) only once proven the instance's process
+/// ([`Inventory::prove`]); the keeper's and coordinator's records in `run_dir` are tried when
+/// the segment's are not.
 fn stop_through_coordinator(
     instance: &str,
     segment: &Segment,
     config: &Config,
     coordinator: ProcessIdentity,
+    inventory: &Inventory,
 ) -> Option<String> {
-    let status = segment.instance_status().ok();
-    let Some(keeper) = status
-        .and_then(|s| s.keeper)
-        .filter(ProcessIdentity::is_alive)
+    let Some(keeper) = inventory.proven_party(Party::Keeper) else {
+        let recorded_alive = inventory
+            .parties
+            .iter()
+            .any(|(p, who)| *p == Party::Keeper && who.is_alive());
+        return Some(if recorded_alive {
+            format!("no live keeper of instance {instance} is proven to be the instance's")
+        } else {
+            format!("the keeper of instance {instance} is dead")
+        });
+    };
+    let keeper_fd = keeper.pidfd();
+    let keeper = keeper.identity();
+    let Some(first) = inventory
+        .prove(coordinator, Role::Coordinator, "the coordinator")
+        .or_else(|| inventory.proven_party(Party::Coordinator))
     else {
-        return Some(format!("the keeper of instance {instance} is dead"));
+        return Some(if coordinator.is_alive() {
+            format!("no coordinator of instance {instance} is proven to be the instance's")
+        } else {
+            format!(
+                "the coordinator (pid {}) died before it could be asked to stop",
+                coordinator.pid
+            )
+        });
     };
-    let Some(keeper_fd) = stop_driver::pidfd_of(keeper) else {
-        return Some(format!("the keeper of instance {instance} is dead"));
-    };
-    let mut current = coordinator;
-    let Some(first_fd) = signal_identity(current, Signal::SIGTERM) else {
+    let mut current = first.identity();
+    if first.signal(Signal::SIGTERM).is_err() {
         return Some(format!(
             "the coordinator (pid {}) died before it could be asked to stop",
             current.pid
         ));
-    };
+    }
     let timeout = config.global.coordinator.shutdown_timeout.as_duration() + GRACE;
     let overall = Instant::now() + timeout;
     let mut asked_at = Instant::now();
@@ -1104,13 +1147,13 @@ fn stop_through_coordinator(
         }
     };
     // The coordinator's pidfd, until it has finished its stop and exited.
-    let mut coordinator_fd = Some(first_fd);
+    let mut coordinator_fd = Some(first);
     // When the coordinator finished: the keeper follows within moments.
     let mut coordinator_done: Option<Instant> = None;
     loop {
         let mut fds = vec![PollFd::new(keeper_fd.as_fd(), PollFlags::POLLIN)];
         if let Some(fd) = &coordinator_fd {
-            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+            fds.push(PollFd::new(fd.pidfd(), PollFlags::POLLIN));
         }
         // Once a second: the answer and freeze checks, and the progress line.
         let ready = match poll(&mut fds, PollTimeout::from(1000u16)) {
@@ -1171,11 +1214,12 @@ fn stop_through_coordinator(
             let promoted = status
                 .and_then(|s| s.coordinator)
                 .filter(|c| *c != current && c.is_alive());
-            match promoted
-                .or(standby)
-                .and_then(|next| stop_driver::pidfd_of(next).map(|fd| (next, fd)))
-            {
-                Some((next, fd)) => {
+            let next = promoted
+                .and_then(|c| inventory.prove(c, Role::Coordinator, "the coordinator"))
+                .or_else(|| standby.and_then(|s| inventory.prove(s, Role::Standby, "the standby")));
+            match next {
+                Some(fd) => {
+                    let next = fd.identity();
                     // The progress line is erased only where one was drawn (a terminal): a
                     // log file gets no escape codes.
                     clear_progress();
@@ -1202,8 +1246,8 @@ fn stop_through_coordinator(
         let took_over = status.and_then(|s| s.coordinator) == Some(current);
         if !current_asked && took_over {
             // Told to stop too: harmless if it already finishes its predecessor's stop.
-            if let Some(fd) = &coordinator_fd {
-                let _ = spawn::signal_pidfd(fd.as_fd(), Signal::SIGTERM);
+            if let Some(proven) = &coordinator_fd {
+                let _ = proven.signal(Signal::SIGTERM);
             }
             current_asked = true;
             asked_at = Instant::now();

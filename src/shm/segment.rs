@@ -126,6 +126,15 @@ impl Segment {
         &self.path
     }
 
+    /// The device and inode of the file behind the mapping (`st_dev`, `st_ino`): a process
+    /// that maps this very file shows them in `/proc/<pid>/maps`, which is how `stop` proves
+    /// a recorded keeper, coordinator or standby is the instance's (see `crate::membership`).
+    pub fn file_id(&self) -> std::io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = self.map.file().metadata()?;
+        Ok((meta.dev(), meta.ino()))
+    }
+
     /// Where every region lies (validated at open).
     pub fn layout(&self) -> &Layout {
         &self.layout
