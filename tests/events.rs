@@ -331,3 +331,68 @@ fn check_refuses_a_failure_command_that_cannot_run() {
     );
     assert!(stderr.contains("on_failure_timeout"), "{stderr}");
 }
+
+/// A member of the configured group follows the events (the ring is 0640 owner:group,
+/// mapped read-only); anyone else cannot open it.
+#[test]
+fn a_group_member_follows_the_events_and_a_stranger_cannot() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the tests as root"
+        );
+        eprintln!("skipped: needs root to act as nobody");
+        return;
+    }
+    let stack = Stack::new(
+        "events-group",
+        "group = \"nogroup\"",
+        &[("a", "command = [\"sleep\", \"100000\"]\n")],
+    );
+    std::fs::set_permissions(stack.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = stack.path().join("ccmgr");
+    std::fs::copy(stack_support::ccmgr_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    stack.start_ok();
+    stack.wait_steady(Duration::from_secs(10));
+    let ring = stack.run_dir().join(format!("{}.events", stack.instance));
+    let meta = std::fs::metadata(&ring).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o640, 65534));
+    let config = stack.path().join("ccmgr.toml");
+    // `events` follows until the stack stops: `timeout` ends it once the backlog is out.
+    let follow = |gid: u32| {
+        std::process::Command::new("timeout")
+            .arg("2")
+            .arg(&bin)
+            .arg("--config")
+            .arg(&config)
+            .args(["events", "--json", "-n", "100"])
+            .uid(65534)
+            .gid(gid)
+            .current_dir("/")
+            .output()
+            .unwrap()
+    };
+    let member = follow(65534);
+    let lines = String::from_utf8_lossy(&member.stdout).into_owned();
+    assert!(
+        lines
+            .lines()
+            .any(|l| l.contains("\"event\":\"up\"") && l.contains("\"service\":\"a\"")),
+        "{lines}\n{}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    // Not in the group (gid 1, daemon): refused, and says why.
+    let stranger = follow(1);
+    assert_eq!(stranger.status.code(), Some(1), "{}", text(&stranger));
+    assert!(stranger.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&stranger.stderr).contains("Permission denied"),
+        "{}",
+        text(&stranger)
+    );
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
