@@ -5,7 +5,7 @@ mod stack_support;
 
 use std::time::{Duration, Instant};
 
-use stack_support::{Stack, pids_in, text};
+use stack_support::{Stack, pids_in, steady_and_all_up, text};
 
 const SLEEP: &str = r#"command = ["sleep", "100000"]"#;
 
@@ -236,13 +236,32 @@ fn a_standby_stuck_in_a_truncated_segment_does_not_hold_the_stack_forever() {
 fn status_names_an_unusable_process_record_as_such() {
     let stack = Stack::new("adv-bad-record", "", &[("a", SLEEP)]);
     stack.start_ok();
-    let status = stack.wait_steady(Duration::from_secs(10));
+    let status = stack.wait_for(
+        "a steady stack with its standby",
+        Duration::from_secs(10),
+        |s| {
+            s.as_ref()
+                .is_some_and(|s| steady_and_all_up(s) && s["standby"]["pid"].as_i64().is_some())
+        },
+    );
+    let status = status.unwrap();
     stack.remember(&pids_in(&status));
     let record = stack
         .path()
         .join("run")
         .join(format!("{}.procs", stack.instance));
-    assert!(record.exists(), "the keeper writes {}", record.display());
+    // The keeper writes its record once a burst of changes settles: wait until it names the
+    // standby, the last process of the start, so that no later write replaces the garbage.
+    let standby = status["standby"]["pid"].as_i64().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&record).is_ok_and(|t| t.contains(&standby)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the keeper writes {}",
+            record.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::fs::write(&record, b"{garbage").unwrap();
     std::fs::OpenOptions::new()
         .write(true)
