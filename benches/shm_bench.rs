@@ -20,21 +20,22 @@ use ccmgr::shm::{Acquired, MutexId, Segment, SegmentSpec, ServiceStatic, SharedM
 
 const ROLE_VAR: &str = "CCMGR_BENCH_ROLE";
 const INSTANCE_VAR: &str = "CCMGR_BENCH_INSTANCE";
+const RUN_DIR_VAR: &str = "CCMGR_BENCH_RUN_DIR";
 const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Removes the bench's segment on the way out, even on panic.
-struct Cleanup(String);
+struct Cleanup(String, tempfile::TempDir);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = Segment::remove(&self.0);
+        let _ = Segment::remove(self.1.path(), &self.0);
     }
 }
 
 /// The helper: lock the daemon mutex on the main thread, say so, then wait
 /// to be killed (or for stdin to close).
-fn holder(instance: &str) -> ! {
-    let seg = Segment::open(instance).expect("holder opening the segment");
+fn holder(run_dir: &std::path::Path, instance: &str) -> ! {
+    let seg = Segment::open(run_dir, instance).expect("holder opening the segment");
     seg.mutex(MutexId::Daemon)
         .unwrap()
         .lock()
@@ -66,10 +67,11 @@ fn wait_until_blocked_on(tid: i32, addr: usize) {
 }
 
 /// One round: nanoseconds from just before SIGKILL to the waiter's return.
-fn death_to_wakeup(instance: &str, mutex: &SharedMutex) -> u64 {
+fn death_to_wakeup(run_dir: &std::path::Path, instance: &str, mutex: &SharedMutex) -> u64 {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .env(ROLE_VAR, "holder")
         .env(INSTANCE_VAR, instance)
+        .env(RUN_DIR_VAR, run_dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -121,16 +123,24 @@ fn per_iteration(runs: usize, iterations: u64, mut f: impl FnMut()) -> f64 {
 fn main() {
     if let Ok(role) = std::env::var(ROLE_VAR) {
         assert_eq!(role, "holder");
-        holder(&std::env::var(INSTANCE_VAR).unwrap());
+        holder(
+            std::path::Path::new(&std::env::var_os(RUN_DIR_VAR).unwrap()),
+            &std::env::var(INSTANCE_VAR).unwrap(),
+        );
     }
     let rounds: usize = std::env::var("CCMGR_BENCH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(1000);
     let instance = format!("bench.{}", std::process::id());
-    let _cleanup = Cleanup(instance.clone());
+    let cleanup = Cleanup(
+        instance.clone(),
+        tempfile::tempdir().expect("a run directory"),
+    );
+    let run_dir = cleanup.1.path().to_owned();
     let spec = SegmentSpec {
         instance: instance.clone(),
+        run_dir: run_dir.clone(),
         group: None,
         services: vec![ServiceStatic {
             id: "svc".into(),
@@ -147,7 +157,7 @@ fn main() {
 
     eprintln!("death-to-wake-up: {rounds} rounds...");
     let mut samples: Vec<u64> = (0..rounds)
-        .map(|_| death_to_wakeup(&instance, &daemon))
+        .map(|_| death_to_wakeup(&run_dir, &instance, &daemon))
         .collect();
     samples.sort_unstable();
 

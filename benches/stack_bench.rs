@@ -7,6 +7,8 @@
 //! 2. restart: time from `kill -9` of a service to its replacement running and published as
 //!    up (median and p99 over 100 kills, `restart_delay = 0`); baseline: this program killing
 //!    a child of its own, reaping it and starting another.
+//!    Also with two `ccmgr events` readers following, and with the two frozen by SIGSTOP
+//!    (a reader that never reads must not slow the coordinator).
 //! 3. memory: the coordinator's and the keeper's resident set with 1000 services, against the
 //!    same with 1 service.
 //! 4. idle: CPU ticks and context switches of the coordinator and the keeper over 10 idle
@@ -90,7 +92,7 @@ impl Stack {
     }
 
     fn segment(&self) -> Segment {
-        Segment::open(&self.instance).unwrap()
+        Segment::open(&self.dir.path().join("run"), &self.instance).unwrap()
     }
 }
 
@@ -148,10 +150,8 @@ fn bench_start(label: &str, levels: usize, width: usize) {
     );
 }
 
-fn bench_restart() {
-    let stack = Stack::new("restart", 1, 1, "restart_delay = \"0ms\"");
-    stack.ccmgr("start");
-    let seg = stack.segment();
+/// Kill -9 of the only service until its replacement is published as up, 100 times.
+fn restart_samples(seg: &Segment) -> Vec<Duration> {
     let mut samples = Vec::new();
     for _ in 0..100 {
         let before = seg.service_status(0).unwrap().process.unwrap();
@@ -172,6 +172,58 @@ fn bench_restart() {
         }
     }
     samples.sort();
+    samples
+}
+
+/// Two `ccmgr events --json` readers of `stack`, output discarded; killed on drop.
+struct Readers(Vec<std::process::Child>);
+
+impl Readers {
+    fn spawn(stack: &Stack) -> Readers {
+        Readers(
+            (0..2)
+                .map(|_| {
+                    Command::new(CCMGR)
+                        .arg("--config")
+                        .arg(stack.dir.path().join("ccmgr.toml"))
+                        .args(["events", "--json"])
+                        .stdout(Stdio::null())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect(),
+        )
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        for c in &self.0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), signal);
+        }
+    }
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn bench_restart() {
+    let stack = Stack::new("restart", 1, 1, "restart_delay = \"0ms\"");
+    stack.ccmgr("start");
+    let seg = stack.segment();
+    let samples = restart_samples(&seg);
+    // The same with two event readers following, then with the two frozen (SIGSTOP): a
+    // reader never reading must cost the coordinator nothing (issue 10, "events").
+    let readers = Readers::spawn(&stack);
+    let following = restart_samples(&seg);
+    readers.signal(nix::sys::signal::Signal::SIGSTOP);
+    let frozen = restart_samples(&seg);
+    readers.signal(nix::sys::signal::Signal::SIGCONT);
+    drop(readers);
     let mut base = Vec::new();
     let mut child = Command::new("sleep").arg("infinity").spawn().unwrap();
     for _ in 0..100 {
@@ -192,6 +244,17 @@ fn bench_restart() {
         ms(percentile(&base, 0.99)),
         ms(percentile(&samples, 0.5)) / ms(percentile(&base, 0.5)),
     );
+    for (label, s) in [
+        ("2 event readers following", &following),
+        ("2 event readers frozen", &frozen),
+    ] {
+        println!(
+            "    with {label}: median {:.3} ms, p99 {:.3} ms ({:.2}x without readers)",
+            ms(percentile(s, 0.5)),
+            ms(percentile(s, 0.99)),
+            ms(percentile(s, 0.5)) / ms(percentile(&samples, 0.5)),
+        );
+    }
 }
 
 /// (VmRSS kB, utime+stime ticks, voluntary + involuntary context switches) of `pid`.

@@ -49,8 +49,8 @@ for t in "${targets[@]}"; do
     cargo afl fuzz -V "$seconds" -t 3000 -m 1024 -i "$seeds" -o "$out" -- "$bin" "$t" \
         >"fuzz/out/$t.log" 2>&1 || { tail -30 "fuzz/out/$t.log"; exit 1; }
     rm -rf "$seeds"
-    # The segment target's files, should a crash have left one (only our own prefixes).
-    rm -f /dev/shm/ccmgr.fuzzseg-* /dev/shm/ccmgr.fuzztpl-* /dev/shm/ccmgr.fuzzimg-*
+    # The segment target's files live in a private temporary run directory per fuzzing
+    # process (see fuzz_run_dir in fuzz/src/targets.rs), removed with the system's temp files.
     stats=$out/default/fuzzer_stats
     stat() { sed -n "s/^$1 *: *//p" "$stats"; }
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$t" "$(stat run_time)" \

@@ -28,13 +28,14 @@
  *         ... serve ...
  *     }
  *
- * Environment read (set by ccmgr for every service): CCMGR_INSTANCE, CCMGR_SERVICE and
- * NOTIFY_SOCKET.
+ * Environment read (set by ccmgr for every service): CCMGR_RUN_DIR (the instance's run
+ * directory, where its files are), CCMGR_INSTANCE, CCMGR_SERVICE and NOTIFY_SOCKET.
  *
  * Security: the service never opens the coordinator's own segment. It maps the instance's
- * control segment (/dev/shm/ccmgr.<instance>.ctl, mode 0644, written only by the
+ * control segment ($CCMGR_RUN_DIR/<instance>.ctl, mode 0644, written only by the
  * coordinator) read-only, and takes every decision from it; it keeps its component lock in
- * the API file (/dev/shm/ccmgr.<instance>.api, mode 0666), which holds nothing trusted.
+ * the API file ($CCMGR_RUN_DIR/<instance>.api, mode 0666), which holds nothing trusted. The
+ * run directory must be its owner's alone (the instance's owner), as must every file in it.
  * Readiness reaches the coordinator as READY=1 on NOTIFY_SOCKET, where the kernel vouches
  * for the sender's pid.
  *

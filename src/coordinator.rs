@@ -37,6 +37,7 @@ use crate::engine::{
     Action, Engine, EngineParams, Event, Failure, FailureKind, KeeperFacts, KeeperNews, Outcome,
     Process, Readiness, Rest, RestartWindow, Slot, Snapshot, Time,
 };
+use crate::events::{EventTap, LifecycleEvent};
 use crate::keeper::protocol::{self, FromKeeper, Outbox, ToKeeper, recv_message};
 use crate::keeper::{
     COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD, RecentDeaths,
@@ -44,6 +45,7 @@ use crate::keeper::{
 use crate::notify::{self, DropTally, NotifySocket, Received, SenderFilter};
 use crate::process_identity::ProcessIdentity;
 use crate::shm::api::{ControlSegment, DaemonComponentHolder};
+use crate::shm::events::EventRing;
 use crate::shm::{
     Deadline, FailureCode, GaveUp, GiveUpReason, InstanceProgress, InstanceState, LastExit,
     MutexId, Segment, ServiceProgress, Stage, StopIntent, StopKind,
@@ -103,6 +105,16 @@ pub fn last_outcome_path(config: &Config) -> PathBuf {
 }
 
 /// The coordinator's own log file.
+/// The event ring `ccmgr events` follows: `<run_dir>/<instance>.events`.
+pub fn events_path(config: &Config) -> PathBuf {
+    events_path_in(&config.global.run_dir, &config.global.instance)
+}
+
+/// [`events_path`] from its parts.
+pub fn events_path_in(run_dir: &std::path::Path, instance: &str) -> PathBuf {
+    run_dir.join(format!("{instance}.events"))
+}
+
 pub fn coordinator_log_path(config: &Config) -> PathBuf {
     config
         .global
@@ -184,6 +196,9 @@ struct Coordinator {
     /// With `[coordinator] watchdog`: a periodic timer, at each tick of which the loop tells
     /// the keeper it is alive. None by default: an idle coordinator makes no wakeups.
     watchdog: Option<TimerFd>,
+    /// Lifecycle events: to the ring (`ccmgr events`) and to the failure commands. None only
+    /// until the first publication.
+    events: Option<EventTap>,
 }
 
 /// The fds the keeper hands its coordinator, taken first thing at start, before anything
@@ -216,8 +231,14 @@ pub enum Role {
 
 /// Runs the coordinator (or a standby that becomes one); returns the process exit code (0:
 /// stopped on request, or a standby retired by an orderly stop; 1: failed).
-pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, CoordinatorError> {
-    let segment = Segment::open(instance)?;
+/// The instance's state is in `run_dir`.
+pub fn run(
+    run_dir: &std::path::Path,
+    instance: &str,
+    handed: Handed,
+    role: Role,
+) -> Result<i32, CoordinatorError> {
+    let segment = Segment::open(run_dir, instance)?;
     let config = Config::from_image(&segment.config_blob()?).map_err(CoordinatorError::Image)?;
     let keeper = handed
         .keeper
@@ -262,7 +283,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
     // The daemon component's holder is a thread: made only now that the signals the loop
     // reads through its signalfd are blocked, so that it inherits the mask and none of them
     // can reach it (a SIGTERM delivered to it would kill the process).
-    let gate = ControlSegment::open(instance)?
+    let gate = ControlSegment::open(run_dir, instance)?
         .hold_daemon_component(Deadline::after(Duration::from_secs(5)))?;
     let timer = TimerFd::new(
         ClockId::CLOCK_MONOTONIC,
@@ -323,6 +344,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         standby_retry_at: None,
         pending_acks: Vec::new(),
         watchdog: None,
+        events: None,
     };
     c.watchdog = c.start_watchdog()?;
     let actions = if took_over {
@@ -339,6 +361,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         );
         first_actions
     };
+    c.events = c.open_events(took_over);
     c.perform(actions);
     c.publish();
     c.acknowledge_exits();
@@ -814,6 +837,7 @@ impl Coordinator {
             }
             FromKeeper::StandbySpawned { pid: Some(pid) } => {
                 info!(pid, "standby started");
+                self.announce("standby-started", Some(pid));
                 self.standby = Some(pid);
                 self.standby_since = Some(Instant::now());
             }
@@ -821,6 +845,7 @@ impl Coordinator {
                 warn!("the keeper could not start a standby")
             }
             FromKeeper::StandbyExited { pid } => {
+                self.announce("standby-lost", Some(pid));
                 if self.standby == Some(pid) {
                     self.standby = None;
                 }
@@ -1091,6 +1116,10 @@ impl Coordinator {
                     _ => GiveUpReason::StartupFailed,
                 };
                 error!(service = %service, how = %how, "the startup sequence failed; everything started was stopped");
+                if let Some(tap) = &mut self.events {
+                    let event = tap.announce_failure("startup-failed", &service, &how);
+                    self.run_failure_commands(None, &event);
+                }
                 self.report(&StartReport::Failed {
                     service: service.clone(),
                     how: how.clone(),
@@ -1106,6 +1135,14 @@ impl Coordinator {
             Outcome::GaveUp { failure, restarts } => {
                 let (service, how) = self.describe(failure);
                 error!(service = %service, how = %how, restarts, "too many restarts: gave up; everything was stopped");
+                if let Some(tap) = &mut self.events {
+                    let event = tap.announce_failure(
+                        "gave-up",
+                        &service,
+                        &format!("{how}, after {restarts} restarts"),
+                    );
+                    self.run_failure_commands(None, &event);
+                }
                 (
                     "gave up",
                     Some(service),
@@ -1143,7 +1180,70 @@ impl Coordinator {
 
     /// Writes the engine's view into the segment, in one generation: what `status` shows, and
     /// the engine's whole progress, so that a successor continues it ([`Engine::adopt`]).
-    fn publish(&self) {
+    fn publish(&mut self) {
+        let now = self.now();
+        self.publish_state();
+        let failures = match &mut self.events {
+            Some(tap) => tap.observe(&self.engine, now),
+            None => Vec::new(),
+        };
+        for (service, event) in failures {
+            self.run_failure_commands(Some(service), &event);
+        }
+    }
+
+    /// Asks the keeper to run the failure commands that apply: the service's own, then the
+    /// instance's. Fire and forget: the keeper runs them as its children, with a timeout.
+    fn run_failure_commands(&mut self, service: Option<usize>, event: &LifecycleEvent) {
+        let env = event.hook_env();
+        if let Some(s) = service
+            && self.config.services[s].on_failure_command.is_some()
+        {
+            self.send(ToKeeper::RunHook {
+                service: Some(s),
+                env: env.clone(),
+            });
+        }
+        if self.config.global.coordinator.on_failure_command.is_some() {
+            self.send(ToKeeper::RunHook { service: None, env });
+        }
+    }
+
+    /// The event ring: made anew by the first coordinator of a start, continued by a
+    /// successor (which announces the takeover). What the engine shows at this point counts
+    /// as announced.
+    fn open_events(&mut self, took_over: bool) -> Option<EventTap> {
+        let path = events_path(&self.config);
+        let ring = if took_over {
+            EventRing::open(&path).or_else(|_| EventRing::create(&path, self.group()))
+        } else {
+            EventRing::create(&path, self.group())
+        };
+        let ring = ring
+            .inspect_err(|e| warn!(error = %e, "no event ring: `ccmgr events` will see nothing"))
+            .ok();
+        let instance = &self.config.global.instance;
+        Some(if took_over {
+            let mut tap = EventTap::continuing(ring, instance, &self.engine);
+            tap.announce("takeover", Some(std::process::id() as i32));
+            tap.flush();
+            tap
+        } else {
+            EventTap::fresh(ring, instance, self.config.services.len())
+        })
+    }
+
+    fn group(&self) -> Option<u32> {
+        self.config.global.group.as_ref().map(|g| g.id)
+    }
+
+    fn announce(&mut self, kind: &str, pid: Option<i32>) {
+        if let Some(tap) = &mut self.events {
+            tap.announce(kind, pid);
+        }
+    }
+
+    fn publish_state(&self) {
         let Ok(w) = self.segment.write() else { return };
         let ms = |t: Time| self.epoch_ms + t.as_millis() as u64;
         w.set_instance_state(self.engine.phase(), ms(self.engine.phase_since()));

@@ -9,6 +9,7 @@
 //! - [`graph`]: the dependency graph, cycle detection, start/stop sequences and levels.
 //! - [`diag`]: file/line/column diagnostics shared by every loader.
 //! - [`engine`]: the coordinator's decisions, a pure state machine tested in virtual time.
+//! - [`events`]: lifecycle events (`ccmgr events`), derived from the engine's state.
 //! - [`coordinator`]: the coordinator process: the engine's event loop and state publishing.
 //! - [`keeper`]: the long-lived parent of every process of an instance.
 //! - [`spawn`]: starting one service process, signalling it, and how it ended.
@@ -19,6 +20,8 @@
 //! - [`service`]: the service API (alive, ready, the orderly shutdown protocol) that services
 //!   link; its C ABI is the `ccmgr-capi` crate with `include/ccmgr.h`.
 //! - [`process_identity`]: processes named by (pid, start time), never by a bare pid.
+//! - [`membership`]: the proof that a recorded pid is the instance's process, without which
+//!   no ccmgr process signals it.
 //! - [`records`]: the keeper's record of the instance's processes in `run_dir`, which `stop`
 //!   can use when the segment is lost.
 //! - [`logging`]: where the coordinator's and keeper's own log lines go.
@@ -32,10 +35,12 @@ pub mod coordinator;
 pub mod diag;
 pub mod duration;
 pub mod engine;
+pub mod events;
 pub mod graph;
 pub mod keeper;
 pub mod logging;
 pub mod logsink;
+pub mod membership;
 pub mod notify;
 pub mod process_identity;
 pub mod records;

@@ -24,6 +24,10 @@ pub struct ProcessIdentity {
 pub struct StatFields {
     /// Field 3: the one-letter state (`R`, `S`, `D`, `Z`, `X`, ...).
     pub state: char,
+    /// Field 4: the parent's pid (0 for a process whose parent is outside its pid namespace).
+    pub ppid: i32,
+    /// Field 5: the process group id.
+    pub pgrp: i32,
     /// Field 22: start time in clock ticks since boot.
     pub start_time: u64,
 }
@@ -81,15 +85,30 @@ pub fn parse_stat(line: &str) -> Result<StatFields, StatParseError> {
             });
         }
     };
-    // `rest` is now positioned at field 4; field 22 is 18 further on.
-    let start_text = rest.nth(22 - 4).ok_or(StatParseError::MissingField(22))?;
+    // Fields 4 and 5: the parent and the process group.
+    let mut number = |field: usize| -> Result<i32, StatParseError> {
+        let text = rest.next().ok_or(StatParseError::MissingField(field))?;
+        text.parse::<i32>().map_err(|_| StatParseError::BadField {
+            field,
+            value: text.to_owned(),
+        })
+    };
+    let ppid = number(4)?;
+    let pgrp = number(5)?;
+    // `rest` is now positioned at field 6; field 22 is 16 further on.
+    let start_text = rest.nth(22 - 6).ok_or(StatParseError::MissingField(22))?;
     let start_time = start_text
         .parse::<u64>()
         .map_err(|_| StatParseError::BadField {
             field: 22,
             value: start_text.to_owned(),
         })?;
-    Ok(StatFields { state, start_time })
+    Ok(StatFields {
+        state,
+        ppid,
+        pgrp,
+        start_time,
+    })
 }
 
 /// Read and parse `/proc/<pid>/stat`.
@@ -156,6 +175,7 @@ mod tests {
     fn parses_state_and_start_time() {
         let s = parse_stat(SLEEP).unwrap();
         assert_eq!(s.state, 'S');
+        assert_eq!((s.ppid, s.pgrp), (100, 12345));
         assert_eq!(s.start_time, 987654);
         assert!(!s.is_finished());
     }
@@ -185,6 +205,10 @@ mod tests {
         assert_eq!(
             parse_stat("12 (sleep) S 1 2 3"),
             Err(StatParseError::MissingField(22))
+        );
+        assert_eq!(
+            parse_stat("12 (sleep) S 1"),
+            Err(StatParseError::MissingField(5))
         );
         assert_eq!(
             parse_stat("12 (sleep)"),

@@ -21,7 +21,7 @@
 use std::ffi::{CString, c_char, c_int};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::ptr;
 
 use nix::errno::Errno;
@@ -241,13 +241,15 @@ pub fn service_argv(spec: &ServiceSpec) -> Vec<String> {
 /// 2. when `user` is set: `HOME`, `USER`, `LOGNAME` and `SHELL` from its password entry;
 /// 3. the `env_file`, read now (so an edit takes effect on the next start);
 /// 4. the `env` table;
-/// 5. `CCMGR_INSTANCE` = `instance`, `CCMGR_SERVICE` = the service id;
+/// 5. `CCMGR_INSTANCE` = `instance`, `CCMGR_SERVICE` = the service id, `CCMGR_RUN_DIR` =
+///    `run_dir` (where the service API's files are: see [`crate::service`]);
 /// 6. `extra`, such as `NOTIFY_SOCKET`.
 ///
 /// Each name appears once, in the position it was first set.
 pub fn build_environment(
     spec: &ServiceSpec,
     instance: &str,
+    run_dir: &Path,
     extra: &[(String, String)],
 ) -> Result<Vec<(String, String)>, SpawnError> {
     let mut env: Vec<(String, String)> = Vec::new();
@@ -275,6 +277,7 @@ pub fn build_environment(
     }
     set("CCMGR_INSTANCE", instance);
     set("CCMGR_SERVICE", &spec.id);
+    set(crate::service::RUN_DIR_ENV, &run_dir.to_string_lossy());
     for (key, value) in extra {
         set(key, value);
     }
@@ -830,6 +833,7 @@ mod tests {
             working_dir: None,
             env: BTreeMap::new(),
             env_file: None,
+            on_failure_command: None,
         }
     }
 
@@ -917,7 +921,13 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let env = build_environment(&s, "main", &pairs(&[("NOTIFY_SOCKET", "/run/n")])).unwrap();
+        let env = build_environment(
+            &s,
+            "main",
+            Path::new("/run/ccmgr"),
+            &pairs(&[("NOTIFY_SOCKET", "/run/n")]),
+        )
+        .unwrap();
         assert_eq!(
             env,
             pairs(&[
@@ -926,6 +936,7 @@ mod tests {
                 ("B", "from-table"),
                 ("CCMGR_SERVICE", "web"),
                 ("CCMGR_INSTANCE", "main"),
+                ("CCMGR_RUN_DIR", "/run/ccmgr"),
                 ("NOTIFY_SOCKET", "/run/n"),
             ])
         );
@@ -938,7 +949,7 @@ mod tests {
             name: "root".into(),
             id: 0,
         });
-        let env = build_environment(&s, "main", &[]).unwrap();
+        let env = build_environment(&s, "main", Path::new("/run/ccmgr"), &[]).unwrap();
         let get = |k: &str| {
             env.iter()
                 .find(|(key, _)| key == k)
@@ -954,11 +965,12 @@ mod tests {
     #[test]
     fn bad_environment_is_refused() {
         let s = spec("web", &["/bin/true"]);
-        let err = build_environment(&s, "main", &pairs(&[("A=B", "x")])).unwrap_err();
+        let err = build_environment(&s, "main", Path::new("/run/ccmgr"), &pairs(&[("A=B", "x")]))
+            .unwrap_err();
         assert!(matches!(err, SpawnError::InvalidEnvName { .. }), "{err}");
         let mut s = spec("web", &["/bin/true"]);
         s.env_file = Some(PathBuf::from("/nonexistent/web.env"));
-        let err = build_environment(&s, "main", &[]).unwrap_err();
+        let err = build_environment(&s, "main", Path::new("/run/ccmgr"), &[]).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/web.env"), "{err}");
     }
 }

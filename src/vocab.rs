@@ -252,7 +252,7 @@ stored_enum! {
 }
 
 /// Whether `name` is a valid instance name: 1 to 64 characters from `[A-Za-z0-9_.-]` (it names
-/// files in /dev/shm and run_dir, so no `/` and nothing a shell or a path could misread).
+/// files in run_dir, so no `/` and nothing a shell or a path could misread).
 pub fn is_valid_instance_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name

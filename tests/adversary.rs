@@ -3,10 +3,9 @@
 
 mod stack_support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use stack_support::{Stack, pids_in, text};
+use stack_support::{Stack, pids_in, steady_and_all_up, text};
 
 const SLEEP: &str = r#"command = ["sleep", "100000"]"#;
 
@@ -55,7 +54,7 @@ fn freeze(pid: i32) {
     }
 }
 
-/// The segment removed (`rm /dev/shm/ccmgr.<instance>`) while the stack runs: the keeper's
+/// The segment removed (`rm <run_dir>/<instance>.seg`) while the stack runs: the keeper's
 /// process record still names the live keeper and services, so `start` must refuse instead of
 /// starting a second stack beside the first (on main it did: every service ran twice, the two
 /// keepers killed each other's services through the shared cgroups, and the first stack's
@@ -74,7 +73,7 @@ fn start_refuses_while_the_process_record_names_live_processes() {
     let services_before = processes_of(&stack.instance);
     assert_eq!(services_before.len(), 2, "{services_before:?}");
 
-    std::fs::remove_file(format!("/dev/shm/ccmgr.{}", stack.instance)).unwrap();
+    std::fs::remove_file(stack.segment_path()).unwrap();
     let out = stack.start();
     let services_after = processes_of(&stack.instance);
     stack.remember(&services_after);
@@ -136,7 +135,7 @@ fn the_keeper_finishes_its_stop_over_a_truncated_segment() {
 
     std::fs::OpenOptions::new()
         .write(true)
-        .open(format!("/dev/shm/ccmgr.{}", stack.instance))
+        .open(stack.segment_path())
         .unwrap()
         .set_len(0)
         .unwrap();
@@ -203,7 +202,7 @@ fn a_standby_stuck_in_a_truncated_segment_does_not_hold_the_stack_forever() {
 
     std::fs::OpenOptions::new()
         .write(true)
-        .open(format!("/dev/shm/ccmgr.{}", stack.instance))
+        .open(stack.segment_path())
         .unwrap()
         .set_len(0)
         .unwrap();
@@ -237,17 +236,36 @@ fn a_standby_stuck_in_a_truncated_segment_does_not_hold_the_stack_forever() {
 fn status_names_an_unusable_process_record_as_such() {
     let stack = Stack::new("adv-bad-record", "", &[("a", SLEEP)]);
     stack.start_ok();
-    let status = stack.wait_steady(Duration::from_secs(10));
+    let status = stack.wait_for(
+        "a steady stack with its standby",
+        Duration::from_secs(10),
+        |s| {
+            s.as_ref()
+                .is_some_and(|s| steady_and_all_up(s) && s["standby"]["pid"].as_i64().is_some())
+        },
+    );
+    let status = status.unwrap();
     stack.remember(&pids_in(&status));
     let record = stack
         .path()
         .join("run")
         .join(format!("{}.procs", stack.instance));
-    assert!(record.exists(), "the keeper writes {}", record.display());
+    // The keeper writes its record once a burst of changes settles: wait until it names the
+    // standby, the last process of the start, so that no later write replaces the garbage.
+    let standby = status["standby"]["pid"].as_i64().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&record).is_ok_and(|t| t.contains(&standby)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the keeper writes {}",
+            record.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::fs::write(&record, b"{garbage").unwrap();
     std::fs::OpenOptions::new()
         .write(true)
-        .open(format!("/dev/shm/ccmgr.{}", stack.instance))
+        .open(stack.segment_path())
         .unwrap()
         .set_len(0)
         .unwrap();
@@ -293,7 +311,7 @@ fn stop_finds_the_parties_without_a_segment_or_a_record() {
     .unwrap();
     std::fs::OpenOptions::new()
         .write(true)
-        .open(format!("/dev/shm/ccmgr.{}", stack.instance))
+        .open(stack.segment_path())
         .unwrap()
         .set_len(0)
         .unwrap();
@@ -308,10 +326,11 @@ fn stop_finds_the_parties_without_a_segment_or_a_record() {
         );
     }
     assert_eq!(processes_of(&stack.instance), Vec::<i32>::new());
-    for suffix in ["", ".ctl", ".api"] {
-        let path = format!("/dev/shm/ccmgr.{}{suffix}", stack.instance);
-        assert!(!Path::new(&path).exists(), "{path} is left behind");
-    }
+    assert_eq!(
+        stack.state_files(),
+        Vec::<std::path::PathBuf>::new(),
+        "left behind"
+    );
     stack.start_ok();
     let out = stack.ccmgr(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

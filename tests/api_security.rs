@@ -10,6 +10,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, BufRead};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 
 use api_support::{
     Helper, NOBODY, TestInstance, artifacts, assert_shut_down_in_order, run_role_if_requested,
@@ -22,9 +23,9 @@ use ccmgr::shm::{MutexId, Segment, segment_path};
 /// Entry point of the helper processes (does nothing in a normal run).
 #[test]
 fn child_role_entry() {
-    run_role_if_requested(|role, instance| match role {
-        "nobody-probe" => nobody_probe(instance),
-        "glibc-holder" => glibc_holder(instance),
+    run_role_if_requested(|role, run_dir, instance| match role {
+        "nobody-probe" => nobody_probe(run_dir, instance),
+        "glibc-holder" => glibc_holder(run_dir, instance),
         _ => {}
     });
 }
@@ -44,11 +45,11 @@ fn expect_denied(what: &str, result: io::Result<impl Sized>) {
 }
 
 /// Runs as nobody: everything a hostile service could try with the files.
-fn nobody_probe(instance: &str) -> ! {
+fn nobody_probe(run_dir: &Path, instance: &str) -> ! {
     assert_eq!(nix::unistd::geteuid().as_raw(), NOBODY.0);
-    let ctl = control_path(instance).unwrap();
-    let api = api_path(instance).unwrap();
-    let main = segment_path(instance).unwrap();
+    let ctl = control_path(run_dir, instance).unwrap();
+    let api = api_path(run_dir, instance).unwrap();
+    let main = segment_path(run_dir, instance).unwrap();
 
     // The control segment: readable, never writable.
     let bytes = fs::read(&ctl).expect("nobody reads the control segment");
@@ -72,8 +73,8 @@ fn nobody_probe(instance: &str) -> ! {
         "open the main segment",
         OpenOptions::new().read(true).open(&main),
     );
-    assert!(Segment::open(instance).is_err());
-    assert!(Segment::open_owned_by(instance, 0).is_err());
+    assert!(Segment::open(run_dir, instance).is_err());
+    assert!(Segment::open_snapshot(run_dir, instance).is_err());
 
     // The API file: writable, by design. Scribble over it, truncate it, extend it.
     let f = OpenOptions::new()
@@ -107,7 +108,7 @@ fn services_running_as_nobody_use_the_api_but_cannot_touch_the_coordinators_file
     }
     let ctl_before = fs::read(t.ctl.path()).unwrap();
 
-    let mut probe = Helper::spawn("nobody-probe", &t.name, Some(NOBODY));
+    let mut probe = Helper::spawn("nobody-probe", t.dir(), &t.name, Some(NOBODY));
     probe.expect_line("probed");
     assert!(probe.wait_exit().success());
 
@@ -128,10 +129,10 @@ fn services_running_as_nobody_use_the_api_but_cannot_touch_the_coordinators_file
 }
 
 /// Holds the main segment's shm mutex (a glibc robust mutex) until told to unlock it.
-fn glibc_holder(instance: &str) -> ! {
+fn glibc_holder(run_dir: &Path, instance: &str) -> ! {
     // It is expected to die of SIGSEGV: leave no core file behind.
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0).unwrap();
-    let seg = Segment::open(instance).unwrap();
+    let seg = Segment::open(run_dir, instance).unwrap();
     let guard = seg.mutex(MutexId::Shm).unwrap().lock().unwrap();
     say("locked");
     let mut line = String::new();
@@ -153,7 +154,7 @@ fn glibc_holder(instance: &str) -> ! {
 #[test]
 fn glibc_robust_mutex_trusts_pointers_in_shared_memory() {
     let t = TestInstance::new("glibc", &["web"], Takeover::Adopt);
-    let mut holder = Helper::spawn("glibc-holder", &t.name, None);
+    let mut holder = Helper::spawn("glibc-holder", t.dir(), &t.name, None);
     holder.expect_line("locked");
     let offset = t.main.layout().sync + std::mem::offset_of!(ccmgr::shm::layout::SyncBlock, shm);
     // glibc 64-bit: struct __pthread_mutex_s { int __lock, __count, __owner; unsigned
@@ -162,7 +163,7 @@ fn glibc_robust_mutex_trusts_pointers_in_shared_memory() {
     let main = OpenOptions::new()
         .read(true)
         .write(true)
-        .open(segment_path(&t.name).unwrap())
+        .open(segment_path(t.dir(), &t.name).unwrap())
         .unwrap();
     let mut list = [0u8; 16];
     main.read_exact_at(&mut list, (offset + LIST) as u64)

@@ -15,7 +15,7 @@ use ccmgr::shm::api::ApiState;
 /// Entry point of the helper processes (does nothing in a normal run).
 #[test]
 fn child_role_entry() {
-    run_role_if_requested(|_, _| {});
+    run_role_if_requested(|_, _, _| {});
 }
 
 #[test]

@@ -17,7 +17,7 @@ use ccmgr::shm::api::ApiState;
 /// Entry point of the helper processes (does nothing in a normal run).
 #[test]
 fn child_role_entry() {
-    run_role_if_requested(|_, _| {});
+    run_role_if_requested(|_, _, _| {});
 }
 
 const OWNER_DIED_WITH_WAITERS: u32 = 0x4000_0000 | 0x8000_0000;

@@ -21,7 +21,6 @@
 
 mod stack_support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -312,8 +311,8 @@ fn stop_leaves_nothing(stack: &Stack, cell: &str) {
         "{cell}: stop left {left:?}:\n{}",
         text(&out)
     );
-    let shm = Path::new("/dev/shm").join(format!("ccmgr.{}", stack.instance));
-    assert!(!shm.exists(), "{cell}: stop left {}", shm.display());
+    let state = stack.state_files();
+    assert!(state.is_empty(), "{cell}: stop left {state:?}");
     if let Some(dir) = cgroups {
         assert!(
             !dir.exists(),

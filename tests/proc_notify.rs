@@ -209,7 +209,7 @@ fn a_service_running_as_another_user_can_notify() {
         name: "nobody".into(),
         id: 65534,
     });
-    let env = build_environment(&svc, "test", &[sock.env_var()]).unwrap();
+    let env = build_environment(&svc, "test", tmp.path(), &[sock.env_var()]).unwrap();
     let (read_end, write_end) = make_output_pipe().unwrap();
     let req = SpawnRequest::for_service(&svc, env, write_end.as_fd()).unwrap();
     let mut child = Guard::new(spawn_service(&req).unwrap());
@@ -257,7 +257,7 @@ fn redis_server_reports_ready_over_sd_notify() {
         ],
         tmp.path(),
     );
-    let env = build_environment(&svc, "test", &[sock.env_var()]).unwrap();
+    let env = build_environment(&svc, "test", tmp.path(), &[sock.env_var()]).unwrap();
     let (read_end, write_end) = make_output_pipe().unwrap();
     let req = SpawnRequest::for_service(&svc, env, write_end.as_fd()).unwrap();
     let mut child = Guard::new(spawn_service(&req).unwrap());

@@ -6,7 +6,7 @@ mod proc_support;
 use std::fs;
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ccmgr::config::Account;
 use ccmgr::logsink::make_output_pipe;
@@ -94,7 +94,13 @@ fn a_service_spec_sets_argv_directory_and_environment() {
     svc.working_dir = Some(tmp.path().to_path_buf());
     svc.env_file = Some(env_file);
     svc.env.insert("X".into(), "table".into());
-    let env = build_environment(&svc, "inst", &pairs(&[("NOTIFY_SOCKET", "/run/n")])).unwrap();
+    let env = build_environment(
+        &svc,
+        "inst",
+        Path::new("/run/ccmgr"),
+        &pairs(&[("NOTIFY_SOCKET", "/run/n")]),
+    )
+    .unwrap();
     let (read_end, write_end) = make_output_pipe().unwrap();
     let req = SpawnRequest::for_service(&svc, env, write_end.as_fd()).unwrap();
     assert_eq!(req.credentials, None);
@@ -115,7 +121,7 @@ fn cc_arg_is_inserted_after_argv0() {
     let mut svc = service_spec("echoer", &["/bin/echo", "a", "b"]);
     svc.cc_arg = true;
     let (read_end, write_end) = make_output_pipe().unwrap();
-    let env = build_environment(&svc, "inst", &[]).unwrap();
+    let env = build_environment(&svc, "inst", Path::new("/run/ccmgr"), &[]).unwrap();
     let req = SpawnRequest::for_service(&svc, env, write_end.as_fd()).unwrap();
     let mut child = Guard::new(spawn_service(&req).unwrap());
     drop(write_end);
@@ -263,7 +269,7 @@ fn runs_as_nobody_with_only_its_own_groups() {
     });
     let creds = Credentials::for_service(&svc).unwrap().unwrap();
     assert_eq!((creds.uid, creds.gid), (65534, nobody.gid.as_raw()));
-    let env = build_environment(&svc, "inst", &[]).unwrap();
+    let env = build_environment(&svc, "inst", Path::new("/run/ccmgr"), &[]).unwrap();
     let (read_end, write_end) = make_output_pipe().unwrap();
     let req = SpawnRequest::for_service(&svc, env, write_end.as_fd()).unwrap();
     let mut child = Guard::new(spawn_service(&req).unwrap());

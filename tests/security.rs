@@ -39,7 +39,7 @@ fn a_service_running_as_nobody_cannot_touch_the_coordinator_or_speak_for_another
     let probe = stack.file("probe.txt");
     std::fs::write(&probe, "").unwrap();
     std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let segment = format!("/dev/shm/ccmgr.{}", stack.instance);
+    let segment = stack.segment_path().display().to_string();
     // `victim` waits for READY=1 and never sends it. `mallory`, as nobody, records whether it
     // can open the coordinator's segment, then sends READY=1 claiming to be the victim.
     stack.write_service(
@@ -79,7 +79,7 @@ fn the_shared_state_is_owner_only() {
         &[("a", "command = [\"sleep\", \"1000\"]\n")],
     );
     stack.start_ok();
-    let meta = std::fs::metadata(format!("/dev/shm/ccmgr.{}", stack.instance)).unwrap();
+    let meta = std::fs::metadata(stack.segment_path()).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 }
 

@@ -8,6 +8,7 @@ mod shm_support;
 use std::fs::{File, OpenOptions};
 use std::mem::offset_of;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
 
 use ccmgr::process_identity::ProcessIdentity;
 use ccmgr::shm::layout::{Header, LAYOUT_VERSION};
@@ -27,7 +28,7 @@ fn segment_file(t: &TestInstance) -> File {
     OpenOptions::new()
         .read(true)
         .write(true)
-        .open(format!("/dev/shm/ccmgr.{}", t.name))
+        .open(t.segment_path())
         .unwrap()
 }
 
@@ -43,7 +44,7 @@ fn create_then_open_round_trips_image_and_state() {
     assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
     assert_eq!(meta.len() as usize, created.layout().total_size);
 
-    let seg = Segment::open(&t.name).unwrap();
+    let seg = Segment::open(t.dir(), &t.name).unwrap();
     let services = seg.services().unwrap();
     assert_eq!(services, spec.services);
     assert_eq!(seg.service_index("s2").unwrap(), Some(2));
@@ -116,7 +117,8 @@ fn create_then_open_round_trips_image_and_state() {
     assert_eq!(
         e.to_string(),
         format!(
-            "segment /dev/shm/ccmgr.{0} of instance {0} already exists",
+            "segment {} of instance {} already exists",
+            t.segment_path().display(),
             t.name
         )
     );
@@ -126,47 +128,89 @@ fn create_then_open_round_trips_image_and_state() {
     assert!(created.unlink().unwrap());
     assert!(!created.unlink().unwrap());
     assert!(matches!(
-        Segment::open(&t.name),
+        Segment::open(t.dir(), &t.name),
         Err(ShmError::NotFound { .. })
     ));
     assert_eq!(seg.service_status(1).unwrap().restart_count, 3);
 }
 
 #[test]
-fn a_group_segment_has_mode_0660_and_the_group() {
+fn a_group_segment_has_mode_0640_and_the_group() {
     let t = TestInstance::new("group");
     let mut spec = t.spec(1);
     spec.group = Some(65534);
     let (seg, _starting) = Segment::create(&spec).unwrap();
     let meta = std::fs::metadata(seg.path()).unwrap();
-    assert_eq!(meta.mode() & 0o7777, 0o660);
+    assert_eq!(
+        meta.mode() & 0o7777,
+        0o640,
+        "the group reads, only the owner writes"
+    );
     assert_eq!(meta.gid(), 65534);
-    Segment::open(&t.name).unwrap();
+    Segment::open(t.dir(), &t.name).unwrap();
+    // A snapshot reads the same.
+    let copy = Segment::open_snapshot(t.dir(), &t.name).unwrap();
+    assert_eq!(copy.services().unwrap(), spec.services);
+}
+
+/// The read-only view is a private copy: what a reader does to it never reaches the segment,
+/// and it does not follow later changes.
+#[test]
+fn a_snapshot_is_a_private_consistent_copy() {
+    let t = TestInstance::new("snapshot");
+    let (seg, starting) = Segment::create(&t.spec(2)).unwrap();
+    drop(starting);
+    seg.write()
+        .unwrap()
+        .set_service_state(1, ServiceState::Up, 5)
+        .unwrap();
+    let copy = Segment::open_snapshot(t.dir(), &t.name).unwrap();
+    assert_eq!(copy.service_status(1).unwrap().state, ServiceState::Up);
+    assert_ne!(copy.path(), Path::new(""), "it names the real file");
+    // Writing through the copy changes the copy only.
+    copy.write()
+        .unwrap()
+        .set_service_state(1, ServiceState::Failed, 6)
+        .unwrap();
+    assert_eq!(seg.service_status(1).unwrap().state, ServiceState::Up);
+    // And a later change of the segment is not seen by the copy.
+    seg.write()
+        .unwrap()
+        .set_service_state(0, ServiceState::Starting, 7)
+        .unwrap();
+    assert_eq!(copy.service_status(0).unwrap().state, ServiceState::Stopped);
+    assert!(
+        !copy.unlink().unwrap(),
+        "a copy never removes the segment's name"
+    );
+    assert!(t.segment_path().exists());
 }
 
 #[test]
 fn bad_names_and_specs_are_refused() {
+    let t = TestInstance::new("bad_spec");
     for bad in ["", "a/b", "../x", &"y".repeat(65)] {
-        let e = Segment::open(bad).unwrap_err();
+        let e = Segment::open(t.dir(), bad).unwrap_err();
         assert!(matches!(e, ShmError::InvalidInstanceName { .. }), "{e}");
     }
-    let t = TestInstance::new("bad_spec");
     let mut spec = t.spec(2);
     spec.startup_sequence = vec![0, 5];
     let e = Segment::create(&spec).unwrap_err();
     assert!(matches!(e, ShmError::InvalidSpec { .. }), "{e}");
     assert!(e.to_string().contains("names service #5"), "{e}");
     assert!(matches!(
-        Segment::open(&t.name),
+        Segment::open(t.dir(), &t.name),
         Err(ShmError::NotFound { .. })
     ));
 }
 
-/// The creator runs as `nobody`. It must be able to exec the test binary, and
-/// the target directory may not be traversable by others: copy the binary to
-/// a fresh directory with mode 0755 (tempfile makes directories 0700).
+/// Another user cannot create the segment in the instance's run directory (it is not theirs:
+/// the name cannot be squatted), and a segment file that belongs to another uid is refused.
+/// The creator runs as `nobody`: it must be able to exec the test binary, and the target
+/// directory may not be traversable by others, so the binary is copied to a fresh directory
+/// with mode 0755 (tempfile makes directories 0700).
 #[test]
-fn a_segment_created_by_another_uid_is_refused() {
+fn another_uid_cannot_create_the_segment_and_its_file_is_refused() {
     let t = TestInstance::new("other_uid");
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -174,39 +218,45 @@ fn a_segment_created_by_another_uid_is_refused() {
     std::fs::copy(shm_support::current_exe(), &exe).unwrap();
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
 
-    let mut creator = Helper::spawn(&exe, "create", &t.name, &[], Some((65534, 65534)));
-    creator.expect_line("created");
+    let euid = nix::unistd::geteuid().as_raw();
+    let mut creator = Helper::spawn(&exe, "create", t.dir(), &t.name, &[], Some((65534, 65534)));
+    let said = creator.expect_line("refused: ");
     assert!(creator.wait().success());
-    assert_eq!(
-        std::fs::metadata(format!("/dev/shm/ccmgr.{}", t.name))
-            .unwrap()
-            .uid(),
-        65534
+    assert!(
+        said.contains("is owned by uid") && said.contains("(uid 65534)"),
+        "{said}"
     );
+    assert!(!t.segment_path().exists());
 
-    let e = Segment::open(&t.name).unwrap_err();
+    // A segment file of another uid (made here, then given away) is never used.
+    let (seg, starting) = Segment::create(&t.spec(1)).unwrap();
+    drop(starting);
+    nix::unistd::chown(seg.path(), Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let e = Segment::open(t.dir(), &t.name).unwrap_err();
     assert!(
         matches!(e, ShmError::WrongOwner { owner: 65534, .. }),
         "{e}"
     );
-    let euid = nix::unistd::geteuid().as_raw();
     assert_eq!(
         e.to_string(),
         format!(
-            "segment /dev/shm/ccmgr.{0} of instance {0} was created by uid 65534, not by uid {euid}: refusing to use it",
+            "segment {} of instance {} was created by uid 65534, not by uid {euid}: refusing to use it",
+            t.segment_path().display(),
             t.name
         )
     );
     assert!(matches!(
-        Segment::probe(&t.name),
+        Segment::open_snapshot(t.dir(), &t.name),
         Err(ShmError::WrongOwner { .. })
     ));
     assert!(matches!(
-        Segment::reclaim_stale(&t.name),
+        Segment::probe(t.dir(), &t.name),
         Err(ShmError::WrongOwner { .. })
     ));
-    // Naming the owner explicitly (a group member would) opens it.
-    Segment::open_owned_by(&t.name, 65534).unwrap();
+    assert!(matches!(
+        Segment::reclaim_stale(t.dir(), &t.name),
+        Err(ShmError::WrongOwner { .. })
+    ));
 }
 
 #[test]
@@ -214,13 +264,13 @@ fn a_wrong_magic_is_refused() {
     let t = TestInstance::new("magic");
     let (_seg, _starting) = Segment::create(&t.spec(1)).unwrap();
     segment_file(&t).write_all_at(b"NOTCCMGR", 0).unwrap();
-    let e = Segment::open(&t.name).unwrap_err();
+    let e = Segment::open(t.dir(), &t.name).unwrap_err();
     assert!(matches!(e, ShmError::BadMagic { .. }), "{e}");
     assert!(e.to_string().contains("is not a ccmgr segment"), "{e}");
     assert!(e.to_string().contains(&t.name), "{e}");
     // A stale-state probe does not touch what it cannot read.
     assert!(matches!(
-        Segment::reclaim_stale(&t.name),
+        Segment::reclaim_stale(t.dir(), &t.name),
         Err(ShmError::BadMagic { .. })
     ));
 }
@@ -233,7 +283,7 @@ fn a_wrong_version_is_refused() {
     segment_file(&t)
         .write_all_at(&(LAYOUT_VERSION + 1).to_le_bytes(), offset)
         .unwrap();
-    let e = Segment::open(&t.name).unwrap_err();
+    let e = Segment::open(t.dir(), &t.name).unwrap_err();
     assert!(
         matches!(e, ShmError::WrongVersion { found, .. } if found == LAYOUT_VERSION + 1),
         "{e}"
@@ -256,11 +306,11 @@ fn a_truncated_segment_is_refused() {
     drop(seg);
     let file = segment_file(&t);
     file.set_len(full + 4096).unwrap();
-    let e = Segment::open(&t.name).unwrap_err();
+    let e = Segment::open(t.dir(), &t.name).unwrap_err();
     assert!(matches!(e, ShmError::WrongSize { .. }), "{e}");
     for size in [full - 1, full / 2, 100, 0] {
         file.set_len(size).unwrap();
-        let e = Segment::open(&t.name).unwrap_err();
+        let e = Segment::open(t.dir(), &t.name).unwrap_err();
         assert!(
             matches!(e, ShmError::Truncated { size: s, .. } if s == size),
             "{size}: {e}"
@@ -276,7 +326,7 @@ fn corrupt_contents_are_refused() {
     let layout = *seg.layout();
     let file = segment_file(&t);
     let corrupt = |what: &str| {
-        let e = Segment::open(&t.name).unwrap_err();
+        let e = Segment::open(t.dir(), &t.name).unwrap_err();
         assert!(matches!(e, ShmError::Corrupt { .. }), "{what}: {e}");
         assert!(e.to_string().contains("is corrupt"), "{e}");
         e
@@ -290,7 +340,7 @@ fn corrupt_contents_are_refused() {
     restore(blob, &[saved[0] ^ 0xff]);
     assert!(corrupt("blob").to_string().contains("checksum"));
     restore(blob, &saved[..1]);
-    Segment::open(&t.name).unwrap();
+    Segment::open(t.dir(), &t.name).unwrap();
 
     // A sequence entry beyond the service count.
     let seq = layout.startup as u64;
@@ -321,7 +371,7 @@ fn corrupt_contents_are_refused() {
     restore(count, &saved[..4]);
 
     // An unknown state value is refused when read, not trusted.
-    Segment::open(&t.name).unwrap();
+    Segment::open(t.dir(), &t.name).unwrap();
     let state = (layout.state_table + offset_of!(ccmgr::shm::layout::ServiceRecord, state)) as u64;
     restore(state, &42u32.to_le_bytes());
     let e = seg.service_status(0).unwrap_err();
@@ -336,7 +386,7 @@ fn a_segment_open_to_others_is_refused() {
     let t = TestInstance::new("too_open");
     let (seg, _starting) = Segment::create(&t.spec(1)).unwrap();
     std::fs::set_permissions(seg.path(), std::fs::Permissions::from_mode(0o666)).unwrap();
-    let e = Segment::open(&t.name).unwrap_err();
+    let e = Segment::open(t.dir(), &t.name).unwrap_err();
     assert!(matches!(e, ShmError::TooOpen { mode: 0o666, .. }), "{e}");
 }
 
@@ -348,12 +398,12 @@ fn a_live_coordinator_refuses_reclaim_and_kill9_makes_it_stale() {
     let identity = ProcessIdentity::of(coordinator.pid()).unwrap();
 
     assert_eq!(
-        Segment::probe(&t.name).unwrap(),
+        Segment::probe(t.dir(), &t.name).unwrap(),
         Probe::Live {
             coordinator: Some(identity)
         }
     );
-    let e = Segment::reclaim_stale(&t.name).unwrap_err();
+    let e = Segment::reclaim_stale(t.dir(), &t.name).unwrap_err();
     assert_eq!(
         e.to_string(),
         format!(
@@ -362,7 +412,7 @@ fn a_live_coordinator_refuses_reclaim_and_kill9_makes_it_stale() {
             coordinator.pid()
         )
     );
-    let spec = shm_support::standard_spec(&t.name, 2);
+    let spec = t.spec(2);
     assert!(matches!(
         Segment::create(&spec),
         Err(ShmError::AlreadyExists { .. })
@@ -373,7 +423,7 @@ fn a_live_coordinator_refuses_reclaim_and_kill9_makes_it_stale() {
     ));
     // The probes left nothing locked: the coordinator still holds its mutexes
     // and the others are free.
-    let seg = Segment::open(&t.name).unwrap();
+    let seg = Segment::open(t.dir(), &t.name).unwrap();
     assert!(
         seg.mutex(MutexId::Daemon)
             .unwrap()
@@ -391,7 +441,7 @@ fn a_live_coordinator_refuses_reclaim_and_kill9_makes_it_stale() {
 
     coordinator.kill9();
     assert!(!identity.is_alive());
-    assert_eq!(Segment::probe(&t.name).unwrap(), Probe::Stale);
+    assert_eq!(Segment::probe(t.dir(), &t.name).unwrap(), Probe::Stale);
     let released = std::thread::scope(|s| {
         s.spawn(|| {
             MutexId::NAMED
@@ -414,9 +464,15 @@ fn a_live_coordinator_refuses_reclaim_and_kill9_makes_it_stale() {
     let (clean, died) = (Some(Acquired::Clean), Some(Acquired::PreviousHolderDied));
     assert_eq!(released, [clean, clean, died, clean]);
 
-    assert_eq!(Segment::reclaim_stale(&t.name).unwrap(), Reclaimed::Removed);
-    assert_eq!(Segment::probe(&t.name).unwrap(), Probe::Absent);
-    assert_eq!(Segment::reclaim_stale(&t.name).unwrap(), Reclaimed::Absent);
+    assert_eq!(
+        Segment::reclaim_stale(t.dir(), &t.name).unwrap(),
+        Reclaimed::Removed
+    );
+    assert_eq!(Segment::probe(t.dir(), &t.name).unwrap(), Probe::Absent);
+    assert_eq!(
+        Segment::reclaim_stale(t.dir(), &t.name).unwrap(),
+        Reclaimed::Absent
+    );
     let (fresh, _starting) = Segment::create_reclaiming_stale(&spec).unwrap();
     assert_eq!(fresh.instance_status().unwrap().coordinator, None);
 }
@@ -427,13 +483,13 @@ fn a_start_under_way_refuses_reclaim() {
     let (_seg, starting) = Segment::create(&t.spec(1)).unwrap();
     let me = ProcessIdentity::current().unwrap();
     // Another thread probes, as another `ccmgr start` would.
-    let name = t.name.clone();
-    let probe = std::thread::spawn(move || Segment::probe(&name).unwrap())
+    let (name, dir) = (t.name.clone(), t.dir().to_owned());
+    let probe = std::thread::spawn(move || Segment::probe(&dir, &name).unwrap())
         .join()
         .unwrap();
     assert_eq!(probe, Probe::Starting { manager: Some(me) });
-    let name = t.name.clone();
-    let e = std::thread::spawn(move || Segment::reclaim_stale(&name).unwrap_err())
+    let (name, dir) = (t.name.clone(), t.dir().to_owned());
+    let e = std::thread::spawn(move || Segment::reclaim_stale(&dir, &name).unwrap_err())
         .join()
         .unwrap();
     assert!(matches!(e, ShmError::BeingStarted { .. }), "{e}");
@@ -458,7 +514,7 @@ fn live_services_without_a_coordinator_refuse_reclaim() {
     }
     drop(starting);
 
-    let probe = Segment::probe(&t.name).unwrap();
+    let probe = Segment::probe(t.dir(), &t.name).unwrap();
     assert_eq!(
         probe,
         Probe::Abandoned {
@@ -468,7 +524,7 @@ fn live_services_without_a_coordinator_refuse_reclaim() {
             }]
         }
     );
-    let e = Segment::reclaim_stale(&t.name).unwrap_err();
+    let e = Segment::reclaim_stale(t.dir(), &t.name).unwrap_err();
     assert!(matches!(e, ShmError::StillInUse { .. }), "{e}");
     assert!(
         e.to_string()
@@ -477,8 +533,11 @@ fn live_services_without_a_coordinator_refuse_reclaim() {
     );
 
     seg.write().unwrap().set_service_process(0, None).unwrap();
-    assert_eq!(Segment::probe(&t.name).unwrap(), Probe::Stale);
-    assert_eq!(Segment::reclaim_stale(&t.name).unwrap(), Reclaimed::Removed);
+    assert_eq!(Segment::probe(t.dir(), &t.name).unwrap(), Probe::Stale);
+    assert_eq!(
+        Segment::reclaim_stale(t.dir(), &t.name).unwrap(),
+        Reclaimed::Removed
+    );
 }
 
 #[test]
@@ -514,4 +573,66 @@ fn snapshots_are_never_torn() {
     writer.join().unwrap();
     assert!(reads > 0);
     assert_eq!(seg.generation(), 2 * writes as u64);
+}
+
+/// The group's read-only view copies the file while a writer is busy: every copy is whole
+/// (taken between two changes, by the generation counter), never half of one change.
+#[test]
+fn private_copies_are_never_torn() {
+    let t = TestInstance::new("torn_copy");
+    let (seg, starting) = Segment::create(&t.spec(1)).unwrap();
+    drop(starting);
+    let writes = 5_000;
+    let writer_seg = seg.clone();
+    let writer = std::thread::spawn(move || {
+        for k in 1..=writes {
+            let w = writer_seg.write().unwrap();
+            let p = ProcessIdentity {
+                pid: k,
+                start_time: k as u64 * 1000,
+            };
+            w.set_service_process(0, Some(p)).unwrap();
+            w.set_restart_count(0, k as u32).unwrap();
+        }
+    });
+    let mut copies = 0u64;
+    loop {
+        let copy = match Segment::open_snapshot(t.dir(), &t.name) {
+            Ok(copy) => copy,
+            // A writer that never let go for the bounded attempts: said so, never torn.
+            Err(ShmError::NoConsistentCopy { .. }) => continue,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(copy.generation() % 2, 0);
+        let status = copy.service_status(0).unwrap();
+        if let Some(p) = status.process {
+            assert_eq!(p.start_time, p.pid as u64 * 1000, "torn identity");
+            assert_eq!(status.restart_count, p.pid as u32, "torn record");
+        }
+        copies += 1;
+        if status.restart_count == writes as u32 {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    assert!(copies > 0);
+}
+
+/// A change that never ends (a writer stopped mid-change: the generation counter stays odd)
+/// gives a reader's copy up after its bounded attempts, with a sentence; it never waits for
+/// ever, nor reads half a change.
+#[test]
+fn a_change_that_never_ends_is_said_not_waited_for() {
+    let t = TestInstance::new("odd_generation");
+    let (_seg, starting) = Segment::create(&t.spec(1)).unwrap();
+    drop(starting);
+    segment_file(&t)
+        .write_all_at(&7u64.to_ne_bytes(), offset_of!(Header, generation) as u64)
+        .unwrap();
+    let e = Segment::open_snapshot(t.dir(), &t.name).unwrap_err();
+    assert!(matches!(e, ShmError::NoConsistentCopy { .. }), "{e}");
+    assert!(
+        e.to_string().contains("was being changed at each of"),
+        "{e}"
+    );
 }

@@ -434,7 +434,7 @@ fn a_bad_config_starts_nothing_and_leaves_nothing() {
     );
     let out = stack.start();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(!std::path::Path::new(&format!("/dev/shm/ccmgr.{}", stack.instance)).exists());
+    assert!(!stack.segment_path().exists());
 }
 
 #[test]

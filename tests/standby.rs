@@ -328,7 +328,7 @@ fn repeated_takeovers_keep_exactly_one_standby() {
 
 /// The restart window the coordinator published: (restarts in it, its start in monotonic ms).
 fn published_window(stack: &Stack) -> (u32, u64) {
-    let segment = ccmgr::shm::Segment::open(&stack.instance).unwrap();
+    let segment = ccmgr::shm::Segment::open(&stack.run_dir(), &stack.instance).unwrap();
     let instance = segment.instance_status().unwrap();
     (instance.restarts_in_window, instance.window_start_ms)
 }

@@ -421,7 +421,7 @@ fn a_truncated_segment_still_leaves_a_stack_that_stop_can_stop() {
     if !record_path.exists() {
         write_record_as_the_keeper_would(&status, &record_path);
     }
-    let segment = format!("/dev/shm/ccmgr.{}", stack.instance);
+    let segment = stack.segment_path();
     std::fs::OpenOptions::new()
         .write(true)
         .open(&segment)

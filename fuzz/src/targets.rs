@@ -8,7 +8,7 @@
 //! apart. It uses only ccmgr's public API, `tempfile` and `std`.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -256,10 +256,15 @@ pub fn segment(data: &[u8]) {
         _ => rest.to_vec(),
     };
     let instance = format!("fuzzseg-{}", std::process::id());
-    let _ = Segment::remove(&instance);
-    let path = ccmgr::shm::segment::segment_path(&instance).expect("a valid instance name");
+    let run_dir = fuzz_run_dir();
+    let _ = Segment::remove(run_dir, &instance);
+    let path = ccmgr::shm::segment_path(run_dir, &instance).expect("a valid instance name");
     write_private(&path, &bytes);
-    match Segment::open(&instance) {
+    // The group's read-only view verifies a private copy with the same checks.
+    if let Err(e) = Segment::open_snapshot(run_dir, &instance) {
+        assert_sentence("segment snapshot", &e.to_string());
+    }
+    match Segment::open(run_dir, &instance) {
         Ok(seg) => {
             // As `status` reads it; the first error ends the reading, as it ends `status`.
             let read = || -> Result<(), ccmgr::shm::ShmError> {
@@ -282,11 +287,26 @@ pub fn segment(data: &[u8]) {
         }
         Err(e) => assert_sentence("segment", &e.to_string()),
     }
-    match Segment::probe(&instance) {
+    match Segment::probe(run_dir, &instance) {
         Ok(_) => {}
         Err(e) => assert_sentence("segment probe", &e.to_string()),
     }
-    let _ = Segment::remove(&instance);
+    let _ = Segment::remove(run_dir, &instance);
+}
+
+/// The run directory of the segment target's instances (the segment's files live in an
+/// instance's `run_dir`): one directory of the fuzzing user's, `$TMPDIR/ccmgr-fuzz-<uid>`,
+/// mode 0700, shared by every process of a run (the fuzzer forks one per input, so a fresh
+/// directory each would pile up); the instance names carry the pid.
+fn fuzz_run_dir() -> &'static Path {
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir =
+            std::env::temp_dir().join(format!("ccmgr-fuzz-{}", nix::unistd::geteuid().as_raw()));
+        let _ = std::fs::create_dir(&dir);
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        dir
+    })
 }
 
 fn write_private(path: &Path, bytes: &[u8]) {
@@ -325,9 +345,10 @@ fn segment_template() -> &'static [u8] {
         })
         .expect("the template's configuration loads");
         let instance = format!("fuzztpl-{}", std::process::id());
-        let _ = Segment::remove(&instance);
+        let _ = Segment::remove(fuzz_run_dir(), &instance);
         let spec = SegmentSpec {
             instance: instance.clone(),
+            run_dir: fuzz_run_dir().to_owned(),
             group: None,
             services: config
                 .services
@@ -374,10 +395,11 @@ pub fn generated_seeds(target: &str) -> Vec<Vec<u8>> {
 fn segment_image() -> Vec<u8> {
     let template = segment_template();
     let instance = format!("fuzzimg-{}", std::process::id());
-    let _ = ccmgr::shm::segment::Segment::remove(&instance);
-    let path = ccmgr::shm::segment::segment_path(&instance).expect("a valid instance name");
+    let run_dir = fuzz_run_dir();
+    let _ = ccmgr::shm::segment::Segment::remove(run_dir, &instance);
+    let path = ccmgr::shm::segment_path(run_dir, &instance).expect("a valid instance name");
     write_private(&path, template);
-    let seg = ccmgr::shm::segment::Segment::open(&instance).expect("the template opens");
+    let seg = ccmgr::shm::segment::Segment::open(run_dir, &instance).expect("the template opens");
     let blob = seg.config_blob().expect("the template's blob");
     let _ = seg.unlink();
     blob

@@ -31,12 +31,13 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::{Pid, pipe2};
 
-use super::stop_driver::{self, Inventory};
+use super::stop_driver::{self, Inventory, Party};
 use super::{Cli, Exit, load_or_report};
 use crate::config::{Config, LoadOptions};
 use crate::coordinator::{self, StartReport};
 use crate::keeper::{self, COORDINATOR_REPORT_FD, KeeperSetup};
 use crate::logsink;
+use crate::membership::Role;
 use crate::process_identity::ProcessIdentity;
 use crate::records::ProcessRecord;
 use crate::shm::api::{ApiSpec, ControlSegment};
@@ -54,6 +55,7 @@ pub fn segment_spec(config: &Config) -> SegmentSpec {
     let ms = |d: crate::duration::ConfigDuration| d.as_duration().as_millis() as u64;
     SegmentSpec {
         instance: config.global.instance.clone(),
+        run_dir: config.global.run_dir.clone(),
         group: config.global.group.as_ref().map(|g| g.id),
         services: config
             .services
@@ -76,7 +78,7 @@ fn exe() -> std::path::PathBuf {
 
 /// Refuses to start over a live instance; reclaims a stale one. `Err` carries the exit code.
 fn clear_the_way(instance: &str, run_dir: &std::path::Path) -> Result<(), Exit> {
-    match probe_settled(instance) {
+    match probe_settled(run_dir, instance) {
         Ok(Probe::Absent) => refuse_recorded_survivors(instance, run_dir),
         Ok(Probe::Live { coordinator }) => {
             let pid = coordinator.map_or_else(|| "unknown".to_owned(), |c| c.pid.to_string());
@@ -97,7 +99,7 @@ fn clear_the_way(instance: &str, run_dir: &std::path::Path) -> Result<(), Exit> 
             Err(Exit::Failed)
         }
         Ok(Probe::Stale) => match refuse_recorded_survivors(instance, run_dir).and_then(|()| {
-            reclaim(instance).map_err(|e| {
+            reclaim(run_dir, instance).map_err(|e| {
                 eprintln!("ccmgr: {e}");
                 Exit::Failed
             })
@@ -150,14 +152,26 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
         Err(e) => return e,
     };
     let instance = config.global.instance.clone();
+    // The run directory first: the instance's state lives there, and is looked for there.
+    if let Err(e) = crate::shm::state_dir::create_run_dir(&config.global.run_dir) {
+        eprintln!(
+            "ccmgr: cannot create {}: {e}",
+            config.global.run_dir.display()
+        );
+        return Exit::Failed;
+    }
+    if let Err(e) = refuse_non_owner(&instance, &config.global.run_dir) {
+        return e;
+    }
     if let Err(e) = clear_the_way(&instance, &config.global.run_dir) {
         return e;
     }
-    for dir in [&config.global.run_dir, &config.global.log_dir] {
-        if let Err(e) = std::fs::create_dir_all(dir) {
-            eprintln!("ccmgr: cannot create {}: {e}", dir.display());
-            return Exit::Failed;
-        }
+    if let Err(e) = std::fs::create_dir_all(&config.global.log_dir) {
+        eprintln!(
+            "ccmgr: cannot create {}: {e}",
+            config.global.log_dir.display()
+        );
+        return Exit::Failed;
     }
     let _ = std::fs::remove_file(coordinator::last_outcome_path(&config));
     let (segment, manager) = match Segment::create(&segment_spec(&config)) {
@@ -172,7 +186,7 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
         }
     };
     // The service API's control segment and API file, beside the main segment.
-    let _ = ControlSegment::remove(&instance);
+    let _ = ControlSegment::remove(&config.global.run_dir, &instance);
     if let Err(e) = ControlSegment::create(&ApiSpec::from_config(&config)) {
         eprintln!("ccmgr: {e}");
         return cleanup_failed_start(&segment);
@@ -212,6 +226,8 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
         .arg(&instance)
         .arg("internal")
         .arg("keeper")
+        .arg("--run-dir")
+        .arg(&config.global.run_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -252,7 +268,7 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
     drop(manager);
     let run_dir = config.global.run_dir.clone();
     // Stops what was started; true once nothing of the instance runs (proven by `stop`).
-    let stop_what_started = || stop_instance(&instance, Some(&run_dir)) == Exit::Ok;
+    let stop_what_started = || stop_instance(&instance, &run_dir) == Exit::Ok;
     let say_how_it_ended = |clean: bool| {
         if clean {
             eprintln!("ccmgr: everything that was started has been stopped again");
@@ -292,7 +308,8 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
             eprintln!("ccmgr: instance {instance} failed to start: service `{service}` {how}");
             print_log_tail(&config, &service);
             // The keeper removes the segment last; if it is still there, finish the job.
-            let left = !finished || !matches!(Segment::probe(&instance), Ok(Probe::Absent));
+            let left =
+                !finished || !matches!(Segment::probe(&run_dir, &instance), Ok(Probe::Absent));
             say_how_it_ended(!left || stop_what_started());
             Exit::Failed
         }
@@ -496,18 +513,38 @@ impl FreezeWatch {
 
 fn cleanup_failed_start(segment: &Segment) -> Exit {
     let _ = segment.unlink();
-    let _ = ControlSegment::remove(segment.instance());
+    if let Some(run_dir) = segment.path().parent() {
+        let _ = ControlSegment::remove(run_dir, segment.instance());
+    }
     Exit::Failed
 }
 
-/// Removes what an instance leaves in /dev/shm once nothing of it lives: the main segment
-/// (only if stale: a live coordinator's is refused) and the service API's two files.
-fn reclaim(instance: &str) -> Result<(), ShmError> {
+/// Only the owner of an instance (the owner of its `run_dir`, who alone can write its shared
+/// state) may start, stop or restart it; the members of its group may read its status.
+fn refuse_non_owner(instance: &str, run_dir: &std::path::Path) -> Result<(), Exit> {
+    use std::os::unix::fs::MetadataExt as _;
+    let me = nix::unistd::geteuid().as_raw();
+    match std::fs::metadata(run_dir) {
+        Ok(meta) if meta.uid() != me => {
+            eprintln!(
+                "ccmgr: only uid {} may control instance {instance} (its run directory {} is theirs; you are uid {me}); `ccmgr status` is readable by the instance's group",
+                meta.uid(),
+                run_dir.display()
+            );
+            Err(Exit::NotPermitted)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Removes what an instance leaves in its run directory once nothing of it lives: the main
+/// segment (only if stale: a live coordinator's is refused) and the service API's two files.
+fn reclaim(run_dir: &std::path::Path, instance: &str) -> Result<(), ShmError> {
     // A concurrent probe holds the manager or daemon mutex for a moment: look again (see
     // `probe_settled`).
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
-        match Segment::reclaim_stale(instance) {
+        match Segment::reclaim_stale(run_dir, instance) {
             Err(
                 ShmError::BeingStarted {
                     manager_pid: None, ..
@@ -523,7 +560,7 @@ fn reclaim(instance: &str) -> Result<(), ShmError> {
             }
         }
     }
-    let _ = ControlSegment::remove(instance);
+    let _ = ControlSegment::remove(run_dir, instance);
     Ok(())
 }
 
@@ -653,13 +690,13 @@ fn run_keeper(config: Config, segment: Segment, foreground: bool, report: Option
 }
 
 /// The `internal keeper` role: started by `ccmgr start` with the report pipe on fd 5.
-pub fn internal_keeper(instance: &str) -> Exit {
+pub fn internal_keeper(run_dir: &std::path::Path, instance: &str) -> Exit {
     // Its own session: the terminal `ccmgr start` ran in can close without touching it. And
     // none of its caller's fds: only the report pipe was meant for it.
     let _ = nix::unistd::setsid();
     keeper::protocol::close_inherited_fds(&[COORDINATOR_REPORT_FD]);
     let report = keeper::protocol::take_inherited_fd(COORDINATOR_REPORT_FD);
-    let (segment, config) = match open_instance(instance) {
+    let (segment, config) = match open_instance(run_dir, instance) {
         Ok(found) => found,
         Err(e) => {
             eprintln!("ccmgr: {e}");
@@ -670,7 +707,12 @@ pub fn internal_keeper(instance: &str) -> Exit {
 }
 
 /// The `internal coordinator` role: started by the keeper with its fds on 3, 4 (and 5).
-pub fn internal_coordinator(instance: &str, foreground: bool, role: coordinator::Role) -> Exit {
+pub fn internal_coordinator(
+    run_dir: &std::path::Path,
+    instance: &str,
+    foreground: bool,
+    role: coordinator::Role,
+) -> Exit {
     keeper::protocol::close_inherited_fds(&[
         keeper::COORDINATOR_CHANNEL_FD,
         keeper::COORDINATOR_NOTIFY_FD,
@@ -678,7 +720,7 @@ pub fn internal_coordinator(instance: &str, foreground: bool, role: coordinator:
     ]);
     // Before anything opens a file that could land on one of their numbers.
     let handed = coordinator::Handed::take();
-    let config = match open_instance(instance) {
+    let config = match open_instance(run_dir, instance) {
         Ok((_, config)) => config,
         Err(e) => {
             eprintln!("ccmgr: {e}");
@@ -694,7 +736,7 @@ pub fn internal_coordinator(instance: &str, foreground: bool, role: coordinator:
         foreground,
         name,
     );
-    match coordinator::run(instance, handed, role) {
+    match coordinator::run(run_dir, instance, handed, role) {
         Ok(0) => Exit::Ok,
         Ok(_) => Exit::Failed,
         Err(e) => {
@@ -704,9 +746,12 @@ pub fn internal_coordinator(instance: &str, foreground: bool, role: coordinator:
     }
 }
 
-/// The segment of a running instance and the config image it holds.
-pub fn open_instance(instance: &str) -> Result<(Segment, Config), String> {
-    let segment = Segment::open(instance).map_err(|e| e.to_string())?;
+/// The segment of a running instance (in `run_dir`) and the config image it holds.
+pub fn open_instance(
+    run_dir: &std::path::Path,
+    instance: &str,
+) -> Result<(Segment, Config), String> {
+    let segment = Segment::open(run_dir, instance).map_err(|e| e.to_string())?;
     let blob = segment.config_blob().map_err(|e| e.to_string())?;
     let config = Config::from_image(&blob)?;
     Ok((segment, config))
@@ -739,7 +784,43 @@ pub fn stop(cli: &Cli) -> Exit {
         Ok(found) => found,
         Err(e) => return e,
     };
-    stop_instance(&instance, global.as_ref().map(|g| g.run_dir.as_path()))
+    let run_dir = run_dir_of(&instance, global.as_ref());
+    if let Err(e) = refuse_non_owner(&instance, &run_dir) {
+        return e;
+    }
+    // Nothing in a directory others could write is believed (a record there could name any
+    // process), nor removed.
+    match crate::shm::trusted_dir(&run_dir, Some(nix::unistd::geteuid().as_raw())) {
+        Ok(_) | Err(crate::shm::DirTrustError::Missing { .. }) => {}
+        Err(e) => {
+            eprintln!("ccmgr: {e}");
+            return Exit::Failed;
+        }
+    }
+    stop_instance(&instance, &run_dir)
+}
+
+/// The run directory of `instance`: the configuration's, or, when the configuration could not
+/// be loaded (`--instance` given), the default for the caller, which is then said when nothing
+/// is found there.
+pub fn run_dir_of(
+    instance: &str,
+    global: Option<&crate::config::GlobalConfig>,
+) -> std::path::PathBuf {
+    match global {
+        Some(g) => g.run_dir.clone(),
+        None => {
+            let dir = crate::shm::state_dir::default_run_dir();
+            let seg = crate::shm::segment_path(&dir, instance).unwrap_or_default();
+            if !seg.exists() {
+                eprintln!(
+                    "ccmgr: the configuration could not be loaded: looked for instance {instance} in the default run directory {} (its state is not there)",
+                    dir.display()
+                );
+            }
+            dir
+        }
+    }
 }
 
 /// How long a coordinator asked to stop has to show that it heard (the instance's state in the
@@ -750,8 +831,11 @@ pub const ANSWER_DEADLINE: Duration = Duration::from_secs(3);
 
 /// The segment of `instance` and the configuration it holds, as far as they can be read, and
 /// why not, if they cannot (a damaged segment: truncated, corrupt, of another version).
-fn read_segment(instance: &str) -> (Option<Segment>, Option<Config>, Option<String>) {
-    match Segment::open(instance) {
+fn read_segment(
+    run_dir: &std::path::Path,
+    instance: &str,
+) -> (Option<Segment>, Option<Config>, Option<String>) {
+    match Segment::open(run_dir, instance) {
         Ok(segment) => match segment
             .config_blob()
             .map_err(|e| e.to_string())
@@ -760,7 +844,10 @@ fn read_segment(instance: &str) -> (Option<Segment>, Option<Config>, Option<Stri
             Ok(config) => (Some(segment), Some(config), None),
             Err(e) => (Some(segment), None, Some(e)),
         },
-        Err(ShmError::NotFound { .. }) => (None, None, None),
+        Err(ShmError::NotFound { .. })
+        | Err(ShmError::UntrustedDir(crate::shm::DirTrustError::Missing { .. })) => {
+            (None, None, None)
+        }
         Err(e) => (None, None, Some(e.to_string())),
     }
 }
@@ -768,14 +855,12 @@ fn read_segment(instance: &str) -> (Option<Segment>, Option<Config>, Option<Stri
 /// Stops `instance` whatever state it is in, and says "stopped" only once it has proven that
 /// no process of the instance lives: every process recorded in the segment and in the keeper's
 /// record is dead (pid and start time), and the instance's cgroups are gone. `run_dir` is where
-/// the records are when the segment cannot say (from the global configuration file).
-pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit {
-    let (segment, config, damage) = read_segment(instance);
-    let run_dir = config
-        .as_ref()
-        .map(|c| c.global.run_dir.clone())
-        .or_else(|| run_dir.map(ToOwned::to_owned));
-    let run_dir = run_dir.as_deref();
+/// the instance's state and records are (from the global configuration file, or the caller's
+/// default).
+pub fn stop_instance(instance: &str, dir: &std::path::Path) -> Exit {
+    let (segment, config, damage) = read_segment(dir, instance);
+    // The records' readers below take an optional directory.
+    let run_dir = Some(dir);
     let mut inventory = Inventory::gather(instance, segment.as_ref(), config.as_ref(), run_dir);
     // Why the command does the stop itself, if it must.
     let mut reason = None;
@@ -790,7 +875,7 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
             )
         });
     } else if segment.is_some() {
-        match probe_settled(instance) {
+        match probe_settled(dir, instance) {
             // A `ccmgr start` frozen by SIGSTOP (Ctrl-Z) never finishes while it is: the stack
             // it started is not to be left unstoppable for that.
             Ok(Probe::Starting {
@@ -807,7 +892,13 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
                     .filter(ProcessIdentity::is_alive);
                 match (segment.as_ref(), config.as_ref(), coordinator) {
                     (Some(segment), Some(config), Some(coordinator)) => {
-                        reason = stop_through_coordinator(instance, segment, config, coordinator);
+                        reason = stop_through_coordinator(
+                            instance,
+                            segment,
+                            config,
+                            coordinator,
+                            &inventory,
+                        );
                         coordinator_stopped_it = reason.is_none();
                     }
                     _ => {
@@ -829,7 +920,13 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
             }) => {
                 let (segment, config) = (segment.as_ref(), config.as_ref());
                 if let (Some(segment), Some(config)) = (segment, config) {
-                    reason = stop_through_coordinator(instance, segment, config, coordinator);
+                    reason = stop_through_coordinator(
+                        instance,
+                        segment,
+                        config,
+                        coordinator,
+                        &inventory,
+                    );
                     coordinator_stopped_it = reason.is_none();
                 }
             }
@@ -860,7 +957,7 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
         });
         eprintln!("ccmgr: {why}: stopping the instance's processes directly, in shutdown order");
         stop_driver::disarm_parties(&inventory);
-        stop_driver::stop_services(&inventory, instance);
+        stop_driver::stop_services(&inventory, instance, run_dir);
         // A coordinator started meanwhile (by a keeper that saw its coordinator die) goes too.
         if let Some(segment) = &segment {
             inventory.add_segment(segment);
@@ -908,10 +1005,10 @@ pub fn stop_instance(instance: &str, run_dir: Option<&std::path::Path>) -> Exit 
 /// can look like a start under way or a live coordinator that recorded nobody. A real start
 /// or coordinator records itself within moments; a prober lets go within microseconds. There
 /// is no event to wait for here, so the look is repeated, for at most a second.
-fn probe_settled(instance: &str) -> Result<Probe, ShmError> {
+fn probe_settled(run_dir: &std::path::Path, instance: &str) -> Result<Probe, ShmError> {
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
-        let probe = Segment::probe(instance)?;
+        let probe = Segment::probe(run_dir, instance)?;
         let unsettled = matches!(
             probe,
             Probe::Starting { manager: None } | Probe::Live { coordinator: None }
@@ -930,15 +1027,38 @@ fn remove_state(
     damaged: bool,
     run_dir: Option<&std::path::Path>,
 ) -> Result<(), ShmError> {
-    if damaged {
-        Segment::remove(instance)?;
-        let _ = ControlSegment::remove(instance);
-    } else {
-        reclaim(instance)?;
+    let Some(run_dir) = run_dir else {
+        return Ok(());
+    };
+    if !run_dir.exists() {
+        return Ok(());
     }
-    if let Some(run_dir) = run_dir {
+    if damaged {
+        Segment::remove(run_dir, instance)?;
+        let _ = ControlSegment::remove(run_dir, instance);
+    } else {
+        match reclaim(run_dir, instance) {
+            Ok(()) => {}
+            // The segment names live processes, but the stop has proven that none of the
+            // instance's lives: those it names are not the instance's (a forged or stale
+            // record, reported above). Its state must not stay, or no start would follow.
+            Err(e @ ShmError::StillInUse { .. }) => {
+                eprintln!(
+                    "ccmgr: {e}; none of them is this instance's process (see above): removing its state all the same"
+                );
+                if let Ok(segment) = Segment::open(run_dir, instance) {
+                    segment.unlink()?;
+                }
+                let _ = ControlSegment::remove(run_dir, instance);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    {
         ProcessRecord::remove(&crate::records::record_path(run_dir, instance));
         remove_dead_notify_socket(&run_dir.join(format!("{instance}.notify")));
+        // Its readers (`ccmgr events`) see the name go and end.
+        let _ = std::fs::remove_file(crate::coordinator::events_path_in(run_dir, instance));
     }
     Ok(())
 }
@@ -963,41 +1083,56 @@ fn remove_dead_notify_socket(path: &std::path::Path) {
     }
 }
 
-/// Sends `signal` to the process `who` if it is still that process; returns a pidfd on it.
-fn signal_identity(who: ProcessIdentity, signal: Signal) -> Option<OwnedFd> {
-    let fd = stop_driver::pidfd_of(who)?;
-    spawn::signal_pidfd(fd.as_fd(), signal).ok()?;
-    Some(fd)
-}
-
 /// Asks the live `coordinator` to stop the stack, and waits for the keeper (which exits last,
 /// once every service is reaped) while watching the keeper and the coordinator at once.
 /// Returns `None` once the keeper is done, else why the command must do the stop itself: the
 /// keeper died, the coordinator died with no standby to take over, or it did not answer (see
 /// [`ANSWER_DEADLINE`]), or the whole stop overran its timeout.
+///
+/// The keeper, the coordinator and its successors are read from the segment, which can be
+/// forged: each is signalled (and watched) only once proven the instance's process
+/// ([`Inventory::prove`]); the keeper's and coordinator's records in `run_dir` are tried when
+/// the segment's are not.
 fn stop_through_coordinator(
     instance: &str,
     segment: &Segment,
     config: &Config,
     coordinator: ProcessIdentity,
+    inventory: &Inventory,
 ) -> Option<String> {
-    let status = segment.instance_status().ok();
-    let Some(keeper) = status
-        .and_then(|s| s.keeper)
-        .filter(ProcessIdentity::is_alive)
+    let Some(keeper) = inventory.proven_party(Party::Keeper) else {
+        let recorded_alive = inventory
+            .parties
+            .iter()
+            .any(|(p, who)| *p == Party::Keeper && who.is_alive());
+        return Some(if recorded_alive {
+            format!("no live keeper of instance {instance} is proven to be the instance's")
+        } else {
+            format!("the keeper of instance {instance} is dead")
+        });
+    };
+    let keeper_fd = keeper.pidfd();
+    let keeper = keeper.identity();
+    let Some(first) = inventory
+        .prove(coordinator, Role::Coordinator, "the coordinator")
+        .or_else(|| inventory.proven_party(Party::Coordinator))
     else {
-        return Some(format!("the keeper of instance {instance} is dead"));
+        return Some(if coordinator.is_alive() {
+            format!("no coordinator of instance {instance} is proven to be the instance's")
+        } else {
+            format!(
+                "the coordinator (pid {}) died before it could be asked to stop",
+                coordinator.pid
+            )
+        });
     };
-    let Some(keeper_fd) = stop_driver::pidfd_of(keeper) else {
-        return Some(format!("the keeper of instance {instance} is dead"));
-    };
-    let mut current = coordinator;
-    let Some(first_fd) = signal_identity(current, Signal::SIGTERM) else {
+    let mut current = first.identity();
+    if first.signal(Signal::SIGTERM).is_err() {
         return Some(format!(
             "the coordinator (pid {}) died before it could be asked to stop",
             current.pid
         ));
-    };
+    }
     let timeout = config.global.coordinator.shutdown_timeout.as_duration() + GRACE;
     let overall = Instant::now() + timeout;
     let mut asked_at = Instant::now();
@@ -1012,13 +1147,13 @@ fn stop_through_coordinator(
         }
     };
     // The coordinator's pidfd, until it has finished its stop and exited.
-    let mut coordinator_fd = Some(first_fd);
+    let mut coordinator_fd = Some(first);
     // When the coordinator finished: the keeper follows within moments.
     let mut coordinator_done: Option<Instant> = None;
     loop {
         let mut fds = vec![PollFd::new(keeper_fd.as_fd(), PollFlags::POLLIN)];
         if let Some(fd) = &coordinator_fd {
-            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+            fds.push(PollFd::new(fd.pidfd(), PollFlags::POLLIN));
         }
         // Once a second: the answer and freeze checks, and the progress line.
         let ready = match poll(&mut fds, PollTimeout::from(1000u16)) {
@@ -1079,11 +1214,12 @@ fn stop_through_coordinator(
             let promoted = status
                 .and_then(|s| s.coordinator)
                 .filter(|c| *c != current && c.is_alive());
-            match promoted
-                .or(standby)
-                .and_then(|next| stop_driver::pidfd_of(next).map(|fd| (next, fd)))
-            {
-                Some((next, fd)) => {
+            let next = promoted
+                .and_then(|c| inventory.prove(c, Role::Coordinator, "the coordinator"))
+                .or_else(|| standby.and_then(|s| inventory.prove(s, Role::Standby, "the standby")));
+            match next {
+                Some(fd) => {
+                    let next = fd.identity();
                     // The progress line is erased only where one was drawn (a terminal): a
                     // log file gets no escape codes.
                     clear_progress();
@@ -1110,8 +1246,8 @@ fn stop_through_coordinator(
         let took_over = status.and_then(|s| s.coordinator) == Some(current);
         if !current_asked && took_over {
             // Told to stop too: harmless if it already finishes its predecessor's stop.
-            if let Some(fd) = &coordinator_fd {
-                let _ = spawn::signal_pidfd(fd.as_fd(), Signal::SIGTERM);
+            if let Some(proven) = &coordinator_fd {
+                let _ = proven.signal(Signal::SIGTERM);
             }
             current_asked = true;
             asked_at = Instant::now();

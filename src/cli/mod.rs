@@ -9,10 +9,12 @@
 //! - 3: `status` of an instance that is not running (as `systemctl status`).
 
 mod check;
+mod events;
 mod lifecycle;
 mod logs;
 mod status;
 mod stop_driver;
+mod why;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +30,9 @@ pub enum Exit {
     Failed = 1,
     BadConfig = 2,
     NotRunning = 3,
+    /// The caller may not do that to the instance: only its owner may start, stop or restart
+    /// it (the members of its group may read its status).
+    NotPermitted = 4,
 }
 
 impl From<Exit> for ExitCode {
@@ -77,11 +82,24 @@ pub enum Command {
         #[arg(long)]
         foreground: bool,
     },
-    /// Show the state of the instance and of every service (exit 3 when not running).
+    /// Show the state of the instance and of every service, and why a service is not up
+    /// (exit 3 when not running); with SERVICE names, explain those, with their last log lines.
     Status {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Services to explain.
+        #[arg(value_name = "SERVICE")]
+        services: Vec<String>,
+    },
+    /// Follow the instance's lifecycle events as they happen (until it stops).
+    Events {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Begin with the last N events the instance still holds (at most 1024).
+        #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 0)]
+        backlog: u64,
     },
     /// Show what services wrote (none named: ccmgr's own event log): the last lines, then
     /// with -f what follows, across rotations.
@@ -102,6 +120,10 @@ pub enum Command {
         role: InternalRole,
         #[arg(long)]
         foreground: bool,
+        /// The instance's run directory, where its shared state is (the caller's default
+        /// run directory if not given).
+        #[arg(long, value_name = "DIR")]
+        run_dir: Option<PathBuf>,
     },
 }
 
@@ -194,22 +216,32 @@ pub fn main() -> ExitCode {
         Command::Start { foreground } => Ok(lifecycle::start(&cli, *foreground)),
         Command::Stop => Ok(lifecycle::stop(&cli)),
         Command::Restart { foreground } => Ok(lifecycle::restart(&cli, *foreground)),
-        Command::Status { json } => Ok(status::status(&cli, *json)),
+        Command::Status { json, services } => Ok(status::status(&cli, *json, services)),
+        Command::Events { json, backlog } => Ok(events::events(&cli, *json, *backlog)),
         Command::Logs {
             services,
             lines,
             follow,
         } => Ok(logs::logs(&cli, services, *lines, *follow)),
-        Command::Internal { role, foreground } => {
+        Command::Internal {
+            role,
+            foreground,
+            run_dir,
+        } => {
             let instance = cli.instance.clone().unwrap_or_default();
+            let run_dir = run_dir
+                .clone()
+                .unwrap_or_else(crate::shm::state_dir::default_run_dir);
             Ok(match role {
-                InternalRole::Keeper => lifecycle::internal_keeper(&instance),
+                InternalRole::Keeper => lifecycle::internal_keeper(&run_dir, &instance),
                 InternalRole::Coordinator => lifecycle::internal_coordinator(
+                    &run_dir,
                     &instance,
                     *foreground,
                     crate::coordinator::Role::Coordinator,
                 ),
                 InternalRole::Standby => lifecycle::internal_coordinator(
+                    &run_dir,
                     &instance,
                     *foreground,
                     crate::coordinator::Role::Standby,

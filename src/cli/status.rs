@@ -8,13 +8,17 @@
 //! by SIGSTOP nor a zombie). When the segment cannot be read (truncated, corrupt), it says so
 //! and lists what the keeper's process record in `run_dir` says runs.
 //!
+//! The instance's owner reads the live segment; anyone else allowed to read it (the members of
+//! the instance's `group`: the segment is 0640) reads a consistent private copy of it
+//! ([`Segment::open_snapshot`]), so a reader can never write the instance's state.
+//!
 //! Exit codes: 0, the instance runs (read `supervised` and the service states for its health);
 //! 3, it does not run; 1, its state cannot be read (a damaged segment, or processes of the
 //! instance that no segment describes).
 
 use serde::Serialize;
 
-use super::lifecycle::instance_of;
+use super::lifecycle::{instance_of, run_dir_of};
 use super::{Cli, Exit};
 use crate::config::Config;
 use crate::config::ReadyKind;
@@ -54,6 +58,8 @@ struct ServiceJson {
     uptime_ms: Option<u64>,
     restarts: u32,
     last_exit: Option<ExitJson>,
+    /// Why it is not up, in one sentence; null when it is up.
+    reason: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -138,14 +144,28 @@ fn last_run(global: Option<&crate::config::GlobalConfig>, instance: &str) -> Opt
     serde_json::from_str(&text).ok()
 }
 
-pub fn status(cli: &Cli, json: bool) -> Exit {
+/// The segment as this caller may see it: the live one for the instance's owner (the owner of
+/// `run_dir`); for anyone else (a member of the instance's group), a consistent private copy,
+/// through which nothing can write the real segment or take its mutexes.
+fn open_for_status(run_dir: &std::path::Path, instance: &str) -> Result<Segment, ShmError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let me = nix::unistd::geteuid().as_raw();
+    match std::fs::metadata(run_dir) {
+        Ok(meta) if meta.uid() == me => Segment::open(run_dir, instance),
+        _ => Segment::open_snapshot(run_dir, instance),
+    }
+}
+
+pub fn status(cli: &Cli, json: bool, named: &[String]) -> Exit {
     let (instance, global) = match instance_of(cli) {
         Ok(found) => found,
         Err(e) => return e,
     };
-    let segment = match Segment::open(&instance) {
+    let run_dir = run_dir_of(&instance, global.as_ref());
+    let segment = match open_for_status(&run_dir, &instance) {
         Ok(segment) => segment,
-        Err(ShmError::NotFound { .. }) => {
+        Err(ShmError::NotFound { .. })
+        | Err(ShmError::UntrustedDir(crate::shm::DirTrustError::Missing { .. })) => {
             if let Some(exit) = report_from_record(&instance, global.as_ref(), None, json) {
                 return exit;
             }
@@ -170,6 +190,11 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
                 }
             }
             return Exit::NotRunning;
+        }
+        // Not damage: a directory whose files cannot be trusted (nor its records).
+        Err(e @ ShmError::UntrustedDir(_)) => {
+            eprintln!("ccmgr: {e}");
+            return Exit::Failed;
         }
         Err(e) => {
             return report_from_record(&instance, global.as_ref(), Some(e.to_string()), json)
@@ -200,9 +225,28 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
     let standby = live(inst.standby);
     let keeper = live(inst.keeper);
     let supervised = supervised(coordinator, keeper);
+    // Unknown names are bad usage, before anything is printed.
+    let mut wanted = Vec::with_capacity(named.len());
+    for name in named {
+        match config.services.iter().position(|s| &s.id == name) {
+            Some(i) => wanted.push(i),
+            None => {
+                eprintln!("error: instance {instance} has no service `{name}`");
+                let ids = config.services.iter().map(|s| s.id.as_str());
+                if let Some(close) = crate::config::did_you_mean(name, ids) {
+                    eprintln!("  note: did you mean `{close}`?");
+                }
+                return Exit::BadConfig;
+            }
+        }
+    }
+    let statuses: Vec<_> = (0..config.services.len())
+        .map(|i| segment.service_status(i).ok())
+        .collect();
+    let coordinator_config = &config.global.coordinator;
     let mut services = Vec::with_capacity(config.services.len());
     for (i, spec) in config.services.iter().enumerate() {
-        let Ok(st) = segment.service_status(i) else {
+        let Some(st) = statuses[i] else {
             continue;
         };
         let pid = st.process.filter(ProcessIdentity::is_alive).map(|p| p.pid);
@@ -219,6 +263,37 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             (true, true) => "dead".to_owned(),
             (true, false) => "dead (unsupervised)".to_owned(),
         };
+        let reason = segment.service_progress(i).ok().and_then(|progress| {
+            let waiting_for = config
+                .graph
+                .dependencies(i)
+                .into_iter()
+                .filter_map(|(dep, kind)| {
+                    let dep_state = statuses.get(dep).copied().flatten()?.state;
+                    // A wanted service whose start failed is waited for no longer.
+                    let waited = dep_state != ServiceState::Up
+                        && !(kind == crate::graph::EdgeKind::Wants
+                            && dep_state == ServiceState::Failed);
+                    waited.then(|| (config.services[dep].id.as_str(), dep_state))
+                })
+                .collect();
+            super::why::reason(&super::why::Facts {
+                state: st.state,
+                state_since_ms: st.last_transition_ms,
+                dead,
+                progress,
+                last_exit: st.last_exit,
+                startup_timeout: spec.startup_timeout.into(),
+                min_uptime: spec.min_uptime.into(),
+                waiting_for,
+                window: (
+                    inst.restarts_in_window,
+                    coordinator_config.restart_retry_counter,
+                    coordinator_config.restart_time_span.into(),
+                ),
+                now_ms: now,
+            })
+        });
         services.push(ServiceJson {
             id: spec.id.clone(),
             state,
@@ -227,6 +302,7 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
                 .then(|| now.saturating_sub(st.last_transition_ms)),
             restarts: st.restart_count,
             last_exit: st.last_exit.map(exit_json),
+            reason,
         });
     }
     // A segment alone is no running instance: after a kill -9 of everything it still says
@@ -289,6 +365,9 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
         services,
         last_run: None,
     };
+    if !named.is_empty() {
+        return explain(&out, &wanted, &config, json);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         return Exit::Ok;
@@ -351,9 +430,10 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
         .unwrap_or(2)
         .max(7);
     println!(
-        "{:<width$}  {:<19}  {:>7}  {:>8}  {:>8}  last exit",
-        "SERVICE", "STATE", "PID", "UPTIME", "RESTARTS"
+        "{:<width$}  {:<19}  {:>7}  {:>8}  {:>8}  {:<9}  WHY",
+        "SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "LAST EXIT"
     );
+    let paint = Paint::for_stdout();
     for s in &out.services {
         let last = match &s.last_exit {
             Some(ExitJson { code: Some(c), .. }) => describe_exit(LastExit::Exited(*c)),
@@ -362,16 +442,117 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             }) => describe_exit(LastExit::Signaled(*sig)),
             _ => "-".into(),
         };
-        println!(
-            "{:<width$}  {:<19}  {:>7}  {:>8}  {:>8}  {last}",
+        let line = format!(
+            "{:<width$}  {}  {:>7}  {:>8}  {:>8}  {last:<9}  {}",
             s.id,
-            s.state,
+            paint.state(&s.state, 19),
             pid_or(s.pid, "-"),
             s.uptime_ms.map_or_else(|| "-".into(), human),
             s.restarts,
+            s.reason.as_deref().unwrap_or("-"),
         );
+        println!("{}", line.trim_end());
     }
     Exit::Ok
+}
+
+/// `status SERVICE...`: one line per named service (its state, or why it is not up), then its
+/// last log lines; `--json`: the status document with only those services.
+fn explain(out: &StatusJson, wanted: &[usize], config: &Config, json: bool) -> Exit {
+    let picked: Vec<&ServiceJson> = wanted
+        .iter()
+        .filter_map(|&i| out.services.iter().find(|s| s.id == config.services[i].id))
+        .collect();
+    if json {
+        let mut doc = serde_json::to_value(out).unwrap_or_default();
+        doc["services"] = serde_json::to_value(&picked).unwrap_or_default();
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return Exit::Ok;
+    }
+    let paint = Paint::for_stdout();
+    for (n, s) in picked.iter().enumerate() {
+        if n > 0 {
+            println!();
+        }
+        // "failed: exited with status 4", not "failed: failed: ...".
+        let mut line = match s.reason.as_deref() {
+            Some(reason) if reason.starts_with(s.state.as_str()) => {
+                let rest = &reason[s.state.len()..];
+                format!("{}: {}{rest}", s.id, paint.state(&s.state, 0))
+            }
+            Some(reason) => format!("{}: {}: {reason}", s.id, paint.state(&s.state, 0)),
+            None => format!("{}: {}", s.id, paint.state(&s.state, 0)),
+        };
+        match (s.pid, s.uptime_ms) {
+            (Some(pid), Some(up)) => line.push_str(&format!(" (pid {pid}, up {})", human(up))),
+            (Some(pid), None) => line.push_str(&format!(" (pid {pid})")),
+            _ => {}
+        }
+        println!("{line}");
+        let log = crate::logsink::log_path(&config.global.log_dir, &s.id);
+        for l in last_lines(&log, LOG_LINES) {
+            println!("  | {l}");
+        }
+    }
+    Exit::Ok
+}
+
+/// How many of a service's last log lines `status SERVICE` shows.
+const LOG_LINES: usize = 5;
+
+/// The last `n` lines of `path` (reading at most its last 64 KiB): a service that floods its
+/// log does not make `status` slow.
+fn last_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let from = len.saturating_sub(64 * 1024);
+    if file.seek(SeekFrom::Start(from)).is_err() {
+        return Vec::new();
+    }
+    let mut bytes = Vec::new();
+    let _ = file.take(64 * 1024).read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    if from > 0 && !lines.is_empty() {
+        lines.remove(0); // cut mid-line
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines.split_off(skip)
+}
+
+/// Colour for the state column: only on a terminal, never with `NO_COLOR` set (no-color.org)
+/// or `TERM=dumb`.
+struct Paint {
+    on: bool,
+}
+
+impl Paint {
+    fn for_stdout() -> Paint {
+        use std::io::IsTerminal;
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        let dumb = std::env::var("TERM").is_ok_and(|t| t == "dumb");
+        Paint {
+            on: std::io::stdout().is_terminal() && !no_color && !dumb,
+        }
+    }
+
+    /// `state` padded to `width`, coloured by what it means.
+    fn state(&self, state: &str, width: usize) -> String {
+        let padded = format!("{state:<width$}");
+        if !self.on {
+            return padded;
+        }
+        let colour = match state {
+            "up" => "32",                    // green
+            "starting" | "stopping" => "33", // yellow
+            "stopped" => "2",                // dim
+            _ => "31",                       // red: failed, dead
+        };
+        format!("\x1b[{colour}m{padded}\x1b[0m")
+    }
 }
 
 /// The instance has no readable segment (`damage` says why, `None` when there is none at
@@ -426,6 +607,10 @@ fn report_from_record(
                 uptime_ms: None,
                 restarts: 0,
                 last_exit: None,
+                reason: Some(
+                    "the shared state is unreadable: only the keeper's process record speaks for it"
+                        .to_owned(),
+                ),
             }
         })
         .collect();

@@ -4,11 +4,15 @@
 //! This module owns two things:
 //! - the [`Inventory`]: every process the instance is known to run, gathered from every place
 //!   that records one (the segment, the keeper's process record in `run_dir`, the cgroup tree
-//!   the keeper recorded), each named by (pid, start time) so a recycled pid is never ours;
+//!   the keeper recorded), each named by (pid, start time) so a recycled pid is never ours.
+//!   Those places can be forged: every process in it is signalled only once
+//!   [`crate::membership`] has proven it the instance's (start time, and its parent, cgroup,
+//!   mapped segment or environment), through the pidfd that proof pinned; what is not proven
+//!   is reported and left alone ([`Inventory::prove`]), and the cgroup record is used only if
+//!   it names the instance's own cgroup;
 //! - the small driver of [`Engine::stopping`] (the one ordered stop, the same engine the
 //!   coordinator runs): it carries out the engine's `Signal` and `Kill` actions on a service's
-//!   process group only after proving, through a pidfd and the start time, that the pid is
-//!   still the instance's process; it watches every service's pidfd at once (it is not their
+//!   process group only through that proof; it watches every service's pidfd at once (it is not their
 //!   parent, so it learns *that* they ended, not how: the engine needs no more in a stop); and
 //!   it feeds the engine a `Tick` at [`Engine::next_deadline`]. `Finished` ends it.
 //!
@@ -21,18 +25,18 @@
 //! removes them. [`Inventory::survivors`] then says whether anything of the instance still
 //! lives, which is what `stop` must prove before it says "stopped".
 
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::Signal;
-use nix::unistd::Pid;
 
 use crate::cgroup::Tree;
 use crate::config::{Config, OnFailure, ReadyKind, RestartPolicy};
 use crate::engine::{Action, Engine, EngineParams, Event, ServiceParams, ServiceState, Time};
+use crate::membership::{self, InstanceEvidence, Proven, Role};
 use crate::process_identity::ProcessIdentity;
 use crate::records::ProcessRecord;
 use crate::shm::api::ControlSegment;
@@ -48,6 +52,16 @@ pub enum Party {
     Keeper,
     Coordinator,
     Standby,
+}
+
+impl From<Party> for Role {
+    fn from(party: Party) -> Role {
+        match party {
+            Party::Keeper => Role::Keeper,
+            Party::Coordinator => Role::Coordinator,
+            Party::Standby => Role::Standby,
+        }
+    }
 }
 
 impl std::fmt::Display for Party {
@@ -80,6 +94,19 @@ pub struct Inventory {
     /// Processes of the instance found only by their environment (`CCMGR_INSTANCE`): a
     /// service or what it forked, when nothing recorded names it. Killed with the keeper.
     pub strays: Vec<ProcessIdentity>,
+    /// What proves a recorded process the instance's (see [`crate::membership`]).
+    pub evidence: InstanceEvidence,
+}
+
+/// Prints `line` on stderr unless this process already did: a refusal is found again at each
+/// look at the records (a stop looks several times), and is said once.
+fn say_once(line: String) {
+    static SAID: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if !said.contains(&line) {
+        eprintln!("{line}");
+        said.push(line);
+    }
 }
 
 impl Inventory {
@@ -99,7 +126,35 @@ impl Inventory {
                 .ok()
                 .flatten()
         });
-        let cgroups = run_dir.and_then(|dir| read_cgroup_record(dir, instance));
+        let owner_uid = nix::unistd::geteuid().as_raw();
+        let cgroups = run_dir
+            .and_then(|dir| read_cgroup_record(dir, instance).map(|found| (dir, found)))
+            .and_then(|(run_dir, (dir, path))| {
+                match membership::prove_cgroup_record(instance, owner_uid, &dir, &path) {
+                    Ok(()) => Some((dir, path)),
+                    // Removed already (a stale record): nothing in it to kill.
+                    Err(_) if !dir.exists() => None,
+                    Err(why) => {
+                        say_once(format!(
+                            "ccmgr: the cgroup record {} names {}, which is not this instance's cgroup ({why}): not used",
+                            Tree::record_path(run_dir, instance).display(),
+                            dir.display()
+                        ));
+                        None
+                    }
+                }
+            });
+        let mut evidence = InstanceEvidence::new(instance, owner_uid);
+        evidence.set_cgroup(cgroups.as_ref().map(|(_, path)| path.clone()));
+        if let Some(config) = config {
+            evidence.set_service_uids(
+                config
+                    .services
+                    .iter()
+                    .filter_map(|s| Some(s.user.as_ref()?.id)),
+            );
+        }
+        evidence.set_segment_file(segment_file(run_dir, instance, segment));
         let params = match config {
             Some(config) => EngineParams::from_config(config),
             None => params_from_record(record.as_ref()),
@@ -112,34 +167,85 @@ impl Inventory {
             has_record: record.is_some(),
             searched_proc: false,
             strays: Vec::new(),
+            evidence,
         };
         if let Some(segment) = segment {
             inventory.add_segment(segment);
         }
         if let Some(record) = &record {
             inventory.add_record(record);
+            // The segment and the record may be forged, or the record a moment behind (the
+            // keeper writes it once a burst of changes settles): the parties are also looked
+            // for by their command line, and the proof decides which are the instance's.
+            inventory.search_proc(instance, false);
         } else {
-            inventory.search_proc(instance);
+            inventory.search_proc(instance, true);
         }
+        inventory.settle_keeper();
         inventory
     }
 
+    /// Proves a recorded keeper the instance's, so that its children are (see
+    /// [`crate::membership`]): the first that proves is the one.
+    fn settle_keeper(&mut self) {
+        if self.evidence.keeper().is_some_and(|k| k.is_alive()) {
+            return;
+        }
+        let keepers: Vec<ProcessIdentity> = self
+            .parties
+            .iter()
+            .filter(|(p, _)| *p == Party::Keeper)
+            .map(|&(_, w)| w)
+            .collect();
+        for who in keepers {
+            if let Some(proven) = self.prove(who, Role::Keeper, "the keeper") {
+                self.evidence.set_keeper(&proven);
+                return;
+            }
+        }
+    }
+
+    /// `who`, proven the instance's process in `role` and pinned, or `None`: it is gone, or
+    /// nothing ties it to the instance, which is said once (`recorded_as` names what the
+    /// record says it is) and it is left alone.
+    pub fn prove(&self, who: ProcessIdentity, role: Role, recorded_as: &str) -> Option<Proven> {
+        match self.evidence.prove(who, role) {
+            Ok(proven) => Some(proven),
+            Err(e) if e.is_gone() => None,
+            Err(e) => {
+                say_once(format!(
+                    "ccmgr: {}",
+                    membership::refusal(who, recorded_as, &e)
+                ));
+                None
+            }
+        }
+    }
+
+    /// A live party of the instance in `role`, proven (the first recorded that proves).
+    pub fn proven_party(&self, party: Party) -> Option<Proven> {
+        self.parties
+            .iter()
+            .filter(|(p, _)| *p == party)
+            .find_map(|&(p, who)| self.prove(who, p.into(), &p.to_string()))
+    }
+
     /// Without the keeper's record nothing names the keeper, the coordinator and the standby
-    /// (they run outside the services' cgroups): find them in `/proc` by the command line
+    /// (they run outside the services' cgroups), and with it the record may be behind or
+    /// forged: find them in `/proc` by the command line
     /// they are started with (`--instance NAME internal ROLE`), and the processes whose
     /// environment names the instance (its services, and what they forked, on a machine
-    /// without cgroups). Only processes of our own user are considered: we could signal no
-    /// other, and no other user's process can be ours.
-    fn search_proc(&mut self, instance: &str) {
+    /// without cgroups), the latter only `with_strays`. Only processes of our own user are
+    /// considered: no other user's process can be a party of ours.
+    fn search_proc(&mut self, instance: &str, with_strays: bool) {
         use std::os::unix::fs::MetadataExt as _;
-        self.searched_proc = true;
         let me = std::process::id() as i32;
         let uid = nix::unistd::geteuid().as_raw();
         let marker = format!("CCMGR_INSTANCE={instance}");
         let Ok(entries) = std::fs::read_dir("/proc") else {
-            self.searched_proc = false;
             return;
         };
+        self.searched_proc |= with_strays;
         for entry in entries.flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
@@ -152,19 +258,17 @@ impl Inventory {
                 continue;
             };
             let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-            let party = args.windows(4).find_map(|w| {
-                (w[0] == b"--instance" && w[1] == instance.as_bytes() && w[2] == b"internal")
-                    .then(|| match w[3] {
-                        b"keeper" => Some(Party::Keeper),
-                        b"coordinator" => Some(Party::Coordinator),
-                        b"standby" => Some(Party::Standby),
-                        _ => None,
-                    })
-                    .flatten()
-            });
+            let party = match membership::internal_role_of(&cmdline, instance) {
+                Some("keeper") => Some(Party::Keeper),
+                Some("coordinator") => Some(Party::Coordinator),
+                Some("standby") => Some(Party::Standby),
+                _ => None,
+            };
             if let Some(party) = party {
                 self.add_party(party, who);
+                continue;
+            }
+            if !with_strays {
                 continue;
             }
             let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
@@ -266,23 +370,30 @@ impl Inventory {
                 self.strays.push(who);
             }
         }
+        self.settle_keeper();
     }
 
-    /// The recorded processes that still live, named, services first in shutdown order.
+    /// The recorded processes that still live and are proven the instance's, named, services
+    /// first in shutdown order. (One that is not proven is reported, and is no survivor of
+    /// the instance: a forged record cannot make `stop` fail for ever.)
     pub fn survivors(&self) -> Vec<String> {
         let mut out = Vec::new();
         for &s in &self.params.shutdown_sequence {
-            for who in self.services[s].iter().filter(|w| w.is_alive()) {
-                out.push(format!(
-                    "service `{}` (pid {})",
-                    self.params.services[s].id, who.pid
-                ));
+            let id = &self.params.services[s].id;
+            let recorded_as = format!("service `{id}`");
+            for &who in &self.services[s] {
+                if self.prove(who, Role::Service, &recorded_as).is_some() {
+                    out.push(format!("service `{id}` (pid {})", who.pid));
+                }
             }
         }
-        for (party, who) in self.parties.iter().filter(|(_, w)| w.is_alive()) {
-            out.push(format!("{party} (pid {})", who.pid));
+        for (party, proven) in self.live_parties() {
+            out.push(format!("{party} (pid {})", proven.identity().pid));
         }
-        for who in self.strays.iter().filter(|w| w.is_alive()) {
+        for &who in self.strays.iter().filter(|&&w| {
+            self.prove(w, Role::Service, "a process of the instance")
+                .is_some()
+        }) {
             out.push(format!(
                 "process {} (its environment names the instance)",
                 who.pid
@@ -296,12 +407,14 @@ impl Inventory {
         out
     }
 
-    /// The live recorded parties.
-    pub fn live_parties(&self) -> Vec<(Party, ProcessIdentity)> {
+    /// The live recorded parties, proven the instance's.
+    pub fn live_parties(&self) -> Vec<(Party, Proven)> {
         self.parties
             .iter()
-            .copied()
-            .filter(|(_, w)| w.is_alive())
+            .filter_map(|&(party, who)| {
+                self.prove(who, party.into(), &party.to_string())
+                    .map(|p| (party, p))
+            })
             .collect()
     }
 }
@@ -367,26 +480,26 @@ fn cgroup_populated(dir: &Path) -> bool {
     })
 }
 
-/// A pidfd on the process `who`, if that pid still names it: the pidfd is opened first, then
-/// the start time checked, so the fd cannot refer to a process that reused the pid.
-pub fn pidfd_of(who: ProcessIdentity) -> Option<OwnedFd> {
-    let fd = spawn::pidfd_open(Pid::from_raw(who.pid)).ok()?;
-    who.is_alive().then_some(fd)
+/// The device and inode of the instance's segment file: of the one open, else of the file at
+/// the segment's name (a damaged segment the keeper still maps).
+fn segment_file(
+    run_dir: Option<&Path>,
+    instance: &str,
+    segment: Option<&Segment>,
+) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    if let Some(id) = segment.and_then(|s| s.file_id().ok()) {
+        return Some(id);
+    }
+    let path = crate::shm::segment_path(run_dir?, instance).ok()?;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.dev(), meta.ino()))
 }
 
-/// Whether the process behind `fd` has ended (its pidfd is readable).
-fn has_ended(fd: &OwnedFd) -> bool {
-    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-}
-
-/// Kills `who` (if it is still that process) and waits for it to end; true if it is gone.
-fn kill_and_wait(who: ProcessIdentity) -> bool {
-    let Some(fd) = pidfd_of(who) else {
-        return true;
-    };
-    let _ = spawn::signal_pidfd(fd.as_fd(), Signal::SIGKILL);
-    spawn::wait_pidfd(fd.as_fd(), GRACE).unwrap_or(false)
+/// Kills the proven process and waits for it to end; true if it is gone.
+fn kill_and_wait(proven: &Proven) -> bool {
+    let _ = proven.signal(Signal::SIGKILL);
+    spawn::wait_pidfd(proven.pidfd(), GRACE).unwrap_or(false)
 }
 
 /// Keeps the parties from acting while the driver stops the services: freezes the keeper (it
@@ -395,22 +508,21 @@ fn kill_and_wait(who: ProcessIdentity) -> bool {
 /// Says what it did.
 pub fn disarm_parties(inventory: &Inventory) {
     let live = inventory.live_parties();
-    for &(party, who) in live.iter().filter(|(p, _)| *p == Party::Keeper) {
-        if let Some(fd) = pidfd_of(who) {
-            if spawn::signal_pidfd(fd.as_fd(), Signal::SIGSTOP).is_ok() {
-                eprintln!(
-                    "ccmgr: froze {party} (pid {}) so that it starts nothing meanwhile",
-                    who.pid
-                );
-            }
+    for (party, proven) in live.iter().filter(|(p, _)| *p == Party::Keeper) {
+        if proven.signal(Signal::SIGSTOP).is_ok() {
+            eprintln!(
+                "ccmgr: froze {party} (pid {}) so that it starts nothing meanwhile",
+                proven.identity().pid
+            );
         }
     }
     for wanted in [Party::Standby, Party::Coordinator] {
-        for &(party, who) in live.iter().filter(|(p, _)| *p == wanted) {
-            if kill_and_wait(who) {
-                eprintln!("ccmgr: killed {party} (pid {})", who.pid);
+        for (party, proven) in live.iter().filter(|(p, _)| *p == wanted) {
+            let pid = proven.identity().pid;
+            if kill_and_wait(proven) {
+                eprintln!("ccmgr: killed {party} (pid {pid})");
             } else {
-                eprintln!("ccmgr: {party} (pid {}) did not die of SIGKILL", who.pid);
+                eprintln!("ccmgr: {party} (pid {pid}) did not die of SIGKILL");
             }
         }
     }
@@ -418,14 +530,17 @@ pub fn disarm_parties(inventory: &Inventory) {
 
 /// Kills the frozen keeper once the services are down (SIGKILL ends a stopped process too).
 pub fn finish_parties(inventory: &Inventory) {
-    for (party, who) in inventory.live_parties() {
-        if kill_and_wait(who) {
-            eprintln!("ccmgr: killed {party} (pid {})", who.pid);
+    for (party, proven) in inventory.live_parties() {
+        if kill_and_wait(&proven) {
+            eprintln!("ccmgr: killed {party} (pid {})", proven.identity().pid);
         }
     }
     // Nothing names their service or order (the record is lost): they go last, at once.
-    for &who in inventory.strays.iter().filter(|w| w.is_alive()) {
-        if kill_and_wait(who) {
+    for &who in &inventory.strays {
+        let Some(proven) = inventory.prove(who, Role::Service, "a process of the instance") else {
+            continue;
+        };
+        if kill_and_wait(&proven) {
             eprintln!(
                 "ccmgr: killed process {} (its environment names the instance; no record names its service)",
                 who.pid
@@ -464,8 +579,7 @@ pub fn remove_cgroups(inventory: &Inventory, run_dir: Option<&Path>, instance: &
 
 /// What one service's process is to the driver.
 struct Watched {
-    who: ProcessIdentity,
-    fd: OwnedFd,
+    proven: Proven,
     /// The signal last sent and when, for the progress line.
     signalled: Option<(Signal, Instant)>,
 }
@@ -473,29 +587,32 @@ struct Watched {
 /// Stops the inventory's services in shutdown order with [`Engine::stopping`]; returns how
 /// many processes it stopped. Prints a line per service stopped; while it waits, and when
 /// stderr is a terminal, says each second what it waits for.
-pub fn stop_services(inventory: &Inventory, instance: &str) -> usize {
+/// The service API's files are looked for in `run_dir`.
+pub fn stop_services(inventory: &Inventory, instance: &str, run_dir: Option<&Path>) -> usize {
     let n = inventory.params.services.len();
     let mut watched: Vec<Option<Watched>> = (0..n).map(|_| None).collect();
     // A second live process recorded for a service (the segment and the record disagree): it
     // is killed once the ordered stop is over.
-    let mut extras: Vec<(usize, ProcessIdentity)> = Vec::new();
+    let mut extras: Vec<(usize, Proven)> = Vec::new();
     for (s, whos) in inventory.services.iter().enumerate() {
+        let recorded_as = format!("service `{}`", inventory.params.services[s].id);
         for &who in whos {
-            let Some(fd) = pidfd_of(who) else { continue };
+            let Some(proven) = inventory.prove(who, Role::Service, &recorded_as) else {
+                continue;
+            };
             if watched[s].is_none() {
                 watched[s] = Some(Watched {
-                    who,
-                    fd,
+                    proven,
                     signalled: None,
                 });
             } else {
-                extras.push((s, who));
+                extras.push((s, proven));
             }
         }
     }
     let running: Vec<Option<i32>> = watched
         .iter()
-        .map(|w| w.as_ref().map(|w| w.who.pid))
+        .map(|w| w.as_ref().map(|w| w.proven.identity().pid))
         .collect();
     let found = running.iter().flatten().count();
     if found == 0 && extras.is_empty() {
@@ -529,6 +646,7 @@ pub fn stop_services(inventory: &Inventory, instance: &str) -> usize {
                     Action::ShutdownRequested { services } => {
                         more.extend(ask_api_services(
                             &mut gate,
+                            run_dir,
                             instance,
                             &services,
                             &mut engine,
@@ -560,7 +678,7 @@ pub fn stop_services(inventory: &Inventory, instance: &str) -> usize {
             .iter()
             .map(|&s| {
                 let w = watched[s].as_ref().expect("filtered on is_some");
-                PollFd::new(w.fd.as_fd(), PollFlags::POLLIN)
+                PollFd::new(w.proven.pidfd(), PollFlags::POLLIN)
             })
             .collect();
         let ms = PollTimeout::try_from(wait.as_millis().min(i32::MAX as u128) as i32)
@@ -582,11 +700,11 @@ pub fn stop_services(inventory: &Inventory, instance: &str) -> usize {
                 continue;
             }
             let w = watched[s].as_mut().expect("watched");
-            let who = w.who;
+            let who = w.proven.identity();
             // What it left in its group goes too: while it is an unreaped zombie (the keeper
-            // is frozen or dead, and init reaps at once; see the module doc) its group id
-            // cannot have been reused by anyone else.
-            let _ = spawn::signal_group(Pid::from_raw(who.pid), Signal::SIGKILL);
+            // is frozen or dead, and init reaps at once; see the module doc) or its group has
+            // members, its group id cannot have been reused by anyone else.
+            let _ = w.proven.signal_group(Signal::SIGKILL);
             stopped += 1;
             println!(
                 "ccmgr: stopped `{}` (pid {})",
@@ -610,13 +728,14 @@ pub fn stop_services(inventory: &Inventory, instance: &str) -> usize {
     if progress {
         eprint!("\r\x1b[K");
     }
-    for (s, who) in extras {
-        if kill_and_wait(who) {
-            let _ = spawn::signal_group(Pid::from_raw(who.pid), Signal::SIGKILL);
+    for (s, proven) in extras {
+        if kill_and_wait(&proven) {
+            let _ = proven.signal_group(Signal::SIGKILL);
             stopped += 1;
             println!(
                 "ccmgr: killed a second process of `{}` (pid {})",
-                params.services[s].id, who.pid
+                params.services[s].id,
+                proven.identity().pid
             );
         }
     }
@@ -624,15 +743,15 @@ pub fn stop_services(inventory: &Inventory, instance: &str) -> usize {
     stopped
 }
 
-/// Sends `signal` to the service's process and its group, after proving the pid is still the
-/// service's process (its pidfd has not ended, and the pid still has its start time).
+/// Sends `signal` to the service's proven process (through its pidfd) and its group, unless
+/// it has ended.
 fn signal_service(watched: &mut Option<Watched>, signal: Signal, kill: bool) {
     let Some(w) = watched.as_mut() else { return };
-    if has_ended(&w.fd) || !w.who.is_alive() {
+    if w.proven.has_ended() {
         return;
     }
-    let _ = spawn::signal_pidfd(w.fd.as_fd(), signal);
-    let _ = spawn::signal_group(Pid::from_raw(w.who.pid), signal);
+    let _ = w.proven.signal(signal);
+    let _ = w.proven.signal_group(signal);
     if !kill {
         w.signalled = Some((signal, Instant::now()));
     }
@@ -643,12 +762,14 @@ fn signal_service(watched: &mut Option<Watched>, signal: Signal, kill: bool) {
 /// release it asking them. A service that never registered is stopped by its signal instead.
 fn ask_api_services(
     gate: &mut Option<crate::shm::api::DaemonComponentHolder>,
+    run_dir: Option<&Path>,
     instance: &str,
     services: &[usize],
     engine: &mut Engine,
 ) -> Vec<Action> {
     if gate.is_none() {
-        *gate = ControlSegment::open(instance).ok().and_then(|c| {
+        let control = run_dir.and_then(|dir| ControlSegment::open(dir, instance).ok());
+        *gate = control.and_then(|c| {
             c.hold_daemon_component(Deadline::after(Duration::from_secs(5)))
                 .ok()
         });
@@ -712,8 +833,16 @@ mod tests {
 
     #[test]
     fn a_record_alone_gives_the_services_in_its_order_one_at_a_time() {
+        use std::os::unix::fs::MetadataExt as _;
         let dir = tempfile::tempdir().unwrap();
+        // This test process stands for the keeper, a child of it for the service `web`, and
+        // another for a process the record names but nothing ties to the instance.
         let me = ProcessIdentity::current().unwrap();
+        let mut web = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let web_id = ProcessIdentity::of(web.id() as i32).unwrap();
         let gone = Recorded {
             pid: me.pid,
             start_time: me.start_time + 1,
@@ -728,11 +857,11 @@ mod tests {
             keeper: Some(me.into()),
             coordinator: Some(gone),
             standby: None,
-            services: vec![service("web", me.into()), service("db", gone)],
+            services: vec![service("web", web_id.into()), service("db", gone)],
         }
         .write(&crate::records::record_path(dir.path(), "rec"))
         .unwrap();
-        let inventory = Inventory::gather("rec", None, None, Some(dir.path()));
+        let mut inventory = Inventory::gather("rec", None, None, Some(dir.path()));
         let ids: Vec<&str> = inventory
             .params
             .services
@@ -747,13 +876,24 @@ mod tests {
             inventory.params.services[0].shutdown_timeout,
             Duration::from_millis(1500)
         );
+        // No segment, and this process's command line is no keeper's: nothing is proven, so
+        // nothing is a survivor (nor would be signalled).
+        assert_eq!(inventory.survivors(), Vec::<String>::new());
+        // As if this process mapped the instance's segment (it maps its own executable).
+        let exe = std::fs::metadata("/proc/self/exe").unwrap();
+        inventory
+            .evidence
+            .set_segment_file(Some((exe.dev(), exe.ino())));
+        inventory.settle_keeper();
         assert_eq!(
             inventory.survivors(),
             [
-                format!("service `web` (pid {})", me.pid),
+                format!("service `web` (pid {})", web_id.pid),
                 format!("the keeper (pid {})", me.pid)
             ]
         );
+        let _ = web.kill();
+        web.wait().unwrap();
     }
 
     #[test]

@@ -57,6 +57,17 @@ pub struct CoordinatorConfig {
     /// idle stack makes no wakeups.
     #[serde(default)]
     pub watchdog: Option<ConfigDuration>,
+    /// A shell command run (by the keeper) whenever a service fails or the instance gives up,
+    /// beside the service's own `on_failure_command`.
+    #[serde(default)]
+    pub on_failure_command: Option<String>,
+    /// How long a failure command may run before its process group is killed.
+    #[serde(default = "default_on_failure_timeout")]
+    pub on_failure_timeout: ConfigDuration,
+}
+
+fn default_on_failure_timeout() -> ConfigDuration {
+    ConfigDuration::from_millis(10_000)
 }
 
 impl Default for CoordinatorConfig {
@@ -72,6 +83,8 @@ impl Default for CoordinatorConfig {
             startup_sequence: None,
             shutdown_sequence: None,
             watchdog: None,
+            on_failure_command: None,
+            on_failure_timeout: default_on_failure_timeout(),
         }
     }
 }
@@ -85,7 +98,8 @@ pub struct GlobalConfig {
     pub services_dir: PathBuf,
     pub log_dir: PathBuf,
     pub run_dir: PathBuf,
-    /// A group whose members may read the instance's state (segment mode 0660 instead of 0600).
+    /// A group whose members may read the instance's status (segment mode 0640 instead of 0600),
+    /// never write it.
     pub group: Option<Account>,
     pub coordinator: CoordinatorConfig,
 }
@@ -116,6 +130,8 @@ struct RawCoordinator {
     startup_sequence: Option<Spanned<Vec<Spanned<String>>>>,
     shutdown_sequence: Option<Spanned<Vec<Spanned<String>>>>,
     watchdog: Option<ConfigDuration>,
+    on_failure_command: Option<Spanned<String>>,
+    on_failure_timeout: Option<Spanned<ConfigDuration>>,
 }
 
 /// What the command line says about finding the configuration.
@@ -650,6 +666,28 @@ fn load_global(
         let msg = "key `coordinator.restart_time_span`: a span of 0 makes `restart_retry_counter` meaningless: the count would start over at every restart, so a crash loop would never give up; give the window restarts are counted in, such as \"60s\"";
         diags.push(Diagnostic::at_span(&path, &spans.text, span.span(), msg));
     }
+    if let Some(hook) = &c.on_failure_command {
+        let text = hook.get_ref();
+        let problem = if text.contains('\0') {
+            Some("holds a NUL byte, which no command line can carry")
+        } else if text.trim().is_empty() {
+            Some("is empty: leave it out, or give a shell command")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            let msg = format!("key `coordinator.on_failure_command` {problem}");
+            diags.push(Diagnostic::at_span(&path, &spans.text, hook.span(), msg));
+        }
+    }
+    if let Some(d) = c
+        .on_failure_timeout
+        .as_ref()
+        .filter(|d| d.get_ref().as_duration().is_zero())
+    {
+        let msg = "key `coordinator.on_failure_timeout`: 0 would kill every failure command as it starts; give how long one may run, such as \"10s\"";
+        diags.push(Diagnostic::at_span(&path, &spans.text, d.span(), msg));
+    }
     let coordinator = CoordinatorConfig {
         startup_timeout: c.startup_timeout.unwrap_or(defaults.startup_timeout),
         shutdown_timeout: c.shutdown_timeout.unwrap_or(defaults.shutdown_timeout),
@@ -667,6 +705,11 @@ fn load_global(
         startup_sequence: unspan(&c.startup_sequence),
         shutdown_sequence: unspan(&c.shutdown_sequence),
         watchdog: c.watchdog.filter(|d| !d.as_duration().is_zero()),
+        on_failure_command: c.on_failure_command.as_ref().map(|h| h.get_ref().clone()),
+        on_failure_timeout: c
+            .on_failure_timeout
+            .as_ref()
+            .map_or(defaults.on_failure_timeout, |d| *d.get_ref()),
     };
     let global = GlobalConfig {
         source,

@@ -188,6 +188,10 @@ pub struct ServiceSpec {
     pub working_dir: Option<PathBuf>,
     pub env: BTreeMap<String, String>,
     pub env_file: Option<PathBuf>,
+    /// A shell command run (by the keeper, `/bin/sh -c`) each time this service fails, with
+    /// the failure in its environment (see the README, "Events").
+    #[serde(default)]
+    pub on_failure_command: Option<String>,
 }
 
 /// A command: an argv array, or a string split into words as a shell would (no shell runs).
@@ -258,6 +262,7 @@ struct RawService {
     #[serde(default)]
     env: BTreeMap<String, Spanned<String>>,
     env_file: Option<Spanned<PathBuf>>,
+    on_failure_command: Option<Spanned<String>>,
 }
 
 /// Documented defaults of a service file.
@@ -570,6 +575,20 @@ pub(super) fn parse_service_file(
             value
         }
     };
+    if let Some(hook) = &raw.on_failure_command {
+        let text = hook.get_ref();
+        if text.contains('\0') {
+            diags.push(at(
+                hook.span(),
+                "key `on_failure_command` holds a NUL byte, which no command line can carry".into(),
+            ));
+        } else if text.trim().is_empty() {
+            diags.push(at(
+                hook.span(),
+                "key `on_failure_command` is empty: leave it out, or give a shell command".into(),
+            ));
+        }
+    }
     if diags.len() != before {
         return None;
     }
@@ -598,6 +617,7 @@ pub(super) fn parse_service_file(
             working_dir,
             env,
             env_file,
+            on_failure_command: raw.on_failure_command.map(Spanned::into_inner),
         },
         requires_spans: raw.requires.iter().map(Spanned::span).collect(),
         wants_spans: raw.wants.iter().map(Spanned::span).collect(),

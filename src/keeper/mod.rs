@@ -143,7 +143,13 @@ enum Role {
     Coordinator,
     Standby,
     Service(usize),
+    /// A failure command (`on_failure_command`), killed at its deadline.
+    Hook,
 }
+
+/// At most this many failure commands run at once: a crash loop with a slow command must not
+/// pile up processes. One asked for beyond it is skipped, with a warning.
+const MAX_RUNNING_HOOKS: usize = 8;
 
 /// A coordinator or standby and the keeper's end of its socket.
 struct Peer {
@@ -220,6 +226,8 @@ struct Keeper {
     coordinator_exit: Option<ProcessExit>,
     /// The instance's cgroups, one per service, where the machine offers cgroup v2.
     cgroups: Option<cgroup::Tree>,
+    /// Running failure commands (process group = pid) and when each is killed.
+    hooks: HashMap<i32, Instant>,
     /// Whether new service processes are moved into their cgroups. Cleared for good the first
     /// time a move fails: a machine (a container, a sandbox) may let the tree be made yet
     /// refuse to move processes into it, and a service must not fail to start for that.
@@ -316,6 +324,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         segment,
         coordinator_exit: None,
         join_cgroups: cgroups.is_some(),
+        hooks: HashMap::new(),
         cgroups,
     };
     watch(
@@ -350,7 +359,12 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     ProcessRecord::remove(&keeper.record_path());
     // Nothing of the instance is left alive: its shared state goes with it. (`status` reads
     // the outcome the coordinator left in run_dir.)
-    let _ = crate::shm::api::ControlSegment::remove(&keeper.config.global.instance);
+    let _ = crate::shm::api::ControlSegment::remove(
+        &keeper.config.global.run_dir,
+        &keeper.config.global.instance,
+    );
+    // The event ring's readers see its name go, after the last events, and end.
+    let _ = std::fs::remove_file(crate::coordinator::events_path(&keeper.config));
     if let Err(e) = keeper.segment.unlink() {
         warn!(error = %e, "cannot remove the instance's segment");
     }
@@ -398,6 +412,8 @@ impl Keeper {
             } else {
                 "coordinator"
             })
+            .arg("--run-dir")
+            .arg(&self.config.global.run_dir)
             .stdin(Stdio::null())
             // Its own process group: a Ctrl-C at the terminal reaches the keeper, which then
             // asks the coordinator for an orderly stop.
@@ -756,10 +772,12 @@ impl Keeper {
         let takeover = self
             .takeover_due
             .map(|due| due.saturating_duration_since(Instant::now()));
-        let next = match (stop, takeover) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let hook = self
+            .hooks
+            .values()
+            .min()
+            .map(|due| due.saturating_duration_since(Instant::now()));
+        let next = [stop, takeover, hook].into_iter().flatten().min();
         match next {
             Some(wait) => {
                 let _ = self.timer.set(
@@ -778,6 +796,7 @@ impl Keeper {
     fn on_timer(&mut self) {
         let _ = self.timer.wait();
         self.check_takeover();
+        self.kill_overdue_hooks();
         self.feed_stop(Event::Tick);
     }
 
@@ -857,6 +876,14 @@ impl Keeper {
                     let role = self.children.get(&pid.as_raw()).copied().unwrap_or(role);
                     self.children.remove(&pid.as_raw());
                     self.on_peer_exit(pid.as_raw(), role, exit)
+                }
+                Some(Role::Hook) => {
+                    self.hooks.remove(&pid.as_raw());
+                    if exit.success() {
+                        info!(pid = pid.as_raw(), "the failure command ended");
+                    } else {
+                        warn!(pid = pid.as_raw(), %exit, "the failure command failed");
+                    }
                 }
                 None => {} // an orphan a service left behind: reaped, nothing to report
             }
@@ -1092,6 +1119,95 @@ impl Keeper {
             }
             // A sign of life for the watchdog, noted above; it needs no answer.
             ToKeeper::Alive => {}
+            ToKeeper::RunHook { service, env } => self.run_hook(service, env),
+        }
+    }
+
+    /// Starts a failure command in its own process group, as the keeper's user, its output
+    /// in ccmgr's own log, and arms its deadline. It never delays the coordinator: the
+    /// request is fire-and-forget, and a command that hangs is killed at its timeout.
+    fn run_hook(&mut self, service: Option<usize>, extra: Vec<(String, String)>) {
+        let command = match service {
+            Some(s) => self
+                .config
+                .services
+                .get(s)
+                .and_then(|spec| spec.on_failure_command.clone()),
+            None => self.config.global.coordinator.on_failure_command.clone(),
+        };
+        let Some(command) = command else { return };
+        let whose = service.map_or("the instance", |s| self.config.services[s].id.as_str());
+        if self.hooks.len() >= MAX_RUNNING_HOOKS {
+            warn!(
+                of = whose,
+                running = self.hooks.len(),
+                "too many failure commands still running: this one is skipped"
+            );
+            return;
+        }
+        // A clean environment, as for services: the basics, the instance, then the event.
+        let mut env: Vec<(String, String)> = ["PATH", "HOME", "LANG", "TZ"]
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+            .collect();
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+        }
+        env.push(("CCMGR_INSTANCE".into(), self.config.global.instance.clone()));
+        env.extend(extra.into_iter().filter(|(k, _)| k.starts_with("CCMGR_")));
+        let stderr = std::io::stderr();
+        let request = SpawnRequest {
+            program: PathBuf::from("/bin/sh"),
+            argv: vec!["sh".into(), "-c".into(), command],
+            env,
+            working_dir: PathBuf::from("/"),
+            credentials: None,
+            output: stderr.as_fd(),
+            cgroup_procs: None,
+        };
+        match spawn::spawn_service(&request) {
+            Ok(spawned) => {
+                let pid = spawned.pid.as_raw();
+                let timeout = self
+                    .config
+                    .global
+                    .coordinator
+                    .on_failure_timeout
+                    .as_duration();
+                self.children.insert(pid, Role::Hook);
+                self.hooks.insert(pid, Instant::now() + timeout);
+                info!(of = whose, pid, "running the failure command");
+            }
+            Err(e) => warn!(of = whose, error = %e, "cannot run the failure command"),
+        }
+    }
+
+    /// Kills (its whole process group) every failure command past its deadline.
+    fn kill_overdue_hooks(&mut self) {
+        let now = Instant::now();
+        // Killed ones leave the deadline table (their reaping needs no timer).
+        let overdue: Vec<i32> = self
+            .hooks
+            .iter()
+            .filter(|&(_, &due)| due <= now)
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in overdue {
+            self.hooks.remove(&pid);
+            {
+                warn!(
+                    pid,
+                    timeout_ms = self
+                        .config
+                        .global
+                        .coordinator
+                        .on_failure_timeout
+                        .as_duration()
+                        .as_millis() as u64,
+                    "the failure command ran past its timeout: killing its process group"
+                );
+                let _ = spawn::signal_group(Pid::from_raw(pid), Signal::SIGKILL);
+            }
         }
     }
 
@@ -1122,9 +1238,13 @@ impl Keeper {
             .map_err(|e| e.to_string())?;
             self.logs[service] = Some(sink);
         }
-        let env =
-            spawn::build_environment(spec, &self.config.global.instance, &[self.notify.env_var()])
-                .map_err(|e| e.to_string())?;
+        let env = spawn::build_environment(
+            spec,
+            &self.config.global.instance,
+            &self.config.global.run_dir,
+            &[self.notify.env_var()],
+        )
+        .map_err(|e| e.to_string())?;
         let (read_end, write_end) = logsink::make_output_pipe().map_err(|e| e.to_string())?;
         let mut request =
             SpawnRequest::for_service(spec, env, write_end.as_fd()).map_err(|e| e.to_string())?;

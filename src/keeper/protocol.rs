@@ -46,6 +46,13 @@ pub enum ToKeeper {
     /// A sign of life, sent each `[coordinator] watchdog` period when one is set: a
     /// coordinator silent for two periods is taken for dead.
     Alive,
+    /// Run a failure command: `service`'s `on_failure_command`, or with None the instance's
+    /// (`[coordinator] on_failure_command`), with `env` added to its environment. The keeper
+    /// reads the command from its own configuration, never from the message.
+    RunHook {
+        service: Option<usize>,
+        env: Vec<(String, String)>,
+    },
 }
 
 /// From the keeper to the coordinator.

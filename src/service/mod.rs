@@ -25,8 +25,9 @@
 //! ```
 //!
 //! # What the calls do
-//! - [`alive`] (or [`Registration::alive`]) reads `CCMGR_INSTANCE` and `CCMGR_SERVICE`, opens
-//!   the instance's control segment read-only and its API file, finds the service's index by
+//! - [`alive`] (or [`Registration::alive`]) reads `CCMGR_RUN_DIR`, `CCMGR_INSTANCE` and
+//!   `CCMGR_SERVICE`, checks that the run directory is its owner's alone (the owner of the
+//!   instance), opens the instance's control segment read-only and its API file there, finds the service's index by
 //!   id, and starts **one** background thread (`ccmgr-api`), which takes the service's
 //!   component lock (held for the process's life; a crashed predecessor's lock was released
 //!   by the kernel) and then runs the shutdown protocol. It returns once the lock is held, or
@@ -102,6 +103,9 @@ pub use crate::spawn::CC_ARG;
 
 /// The environment variable naming the instance (set by ccmgr for every service).
 pub const INSTANCE_ENV: &str = "CCMGR_INSTANCE";
+/// The environment variable naming the instance's `run_dir`, where the control segment and
+/// the API file are (set by ccmgr for every service).
+pub const RUN_DIR_ENV: &str = "CCMGR_RUN_DIR";
 /// The environment variable naming the service's id (set by ccmgr for every service).
 pub const SERVICE_ENV: &str = "CCMGR_SERVICE";
 /// How long [`Registration::alive`] waits for the service's component lock by default.
@@ -223,10 +227,11 @@ pub enum ServiceError {
     NotRegistered,
 }
 
-/// Where and as what to register: the instance, the service id and the notify socket, from
-/// the environment ccmgr gives every service or given explicitly.
+/// Where and as what to register: the instance's run directory, the instance, the service id
+/// and the notify socket, from the environment ccmgr gives every service or given explicitly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
+    run_dir: std::path::PathBuf,
     instance: String,
     service: String,
     notify_socket: Option<OsString>,
@@ -242,10 +247,14 @@ fn env_var(var: &'static str) -> Result<String, ServiceError> {
 }
 
 impl Registration {
-    /// From `CCMGR_INSTANCE`, `CCMGR_SERVICE` and `NOTIFY_SOCKET` (the last may be unset:
-    /// [`Alive::ready`] then only records readiness in the API file).
+    /// From `CCMGR_RUN_DIR`, `CCMGR_INSTANCE`, `CCMGR_SERVICE` and `NOTIFY_SOCKET` (the last
+    /// may be unset: [`Alive::ready`] then only records readiness in the API file).
     pub fn from_env() -> Result<Registration, ServiceError> {
         Ok(Registration {
+            run_dir: std::env::var_os(RUN_DIR_ENV)
+                .filter(|v| !v.is_empty())
+                .ok_or(ServiceError::MissingEnv { var: RUN_DIR_ENV })?
+                .into(),
             instance: env_var(INSTANCE_ENV)?,
             service: env_var(SERVICE_ENV)?,
             notify_socket: std::env::var_os(NOTIFY_SOCKET_ENV).filter(|v| !v.is_empty()),
@@ -253,9 +262,15 @@ impl Registration {
         })
     }
 
-    /// Service `service` of instance `instance`, with no notify socket.
-    pub fn new(instance: impl Into<String>, service: impl Into<String>) -> Registration {
+    /// Service `service` of instance `instance`, whose files are in `run_dir`, with no notify
+    /// socket.
+    pub fn new(
+        run_dir: impl Into<std::path::PathBuf>,
+        instance: impl Into<String>,
+        service: impl Into<String>,
+    ) -> Registration {
         Registration {
+            run_dir: run_dir.into(),
             instance: instance.into(),
             service: service.into(),
             notify_socket: None,
@@ -301,14 +316,19 @@ impl Registration {
                 service: existing.inner.service.clone(),
             });
         }
-        let (ctl, owner) = ControlView::open(&self.instance)?;
+        let (ctl, run_dir, owner) = ControlView::open(&self.run_dir, &self.instance)?;
         let index = ctl
             .index_of(&self.service)
             .ok_or_else(|| ApiError::NoSuchService {
                 instance: self.instance.clone(),
                 service: self.service.clone(),
             })?;
-        let api = Arc::new(ApiFile::open(&self.instance, owner, ctl.service_count())?);
+        let api = Arc::new(ApiFile::open(
+            &run_dir,
+            &self.instance,
+            owner,
+            ctl.service_count(),
+        )?);
         let inner = Arc::new(Inner {
             instance: self.instance.clone(),
             service: self.service.clone(),
@@ -495,13 +515,20 @@ mod tests {
 
     #[test]
     fn missing_instance_is_a_sentence() {
-        let e = Registration::new("no-such-instance-xyz", "web")
+        let dir = tempfile::tempdir().unwrap();
+        let e = Registration::new(dir.path(), "no-such-instance-xyz", "web")
             .alive(|_| {})
             .unwrap_err();
+        let ctl = std::fs::canonicalize(dir.path())
+            .unwrap()
+            .join("no-such-instance-xyz.ctl");
         assert_eq!(
             e.to_string(),
-            "ccmgr is not running instance no-such-instance-xyz, or this service was not \
-             started by it (/dev/shm/ccmgr.no-such-instance-xyz does not exist)"
+            format!(
+                "ccmgr is not running instance no-such-instance-xyz, or this service was not \
+                 started by it ({} does not exist)",
+                ctl.display()
+            )
         );
     }
 

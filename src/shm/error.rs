@@ -21,6 +21,10 @@ pub enum ShmError {
         /// The name given.
         name: String,
     },
+    /// The run directory may not hold the instance's state (see
+    /// [`state_dir`](super::state_dir)).
+    #[error(transparent)]
+    UntrustedDir(#[from] super::state_dir::DirTrustError),
     /// The spec given to [`Segment::create`](super::Segment::create) cannot be laid out.
     #[error("cannot create the segment of instance {instance}: {reason}")]
     InvalidSpec {
@@ -166,6 +170,19 @@ pub enum ShmError {
         /// The instance.
         instance: String,
     },
+    /// A reader's private copy ([`Segment::open_snapshot`](super::Segment::open_snapshot))
+    /// found a change under way at every attempt.
+    #[error(
+        "segment {path} of instance {instance} was being changed at each of {attempts} attempts to copy it (a writer stopped or wedged in the middle of a change?): cannot read a consistent state"
+    )]
+    NoConsistentCopy {
+        /// The instance.
+        instance: String,
+        /// The segment path.
+        path: String,
+        /// How many copies were tried.
+        attempts: u32,
+    },
     /// A live coordinator holds the instance.
     #[error("instance {instance} is already running (coordinator {})", pid_text(.coordinator_pid))]
     AlreadyRunning {
@@ -230,13 +247,13 @@ mod tests {
     fn error_messages_read_as_sentences() {
         let e = ShmError::WrongOwner {
             instance: "x".into(),
-            path: "/dev/shm/ccmgr.x".into(),
+            path: "/run/ccmgr/x.seg".into(),
             owner: 65534,
             expected: 0,
         };
         assert_eq!(
             e.to_string(),
-            "segment /dev/shm/ccmgr.x of instance x was created by uid 65534, not by uid 0: refusing to use it"
+            "segment /run/ccmgr/x.seg of instance x was created by uid 65534, not by uid 0: refusing to use it"
         );
         let e = ShmError::AlreadyRunning {
             instance: "x".into(),

@@ -10,10 +10,12 @@
 //! written once; those that hand out references, and so may write, exist only on
 //! `Mapping<ReadWrite>`, so a read-only mapping cannot be written through by construction.
 //!
-//! Creation uses `O_TMPFILE` in `/dev/shm`: the file has no name while its
+//! Creation uses `O_TMPFILE` in the instance's `run_dir`: the file has no name while its
 //! creator initialises it, so no one can open a half-built segment, and a
 //! creator killed mid-way leaves nothing behind. `linkat` then gives it its
-//! name atomically and exclusively (`EEXIST` if the name is taken).
+//! name atomically and exclusively (`EEXIST` if the name is taken). On a file system without
+//! `O_TMPFILE` the file is built under a temporary name only its owner can open, then linked
+//! (as exclusively) and the temporary name removed ([`create_unnamed`]).
 //!
 //! Limits: a process with the owner's uid can still write any bytes into the
 //! segment, or truncate it (a later access beyond the new end raises SIGBUS).
@@ -26,7 +28,7 @@ use std::marker::PhantomData;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering};
@@ -329,7 +331,8 @@ pub(crate) struct RobustPending {
 /// The file mode and group of a new segment.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Access {
-    /// `Some(gid)`: mode 0660 and that group; `None`: mode 0600.
+    /// `Some(gid)`: mode 0640 and that group (its members read, only the owner writes);
+    /// `None`: mode 0600.
     pub(crate) group: Option<u32>,
 }
 
@@ -343,40 +346,124 @@ pub(crate) enum CreateStep {
     Map,
 }
 
+/// The temporary name of a file being built where the file system has no `O_TMPFILE`: removed
+/// when dropped (the file is published under its real name with `link` first, or abandoned).
+pub(crate) struct TempName(PathBuf);
+
+impl Drop for TempName {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The prefix of the temporary names of files being built as `path` (see [`TempName`]); what
+/// a creator killed mid-way left is removed with the instance's files
+/// ([`remove_temp_leftovers`]).
+fn temp_prefix(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(".{name}.tmp.")
+}
+
+/// Create the file that will become `path`, with no name if the file system allows it
+/// (`O_TMPFILE`), so that no one can open it half built and a creator killed mid-way leaves
+/// nothing; else (`EOPNOTSUPP`, `EISDIR`: no `O_TMPFILE` there) under an exclusive temporary
+/// name in the same directory, which only its owner can open (mode 0600 until the caller sets
+/// the final one) and which goes when the [`TempName`] is dropped.
+pub(crate) fn create_unnamed(path: &Path) -> io::Result<(File, Option<TempName>)> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(dir)
+    {
+        Ok(file) => Ok((file, None)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
+            create_under_temp_name(path).map(|(file, temp)| (file, Some(temp)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The fallback of [`create_unnamed`]: the file under an exclusive temporary name beside
+/// `path`, mode 0600 until the caller sets the final one.
+fn create_under_temp_name(path: &Path) -> io::Result<(File, TempName)> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let temp = dir.join(format!("{}{}", temp_prefix(path), std::process::id()));
+    // A name of this process's pid is a leftover of a dead process that had the same pid.
+    let _ = std::fs::remove_file(&temp);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&temp)?;
+    Ok((file, TempName(temp)))
+}
+
+/// Give a file made by [`create_unnamed`] its name `path`, exclusively: `AlreadyExists` if
+/// `path` exists. Until then nobody else can open it, so it is complete when it appears.
+pub(crate) fn publish_unnamed(
+    fd: BorrowedFd<'_>,
+    temp: Option<TempName>,
+    path: &Path,
+) -> io::Result<()> {
+    match temp {
+        None => link_exclusive(fd, path),
+        Some(temp) => std::fs::hard_link(&temp.0, path),
+    }
+}
+
+/// Remove the temporary names (see [`create_unnamed`]) that creators of `path` killed mid-way
+/// left in its directory.
+pub(crate) fn remove_temp_leftovers(path: &Path) {
+    let (Some(dir), prefix) = (path.parent(), temp_prefix(path)) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// A segment being built: mapped, but with no name yet, so no other process
 /// can reach it.
 pub(crate) struct Unpublished {
     map: Arc<Mapping<ReadWrite>>,
+    temp: Option<TempName>,
     sync_initialised: bool,
 }
 
 impl Unpublished {
-    /// Create an unnamed file of `len` bytes (zero-filled) in `dir` with the
-    /// requested access, and map it.
+    /// Create the file that will become `path` (see [`create_unnamed`]), of `len` bytes
+    /// (zero-filled), with the requested access, and map it.
     pub(crate) fn create(
-        dir: &Path,
+        path: &Path,
         len: usize,
         access: Access,
     ) -> Result<Unpublished, (CreateStep, io::Error)> {
-        let mode = if access.group.is_some() { 0o660 } else { 0o600 };
-        Self::create_with_mode(dir, len, mode, access.group)
+        let mode = if access.group.is_some() { 0o640 } else { 0o600 };
+        Self::create_with_mode(path, len, mode, access.group)
     }
 
     /// As [`create`](Self::create), with an explicit permission `mode` (the service API's
     /// control segment is 0644: every user may read it, only its owner write it).
     pub(crate) fn create_with_mode(
-        dir: &Path,
+        path: &Path,
         len: usize,
         mode: u32,
         group: Option<u32>,
     ) -> Result<Unpublished, (CreateStep, io::Error)> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .mode(mode)
-            .custom_flags(libc::O_TMPFILE)
-            .open(dir)
-            .map_err(|e| (CreateStep::Open, e))?;
+        let (file, temp) = create_unnamed(path).map_err(|e| (CreateStep::Open, e))?;
         if let Some(gid) = group {
             nix::unistd::fchown(&file, None, Some(nix::unistd::Gid::from_raw(gid)))
                 .map_err(|e| (CreateStep::Chown, io::Error::from(e)))?;
@@ -390,6 +477,7 @@ impl Unpublished {
         let map = Mapping::map(OwnedFd::from(file), len).map_err(|e| (CreateStep::Map, e))?;
         Ok(Unpublished {
             map: Arc::new(map),
+            temp,
             sync_initialised: false,
         })
     }
@@ -426,14 +514,14 @@ impl Unpublished {
         Ok(())
     }
 
-    /// Give the file its name with `linkat`, exclusively: fails with
+    /// Give the file its name `path`, exclusively (see [`publish_unnamed`]): fails with
     /// `AlreadyExists` if `path` exists.
     pub(crate) fn publish(self, path: &Path) -> io::Result<Arc<Mapping<ReadWrite>>> {
         assert!(
             self.sync_initialised,
             "publishing a segment whose mutexes were never initialised"
         );
-        link_exclusive(self.map.fd(), path)?;
+        publish_unnamed(self.map.fd(), self.temp, path)?;
         Ok(self.map)
     }
 }
@@ -457,4 +545,47 @@ pub(crate) fn link_exclusive(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> 
         nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
     )
     .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where the file system has no `O_TMPFILE`: the file is built under a temporary name,
+    /// published exclusively, and the temporary name goes; a leftover is removed with the
+    /// instance's files.
+    #[test]
+    fn the_temporary_name_fallback_publishes_exclusively_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.seg");
+        let names = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let (file, temp) = create_under_temp_name(&path).unwrap();
+        assert_eq!(names(), [format!(".x.seg.tmp.{}", std::process::id())]);
+        file.set_len(8).unwrap();
+        publish_unnamed(file.as_fd(), Some(temp), &path).unwrap();
+        assert_eq!(names(), ["x.seg"]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 8);
+
+        // The name is taken: AlreadyExists, and the temporary name still goes.
+        let (file, temp) = create_under_temp_name(&path).unwrap();
+        let e = publish_unnamed(file.as_fd(), Some(temp), &path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(names(), ["x.seg"]);
+
+        // A creator killed mid-way leaves its temporary name: removed with the files.
+        let (_file, temp) = create_under_temp_name(&path).unwrap();
+        std::mem::forget(temp);
+        std::fs::write(dir.path().join("other.tmp.1"), "").unwrap();
+        assert_eq!(names().len(), 3);
+        remove_temp_leftovers(&path);
+        assert_eq!(names(), ["other.tmp.1", "x.seg"]);
+    }
 }

@@ -1,11 +1,22 @@
 //! Creating, opening and verifying an instance's segment file, and removing its name.
 //!
-//! Creation builds the file with no name (`O_TMPFILE`) and links it in only once complete,
-//! so no reader ever sees it half-written; opening checks everything a reader relies on
-//! before any region is reached (owner, mode, size, magic, version, counts, offsets, the
-//! config image's checksum), so that every later view is in bounds. Kept apart from the
-//! state readers and writers because it is the only code that trusts nothing in the file:
-//! after it, the layout is known good. No unsafe code.
+//! Creation builds the file with no name (`O_TMPFILE`) in the instance's `run_dir` and links
+//! it in only once complete, so no reader ever sees it half-written; opening checks the
+//! directory first ([`trusted_dir`]), then everything a reader relies on before any region is
+//! reached (owner, mode, size, magic, version, counts, offsets, the config image's checksum),
+//! so that every later view is in bounds. Kept apart from the state readers and writers
+//! because it is the only code that trusts nothing in the file: after it, the layout is known
+//! good. No unsafe code.
+//!
+//! Two ways to open:
+//! - [`Segment::open`], for the instance's owner (the keeper, the coordinator, `stop`): the
+//!   live file, mapped read-write (`MAP_SHARED`), with its robust mutexes.
+//! - [`Segment::open_snapshot`], for everyone else allowed to read it (the members of the
+//!   instance's group, mode 0640): the file is opened `O_RDONLY`, its bytes are copied while
+//!   the generation counter says no change was under way (the sequence lock the state's
+//!   writers keep), and the copy, in a private memory file, is verified and read by the same
+//!   code. Nothing can then write the real segment or take its mutexes through that handle,
+//!   and the copy cannot change between its verification and its reading.
 
 use std::collections::HashSet;
 use std::io;
@@ -14,19 +25,19 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use nix::errno::Errno;
-use nix::fcntl::OFlag;
-use nix::sys::stat::Mode;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
 
 use super::error::ShmError;
 use super::layout::{
     Counts, Header, LAYOUT_VERSION, Layout, MAGIC, MAX_CONFIG_BLOB, MAX_SERVICES, SERVICE_ID_MAX,
     ServiceRecord, ServiceStaticRecord, fnv1a64,
 };
-use super::mapping::{Access, CreateStep, Mapping, ReadWrite, Unpublished};
+use super::mapping::{Access, CreateStep, Mapping, ReadWrite, Unpublished, remove_temp_leftovers};
 use super::robust::{MutexGuard, RobustMutex};
-use super::segment::{SHM_DIR, Segment, SegmentSpec, segment_os_id, segment_path, write_bytes};
+use super::segment::{Segment, SegmentSpec, write_bytes};
 use super::state::{InstanceState, LastExit, MutexId, ServiceState};
+use super::state_dir::{segment_path, trusted_dir};
 use crate::process_identity::ProcessIdentity;
 
 /// Every service id a segment or control segment is made with: 1 to [`SERVICE_ID_MAX`] bytes,
@@ -100,14 +111,136 @@ fn max_segment_size() -> u64 {
     .unwrap_or(u64::MAX)
 }
 
+/// Open the segment file at `path` (`O_NOFOLLOW`: a link there is no segment), read-write or
+/// read-only.
+fn open_segment_file(instance: &str, path: &Path, write: bool) -> Result<std::fs::File, ShmError> {
+    let path_text = path.display().to_string();
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(file) => Ok(file),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ShmError::NotFound {
+            instance: instance.to_owned(),
+            path: path_text,
+        }),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(ShmError::NotRegularFile {
+            instance: instance.to_owned(),
+            path: path_text,
+        }),
+        Err(e) => Err(ShmError::Io {
+            instance: instance.to_owned(),
+            path: path_text,
+            action: if write {
+                "opening (read-write)"
+            } else {
+                "opening (read-only)"
+            },
+            source: e,
+        }),
+    }
+}
+
+/// The checks of an open segment file before anything in it is read: its owner is the
+/// instance's (`owner`), it is a regular file that no one else may write (mode 0600, or 0640
+/// for the instance's group), and its size lies between the header's and the largest layout's.
+/// Returns its size.
+fn examine(instance: &str, path: &Path, file: &std::fs::File, owner: u32) -> Result<u64, ShmError> {
+    let path_text = path.display().to_string();
+    let meta = file.metadata().map_err(|e| ShmError::Io {
+        instance: instance.to_owned(),
+        path: path_text.clone(),
+        action: "examining",
+        source: e,
+    })?;
+    if meta.uid() != owner {
+        return Err(ShmError::WrongOwner {
+            instance: instance.to_owned(),
+            path: path_text,
+            owner: meta.uid(),
+            expected: owner,
+        });
+    }
+    if !meta.file_type().is_file() {
+        return Err(ShmError::NotRegularFile {
+            instance: instance.to_owned(),
+            path: path_text,
+        });
+    }
+    if meta.mode() & 0o027 != 0 {
+        return Err(ShmError::TooOpen {
+            instance: instance.to_owned(),
+            path: path_text,
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    let size = meta.len();
+    let header_size = size_of::<Header>() as u64;
+    if size < header_size {
+        return Err(ShmError::Truncated {
+            instance: instance.to_owned(),
+            path: path_text,
+            size,
+            needed: header_size,
+        });
+    }
+    let max = max_segment_size();
+    if size > max {
+        return Err(ShmError::WrongSize {
+            instance: instance.to_owned(),
+            path: path_text,
+            size,
+            expected: max,
+        });
+    }
+    Ok(size)
+}
+
+/// How many times [`consistent_copy`] tries before it gives up on a writer that never lets go.
+const COPY_ATTEMPTS: u32 = 200;
+
+/// The `size` bytes of `file`, read while no writer was at work: the generation counter (the
+/// writers' sequence lock) was even before the copy and the same after it. `None` if no
+/// attempt of [`COPY_ATTEMPTS`] found it so (a writer that died mid-change, or a very busy
+/// one): the reader cannot repair that, only the owner can.
+fn consistent_copy(file: &std::fs::File, size: usize) -> io::Result<Option<Vec<u8>>> {
+    let at = std::mem::offset_of!(Header, generation) as u64;
+    let generation = || -> io::Result<u64> {
+        let mut word = [0u8; 8];
+        file.read_exact_at(&mut word, at)?;
+        Ok(u64::from_ne_bytes(word))
+    };
+    let mut bytes = vec![0u8; size];
+    for attempt in 0..COPY_ATTEMPTS {
+        let before = generation()?;
+        if before % 2 == 0 {
+            file.read_exact_at(&mut bytes, 0)?;
+            if generation()? == before {
+                // The copy's own counter must say the same (it was read in the middle).
+                bytes[at as usize..at as usize + 8].copy_from_slice(&before.to_ne_bytes());
+                return Ok(Some(bytes));
+            }
+        }
+        if attempt < 20 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    Ok(None)
+}
+
 impl Segment {
     // ----- creation ----------------------------------------------------------
 
     /// Create the segment of `spec.instance`, exclusively.
     ///
-    /// The file is built with no name (`O_TMPFILE`), so no one sees it half
-    /// made, then linked to `/dev/shm/ccmgr.<instance>`; `AlreadyExists` if that
-    /// name is taken. Mode 0600, or 0660 with group `spec.group`. The segment
+    /// `spec.run_dir` must be the caller's and trusted ([`trusted_dir`]). The file is built
+    /// with no name (`O_TMPFILE`), so no one sees it half made, then linked to
+    /// `<run_dir>/<instance>.seg`; `AlreadyExists` if that name is taken. Mode 0600, or 0640
+    /// with group `spec.group` (its members may read the status, never write). The segment
     /// outlives the caller: remove it with [`unlink`](Self::unlink) or
     /// [`remove`](Self::remove).
     ///
@@ -116,7 +249,8 @@ impl Segment {
     /// concurrent `start` sees so. Drop the guard when the start is over.
     pub fn create(spec: &SegmentSpec) -> Result<(Segment, MutexGuard), ShmError> {
         let instance = spec.instance.clone();
-        let path = segment_path(&instance)?;
+        let dir = trusted_dir(&spec.run_dir, Some(nix::unistd::geteuid().as_raw()))?;
+        let path = segment_path(&dir.path, &instance)?;
         let path_text = path.display().to_string();
         let layout = check_spec(spec).map_err(|reason| ShmError::InvalidSpec {
             instance: instance.clone(),
@@ -131,23 +265,19 @@ impl Segment {
         let manager = ProcessIdentity::current()
             .map_err(|e| io_error("identifying (through /proc/self/stat) the creator of", e))?;
 
-        let mut fresh = Unpublished::create(
-            Path::new(SHM_DIR),
-            layout.total_size,
-            Access { group: spec.group },
-        )
-        .map_err(|(step, e)| {
-            io_error(
-                match step {
-                    CreateStep::Open => "creating (O_TMPFILE in /dev/shm)",
-                    CreateStep::Chown => "setting the group of",
-                    CreateStep::Chmod => "setting the mode of",
-                    CreateStep::Resize => "sizing",
-                    CreateStep::Map => "mapping",
-                },
-                e,
-            )
-        })?;
+        let mut fresh = Unpublished::create(&path, layout.total_size, Access { group: spec.group })
+            .map_err(|(step, e)| {
+                io_error(
+                    match step {
+                        CreateStep::Open => "creating (unnamed, in its directory)",
+                        CreateStep::Chown => "setting the group of",
+                        CreateStep::Chmod => "setting the mode of",
+                        CreateStep::Resize => "sizing",
+                        CreateStep::Map => "mapping",
+                    },
+                    e,
+                )
+            })?;
         fresh
             .init_sync(&layout.mutex_offsets())
             .map_err(|e| io_error("initialising", io::Error::other(e.to_string())))?;
@@ -250,19 +380,39 @@ impl Segment {
 
     // ----- opening -----------------------------------------------------------
 
-    /// Open the segment of `instance`, which the effective uid must own.
-    pub fn open(instance: &str) -> Result<Segment, ShmError> {
-        Self::open_owned_by(instance, nix::unistd::geteuid().as_raw())
+    /// Open the live segment of `instance` in `run_dir`, read-write: for the instance's owner
+    /// (the effective uid must own `run_dir`, which must be trusted, and the segment).
+    /// Checks, in order: the directory, owner, file type and mode, size, magic, layout
+    /// version, counts, record sizes, region offsets, total size, the config image and the
+    /// blob's checksum.
+    pub fn open(run_dir: &Path, instance: &str) -> Result<Segment, ShmError> {
+        let dir = trusted_dir(run_dir, Some(nix::unistd::geteuid().as_raw()))?;
+        let path = segment_path(&dir.path, instance)?;
+        let file = open_segment_file(instance, &path, true)?;
+        let size = examine(instance, &path, &file, dir.owner)?;
+        let map =
+            Mapping::<ReadWrite>::map(file.into(), size as usize).map_err(|e| ShmError::Io {
+                instance: instance.to_owned(),
+                path: path.display().to_string(),
+                action: "mapping",
+                source: e,
+            })?;
+        Self::verify(instance, path, map, size)
     }
 
-    /// Open the segment of `instance`, which `owner_uid` must own (a group
-    /// member opening the segment of an instance run by another user names
-    /// that user). Checks, in order: owner, file type and mode, size, magic,
-    /// layout version, counts, record sizes, region offsets, total size, the
-    /// config image and the blob's checksum.
-    pub fn open_owned_by(instance: &str, owner_uid: u32) -> Result<Segment, ShmError> {
-        let os_id = segment_os_id(instance)?;
-        let path = segment_path(instance)?;
+    /// A consistent private copy of the segment of `instance` in `run_dir`, for a reader that
+    /// may read it but not write it (a member of the instance's group; the owner too, if it
+    /// wants no live mapping). The instance's owner is the owner of `run_dir` (which must be
+    /// trusted for it), and the segment must be theirs and writable by no one else.
+    ///
+    /// The file is opened `O_RDONLY`; its bytes are read (`pread`) while the generation
+    /// counter is even and unchanged across the copy (the writers' sequence lock), a bounded
+    /// number of times, into a private memory file that the returned [`Segment`] maps and
+    /// verifies like a live one. Writing through it, or locking its mutexes, changes only the
+    /// copy; the copy cannot change between its verification and its reading.
+    pub fn open_snapshot(run_dir: &Path, instance: &str) -> Result<Segment, ShmError> {
+        let dir = trusted_dir(run_dir, None)?;
+        let path = segment_path(&dir.path, instance)?;
         let path_text = path.display().to_string();
         let io_error = |action: &'static str, source: io::Error| ShmError::Io {
             instance: instance.to_owned(),
@@ -270,74 +420,37 @@ impl Segment {
             action,
             source,
         };
-        let fd = match nix::sys::mman::shm_open(os_id.as_str(), OFlag::O_RDWR, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT) => {
-                return Err(ShmError::NotFound {
-                    instance: instance.to_owned(),
-                    path: path_text,
-                });
-            }
-            Err(Errno::EACCES) => {
-                // Say whose it is if we can see that much.
-                if let Ok(meta) = std::fs::symlink_metadata(&path)
-                    && meta.uid() != owner_uid
-                {
-                    return Err(ShmError::WrongOwner {
-                        instance: instance.to_owned(),
-                        path: path_text,
-                        owner: meta.uid(),
-                        expected: owner_uid,
-                    });
-                }
-                return Err(io_error("opening", Errno::EACCES.into()));
-            }
-            Err(e) => return Err(io_error("opening", e.into())),
-        };
-        let file = std::fs::File::from(fd);
-        let meta = file.metadata().map_err(|e| io_error("examining", e))?;
-        if meta.uid() != owner_uid {
-            return Err(ShmError::WrongOwner {
+        let file = open_segment_file(instance, &path, false)?;
+        let size = examine(instance, &path, &file, dir.owner)?;
+        let bytes = consistent_copy(&file, size as usize)
+            .map_err(|e| io_error("reading", e))?
+            .ok_or_else(|| ShmError::NoConsistentCopy {
                 instance: instance.to_owned(),
-                path: path_text,
-                owner: meta.uid(),
-                expected: owner_uid,
-            });
-        }
-        if !meta.file_type().is_file() {
-            return Err(ShmError::NotRegularFile {
-                instance: instance.to_owned(),
-                path: path_text,
-            });
-        }
-        if meta.mode() & 0o007 != 0 {
-            return Err(ShmError::TooOpen {
-                instance: instance.to_owned(),
-                path: path_text,
-                mode: meta.mode() & 0o7777,
-            });
-        }
-        let size = meta.len();
-        let header_size = size_of::<Header>() as u64;
-        if size < header_size {
-            return Err(ShmError::Truncated {
-                instance: instance.to_owned(),
-                path: path_text,
-                size,
-                needed: header_size,
-            });
-        }
-        let max = max_segment_size();
-        if size > max {
-            return Err(ShmError::WrongSize {
-                instance: instance.to_owned(),
-                path: path_text,
-                size,
-                expected: max,
-            });
-        }
-        let map = Mapping::<ReadWrite>::map(file.into(), size as usize)
-            .map_err(|e| io_error("mapping", e))?;
+                path: path_text.clone(),
+                attempts: COPY_ATTEMPTS,
+            })?;
+        let copy = nix::sys::memfd::memfd_create(
+            c"ccmgr-status-snapshot",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )
+        .map_err(|e| io_error("copying (memfd_create) to read", e.into()))?;
+        let copy = std::fs::File::from(copy);
+        copy.write_all_at(&bytes, 0)
+            .map_err(|e| io_error("copying to read", e))?;
+        let map = Mapping::<ReadWrite>::map(copy.into(), size as usize)
+            .map_err(|e| io_error("mapping the copy of", e))?;
+        Self::verify(instance, path, map, size)
+    }
+
+    /// Check a mapped segment of `size` bytes (already found between the header's size and the
+    /// largest layout) before any region is reached.
+    fn verify(
+        instance: &str,
+        path: PathBuf,
+        map: Mapping<ReadWrite>,
+        size: u64,
+    ) -> Result<Segment, ShmError> {
+        let path_text = path.display().to_string();
         let header: &Header = map.get(0).expect("size checked above");
         let magic = header.magic.load(Ordering::Acquire);
         if magic != MAGIC {
@@ -482,19 +595,23 @@ impl Segment {
 
     // ----- removal -----------------------------------------------------------
 
-    /// Remove the name of `instance`'s segment, whoever uses it: for `stop`
-    /// once everything is down, and for tests. `false` if there was none.
-    /// Processes that have it mapped keep their mapping.
-    pub fn remove(instance: &str) -> Result<bool, ShmError> {
-        let os_id = segment_os_id(instance)?;
-        match nix::sys::mman::shm_unlink(os_id.as_str()) {
+    /// Remove the name of `instance`'s segment in `run_dir`, whoever uses it (and what a
+    /// creator killed mid-way left on a file system without `O_TMPFILE`): for `stop` once
+    /// everything is down, and for tests. `false` if there was none. Processes that have it
+    /// mapped keep their mapping. `run_dir` must be the caller's and trusted: names are
+    /// removed only where no one else could have made them.
+    pub fn remove(run_dir: &Path, instance: &str) -> Result<bool, ShmError> {
+        let dir = trusted_dir(run_dir, Some(nix::unistd::geteuid().as_raw()))?;
+        let path = segment_path(&dir.path, instance)?;
+        remove_temp_leftovers(&path);
+        match std::fs::remove_file(&path) {
             Ok(()) => Ok(true),
-            Err(Errno::ENOENT) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(ShmError::Io {
                 instance: instance.to_owned(),
-                path: segment_path(instance)?.display().to_string(),
+                path: path.display().to_string(),
                 action: "removing",
-                source: e.into(),
+                source: e,
             }),
         }
     }
@@ -517,7 +634,11 @@ impl Segment {
         if (named.dev(), named.ino()) != (mine.dev(), mine.ino()) {
             return Ok(false);
         }
-        Self::remove(&self.instance)
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_error(e)),
+        }
     }
 }
 
@@ -529,6 +650,7 @@ mod tests {
     fn spec() -> SegmentSpec {
         SegmentSpec {
             instance: "unit".into(),
+            run_dir: "/nonexistent".into(),
             group: None,
             services: vec![
                 ServiceStatic {

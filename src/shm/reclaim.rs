@@ -12,6 +12,7 @@ use super::error::ShmError;
 use super::robust::{MutexError, MutexGuard};
 use super::segment::{Segment, SegmentSpec, identity};
 use super::state::MutexId;
+use super::state_dir::DirTrustError;
 use crate::process_identity::ProcessIdentity;
 
 /// A party of the instance.
@@ -94,7 +95,7 @@ impl Segment {
     pub fn create_reclaiming_stale(spec: &SegmentSpec) -> Result<(Segment, MutexGuard), ShmError> {
         match Self::create(spec) {
             Err(ShmError::AlreadyExists { .. }) => {
-                Self::reclaim_stale(&spec.instance)?;
+                Self::reclaim_stale(&spec.run_dir, &spec.instance)?;
                 Self::create(spec)
             }
             other => other,
@@ -127,14 +128,17 @@ impl Segment {
 
     // ----- stale state -------------------------------------------------------
 
-    /// Find out who, if anyone, still uses `instance`'s segment. The probe
+    /// Find out who, if anyone, still uses `instance`'s segment in `run_dir`. The probe
     /// try-locks the manager, daemon and component mutexes and releases every
     /// one before returning (a mutex whose holder died is made consistent by
     /// this, so the owner-died notice is consumed).
-    pub fn probe(instance: &str) -> Result<Probe, ShmError> {
-        let seg = match Self::open(instance) {
+    pub fn probe(run_dir: &std::path::Path, instance: &str) -> Result<Probe, ShmError> {
+        let seg = match Self::open(run_dir, instance) {
             Ok(seg) => seg,
-            Err(ShmError::NotFound { .. }) => return Ok(Probe::Absent),
+            Err(ShmError::NotFound { .. })
+            | Err(ShmError::UntrustedDir(DirTrustError::Missing { .. })) => {
+                return Ok(Probe::Absent);
+            }
             Err(e) => return Err(e),
         };
         let (probe, held) = seg.examine()?;
@@ -204,15 +208,18 @@ impl Segment {
         }
     }
 
-    /// Remove `instance`'s segment if it is stale (every process that used it
+    /// Remove `instance`'s segment in `run_dir` if it is stale (every process that used it
     /// is dead). Refuses with [`ShmError::AlreadyRunning`] while a coordinator
     /// lives, [`ShmError::BeingStarted`] during a start, and
     /// [`ShmError::StillInUse`] while other recorded processes live. A segment
     /// that fails the checks of [`open`](Self::open) is not touched.
-    pub fn reclaim_stale(instance: &str) -> Result<Reclaimed, ShmError> {
-        let seg = match Self::open(instance) {
+    pub fn reclaim_stale(run_dir: &std::path::Path, instance: &str) -> Result<Reclaimed, ShmError> {
+        let seg = match Self::open(run_dir, instance) {
             Ok(seg) => seg,
-            Err(ShmError::NotFound { .. }) => return Ok(Reclaimed::Absent),
+            Err(ShmError::NotFound { .. })
+            | Err(ShmError::UntrustedDir(DirTrustError::Missing { .. })) => {
+                return Ok(Reclaimed::Absent);
+            }
             Err(e) => return Err(e),
         };
         let (probe, held) = seg.examine()?;

@@ -1,5 +1,7 @@
-//! The segment of one instance: the [`Segment`] handle, the instance's naming
-//! (`/dev/shm/ccmgr.<instance>`), the spec a segment is built from, the bounds-checked views
+//! The segment of one instance: the [`Segment`] handle, the instance name's check, the spec a
+//! segment is built from (its file, `<run_dir>/<instance>.seg`, is named by
+//! [`state_dir`](super::state_dir), which says why no one else can take that name), the
+//! bounds-checked views
 //! of its regions that every other part goes through, its mutexes and its config image (the
 //! read-only part written once at creation). The other parts of a segment's life are beside
 //! it: [`open`](super::open) builds and verifies the file, [`status`](super::status) reads and
@@ -23,9 +25,6 @@ use super::robust::{MutexError, SharedMutex};
 use super::state::{MutexId, UnknownValue};
 use crate::process_identity::ProcessIdentity;
 
-/// The directory where glibc's `shm_open` keeps its objects.
-pub const SHM_DIR: &str = "/dev/shm";
-
 /// Check an instance name: 1 to 64 characters from `[A-Za-z0-9_.-]`.
 pub fn validate_instance_name(name: &str) -> Result<(), ShmError> {
     if crate::vocab::is_valid_instance_name(name) {
@@ -35,18 +34,6 @@ pub fn validate_instance_name(name: &str) -> Result<(), ShmError> {
             name: name.to_owned(),
         })
     }
-}
-
-/// The `shm_open` name of an instance's segment: `/ccmgr.<instance>`.
-pub fn segment_os_id(instance: &str) -> Result<String, ShmError> {
-    validate_instance_name(instance)?;
-    Ok(format!("/ccmgr.{instance}"))
-}
-
-/// The path of an instance's segment: `/dev/shm/ccmgr.<instance>`.
-pub fn segment_path(instance: &str) -> Result<PathBuf, ShmError> {
-    validate_instance_name(instance)?;
-    Ok(Path::new(SHM_DIR).join(format!("ccmgr.{instance}")))
 }
 
 /// A service's static data, as the coordinator needs it.
@@ -65,7 +52,11 @@ pub struct ServiceStatic {
 pub struct SegmentSpec {
     /// The instance name.
     pub instance: String,
-    /// `Some(gid)`: the segment gets mode 0660 and that group; else 0600.
+    /// The instance's `run_dir`, where the segment is made (`<run_dir>/<instance>.seg`); it
+    /// must be the creator's and trusted (see [`state_dir`](super::state_dir)).
+    pub run_dir: PathBuf,
+    /// `Some(gid)`: the segment gets mode 0640 and that group (whose members may read the
+    /// status, never write); else 0600.
     pub group: Option<u32>,
     /// The services, in index order.
     pub services: Vec<ServiceStatic>,
@@ -130,9 +121,18 @@ impl Segment {
         &self.instance
     }
 
-    /// The segment's path (`/dev/shm/ccmgr.<instance>`).
+    /// The segment's path (`<run_dir>/<instance>.seg`).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The device and inode of the file behind the mapping (`st_dev`, `st_ino`): a process
+    /// that maps this very file shows them in `/proc/<pid>/maps`, which is how `stop` proves
+    /// a recorded keeper, coordinator or standby is the instance's (see `crate::membership`).
+    pub fn file_id(&self) -> std::io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = self.map.file().metadata()?;
+        Ok((meta.dev(), meta.ino()))
     }
 
     /// Where every region lies (validated at open).
@@ -327,7 +327,5 @@ mod tests {
             let e = validate_instance_name(bad).unwrap_err();
             assert!(e.to_string().starts_with("invalid instance name"), "{e}");
         }
-        assert_eq!(segment_os_id("x").unwrap(), "/ccmgr.x");
-        assert_eq!(segment_path("x").unwrap(), Path::new("/dev/shm/ccmgr.x"));
     }
 }

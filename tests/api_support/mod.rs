@@ -30,6 +30,7 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 
 pub const ROLE_VAR: &str = "CCMGR_API_TEST_ROLE";
 pub const INSTANCE_VAR: &str = "CCMGR_API_TEST_INSTANCE";
+pub const RUN_DIR_VAR: &str = "CCMGR_API_TEST_RUN_DIR";
 
 /// `nobody` and `nogroup` on Debian.
 pub const NOBODY: (u32, u32) = (65534, 65534);
@@ -222,12 +223,14 @@ impl TestInstance {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        // Leftovers of a crashed earlier run with the same pid are not ours to keep.
-        let _ = ControlSegment::remove(&name);
-        let _ = Segment::remove(&name);
+        // The instance's run directory, which any user can enter (as /run/ccmgr): the
+        // services reach the control segment, the API file, the notify socket and the log.
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let n = ids.len() as u32;
         let (main, starting) = Segment::create(&SegmentSpec {
             instance: name.clone(),
+            run_dir: dir.path().to_owned(),
             group: None,
             services: ids
                 .iter()
@@ -245,6 +248,7 @@ impl TestInstance {
         drop(starting);
         let ctl = ControlSegment::create(&ApiSpec {
             instance: name.clone(),
+            run_dir: dir.path().to_owned(),
             services: ids
                 .iter()
                 .map(|id| ApiService {
@@ -256,9 +260,6 @@ impl TestInstance {
             takeover,
         })
         .expect("creating the control segment and the API file");
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        // Services running as nobody reach the socket and the log through it.
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let notify = NotifySocket::bind(&dir.path().join("notify")).expect("the notify socket");
         let log = dir.path().join("services.log");
         fs::write(&log, "").unwrap();
@@ -285,7 +286,7 @@ impl TestInstance {
     /// Start the "coordinator" helper, which opens the control segment and holds the daemon
     /// component; returns once it holds it, with whether the previous holder died.
     pub fn coordinator(&self) -> (Helper, bool) {
-        let mut h = Helper::spawn("coordinator", &self.name, None);
+        let mut h = Helper::spawn("coordinator", self.dir(), &self.name, None);
         let line = h.expect_line("holding");
         (h, line == "holding died=true")
     }
@@ -304,6 +305,7 @@ impl TestInstance {
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("CCMGR_INSTANCE", &self.name)
+            .env("CCMGR_RUN_DIR", self.dir())
             .env("CCMGR_SERVICE", id)
             .env("NOTIFY_SOCKET", self.notify.path())
             .env("CC_SERVICE_LOG", &self.log)
@@ -366,8 +368,8 @@ impl TestInstance {
 
 impl Drop for TestInstance {
     fn drop(&mut self) {
-        let _ = ControlSegment::remove(&self.name);
-        let _ = Segment::remove(&self.name);
+        let _ = ControlSegment::remove(self.dir(), &self.name);
+        let _ = Segment::remove(self.dir(), &self.name);
     }
 }
 
@@ -503,7 +505,12 @@ pub struct Helper {
 const MARKER: &str = "api-helper: ";
 
 impl Helper {
-    pub fn spawn(role: &str, instance: &str, as_user: Option<(u32, u32)>) -> Helper {
+    pub fn spawn(
+        role: &str,
+        run_dir: &Path,
+        instance: &str,
+        as_user: Option<(u32, u32)>,
+    ) -> Helper {
         // Another user may not reach this test binary where cargo built it (see shared_dir).
         let exe = match as_user {
             Some(_) => test_binary_for_others(),
@@ -518,6 +525,7 @@ impl Helper {
         ])
         .env(ROLE_VAR, role)
         .env(INSTANCE_VAR, instance)
+        .env(RUN_DIR_VAR, run_dir)
         .current_dir("/")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -646,16 +654,18 @@ fn say(line: &str) {
 
 /// Run the helper role named by the environment, if any (then never return). Called from
 /// each test binary's `child_role_entry` test.
-pub fn run_role_if_requested(extra: impl FnOnce(&str, &str)) {
+pub fn run_role_if_requested(extra: impl FnOnce(&str, &Path, &str)) {
     let Ok(role) = std::env::var(ROLE_VAR) else {
         return;
     };
     let instance = std::env::var(INSTANCE_VAR).expect("the helper's instance");
+    let run_dir = PathBuf::from(std::env::var_os(RUN_DIR_VAR).expect("the helper's run_dir"));
     match role.as_str() {
         // The coordinator's side: hold the daemon component; release it asking the services
         // listed ("release 0,2"), re-take it ("retake"); end when stdin closes.
         "coordinator" => {
-            let ctl = ControlSegment::open(&instance).expect("opening the control segment");
+            let ctl =
+                ControlSegment::open(&run_dir, &instance).expect("opening the control segment");
             let mut holder = ctl
                 .hold_daemon_component(Deadline::after(PATIENCE))
                 .expect("taking the daemon component");
@@ -684,7 +694,7 @@ pub fn run_role_if_requested(extra: impl FnOnce(&str, &str)) {
             std::process::exit(0);
         }
         other => {
-            extra(other, &instance);
+            extra(other, &run_dir, &instance);
             panic!("unknown helper role {other:?}");
         }
     }

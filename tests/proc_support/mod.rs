@@ -51,6 +51,7 @@ pub fn service_spec(id: &str, command: &[&str]) -> ServiceSpec {
         working_dir: None,
         env: BTreeMap::new(),
         env_file: None,
+        on_failure_command: None,
     }
 }
 

@@ -20,13 +20,16 @@ use ccmgr::shm::{MutexId, Segment, SegmentSpec, ServiceState, ServiceStatic, mon
 pub const ROLE_VAR: &str = "CCMGR_TEST_ROLE";
 pub const INSTANCE_VAR: &str = "CCMGR_TEST_INSTANCE";
 pub const MUTEX_VAR: &str = "CCMGR_TEST_MUTEX";
+pub const RUN_DIR_VAR: &str = "CCMGR_TEST_RUN_DIR";
 
 /// How long any step of a test may take before it counts as hung.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-/// One instance name per test, removed at the end even if the test fails.
+/// One instance name and run directory per test, removed at the end even if the test fails.
+/// The directory is 0755, as `ccmgr start` makes a run directory: other users may enter it.
 pub struct TestInstance {
     pub name: String,
+    dir: tempfile::TempDir,
 }
 
 impl TestInstance {
@@ -42,32 +45,40 @@ impl TestInstance {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        // A leftover from an earlier crashed run with the same pid is not ours
-        // to keep.
-        let _ = Segment::remove(&name);
-        TestInstance { name }
+        let dir = tempfile::tempdir().expect("a run directory");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        TestInstance { name, dir }
+    }
+
+    /// The instance's run directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The main segment's path.
+    pub fn segment_path(&self) -> PathBuf {
+        ccmgr::shm::segment_path(self.dir(), &self.name).unwrap()
     }
 
     /// A spec with `services` services named s0, s1, ...
     pub fn spec(&self, services: usize) -> SegmentSpec {
-        standard_spec(&self.name, services)
+        standard_spec(self.dir(), &self.name, services)
     }
 
     /// Spawn this test binary in `role` for this instance.
     pub fn spawn(&self, role: &str, env: &[(&str, &str)]) -> Helper {
-        Helper::spawn(&current_exe(), role, &self.name, env, None)
+        Helper::spawn(&current_exe(), role, self.dir(), &self.name, env, None)
     }
 }
 
-impl Drop for TestInstance {
-    fn drop(&mut self) {
-        let _ = Segment::remove(&self.name);
-    }
-}
-
-pub fn standard_spec(instance: &str, services: usize) -> SegmentSpec {
+pub fn standard_spec(run_dir: &Path, instance: &str, services: usize) -> SegmentSpec {
     SegmentSpec {
         instance: instance.to_owned(),
+        run_dir: run_dir.to_owned(),
         group: None,
         services: (0..services)
             .map(|i| ServiceStatic {
@@ -98,6 +109,7 @@ impl Helper {
     pub fn spawn(
         exe: &Path,
         role: &str,
+        run_dir: &Path,
         instance: &str,
         env: &[(&str, &str)],
         as_user: Option<(u32, u32)>,
@@ -111,6 +123,7 @@ impl Helper {
         ])
         .env(ROLE_VAR, role)
         .env(INSTANCE_VAR, instance)
+        .env(RUN_DIR_VAR, run_dir)
         .envs(env.iter().copied())
         .current_dir("/")
         .stdin(Stdio::piped())
@@ -328,7 +341,8 @@ pub fn run_role_if_requested() {
         return;
     };
     let instance = std::env::var(INSTANCE_VAR).expect("instance for the helper");
-    let open = || Segment::open(&instance).expect("helper opening the segment");
+    let run_dir = PathBuf::from(std::env::var_os(RUN_DIR_VAR).expect("run_dir for the helper"));
+    let open = || Segment::open(&run_dir, &instance).expect("helper opening the segment");
     let mutex = || parse_mutex(&std::env::var(MUTEX_VAR).expect("mutex for the helper"));
     match role.as_str() {
         // Lock a mutex and hold it until killed (or stdin closes).
@@ -347,17 +361,18 @@ pub fn run_role_if_requested() {
             let e = Command::new("cat").exec();
             panic!("exec cat: {e}");
         }
-        // Create the segment (as whatever user we run as) and exit.
+        // Try to create the segment (as whatever user we run as), say how it went, and exit.
         "create" => {
-            let (_seg, _starting) =
-                Segment::create(&standard_spec(&instance, 2)).expect("helper creating");
-            say("created");
+            match Segment::create(&standard_spec(&run_dir, &instance, 2)) {
+                Ok(_) => say("created"),
+                Err(e) => say(&format!("refused: {e}")),
+            }
             std::process::exit(0);
         }
         // Be a coordinator: create, hold the daemon mutexes, record itself.
         "coordinator" => {
             let (seg, starting) =
-                Segment::create(&standard_spec(&instance, 2)).expect("helper creating");
+                Segment::create(&standard_spec(&run_dir, &instance, 2)).expect("helper creating");
             for id in [MutexId::Daemon, MutexId::DaemonStandby] {
                 seg.mutex(id).unwrap().lock().unwrap().hold_until_exit();
             }

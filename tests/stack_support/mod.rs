@@ -97,6 +97,27 @@ impl Stack {
         self.path().join("log")
     }
 
+    /// The instance's run directory (`run_dir = "run"` in its ccmgr.toml), where its shared
+    /// state, notify socket and records are.
+    pub fn run_dir(&self) -> PathBuf {
+        self.path().join("run")
+    }
+
+    /// The instance's main segment: `<run_dir>/<instance>.seg`.
+    pub fn segment_path(&self) -> PathBuf {
+        self.run_dir().join(format!("{}.seg", self.instance))
+    }
+
+    /// The files of the instance's shared state (the main segment, the service API's control
+    /// segment and API file) that exist now.
+    pub fn state_files(&self) -> Vec<PathBuf> {
+        ["seg", "ctl", "api"]
+            .iter()
+            .map(|ext| self.run_dir().join(format!("{}.{ext}", self.instance)))
+            .filter(|p| p.exists())
+            .collect()
+    }
+
     /// Runs `ccmgr --config <stack> <args>`.
     pub fn ccmgr(&self, args: &[&str]) -> Output {
         let out = Command::new(ccmgr_bin())
@@ -265,7 +286,7 @@ impl Drop for Stack {
             }
         }
         self.reap(&pids);
-        let _ = std::fs::remove_file(format!("/dev/shm/ccmgr.{}", self.instance));
+        // The state lives in the stack's own directory, removed with it.
     }
 }
 

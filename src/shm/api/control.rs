@@ -20,9 +20,11 @@ use super::{
 };
 use crate::config::Takeover;
 use crate::shm::layout::MAX_SERVICES;
-use crate::shm::mapping::{Mapping, ReadWrite, Unpublished, link_exclusive};
+use crate::shm::mapping::{
+    Mapping, ReadWrite, Unpublished, publish_unnamed, remove_temp_leftovers,
+};
 use crate::shm::robust::{Deadline, futex_wake};
-use crate::shm::segment::SHM_DIR;
+use crate::shm::state_dir::trusted_dir;
 
 /// One service as the control segment records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +40,9 @@ pub struct ApiService {
 pub struct ApiSpec {
     /// The instance name.
     pub instance: String,
+    /// The instance's `run_dir`, where both files are made; it must be the creator's and
+    /// trusted (see [`crate::shm::state_dir`]).
+    pub run_dir: PathBuf,
     /// The services, in index order (the same indices as the main segment's).
     pub services: Vec<ApiService>,
     /// Every service index exactly once, in shutdown order.
@@ -52,6 +57,7 @@ impl ApiSpec {
     pub fn from_config(config: &crate::config::Config) -> ApiSpec {
         ApiSpec {
             instance: config.global.instance.clone(),
+            run_dir: config.global.run_dir.clone(),
             services: config
                 .services
                 .iter()
@@ -104,6 +110,8 @@ pub struct ControlSegment {
     sequence: Arc<Vec<usize>>,
     pub(super) instance: String,
     pub(super) path: PathBuf,
+    /// The API file's path, beside it.
+    pub(super) api: PathBuf,
 }
 
 impl fmt::Debug for ControlSegment {
@@ -128,24 +136,25 @@ impl ControlSegment {
     /// coordinator [holds it](Self::hold_daemon_component) wait for that.
     pub fn create(spec: &ApiSpec) -> Result<ControlSegment, ApiError> {
         let instance = spec.instance.clone();
-        let path = control_path(&instance)?;
-        let api = api_path(&instance)?;
+        let dir = trusted_dir(&spec.run_dir, Some(nix::unistd::geteuid().as_raw()))?;
+        let path = control_path(&dir.path, &instance)?;
+        let api = api_path(&dir.path, &instance)?;
         let layout = check_spec(spec).map_err(|reason| ApiError::InvalidSpec {
             instance: instance.clone(),
             reason,
         })?;
 
-        let api_file = create_api_file(&api, layout.services)?;
-        let mut fresh =
-            Unpublished::create_with_mode(Path::new(SHM_DIR), layout.total_size, 0o644, None)
-                .map_err(|(_, e)| io_error("creating (O_TMPFILE in /dev/shm)", &path)(e))?;
+        let (api_file, api_temp) = create_api_file(&api, layout.services)?;
+        let mut fresh = Unpublished::create_with_mode(&path, layout.total_size, 0o644, None)
+            .map_err(|(_, e)| io_error("creating (unnamed, in its directory)", &path)(e))?;
         // No pthread objects in it: the daemon component is a bare futex word.
         fresh
             .init_sync(&[])
             .map_err(|e| io_error("initialising", &path)(io::Error::other(e.to_string())))?;
         write_control_image(fresh.mapping(), &layout, spec);
 
-        link_exclusive(api_file.as_fd(), &api).map_err(|e| exists_or(e, &instance, &api))?;
+        publish_unnamed(api_file.as_fd(), api_temp, &api)
+            .map_err(|e| exists_or(e, &instance, &api))?;
         drop(api_file);
         let map = fresh.publish(&path).map_err(|e| {
             // Do not leave the API file of a control segment that does not exist.
@@ -161,14 +170,18 @@ impl ControlSegment {
             sequence: Arc::new(spec.shutdown_sequence.iter().map(|&i| i as usize).collect()),
             instance,
             path,
+            api,
         })
     }
 
-    /// Open the control segment of `instance` read-write, to take the daemon component over (a
-    /// standby) or to stop a stack whose coordinator died (`ccmgr stop`). It must belong to
-    /// the effective uid and be writable by no one else.
-    pub fn open(instance: &str) -> Result<ControlSegment, ApiError> {
-        let path = control_path(instance)?;
+    /// Open the control segment of `instance` in `run_dir` read-write, to take the daemon
+    /// component over (a standby) or to stop a stack whose coordinator died (`ccmgr stop`).
+    /// `run_dir` must be the effective uid's and trusted; the file must belong to the effective
+    /// uid and be writable by no one else.
+    pub fn open(run_dir: &Path, instance: &str) -> Result<ControlSegment, ApiError> {
+        let dir = trusted_dir(run_dir, Some(nix::unistd::geteuid().as_raw()))?;
+        let path = control_path(&dir.path, instance)?;
+        let api = api_path(&dir.path, instance)?;
         let file = open_existing(instance, &path, true, "opening")?;
         let size = check_file(
             instance,
@@ -197,16 +210,24 @@ impl ControlSegment {
             sequence: Arc::new(v.sequence),
             instance: instance.to_owned(),
             path,
+            api,
         })
     }
 
-    /// Remove the names of `instance`'s control segment and API file (for `stop` once
-    /// everything is down, and to clear leftovers of a crashed run). Processes that have them
-    /// open keep them. Returns how many names were removed.
-    pub fn remove(instance: &str) -> Result<usize, ApiError> {
+    /// Remove the names of `instance`'s control segment and API file in `run_dir` (for `stop`
+    /// once everything is down, and to clear leftovers of a crashed run, with what a creator
+    /// killed mid-way left on a file system without `O_TMPFILE`). Processes that have them
+    /// open keep them. Returns how many names were removed. `run_dir` must be the caller's
+    /// and trusted.
+    pub fn remove(run_dir: &Path, instance: &str) -> Result<usize, ApiError> {
+        let dir = trusted_dir(run_dir, Some(nix::unistd::geteuid().as_raw()))?;
         let mut removed = 0;
         // The control segment first: a service that finds it must find the API file too.
-        for path in [control_path(instance)?, api_path(instance)?] {
+        for path in [
+            control_path(&dir.path, instance)?,
+            api_path(&dir.path, instance)?,
+        ] {
+            remove_temp_leftovers(&path);
             match std::fs::remove_file(&path) {
                 Ok(()) => removed += 1,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -286,7 +307,7 @@ impl ControlSegment {
             .iter()
             .position(|&s| s == i)
             .expect("the validated sequence names every service");
-        let api = api_path(&self.instance)?;
+        let api = self.api.clone();
         let file = open_existing(&self.instance, &api, false, "opening")?;
         let base = lock_base(self.layout.services);
         let held = first_write_lock(&file, base, position..position + 1).map_err(|errno| {
@@ -324,10 +345,10 @@ impl ControlSegment {
     /// The API file's records, as services wrote them. **Untrusted**: any local user may have
     /// written anything there; for display and tests only.
     pub fn read_api_records(&self) -> Result<Vec<ApiRecord>, ApiError> {
-        let api = api_path(&self.instance)?;
-        let file = open_existing(&self.instance, &api, false, "opening")?;
+        let api = &self.api;
+        let file = open_existing(&self.instance, api, false, "opening")?;
         (0..self.layout.services)
-            .map(|i| read_record(&file, i).map_err(io_error("reading", &api)))
+            .map(|i| read_record(&file, i).map_err(io_error("reading", api)))
             .collect()
     }
 }

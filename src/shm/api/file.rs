@@ -1,13 +1,13 @@
-//! The API file (`ccmgr.<instance>.api`, mode 0666): its creation, the services' records
+//! The API file (`<run_dir>/<instance>.api`, mode 0666): its creation, the services' records
 //! ([`ApiState`], [`ApiRecord`]) read and written with `pread`/`pwrite`, and the
 //! open-file-description byte-range locks that are the services' component locks
 //! ([`ApiFile`]). Apart from the control segment because it is the only file services write,
 //! so nothing here is trusted or mapped.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -15,7 +15,7 @@ use nix::fcntl::{FcntlArg, fcntl};
 
 use super::verify::{check_file, open_existing};
 use super::{API_LAYOUT_VERSION, ApiError, api_path, io_error};
-use crate::shm::segment::SHM_DIR;
+use crate::shm::mapping::{TempName, create_unnamed};
 
 /// The first eight bytes of an API file.
 pub const API_MAGIC: u64 = u64::from_le_bytes(*b"ccmgrAPI");
@@ -28,15 +28,14 @@ pub(super) fn api_file_len(services: usize) -> u64 {
     API_HEADER_LEN + services as u64 * API_RECORD_LEN
 }
 
-/// Create the API file of `services` services, unnamed, mode 0666.
-pub(super) fn create_api_file(path: &Path, services: usize) -> Result<File, ApiError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .mode(0o666)
-        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
-        .open(SHM_DIR)
-        .map_err(io_error("creating (O_TMPFILE in /dev/shm)", path))?;
+/// Create the API file of `services` services that will become `path`, unnamed (see
+/// [`create_unnamed`]), mode 0666.
+pub(super) fn create_api_file(
+    path: &Path,
+    services: usize,
+) -> Result<(File, Option<TempName>), ApiError> {
+    let (file, temp) =
+        create_unnamed(path).map_err(io_error("creating (unnamed, in its directory)", path))?;
     // Exactly 0666, whatever the umask took away: services of any uid lock in it.
     file.set_permissions(std::fs::Permissions::from_mode(0o666))
         .map_err(io_error("setting the mode of", path))?;
@@ -50,7 +49,7 @@ pub(super) fn create_api_file(path: &Path, services: usize) -> Result<File, ApiE
     header[24..32].copy_from_slice(&len.to_le_bytes());
     file.write_all_at(&header, 0)
         .map_err(io_error("writing", path))?;
-    Ok(file)
+    Ok((file, temp))
 }
 
 /// A service's state as it wrote it in the API file (untrusted: for logs and display).
@@ -211,11 +210,17 @@ pub(crate) struct ApiFile {
 }
 
 impl ApiFile {
-    /// Open the API file of `instance`, which `owner` must own, for an instance of `services`
-    /// services (a count from the control segment). Its contents are not checked: nothing in
-    /// them is trusted or needed.
-    pub(crate) fn open(instance: &str, owner: u32, services: usize) -> Result<ApiFile, ApiError> {
-        let path = api_path(instance)?;
+    /// Open the API file of `instance` in `run_dir` (already found trusted, by
+    /// [`ControlView::open`](super::ControlView::open)), which `owner` must own, for an
+    /// instance of `services` services (a count from the control segment). Its contents are
+    /// not checked: nothing in them is trusted or needed.
+    pub(crate) fn open(
+        run_dir: &Path,
+        instance: &str,
+        owner: u32,
+        services: usize,
+    ) -> Result<ApiFile, ApiError> {
+        let path = api_path(run_dir, instance)?;
         let file = open_existing(instance, &path, true, "opening")?;
         check_file(instance, &path, &file, owner, false)?;
         Ok(ApiFile {

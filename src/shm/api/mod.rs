@@ -3,14 +3,19 @@
 //!
 //! # Who may do what (enforced by the kernel, not by trust)
 //! Services may run as other users than the coordinator (`nobody`, say), so they get files
-//! of their own and never touch the main segment `/dev/shm/ccmgr.<instance>` (mode 0600):
+//! of their own and never touch the main segment `<run_dir>/<instance>.seg` (mode 0600, or
+//! 0640 for the instance's group, which only reads it):
 //!
 //! | file | mode | written by | read by | holds |
 //! |---|---|---|---|---|
-//! | `ccmgr.<instance>.ctl` (control segment) | 0644 | the coordinator only | everyone, mapped `PROT_READ` | ids, shutdown sequence, takeover mode, the daemon component word, the epochs, who is asked to stop |
-//! | `ccmgr.<instance>.api` (API file) | 0666 | services | services | one byte-range lock per service (its component lock) and per-service state words |
+//! | `<run_dir>/<instance>.ctl` (control segment) | 0644 | the coordinator only | everyone, mapped `PROT_READ` | ids, shutdown sequence, takeover mode, the daemon component word, the epochs, who is asked to stop |
+//! | `<run_dir>/<instance>.api` (API file) | 0666 | services | services | one byte-range lock per service (its component lock) and per-service state words |
 //!
-//! `/dev/shm` is sticky, so only the owner can remove or replace either name.
+//! Services find `run_dir` in `CCMGR_RUN_DIR` ([`crate::service::RUN_DIR_ENV`]). The
+//! directory is the instance owner's and writable by no one else, nor is any directory above
+//! it unless sticky ([`crate::shm::state_dir`] checks it, on both sides), so only the owner can
+//! create, remove or replace either name, and its owner is the instance's owner, whom every
+//! file is checked against.
 //!
 //! **Everything a decision depends on is in the control segment**, which no service can
 //! write: the request to shut down (an epoch the coordinator bumps, with the services it
@@ -100,7 +105,8 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 
-use crate::shm::segment::{SHM_DIR, validate_instance_name};
+use crate::shm::segment::validate_instance_name;
+use crate::shm::state_dir::DirTrustError;
 
 mod control;
 mod file;
@@ -120,16 +126,16 @@ pub use layout::{
 };
 pub(crate) use view::{ControlView, GateSnapshot};
 
-/// `/dev/shm/ccmgr.<instance>.ctl`.
-pub fn control_path(instance: &str) -> Result<PathBuf, ApiError> {
+/// The control segment's path: `<run_dir>/<instance>.ctl`.
+pub fn control_path(run_dir: &Path, instance: &str) -> Result<PathBuf, ApiError> {
     check_instance(instance)?;
-    Ok(Path::new(SHM_DIR).join(format!("ccmgr.{instance}.ctl")))
+    Ok(run_dir.join(format!("{instance}.ctl")))
 }
 
-/// `/dev/shm/ccmgr.<instance>.api`.
-pub fn api_path(instance: &str) -> Result<PathBuf, ApiError> {
+/// The API file's path: `<run_dir>/<instance>.api`.
+pub fn api_path(run_dir: &Path, instance: &str) -> Result<PathBuf, ApiError> {
     check_instance(instance)?;
-    Ok(Path::new(SHM_DIR).join(format!("ccmgr.{instance}.api")))
+    Ok(run_dir.join(format!("{instance}.api")))
 }
 
 fn check_instance(instance: &str) -> Result<(), ApiError> {
@@ -148,6 +154,9 @@ pub enum ApiError {
         /// The name given.
         name: String,
     },
+    /// The run directory may not hold the instance's files (see [`crate::shm::state_dir`]).
+    #[error(transparent)]
+    UntrustedDir(#[from] DirTrustError),
     /// The spec given to [`ControlSegment::create`] is inconsistent.
     #[error("cannot create the service API files of instance {instance}: {reason}")]
     InvalidSpec {

@@ -16,6 +16,7 @@ use std::time::Duration;
 fn spec(instance: &str, n: usize) -> ApiSpec {
     ApiSpec {
         instance: instance.to_owned(),
+        run_dir: std::path::PathBuf::from("/nonexistent"),
         services: (0..n)
             .map(|i| ApiService {
                 id: format!("svc{i}"),
@@ -27,16 +28,26 @@ fn spec(instance: &str, n: usize) -> ApiSpec {
     }
 }
 
-struct Names(String);
-impl Drop for Names {
-    fn drop(&mut self) {
-        let _ = ControlSegment::remove(&self.0);
-        let _ = crate::shm::Segment::remove(&self.0);
+/// A test's instance name and its own run directory (removed with everything in it).
+struct Names(String, tempfile::TempDir);
+impl Names {
+    fn dir(&self) -> &std::path::Path {
+        self.1.path()
+    }
+
+    fn spec(&self, n: usize) -> ApiSpec {
+        ApiSpec {
+            run_dir: self.dir().to_owned(),
+            ..spec(&self.0, n)
+        }
     }
 }
 
 fn instance(tag: &str) -> Names {
-    Names(format!("u.{tag}.{}", std::process::id()))
+    Names(
+        format!("u.{tag}.{}", std::process::id()),
+        tempfile::tempdir().unwrap(),
+    )
 }
 
 #[test]
@@ -99,22 +110,22 @@ fn specs_must_name_each_service_once_in_the_sequence() {
 #[test]
 fn create_open_and_remove() {
     let names = instance("create");
-    let ctl = ControlSegment::create(&spec(&names.0, 3)).unwrap();
+    let ctl = ControlSegment::create(&names.spec(3)).unwrap();
     let meta = std::fs::metadata(ctl.path()).unwrap();
     assert_eq!(meta.mode() & 0o7777, 0o644);
-    let api = std::fs::metadata(api_path(&names.0).unwrap()).unwrap();
+    let api = std::fs::metadata(api_path(names.dir(), &names.0).unwrap()).unwrap();
     assert_eq!(api.mode() & 0o7777, 0o666);
     assert_eq!(api.len(), api_file_len(3));
     assert!(matches!(
-        ControlSegment::create(&spec(&names.0, 3)),
+        ControlSegment::create(&names.spec(3)),
         Err(ApiError::AlreadyExists { .. })
     ));
-    let again = ControlSegment::open(&names.0).unwrap();
+    let again = ControlSegment::open(names.dir(), &names.0).unwrap();
     assert_eq!(again.service_ids(), ["svc0", "svc1", "svc2"]);
     assert_eq!(again.shutdown_sequence(), [2, 1, 0]);
     assert_eq!(again.takeover(), Takeover::Restart);
-    assert_eq!(ControlSegment::remove(&names.0).unwrap(), 2);
-    assert_eq!(ControlSegment::remove(&names.0).unwrap(), 0);
+    assert_eq!(ControlSegment::remove(names.dir(), &names.0).unwrap(), 2);
+    assert_eq!(ControlSegment::remove(names.dir(), &names.0).unwrap(), 0);
 }
 
 /// The heart of the services' side: FUTEX_WAIT through a PROT_READ mapping sleeps, and a
@@ -125,6 +136,7 @@ fn futex_wait_and_wake_work_through_a_read_only_mapping() {
     let names = instance("rofutex");
     let (_main, _starting) = crate::shm::Segment::create(&crate::shm::SegmentSpec {
         instance: names.0.clone(),
+        run_dir: names.dir().to_owned(),
         group: None,
         services: vec![],
         startup_sequence: vec![],
@@ -132,8 +144,8 @@ fn futex_wait_and_wake_work_through_a_read_only_mapping() {
         config_blob: vec![],
     })
     .unwrap();
-    let ctl = ControlSegment::create(&spec(&names.0, 1)).unwrap();
-    let (view, owner) = ControlView::open(&names.0).unwrap();
+    let ctl = ControlSegment::create(&names.spec(1)).unwrap();
+    let (view, _, owner) = ControlView::open(names.dir(), &names.0).unwrap();
     assert_eq!(owner, nix::unistd::geteuid().as_raw());
     let view = Arc::new(view);
     let before = view.gate();
@@ -184,7 +196,7 @@ fn futex_wait_and_wake_work_through_a_read_only_mapping() {
 #[test]
 fn release_asks_and_retake_bumps_the_coordinator_epoch() {
     let names = instance("release");
-    let ctl = ControlSegment::create(&spec(&names.0, 3)).unwrap();
+    let ctl = ControlSegment::create(&names.spec(3)).unwrap();
     let deadline = || Deadline::after(Duration::from_secs(5));
     let mut holder = ctl.hold_daemon_component(deadline()).unwrap();
     assert!(!holder.previous_holder_died());

@@ -3,11 +3,9 @@
 //! daemon component word, who is asked to stop) and sleeps on its futex words. Apart because
 //! it runs in the services, under another uid perhaps, and can only read.
 
-use std::io;
 use std::mem::size_of;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{Ordering, fence};
 
@@ -20,7 +18,7 @@ use crate::config::Takeover;
 use crate::shm::layout::MAX_SERVICES;
 use crate::shm::mapping::{Mapping, ReadOnly, RobustPending};
 use crate::shm::robust::FutexWait;
-use crate::shm::segment::segment_path;
+use crate::shm::state_dir::{DirTrustError, trusted_dir};
 
 /// The control segment, mapped read-only: the services' side. Every decision of the shutdown
 /// protocol is taken from here.
@@ -41,12 +39,26 @@ pub(crate) struct GateSnapshot {
 }
 
 impl ControlView {
-    /// Open the control segment of `instance` read-only (`O_RDONLY`, `PROT_READ`), after
-    /// checking that it belongs to the owner of the instance's main segment and that no one
-    /// else may write it.
-    pub(crate) fn open(instance: &str) -> Result<(ControlView, u32), ApiError> {
-        let owner = instance_owner(instance)?;
-        let path = control_path(instance)?;
+    /// Open the control segment of `instance` in `run_dir` read-only (`O_RDONLY`,
+    /// `PROT_READ`), after checking that `run_dir` is trusted (its owner is the instance's
+    /// owner; see [`crate::shm::state_dir`]), that the file belongs to that owner and that no
+    /// one else may write it. Returns the view, the resolved `run_dir` and the owner.
+    pub(crate) fn open(
+        run_dir: &Path,
+        instance: &str,
+    ) -> Result<(ControlView, PathBuf, u32), ApiError> {
+        let dir = match trusted_dir(run_dir, None) {
+            Ok(dir) => dir,
+            Err(DirTrustError::Missing { dir }) => {
+                return Err(ApiError::NotRunning {
+                    instance: instance.to_owned(),
+                    path: dir,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let owner = dir.owner;
+        let path = control_path(&dir.path, instance)?;
         let file = open_existing(instance, &path, false, "opening")?;
         let size = check_file(instance, &path, &file, owner, true)?;
         let max = ControlLayout::compute(MAX_SERVICES as usize).map_or(0, |l| l.total_size);
@@ -68,6 +80,7 @@ impl ControlView {
                 sequence: v.sequence,
                 path,
             },
+            dir.path,
             owner,
         ))
     }
@@ -167,21 +180,5 @@ impl ControlView {
             .robust_pending(self.layout.daemon_component())
             .expect("offset inside the validated layout")
             .map_err(self.sys("set_robust_list"))
-    }
-}
-
-/// The uid that owns the instance's main segment: the owner every other file of the
-/// instance must have. Only its metadata is read (services cannot open it).
-fn instance_owner(instance: &str) -> Result<u32, ApiError> {
-    let main = segment_path(instance).map_err(|_| ApiError::InvalidInstanceName {
-        name: instance.to_owned(),
-    })?;
-    match std::fs::symlink_metadata(&main) {
-        Ok(meta) => Ok(meta.uid()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ApiError::NotRunning {
-            instance: instance.to_owned(),
-            path: main,
-        }),
-        Err(e) => Err(io_error("examining", &main)(e)),
     }
 }
