@@ -56,6 +56,14 @@
 //!               |                |                |                |  else None(Stopped)  |                          |
 //! ```
 //!
+//! Edges: a failure sequence (and a service that stays down after its failure) takes down
+//! only what `requires` the failed service, directly or not; `wants`, `after` and `before`
+//! edges only order. The start pass starts a service once everything it `requires` is up,
+//! everything it `wants` is up, not wanted up, or failed its last start (dinit's waits-for),
+//! and everything it comes `after` (or that comes `before` it) is up or not wanted up. The
+//! stop pass stops a service once every dependent going down, through an edge of any kind, is
+//! down: the shutdown order is the reverse of the startup order.
+//!
 //! After every event, the passes: a Running service not wanted up whose dependents going down
 //! are down becomes Stopping (its stop signal, or the service API's request for a cooperative
 //! one; SIGKILL at now + shutdown_timeout). When no cycling service is still alive, every
@@ -1223,8 +1231,9 @@ impl Engine {
         dependents_down && sequence_ok
     }
 
-    /// Everything `s` requires is up, and everything it comes after that the stack wants is up
-    /// (and, with an explicit startup sequence, everything wanted before it).
+    /// Everything `s` requires is up; everything it wants is up or has failed to start (its
+    /// last attempt failed) or is not wanted up; everything it comes after that the stack
+    /// wants is up (and, with an explicit startup sequence, everything wanted before it).
     fn may_start(&self, s: usize, before_in_sequence: &[usize]) -> bool {
         let up = |d: usize| self.slots[d].is_up();
         let deps_ok = self.params.services[s]
@@ -1232,7 +1241,13 @@ impl Engine {
             .iter()
             .all(|&(d, kind)| match kind {
                 EdgeKind::Requires => up(d),
-                EdgeKind::After => up(d) || self.slots[d].want == Want::Down,
+                // dinit's waits-for: the attempt to start it is over, whichever way it went.
+                EdgeKind::Wants => {
+                    up(d)
+                        || self.slots[d].want == Want::Down
+                        || self.slots[d].process == Process::None(Rest::Failed)
+                }
+                EdgeKind::After | EdgeKind::Before => up(d) || self.slots[d].want == Want::Down,
             });
         let sequence_ok = !self.params.explicit_startup
             || before_in_sequence

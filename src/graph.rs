@@ -1,13 +1,17 @@
 //! The dependency graph of a stack of services.
 //!
-//! This module owns the structure between services: the edges (`requires`, `after`), cycle
-//! detection, the derived startup and shutdown sequences, the levels (services of one level
+//! This module owns the structure between services: the edges (`requires`, `wants`, `after`,
+//! `before`), cycle detection through edges of every kind, the derived startup and shutdown sequences, the levels (services of one level
 //! may start in parallel), the check of explicit sequences against the edges, and the
 //! renderings of `ccmgr graph`. It knows services only by index and id; where they come from
 //! is the config module's business.
 //!
 //! Edges point from a dependent to what it depends on (`web -> db`: web requires db), the
-//! direction a reader says it in and Graphviz draws it.
+//! direction a reader says it in and Graphviz draws it. A `before` edge is declared by the
+//! service that comes first (`x.toml: before = ["web"]`) but points the same way as every other
+//! edge, from the one that waits to the one waited for (`web -> x`): orders, levels and cycles
+//! treat it exactly as the mirrored `after`, and only the renderings and messages, which must
+//! say where it was written, tell it apart.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -24,15 +28,44 @@ use serde::Serialize;
 pub enum EdgeKind {
     /// Start after it is up; stopped and restarted with it.
     Requires,
-    /// Ordering only.
+    /// Start after it is up or has failed to start; its failure or absence neither fails nor
+    /// stops the dependent (systemd's `Wants=`, dinit's `waits-for`).
+    Wants,
+    /// Ordering only, declared by the dependent (`after = [...]`).
     After,
+    /// Ordering only, declared by the dependency (`before = [...]` in its file): the same
+    /// order as the mirrored `after`.
+    Before,
 }
 
 impl EdgeKind {
+    /// The key that declares this kind of edge.
     pub fn as_str(self) -> &'static str {
         match self {
             EdgeKind::Requires => "requires",
+            EdgeKind::Wants => "wants",
             EdgeKind::After => "after",
+            EdgeKind::Before => "before",
+        }
+    }
+
+    /// The edge `dependent -> dependency` in words, the way its file says it: `web requires
+    /// db`, `web wants cache`, `web after log`, and for `before`, written in the dependency's
+    /// file, `x before web`.
+    pub fn describe(self, dependent: &str, dependency: &str) -> String {
+        match self {
+            EdgeKind::Before => format!("{dependency} before {dependent}"),
+            EdgeKind::Requires | EdgeKind::Wants | EdgeKind::After => {
+                format!("{dependent} {} {dependency}", self.as_str())
+            }
+        }
+    }
+
+    /// Whether the edge is written in the dependent's file (else in the dependency's).
+    pub fn declared_by_dependent(self) -> bool {
+        match self {
+            EdgeKind::Requires | EdgeKind::Wants | EdgeKind::After => true,
+            EdgeKind::Before => false,
         }
     }
 }
@@ -41,6 +74,10 @@ impl EdgeKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cycle {
     pub services: Vec<usize>,
+    /// The kind of each edge on the cycle: `kinds[i]` is that of `services[i] ->
+    /// services[i + 1]` (the last closes the cycle); where two kinds join the same pair, the
+    /// first in [`EdgeKind`]'s order.
+    pub kinds: Vec<EdgeKind>,
     /// Every service caught in the same knot (the strongly connected component), sorted by id;
     /// a superset of `services` when several cycles share services.
     pub knot: Vec<usize>,
@@ -205,7 +242,8 @@ impl ServiceGraph {
     }
 
     /// Graphviz DOT: one node per service, `dependent -> dependency` edges labelled with their
-    /// kind (`after` dashed), services of one level at one rank.
+    /// kind and drawn distinctly (`requires` solid, `wants` dashed with a hollow head, `after`
+    /// dashed, `before` dotted), services of one level at one rank.
     pub fn to_dot(&self) -> String {
         let mut out = String::from("digraph ccmgr {\n    rankdir=BT;\n    node [shape=box];\n");
         for level in &self.levels {
@@ -218,7 +256,9 @@ impl ServiceGraph {
         for (dependent, dependency, kind) in self.edges() {
             let style = match kind {
                 EdgeKind::Requires => "",
+                EdgeKind::Wants => ", style=dashed, arrowhead=empty",
                 EdgeKind::After => ", style=dashed",
+                EdgeKind::Before => ", style=dotted",
             };
             let _ = writeln!(
                 out,
@@ -232,7 +272,8 @@ impl ServiceGraph {
         out
     }
 
-    /// Plain text: one line per edge (`web requires db`), then services with no edge at all.
+    /// Plain text: one line per edge as its file says it (`web requires db`, `web wants cache`,
+    /// `web after log`, `x before web`), then services with no edge at all.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let mut touched = vec![false; self.ids.len()];
@@ -241,10 +282,8 @@ impl ServiceGraph {
             touched[dependency] = true;
             let _ = writeln!(
                 out,
-                "{} {} {}",
-                self.ids[dependent],
-                kind.as_str(),
-                self.ids[dependency]
+                "{}",
+                kind.describe(&self.ids[dependent], &self.ids[dependency])
             );
         }
         let mut alone: Vec<_> = (0..self.ids.len()).filter(|&s| !touched[s]).collect();
@@ -274,7 +313,21 @@ fn find_cycles(graph: &DiGraph<usize, EdgeKind>, ids: &[String]) -> Vec<Cycle> {
         knot.sort_by(|&a, &b| ids[a].cmp(&ids[b]));
         let start = knot[0];
         let services = shortest_cycle_through(graph, ids, start, &knot);
-        cycles.push(Cycle { services, knot });
+        let kinds = (0..services.len())
+            .map(|i| {
+                let (from, to) = (services[i], services[(i + 1) % services.len()]);
+                graph
+                    .edges_connecting(NodeIndex::new(from), NodeIndex::new(to))
+                    .map(|e| *e.weight())
+                    .min()
+                    .expect("consecutive services of a cycle are joined by an edge")
+            })
+            .collect();
+        cycles.push(Cycle {
+            services,
+            kinds,
+            knot,
+        });
     }
     cycles.sort_by(|a, b| ids[a.services[0]].cmp(&ids[b.services[0]]));
     cycles
@@ -432,6 +485,65 @@ mod tests {
         assert_eq!(g.check_sequence(SequenceKind::Startup, &[1, 0]).len(), 1);
         assert!(g.check_sequence(SequenceKind::Shutdown, &[1, 0]).is_empty());
         assert_eq!(g.check_sequence(SequenceKind::Shutdown, &[0, 1]).len(), 1);
+    }
+
+    #[test]
+    fn cycles_go_through_every_kind_of_edge_and_name_each() {
+        // a wants b, b after c, and `a before c` (written in a's file) is the edge c -> a:
+        // the knot a -> b -> c -> a mixes three kinds.
+        let cycles = graph(
+            &["a", "b", "c"],
+            &[("a", "b", Wants), ("b", "c", After), ("c", "a", Before)],
+        )
+        .unwrap_err();
+        assert_eq!(cycles.len(), 1);
+        assert_eq!(cycles[0].services, [0, 1, 2]);
+        assert_eq!(cycles[0].kinds, [Wants, After, Before]);
+        assert_eq!(Before.describe("c", "a"), "a before c");
+        // Two kinds joining one pair: the cycle names the first (requires).
+        let cycles = graph(
+            &["a", "b"],
+            &[("a", "b", Wants), ("a", "b", Requires), ("b", "a", Before)],
+        )
+        .unwrap_err();
+        assert_eq!(cycles[0].kinds, [Requires, Before]);
+    }
+
+    #[test]
+    fn before_orders_as_the_mirrored_after() {
+        let mirrored = graph(&["web", "x"], &[("web", "x", Before)]).unwrap();
+        let after = graph(&["web", "x"], &[("web", "x", After)]).unwrap();
+        assert_eq!(mirrored.startup_sequence(), after.startup_sequence());
+        assert_eq!(names(&mirrored, mirrored.startup_sequence()), ["x", "web"]);
+        assert_eq!(mirrored.shutdown_sequence(), after.shutdown_sequence());
+        assert_eq!(mirrored.levels(), after.levels());
+    }
+
+    #[test]
+    fn each_kind_is_drawn_distinctly() {
+        let g = graph(
+            &["db", "cache", "log", "web", "x"],
+            &[
+                ("web", "db", Requires),
+                ("web", "cache", Wants),
+                ("web", "log", After),
+                ("web", "x", Before),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            g.to_text(),
+            "web wants cache\nweb requires db\nweb after log\nx before web\n"
+        );
+        let dot = g.to_dot();
+        for line in [
+            "\"web\" -> \"db\" [label=\"requires\"];",
+            "\"web\" -> \"cache\" [label=\"wants\", style=dashed, arrowhead=empty];",
+            "\"web\" -> \"log\" [label=\"after\", style=dashed];",
+            "\"web\" -> \"x\" [label=\"before\", style=dotted];",
+        ] {
+            assert!(dot.contains(line), "{line} in {dot}");
+        }
     }
 
     #[test]

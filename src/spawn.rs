@@ -817,6 +817,8 @@ mod tests {
             program: PathBuf::from(command[0]),
             requires: vec![],
             after: vec![],
+            wants: vec![],
+            before: vec![],
             ready: Default::default(),
             cc_arg: false,
             startup_timeout: d::STARTUP_TIMEOUT,

@@ -86,6 +86,9 @@ scenarios! {
     a_retry_window_no_crash_loop_can_fill_is_refused => "retry-window-too-short",
     an_unclosed_bracket_is_pointed_at_where_it_opens => "unclosed-brackets",
     a_run_dir_too_deep_for_the_notify_socket_is_refused => "run-dir-too-deep",
+    a_cycle_through_wants_and_before_is_reported_with_its_edges => "cycle-through-wants-and-before",
+    wants_and_before_order_and_a_missing_wanted_service_is_a_warning => "wants-and-before",
+    a_before_naming_no_service_is_an_error => "before-a-missing-service",
 }
 
 #[test]
@@ -116,6 +119,25 @@ fn graph_formats() {
         dot.contains("\"db\" -> \"log\" [label=\"after\", style=dashed];"),
         "{dot}"
     );
+}
+
+#[test]
+fn graph_draws_each_kind_of_edge_distinctly() {
+    let dir = scenarios_dir().join("wants-and-before");
+    let text = run(&dir, &["graph", "--format", "text"]);
+    assert_eq!(
+        text,
+        "exit: 0\n--- stdout\nweb requires db\nweb wants metrics\nmigrate before web\n--- stderr\n\
+         warning: $SCENARIO/services.d/web.toml:3:21: `web` wants `node-exporter`, but no service has that id: ignored (a wanted service may be absent)\n"
+    );
+    let dot = run(&dir, &["graph"]);
+    for edge in [
+        "\"web\" -> \"db\" [label=\"requires\"];",
+        "\"web\" -> \"metrics\" [label=\"wants\", style=dashed, arrowhead=empty];",
+        "\"web\" -> \"migrate\" [label=\"before\", style=dotted];",
+    ] {
+        assert!(dot.contains(edge), "{edge} in {dot}");
+    }
 }
 
 #[test]

@@ -11,6 +11,7 @@
 mod check;
 mod events;
 mod lifecycle;
+mod logs;
 mod status;
 mod stop_driver;
 mod why;
@@ -100,6 +101,18 @@ pub enum Command {
         #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 0)]
         backlog: u64,
     },
+    /// Show what services wrote (none named: ccmgr's own event log): the last lines, then
+    /// with -f what follows, across rotations.
+    Logs {
+        /// The services whose output to show; with several, each line starts with its name.
+        services: Vec<String>,
+        /// How many of the last lines to show first.
+        #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 10)]
+        lines: usize,
+        /// Keep following the logs (across rotations) until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// The roles ccmgr runs itself as (not for direct use).
     #[command(hide = true)]
     Internal {
@@ -138,9 +151,16 @@ impl Cli {
     }
 }
 
-/// Loads the configuration, or prints every problem and says how many there were.
+/// Loads the configuration (printing its warnings), or prints every problem and says how many
+/// there were.
 fn load_or_report(cli: &Cli) -> Result<Config, Exit> {
-    Config::load(&cli.load_options()).map_err(|diags| {
+    let loaded = Config::load(&cli.load_options());
+    if let Ok(config) = &loaded {
+        for w in config.warnings.iter() {
+            eprintln!("warning: {w}");
+        }
+    }
+    loaded.map_err(|diags| {
         for d in diags.iter() {
             eprintln!("error: {d}");
         }
@@ -198,6 +218,11 @@ pub fn main() -> ExitCode {
         Command::Restart { foreground } => Ok(lifecycle::restart(&cli, *foreground)),
         Command::Status { json, services } => Ok(status::status(&cli, *json, services)),
         Command::Events { json, backlog } => Ok(events::events(&cli, *json, *backlog)),
+        Command::Logs {
+            services,
+            lines,
+            follow,
+        } => Ok(logs::logs(&cli, services, *lines, *follow)),
         Command::Internal {
             role,
             foreground,

@@ -268,10 +268,13 @@ pub fn status(cli: &Cli, json: bool, named: &[String]) -> Exit {
                 .graph
                 .dependencies(i)
                 .into_iter()
-                .filter_map(|(dep, _)| {
+                .filter_map(|(dep, kind)| {
                     let dep_state = statuses.get(dep).copied().flatten()?.state;
-                    (dep_state != ServiceState::Up)
-                        .then(|| (config.services[dep].id.as_str(), dep_state))
+                    // A wanted service whose start failed is waited for no longer.
+                    let waited = dep_state != ServiceState::Up
+                        && !(kind == crate::graph::EdgeKind::Wants
+                            && dep_state == ServiceState::Failed);
+                    waited.then(|| (config.services[dep].id.as_str(), dep_state))
                 })
                 .collect();
             super::why::reason(&super::why::Facts {

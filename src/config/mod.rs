@@ -158,6 +158,10 @@ pub struct Config {
     /// True when `startup_sequence` was given explicitly: then services start strictly one at
     /// a time in that order, as in the original design, instead of level by level.
     pub explicit_startup: bool,
+    /// What the load noticed but accepts (a `wants` naming no service, as systemd's `Wants=`
+    /// allows): printed as warnings by every verb that loads the files. Empty when the
+    /// configuration comes from a segment's image.
+    pub warnings: Diagnostics,
 }
 
 impl Config {
@@ -291,13 +295,20 @@ impl Config {
         for (i, s) in services.iter().enumerate() {
             for (kind, targets) in [
                 (EdgeKind::Requires, &s.requires),
+                (EdgeKind::Wants, &s.wants),
                 (EdgeKind::After, &s.after),
+                (EdgeKind::Before, &s.before),
             ] {
                 for t in targets {
-                    let j = index(t).ok_or_else(|| {
-                        format!("the config image names an unknown service `{t}`")
-                    })?;
-                    edges.push((i, j, kind));
+                    let j = match index(t) {
+                        Some(j) => j,
+                        // A wanted id that names no service was a warning at load: no edge.
+                        None if kind == EdgeKind::Wants => continue,
+                        None => {
+                            return Err(format!("the config image names an unknown service `{t}`"));
+                        }
+                    };
+                    edges.push(edge_between(i, j, kind));
                 }
             }
         }
@@ -331,7 +342,25 @@ impl Config {
             startup_sequence,
             shutdown_sequence,
             explicit_startup,
+            warnings: Diagnostics::default(),
         })
+    }
+}
+
+/// The edge `dependent -> dependency` as its file says it, ids quoted: "`web` requires `db`",
+/// "`x` before `web`".
+fn quoted_edge(kind: EdgeKind, dependent: &str, dependency: &str) -> String {
+    kind.describe(&format!("`{dependent}`"), &format!("`{dependency}`"))
+}
+
+/// The graph edge `(dependent, dependency, kind)` that service `declarer` declares towards
+/// `target` with a key of `kind`: every key points from its own file to the target, except
+/// `before`, whose target is the one that waits.
+fn edge_between(declarer: usize, target: usize, kind: EdgeKind) -> (usize, usize, EdgeKind) {
+    if kind.declared_by_dependent() {
+        (declarer, target, kind)
+    } else {
+        (target, declarer, kind)
     }
 }
 
@@ -807,6 +836,7 @@ fn assemble(
     spans: &SequenceSpans,
     diags: &mut Diagnostics,
 ) -> Option<Config> {
+    let mut warnings = Diagnostics::default();
     parsed.sort_by(|a, b| (&a.spec.id, &a.spec.source).cmp(&(&b.spec.id, &b.spec.source)));
     // Two files, one id: name both, keep the first so its references are still checked.
     let mut kept: Vec<service::ParsedService> = Vec::with_capacity(parsed.len());
@@ -838,28 +868,40 @@ fn assemble(
     for (i, p) in kept.iter().enumerate() {
         let refs = [
             (EdgeKind::Requires, &p.spec.requires, &p.requires_spans),
+            (EdgeKind::Wants, &p.spec.wants, &p.wants_spans),
             (EdgeKind::After, &p.spec.after, &p.after_spans),
+            (EdgeKind::Before, &p.spec.before, &p.before_spans),
         ];
         for (kind, targets, target_spans) in refs {
             for (target, span) in targets.iter().zip(target_spans) {
                 match index.get(target.as_str()) {
-                    Some(&j) => edges.push((i, j, kind)),
+                    Some(&j) => edges.push(edge_between(i, j, kind)),
                     None if broken.contains(target) => {}
                     None => {
                         let relation = match kind {
                             EdgeKind::Requires => "requires",
+                            EdgeKind::Wants => "wants",
                             EdgeKind::After => "is ordered after",
+                            EdgeKind::Before => "is ordered before",
                         };
-                        let msg = format!(
+                        let mut msg = format!(
                             "`{}` {relation} `{target}`, but no service has that id",
                             p.spec.id
                         );
+                        if kind == EdgeKind::Wants {
+                            // systemd's Wants= on a unit that does not exist is no error.
+                            msg.push_str(": ignored (a wanted service may be absent)");
+                        }
                         let mut d =
                             Diagnostic::at_span(&p.spec.source, &p.source_text, span.clone(), msg);
                         if let Some(close) = did_you_mean(target, ids.iter().map(String::as_str)) {
                             d = d.with_note(format!("did you mean `{close}`?"));
                         }
-                        diags.push(d);
+                        if kind == EdgeKind::Wants {
+                            warnings.push(d);
+                        } else {
+                            diags.push(d);
+                        }
                     }
                 }
             }
@@ -886,6 +928,21 @@ fn assemble(
                         services[s].source.display()
                     ));
                 }
+                // Each edge as its file says it: a `before` is written in the file of the
+                // service it points to, which the path alone does not show.
+                let edges: Vec<String> = cycle
+                    .kinds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, kind)| {
+                        let (from, to) = (
+                            cycle.services[i],
+                            cycle.services[(i + 1) % cycle.services.len()],
+                        );
+                        quoted_edge(*kind, &services[from].id, &services[to].id)
+                    })
+                    .collect();
+                d = d.with_note(format!("the edges: {}", edges.join(", ")));
                 let others: Vec<&str> = cycle
                     .knot
                     .iter()
@@ -927,6 +984,7 @@ fn assemble(
         shutdown_sequence: shutdown?,
         graph,
         explicit_startup,
+        warnings,
     })
 }
 
@@ -1015,31 +1073,29 @@ fn settle_sequence(
     }
     for e in graph.check_sequence(kind, &order) {
         let (dependent, dependency) = (&services[e.dependent], &services[e.dependency]);
+        let edge = quoted_edge(e.edge, &dependent.id, &dependency.id);
         let msg = match kind {
             SequenceKind::Startup => format!(
-                "key `coordinator.{key}` starts `{}` before `{}`, but `{}` {} `{}`",
-                dependent.id,
-                dependency.id,
-                dependent.id,
-                e.edge.as_str(),
-                dependency.id
+                "key `coordinator.{key}` starts `{}` before `{}`, but {edge}",
+                dependent.id, dependency.id
             ),
             SequenceKind::Shutdown => format!(
-                "key `coordinator.{key}` stops `{}` before `{}`, but `{}` {} `{}`",
-                dependency.id,
-                dependent.id,
-                dependent.id,
-                e.edge.as_str(),
-                dependency.id
+                "key `coordinator.{key}` stops `{}` before `{}`, but {edge}",
+                dependency.id, dependent.id
             ),
         };
         let pos = explicit
             .iter()
             .position(|id| *id == dependent.id)
             .unwrap_or(0);
+        let declarer = if e.edge.declared_by_dependent() {
+            dependent
+        } else {
+            dependency
+        };
         diags.push(at_entry(pos, msg).with_note(format!(
             "the dependency is declared in {}",
-            dependent.source.display()
+            declarer.source.display()
         )));
     }
     (diags.len() == before).then_some(order)
@@ -1064,6 +1120,34 @@ mod tests {
         assert_eq!(back.shutdown_sequence, config.shutdown_sequence);
         assert_eq!(back.graph.levels(), config.graph.levels());
         assert!(Config::from_image(b"{}").is_err());
+    }
+
+    #[test]
+    fn wants_and_before_survive_the_image_and_a_missing_wanted_id_is_only_a_warning() {
+        let scenario =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/wants-and-before");
+        let options = LoadOptions {
+            config_path: Some(scenario.join("ccmgr.toml")),
+            ..Default::default()
+        };
+        let config = Config::load(&options).unwrap();
+        assert_eq!(config.warnings.len(), 1, "{}", config.warnings);
+        let warning = config.warnings.to_string();
+        assert!(warning.contains("`web` wants `node-exporter`"), "{warning}");
+        let i = |id: &str| config.service_index(id).unwrap();
+        assert_eq!(
+            config.graph.dependencies(i("web")),
+            [
+                (i("db"), EdgeKind::Requires),
+                (i("metrics"), EdgeKind::Wants),
+                (i("migrate"), EdgeKind::Before),
+            ]
+        );
+        let back = Config::from_image(&config.to_image()).unwrap();
+        assert_eq!(back.services, config.services);
+        assert_eq!(back.graph.edges(), config.graph.edges());
+        assert_eq!(back.startup_sequence, config.startup_sequence);
+        assert!(back.warnings.is_empty());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! the resolution of everything that can be checked without running anything: the id, the
 //! program (found on disk now, so a typo fails `ccmgr check` rather than a boot), users and
 //! groups, the stop signal and the env file. What a service file says about other services
-//! (`requires`, `after`) is checked by [`super::load`] once every file is read.
+//! (`requires`, `wants`, `after`, `before`) is checked by [`super::load`] once every file is read.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -163,7 +163,14 @@ pub struct ServiceSpec {
     /// The program to execute, resolved to an absolute path at load.
     pub program: PathBuf,
     pub requires: Vec<String>,
+    /// Started before it and waited for, but its failure or absence neither fails nor stops
+    /// it. May name ids that are no service (a warning at load; such an id is ignored).
+    #[serde(default)]
+    pub wants: Vec<String>,
     pub after: Vec<String>,
+    /// These start after this service (the reverse of their `after`).
+    #[serde(default)]
+    pub before: Vec<String>,
     pub ready: ReadyKind,
     pub cc_arg: bool,
     pub startup_timeout: ConfigDuration,
@@ -232,7 +239,11 @@ struct RawService {
     #[serde(default)]
     requires: Vec<Spanned<String>>,
     #[serde(default)]
+    wants: Vec<Spanned<String>>,
+    #[serde(default)]
     after: Vec<Spanned<String>>,
+    #[serde(default)]
+    before: Vec<Spanned<String>>,
     #[serde(default)]
     ready: ReadyKind,
     #[serde(default)]
@@ -298,7 +309,9 @@ pub(super) struct ParsedService {
     pub spec: ServiceSpec,
     pub source_text: String,
     pub requires_spans: Vec<std::ops::Range<usize>>,
+    pub wants_spans: Vec<std::ops::Range<usize>>,
     pub after_spans: Vec<std::ops::Range<usize>>,
+    pub before_spans: Vec<std::ops::Range<usize>>,
     pub id_span: Option<std::ops::Range<usize>>,
 }
 
@@ -587,7 +600,9 @@ pub(super) fn parse_service_file(
             command,
             program,
             requires: raw.requires.iter().map(|s| s.get_ref().clone()).collect(),
+            wants: raw.wants.iter().map(|s| s.get_ref().clone()).collect(),
             after: raw.after.iter().map(|s| s.get_ref().clone()).collect(),
+            before: raw.before.iter().map(|s| s.get_ref().clone()).collect(),
             ready: raw.ready,
             cc_arg: raw.cc_arg,
             startup_timeout: raw.startup_timeout.unwrap_or(defaults::STARTUP_TIMEOUT),
@@ -605,7 +620,9 @@ pub(super) fn parse_service_file(
             on_failure_command: raw.on_failure_command.map(Spanned::into_inner),
         },
         requires_spans: raw.requires.iter().map(Spanned::span).collect(),
+        wants_spans: raw.wants.iter().map(Spanned::span).collect(),
         after_spans: raw.after.iter().map(Spanned::span).collect(),
+        before_spans: raw.before.iter().map(Spanned::span).collect(),
         id_span,
         source_text: text,
     })

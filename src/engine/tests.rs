@@ -41,7 +41,10 @@ impl Default for Behaviour {
 struct Svc {
     id: &'static str,
     requires: Vec<&'static str>,
+    wants: Vec<&'static str>,
     after: Vec<&'static str>,
+    /// Services that start after this one (declared here, as in a drop-in).
+    before: Vec<&'static str>,
     ready: ReadyKind,
     restart: RestartPolicy,
     behaviour: Behaviour,
@@ -51,7 +54,9 @@ fn svc(id: &'static str, requires: &[&'static str]) -> Svc {
     Svc {
         id,
         requires: requires.to_vec(),
+        wants: Vec::new(),
         after: Vec::new(),
+        before: Vec::new(),
         ready: ReadyKind::Started,
         restart: RestartPolicy::OnFailure,
         behaviour: Behaviour::default(),
@@ -63,7 +68,10 @@ fn params(services: &[Svc]) -> EngineParams {
     let mut edges = Vec::new();
     for (i, s) in services.iter().enumerate() {
         edges.extend(s.requires.iter().map(|d| (i, index(d), EdgeKind::Requires)));
+        edges.extend(s.wants.iter().map(|d| (i, index(d), EdgeKind::Wants)));
         edges.extend(s.after.iter().map(|d| (i, index(d), EdgeKind::After)));
+        // `before` points from the service that waits to this one, as the config builds it.
+        edges.extend(s.before.iter().map(|d| (index(d), i, EdgeKind::Before)));
     }
     let ids = services.iter().map(|s| s.id.to_owned()).collect();
     let graph = crate::graph::ServiceGraph::build(ids, &edges).expect("acyclic");
@@ -1442,6 +1450,171 @@ fn after_startup_an_exit_before_min_uptime_is_a_failure_the_restart_counter_coun
     assert_eq!(b_spawns, 1, "{:?}", sim.log);
 }
 
+/// `web` wants `metrics`, which is slow to be ready (300 ms), and requires `db`.
+fn wants_stack() -> Vec<Svc> {
+    let mut metrics = svc("metrics", &[]);
+    metrics.ready = ReadyKind::Notify;
+    metrics.behaviour.ready_after = Some(ms(300));
+    let mut web = svc("web", &["db"]);
+    web.wants = vec!["metrics"];
+    vec![svc("db", &[]), metrics, web]
+}
+
+#[test]
+fn a_dependent_waits_for_what_it_wants_during_startup() {
+    let mut sim = Sim::new(wants_stack());
+    sim.run();
+    assert_eq!(
+        sim.log,
+        ["t=0 spawn db", "t=0 spawn metrics", "t=300 spawn web"]
+    );
+    assert_eq!(sim.startup_complete_at, Some(ms(300)));
+}
+
+#[test]
+fn a_wanted_service_that_fails_and_stays_down_leaves_its_dependent_up() {
+    let mut services = wants_stack();
+    services[1].restart = RestartPolicy::Never;
+    let mut sim = Sim::new(services);
+    sim.run_until(ms(1_000));
+    let web = sim.pids[sim.idx("web")];
+    let mark = sim.log.len();
+    sim.crash("metrics");
+    sim.run_until(ms(5_000));
+    // With `requires`, web would be stopped here (restart_never_stays_down_and_stops_...).
+    assert_eq!(sim.log_since(mark), Vec::<&str>::new(), "nothing stopped");
+    assert_eq!(sim.state("metrics"), ServiceState::Failed);
+    assert_eq!(sim.state("web"), ServiceState::Up);
+    assert_eq!(sim.pids[sim.idx("web")], web, "web kept its process");
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+}
+
+#[test]
+fn a_failure_sequence_of_a_wanted_service_spares_what_only_wants_it() {
+    let mut sim = Sim::new(wants_stack());
+    sim.run_until(ms(5_000));
+    let web = sim.pids[sim.idx("web")];
+    let mark = sim.log.len();
+    sim.crash("metrics");
+    sim.run_until(ms(10_000));
+    assert_eq!(sim.log_since(mark), ["t=5000 spawn metrics"]);
+    assert_eq!(sim.pids[sim.idx("web")], web, "web kept its process");
+    assert_eq!(sim.state("metrics"), ServiceState::Up);
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+}
+
+#[test]
+fn a_dependent_starts_once_what_it_wants_has_failed_to_start() {
+    // web requires db and wants metrics, which requires db too. db crashes: both are taken
+    // down and started again; metrics' new start fails (it exits before it is ready). web
+    // does not wait for metrics' next attempt: it starts as soon as that attempt is over.
+    let mut services = wants_stack();
+    services[1].requires = vec!["db"];
+    services[1].behaviour.later_starts = Some((2, Some((ms(50), ProcessExit::Exited(1)))));
+    let mut sim = Sim::new(services);
+    sim.run_until(ms(5_000));
+    let mark = sim.log.len();
+    sim.crash("db");
+    sim.run_until(ms(5_070));
+    assert_eq!(
+        sim.log_since(mark),
+        [
+            "t=5000 stop web",
+            "t=5001 stop metrics", // after web: the shutdown order reverses `wants` too
+            "t=5002 spawn db",
+            "t=5002 spawn metrics",
+            "t=5052 spawn web"
+        ]
+    );
+    assert_eq!(sim.state("metrics"), ServiceState::Failed);
+    assert_eq!(sim.state("web"), ServiceState::Up);
+}
+
+#[test]
+fn a_dependent_of_a_wanted_service_that_is_down_is_still_started() {
+    let mut services = wants_stack();
+    services[1].restart = RestartPolicy::Never;
+    let mut sim = Sim::new(services);
+    sim.run_until(ms(1_000));
+    sim.crash("metrics"); // down for good
+    sim.run_until(ms(2_000));
+    let mark = sim.log.len();
+    sim.crash("db"); // web is taken down with db, and must come back without metrics
+    sim.run_until(ms(5_000));
+    assert_eq!(
+        sim.log_since(mark),
+        ["t=2000 stop web", "t=2001 spawn db", "t=2001 spawn web"]
+    );
+    assert_eq!(sim.state("web"), ServiceState::Up);
+    assert_eq!(sim.state("metrics"), ServiceState::Failed);
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+}
+
+#[test]
+fn a_wanted_service_failing_during_the_startup_sequence_still_fails_the_startup() {
+    // Every service of the stack must come up once for `start` to succeed: `wants` is about
+    // the dependent, not about the stack's contract with its members.
+    let mut services = wants_stack();
+    services[1].behaviour.exits_after = Some((ms(50), ProcessExit::Exited(1)));
+    let mut sim = Sim::new(services);
+    sim.run();
+    assert!(matches!(
+        sim.finished,
+        Some(Outcome::StartupFailed(Failure { service: 1, .. }))
+    ));
+    assert!(
+        !sim.log.contains(&"t=50 spawn web".to_owned()),
+        "{:?}",
+        sim.log
+    );
+}
+
+#[test]
+fn the_shutdown_order_reverses_wants_edges() {
+    let mut sim = Sim::new(wants_stack());
+    sim.run_until(ms(1_000));
+    let mark = sim.log.len();
+    sim.send(Event::Stop);
+    sim.run();
+    assert_eq!(
+        sim.log_since(mark),
+        ["t=1000 stop web", "t=1001 stop metrics", "t=1001 stop db"]
+    );
+}
+
+#[test]
+fn before_orders_as_the_mirrored_after_does() {
+    // x (a drop-in) says `before = ["web"]`; the same stack with web `after = ["x"]` must
+    // start and stop in the same order, at the same times.
+    let run = |mirrored: bool| {
+        let mut x = svc("x", &[]);
+        x.ready = ReadyKind::Notify;
+        x.behaviour.ready_after = Some(ms(200));
+        let mut web = svc("web", &[]);
+        if mirrored {
+            x.before = vec!["web"];
+        } else {
+            web.after = vec!["x"];
+        }
+        let mut sim = Sim::new(vec![web, x]);
+        sim.run_until(ms(1_000));
+        sim.send(Event::Stop);
+        sim.run();
+        sim.log
+    };
+    let before = run(true);
+    assert_eq!(
+        before,
+        [
+            "t=0 spawn x",
+            "t=200 spawn web",
+            "t=1000 stop web",
+            "t=1001 stop x"
+        ]
+    );
+    assert_eq!(before, run(false));
+}
+
 /// Random event sequences over random small stacks, with the invariants checked after every
 /// step (see the module documentation of the engine for the table they exercise).
 mod properties {
@@ -1452,8 +1625,9 @@ mod properties {
     /// One service of a random stack: its dependencies (on services before it) and behaviour.
     #[derive(Clone, Debug)]
     struct RandomService {
-        /// (dependency index below this one, requires?).
-        deps: Vec<(usize, bool)>,
+        /// (dependency index below this one, the kind of edge: 0 requires, 1 wants, 2 after,
+        /// 3 before, declared by the dependency).
+        deps: Vec<(usize, u8)>,
         ready: ReadyKind,
         restart: RestartPolicy,
         min_uptime_ms: u64,
@@ -1472,7 +1646,7 @@ mod properties {
             .prop_flat_map(|n| {
                 let service = |i: usize| {
                     (
-                        proptest::collection::vec((0..i.max(1), any::<bool>()), 0..=i.min(2)),
+                        proptest::collection::vec((0..i.max(1), 0u8..4), 0..=i.min(2)),
                         prop_oneof![
                             Just(ReadyKind::Started),
                             Just(ReadyKind::Notify),
@@ -1510,30 +1684,37 @@ mod properties {
     const IDS: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
 
     fn engine_params(stack: &RandomStack) -> EngineParams {
-        let services: Vec<Svc> = stack
+        let mut services: Vec<Svc> = stack
             .services
             .iter()
             .enumerate()
-            .map(|(i, r)| {
-                let mut requires = Vec::new();
-                let mut after = Vec::new();
-                for &(d, req) in &r.deps {
-                    let list = if req { &mut requires } else { &mut after };
-                    if !list.contains(&IDS[d]) {
-                        list.push(IDS[d]);
-                    }
-                }
-                after.retain(|d| !requires.contains(d));
-                Svc {
-                    id: IDS[i],
-                    requires,
-                    after,
-                    ready: r.ready,
-                    restart: r.restart,
-                    behaviour: Behaviour::default(),
-                }
+            .map(|(i, r)| Svc {
+                id: IDS[i],
+                requires: Vec::new(),
+                wants: Vec::new(),
+                after: Vec::new(),
+                before: Vec::new(),
+                ready: r.ready,
+                restart: r.restart,
+                behaviour: Behaviour::default(),
             })
             .collect();
+        for (i, r) in stack.services.iter().enumerate() {
+            for &(d, kind) in &r.deps {
+                // A `before` is written in the dependency's file, naming this service.
+                let (holder, target) = if kind == 3 { (d, IDS[i]) } else { (i, IDS[d]) };
+                let svc = &mut services[holder];
+                let list = match kind {
+                    0 => &mut svc.requires,
+                    1 => &mut svc.wants,
+                    2 => &mut svc.after,
+                    _ => &mut svc.before,
+                };
+                if !list.contains(&target) {
+                    list.push(target);
+                }
+            }
+        }
         let mut p = params(&services);
         for (s, r) in p.services.iter_mut().zip(&stack.services) {
             s.min_uptime = ms(r.min_uptime_ms);

@@ -35,6 +35,8 @@ pub fn service_spec(id: &str, command: &[&str]) -> ServiceSpec {
         program: PathBuf::from(command[0]),
         requires: vec![],
         after: vec![],
+        wants: vec![],
+        before: vec![],
         ready: Default::default(),
         cc_arg: false,
         startup_timeout: defaults::STARTUP_TIMEOUT,
