@@ -675,6 +675,7 @@ pub fn internal_coordinator(instance: &str, foreground: bool, role: coordinator:
         keeper::COORDINATOR_CHANNEL_FD,
         keeper::COORDINATOR_NOTIFY_FD,
         COORDINATOR_REPORT_FD,
+        keeper::COORDINATOR_CONTROL_FD,
     ]);
     // Before anything opens a file that could land on one of their numbers.
     let handed = coordinator::Handed::take();

@@ -214,7 +214,13 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             ServiceState::Stopped | ServiceState::Failed => false,
         };
         let dead = needs_process && pid.is_none();
+        // A service the operator stopped (`ccmgr stop SERVICE`) stays down until started.
+        let held = st.state == ServiceState::Stopped
+            && segment
+                .service_progress(i)
+                .is_ok_and(|p| p.want == crate::vocab::Want::Held);
         let state = match (dead, supervised) {
+            (false, _) if held => crate::vocab::Want::Held.to_string(),
             (false, _) => st.state.to_string(),
             (true, true) => "dead".to_owned(),
             (true, false) => "dead (unsupervised)".to_owned(),
@@ -351,7 +357,7 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
         .unwrap_or(2)
         .max(7);
     println!(
-        "{:<width$}  {:<19}  {:>7}  {:>8}  {:>8}  last exit",
+        "{:<width$}  {:<23}  {:>7}  {:>8}  {:>8}  last exit",
         "SERVICE", "STATE", "PID", "UPTIME", "RESTARTS"
     );
     for s in &out.services {
@@ -363,7 +369,7 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             _ => "-".into(),
         };
         println!(
-            "{:<width$}  {:<19}  {:>7}  {:>8}  {:>8}  {last}",
+            "{:<width$}  {:<23}  {:>7}  {:>8}  {:>8}  {last}",
             s.id,
             s.state,
             pid_or(s.pid, "-"),

@@ -1,0 +1,235 @@
+//! `ccmgr start|stop|restart SERVICE...` through the real binary: the operator acts on some
+//! services of a running stack, in order, while the rest keeps its pids; what the operator
+//! stopped stays down through failure sequences until started again; unknown services and
+//! strangers are refused. Each test runs its own instance; the `Stack` guard stops and reaps
+//! everything even when a test fails.
+
+mod stack_support;
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use stack_support::{Stack, ccmgr_bin, service_of, text};
+
+const LONG: Duration = Duration::from_secs(20);
+
+/// The acceptance chain: c requires b requires a; each a shell that sleeps (and ends at once
+/// on SIGTERM, sleeping in the background so the shell is there to take it).
+fn chain(test: &str) -> Stack {
+    let sleeper = |deps: &str| {
+        format!(
+            "command = [\"sh\", \"-c\", \"trap 'exit 0' TERM; while :; do sleep 1 & wait; done\"]\nrestart_delay = \"10ms\"\n{deps}\n"
+        )
+    };
+    let stack = Stack::new(test, "", &[]);
+    stack.write_service("a", &sleeper(""));
+    stack.write_service("b", &sleeper("requires = [\"a\"]"));
+    stack.write_service("c", &sleeper("requires = [\"b\"]"));
+    stack.start_ok();
+    stack.wait_steady(LONG);
+    stack
+}
+
+fn pid(status: &Value, id: &str) -> Option<i64> {
+    service_of(status, id)["pid"].as_i64()
+}
+
+fn state(status: &Value, id: &str) -> String {
+    service_of(status, id)["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The services in the order the coordinator logged `verb` lines for them ("started" or
+/// "stopping"), from line `from` of its log on.
+fn logged(stack: &Stack, from: usize, verb: &str) -> Vec<String> {
+    let needle = format!(": {verb} service=");
+    stack
+        .coordinator_log()
+        .lines()
+        .skip(from)
+        .filter(|l| !l.contains("role=\"keeper\"") && l.contains(&needle))
+        .filter_map(|l| l.split("service=").nth(1))
+        .map(|rest| rest.split_whitespace().next().unwrap_or("").to_owned())
+        .collect()
+}
+
+fn log_len(stack: &Stack) -> usize {
+    stack.coordinator_log().lines().count()
+}
+
+#[test]
+fn restart_of_a_service_restarts_it_then_what_requires_it_and_leaves_the_rest() {
+    let stack = chain("op-restart");
+    let before = stack.status().unwrap();
+    let mark = log_len(&stack);
+    let out = stack.ccmgr(&["restart", "b"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("restarted b, c"), "{}", text(&out));
+    // Waited until done: both are up again, under new pids, as soon as it returns.
+    let after = stack.status().unwrap();
+    for id in ["b", "c"] {
+        assert_eq!(state(&after, id), "up", "{after}");
+        assert_ne!(pid(&after, id), pid(&before, id), "{id} was not restarted");
+    }
+    assert_eq!(pid(&after, "a"), pid(&before, "a"), "a was touched");
+    assert_eq!(logged(&stack, mark, "stopping"), ["c", "b"]);
+    assert_eq!(logged(&stack, mark, "started"), ["b", "c"]);
+    // An operator's restart is no failure.
+    assert_eq!(service_of(&after, "b")["restarts"], 0);
+    assert_eq!(after["restart_window"]["restarts"], 0, "{after}");
+}
+
+#[test]
+fn stop_holds_a_service_and_its_dependents_down_until_started_again() {
+    let stack = chain("op-stop");
+    let a_before = pid(&stack.status().unwrap(), "a");
+    let mark = log_len(&stack);
+    let out = stack.ccmgr(&["stop", "b"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("stopped c, b"), "{}", text(&out));
+    assert_eq!(logged(&stack, mark, "stopping"), ["c", "b"]);
+    let status = stack.status().unwrap();
+    for id in ["b", "c"] {
+        assert_eq!(state(&status, id), "stopped by the operator", "{status}");
+        assert_eq!(pid(&status, id), None);
+    }
+    assert_eq!(pid(&status, "a"), a_before);
+    let table = text(&stack.ccmgr(&["status"]));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("b ") && l.contains("stopped by the operator")),
+        "{table}"
+    );
+
+    // A failure sequence (a killed) brings back a, and neither b nor c.
+    let a = a_before.unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = stack.wait_for("a restarted", LONG, |s| {
+        s.as_ref().is_some_and(|s| {
+            s["state"] == "steady" && state(s, "a") == "up" && pid(s, "a") != a_before
+        })
+    });
+    let status = status.unwrap();
+    assert_eq!(service_of(&status, "a")["restarts"], 1, "{status}");
+    for id in ["b", "c"] {
+        assert_eq!(state(&status, id), "stopped by the operator", "{status}");
+    }
+    let starts_since = logged(&stack, mark, "started");
+    assert_eq!(starts_since, ["a"], "only a came back");
+
+    // start c brings b and c back, in order.
+    let mark = log_len(&stack);
+    let out = stack.ccmgr(&["start", "c"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("started b, c"), "{}", text(&out));
+    assert_eq!(logged(&stack, mark, "started"), ["b", "c"]);
+    let status = stack.status().unwrap();
+    assert!(stack_support::steady_and_all_up(&status), "{status}");
+}
+
+#[test]
+fn an_unknown_service_is_bad_usage_with_a_suggestion() {
+    let stack = chain("op-unknown");
+    let before = stack.status().unwrap();
+    for verb in ["start", "stop", "restart"] {
+        let out = stack.ccmgr(&[verb, "bb"]);
+        assert_eq!(out.status.code(), Some(2), "{verb}: {}", text(&out));
+        let t = text(&out);
+        assert!(t.contains("no service `bb`"), "{t}");
+        assert!(t.contains("did you mean `b`?"), "{t}");
+    }
+    let after = stack.status().unwrap();
+    for id in ["a", "b", "c"] {
+        assert_eq!(pid(&after, id), pid(&before, id));
+    }
+}
+
+#[test]
+fn no_wait_returns_once_accepted() {
+    let stack = chain("op-nowait");
+    let out = stack.ccmgr(&["stop", "--no-wait", "c"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("under way"), "{}", text(&out));
+    stack.wait_for("c held down", LONG, |s| {
+        s.as_ref()
+            .is_some_and(|s| state(s, "c") == "stopped by the operator")
+    });
+}
+
+#[test]
+fn a_failed_start_exits_1_naming_the_service() {
+    let stack = Stack::new("op-fail", "", &[]);
+    let flag = stack.file("c-fails");
+    stack.write_service(
+        "a",
+        "command = [\"sh\", \"-c\", \"trap 'exit 0' TERM; while :; do sleep 1 & wait; done\"]\n",
+    );
+    // c fails at once (status 7) once the flag file exists; it counts as up only after
+    // 300 ms, so the failure is a failed start; and it is not restarted.
+    stack.write_service(
+        "c",
+        &format!(
+            "command = [\"sh\", \"-c\", \"test -e {flag} && exit 7; trap 'exit 0' TERM; while :; do sleep 1 & wait; done\"]\nrequires = [\"a\"]\nmin_uptime = \"300ms\"\nrestart = \"never\"\n"
+        ),
+    );
+    stack.start_ok();
+    stack.wait_steady(LONG);
+    let out = stack.ccmgr(&["stop", "c"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    std::fs::write(&flag, "").unwrap();
+    let out = stack.ccmgr(&["start", "c"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("c failed: exited with status 7"), "{t}");
+    // a was not touched by c's failure.
+    assert_eq!(state(&stack.status().unwrap(), "a"), "up");
+}
+
+/// A user who is not the instance's owner (nor root) is refused, and nothing changes.
+#[test]
+fn a_stranger_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run a command as nobody");
+        return;
+    }
+    let stack = chain("op-stranger");
+    // Let nobody reach the socket's directory, so that the refusal is the coordinator's
+    // (by SO_PEERCRED) where the socket's mode allows the connection, else the file system's.
+    for dir in [stack.path().to_path_buf(), stack.path().join("run")] {
+        let mut perms = std::fs::metadata(&dir).unwrap().permissions();
+        perms.set_mode(perms.mode() | 0o011);
+        std::fs::set_permissions(&dir, perms).unwrap();
+    }
+    let config = stack.path().join("ccmgr.toml");
+    let mut perms = std::fs::metadata(&config).unwrap().permissions();
+    perms.set_mode(0o644);
+    std::fs::set_permissions(&config, perms).unwrap();
+    let before = stack.status().unwrap();
+    let out = Command::new(ccmgr_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(["stop", "b"])
+        .env_remove("CCMGR_CONFIG")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("may not control"), "{t}");
+    let after = stack.status().unwrap();
+    for id in ["a", "b", "c"] {
+        assert_eq!(state(&after, id), "up", "{after}");
+        assert_eq!(pid(&after, id), pid(&before, id));
+    }
+}
