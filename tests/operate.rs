@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use stack_support::{Stack, ccmgr_bin, service_of, text};
+use stack_support::{Running, Stack, ccmgr_bin, service_of, text};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -195,41 +195,172 @@ fn a_failed_start_exits_1_naming_the_service() {
     assert_eq!(state(&stack.status().unwrap(), "a"), "up");
 }
 
-/// A user who is not the instance's owner (nor root) is refused, and nothing changes.
+/// The coordinator dies while a `stop b` waits for b (which takes its time to stop): the
+/// standby takes over, continues the stop, and the waiting command ends with "stopped"; what
+/// the operator stopped stays stopped under the new coordinator.
 #[test]
-fn a_stranger_is_refused() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to run a command as nobody");
-        return;
+fn a_stop_survives_a_takeover_in_the_middle() {
+    let stack = Stack::new("op-takeover", "", &[]);
+    let gate = stack.file("b-may-stop");
+    let sleeper = "command = [\"sh\", \"-c\", \"trap 'exit 0' TERM; while :; do sleep 1 & wait; done\"]\nrestart_delay = \"10ms\"\n";
+    stack.write_service("a", sleeper);
+    // b stops only once the test opens the gate (a file), however long that takes.
+    stack.write_service(
+        "b",
+        &format!(
+            "command = [\"sh\", \"-c\", \"trap 'while [ ! -e {gate} ]; do sleep 0.02; done; exit 0' TERM; while :; do sleep 1 & wait; done\"]\nrequires = [\"a\"]\nshutdown_timeout = \"60s\"\n"
+        ),
+    );
+    stack.write_service("c", &format!("{sleeper}requires = [\"b\"]\n"));
+    stack.start_ok();
+    stack.wait_steady(LONG);
+    let status = stack.wait_for("a standby", LONG, |s| {
+        s.as_ref().is_some_and(|s| s["standby"]["pid"].is_i64())
+    });
+    let coordinator = status.unwrap()["coordinator"]["pid"].as_i64().unwrap() as i32;
+    let stop = Running::spawn(&stack, &["stop", "b"]);
+    stack.wait_for("b stopping", LONG, |s| {
+        s.as_ref().is_some_and(|s| {
+            state(s, "c") == "stopped by the operator" && state(s, "b") == "stopping"
+        })
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(coordinator),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    stack.wait_for("a new coordinator", LONG, |s| {
+        s.as_ref().is_some_and(|s| {
+            s["coordinator"]["pid"]
+                .as_i64()
+                .is_some_and(|p| p as i32 != coordinator)
+                && s["supervised"] == true
+        })
+    });
+    std::fs::write(&gate, "").unwrap();
+    let out = stop.finish(LONG);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("stopped c, b"), "{}", text(&out));
+    // It did lose its coordinator in the middle, and asked the successor.
+    assert!(
+        text(&out).contains("asking its successor"),
+        "{}",
+        text(&out)
+    );
+    let status = stack.status().unwrap();
+    for id in ["b", "c"] {
+        assert_eq!(state(&status, id), "stopped by the operator", "{status}");
     }
-    let stack = chain("op-stranger");
-    // Let nobody reach the socket's directory, so that the refusal is the coordinator's
-    // (by SO_PEERCRED) where the socket's mode allows the connection, else the file system's.
+    // Under the new coordinator, a failure sequence of a still leaves them down.
+    let a = pid(&status, "a").unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = stack
+        .wait_for("a restarted", LONG, |s| {
+            s.as_ref().is_some_and(|s| {
+                s["state"] == "steady"
+                    && state(s, "a") == "up"
+                    && pid(s, "a").is_some_and(|p| p as i32 != a)
+            })
+        })
+        .unwrap();
+    for id in ["b", "c"] {
+        assert_eq!(state(&status, id), "stopped by the operator", "{status}");
+    }
+}
+
+/// Runs `ccmgr <args>` on `stack` as nobody (uid 65534, group nogroup 65534), after letting
+/// nobody reach the stack's directory, run_dir and configuration file (the socket's own mode
+/// still applies).
+fn as_nobody(stack: &Stack, args: &[&str]) -> std::process::Output {
     for dir in [stack.path().to_path_buf(), stack.path().join("run")] {
         let mut perms = std::fs::metadata(&dir).unwrap().permissions();
         perms.set_mode(perms.mode() | 0o011);
         std::fs::set_permissions(&dir, perms).unwrap();
     }
     let config = stack.path().join("ccmgr.toml");
-    let mut perms = std::fs::metadata(&config).unwrap().permissions();
-    perms.set_mode(0o644);
-    std::fs::set_permissions(&config, perms).unwrap();
-    let before = stack.status().unwrap();
-    let out = Command::new(ccmgr_bin())
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    Command::new(ccmgr_bin())
         .arg("--config")
         .arg(&config)
-        .args(["stop", "b"])
+        .args(args)
         .env_remove("CCMGR_CONFIG")
         .uid(65534)
         .gid(65534)
         .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let t = text(&out);
-    assert!(t.contains("may not control"), "{t}");
+        .unwrap()
+}
+
+fn needs_root() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("skipped: needs root to run a command as nobody");
+    }
+    root
+}
+
+/// Nothing changed: every service up under the pid it had.
+fn unchanged(stack: &Stack, before: &Value) {
     let after = stack.status().unwrap();
     for id in ["a", "b", "c"] {
         assert_eq!(state(&after, id), "up", "{after}");
-        assert_eq!(pid(&after, id), pid(&before, id));
+        assert_eq!(pid(&after, id), pid(before, id));
     }
+}
+
+/// A member of the instance's `group` may connect to the control socket (mode 0660), but only
+/// the owner and root may control: the coordinator refuses by the caller's credentials.
+#[test]
+fn a_group_member_who_is_not_the_owner_is_refused_by_the_coordinator() {
+    if !needs_root() {
+        return;
+    }
+    let stack = Stack::new("op-group", "group = \"nogroup\"", &[]);
+    let sleeper =
+        "command = [\"sh\", \"-c\", \"trap 'exit 0' TERM; while :; do sleep 1 & wait; done\"]\n";
+    stack.write_service("a", sleeper);
+    stack.write_service("b", &format!("{sleeper}requires = [\"a\"]\n"));
+    stack.write_service("c", &format!("{sleeper}requires = [\"b\"]\n"));
+    stack.start_ok();
+    let before = stack.wait_steady(LONG);
+    let socket = stack
+        .path()
+        .join("run")
+        .join(format!("{}.sock", stack.instance));
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    for verb in ["stop", "start", "restart"] {
+        let out = as_nobody(&stack, &[verb, "b"]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let t = text(&out);
+        assert!(
+            t.contains("refused: uid 65534 may not control this instance"),
+            "{t}"
+        );
+    }
+    unchanged(&stack, &before);
+}
+
+/// Without a `group`, the socket is 0600: anyone else is refused by the file system.
+#[test]
+fn a_stranger_is_refused() {
+    if !needs_root() {
+        return;
+    }
+    let stack = chain("op-stranger");
+    let before = stack.status().unwrap();
+    let socket = stack
+        .path()
+        .join("run")
+        .join(format!("{}.sock", stack.instance));
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let out = as_nobody(&stack, &["stop", "b"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("uid 65534 may not control instance"), "{t}");
+    unchanged(&stack, &before);
 }

@@ -125,9 +125,9 @@ fn converse(
     deadline: Instant,
     mut on_accepted: impl FnMut(&[String], u64) -> bool,
 ) -> Result<Ended, String> {
-    stream
-        .write_all(&request.to_line())
-        .map_err(|e| format!("cannot send the request: {e}"))?;
+    // A refusal comes before the request is read, and the connection is closed after it:
+    // the request may then not go out, but the refusal is there to read.
+    let sent = stream.write_all(&request.to_line());
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
     let mut deadline = deadline;
     loop {
@@ -144,6 +144,14 @@ fn converse(
             .map_err(|e| e.to_string())?;
         let mut line = Vec::new();
         match reader.read_until(b'\n', &mut line) {
+            Ok(0) if sent.is_err() => {
+                let e = sent
+                    .as_ref()
+                    .err()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                return Err(format!("cannot send the request: {e}"));
+            }
             Ok(0) => return Ok(Ended::Lost),
             Ok(_) if line.last() != Some(&b'\n') => return Ok(Ended::Lost),
             Ok(_) => {}
