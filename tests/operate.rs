@@ -106,6 +106,30 @@ fn stop_holds_a_service_and_its_dependents_down_until_started_again() {
             .any(|l| l.starts_with("b ") && l.contains("stopped by the operator")),
         "{table}"
     );
+    // `status b`: that service alone, in text and in JSON.
+    let one = stack.ccmgr(&["status", "b"]);
+    assert_eq!(one.status.code(), Some(0), "{}", text(&one));
+    let table = String::from_utf8_lossy(&one.stdout).into_owned();
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| ["a ", "b ", "c "].iter().any(|p| l.starts_with(p)))
+        .collect();
+    assert_eq!(rows.len(), 1, "{table}");
+    assert!(rows[0].contains("stopped by the operator"), "{table}");
+    let one = stack.ccmgr(&["status", "--json", "b"]);
+    let json: Value = serde_json::from_slice(&one.stdout).unwrap();
+    assert_eq!(json["services"].as_array().unwrap().len(), 1, "{json}");
+    assert_eq!(
+        json["services"][0]["state"], "stopped by the operator",
+        "{json}"
+    );
+    let wrong = stack.ccmgr(&["status", "bb"]);
+    assert_eq!(wrong.status.code(), Some(2), "{}", text(&wrong));
+    assert!(
+        text(&wrong).contains("did you mean `b`?"),
+        "{}",
+        text(&wrong)
+    );
 
     // A failure sequence (a killed) brings back a, and neither b nor c.
     let a = a_before.unwrap() as i32;

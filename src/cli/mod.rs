@@ -92,6 +92,9 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Show only these services of the running stack.
+        #[arg(value_name = "SERVICE")]
+        services: Vec<String>,
     },
     /// The roles ccmgr runs itself as (not for direct use).
     #[command(hide = true)]
@@ -218,7 +221,7 @@ pub fn main() -> ExitCode {
         Command::Start { foreground, .. } => Ok(lifecycle::start(&cli, *foreground)),
         Command::Stop { .. } => Ok(lifecycle::stop(&cli)),
         Command::Restart { foreground, .. } => Ok(lifecycle::restart(&cli, *foreground)),
-        Command::Status { json } => Ok(status::status(&cli, *json)),
+        Command::Status { json, services } => Ok(status::status(&cli, *json, services)),
         Command::Internal { role, foreground } => {
             let instance = cli.instance.clone().unwrap_or_default();
             Ok(match role {

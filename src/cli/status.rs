@@ -138,7 +138,9 @@ fn last_run(global: Option<&crate::config::GlobalConfig>, instance: &str) -> Opt
     serde_json::from_str(&text).ok()
 }
 
-pub fn status(cli: &Cli, json: bool) -> Exit {
+/// `only`: the services to show (all when empty); one the running stack does not have is
+/// bad usage, with a suggestion.
+pub fn status(cli: &Cli, json: bool, only: &[String]) -> Exit {
     let (instance, global) = match instance_of(cli) {
         Ok(found) => found,
         Err(e) => return e,
@@ -187,6 +189,20 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
             return Exit::Failed;
         }
     };
+    let ids: Vec<&str> = config.services.iter().map(|s| s.id.as_str()).collect();
+    let unknown: Vec<&String> = only
+        .iter()
+        .filter(|id| !ids.contains(&id.as_str()))
+        .collect();
+    for id in &unknown {
+        eprintln!("error: instance {instance} has no service `{id}`");
+        if let Some(like) = crate::config::did_you_mean(id, ids.iter().copied()) {
+            eprintln!("  note: did you mean `{like}`?");
+        }
+    }
+    if !unknown.is_empty() {
+        return Exit::BadConfig;
+    }
     let now = monotonic_ms();
     let inst = match segment.instance_status() {
         Ok(s) => s,
@@ -202,6 +218,9 @@ pub fn status(cli: &Cli, json: bool) -> Exit {
     let supervised = supervised(coordinator, keeper);
     let mut services = Vec::with_capacity(config.services.len());
     for (i, spec) in config.services.iter().enumerate() {
+        if !only.is_empty() && !only.contains(&spec.id) {
+            continue;
+        }
         let Ok(st) = segment.service_status(i) else {
             continue;
         };
