@@ -296,6 +296,47 @@ fn a_stop_survives_a_takeover_in_the_middle() {
     }
 }
 
+/// The keeper killed, then `stop`: its control socket goes too; and while nothing listens,
+/// a per-service verb says the instance is not running.
+#[test]
+fn stop_after_the_keeper_was_killed_leaves_no_control_socket() {
+    let stack = chain("op-keeper-killed");
+    let status = stack.status().unwrap();
+    stack.remember(&stack_support::pids_in(&status));
+    let socket = stack
+        .path()
+        .join("run")
+        .join(format!("{}.sock", stack.instance));
+    assert!(socket.exists(), "the keeper binds {}", socket.display());
+    let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(keeper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The coordinator (and the standby) end once the keeper is gone: then nothing holds the
+    // listening socket.
+    let parties: Vec<i32> = ["keeper", "coordinator", "standby"]
+        .iter()
+        .filter_map(|k| status[*k]["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect();
+    let deadline = std::time::Instant::now() + LONG;
+    while parties.iter().any(|&p| Stack::alive(p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a party outlived the keeper: {parties:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = stack.ccmgr(&["restart", "b"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("is not running"), "{}", text(&out));
+    let out = stack.ccmgr(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!socket.exists(), "stop left {}", socket.display());
+}
+
 /// Runs `ccmgr <args>` on `stack` as nobody (uid 65534, group nogroup 65534), after letting
 /// nobody reach the stack's directory, run_dir and configuration file (the socket's own mode
 /// still applies).

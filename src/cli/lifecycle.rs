@@ -940,6 +940,7 @@ fn remove_state(
     if let Some(run_dir) = run_dir {
         ProcessRecord::remove(&crate::records::record_path(run_dir, instance));
         remove_dead_notify_socket(&run_dir.join(format!("{instance}.notify")));
+        crate::control::remove_if_dead(&crate::control::socket_path(run_dir, instance));
     }
     Ok(())
 }

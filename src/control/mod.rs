@@ -117,6 +117,20 @@ pub fn bind(path: &Path, group: Option<u32>) -> Result<OwnedFd, ControlError> {
     Ok(fd)
 }
 
+/// Removes the control socket a dead keeper left at `path` (`ccmgr stop` cleaning up after
+/// it): only once nobody listens on it (a connection is refused), so that a keeper a
+/// concurrent `start` has just started keeps its own.
+pub fn remove_if_dead(path: &Path) {
+    let is_socket = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    let refused = || {
+        std::os::unix::net::UnixStream::connect(path)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    };
+    if is_socket && refused() {
+        let _ = fs::remove_file(path);
+    }
+}
+
 /// Removes the control socket at `path`, if it is one (the keeper, at its end).
 pub fn remove(path: &Path) {
     if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
