@@ -10,8 +10,9 @@
 //! shared segment or the spawner: its vocabulary is [`crate::vocab`]'s.
 //!
 //! Each service has a [`Process`] (what its process is doing) and a [`Want`] (what the stack
-//! wants of it: up, down, or cycling = taken down by a failure sequence and to come back once
-//! everything that sequence takes down is down). After every event one pass stops, in
+//! wants of it: up, down, held = down because the operator said so and until the operator
+//! says otherwise, or cycling = taken down by a failure sequence or the operator's restart and
+//! to come back once everything that sequence takes down is down). After every event one pass stops, in
 //! shutdown order, what is not wanted up and may stop (every dependent going down is already
 //! down), and one pass starts, in startup order, what is wanted up and may start (everything it
 //! depends on is up), so ordering falls out of the graph rather than being scripted per
