@@ -337,6 +337,50 @@ fn stop_after_the_keeper_was_killed_leaves_no_control_socket() {
     assert!(!socket.exists(), "stop left {}", socket.display());
 }
 
+/// A client that connects and says nothing does not hold the coordinator: a restart goes
+/// through meanwhile, and the silent connection is closed at its read deadline; a malformed
+/// request, or two in one connection, get a `bad` reply and are closed.
+#[test]
+fn silent_or_malformed_clients_never_hold_the_coordinator() {
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::net::UnixStream;
+    let stack = chain("op-silent");
+    let socket = stack
+        .path()
+        .join("run")
+        .join(format!("{}.sock", stack.instance));
+    let mut silent = UnixStream::connect(&socket).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let out = stack.ccmgr(&["restart", "c"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // The coordinator closes it (2 s): end of file, with nothing said.
+    let mut got = Vec::new();
+    let started = std::time::Instant::now();
+    silent.read_to_end(&mut got).unwrap();
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert!(started.elapsed() < Duration::from_secs(9));
+
+    for request in [
+        &b"stop b\n"[..],
+        b"{\"verb\":\"stop\",\"services\":[\"b\"],\"force\":true}\n",
+        b"{\"verb\":\"stop\",\"services\":[\"b\"]}\n{\"verb\":\"stop\",\"services\":[\"a\"]}\n",
+    ] {
+        let mut conn = UnixStream::connect(&socket).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        conn.write_all(request).unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("{\"reply\":\"bad\""), "{reply}");
+        assert_eq!(reply.lines().count(), 1, "{reply}");
+    }
+    // Nothing was stopped.
+    let status = stack.status().unwrap();
+    assert!(stack_support::steady_and_all_up(&status), "{status}");
+}
+
 /// Runs `ccmgr <args>` on `stack` as nobody (uid 65534, group nogroup 65534), after letting
 /// nobody reach the stack's directory, run_dir and configuration file (the socket's own mode
 /// still applies).
