@@ -7,7 +7,10 @@
 //! last reply (the coordinator died), the client connects again and asks again: the same
 //! request if it was not accepted yet, else one that only waits for the end state the
 //! successor continues towards (a stop asks for the stop again, which changes nothing; a start
-//! or a restart asks for a start, which waits until the services are up). Every wait is
+//! or a restart asks for a start, which waits until the services are up). One case is not
+//! told apart: a coordinator that died after applying and publishing a request but before
+//! saying so; the request is then asked again, which for a restart means a second restart of
+//! the same services (a start or a stop asked twice changes nothing). Every wait is
 //! bounded: the request must be accepted within [`ACCEPT_WAIT`] (longer than a takeover
 //! may take), and the work done within the coordinator's estimate plus [`MARGIN`].
 
