@@ -81,6 +81,9 @@
 //!                  |                          |                          |  Held or Down stays so
 //! ```
 //!
+//! A failed service the operator stops becomes stopped (`None(Stopped)`), not failed: held
+//! means "stopped by the operator", and its last exit still says how it had ended.
+//!
 //! A held service is down for ordering (an `after` dependent may start without it); no failure
 //! sequence (either `on_failure`), no `restart = "never"` knock-on and no takeover changes
 //! `Held`; only the operator's start, or a stop of the whole stack (everything `Down`), does.
@@ -862,6 +865,11 @@ impl Engine {
     fn on_operator_stop(&mut self, services: &[usize]) {
         for s in self.operator_stop_set(services) {
             self.slots[s].want = Want::Held;
+            // One that had failed (waiting for its restart delay, or given up on) is now
+            // stopped by the operator, not failed: its last exit still says how it ended.
+            if self.slots[s].process == Process::None(Rest::Failed) {
+                self.set_process(s, Process::None(Rest::Stopped));
+            }
         }
     }
 

@@ -245,8 +245,8 @@ pub fn control(data: &[u8]) {
     let dir = tempfile::tempdir().expect("a temp dir");
     let path = dir.path().join("fuzz.sock");
     let fd = ccmgr::control::bind(&path, None).expect("the control socket binds");
-    let mut server = ControlServer::from_inherited(fd, nix::unistd::geteuid().as_raw())
-        .expect("a server on it");
+    let mut server =
+        ControlServer::from_inherited(fd, nix::unistd::geteuid().as_raw()).expect("a server on it");
     let epoll = nix::sys::epoll::Epoll::new(nix::sys::epoll::EpollCreateFlags::EPOLL_CLOEXEC)
         .expect("an epoll");
     let mut client = std::os::unix::net::UnixStream::connect(&path).expect("connect");
@@ -267,8 +267,13 @@ pub fn control(data: &[u8]) {
     let mut replies = Vec::new();
     let _ = client.read_to_end(&mut replies);
     if !replies.is_empty() {
-        let reply = replies.strip_suffix(b"\n").expect("a reply is a whole line");
-        assert!(!reply.contains(&b'\n'), "more than one reply to a bad request");
+        let reply = replies
+            .strip_suffix(b"\n")
+            .expect("a reply is a whole line");
+        assert!(
+            !reply.contains(&b'\n'),
+            "more than one reply to a bad request"
+        );
         match Reply::decode(reply) {
             Ok(Reply::Bad { why }) => assert_sentence("control bad reply", &why),
             other => panic!("a bad request answered with {other:?}"),

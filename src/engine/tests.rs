@@ -1510,6 +1510,25 @@ fn operator_stop_holds_the_service_and_its_dependents_down_through_a_failure_seq
 }
 
 #[test]
+fn a_failed_service_the_operator_stops_is_stopped_not_failed() {
+    let mut services = chain();
+    services[2].restart = RestartPolicy::Never;
+    let mut sim = Sim::new(services);
+    sim.run();
+    sim.crash("c");
+    sim.run();
+    assert_eq!(sim.state("c"), ServiceState::Failed);
+    let services = operator(&sim, &["c"]);
+    sim.send(Event::OperatorStop { services });
+    let slot = &sim.engine.slots()[sim.idx("c")];
+    assert_eq!(
+        (slot.state(), slot.want),
+        (ServiceState::Stopped, Want::Held)
+    );
+    assert!(slot.last_exit.is_some());
+}
+
+#[test]
 fn operator_start_of_a_dependency_leaves_its_held_dependents_down() {
     let mut sim = Sim::new(chain());
     sim.run();
