@@ -296,6 +296,67 @@ fn a_stop_survives_a_takeover_in_the_middle() {
     }
 }
 
+/// The coordinator dies while a `restart b` waits for c to stop: the standby takes over and
+/// finishes the restart; the waiting command ends with "restarted b, c" once both are up
+/// again, and a keeps its pid.
+#[test]
+fn a_restart_survives_a_takeover_in_the_middle() {
+    let stack = Stack::new("op-takeover-restart", "", &[]);
+    let gate = stack.file("c-may-stop");
+    let sleeper =
+        "command = [\"sh\", \"-c\", \"trap 'exit 0' TERM; while :; do sleep 1 & wait; done\"]\n";
+    stack.write_service("a", sleeper);
+    stack.write_service("b", &format!("{sleeper}requires = [\"a\"]\n"));
+    // c stops only once the test opens the gate (a file), however long that takes.
+    stack.write_service(
+        "c",
+        &format!(
+            "command = [\"sh\", \"-c\", \"trap 'while [ ! -e {gate} ]; do sleep 0.02; done; exit 0' TERM; while :; do sleep 1 & wait; done\"]\nrequires = [\"b\"]\nshutdown_timeout = \"60s\"\n"
+        ),
+    );
+    stack.start_ok();
+    stack.wait_steady(LONG);
+    let before = stack
+        .wait_for("a standby", LONG, |s| {
+            s.as_ref().is_some_and(|s| s["standby"]["pid"].is_i64())
+        })
+        .unwrap();
+    let coordinator = before["coordinator"]["pid"].as_i64().unwrap() as i32;
+    let restart = Running::spawn(&stack, &["restart", "b"]);
+    stack.wait_for("c stopping", LONG, |s| {
+        s.as_ref().is_some_and(|s| state(s, "c") == "stopping")
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(coordinator),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    stack.wait_for("a new coordinator", LONG, |s| {
+        s.as_ref().is_some_and(|s| {
+            s["coordinator"]["pid"]
+                .as_i64()
+                .is_some_and(|p| p as i32 != coordinator)
+                && s["supervised"] == true
+        })
+    });
+    std::fs::write(&gate, "").unwrap();
+    let out = restart.finish(LONG);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("restarted b, c"), "{}", text(&out));
+    assert!(
+        text(&out).contains("asking its successor"),
+        "{}",
+        text(&out)
+    );
+    // Done means done: both up again under new pids as soon as it returns; a untouched.
+    let after = stack.status().unwrap();
+    for id in ["b", "c"] {
+        assert_eq!(state(&after, id), "up", "{after}");
+        assert_ne!(pid(&after, id), pid(&before, id), "{id} was not restarted");
+    }
+    assert_eq!(pid(&after, "a"), pid(&before, "a"));
+}
+
 /// The keeper killed, then `stop`: its control socket goes too; and while nothing listens,
 /// a per-service verb says the instance is not running.
 #[test]

@@ -6,8 +6,9 @@
 //! holds the listening socket) and the successor reads it. If the connection ends before the
 //! last reply (the coordinator died), the client connects again and asks again: the same
 //! request if it was not accepted yet, else one that only waits for the end state the
-//! successor continues towards (a stop asks for the stop again, which changes nothing; a start
-//! or a restart asks for a start, which waits until the services are up). One case is not
+//! successor continues towards, for every service the accepted request named (a stop asks
+//! for the stop again, which changes nothing; a start or a restart asks for a start, which
+//! waits until the services are up). One case is not
 //! told apart: a coordinator that died after applying and publishing a request but before
 //! saying so; the request is then asked again, which for a restart means a second restart of
 //! the same services (a start or a stop asked twice changes nothing). Every wait is
@@ -70,12 +71,14 @@ pub fn operate(cli: &Cli, verb: Verb, args: &OperateArgs) -> Exit {
         match ended {
             Ok(Ended::Final(reply)) => return report(verb, &instance, reply, accepted.as_deref()),
             Ok(Ended::Lost) => {
-                if accepted.is_some() {
-                    // The successor continues the work; ask only for its end state.
+                if let Some(services) = &accepted {
+                    // The successor continues the work; ask only for its end state, for every
+                    // service the request was acting on.
                     request.verb = match verb {
                         Verb::Stop => Verb::Stop,
                         Verb::Start | Verb::Restart => Verb::Start,
                     };
+                    request.services = services.clone();
                 }
                 eprintln!(
                     "ccmgr: the coordinator of instance {instance} went away; asking its successor"
