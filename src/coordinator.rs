@@ -76,6 +76,8 @@ pub enum CoordinatorError {
     Api(#[from] crate::shm::api::ApiError),
     #[error("lost the keeper, the parent of every service: nothing supervises them any more")]
     KeeperLost,
+    #[error("cannot serve the control socket the keeper handed over: {0}")]
+    Control(#[source] std::io::Error),
 }
 
 /// The line `ccmgr start` reads from the report pipe.
@@ -248,7 +250,7 @@ pub fn run(instance: &str, handed: Handed, role: Role) -> Result<i32, Coordinato
         .control
         .ok_or(CoordinatorError::MissingFd(COORDINATOR_CONTROL_FD))?;
     let control = ControlServer::from_inherited(control_fd, nix::unistd::geteuid().as_raw())
-        .map_err(|e| CoordinatorError::Setup(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+        .map_err(CoordinatorError::Control)?;
     protocol::set_nonblocking(keeper.as_fd())?;
     let me = ProcessIdentity::current().ok();
 
