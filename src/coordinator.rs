@@ -730,6 +730,12 @@ impl Coordinator {
                         self.feed(Event::Tick);
                         let now = self.now();
                         self.control.expire(&epoll, now);
+                        if let Err(e) =
+                            self.control
+                                .resume_if_due(&epoll, now, Source::Control.token())
+                        {
+                            error!(error = %e, "cannot watch the control socket again: per-service requests are lost");
+                        }
                         self.retry_standby_if_due();
                         self.summarize_notify_drops();
                         self.resume_notify_if_due(&epoll);
@@ -743,7 +749,9 @@ impl Coordinator {
                     }
                     Some(Source::Control) => {
                         let now = self.now();
-                        self.control.accept(&epoll, now);
+                        if let Err(e) = self.control.accept(&epoll, now) {
+                            warn!(error = %e, pause_ms = crate::control::server::ACCEPT_PAUSE.as_millis() as u64, "cannot accept on the control socket: it is left unwatched for a pause after each failed accept, until one succeeds");
+                        }
                     }
                     None if ControlServer::owns(event.data()) => {
                         self.on_control(&epoll, event.data());

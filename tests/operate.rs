@@ -442,6 +442,98 @@ fn silent_or_malformed_clients_never_hold_the_coordinator() {
     assert!(stack_support::steady_and_all_up(&status), "{status}");
 }
 
+/// The coordinator out of file descriptors: accepting on the control socket fails (EMFILE).
+/// It must neither spin on the still-readable socket nor lose the channel: it pauses, says
+/// why once, and serves the waiting requests once it has descriptors again.
+#[test]
+fn a_coordinator_out_of_descriptors_does_not_spin_on_the_control_socket() {
+    use std::os::unix::net::UnixStream;
+    let stack = chain("op-emfile");
+    let status = stack.status().unwrap();
+    let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
+    let socket = stack
+        .path()
+        .join("run")
+        .join(format!("{}.sock", stack.instance));
+    let limits = Command::new("prlimit")
+        .args([
+            "--pid",
+            &coordinator.to_string(),
+            "--nofile",
+            "--output=SOFT,HARD",
+            "--noheadings",
+        ])
+        .output()
+        .expect("prlimit runs");
+    let original: Vec<String> = String::from_utf8_lossy(&limits.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(original.len(), 2, "{}", text(&limits));
+    let open = std::fs::read_dir(format!("/proc/{coordinator}/fd"))
+        .unwrap()
+        .count();
+    let set = |limit: &str| {
+        let out = Command::new("prlimit")
+            .args([
+                "--pid",
+                &coordinator.to_string(),
+                &format!("--nofile={limit}"),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    // Room for one more descriptor: the first connection is accepted, the next is not.
+    set(&format!("{}:{}", open + 1, original[1]));
+    let waiting: Vec<UnixStream> = (0..3)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    let deadline = std::time::Instant::now() + LONG;
+    while !stack
+        .coordinator_log()
+        .contains("cannot accept on the control socket")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed accept was logged"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Over a second with accepts failing, the coordinator sleeps between pauses.
+    let ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{coordinator}/stat")).unwrap();
+        let fields: Vec<u64> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        fields[0] + fields[1]
+    };
+    let before = ticks();
+    let measured = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = ticks() - before;
+    let spent = measured.elapsed();
+    assert!(
+        used < 20,
+        "the coordinator used {used} ticks of CPU in {spent:?} while it could not accept"
+    );
+    set(&format!("{}:{}", original[0], original[1]));
+    drop(waiting);
+    let out = stack.ccmgr(&["restart", "c"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let warnings = stack
+        .coordinator_log()
+        .matches("cannot accept on the control socket")
+        .count();
+    assert_eq!(warnings, 1, "a spell of failed accepts is reported once");
+}
+
 /// Runs `ccmgr <args>` on `stack` as nobody (uid 65534, group nogroup 65534), after letting
 /// nobody reach the stack's directory, run_dir and configuration file (the socket's own mode
 /// still applies).

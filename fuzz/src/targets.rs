@@ -255,7 +255,9 @@ pub fn control(data: &[u8]) {
     client
         .shutdown(std::net::Shutdown::Write)
         .expect("shutdown");
-    server.accept(&epoll, Duration::ZERO);
+    server
+        .accept(&epoll, Duration::ZERO)
+        .expect("the connection is accepted");
     if let Incoming::Request(request) = server.read(&epoll, TOKEN_BASE) {
         let sent = data.strip_suffix(b"\n").expect("a request is a whole line");
         assert_eq!(Request::decode(sent).as_ref(), Ok(&request));

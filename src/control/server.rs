@@ -8,7 +8,9 @@
 //! credentials are read at once and a stranger gets a `refused` line and is closed, unread; a
 //! served peer has [`READ_DEADLINE`] to send its request line, at most
 //! [`protocol::MAX_REQUEST`] bytes, after which it is closed. A reply is one short line written
-//! without waiting: a peer whose socket cannot take it (it never reads) is closed. A request
+//! without waiting: a peer whose socket cannot take it (it never reads) is closed. An accept
+//! that fails for want of file descriptors leaves the listening socket unwatched for
+//! [`ACCEPT_PAUSE`], so a full fd table costs a wakeup per pause, not a spinning loop. A request
 //! whose work takes time keeps its connection until the work is done or failed; the peer
 //! closing it ends the wait (the work goes on).
 
@@ -34,6 +36,11 @@ pub const READ_DEADLINE: Duration = Duration::from_secs(2);
 /// Connections accepted per wakeup, at most (the level-triggered loop comes back for more
 /// after serving its other sources).
 const ACCEPT_BATCH: usize = 16;
+
+/// After an accept that failed for want of resources (no fd left: EMFILE, ENFILE, ENOBUFS),
+/// the listening socket is left unwatched this long: watched, it would stay readable and
+/// spin the loop.
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Epoll tokens of connections start here, above the coordinator's own sources.
 pub const TOKEN_BASE: u64 = 1 << 32;
@@ -172,6 +179,10 @@ pub struct ControlServer {
     owner: u32,
     connections: HashMap<u64, Connection>,
     next_token: u64,
+    /// While accepting is paused after a failed accept: until when.
+    paused_until: Option<Time>,
+    /// Accepts have been failing since the last that did not: a spell is reported once.
+    failing: bool,
 }
 
 /// What a readable connection brought.
@@ -193,6 +204,8 @@ impl ControlServer {
             owner,
             connections: HashMap::new(),
             next_token: TOKEN_BASE,
+            paused_until: None,
+            failing: false,
         })
     }
 
@@ -207,14 +220,27 @@ impl ControlServer {
     }
 
     /// Accepts what waits (a batch at most): strangers are refused at once, the others are
-    /// watched until their request comes or their deadline passes.
-    pub fn accept(&mut self, epoll: &Epoll, now: Time) {
+    /// watched until their request comes or their deadline passes. An accept that fails for
+    /// another reason than "nothing waits" (no fd left) stops watching the listening socket
+    /// for [`ACCEPT_PAUSE`] (see [`ControlServer::resume_if_due`]); the first failure of a
+    /// spell is returned, to be logged, the others are not.
+    pub fn accept(&mut self, epoll: &Epoll, now: Time) -> Result<(), std::io::Error> {
         for _ in 0..ACCEPT_BATCH {
             let stream = match self.listener.accept() {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.failing = false;
+                    return Ok(());
+                }
+                Err(e) => {
+                    let _ = epoll.delete(&self.listener);
+                    self.paused_until = Some(now + ACCEPT_PAUSE);
+                    let first = !std::mem::replace(&mut self.failing, true);
+                    return if first { Err(e) } else { Ok(()) };
+                }
             };
+            self.failing = false;
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
@@ -256,6 +282,17 @@ impl ControlServer {
                 },
             );
         }
+        Ok(())
+    }
+
+    /// Watches the listening socket again once a pause after a failed accept is over;
+    /// `token` is the listener's epoll token.
+    pub fn resume_if_due(&mut self, epoll: &Epoll, now: Time, token: u64) -> std::io::Result<()> {
+        if self.paused_until.is_some_and(|until| until <= now) {
+            self.paused_until = None;
+            epoll.add(&self.listener, EpollEvent::new(EpollFlags::EPOLLIN, token))?;
+        }
+        Ok(())
     }
 
     /// Reads what a connection sent. A connection that closed, sent too much, sent more than
@@ -350,9 +387,14 @@ impl ControlServer {
         }
     }
 
-    /// The earliest request-line deadline, for the loop's timer.
+    /// The earliest request-line deadline (or the end of an accept pause), for the loop's
+    /// timer.
     pub fn next_deadline(&self) -> Option<Time> {
-        self.connections.values().filter_map(|c| c.deadline).min()
+        self.connections
+            .values()
+            .filter_map(|c| c.deadline)
+            .chain(self.paused_until)
+            .min()
     }
 
     /// Closes the connections whose request line did not come in time.
