@@ -4,7 +4,7 @@
 #   fuzz/run.sh TARGET SECONDS    one target for SECONDS
 #   fuzz/run.sh all SECONDS       every target in turn, SECONDS each
 #
-# Targets: config duration notify keeper segment (fuzz/src/targets.rs says what each feeds
+# Targets: config duration notify keeper segment control (fuzz/src/targets.rs says what each feeds
 # where). Needs cargo-afl (`cargo install cargo-afl`, then `cargo afl config --build` once).
 # The corpus and AFL's state stay in fuzz/out/TARGET between runs (a new run resumes it).
 # Every crash or hang found is copied to tests/fuzz_regressions/TARGET/, where `cargo test
@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all_targets=(config duration notify keeper segment)
+all_targets=(config duration notify keeper segment control)
 usage() { echo "usage: fuzz/run.sh TARGET|all SECONDS (targets: ${all_targets[*]})" >&2; exit 2; }
 [ $# -eq 2 ] || usage
 target=$1 seconds=$2

@@ -5,7 +5,10 @@
 //! its death to whoever waits on them), the event loop, and the publication of state into the shared segment. The
 //! loop blocks in `epoll` on: the keeper's socket (spawned, spawn failed, exited), the notify
 //! socket (`READY=1`, attributed by the sender's kernel-checked pid), a signalfd (SIGTERM and
-//! SIGINT stop the stack), and one timerfd armed for the engine's nearest deadline (or for
+//! SIGINT stop the stack), the control socket (the operator's per-service requests, see
+//! [`crate::control`]: accepted, read and answered without blocking, each request fed to the
+//! engine as an event and answered once its work is done), and one timerfd armed for the
+//! engine's nearest deadline (or for
 //! trying a standby again after standbys kept dying). With nothing due it arms no timer at all:
 //! an idle coordinator makes no wakeups, unless `[coordinator] watchdog` asks it to send the
 //! keeper a sign of life each period.
@@ -33,6 +36,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, Takeover};
+use crate::control::protocol::{Reply, Request, UnknownService, Verb};
+use crate::control::server::{ControlServer, Incoming, Pending};
 use crate::engine::{
     Action, Engine, EngineParams, Event, Failure, FailureKind, KeeperFacts, KeeperNews, Outcome,
     Process, Readiness, Rest, RestartWindow, Slot, Snapshot, Time,
@@ -40,7 +45,8 @@ use crate::engine::{
 use crate::events::{EventTap, LifecycleEvent};
 use crate::keeper::protocol::{self, FromKeeper, Outbox, ToKeeper, recv_message};
 use crate::keeper::{
-    COORDINATOR_CHANNEL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD, RecentDeaths,
+    COORDINATOR_CHANNEL_FD, COORDINATOR_CONTROL_FD, COORDINATOR_NOTIFY_FD, COORDINATOR_REPORT_FD,
+    RecentDeaths,
 };
 use crate::notify::{self, DropTally, NotifySocket, Received, SenderFilter};
 use crate::process_identity::ProcessIdentity;
@@ -51,6 +57,7 @@ use crate::shm::{
     MutexId, Segment, ServiceProgress, Stage, StopIntent, StopKind,
 };
 use crate::spawn::ProcessExit;
+use crate::vocab::{ServiceState, Want};
 
 /// Why the coordinator could not run.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +78,8 @@ pub enum CoordinatorError {
     Api(#[from] crate::shm::api::ApiError),
     #[error("lost the keeper, the parent of every service: nothing supervises them any more")]
     KeeperLost,
+    #[error("cannot serve the control socket the keeper handed over: {0}")]
+    Control(#[source] std::io::Error),
 }
 
 /// The line `ccmgr start` reads from the report pipe.
@@ -129,15 +138,17 @@ enum Source {
     Signals,
     Timer,
     Watchdog,
+    Control,
 }
 
 impl Source {
-    const ALL: [Source; 5] = [
+    const ALL: [Source; 6] = [
         Source::Keeper,
         Source::Notify,
         Source::Signals,
         Source::Timer,
         Source::Watchdog,
+        Source::Control,
     ];
 
     fn token(self) -> u64 {
@@ -199,6 +210,11 @@ struct Coordinator {
     /// Lifecycle events: to the ring (`ccmgr events`) and to the failure commands. None only
     /// until the first publication.
     events: Option<EventTap>,
+    /// The control socket and the operator's requests on it.
+    control: ControlServer,
+    /// Per service, why its last spawn failed (cleared when one succeeds): a failed
+    /// operator's start says it.
+    spawn_errors: Vec<Option<String>>,
 }
 
 /// The fds the keeper hands its coordinator, taken first thing at start, before anything
@@ -207,15 +223,17 @@ pub struct Handed {
     pub keeper: Option<OwnedFd>,
     pub notify: Option<OwnedFd>,
     pub report: Option<OwnedFd>,
+    pub control: Option<OwnedFd>,
 }
 
 impl Handed {
-    /// Takes fds 3, 4 and 5 (the report pipe only exists for a background start).
+    /// Takes fds 3, 4, 5 and 6 (the report pipe only exists for a background start).
     pub fn take() -> Handed {
         Handed {
             keeper: protocol::take_inherited_fd(COORDINATOR_CHANNEL_FD),
             notify: protocol::take_inherited_fd(COORDINATOR_NOTIFY_FD),
             report: protocol::take_inherited_fd(COORDINATOR_REPORT_FD),
+            control: protocol::take_inherited_fd(COORDINATOR_CONTROL_FD),
         }
     }
 }
@@ -249,6 +267,11 @@ pub fn run(
     let notify =
         NotifySocket::from_inherited(notify_fd, crate::keeper::notify_socket_path(&config));
     let report = handed.report.map(File::from);
+    let control_fd = handed
+        .control
+        .ok_or(CoordinatorError::MissingFd(COORDINATOR_CONTROL_FD))?;
+    let control = ControlServer::from_inherited(control_fd, nix::unistd::geteuid().as_raw())
+        .map_err(CoordinatorError::Control)?;
     protocol::set_nonblocking(keeper.as_fd())?;
     let me = ProcessIdentity::current().ok();
 
@@ -345,6 +368,8 @@ pub fn run(
         pending_acks: Vec::new(),
         watchdog: None,
         events: None,
+        control,
+        spawn_errors: vec![None; n],
     };
     c.watchdog = c.start_watchdog()?;
     let actions = if took_over {
@@ -687,6 +712,7 @@ impl Coordinator {
                     Some(timer) => timer.as_fd(),
                     None => continue,
                 },
+                Source::Control => self.control.listener_fd(),
             };
             epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, source.token()))?;
         }
@@ -725,6 +751,14 @@ impl Coordinator {
                     Some(Source::Timer) => {
                         let _ = self.timer.wait();
                         self.feed(Event::Tick);
+                        let now = self.now();
+                        self.control.expire(&epoll, now);
+                        if let Err(e) =
+                            self.control
+                                .resume_if_due(&epoll, now, Source::Control.token())
+                        {
+                            error!(error = %e, "cannot watch the control socket again: per-service requests are lost");
+                        }
                         self.retry_standby_if_due();
                         self.summarize_notify_drops();
                         self.resume_notify_if_due(&epoll);
@@ -736,11 +770,21 @@ impl Coordinator {
                         // Sent from the loop itself: a wedged loop sends nothing.
                         self.send(ToKeeper::Alive);
                     }
+                    Some(Source::Control) => {
+                        let now = self.now();
+                        if let Err(e) = self.control.accept(&epoll, now) {
+                            warn!(error = %e, pause_ms = crate::control::server::ACCEPT_PAUSE.as_millis() as u64, "cannot accept on the control socket: it is left unwatched for a pause after each failed accept, until one succeeds");
+                        }
+                    }
+                    None if ControlServer::owns(event.data()) => {
+                        self.on_control(&epoll, event.data());
+                    }
                     None => {}
                 }
             }
             self.publish();
             self.acknowledge_exits();
+            self.settle_requests(&epoll);
         }
         Ok(())
     }
@@ -755,6 +799,7 @@ impl Coordinator {
             .chain(self.standby_retry_at)
             .chain(self.notify_drops.due())
             .chain(self.notify_paused_until)
+            .chain(self.control.next_deadline())
             .min();
         match next {
             Some(deadline) => {
@@ -803,6 +848,7 @@ impl Coordinator {
         match message {
             FromKeeper::Spawned { service, pid } => {
                 self.pids[service] = Some(pid);
+                self.spawn_errors[service] = None;
                 self.identities[service] = ProcessIdentity::of(pid).ok();
                 let id = &self.config.services[service].id;
                 info!(service = %id, pid, "started");
@@ -819,6 +865,7 @@ impl Coordinator {
             }
             FromKeeper::SpawnFailed { service, error } => {
                 warn!(service = %self.config.services[service].id, %error, "could not start");
+                self.spawn_errors[service] = Some(format!("could not be started: {error}"));
                 self.feed(Event::SpawnFailed { service, error });
             }
             FromKeeper::Exited { service, pid, exit } => {
@@ -1024,6 +1071,108 @@ impl Coordinator {
                 Err(_) => {}
             }
         }
+    }
+
+    /// A control connection is readable: its request, once complete, is checked (every
+    /// service known; the stack neither starting up nor stopping), fed to the engine as the
+    /// operator's event, published, and accepted; the connection then waits for
+    /// [`Coordinator::settle_requests`] to find the work done.
+    fn on_control(&mut self, epoll: &Epoll, token: u64) {
+        let Incoming::Request(request) = self.control.read(epoll, token) else {
+            return;
+        };
+        let (reply, pending) = self.apply_request(&request);
+        self.control.answer(epoll, token, &reply, pending);
+    }
+
+    fn apply_request(&mut self, request: &Request) -> (Reply, Option<Pending>) {
+        let ids: Vec<&str> = self.config.services.iter().map(|s| s.id.as_str()).collect();
+        let mut named = Vec::new();
+        let mut unknown = Vec::new();
+        for id in &request.services {
+            match ids.iter().position(|known| known == id) {
+                Some(s) => named.push(s),
+                None => unknown.push(UnknownService {
+                    service: id.clone(),
+                    did_you_mean: crate::config::did_you_mean(id, ids.iter().copied())
+                        .map(str::to_owned),
+                }),
+            }
+        }
+        if !unknown.is_empty() {
+            return (Reply::Unknown { unknown }, None);
+        }
+        if !self.engine.takes_operator_requests() {
+            let why = format!(
+                "the stack is {}: per-service requests are taken once it is up and until it stops",
+                self.engine.phase()
+            );
+            return (Reply::NotNow { why }, None);
+        }
+        let named_set = named.clone();
+        let (set, order, event) = match request.verb {
+            Verb::Stop => (
+                self.engine.operator_stop_set(&named),
+                &self.engine.params().shutdown_sequence,
+                Event::OperatorStop { services: named },
+            ),
+            Verb::Start => (
+                self.engine.operator_start_set(&named),
+                &self.engine.params().startup_sequence,
+                Event::OperatorStart { services: named },
+            ),
+            Verb::Restart => (
+                self.engine.operator_restart_set(&named),
+                &self.engine.params().startup_sequence,
+                Event::OperatorRestart { services: named },
+            ),
+        };
+        let in_order: Vec<usize> = order.iter().copied().filter(|s| set.contains(s)).collect();
+        let now = self.now();
+        let pending = Pending::new(request.verb, in_order.clone(), now, &self.engine);
+        // The reply names what the request changes (a start of c does not start the a it
+        // requires if a is up already), or the named services if it changes nothing.
+        let slots = self.engine.slots();
+        let changes = |s: usize| match request.verb {
+            Verb::Stop => !(slots[s].want == Want::Held && slots[s].pid().is_none()),
+            Verb::Start => !(slots[s].want == Want::Up && slots[s].state() == ServiceState::Up),
+            Verb::Restart => true,
+        };
+        let mut changed: Vec<usize> = in_order.iter().copied().filter(|&s| changes(s)).collect();
+        if changed.is_empty() {
+            changed = in_order
+                .iter()
+                .copied()
+                .filter(|s| named_set.contains(s))
+                .collect();
+        }
+        let names: Vec<String> = changed.iter().map(|&s| ids[s].to_owned()).collect();
+        info!(verb = ?request.verb, services = %names.join(","), "the operator's request");
+        self.feed(event);
+        // Published before it is accepted: a successor taking over from here continues it.
+        self.publish();
+        // Every service stopped, then started, one after another, with its restart delay:
+        // the longest the work can take without anything being wrong.
+        let params = &self.engine.params().services;
+        let deadline: Duration = in_order
+            .iter()
+            .map(|&s| {
+                params[s].shutdown_timeout + params[s].startup_timeout + params[s].restart_delay_max
+            })
+            .sum();
+        let reply = Reply::Accepted {
+            services: names,
+            deadline_ms: deadline.as_millis() as u64,
+        };
+        (reply, Some(pending))
+    }
+
+    /// Answers the operator's requests whose work is done or failed.
+    fn settle_requests(&mut self, epoll: &Epoll) {
+        let (engine, errors) = (&self.engine, &self.spawn_errors);
+        let why_not_started = |s: usize| errors.get(s).cloned().flatten();
+        self.control
+            .settle(epoll, |pending| pending.judge(engine, &why_not_started));
     }
 
     fn send(&mut self, message: ToKeeper) {

@@ -10,8 +10,9 @@
 //! shared segment or the spawner: its vocabulary is [`crate::vocab`]'s.
 //!
 //! Each service has a [`Process`] (what its process is doing) and a [`Want`] (what the stack
-//! wants of it: up, down, or cycling = taken down by a failure sequence and to come back once
-//! everything that sequence takes down is down). After every event one pass stops, in
+//! wants of it: up, down, held = down because the operator said so and until the operator
+//! says otherwise, or cycling = taken down by a failure sequence or the operator's restart and
+//! to come back once everything that sequence takes down is down). After every event one pass stops, in
 //! shutdown order, what is not wanted up and may stop (every dependent going down is already
 //! down), and one pass starts, in startup order, what is wanted up and may start (everything it
 //! depends on is up), so ordering falls out of the graph rather than being scripted per
@@ -71,6 +72,29 @@
 //! wanted is up; recovery -> steady likewise; stopping -> stopped/failed when everything is
 //! down. The sequence deadline (startup_timeout while initializing, shutdown_timeout while
 //! stopping) fails the startup, or kills whatever is left.
+//!
+//! The operator's per-service requests change only the wanted state; the passes do the rest,
+//! in order. They apply while the stack is steady or recovering (before the startup sequence
+//! is done, and once the stack stops, they are ignored: the driver refuses them):
+//!
+//! ```text
+//! want before      | OperatorStop (named and  | OperatorStart (named and | OperatorRestart
+//!                  |  what requires them)     |  what they require)      |
+//! -----------------+--------------------------+--------------------------+---------------------------
+//! Up               | Held                     | Up                       | named, and what requires
+//! Cycling          | Held                     | Cycling                  |  them: Cycling (no failure
+//! Down             | Held                     | Up                       |  counted); a named one that
+//! Held             | Held                     | Up                       |  is Held or Down: as Start,
+//!                  |                          |                          |  then Cycling; a dependent
+//!                  |                          |                          |  Held or Down stays so
+//! ```
+//!
+//! A failed service the operator stops becomes stopped (`None(Stopped)`), not failed: held
+//! means "stopped by the operator", and its last exit still says how it had ended.
+//!
+//! A held service is down for ordering (an `after` dependent may start without it); no failure
+//! sequence (either `on_failure`), no `restart = "never"` knock-on and no takeover changes
+//! `Held`; only the operator's start, or a stop of the whole stack (everything `Down`), does.
 //!
 //! Takeover ([`Engine::adopt`]): every row is loaded as published, deadlines included; then
 //! the keeper's news is replayed as the events above (an exit only for the pid the slot shows);
@@ -156,6 +180,16 @@ pub enum Event {
     Tick,
     /// Stop the whole stack (a `stop` command, SIGTERM in the foreground).
     Stop,
+    /// The operator stops these services (`ccmgr stop SERVICE...`), and with them what
+    /// requires them, dependents first: all are [`Want::Held`] until started again.
+    OperatorStop { services: Vec<usize> },
+    /// The operator starts these services (`ccmgr start SERVICE...`), and what they require,
+    /// dependencies first: whatever was held or left down among them is wanted up again.
+    OperatorStart { services: Vec<usize> },
+    /// The operator restarts these services (`ccmgr restart SERVICE...`): they and what
+    /// requires them (and runs) are cycled, as a failure sequence cycles them but with no
+    /// failure counted; a named service that was down is started, with what it requires.
+    OperatorRestart { services: Vec<usize> },
 }
 
 /// Something the driver must do.
@@ -751,9 +785,128 @@ impl Engine {
             Event::Exited { service, exit } => self.on_exited(service, exit),
             Event::Tick => self.on_tick(&mut actions),
             Event::Stop => self.begin_stopping(Outcome::Stopped),
+            Event::OperatorStop { services } if self.takes_operator_requests() => {
+                self.on_operator_stop(&services);
+            }
+            Event::OperatorStart { services } if self.takes_operator_requests() => {
+                self.on_operator_start(&services);
+                self.recover_unless_whole();
+            }
+            Event::OperatorRestart { services } if self.takes_operator_requests() => {
+                self.on_operator_restart(&services);
+                self.recover_unless_whole();
+            }
+            // Before the startup sequence is done, or once the stack is stopping, the
+            // operator's per-service requests are refused (the driver says so): ignored here.
+            Event::OperatorStop { .. }
+            | Event::OperatorStart { .. }
+            | Event::OperatorRestart { .. } => {}
         }
         self.pump(&mut actions);
         actions
+    }
+
+    /// Whether the operator's per-service requests apply now: once the startup sequence is
+    /// done and while the stack is not stopping (steady, or recovering from a failure).
+    pub fn takes_operator_requests(&self) -> bool {
+        match self.phase {
+            InstanceState::Steady | InstanceState::Recovery => !self.finished,
+            InstanceState::Initializing
+            | InstanceState::Stopping
+            | InstanceState::Stopped
+            | InstanceState::Failed => false,
+        }
+    }
+
+    /// The services an operator's stop of `services` takes down: they and everything that
+    /// requires them, directly or not.
+    pub fn operator_stop_set(&self, services: &[usize]) -> Vec<usize> {
+        self.closure(services, |s| &self.params.services[s].dependents)
+    }
+
+    /// The services an operator's start of `services` brings up: they and everything they
+    /// require, directly or not.
+    pub fn operator_start_set(&self, services: &[usize]) -> Vec<usize> {
+        self.closure(services, |s| &self.params.services[s].dependencies)
+    }
+
+    /// The services an operator's restart of `services` cycles: they and everything that
+    /// requires them and is not held or left down (what was down stays down).
+    pub fn operator_restart_set(&self, services: &[usize]) -> Vec<usize> {
+        let mut set: Vec<usize> = self
+            .operator_stop_set(services)
+            .into_iter()
+            .filter(|&s| services.contains(&s) || self.slots[s].want != Want::Held)
+            .filter(|&s| services.contains(&s) || self.slots[s].want != Want::Down)
+            .collect();
+        set.sort_unstable();
+        set
+    }
+
+    /// `services` and what `next` leads to from them over `requires` edges, sorted.
+    fn closure<'a>(
+        &'a self,
+        services: &[usize],
+        next: impl Fn(usize) -> &'a Vec<(usize, EdgeKind)>,
+    ) -> Vec<usize> {
+        let mut seen = vec![false; self.slots.len()];
+        let mut stack: Vec<usize> = services
+            .iter()
+            .copied()
+            .filter(|&s| s < self.slots.len())
+            .collect();
+        while let Some(s) = stack.pop() {
+            if std::mem::replace(&mut seen[s], true) {
+                continue;
+            }
+            for &(d, kind) in next(s) {
+                if kind == EdgeKind::Requires {
+                    stack.push(d);
+                }
+            }
+        }
+        (0..seen.len()).filter(|&s| seen[s]).collect()
+    }
+
+    /// Held down: the passes stop them, dependents first, and nothing brings them back but
+    /// the operator.
+    fn on_operator_stop(&mut self, services: &[usize]) {
+        for s in self.operator_stop_set(services) {
+            self.slots[s].want = Want::Held;
+            // One that had failed (waiting for its restart delay, or given up on) is now
+            // stopped by the operator, not failed: its last exit still says how it ended.
+            if self.slots[s].process == Process::None(Rest::Failed) {
+                self.set_process(s, Process::None(Rest::Stopped));
+            }
+        }
+    }
+
+    /// Wanted up again, with what they require: the start pass brings them up in order (the
+    /// restart delay of one that failed still applies). A service already wanted up or
+    /// cycling is left as it is.
+    fn on_operator_start(&mut self, services: &[usize]) {
+        for s in self.operator_start_set(services) {
+            let slot = &mut self.slots[s];
+            match slot.want {
+                Want::Held | Want::Down => slot.want = Want::Up,
+                Want::Up | Want::Cycling => {}
+            }
+        }
+    }
+
+    /// Started if down (with what they require), then cycled with what requires them and
+    /// runs: stopped dependents first, started again in order once all are down. No failure
+    /// is counted: the restart window and the restart delays are left alone.
+    fn on_operator_restart(&mut self, services: &[usize]) {
+        let cycled = self.operator_restart_set(services);
+        self.on_operator_start(services);
+        for s in cycled {
+            let slot = &mut self.slots[s];
+            match slot.want {
+                Want::Up | Want::Cycling => slot.want = Want::Cycling,
+                Want::Held | Want::Down => {}
+            }
+        }
     }
 
     /// Every process change goes through here, so that `since` follows the shown state.
@@ -911,9 +1064,14 @@ impl Engine {
             RestartPolicy::Never => false,
         };
         if !restart {
-            // It stays down, and so does everything that requires it.
+            // It stays down, and so does everything that requires it (what the operator
+            // holds stays held: only the operator brings it back).
             for s in self.requires_closure(service) {
-                self.slots[s].want = Want::Down;
+                let slot = &mut self.slots[s];
+                match slot.want {
+                    Want::Up | Want::Cycling | Want::Down => slot.want = Want::Down,
+                    Want::Held => {}
+                }
             }
             return;
         }
@@ -957,7 +1115,8 @@ impl Engine {
             let slot = &mut self.slots[s];
             match slot.want {
                 Want::Up | Want::Cycling => slot.want = Want::Cycling,
-                Want::Down => {}
+                // Down, or held by the operator: a failure sequence brings neither back.
+                Want::Down | Want::Held => {}
             }
         }
         self.set_phase(InstanceState::Recovery);
@@ -1244,10 +1403,12 @@ impl Engine {
                 // dinit's waits-for: the attempt to start it is over, whichever way it went.
                 EdgeKind::Wants => {
                     up(d)
-                        || self.slots[d].want == Want::Down
+                        || matches!(self.slots[d].want, Want::Down | Want::Held)
                         || self.slots[d].process == Process::None(Rest::Failed)
                 }
-                EdgeKind::After | EdgeKind::Before => up(d) || self.slots[d].want == Want::Down,
+                EdgeKind::After | EdgeKind::Before => {
+                    up(d) || matches!(self.slots[d].want, Want::Down | Want::Held)
+                }
             });
         let sequence_ok = !self.params.explicit_startup
             || before_in_sequence
@@ -1256,12 +1417,26 @@ impl Engine {
         deps_ok && sequence_ok
     }
 
-    fn update_phase(&mut self, actions: &mut Vec<Action>) {
-        let all_wanted_up = self.slots.iter().all(|s| match s.want {
+    /// Every service wanted up is up, and none is cycling.
+    fn all_wanted_up(&self) -> bool {
+        self.slots.iter().all(|s| match s.want {
             Want::Up => s.is_up(),
-            Want::Down => true,
+            Want::Down | Want::Held => true,
             Want::Cycling => false,
-        });
+        })
+    }
+
+    /// An operator's start or restart that leaves something wanted up that is not up passes
+    /// a steady stack through recovery, as a takeover does: steady always means "everything
+    /// wanted is up", and the phase's time says when the stack was last whole.
+    fn recover_unless_whole(&mut self) {
+        if self.phase == InstanceState::Steady && !self.all_wanted_up() {
+            self.set_phase(InstanceState::Recovery);
+        }
+    }
+
+    fn update_phase(&mut self, actions: &mut Vec<Action>) {
+        let all_wanted_up = self.all_wanted_up();
         match self.phase {
             InstanceState::Initializing if all_wanted_up => {
                 self.sequence_deadline = None;

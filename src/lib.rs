@@ -12,6 +12,8 @@
 //! - [`events`]: lifecycle events (`ccmgr events`), derived from the engine's state.
 //! - [`coordinator`]: the coordinator process: the engine's event loop and state publishing.
 //! - [`keeper`]: the long-lived parent of every process of an instance.
+//! - [`control`]: the control socket through which `ccmgr start|stop|restart SERVICE...`
+//!   reach the coordinator, with the caller's credentials checked.
 //! - [`spawn`]: starting one service process, signalling it, and how it ended.
 //! - [`cgroup`]: a cgroup v2 per service, so what a service leaves behind dies with it.
 //! - [`logsink`]: service output drained from its pipe into a rotated log file.
@@ -31,6 +33,7 @@
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod coordinator;
 pub mod diag;
 pub mod duration;

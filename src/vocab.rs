@@ -248,6 +248,11 @@ stored_enum! {
         /// A failure sequence takes it down; it is wanted up again once every service that
         /// sequence takes down is down.
         Cycling = 2 => "cycling",
+        /// The operator stopped it (`ccmgr stop SERVICE`, or a service it requires): it stays
+        /// down whatever happens (no failure sequence, restart policy or takeover brings it
+        /// back) until the operator starts it again. Only a stop of the whole stack, which
+        /// wants everything down, overrides it.
+        Held = 3 => "stopped by the operator",
     }
 }
 

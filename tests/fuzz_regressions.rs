@@ -107,6 +107,18 @@ fn input(target: &'static str) -> BoxedStrategy<Vec<u8>> {
             "-",
             "null",
         ],
+        "control" => &[
+            "{\"verb\":\"stop\",\"services\":[\"b\"]}",
+            "{\"verb\":",
+            "\"restart\"",
+            "\"services\":[",
+            "\"a\"",
+            ",",
+            "]",
+            "}",
+            "\n",
+            "\"reply\":\"done\"",
+        ],
         _ => &["\0", "\u{1}", "\u{2}", "\u{3}"],
     };
     let piece = prop_oneof![
@@ -139,3 +151,4 @@ smoke!(duration_smoke, "duration", 512);
 smoke!(notify_smoke, "notify", 256);
 smoke!(keeper_smoke, "keeper", 256);
 smoke!(segment_smoke, "segment", 64);
+smoke!(control_smoke, "control", 256);

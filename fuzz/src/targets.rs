@@ -11,11 +11,14 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use ccmgr::config::{Config, LoadOptions};
 
 /// Every target, by the name `fuzz/run.sh` and the regression tests use.
-pub const TARGETS: &[&str] = &["config", "duration", "notify", "keeper", "segment"];
+pub const TARGETS: &[&str] = &[
+    "config", "duration", "notify", "keeper", "segment", "control",
+];
 
 /// Inputs longer than this are cut: what a parser does with megabytes says nothing that 64 KiB
 /// does not, and it would only slow the fuzzer down.
@@ -31,6 +34,7 @@ pub fn run(target: &str, data: &[u8]) {
         "notify" => notify(data),
         "keeper" => keeper(data),
         "segment" => segment(data),
+        "control" => control(data),
         other => panic!("unknown fuzz target `{other}`; the targets are {TARGETS:?}"),
     }
 }
@@ -208,6 +212,73 @@ pub fn keeper(data: &[u8]) {
         };
         if let Err(e) = result {
             assert_sentence("keeper", &e.to_string());
+        }
+    }
+}
+
+/// The control socket (`ccmgr start|stop|restart SERVICE...`): the input is what a client
+/// sends. The request decoder and the client's reply decoder are fed it directly (an accepted
+/// request must read back the same); then it goes through a real control socket, bound as the
+/// keeper binds it, to the coordinator's server (`accept`, `read`): whatever it sends, the
+/// server answers with at most one well-formed reply line, and a request it hands on is one the
+/// decoder accepts.
+pub fn control(data: &[u8]) {
+    use ccmgr::control::protocol::{Reply, Request};
+    use ccmgr::control::server::{ControlServer, Incoming, TOKEN_BASE};
+    use std::io::Read as _;
+    let line = data.strip_suffix(b"\n").unwrap_or(data);
+    match Request::decode(line) {
+        Ok(request) => {
+            let again = request.to_line();
+            assert_eq!(
+                Request::decode(&again[..again.len() - 1]).as_ref(),
+                Ok(&request),
+                "an accepted request does not read back"
+            );
+        }
+        Err(e) => assert_sentence("control request", &e),
+    }
+    if let Err(e) = Reply::decode(line) {
+        assert_sentence("control reply", &e);
+    }
+
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let path = dir.path().join("fuzz.sock");
+    let fd = ccmgr::control::bind(&path, None).expect("the control socket binds");
+    let mut server =
+        ControlServer::from_inherited(fd, nix::unistd::geteuid().as_raw()).expect("a server on it");
+    let epoll = nix::sys::epoll::Epoll::new(nix::sys::epoll::EpollCreateFlags::EPOLL_CLOEXEC)
+        .expect("an epoll");
+    let mut client = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+    // The whole input fits the socket's buffer (64 KiB at most), so this never blocks.
+    std::io::Write::write_all(&mut client, data).expect("send");
+    client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
+    server
+        .accept(&epoll, Duration::ZERO)
+        .expect("the connection is accepted");
+    if let Incoming::Request(request) = server.read(&epoll, TOKEN_BASE) {
+        let sent = data.strip_suffix(b"\n").expect("a request is a whole line");
+        assert_eq!(Request::decode(sent).as_ref(), Ok(&request));
+        return;
+    }
+    client
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("a read timeout");
+    let mut replies = Vec::new();
+    let _ = client.read_to_end(&mut replies);
+    if !replies.is_empty() {
+        let reply = replies
+            .strip_suffix(b"\n")
+            .expect("a reply is a whole line");
+        assert!(
+            !reply.contains(&b'\n'),
+            "more than one reply to a bad request"
+        );
+        match Reply::decode(reply) {
+            Ok(Reply::Bad { why }) => assert_sentence("control bad reply", &why),
+            other => panic!("a bad request answered with {other:?}"),
         }
     }
 }

@@ -717,6 +717,7 @@ pub fn internal_coordinator(
         keeper::COORDINATOR_CHANNEL_FD,
         keeper::COORDINATOR_NOTIFY_FD,
         COORDINATOR_REPORT_FD,
+        keeper::COORDINATOR_CONTROL_FD,
     ]);
     // Before anything opens a file that could land on one of their numbers.
     let handed = coordinator::Handed::take();
@@ -1059,6 +1060,7 @@ fn remove_state(
         remove_dead_notify_socket(&run_dir.join(format!("{instance}.notify")));
         // Its readers (`ccmgr events`) see the name go and end.
         let _ = std::fs::remove_file(crate::coordinator::events_path_in(run_dir, instance));
+        crate::control::remove_if_dead(&crate::control::socket_path(run_dir, instance));
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ mod check;
 mod events;
 mod lifecycle;
 mod logs;
+mod operate;
 mod status;
 mod stop_driver;
 mod why;
@@ -22,6 +23,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, LoadOptions};
+use crate::control::protocol::Verb;
 
 /// What the process exits with; see the module documentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,19 +70,28 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
     },
-    /// Start the stack and wait until every service is up (or stop it again and say why).
+    /// Start the stack and wait until every service is up (or stop it again and say why); with
+    /// SERVICEs, start those (and what they require) in the running stack.
     Start {
         /// Run the coordinator in the foreground (containers, init systems, demos): log to
         /// stderr, stop the stack in order on SIGINT or SIGTERM.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "services")]
         foreground: bool,
+        #[command(flatten)]
+        operate: OperateArgs,
     },
-    /// Stop the stack in shutdown order, whatever state it is in.
-    Stop,
-    /// Stop, then start.
+    /// Stop the stack in shutdown order, whatever state it is in; with SERVICEs, stop those
+    /// (and what requires them) and keep them down until started again.
+    Stop {
+        #[command(flatten)]
+        operate: OperateArgs,
+    },
+    /// Stop, then start; with SERVICEs, restart those (and what requires them) in order.
     Restart {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "services")]
         foreground: bool,
+        #[command(flatten)]
+        operate: OperateArgs,
     },
     /// Show the state of the instance and of every service, and why a service is not up
     /// (exit 3 when not running); with SERVICE names, explain those, with their last log lines.
@@ -125,6 +136,18 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         run_dir: Option<PathBuf>,
     },
+}
+
+/// The per-service form of `start`, `stop` and `restart`.
+#[derive(clap::Args, Debug, Default)]
+pub struct OperateArgs {
+    /// Act on these services of the running stack only, through the coordinator's control
+    /// socket.
+    #[arg(value_name = "SERVICE")]
+    pub services: Vec<String>,
+    /// Return once the coordinator has accepted the request, without waiting for its work.
+    #[arg(long, requires = "services")]
+    pub no_wait: bool,
 }
 
 /// A process role of an instance.
@@ -180,8 +203,14 @@ pub fn main() -> ExitCode {
     let supervises = matches!(
         cli.command,
         Command::Internal { .. }
-            | Command::Start { foreground: true }
-            | Command::Restart { foreground: true }
+            | Command::Start {
+                foreground: true,
+                ..
+            }
+            | Command::Restart {
+                foreground: true,
+                ..
+            }
     );
     // A stop must finish whatever happens to the output it reports to (`ccmgr stop | head -1`,
     // a terminal closed meanwhile): killed by SIGPIPE or panicking in `eprintln!` in the
@@ -189,9 +218,15 @@ pub fn main() -> ExitCode {
     // it started when it fails, so it is one of these too.
     let must_finish = matches!(
         cli.command,
-        Command::Stop
-            | Command::Start { foreground: false }
-            | Command::Restart { foreground: false }
+        Command::Stop { .. }
+            | Command::Start {
+                foreground: false,
+                ..
+            }
+            | Command::Restart {
+                foreground: false,
+                ..
+            }
     );
     let _shield = if must_finish {
         OutputShield::install()
@@ -213,9 +248,18 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Check => load_or_report(&cli).map(|c| check::check(&c)),
         Command::Graph { format } => load_or_report(&cli).map(|c| check::graph(&c, *format)),
-        Command::Start { foreground } => Ok(lifecycle::start(&cli, *foreground)),
-        Command::Stop => Ok(lifecycle::stop(&cli)),
-        Command::Restart { foreground } => Ok(lifecycle::restart(&cli, *foreground)),
+        Command::Start { operate, .. } if !operate.services.is_empty() => {
+            Ok(operate::operate(&cli, Verb::Start, operate))
+        }
+        Command::Stop { operate } if !operate.services.is_empty() => {
+            Ok(operate::operate(&cli, Verb::Stop, operate))
+        }
+        Command::Restart { operate, .. } if !operate.services.is_empty() => {
+            Ok(operate::operate(&cli, Verb::Restart, operate))
+        }
+        Command::Start { foreground, .. } => Ok(lifecycle::start(&cli, *foreground)),
+        Command::Stop { .. } => Ok(lifecycle::stop(&cli)),
+        Command::Restart { foreground, .. } => Ok(lifecycle::restart(&cli, *foreground)),
         Command::Status { json, services } => Ok(status::status(&cli, *json, services)),
         Command::Events { json, backlog } => Ok(events::events(&cli, *json, *backlog)),
         Command::Logs {

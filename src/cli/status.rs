@@ -258,7 +258,13 @@ pub fn status(cli: &Cli, json: bool, named: &[String]) -> Exit {
             ServiceState::Stopped | ServiceState::Failed => false,
         };
         let dead = needs_process && pid.is_none();
+        // A service the operator stopped (`ccmgr stop SERVICE`) stays down until started.
+        let held = st.state == ServiceState::Stopped
+            && segment
+                .service_progress(i)
+                .is_ok_and(|p| p.want == crate::vocab::Want::Held);
         let state = match (dead, supervised) {
+            (false, _) if held => crate::vocab::Want::Held.to_string(),
             (false, _) => st.state.to_string(),
             (true, true) => "dead".to_owned(),
             (true, false) => "dead (unsupervised)".to_owned(),
@@ -430,7 +436,7 @@ pub fn status(cli: &Cli, json: bool, named: &[String]) -> Exit {
         .unwrap_or(2)
         .max(7);
     println!(
-        "{:<width$}  {:<19}  {:>7}  {:>8}  {:>8}  {:<9}  WHY",
+        "{:<width$}  {:<23}  {:>7}  {:>8}  {:>8}  {:<9}  WHY",
         "SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "LAST EXIT"
     );
     let paint = Paint::for_stdout();
@@ -445,7 +451,7 @@ pub fn status(cli: &Cli, json: bool, named: &[String]) -> Exit {
         let line = format!(
             "{:<width$}  {}  {:>7}  {:>8}  {:>8}  {last:<9}  {}",
             s.id,
-            paint.state(&s.state, 19),
+            paint.state(&s.state, 23),
             pid_or(s.pid, "-"),
             s.uptime_ms.map_or_else(|| "-".into(), human),
             s.restarts,

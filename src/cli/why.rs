@@ -79,6 +79,9 @@ pub fn reason(f: &Facts<'_>) -> Option<String> {
         (_, Stage::Finished) => "done: the one-shot task finished".to_owned(),
         (_, Stage::Stopped) | (_, Stage::Up) => match p.want {
             Want::Down => "stopped, and wanted down".to_owned(),
+            Want::Held => {
+                "stopped by the operator: it stays down until `ccmgr start` names it or what requires it".to_owned()
+            }
             Want::Cycling => "taken down by a failure sequence; it starts again once everything the sequence stops is down".to_owned(),
             Want::Up if p.not_before_ms > f.now_ms => {
                 let (restarts, most, span) = f.window;

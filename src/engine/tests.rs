@@ -1615,6 +1615,213 @@ fn before_orders_as_the_mirrored_after_does() {
     assert_eq!(before, run(false));
 }
 
+/// The acceptance chain: c requires b requires a.
+fn chain() -> Vec<Svc> {
+    vec![svc("a", &[]), svc("b", &["a"]), svc("c", &["b"])]
+}
+
+fn operator(sim: &Sim, ids: &[&str]) -> Vec<usize> {
+    ids.iter().map(|id| sim.idx(id)).collect()
+}
+
+#[test]
+fn operator_restart_cycles_the_service_and_what_requires_it_in_order() {
+    let mut sim = Sim::new(chain());
+    sim.run();
+    let a_pid = sim.engine.slots()[sim.idx("a")].pid();
+    let mark = sim.log.len();
+    let services = operator(&sim, &["b"]);
+    sim.send(Event::OperatorRestart { services });
+    sim.run();
+    assert_eq!(
+        sim.log_since(mark),
+        ["t=10 stop c", "t=11 stop b", "t=12 spawn b", "t=12 spawn c"]
+    );
+    assert_eq!(sim.engine.slots()[sim.idx("a")].pid(), a_pid);
+    // An operator's restart is no failure: nothing counted.
+    assert_eq!(sim.engine.restart_window().count, 0);
+    assert!(sim.engine.slots().iter().all(|s| s.restarts == 0));
+    // It passed through recovery while b and c were down, and is whole again.
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+}
+
+#[test]
+fn operator_stop_holds_the_service_and_its_dependents_down_through_a_failure_sequence() {
+    let mut sim = Sim::new(chain());
+    sim.run();
+    let mark = sim.log.len();
+    let services = operator(&sim, &["b"]);
+    sim.send(Event::OperatorStop { services });
+    sim.run();
+    assert_eq!(sim.log_since(mark), ["t=10 stop c", "t=11 stop b"]);
+    for id in ["b", "c"] {
+        let slot = &sim.engine.slots()[sim.idx(id)];
+        assert_eq!(
+            (slot.state(), slot.want),
+            (ServiceState::Stopped, Want::Held)
+        );
+    }
+    // A failure sequence of what they require brings back only it.
+    let mark = sim.log.len();
+    sim.crash("a");
+    sim.run();
+    assert_eq!(sim.log_since(mark), ["t=100 spawn a"], "{:?}", sim.log);
+    assert_eq!(sim.state("b"), ServiceState::Stopped);
+    assert_eq!(sim.engine.phase(), InstanceState::Steady);
+    // The operator's start of c brings b and c back, in order.
+    let mark = sim.log.len();
+    let services = operator(&sim, &["c"]);
+    sim.send(Event::OperatorStart { services });
+    sim.run();
+    assert_eq!(sim.log_since(mark), ["t=110 spawn b", "t=110 spawn c"]);
+    assert!(
+        sim.engine
+            .slots()
+            .iter()
+            .all(|s| s.want == Want::Up && s.is_up())
+    );
+}
+
+#[test]
+fn a_failed_service_the_operator_stops_is_stopped_not_failed() {
+    let mut services = chain();
+    services[2].restart = RestartPolicy::Never;
+    let mut sim = Sim::new(services);
+    sim.run();
+    sim.crash("c");
+    sim.run();
+    assert_eq!(sim.state("c"), ServiceState::Failed);
+    let services = operator(&sim, &["c"]);
+    sim.send(Event::OperatorStop { services });
+    let slot = &sim.engine.slots()[sim.idx("c")];
+    assert_eq!(
+        (slot.state(), slot.want),
+        (ServiceState::Stopped, Want::Held)
+    );
+    assert!(slot.last_exit.is_some());
+}
+
+#[test]
+fn operator_start_of_a_dependency_leaves_its_held_dependents_down() {
+    let mut sim = Sim::new(chain());
+    sim.run();
+    let services = operator(&sim, &["b"]);
+    sim.send(Event::OperatorStop { services });
+    sim.run();
+    let services = operator(&sim, &["b"]);
+    sim.send(Event::OperatorStart { services });
+    sim.run();
+    assert_eq!(sim.state("b"), ServiceState::Up);
+    assert_eq!(sim.state("c"), ServiceState::Stopped);
+    assert_eq!(sim.engine.slots()[sim.idx("c")].want, Want::Held);
+}
+
+#[test]
+fn a_held_service_stays_held_when_what_it_requires_gives_up_for_good() {
+    let mut services = chain();
+    services[0].restart = RestartPolicy::Never;
+    let mut sim = Sim::new(services);
+    sim.run();
+    let services = operator(&sim, &["c"]);
+    sim.send(Event::OperatorStop { services });
+    sim.run();
+    sim.crash("a");
+    sim.run();
+    let want = |sim: &Sim, id| sim.engine.slots()[sim.idx(id)].want;
+    assert_eq!(want(&sim, "a"), Want::Down);
+    assert_eq!(want(&sim, "b"), Want::Down);
+    assert_eq!(want(&sim, "c"), Want::Held);
+    // The operator's start brings a `restart = "never"` service back too.
+    let mark = sim.log.len();
+    let services = operator(&sim, &["c"]);
+    sim.send(Event::OperatorStart { services });
+    sim.run();
+    assert_eq!(
+        sim.log_since(mark),
+        ["t=12 spawn a", "t=12 spawn b", "t=12 spawn c"]
+    );
+}
+
+#[test]
+fn operator_restart_of_a_held_service_starts_it_and_leaves_held_dependents_down() {
+    let mut sim = Sim::new(chain());
+    sim.run();
+    let services = operator(&sim, &["b"]);
+    sim.send(Event::OperatorStop { services });
+    sim.run();
+    let mark = sim.log.len();
+    let services = operator(&sim, &["b"]);
+    sim.send(Event::OperatorRestart { services });
+    sim.run();
+    assert_eq!(sim.log_since(mark), ["t=12 spawn b"]);
+    assert_eq!(sim.engine.slots()[sim.idx("c")].want, Want::Held);
+}
+
+#[test]
+fn operator_requests_are_ignored_during_startup_and_once_stopping() {
+    let mut sim = Sim::new(chain());
+    assert!(!sim.engine.takes_operator_requests());
+    let services = operator(&sim, &["a"]);
+    assert!(
+        sim.engine
+            .handle(Event::OperatorStop { services }, Time::ZERO)
+            .is_empty()
+    );
+    sim.run();
+    assert!(sim.engine.takes_operator_requests());
+    sim.send(Event::Stop);
+    assert!(!sim.engine.takes_operator_requests());
+    let before = sim.engine.snapshot();
+    let services = operator(&sim, &["a"]);
+    sim.send(Event::OperatorStart { services });
+    assert_eq!(sim.engine.snapshot(), before);
+}
+
+#[test]
+fn a_successor_keeps_what_the_operator_held() {
+    let mut sim = Sim::new(chain());
+    sim.run();
+    let services = operator(&sim, &["b"]);
+    sim.send(Event::OperatorStop { services });
+    sim.run();
+    let snapshot = sim.engine.snapshot();
+    let facts = KeeperFacts {
+        news: Vec::new(),
+        running: sim
+            .engine
+            .slots()
+            .iter()
+            .enumerate()
+            .filter_map(|(s, slot)| slot.pid().map(|pid| (s, pid)))
+            .collect(),
+    };
+    for restart_all in [false, true] {
+        let mut successor = sim_taking_over(chain(), snapshot.clone(), facts.clone(), restart_all);
+        successor.run();
+        let spawned: Vec<&str> = successor
+            .log
+            .iter()
+            .filter(|l| l.contains("spawn b") || l.contains("spawn c"))
+            .map(String::as_str)
+            .collect();
+        assert!(spawned.is_empty(), "{:?}", successor.log);
+        assert_eq!(successor.engine.slots()[1].want, Want::Held);
+        assert_eq!(successor.engine.slots()[2].want, Want::Held);
+    }
+}
+
+#[test]
+fn a_stop_of_the_whole_stack_overrides_the_operators_holds_and_finishes() {
+    let mut sim = Sim::new(chain());
+    sim.run();
+    let services = operator(&sim, &["b"]);
+    sim.send(Event::OperatorStop { services });
+    sim.run();
+    sim.send(Event::Stop);
+    sim.run();
+    assert_eq!(sim.finished, Some(Outcome::Stopped));
+}
+
 /// Random event sequences over random small stacks, with the invariants checked after every
 /// step (see the module documentation of the engine for the table they exercise).
 mod properties {
@@ -1765,6 +1972,11 @@ mod properties {
         /// The coordinator dies; a successor with `takeover = "restart"` adopts what it
         /// published and from then on is the coordinator.
         TakeoverRestart,
+        /// The operator stops, starts or restarts service k (verb 0, 1, 2).
+        Operator {
+            verb: u8,
+            k: usize,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1778,6 +1990,7 @@ mod properties {
             1 => Just(Op::Stop),
             2 => proptest::option::of(any::<usize>()).prop_map(|lost_exit| Op::Takeover { lost_exit }),
             1 => Just(Op::TakeoverRestart),
+            2 => (0u8..3, any::<usize>()).prop_map(|(verb, k)| Op::Operator { verb, k }),
         ]
     }
 
@@ -1934,6 +2147,14 @@ mod properties {
                 Op::Stop => self.feed(Event::Stop)?,
                 Op::Takeover { lost_exit } => self.takeover(lost_exit)?,
                 Op::TakeoverRestart => self.takeover_restart()?,
+                Op::Operator { verb, k } => {
+                    let services = vec![k % self.params.services.len()];
+                    self.feed(match verb {
+                        0 => Event::OperatorStop { services },
+                        1 => Event::OperatorStart { services },
+                        _ => Event::OperatorRestart { services },
+                    })?;
+                }
                 Op::AnswerSpawn { .. } | Op::Exit { .. } | Op::Ready { .. } => {}
             }
             self.check()

@@ -14,7 +14,9 @@
 //!   holds the daemons that escaped the group with `setsid`; see [`crate::cgroup`]), then
 //!   reports the exit ([`FromKeeper::Exited`]);
 //! - drains every service's output pipe into its rotated log, so a flood never blocks;
-//! - owns the notify socket, so `READY=1` datagrams wait in it while no coordinator reads;
+//! - owns the notify socket, so `READY=1` datagrams wait in it while no coordinator reads,
+//!   and the control socket ([`crate::control`]), listening, so that an operator's request
+//!   made during a takeover waits in its backlog for the successor;
 //! - starts the coordinator (and standbys), queues service events while no coordinator is
 //!   connected, and is a child subreaper, so nothing a service leaves behind becomes a zombie
 //!   of init;
@@ -69,6 +71,8 @@ use protocol::{FromKeeper, ToKeeper, recv_message};
 pub const COORDINATOR_CHANNEL_FD: RawFd = 3;
 pub const COORDINATOR_NOTIFY_FD: RawFd = 4;
 pub const COORDINATOR_REPORT_FD: RawFd = 5;
+/// The control socket's listening fd ([`crate::control`]), handed to every coordinator.
+pub const COORDINATOR_CONTROL_FD: RawFd = 6;
 
 /// Successors (coordinators the keeper starts because no standby could take over) that die
 /// within [`SUCCESSOR_QUICK`] of their start, this many times within [`SUCCESSOR_SPAN`], are
@@ -107,6 +111,8 @@ pub enum KeeperError {
     Setup(Errno),
     #[error(transparent)]
     Notify(#[from] crate::notify::NotifyError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     #[error("cannot start the coordinator ({}): {source}", .exe.display())]
     StartCoordinator {
         exe: PathBuf,
@@ -180,6 +186,9 @@ struct Keeper {
     signals: SignalFd,
     timer: TimerFd,
     notify: NotifySocket,
+    /// The control socket, listening: bound here so that it outlives each coordinator (a
+    /// request made during a takeover waits in its backlog for the successor).
+    control: OwnedFd,
     sources: HashMap<RawFd, Source>,
     children: HashMap<i32, Role>,
     /// The main process of each service, while it runs.
@@ -291,6 +300,10 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     .map_err(KeeperError::Setup)?;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(KeeperError::Setup)?;
     let notify = NotifySocket::bind(&notify_socket_path(&config))?;
+    let control = crate::control::bind(
+        &crate::control::socket_path(&config.global.run_dir, &config.global.instance),
+        config.global.group.as_ref().map(|g| g.id),
+    )?;
     let n = config.services.len();
     let successor_deaths = RecentDeaths::new(SUCCESSOR_SPAN, SUCCESSOR_LIMIT);
     let mut keeper = Keeper {
@@ -301,6 +314,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         signals,
         timer,
         notify,
+        control,
         sources: HashMap::new(),
         children: HashMap::new(),
         service_pids: vec![None; n],
@@ -357,6 +371,10 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     keeper.remove_cgroups();
     // Nothing of the instance is left to record.
     ProcessRecord::remove(&keeper.record_path());
+    crate::control::remove(&crate::control::socket_path(
+        &keeper.config.global.run_dir,
+        &keeper.config.global.instance,
+    ));
     // Nothing of the instance is left alive: its shared state goes with it. (`status` reads
     // the outcome the coordinator left in run_dir.)
     let _ = crate::shm::api::ControlSegment::remove(
@@ -394,6 +412,16 @@ impl Keeper {
                     }
                 })?,
                 child_fd: COORDINATOR_NOTIFY_FD,
+            },
+            FdMapping {
+                parent_fd: self
+                    .control
+                    .try_clone()
+                    .map_err(|e| KeeperError::StartCoordinator {
+                        exe: self.exe.clone(),
+                        source: e,
+                    })?,
+                child_fd: COORDINATOR_CONTROL_FD,
             },
         ];
         if let Some(report) = report {
