@@ -32,6 +32,7 @@ use crate::vocab::{InstanceState, ProcessExit, ServiceState};
 /// | `restarting` | it failed and will be started again | `service`, `attempt`, `of`, `delay_ms` |
 /// | `failed` | it failed and stays down | `service` |
 /// | `stopped` | it is down, as wanted | `service` |
+/// | `operator-stopped` | it is down because the operator stopped it (`ccmgr stop SERVICE`) | `service` |
 /// | `stack` | the instance's state changed | `state` |
 /// | `gave-up`, `startup-failed` | the instance stopped everything after a failure | `service`, `reason` |
 /// | `takeover` | the standby became the coordinator | `pid` |
@@ -181,6 +182,7 @@ impl LifecycleEvent {
                 other => format!("is {other}"),
             },
             "takeover" => "coordinator changed: the standby took over".to_owned(),
+            "operator-stopped" => "stopped by the operator".to_owned(),
             "gave-up" | "startup-failed" => format!(
                 "{}: {}",
                 self.event,
@@ -360,6 +362,9 @@ impl EventTap {
                 match new.state {
                     ServiceState::Up => out.push(event("up").pid(new.pid)),
                     ServiceState::Stopping => out.push(event("stopping").pid(new.pid)),
+                    ServiceState::Stopped if slot.want == crate::vocab::Want::Held => {
+                        out.push(event("operator-stopped"))
+                    }
                     ServiceState::Stopped => out.push(event("stopped")),
                     ServiceState::Failed => out.push(event("failed")),
                     ServiceState::Starting => {}

@@ -396,3 +396,34 @@ fn a_group_member_follows_the_events_and_a_stranger_cannot() {
     let out = stack.stop();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+#[test]
+fn an_operator_stop_is_an_event() {
+    let stack = Stack::new(
+        "events-operator",
+        "",
+        &[
+            ("a", "command = [\"sleep\", \"100000\"]\n"),
+            (
+                "b",
+                "command = [\"sleep\", \"100000\"]\nrequires = [\"a\"]\n",
+            ),
+        ],
+    );
+    stack.start_ok();
+    stack.wait_steady(Duration::from_secs(10));
+    let out = stack.ccmgr(&["stop", "b"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let reader = Reader::spawn(&stack, &["events", "--json", "-n", "1024"]);
+    let events = reader.until(Duration::from_secs(10), |e| {
+        kind(e) == "operator-stopped" && e["service"] == "b"
+    });
+    assert!(
+        !events
+            .iter()
+            .any(|e| kind(e) == "operator-stopped" && e["service"] == "a"),
+        "{events:#?}"
+    );
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
