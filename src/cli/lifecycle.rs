@@ -280,7 +280,7 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
     };
     let outcome = match waited {
         Waited::Report(Some(StartReport::Up)) => {
-            let not_up = print_up_summary(&config, &segment, started.elapsed());
+            let not_up = print_up_summary(&config, &segment, started.elapsed(), cli.json);
             // The keeper lives on (re-parented when we exit); nothing of ours to reap.
             if not_up.is_empty() {
                 return Exit::Ok;
@@ -306,6 +306,13 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
             let shutdown = config.global.coordinator.shutdown_timeout.as_duration() + GRACE;
             let finished = wait_for_exit(keeper_pid, shutdown);
             eprintln!("ccmgr: instance {instance} failed to start: service `{service}` {how}");
+            if cli.json {
+                print_start_failure_json(
+                    &instance,
+                    Some((&service, &how)),
+                    "a service failed to start",
+                );
+            }
             print_log_tail(&config, &service);
             // The keeper removes the segment last; if it is still there, finish the job.
             let left =
@@ -328,6 +335,13 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
                     "ccmgr: the coordinator of instance {instance} died during startup; stopping what it started"
                 ),
             }
+            if cli.json {
+                print_start_failure_json(
+                    &instance,
+                    None,
+                    "the keeper or the coordinator died during startup",
+                );
+            }
             say_how_it_ended(stop_what_started());
             Exit::Failed
         }
@@ -336,11 +350,21 @@ pub fn start(cli: &Cli, foreground: bool) -> Exit {
                 "ccmgr: interrupted by {} while instance {instance} was starting; stopping what was started",
                 signal.as_str()
             );
+            if cli.json {
+                print_start_failure_json(
+                    &instance,
+                    None,
+                    &format!("interrupted by {}", signal.as_str()),
+                );
+            }
             say_how_it_ended(stop_what_started());
             Exit::Failed
         }
         Waited::Failed(e) => {
             eprintln!("ccmgr: instance {instance} did not come up: {e}; stopping what was started");
+            if cli.json {
+                print_start_failure_json(&instance, None, &e.to_string());
+            }
             say_how_it_ended(stop_what_started());
             Exit::Failed
         }
@@ -586,12 +610,18 @@ fn print_log_tail(config: &Config, service: &str) {
 
 /// Prints the stack as it is now (read from the segment, every pid checked against its start
 /// time, not as it was when the coordinator reported); returns the services not up any more.
-fn print_up_summary(config: &Config, segment: &Segment, elapsed: Duration) -> Vec<String> {
-    let coordinator = segment
+fn print_up_summary(
+    config: &Config,
+    segment: &Segment,
+    elapsed: Duration,
+    json: bool,
+) -> Vec<String> {
+    let coordinator_pid = segment
         .instance_status()
         .ok()
         .and_then(|s| s.coordinator)
-        .map_or_else(|| "?".to_owned(), |c| c.pid.to_string());
+        .map(|c| c.pid);
+    let coordinator = coordinator_pid.map_or_else(|| "?".to_owned(), |pid| pid.to_string());
     let width = config
         .services
         .iter()
@@ -600,16 +630,37 @@ fn print_up_summary(config: &Config, segment: &Segment, elapsed: Duration) -> Ve
         .unwrap_or(0);
     let mut lines = Vec::new();
     let mut not_up = Vec::new();
+    let mut services_json = Vec::new();
     for &s in &config.startup_sequence {
         let spec = &config.services[s];
-        let (text, up) = match segment.service_status(s) {
-            Ok(st) => service_now(spec.ready, st),
+        let status = segment.service_status(s);
+        let (text, up) = match &status {
+            Ok(st) => service_now(spec.ready, *st),
             Err(e) => (format!("unreadable: {e}"), false),
         };
         if !up {
             not_up.push(spec.id.clone());
         }
+        services_json.push(serde_json::json!({
+            "id": spec.id,
+            "up": up,
+            "pid": status.ok().and_then(|st| st.process).filter(|p| p.is_alive()).map(|p| p.pid),
+            "state": text,
+        }));
         lines.push(format!("  {:<width$}  {text}", spec.id));
+    }
+    if json {
+        let doc = serde_json::json!({
+            "instance": config.global.instance,
+            "verb": "start",
+            "ok": not_up.is_empty(),
+            "elapsed_ms": elapsed.as_millis() as u64,
+            "coordinator_pid": coordinator_pid,
+            "services": services_json,
+            "not_up": not_up,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return not_up;
     }
     let n = config.services.len();
     let services = format!("{n} service{}", if n == 1 { "" } else { "s" });
@@ -630,6 +681,19 @@ fn print_up_summary(config: &Config, segment: &Segment, elapsed: Duration) -> Ve
         println!("{line}");
     }
     not_up
+}
+
+/// `start --json` when the start failed: `{"instance", "verb": "start", "ok": false,
+/// "failed": {"service", "how"} | null, "error": "..."}` (the sentences stay on stderr).
+fn print_start_failure_json(instance: &str, failed: Option<(&str, &str)>, error: &str) {
+    let doc = serde_json::json!({
+        "instance": instance,
+        "verb": "start",
+        "ok": false,
+        "failed": failed.map(|(service, how)| serde_json::json!({"service": service, "how": how})),
+        "error": error,
+    });
+    println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
 }
 
 /// What a service is now, in words, and whether it is up: its state in the segment, and for a
@@ -990,13 +1054,13 @@ pub fn stop_instance(instance: &str, dir: &std::path::Path) -> Exit {
         return Exit::Failed;
     }
     if acted || coordinator_stopped_it {
-        println!("ccmgr: instance {instance} stopped");
+        super::say(&format!("ccmgr: instance {instance} stopped"));
     } else if existed || had_cgroups {
-        println!(
+        super::say(&format!(
             "ccmgr: instance {instance} is not running (removed the state a killed run left behind)"
-        );
+        ));
     } else {
-        println!("ccmgr: instance {instance} is not running");
+        super::say(&format!("ccmgr: instance {instance} is not running"));
     }
     Exit::Ok
 }

@@ -76,7 +76,9 @@ pub fn logs(cli: &Cli, services: &[String], lines: usize, follow: bool) -> Exit 
     let own_log = log_dir.join(format!("ccmgr-{}.log", global.instance));
     let mut sources: Vec<Followed> = Vec::new();
     if services.is_empty() {
-        sources.push(Followed::new(own_log, None));
+        let mut own = Followed::new(own_log, None);
+        own.json = cli.json.then_some(None);
+        sources.push(own);
     } else {
         let known = known_services(&options, &log_dir, &own_log);
         let mut unknown = 0;
@@ -99,8 +101,10 @@ pub fn logs(cli: &Cli, services: &[String], lines: usize, follow: bool) -> Exit 
             if !seen.insert(id.as_str()) {
                 continue;
             }
-            let label = (services.len() > 1).then(|| format!("{id:<width$} | "));
-            sources.push(Followed::new(log_path(&log_dir, id), label));
+            let label = (services.len() > 1 && !cli.json).then(|| format!("{id:<width$} | "));
+            let mut followed = Followed::new(log_path(&log_dir, id), label);
+            followed.json = cli.json.then(|| Some(id.clone()));
+            sources.push(followed);
         }
     }
     match show(&log_dir, &mut sources, lines, follow) {
@@ -213,6 +217,9 @@ struct Followed {
     path: PathBuf,
     /// `"web | "` with several services, else nothing.
     label: Option<String>,
+    /// With `--json`: each line becomes `{"service": <this>, "line": "..."}` (`null` for
+    /// ccmgr's own log).
+    json: Option<Option<String>>,
     file: Option<File>,
     held: Option<(u64, u64)>,
     read: u64,
@@ -224,6 +231,7 @@ impl Followed {
         Followed {
             path,
             label,
+            json: None,
             file: None,
             held: None,
             read: 0,
@@ -297,7 +305,9 @@ impl Followed {
             self.partial = unfinished;
         } else if !unfinished.is_empty() && lines > 0 {
             self.emit_line(&unfinished, out)?;
-            out.write_all(b"\n").map_err(LogsError::Output)?;
+            if self.json.is_none() {
+                out.write_all(b"\n").map_err(LogsError::Output)?;
+            }
         }
         Ok(())
     }
@@ -388,8 +398,15 @@ impl Followed {
         Ok(())
     }
 
-    /// One line as it was written (newline included), after the service's label if any.
+    /// One line as it was written (newline included), after the service's label if any; with
+    /// `--json`, as one JSON object.
     fn emit_line(&self, line: &[u8], out: &mut impl Write) -> Result<(), LogsError> {
+        if let Some(service) = &self.json {
+            let text = String::from_utf8_lossy(line);
+            let text = text.strip_suffix('\n').unwrap_or(&text);
+            let object = serde_json::json!({ "service": service, "line": text });
+            return writeln!(out, "{object}").map_err(LogsError::Output);
+        }
         if let Some(label) = &self.label {
             out.write_all(label.as_bytes()).map_err(LogsError::Output)?;
         }

@@ -56,6 +56,10 @@ pub struct Cli {
     /// The directory of service files, overriding the configuration file.
     #[arg(long, global = true, value_name = "DIR")]
     pub services_dir: Option<PathBuf>,
+    /// Machine-readable output: one JSON document (for `events` and `logs`, one JSON object
+    /// per line) on stdout; messages for people stay on stderr. Every verb that reports.
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -66,7 +70,8 @@ pub enum Command {
     Check,
     /// Print the dependency graph.
     Graph {
-        /// dot: Graphviz (`ccmgr graph | dot -Tsvg > graph.svg`); text: one line per edge.
+        /// dot: Graphviz (`ccmgr graph | dot -Tsvg > graph.svg`); text: one line per edge;
+        /// json: the services and the edges with their kinds (also with `--json`).
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
     },
@@ -96,18 +101,12 @@ pub enum Command {
     /// Show the state of the instance and of every service, and why a service is not up
     /// (exit 3 when not running); with SERVICE names, explain those, with their last log lines.
     Status {
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
         /// Services to explain.
         #[arg(value_name = "SERVICE")]
         services: Vec<String>,
     },
     /// Follow the instance's lifecycle events as they happen (until it stops).
     Events {
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
         /// Begin with the last N events the instance still holds (at most 1024).
         #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 0)]
         backlog: u64,
@@ -162,6 +161,7 @@ pub enum InternalRole {
 pub enum GraphFormat {
     Dot,
     Text,
+    Json,
 }
 
 impl Cli {
@@ -184,6 +184,9 @@ fn load_or_report(cli: &Cli) -> Result<Config, Exit> {
         }
     }
     loaded.map_err(|diags| {
+        if cli.json {
+            check::print_errors_json(&diags);
+        }
         for d in diags.iter() {
             eprintln!("error: {d}");
         }
@@ -196,10 +199,37 @@ fn load_or_report(cli: &Cli) -> Result<Config, Exit> {
     })
 }
 
+/// `--json` was given: stdout carries only the JSON document; what would have been printed
+/// there for people goes to stderr (see [`say`]).
+static JSON_OUTPUT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Prints a line meant for people: on stdout, or on stderr under `--json` (stdout then
+/// carries only the JSON document).
+pub(crate) fn say(line: &str) {
+    if JSON_OUTPUT.get().copied().unwrap_or(false) {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+}
+
+/// The JSON document of a verb whose outcome is its exit code (`stop`): `{"instance", "verb",
+/// "ok", "exit_code"}`.
+fn print_outcome_json(instance: Option<&str>, verb: &str, exit: Exit) {
+    let doc = serde_json::json!({
+        "instance": instance,
+        "verb": verb,
+        "ok": exit == Exit::Ok,
+        "exit_code": exit as u8,
+    });
+    println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     // clap exits with 2 on usage errors, which is our code for bad usage too.
     let cli = Cli::parse();
+    let _ = JSON_OUTPUT.set(cli.json);
     let supervises = matches!(
         cli.command,
         Command::Internal { .. }
@@ -246,8 +276,10 @@ pub fn main() -> ExitCode {
         return Exit::BadConfig.into();
     }
     let result = match &cli.command {
-        Command::Check => load_or_report(&cli).map(|c| check::check(&c)),
-        Command::Graph { format } => load_or_report(&cli).map(|c| check::graph(&c, *format)),
+        Command::Check => load_or_report(&cli).map(|c| check::check(&c, cli.json)),
+        Command::Graph { format } => {
+            load_or_report(&cli).map(|c| check::graph(&c, *format, cli.json))
+        }
         Command::Start { operate, .. } if !operate.services.is_empty() => {
             Ok(operate::operate(&cli, Verb::Start, operate))
         }
@@ -258,10 +290,17 @@ pub fn main() -> ExitCode {
             Ok(operate::operate(&cli, Verb::Restart, operate))
         }
         Command::Start { foreground, .. } => Ok(lifecycle::start(&cli, *foreground)),
-        Command::Stop { .. } => Ok(lifecycle::stop(&cli)),
+        Command::Stop { .. } => {
+            let exit = lifecycle::stop(&cli);
+            if cli.json {
+                let instance = lifecycle::instance_of(&cli).ok().map(|(i, _)| i);
+                print_outcome_json(instance.as_deref(), "stop", exit);
+            }
+            Ok(exit)
+        }
         Command::Restart { foreground, .. } => Ok(lifecycle::restart(&cli, *foreground)),
-        Command::Status { json, services } => Ok(status::status(&cli, *json, services)),
-        Command::Events { json, backlog } => Ok(events::events(&cli, *json, *backlog)),
+        Command::Status { services } => Ok(status::status(&cli, cli.json, services)),
+        Command::Events { backlog } => Ok(events::events(&cli, cli.json, *backlog)),
         Command::Logs {
             services,
             lines,

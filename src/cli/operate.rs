@@ -69,7 +69,12 @@ pub fn operate(cli: &Cli, verb: Verb, args: &OperateArgs) -> Exit {
             !args.no_wait
         });
         match ended {
-            Ok(Ended::Final(reply)) => return report(verb, &instance, reply, accepted.as_deref()),
+            Ok(Ended::Final(reply)) => {
+                if cli.json {
+                    print_json(verb, &instance, &reply, accepted.as_deref());
+                }
+                return report(verb, &instance, reply, accepted.as_deref(), cli.json);
+            }
             Ok(Ended::Lost) => {
                 if let Some(services) = &accepted {
                     // The successor continues the work; ask only for its end state, for every
@@ -191,16 +196,40 @@ fn noun(verb: Verb) -> &'static str {
     }
 }
 
-/// Prints the outcome; returns the exit code.
-fn report(verb: Verb, instance: &str, reply: Reply, accepted: Option<&[String]>) -> Exit {
+/// `--json`: the outcome as one document: the verb, the services acted on (in order) and the
+/// coordinator's last reply as it sent it (`reply`: `done`, `accepted` with `--no-wait`,
+/// `failed`, `unknown`, `refused`, `not-now`, `bad`).
+fn print_json(verb: Verb, instance: &str, reply: &Reply, accepted: Option<&[String]>) {
+    let doc = serde_json::json!({
+        "instance": instance,
+        "verb": noun(verb),
+        "services": accepted,
+        "result": reply,
+    });
+    println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+}
+
+/// Prints the outcome (with `--json`, only the messages for people, on stderr); returns the
+/// exit code.
+fn report(
+    verb: Verb,
+    instance: &str,
+    reply: Reply,
+    accepted: Option<&[String]>,
+    json: bool,
+) -> Exit {
     match reply {
         Reply::Done => {
             let services = accepted.unwrap_or_default().join(", ");
-            println!("{} {services}", verb.done());
+            if !json {
+                println!("{} {services}", verb.done());
+            }
             Exit::Ok
         }
         Reply::Accepted { services, .. } => {
-            println!("{} {}: under way", noun(verb), services.join(", "));
+            if !json {
+                println!("{} {}: under way", noun(verb), services.join(", "));
+            }
             Exit::Ok
         }
         Reply::Failed { service, how } => {
