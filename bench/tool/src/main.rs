@@ -19,8 +19,10 @@
 use std::collections::HashMap;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, ExitCode};
+use std::process::{Command, ExitCode};
 use std::sync::Arc;
+
+use nix::sys::wait::waitpid;
 
 fn service(script: &str, name: &str) -> Command {
     let mut command = Command::new("/bin/sh");
@@ -32,14 +34,21 @@ fn name(index: usize) -> String {
     format!("s{index:04}")
 }
 
-fn spawn(script: &str, name: &str) -> Child {
-    service(script, name)
+/// Starts one service and returns its pid. The `Child` is dropped on purpose: the floor never
+/// waits (its services live until bench/run kills the process group) and the respawn loop reaps
+/// through `waitpid(-1)`, which clippy cannot see.
+#[expect(
+    clippy::zombie_processes,
+    reason = "reaped by waitpid(-1) or killed with the group"
+)]
+fn spawn(script: &str, name: &str) -> i32 {
+    let child = service(script, name)
         .spawn()
-        .unwrap_or_else(|error| panic!("cannot start service {name}: {error}"))
+        .unwrap_or_else(|error| panic!("cannot start service {name}: {error}"));
+    child.id() as i32
 }
 
-/// Children are never waited for: they live until bench/run kills the process group, and
-/// `Child` does not kill on drop.
+/// Children are never waited for: they live until bench/run kills the process group.
 fn floor(threads: usize, count: usize, script: &str) -> ExitCode {
     let script: Arc<str> = Arc::from(script);
     let workers: Vec<_> = (0..threads)
@@ -64,19 +73,22 @@ fn respawn(count: usize, script: &str) -> ExitCode {
     let mut names: HashMap<i32, String> = HashMap::new();
     for index in 0..count {
         let name = name(index);
-        names.insert(spawn(script, &name).id() as i32, name);
+        names.insert(spawn(script, &name), name);
     }
     loop {
-        let mut status = 0;
-        // SAFETY: waitpid with a valid out-pointer to a local; reaping our own children.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid < 0 {
-            eprintln!("ccmgr-bench respawn: waitpid: {}", std::io::Error::last_os_error());
-            return ExitCode::FAILURE;
-        }
+        // waitpid(-1): whichever child ended first
+        let pid = match waitpid(None, None) {
+            Ok(status) => match status.pid() {
+                Some(pid) => pid.as_raw(),
+                None => continue,
+            },
+            Err(error) => {
+                eprintln!("ccmgr-bench respawn: waitpid: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
         if let Some(name) = names.remove(&pid) {
-            let child = spawn(script, &name);
-            names.insert(child.id() as i32, name);
+            names.insert(spawn(script, &name), name);
         }
     }
 }
@@ -104,7 +116,12 @@ fn usage() -> ExitCode {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let number = |text: &str| text.parse::<usize>().ok().filter(|n| *n > 0);
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["floor", threads, count, script] => match (number(threads), number(count)) {
             (Some(threads), Some(count)) => floor(threads, count, script),
             _ => usage(),
