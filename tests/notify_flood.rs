@@ -13,21 +13,9 @@ use std::time::Duration;
 
 const FLOOD: Duration = Duration::from_secs(4);
 
-fn need_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI runs the tests as root: this test must run"
-    );
-    eprintln!("skipped: needs root to flood the notify socket as nobody");
-    false
-}
-
 #[test]
 fn a_notify_flood_from_another_user_is_cheap_quiet_and_harmless() {
-    if !need_root() {
+    if !stack_support::need_root("to flood the notify socket as nobody") {
         return;
     }
     let f = flood_support::run("notify-flood", Some(FLOOD), FLOOD);

@@ -13,23 +13,11 @@ use stack_support::{Stack, text, wait_lines};
 
 const LONG: Duration = Duration::from_secs(20);
 
-fn need_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI runs the tests as root: this test must run"
-    );
-    eprintln!("skipped: needs root to run a service as nobody");
-    false
-}
-
 const SEND: &str = "/usr/bin/python3 -c 'import os,socket,sys; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(os.environ[\\\"NOTIFY_SOCKET\\\"]); s.send(sys.argv[1].encode())'";
 
 #[test]
 fn a_service_running_as_nobody_cannot_touch_the_coordinator_or_speak_for_another() {
-    if !need_root() {
+    if !stack_support::need_root("to run a service as nobody") {
         return;
     }
     let stack = Stack::new("security", "[coordinator]\nstartup_timeout = \"30s\"", &[]);
@@ -88,7 +76,7 @@ fn the_shared_state_is_owner_only() {
 /// root-only directory it could never have entered itself.
 #[test]
 fn a_service_enters_its_working_dir_with_its_own_rights_not_roots() {
-    if !need_root() {
+    if !stack_support::need_root("to run a service as nobody") {
         return;
     }
     let stack = Stack::new("workdir-rights", "", &[]);

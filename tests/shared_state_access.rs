@@ -26,18 +26,6 @@ use stack_support::{Stack, ccmgr_bin, pids_in, text};
 const NOBODY: (u32, u32) = (65534, 65534);
 const LONG: Duration = Duration::from_secs(20);
 
-fn need_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI runs the tests as root: this test must run"
-    );
-    eprintln!("skipped: needs root to act as nobody");
-    false
-}
-
 /// Runs `program args` as nobody:nogroup, from `/`.
 fn as_nobody(program: &Path, args: &[&str]) -> Output {
     Command::new(program)
@@ -68,7 +56,7 @@ impl Drop for Squatted {
 /// it (and nothing of nobody's). On main, `start` failed: the segment's name was taken.
 #[test]
 fn names_another_user_creates_first_do_not_affect_a_root_instance() {
-    if !need_root() {
+    if !stack_support::need_root("to act as nobody") {
         return;
     }
     let stack = Stack::new("squat", "", &[("a", "command = [\"sleep\", \"1000\"]\n")]);
@@ -126,7 +114,7 @@ fn names_another_user_creates_first_do_not_affect_a_root_instance() {
 /// main every one of them was used as it was.
 #[test]
 fn a_run_dir_others_could_write_or_own_is_refused() {
-    if !need_root() {
+    if !stack_support::need_root("to act as nobody") {
         return;
     }
     let stack = Stack::new(
@@ -219,7 +207,7 @@ fn a_run_dir_others_could_write_or_own_is_refused() {
 /// `stop` is refused with exit 4 and kills nothing.
 #[test]
 fn a_group_member_reads_the_status_but_cannot_write_or_stop() {
-    if !need_root() {
+    if !stack_support::need_root("to act as nobody") {
         return;
     }
     let stack = Stack::new(
@@ -408,7 +396,7 @@ impl Drop for NobodysInstance {
 /// write that is not sticky is refused.
 #[test]
 fn an_unprivileged_owner_runs_its_instance_and_no_one_else_controls_it() {
-    if !need_root() {
+    if !stack_support::need_root("to act as nobody") {
         return;
     }
     let n = NobodysInstance::new("own");

@@ -467,3 +467,17 @@ pub fn pids_in(status: &Value) -> Vec<i32> {
     );
     pids
 }
+
+/// Whether the test may act as another user (it runs as root); outside CI a test that cannot
+/// says why and is skipped, under CI (which runs as root) it must run.
+pub fn need_root(why: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI runs the tests as root: this test must run"
+    );
+    eprintln!("skipped: needs root {why}");
+    false
+}
