@@ -17,6 +17,7 @@
 //! - [`spawn`]: starting one service process, signalling it, and how it ended.
 //! - [`cgroup`]: a cgroup v2 per service, so what a service leaves behind dies with it.
 //! - [`logsink`]: service output drained from its pipe into a rotated log file.
+//! - [`socket_file`]: the socket files in run_dir: cleared before a bind, removed when dead.
 //! - [`notify`]: the sd_notify socket, so systemd `Type=notify` daemons work unchanged.
 //! - [`shm`]: the shared-memory segment, its robust mutexes and channels, stale-state reclaim.
 //! - [`service`]: the service API (alive, ready, the orderly shutdown protocol) that services
@@ -49,5 +50,6 @@ pub mod process_identity;
 pub mod records;
 pub mod service;
 pub mod shm;
+pub mod socket_file;
 pub mod spawn;
 pub mod vocab;

@@ -31,7 +31,7 @@
 use std::fs::{self, Permissions};
 use std::io::{self, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -170,20 +170,15 @@ impl NotifySocket {
             path: path.to_path_buf(),
             errno,
         })?;
-        match fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                fs::remove_file(path).map_err(|source| NotifyError::RemoveStale {
-                    path: path.to_path_buf(),
-                    source,
-                })?
-            }
-            Ok(_) => {
-                return Err(NotifyError::NotASocket {
-                    path: path.to_path_buf(),
-                });
-            }
-            Err(_) => {}
-        }
+        crate::socket_file::clear_for_bind(path).map_err(|e| match e {
+            crate::socket_file::ClearError::NotASocket => NotifyError::NotASocket {
+                path: path.to_path_buf(),
+            },
+            crate::socket_file::ClearError::Remove(source) => NotifyError::RemoveStale {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
         let fd = socket(
             AddressFamily::Unix,
             SockType::Datagram,

@@ -1133,20 +1133,7 @@ fn remove_state(
 /// nobody is bound to it (a datagram sent there is refused), so that a keeper a concurrent
 /// `start` has just started keeps its own.
 fn remove_dead_notify_socket(path: &std::path::Path) {
-    use std::os::unix::fs::FileTypeExt as _;
-    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
-    if !is_socket {
-        return;
-    }
-    let Ok(probe) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    if probe
-        .connect(path)
-        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
-    {
-        let _ = std::fs::remove_file(path);
-    }
+    crate::socket_file::remove_if_dead(path, crate::socket_file::Kind::Datagram);
 }
 
 /// Asks the live `coordinator` to stop the stack, and waits for the keeper (which exits last,

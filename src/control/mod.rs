@@ -19,7 +19,7 @@ pub mod server;
 
 use std::fs::{self, Permissions};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -71,20 +71,15 @@ pub fn bind(path: &Path, group: Option<u32>) -> Result<OwnedFd, ControlError> {
         path: path.to_path_buf(),
         errno,
     })?;
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            fs::remove_file(path).map_err(|source| ControlError::RemoveStale {
-                path: path.to_path_buf(),
-                source,
-            })?
-        }
-        Ok(_) => {
-            return Err(ControlError::NotASocket {
-                path: path.to_path_buf(),
-            });
-        }
-        Err(_) => {}
-    }
+    crate::socket_file::clear_for_bind(path).map_err(|e| match e {
+        crate::socket_file::ClearError::NotASocket => ControlError::NotASocket {
+            path: path.to_path_buf(),
+        },
+        crate::socket_file::ClearError::Remove(source) => ControlError::RemoveStale {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
     let fd = socket(
         AddressFamily::Unix,
         SockType::Stream,
@@ -121,19 +116,10 @@ pub fn bind(path: &Path, group: Option<u32>) -> Result<OwnedFd, ControlError> {
 /// it): only once nobody listens on it (a connection is refused), so that a keeper a
 /// concurrent `start` has just started keeps its own.
 pub fn remove_if_dead(path: &Path) {
-    let is_socket = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
-    let refused = || {
-        std::os::unix::net::UnixStream::connect(path)
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
-    };
-    if is_socket && refused() {
-        let _ = fs::remove_file(path);
-    }
+    crate::socket_file::remove_if_dead(path, crate::socket_file::Kind::Stream);
 }
 
 /// Removes the control socket at `path`, if it is one (the keeper, at its end).
 pub fn remove(path: &Path) {
-    if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        let _ = fs::remove_file(path);
-    }
+    crate::socket_file::remove(path);
 }
