@@ -84,8 +84,8 @@ pub enum DirTrustError {
     },
     /// Another user than the owner (or root, above it) could create names in it.
     #[error(
-        "refusing the run directory {}: {} is owned by uid {owner} and has mode {mode:04o}, so {why}; an instance's state lives only where no user but its owner (uid {expected}) and root can create names",
-        dir.display(), path.display()
+        "refusing the run directory {}: {} is owned by uid {owner} and has mode {mode:04o}, so {why}; an instance's state lives only where no user but its owner (uid {expected}) and root can create names (remove the write bits others have on {}, as with `chmod go-w`, or choose another `run_dir`)",
+        dir.display(), path.display(), path.display()
     )]
     Untrusted {
         /// The run directory.
