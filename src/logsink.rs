@@ -276,13 +276,16 @@ impl LogFile {
             self.file = None;
             if self.keep == 0 {
                 // Nothing to keep: start the file over.
+                // Not followed nor blocking, as in `open_append`: truncating through a link
+                // planted in `log_dir` would empty the file it names.
                 let file = OpenOptions::new()
                     .write(true)
-                    .truncate(true)
                     .create(true)
                     .mode(0o640)
-                    .open(&self.path)?;
-                drop(file);
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                    .open(&self.path)
+                    .map_err(|e| refused_link(&self.path, e))?;
+                refuse_unless_regular(&self.path, file)?.set_len(0)?;
             } else {
                 shift_rotations(&self.path, self.keep)?;
             }
@@ -296,12 +299,45 @@ impl LogFile {
     }
 }
 
+/// Opens (creating, mode 0640) the log file at `path` for appending. The keeper runs as root
+/// and `log_dir` may be writable by a service's user (a careless but common setup: the service
+/// "owns its logs"), so whatever that user planted at the name is refused, never followed: a
+/// symbolic link (`O_NOFOLLOW`: it would have root append to, say, `/etc/shadow`), and a FIFO
+/// or device (`O_NONBLOCK` so the open cannot hang the keeper, then anything but a regular
+/// file is an error naming the path).
 pub(crate) fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
+        .map_err(|e| refused_link(path, e))?;
+    refuse_unless_regular(path, file)
+}
+
+/// `ELOOP` from `O_NOFOLLOW` means a symbolic link is at `path`: say so.
+fn refused_link(path: &Path, e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        io::Error::other(format!(
+            "{} is a symbolic link; a log file is never followed through one",
+            path.display()
+        ))
+    } else {
+        e
+    }
+}
+
+/// The opened log file, if it is a regular file; else an error naming `path`.
+fn refuse_unless_regular(path: &Path, file: File) -> io::Result<File> {
+    if file.metadata()?.file_type().is_file() {
+        Ok(file)
+    } else {
+        Err(io::Error::other(format!(
+            "{} is not a regular file; refusing to write a log into it",
+            path.display()
+        )))
+    }
 }
 
 fn rename_if_present(from: &Path, to: &Path) -> io::Result<()> {

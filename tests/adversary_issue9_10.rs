@@ -1,0 +1,80 @@
+//! Attacks an outside tester made after issues 9 (privilege boundaries) and 10 (events,
+//! failure commands, `logs`, `wants`/`before`) landed, each through the real binary: a local
+//! user (`nobody`) or a careless operator against root's ccmgr. Needs root (to act as
+//! `nobody`); skipped otherwise, except under CI, where it must run.
+
+mod stack_support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use stack_support::{Stack, text};
+
+const NOBODY: u32 = 65534;
+
+fn need_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI runs the tests as root: this test must run"
+    );
+    eprintln!("skipped: needs root to act as nobody");
+    false
+}
+
+/// Makes `path` nobody's, as `chown nobody:nogroup` would.
+fn give_to_nobody(path: &Path) {
+    std::os::unix::fs::lchown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+}
+
+/// Polls `condition` every 10 ms until it holds, or panics naming `what` after `limit`.
+fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A careless but common setup: the service's user owns `log_dir` ("the service owns its
+/// logs"). The service's user plants `web.log -> <a root-only file>` before the start. Root's
+/// keeper must not follow it: on main it appended the service's output to the root-owned
+/// 0600 file (any file on the system: /etc/shadow, /root/.ssh/authorized_keys).
+#[test]
+fn a_link_planted_in_log_dir_is_not_followed_by_the_keeper() {
+    if !need_root() {
+        return;
+    }
+    let stack = Stack::new(
+        "log-link",
+        "",
+        &[(
+            "web",
+            "user = \"nobody\"\ncommand = [\"sh\", \"-c\", \"echo PWNED; exec sleep 1000\"]\n",
+        )],
+    );
+    std::fs::set_permissions(stack.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let victim = stack.path().join("victim");
+    std::fs::write(&victim, "root only\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let log_dir = stack.log_dir();
+    std::fs::create_dir(&log_dir).unwrap();
+    give_to_nobody(&log_dir);
+    let link = log_dir.join("web.log");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    give_to_nobody(&link);
+
+    let out = stack.start();
+    // Whatever start made of it, the stop drains every pipe before the keeper exits.
+    let stopped = stack.stop();
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "root only\n",
+        "root's keeper wrote the service's output through a link the service's user planted\nstart: {}\nstop: {}",
+        text(&out),
+        text(&stopped)
+    );
+}
