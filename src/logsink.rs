@@ -316,15 +316,19 @@ pub(crate) fn open_append(path: &Path) -> io::Result<File> {
     refuse_unless_regular(path, file)
 }
 
-/// `ELOOP` from `O_NOFOLLOW` means a symbolic link is at `path`: say so.
+/// `ELOOP` from `O_NOFOLLOW` means a symbolic link is at `path`, `ENXIO` from a non-blocking
+/// open for writing a FIFO (with no reader) or a device: say so.
 fn refused_link(path: &Path, e: io::Error) -> io::Error {
-    if e.raw_os_error() == Some(libc::ELOOP) {
-        io::Error::other(format!(
+    match e.raw_os_error() {
+        Some(libc::ELOOP) => io::Error::other(format!(
             "{} is a symbolic link; a log file is never followed through one",
             path.display()
-        ))
-    } else {
-        e
+        )),
+        Some(libc::ENXIO) => io::Error::other(format!(
+            "{} is not a regular file; refusing it as a log",
+            path.display()
+        )),
+        _ => e,
     }
 }
 
@@ -334,10 +338,30 @@ fn refuse_unless_regular(path: &Path, file: File) -> io::Result<File> {
         Ok(file)
     } else {
         Err(io::Error::other(format!(
-            "{} is not a regular file; refusing to write a log into it",
+            "{} is not a regular file; refusing it as a log",
             path.display()
         )))
     }
+}
+
+/// Opens the log file at `path` for reading, as `start`'s failure report, `status SERVICE`
+/// and `logs` do, with the same refusals as [`open_append`]: whoever may write `log_dir` must
+/// not make root's reader print a file through a link (`web.log -> /etc/shadow`), nor hang it
+/// forever on a FIFO (an open for reading blocks until a writer comes).
+pub(crate) fn open_read(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| refused_link(path, e))?;
+    refuse_unless_regular(path, file)
+}
+
+/// The whole log file at `path`, opened as [`open_read`] does.
+pub(crate) fn read_whole(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    open_read(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 fn rename_if_present(from: &Path, to: &Path) -> io::Result<()> {
@@ -365,7 +389,7 @@ pub fn tail(dir: &Path, id: &str, lines: usize) -> Vec<String> {
 
 /// The last `n` lines of `path`, reading at most [`TAIL_WINDOW`] bytes from its end.
 fn last_lines(path: &Path, n: usize) -> Vec<String> {
-    let Ok(mut file) = File::open(path) else {
+    let Ok(mut file) = open_read(path) else {
         return Vec::new();
     };
     let Ok(len) = file.metadata().map(|m| m.len()) else {

@@ -78,3 +78,77 @@ fn a_link_planted_in_log_dir_is_not_followed_by_the_keeper() {
         text(&stopped)
     );
 }
+
+/// The same careless setup; the service's user makes `web.log` a FIFO. On main root's keeper
+/// blocked for ever opening it (in `fifo_open`, the whole stack wedged); with the keeper
+/// refusing it, root's `ccmgr start` reported the failed start, then hung for ever (SIGTERM
+/// too) opening the FIFO to show "the last lines of its log"; `ccmgr logs web` hung likewise.
+#[test]
+fn a_fifo_planted_at_a_log_name_hangs_neither_start_nor_logs() {
+    if !need_root() {
+        return;
+    }
+    let stack = Stack::new(
+        "log-fifo",
+        "",
+        &[(
+            "web",
+            "user = \"nobody\"\ncommand = [\"sleep\", \"1000\"]\n",
+        )],
+    );
+    std::fs::set_permissions(stack.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log_dir = stack.log_dir();
+    std::fs::create_dir(&log_dir).unwrap();
+    give_to_nobody(&log_dir);
+    let fifo = log_dir.join("web.log");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    give_to_nobody(&fifo);
+
+    let start = stack_support::Running::spawn(&stack, &["start"]);
+    let out = start.finish(Duration::from_secs(30));
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("is not a regular file"),
+        "start does not say what is wrong with the log: {}",
+        text(&out)
+    );
+    let logs = stack_support::Running::spawn(&stack, &["logs", "web"]);
+    let out = logs.finish(Duration::from_secs(10));
+    assert!(
+        text(&out).contains("not a regular file"),
+        "logs does not say what is wrong with the log: {}",
+        text(&out)
+    );
+}
+
+/// `ccmgr logs` (and `start`'s failure report) run by root print a log the service's user
+/// replaced with a link to a root-only file: on main they showed its contents.
+#[test]
+fn root_s_logs_does_not_print_a_file_through_a_planted_link() {
+    if !need_root() {
+        return;
+    }
+    let stack = Stack::new(
+        "logs-link",
+        "",
+        &[("web", "user = \"nobody\"\ncommand = [\"sleep\", \"1000\"]\n")],
+    );
+    let victim = stack.path().join("victim");
+    std::fs::write(&victim, "root-only-secret\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let log_dir = stack.log_dir();
+    std::fs::create_dir(&log_dir).unwrap();
+    give_to_nobody(&log_dir);
+    let link = log_dir.join("web.log");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    give_to_nobody(&link);
+
+    let logs = stack_support::Running::spawn(&stack, &["logs", "web"]);
+    let out = logs.finish(Duration::from_secs(10));
+    assert!(
+        !text(&out).contains("root-only-secret"),
+        "root's `ccmgr logs` printed a root-only file through a link: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains("symbolic link"), "{}", text(&out));
+}
