@@ -152,3 +152,90 @@ fn root_s_logs_does_not_print_a_file_through_a_planted_link() {
     );
     assert!(text(&out).contains("symbolic link"), "{}", text(&out));
 }
+
+/// The README says a failure command's "output goes to ccmgr's own log". It does not: the
+/// keeper hands the command its own stderr (keeper/mod.rs `run_hook`, `output: stderr`), which
+/// `ccmgr start` made /dev/null (cli/lifecycle.rs, the keeper's `.stderr(Stdio::null())`).
+/// Whatever an operator's hook says (why it could not page anyone) is lost.
+#[test]
+#[ignore = "defect left: a failure command's output goes to /dev/null, not to ccmgr's log (needs a drained, size-capped pipe in the keeper)"]
+fn a_failure_command_s_output_reaches_ccmgr_s_own_log() {
+    let stack = Stack::new(
+        "hook-output",
+        "",
+        &[(
+            "crash",
+            "command = [\"sh\", \"-c\", \"sleep 0.2; exit 3\"]\nrestart = \"never\"\non_failure_command = \"echo HOOK-OUT-MARKER; echo HOOK-ERR-MARKER >&2\"\n",
+        )],
+    );
+    let _ = stack.start();
+    wait_until("the failure command to end", Duration::from_secs(20), || {
+        let log = stack.coordinator_log();
+        log.contains("the failure command ended") || log.contains("the failure command failed")
+    });
+    let log = stack.coordinator_log();
+    stack.stop();
+    assert!(
+        log.contains("HOOK-OUT-MARKER") && log.contains("HOOK-ERR-MARKER"),
+        "the failure command's output is not in ccmgr's log:\n{log}"
+    );
+}
+
+/// A failure command that daemonizes (`setsid cmd &`, as `notify-send`-style helpers do)
+/// leaves its process group, so the kill at `on_failure_timeout` (keeper/mod.rs
+/// `kill_overdue_hooks`, `signal_group`) misses it: it runs on, uncounted by the limit of 8
+/// running commands, so a crash loop piles such processes up until `ccmgr stop` (which finds
+/// them by `CCMGR_INSTANCE` in their environment). Services that escape so are held by their
+/// cgroup; failure commands are spawned with `cgroup_procs: None`.
+#[test]
+#[ignore = "defect left: a failure command's setsid child outlives on_failure_timeout (hooks are in no cgroup)"]
+fn a_failure_command_s_escaped_child_dies_at_its_timeout() {
+    let stack = Stack::new(
+        "hook-escape",
+        "[coordinator]\non_failure_timeout = \"1s\"\n",
+        &[(
+            "crash",
+            "command = [\"sh\", \"-c\", \"sleep 0.2; exit 3\"]\nrestart = \"never\"\non_failure_command = \"setsid sleep 4242 & exec sleep 4243\"\n",
+        )],
+    );
+    let _ = stack.start();
+    wait_until("the failure command to be killed", Duration::from_secs(20), || {
+        stack
+            .coordinator_log()
+            .contains("the failure command failed")
+    });
+    let escaped = escaped_sleepers(&stack.instance, "4242");
+    stack.remember(&escaped);
+    // The kill is by process group and synchronous; give the kernel a moment to deliver it to
+    // every member it reached, then look.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && escaped.iter().any(|&p| Stack::alive(p)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let alive: Vec<i32> = escaped.iter().copied().filter(|&p| Stack::alive(p)).collect();
+    stack.stop();
+    assert!(
+        alive.is_empty(),
+        "the failure command's daemonized child {alive:?} outlived on_failure_timeout"
+    );
+}
+
+/// Live processes whose environment names `instance` and whose command line ends in `arg`.
+fn escaped_sleepers(instance: &str, arg: &str) -> Vec<i32> {
+    let needle = format!("CCMGR_INSTANCE={instance}");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let named = environ
+            .split(|&b| b == 0)
+            .any(|var| var == needle.as_bytes());
+        if named && cmdline.ends_with(format!("{arg}\0").as_bytes()) && Stack::alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
