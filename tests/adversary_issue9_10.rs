@@ -239,3 +239,58 @@ fn escaped_sleepers(instance: &str, arg: &str) -> Vec<i32> {
     }
     out
 }
+
+/// The event ring truncated under a running stack (`: > run/<instance>.events`, by its owner
+/// or a careless cleanup): on main the coordinator's next event store raised SIGBUS and killed
+/// it (with `standby = false` nobody takes over), and every `ccmgr events` reader died of
+/// SIGBUS too (exit 135). Events may stop; the coordinator must live and readers must say why.
+#[test]
+fn a_truncated_event_ring_kills_neither_the_coordinator_nor_its_readers() {
+    let stack = Stack::new(
+        "ring-trunc",
+        "[coordinator]\nstandby = false\n",
+        &[("svc", "command = [\"sleep\", \"100000\"]\nrestart_delay = 0\n")],
+    );
+    stack.start_ok();
+    let before = stack.wait_steady(Duration::from_secs(20));
+    let coordinator = before["coordinator"]["pid"].as_i64().unwrap() as i32;
+    let victim = before["services"][0]["pid"].as_i64().unwrap() as i32;
+    let reader = stack_support::Running::spawn(&stack, &["events"]);
+    let ring = stack
+        .run_dir()
+        .join(format!("{}.events", stack.instance));
+    wait_until("the reader to map the ring", Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{}/maps", reader.pid()))
+            .is_ok_and(|maps| maps.contains(".events"))
+    });
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&ring)
+        .unwrap();
+    // A failure: the coordinator appends `exited`, `restarting`, ... to the ring.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    stack.wait_for("svc up again", Duration::from_secs(20), |s| {
+        s.as_ref()
+            .is_some_and(|s| stack_support::up_anew(s, "svc", victim))
+    });
+    assert!(
+        Stack::alive(coordinator),
+        "the coordinator died when the ring was truncated:\n{}",
+        stack.coordinator_log()
+    );
+    let out = reader.finish(Duration::from_secs(10));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        None,
+        "the reader died of a signal: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains("truncated"), "{}", text(&out));
+    stack.stop();
+}
