@@ -294,3 +294,85 @@ fn a_truncated_event_ring_kills_neither_the_coordinator_nor_its_readers() {
     assert!(text(&out).contains("truncated"), "{}", text(&out));
     stack.stop();
 }
+
+/// `run_dir` configured through a symbolic link that lies in a directory another user owns
+/// (`/srv/app` is the app user's, `run_dir = "/srv/app/run"` with `run` a link to a root
+/// directory). The check looked only at the resolved path; every process goes on naming the
+/// configured one. On main the owner of that directory swung the link to a directory of his
+/// with `<instance>.procs.new -> victim` planted in it, and root's keeper truncated the
+/// root-only victim and wrote its process record into it at the next restart of a service.
+#[test]
+fn a_run_dir_reached_through_a_link_another_user_can_replace_is_refused() {
+    if !need_root() {
+        return;
+    }
+    let stack = Stack::new(
+        "run-link",
+        "",
+        &[
+            (
+                "crash",
+                "command = [\"sh\", \"-c\", \"sleep 0.3; exit 1\"]\nrestart_delay = 0\n",
+            ),
+            ("ok", "command = [\"sleep\", \"100000\"]\n"),
+        ],
+    );
+    let root = stack.path();
+    let real = root.join("real");
+    std::fs::create_dir(&real).unwrap();
+    let theirs = root.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    give_to_nobody(&theirs);
+    let link = theirs.join("run");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    std::fs::write(
+        root.join("ccmgr.toml"),
+        format!(
+            "instance = \"{}\"\nlog_dir = \"log\"\nrun_dir = \"theirs/run\"\n[coordinator]\nrestart_retry_counter = 100\nrestart_time_span = \"10h\"\n",
+            stack.instance
+        ),
+    )
+    .unwrap();
+    let victim = root.join("victim");
+    std::fs::write(&victim, "root only\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let out = stack.start();
+    if out.status.code() != Some(0) {
+        assert!(
+            text(&out).contains("symbolic link on the way"),
+            "refused, but not saying why: {}",
+            text(&out)
+        );
+        return;
+    }
+    // Accepted: the directory's owner swings the link to a directory of his.
+    let evil = theirs.join("evil");
+    std::fs::create_dir(&evil).unwrap();
+    give_to_nobody(&evil);
+    for name in ["procs", "procs.new"] {
+        let planted = evil.join(format!("{}.{name}", stack.instance));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        give_to_nobody(&planted);
+    }
+    let swung = theirs.join("run.new");
+    std::os::unix::fs::symlink(&evil, &swung).unwrap();
+    std::fs::rename(&swung, &link).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut written = String::new();
+    while Instant::now() < deadline {
+        written = std::fs::read_to_string(&victim).unwrap();
+        if written != "root only\n" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Back to the real directory, so that the stack can be stopped.
+    let back = theirs.join("run.back");
+    std::os::unix::fs::symlink(&real, &back).unwrap();
+    std::fs::rename(&back, &link).unwrap();
+    stack.stop();
+    panic!(
+        "start accepted a run_dir reached through a link in nobody's directory; after the link was swung, the root-only victim holds: {written:?}"
+    );
+}

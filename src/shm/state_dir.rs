@@ -175,10 +175,99 @@ pub fn trusted_dir(dir: &Path, owner: Option<u32>) -> Result<TrustedDir, DirTrus
             ));
         }
     }
+    check_links_on_the_way(dir, expected)?;
     Ok(TrustedDir {
         path: resolved,
         owner: expected,
     })
+}
+
+/// The symbolic links met on the way to `dir`, checked as the directories of the resolved
+/// path are: every one must belong to root or the instance's owner and lie in a directory
+/// where no one else can replace it. Only the resolved path is checked above, but every
+/// process of the instance goes on naming the configured path (the keeper writes its records
+/// there, `stop` removes files there): a link another user owns, or could replace, on that
+/// path would let them swing it to a directory of theirs after the check, and root would
+/// create, truncate and remove names where that user planted links (`run_dir =
+/// /srv/app/run` with `/srv/app` nobody's and `run` a link in it: root's keeper wrote its
+/// process record through `<instance>.procs.new -> /etc/shadow`).
+fn check_links_on_the_way(dir: &Path, expected: u32) -> Result<(), DirTrustError> {
+    use std::collections::VecDeque;
+    use std::path::Component;
+    let examine_err = |path: &Path, source| DirTrustError::Examine {
+        dir: dir.to_owned(),
+        path: path.to_owned(),
+        source,
+    };
+    let absolute = std::path::absolute(dir).map_err(|e| examine_err(dir, e))?;
+    let mut pending: VecDeque<PathBuf> = absolute
+        .components()
+        .map(|c| PathBuf::from(c.as_os_str()))
+        .collect();
+    let mut current = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(part) = pending.pop_front() {
+        match part.components().next() {
+            Some(Component::RootDir) => current = PathBuf::from("/"),
+            Some(Component::ParentDir) => {
+                current.pop();
+            }
+            Some(Component::Normal(name)) => {
+                let next = current.join(name);
+                let meta = std::fs::symlink_metadata(&next).map_err(|e| examine_err(&next, e))?;
+                if !meta.file_type().is_symlink() {
+                    current = next;
+                    continue;
+                }
+                links += 1;
+                if links > 40 {
+                    return Err(examine_err(
+                        &next,
+                        io::Error::from_raw_os_error(libc::ELOOP),
+                    ));
+                }
+                let untrusted = |path: &Path, meta: &std::fs::Metadata, why| {
+                    DirTrustError::Untrusted {
+                        dir: dir.to_owned(),
+                        path: path.to_owned(),
+                        owner: meta.uid(),
+                        mode: meta.mode() & 0o7777,
+                        expected,
+                        why,
+                    }
+                };
+                if meta.uid() != 0 && meta.uid() != expected {
+                    return Err(untrusted(
+                        &next,
+                        &meta,
+                        "this symbolic link on the way belongs to a user who is neither root nor the instance's owner, who may point it elsewhere",
+                    ));
+                }
+                let holder = std::fs::symlink_metadata(&current)
+                    .map_err(|e| examine_err(&current, e))?;
+                if holder.uid() != 0 && holder.uid() != expected {
+                    return Err(untrusted(
+                        &current,
+                        &holder,
+                        "a user who is neither root nor the instance's owner may replace the symbolic link on the way that it holds",
+                    ));
+                }
+                if holder.mode() & 0o022 != 0 && holder.mode() & libc::S_ISVTX == 0 {
+                    return Err(untrusted(
+                        &current,
+                        &holder,
+                        "other users may replace the symbolic link on the way that it holds (it is writable by them and not sticky)",
+                    ));
+                }
+                let target = std::fs::read_link(&next).map_err(|e| examine_err(&next, e))?;
+                for c in target.components().rev() {
+                    pending.push_front(PathBuf::from(c.as_os_str()));
+                }
+            }
+            Some(Component::CurDir) | Some(Component::Prefix(_)) | None => {}
+        }
+    }
+    Ok(())
 }
 
 /// Create `dir` (and what is missing above it) with mode 0755, as `ccmgr start` does for a
