@@ -376,3 +376,47 @@ fn a_run_dir_reached_through_a_link_another_user_can_replace_is_refused() {
         "start accepted a run_dir reached through a link in nobody's directory; after the link was swung, the root-only victim holds: {written:?}"
     );
 }
+
+/// A failure command that ignores SIGTERM, with a long `on_failure_timeout`: the keeper waits
+/// for it after the stop, `ccmgr stop` gives the keeper 10 s, then kills the keeper and sweeps
+/// the cgroups. On main the failure command was in no cgroup and no record: `stop` said
+/// "instance ... stopped" (exit 0) and the command lived on, orphaned to init.
+#[test]
+fn stop_leaves_no_failure_command_alive() {
+    let stack = Stack::new(
+        "hook-stop",
+        "[coordinator]\non_failure_timeout = \"60s\"\n",
+        &[("ok", "command = [\"sleep\", \"100000\"]\n")],
+    );
+    let pid_file = stack.path().join("hook.pid");
+    stack.write_service(
+        "crash",
+        &format!(
+            "command = [\"sh\", \"-c\", \"sleep 0.2; exit 3\"]\nrestart = \"never\"\non_failure_command = \"trap '' TERM INT HUP; echo $$ > {0}.new; mv {0}.new {0}; exec sleep 100000\"\n",
+            pid_file.display()
+        ),
+    );
+    let _ = stack.start();
+    wait_until("the failure command to run", Duration::from_secs(20), || {
+        pid_file.exists()
+    });
+    let hook: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    stack.remember(&[hook]);
+    let out = stack.stop();
+    let alive = Stack::alive(hook);
+    if alive {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(hook),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(
+        !alive,
+        "`ccmgr stop` returned ({}) with the failure command {hook} alive",
+        text(&out)
+    );
+}

@@ -147,6 +147,10 @@ enum Role {
     Hook,
 }
 
+/// The cgroup, in the instance's tree, of the failure commands: it starts with a `.`, which no
+/// service id may.
+const HOOKS_CGROUP: &str = ".failure-commands";
+
 /// At most this many failure commands run at once: a crash loop with a slow command must not
 /// pile up processes. One asked for beyond it is skipped, with a warning.
 const MAX_RUNNING_HOOKS: usize = 8;
@@ -1156,16 +1160,36 @@ impl Keeper {
         env.push(("CCMGR_INSTANCE".into(), self.config.global.instance.clone()));
         env.extend(extra.into_iter().filter(|(k, _)| k.starts_with("CCMGR_")));
         let stderr = std::io::stderr();
-        let request = SpawnRequest {
+        // In the instance's cgroup tree (its own cgroup, `HOOKS_CGROUP`, a name no service id
+        // can take), so that what a failure command leaves running, even out of its process
+        // group (`setsid cmd &`, or a command that ignores SIGTERM past a killed keeper), is
+        // killed with the rest of the instance at a stop, which then never says "stopped"
+        // with it alive.
+        let hooks_procs = self
+            .cgroups
+            .as_ref()
+            .filter(|_| self.join_cgroups)
+            .and_then(|tree| tree.open_procs(HOOKS_CGROUP).ok());
+        let mut request = SpawnRequest {
             program: PathBuf::from("/bin/sh"),
             argv: vec!["sh".into(), "-c".into(), command],
             env,
             working_dir: PathBuf::from("/"),
             credentials: None,
             output: stderr.as_fd(),
-            cgroup_procs: None,
+            cgroup_procs: hooks_procs.as_ref().map(|fd| fd.as_fd()),
         };
-        match spawn::spawn_service(&request) {
+        let mut spawned = spawn::spawn_service(&request);
+        if let Err(SpawnError::Exec {
+            stage: ExecStage::Cgroup,
+            ..
+        }) = &spawned
+        {
+            // It could not join the cgroup (and was reaped): run it without.
+            request.cgroup_procs = None;
+            spawned = spawn::spawn_service(&request);
+        }
+        match spawned {
             Ok(spawned) => {
                 let pid = spawned.pid.as_raw();
                 let timeout = self
