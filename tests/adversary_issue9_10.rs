@@ -131,7 +131,10 @@ fn root_s_logs_does_not_print_a_file_through_a_planted_link() {
     let stack = Stack::new(
         "logs-link",
         "",
-        &[("web", "user = \"nobody\"\ncommand = [\"sleep\", \"1000\"]\n")],
+        &[(
+            "web",
+            "user = \"nobody\"\ncommand = [\"sleep\", \"1000\"]\n",
+        )],
     );
     let victim = stack.path().join("victim");
     std::fs::write(&victim, "root-only-secret\n").unwrap();
@@ -169,10 +172,14 @@ fn a_failure_command_s_output_reaches_ccmgr_s_own_log() {
         )],
     );
     let _ = stack.start();
-    wait_until("the failure command to end", Duration::from_secs(20), || {
-        let log = stack.coordinator_log();
-        log.contains("the failure command ended") || log.contains("the failure command failed")
-    });
+    wait_until(
+        "the failure command to end",
+        Duration::from_secs(20),
+        || {
+            let log = stack.coordinator_log();
+            log.contains("the failure command ended") || log.contains("the failure command failed")
+        },
+    );
     let log = stack.coordinator_log();
     stack.stop();
     assert!(
@@ -199,11 +206,15 @@ fn a_failure_command_s_escaped_child_dies_at_its_timeout() {
         )],
     );
     let _ = stack.start();
-    wait_until("the failure command to be killed", Duration::from_secs(20), || {
-        stack
-            .coordinator_log()
-            .contains("the failure command failed")
-    });
+    wait_until(
+        "the failure command to be killed",
+        Duration::from_secs(20),
+        || {
+            stack
+                .coordinator_log()
+                .contains("the failure command failed")
+        },
+    );
     let escaped = escaped_sleepers(&stack.instance, "4242");
     stack.remember(&escaped);
     // The kill is by process group and synchronous; give the kernel a moment to deliver it to
@@ -212,7 +223,11 @@ fn a_failure_command_s_escaped_child_dies_at_its_timeout() {
     while Instant::now() < deadline && escaped.iter().any(|&p| Stack::alive(p)) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let alive: Vec<i32> = escaped.iter().copied().filter(|&p| Stack::alive(p)).collect();
+    let alive: Vec<i32> = escaped
+        .iter()
+        .copied()
+        .filter(|&p| Stack::alive(p))
+        .collect();
     stack.stop();
     assert!(
         alive.is_empty(),
@@ -249,20 +264,25 @@ fn a_truncated_event_ring_kills_neither_the_coordinator_nor_its_readers() {
     let stack = Stack::new(
         "ring-trunc",
         "[coordinator]\nstandby = false\n",
-        &[("svc", "command = [\"sleep\", \"100000\"]\nrestart_delay = 0\n")],
+        &[(
+            "svc",
+            "command = [\"sleep\", \"100000\"]\nrestart_delay = 0\n",
+        )],
     );
     stack.start_ok();
     let before = stack.wait_steady(Duration::from_secs(20));
     let coordinator = before["coordinator"]["pid"].as_i64().unwrap() as i32;
     let victim = before["services"][0]["pid"].as_i64().unwrap() as i32;
     let reader = stack_support::Running::spawn(&stack, &["events"]);
-    let ring = stack
-        .run_dir()
-        .join(format!("{}.events", stack.instance));
-    wait_until("the reader to map the ring", Duration::from_secs(10), || {
-        std::fs::read_to_string(format!("/proc/{}/maps", reader.pid()))
-            .is_ok_and(|maps| maps.contains(".events"))
-    });
+    let ring = stack.run_dir().join(format!("{}.events", stack.instance));
+    wait_until(
+        "the reader to map the ring",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(format!("/proc/{}/maps", reader.pid()))
+                .is_ok_and(|maps| maps.contains(".events"))
+        },
+    );
     std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)
@@ -397,9 +417,11 @@ fn stop_leaves_no_failure_command_alive() {
         ),
     );
     let _ = stack.start();
-    wait_until("the failure command to run", Duration::from_secs(20), || {
-        pid_file.exists()
-    });
+    wait_until(
+        "the failure command to run",
+        Duration::from_secs(20),
+        || pid_file.exists(),
+    );
     let hook: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()

@@ -17,8 +17,10 @@
 //! write bit), and every directory above it must be owned by root or by that owner and be
 //! writable by no one else unless it is sticky (as `/tmp` is: then only the owner of an entry
 //! can remove or rename it, and the entries on the way were checked to be root's or the
-//! owner's). The path is resolved first and only the resolved path is used afterwards, so no
-//! symbolic link on the way can be swapped later. So only the owner (and root) can create,
+//! owner's). Every symbolic link the configured path goes through must be root's or the
+//! owner's and lie in a directory that passes the same test: the keeper, the coordinator and
+//! `stop` go on naming the configured path, so a link another user could swing would let
+//! him redirect them to a directory of his after the check. So only the owner (and root) can create,
 //! replace or remove `<instance>.seg`, `.ctl` or `.api`: another user can neither take the
 //! name before `start` nor keep `stop` from removing it. A root instance depends on no name in
 //! a world-writable directory (formerly its segment was `/dev/shm/ccmgr.<instance>`, which
@@ -226,16 +228,15 @@ fn check_links_on_the_way(dir: &Path, expected: u32) -> Result<(), DirTrustError
                         io::Error::from_raw_os_error(libc::ELOOP),
                     ));
                 }
-                let untrusted = |path: &Path, meta: &std::fs::Metadata, why| {
-                    DirTrustError::Untrusted {
+                let untrusted =
+                    |path: &Path, meta: &std::fs::Metadata, why| DirTrustError::Untrusted {
                         dir: dir.to_owned(),
                         path: path.to_owned(),
                         owner: meta.uid(),
                         mode: meta.mode() & 0o7777,
                         expected,
                         why,
-                    }
-                };
+                    };
                 if meta.uid() != 0 && meta.uid() != expected {
                     return Err(untrusted(
                         &next,
@@ -243,8 +244,8 @@ fn check_links_on_the_way(dir: &Path, expected: u32) -> Result<(), DirTrustError
                         "this symbolic link on the way belongs to a user who is neither root nor the instance's owner, who may point it elsewhere",
                     ));
                 }
-                let holder = std::fs::symlink_metadata(&current)
-                    .map_err(|e| examine_err(&current, e))?;
+                let holder =
+                    std::fs::symlink_metadata(&current).map_err(|e| examine_err(&current, e))?;
                 if holder.uid() != 0 && holder.uid() != expected {
                     return Err(untrusted(
                         &current,
