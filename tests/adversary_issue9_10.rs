@@ -452,3 +452,42 @@ fn stop_leaves_no_failure_command_alive() {
         text(&out)
     );
 }
+
+/// A `run_dir` that does not exist yet, below a link another user owns: on main root's
+/// `start` created it wherever the link pointed (a link to `/etc` makes `/etc/<name>`), and
+/// only then refused the directory it had made.
+#[test]
+fn a_missing_run_dir_is_not_created_through_another_user_s_link() {
+    if !need_root() {
+        return;
+    }
+    let stack = Stack::new(
+        "mkdir-link",
+        "",
+        &[("ok", "command = [\"sleep\", \"100000\"]\n")],
+    );
+    let root = stack.path();
+    let elsewhere = root.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let theirs = root.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    give_to_nobody(&theirs);
+    let link = theirs.join("link");
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+    give_to_nobody(&link);
+    std::fs::write(
+        root.join("ccmgr.toml"),
+        format!(
+            "instance = \"{}\"\nlog_dir = \"log\"\nrun_dir = \"theirs/link/made\"\n",
+            stack.instance
+        ),
+    )
+    .unwrap();
+    let out = stack.start();
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        !elsewhere.join("made").exists(),
+        "root's start created a directory through another user's link: {}",
+        text(&out)
+    );
+}

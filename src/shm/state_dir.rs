@@ -278,6 +278,14 @@ pub fn create_run_dir(dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
+    // Not through a link another user could have planted or could swing: root would create
+    // directories where that user pointed it (`/tmp/x -> /etc` makes `/etc/ccmgr`) before
+    // [`trusted_dir`] refuses the result.
+    let absolute = std::path::absolute(dir)?;
+    if let Some(existing) = absolute.ancestors().skip(1).find(|a| a.is_dir()) {
+        check_links_on_the_way(existing, nix::unistd::geteuid().as_raw())
+            .map_err(|e| io::Error::other(e.to_string()))?;
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(RUN_DIR_MODE)
