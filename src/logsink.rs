@@ -20,7 +20,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -313,7 +313,16 @@ pub(crate) fn open_append(path: &Path) -> io::Result<File> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| refused_link(path, e))?;
-    refuse_unless_regular(path, file)
+    let file = refuse_unless_regular(path, file)?;
+    // A second name for the file: a hard link planted at the log's name to a file elsewhere
+    // (`/etc/shadow`, where `fs.protected_hardlinks` is off). A log ccmgr made has one name.
+    if file.metadata()?.nlink() > 1 {
+        return Err(io::Error::other(format!(
+            "{} has other names (hard links); refusing to write a log into a file that may be another one",
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 /// `ELOOP` from `O_NOFOLLOW` means a symbolic link is at `path`, `ENXIO` from a non-blocking

@@ -491,3 +491,40 @@ fn a_missing_run_dir_is_not_created_through_another_user_s_link() {
         text(&out)
     );
 }
+
+/// A hard link to a root-only file planted at a log's name in a `log_dir` another user owns.
+/// This machine forbids that user the link itself (`fs.protected_hardlinks = 1`); where it is
+/// off (some containers, old kernels), he could. The test plants it as root to stand for
+/// that: on main root's keeper appended the service's output to the root-only file.
+#[test]
+fn a_hard_link_planted_at_a_log_name_is_not_written() {
+    if !need_root() {
+        return;
+    }
+    let stack = Stack::new(
+        "log-hardlink",
+        "",
+        &[(
+            "web",
+            "user = \"nobody\"\ncommand = [\"sh\", \"-c\", \"echo PWNED; exec sleep 1000\"]\n",
+        )],
+    );
+    std::fs::set_permissions(stack.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let victim = stack.path().join("victim");
+    std::fs::write(&victim, "root only\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let log_dir = stack.log_dir();
+    std::fs::create_dir(&log_dir).unwrap();
+    give_to_nobody(&log_dir);
+    std::fs::hard_link(&victim, log_dir.join("web.log")).unwrap();
+
+    let out = stack.start();
+    let stopped = stack.stop();
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "root only\n",
+        "root's keeper wrote the service's output into a hard link planted at its log\nstart: {}\nstop: {}",
+        text(&out),
+        text(&stopped)
+    );
+}
