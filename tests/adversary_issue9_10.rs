@@ -528,3 +528,90 @@ fn a_hard_link_planted_at_a_log_name_is_not_written() {
         text(&stopped)
     );
 }
+
+/// A service running as `nobody` owns the directory of its own `env_file` (the app owns its
+/// config). Root's keeper reads that file at each start and hands its lines to the service.
+/// On main the service swung `app.env` to another service's root-only secret file and found
+/// `DB_PASSWORD` in its environment at its next start. A root-only env file on a path only
+/// root controls is still given to a `nobody` service (systemd's `EnvironmentFile=` pattern).
+#[test]
+fn a_service_user_cannot_read_a_root_only_file_through_his_env_file() {
+    if !need_root() {
+        return;
+    }
+    let stack = Stack::new(
+        "envfile-link",
+        "[coordinator]\nrestart_retry_counter = 50\n",
+        &[],
+    );
+    let root = stack.path();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = root.join("secret.env");
+    std::fs::write(&secret, "DB_PASSWORD=hunter2\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let app = root.join("app");
+    let out = root.join("out");
+    for dir in [&app, &out] {
+        std::fs::create_dir(dir).unwrap();
+        give_to_nobody(dir);
+    }
+    let app_env = app.join("app.env");
+    std::fs::write(&app_env, "GREETING=hi\n").unwrap();
+    give_to_nobody(&app_env);
+    let dump = |name: &str| {
+        format!(
+            "user = \"nobody\"\ncommand = [\"sh\", \"-c\", \"env > {0}/{name}.$$.new; mv {0}/{name}.$$.new {0}/{name}.$$; sleep 0.3; exit 1\"]\nrestart_delay = 0\n",
+            out.display()
+        )
+    };
+    stack.write_service(
+        "app",
+        &format!("{}env_file = \"../app/app.env\"\n", dump("app")),
+    );
+    stack.write_service(
+        "db",
+        &format!("{}env_file = \"../secret.env\"\n", dump("db")),
+    );
+    let dumps = |prefix: &str| -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&out).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{prefix}.")) && !name.ends_with(".new") {
+                found.push(std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        found
+    };
+    let _ = stack.start();
+    wait_until("a start of each service", Duration::from_secs(20), || {
+        !dumps("app").is_empty() && !dumps("db").is_empty()
+    });
+    assert!(
+        dumps("db")
+            .iter()
+            .any(|env| env.contains("DB_PASSWORD=hunter2")),
+        "a root-only env file on root's path is no longer given to a nobody service"
+    );
+    // The service's user swings his env file to the secret.
+    let swung = app.join("app.env.new");
+    std::os::unix::fs::symlink(&secret, &swung).unwrap();
+    give_to_nobody(&swung);
+    std::fs::rename(&swung, &app_env).unwrap();
+    let before = dumps("app").len();
+    wait_until(
+        "a start of app after the swing",
+        Duration::from_secs(20),
+        || {
+            dumps("app").len() > before + 1
+                || stack
+                    .coordinator_log()
+                    .contains("is not readable by the service's user")
+        },
+    );
+    let leaked = dumps("app").iter().any(|env| env.contains("DB_PASSWORD"));
+    stack.stop();
+    assert!(
+        !leaked,
+        "the nobody service read a root-only file through the env_file link it swung"
+    );
+}

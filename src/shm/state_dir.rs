@@ -184,6 +184,42 @@ pub fn trusted_dir(dir: &Path, owner: Option<u32>) -> Result<TrustedDir, DirTrus
     })
 }
 
+/// Whether no user but root and `owner` can change what `path` names: every directory above
+/// the file it resolves to is root's or `owner`'s and writable by no one else unless sticky,
+/// and every symbolic link on the way passes [`check_links_on_the_way`]. For files root reads
+/// on behalf of a less privileged user (a service's `env_file`): a path that user could swing
+/// would let him read any file through it.
+pub fn path_only_owner_can_change(path: &Path, owner: u32) -> Result<(), DirTrustError> {
+    let resolved = std::fs::canonicalize(path).map_err(|source| DirTrustError::Examine {
+        dir: path.to_owned(),
+        path: path.to_owned(),
+        source,
+    })?;
+    for above in resolved.ancestors().skip(1) {
+        let meta = std::fs::symlink_metadata(above).map_err(|source| DirTrustError::Examine {
+            dir: path.to_owned(),
+            path: above.to_owned(),
+            source,
+        })?;
+        let why = if meta.uid() != 0 && meta.uid() != owner {
+            "a user who is neither root nor the instance's owner may rename what lies below it"
+        } else if meta.mode() & 0o022 != 0 && meta.mode() & libc::S_ISVTX == 0 {
+            "other users may rename what lies below it (it is writable by them and not sticky)"
+        } else {
+            continue;
+        };
+        return Err(DirTrustError::Untrusted {
+            dir: path.to_owned(),
+            path: above.to_owned(),
+            owner: meta.uid(),
+            mode: meta.mode() & 0o7777,
+            expected: owner,
+            why,
+        });
+    }
+    check_links_on_the_way(path, owner)
+}
+
 /// The symbolic links met on the way to `dir`, checked as the directories of the resolved
 /// path are: every one must belong to root or the instance's owner and lie in a directory
 /// where no one else can replace it. Only the resolved path is checked above, but every
