@@ -20,7 +20,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -276,13 +276,16 @@ impl LogFile {
             self.file = None;
             if self.keep == 0 {
                 // Nothing to keep: start the file over.
+                // Not followed nor blocking, as in `open_append`: truncating through a link
+                // planted in `log_dir` would empty the file it names.
                 let file = OpenOptions::new()
                     .write(true)
-                    .truncate(true)
                     .create(true)
                     .mode(0o640)
-                    .open(&self.path)?;
-                drop(file);
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                    .open(&self.path)
+                    .map_err(|e| refused_link(&self.path, e))?;
+                refuse_unless_regular(&self.path, file)?.set_len(0)?;
             } else {
                 shift_rotations(&self.path, self.keep)?;
             }
@@ -296,12 +299,78 @@ impl LogFile {
     }
 }
 
+/// Opens (creating, mode 0640) the log file at `path` for appending. The keeper runs as root
+/// and `log_dir` may be writable by a service's user (a careless but common setup: the service
+/// "owns its logs"), so whatever that user planted at the name is refused, never followed: a
+/// symbolic link (`O_NOFOLLOW`: it would have root append to, say, `/etc/shadow`), and a FIFO
+/// or device (`O_NONBLOCK` so the open cannot hang the keeper, then anything but a regular
+/// file is an error naming the path).
 pub(crate) fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
+        .map_err(|e| refused_link(path, e))?;
+    let file = refuse_unless_regular(path, file)?;
+    // A second name for the file: a hard link planted at the log's name to a file elsewhere
+    // (`/etc/shadow`, where `fs.protected_hardlinks` is off). A log ccmgr made has one name.
+    if file.metadata()?.nlink() > 1 {
+        return Err(io::Error::other(format!(
+            "{} has other names (hard links); refusing to write a log into a file that may be another one",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// `ELOOP` from `O_NOFOLLOW` means a symbolic link is at `path`, `ENXIO` from a non-blocking
+/// open for writing a FIFO (with no reader) or a device: say so.
+fn refused_link(path: &Path, e: io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(libc::ELOOP) => io::Error::other(format!(
+            "{} is a symbolic link; a log file is never followed through one",
+            path.display()
+        )),
+        Some(libc::ENXIO) => io::Error::other(format!(
+            "{} is not a regular file; refusing it as a log",
+            path.display()
+        )),
+        _ => e,
+    }
+}
+
+/// The opened log file, if it is a regular file; else an error naming `path`.
+fn refuse_unless_regular(path: &Path, file: File) -> io::Result<File> {
+    if file.metadata()?.file_type().is_file() {
+        Ok(file)
+    } else {
+        Err(io::Error::other(format!(
+            "{} is not a regular file; refusing it as a log",
+            path.display()
+        )))
+    }
+}
+
+/// Opens the log file at `path` for reading, as `start`'s failure report, `status SERVICE`
+/// and `logs` do, with the same refusals as [`open_append`]: whoever may write `log_dir` must
+/// not make root's reader print a file through a link (`web.log -> /etc/shadow`), nor hang it
+/// forever on a FIFO (an open for reading blocks until a writer comes).
+pub(crate) fn open_read(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| refused_link(path, e))?;
+    refuse_unless_regular(path, file)
+}
+
+/// The whole log file at `path`, opened as [`open_read`] does.
+pub(crate) fn read_whole(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    open_read(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 fn rename_if_present(from: &Path, to: &Path) -> io::Result<()> {
@@ -329,7 +398,7 @@ pub fn tail(dir: &Path, id: &str, lines: usize) -> Vec<String> {
 
 /// The last `n` lines of `path`, reading at most [`TAIL_WINDOW`] bytes from its end.
 fn last_lines(path: &Path, n: usize) -> Vec<String> {
-    let Ok(mut file) = File::open(path) else {
+    let Ok(mut file) = open_read(path) else {
         return Vec::new();
     };
     let Ok(len) = file.metadata().map(|m| m.len()) else {

@@ -161,6 +161,50 @@ impl Credentials {
     }
 }
 
+/// The keeper (root) reads a service's `env_file` for it and hands the contents to the
+/// service's `user`. That must not let the user read a file he could not read himself: either
+/// no one but root and the keeper's user can change what the path names (a secret file in
+/// `/etc`, root's only, is passed as systemd's `EnvironmentFile=` is), or the user may read
+/// the file himself (its owner, its group, or everyone may). Otherwise a service user who owns
+/// the directory of his `env_file` could point it at another service's secrets, or anything
+/// root can read, and find them in his environment at his next start.
+fn env_file_is_the_users_to_read(path: &Path, uid: u32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let keeper = nix::unistd::geteuid().as_raw();
+    if uid == keeper {
+        return Ok(());
+    }
+    let Err(untrusted) = crate::shm::state_dir::path_only_owner_can_change(path, keeper) else {
+        return Ok(());
+    };
+    let meta = std::fs::metadata(path).map_err(|e| format!("`{}`: {e}", path.display()))?;
+    let gid = lookup_user(uid).map(|u| u.gid.as_raw()).ok();
+    let mode = meta.mode();
+    let readable = (meta.uid() == uid && mode & 0o400 != 0)
+        || (Some(meta.gid()) == gid && mode & 0o040 != 0)
+        || mode & 0o004 != 0;
+    if readable {
+        return Ok(());
+    }
+    let because = match &untrusted {
+        crate::shm::DirTrustError::Untrusted {
+            path: what,
+            owner,
+            mode,
+            why,
+            ..
+        } => format!(
+            "{} (owned by uid {owner}, mode {mode:04o}) is on its way, so {why}",
+            what.display()
+        ),
+        other => other.to_string(),
+    };
+    Err(format!(
+        "`{}` is not readable by the service's user (uid {uid}), and users other than root may change what its path names: {because}; it is not read for the service",
+        path.display()
+    ))
+}
+
 fn lookup_user(uid: u32) -> Result<User, SpawnError> {
     match User::from_uid(Uid::from_raw(uid)) {
         Ok(Some(user)) => Ok(user),
@@ -268,6 +312,9 @@ pub fn build_environment(
         set("SHELL", &entry.shell.to_string_lossy());
     }
     if let Some(path) = &spec.env_file {
+        if let Some(user) = &spec.user {
+            env_file_is_the_users_to_read(path, user.id).map_err(SpawnError::EnvFile)?;
+        }
         for (key, value) in read_env_file(path).map_err(SpawnError::EnvFile)? {
             set(&key, &value);
         }

@@ -56,6 +56,13 @@ pub fn events(cli: &Cli, json: bool, backlog: u64) -> Exit {
         let line = match follower.next(RECHECK) {
             Followed::Idle => continue,
             Followed::Ended => return Exit::Ok,
+            Followed::Truncated => {
+                eprintln!(
+                    "error: instance {instance}: the event ring {} was truncated under this reader; no more events can be read from it",
+                    path.display()
+                );
+                return Exit::Failed;
+            }
             Followed::Line(line) if json => line,
             Followed::Line(line) => match serde_json::from_str::<LifecycleEvent>(&line) {
                 Ok(event) => event.human(),

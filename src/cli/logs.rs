@@ -251,7 +251,7 @@ impl Followed {
     /// written is printed only when not following (following prints it once it is whole).
     fn tail(&mut self, lines: usize, follow: bool, out: &mut impl Write) -> Result<(), LogsError> {
         let mut current = Vec::new();
-        match File::open(&self.path) {
+        match crate::logsink::open_read(&self.path) {
             Ok(mut file) => {
                 let meta = file
                     .metadata()
@@ -280,7 +280,7 @@ impl Followed {
         let mut n = 1;
         while have < lines && n <= MAX_ROTATED {
             let path = rotated(&self.path, n);
-            match std::fs::read(&path) {
+            match crate::logsink::read_whole(&path) {
                 Ok(mut bytes) => {
                     if bytes.last().is_some_and(|&b| b != b'\n') {
                         bytes.push(b'\n'); // a line a writer cut at the cap
@@ -346,14 +346,14 @@ impl Followed {
             });
             for n in (1..behind.unwrap_or(1)).rev() {
                 let path = rotated(&self.path, n);
-                match std::fs::read(&path) {
+                match crate::logsink::read_whole(&path) {
                     Ok(bytes) => self.emit(&bytes, out)?,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(self.read_error(&path, e)),
                 }
             }
         }
-        match File::open(&self.path) {
+        match crate::logsink::open_read(&self.path) {
             Ok(file) => {
                 let meta = file
                     .metadata()

@@ -153,6 +153,10 @@ enum Role {
     Hook,
 }
 
+/// The cgroup, in the instance's tree, of the failure commands: it starts with a `.`, which no
+/// service id may.
+const HOOKS_CGROUP: &str = ".failure-commands";
+
 /// At most this many failure commands run at once: a crash loop with a slow command must not
 /// pile up processes. One asked for beyond it is skipped, with a warning.
 const MAX_RUNNING_HOOKS: usize = 8;
@@ -176,7 +180,25 @@ enum Source {
     Watchdog,
     Peer(i32),
     LogPipe(usize),
+    /// The output of a running failure command.
+    HookPipe,
 }
+
+/// The output pipe of a failure command: read line by line into ccmgr's own log (which is
+/// size-capped and rotated, so a command that floods cannot fill the disk).
+struct HookOutput {
+    pipe: OwnedFd,
+    /// Whose command it is ("the instance", or a service's id), for the log lines.
+    of: String,
+    /// The start of a line not yet ended.
+    partial: Vec<u8>,
+}
+
+/// The most a failure command's output is read at one readiness (the next comes at once:
+/// epoll is level-triggered), so that a flood cannot starve the keeper's other work.
+const HOOK_OUTPUT_BUDGET: usize = 64 * 1024;
+/// A line longer than this is logged in pieces.
+const HOOK_LINE_MAX: usize = 4096;
 
 struct Keeper {
     config: Config,
@@ -195,6 +217,8 @@ struct Keeper {
     service_pids: Vec<Option<i32>>,
     logs: Vec<Option<LogSink>>,
     pipes: HashMap<RawFd, OwnedFd>,
+    /// The output pipes of running failure commands, by their read end.
+    hook_outputs: HashMap<RawFd, HookOutput>,
     peers: HashMap<i32, Peer>,
     /// The pid of the peer that is the coordinator now.
     coordinator: Option<i32>,
@@ -320,6 +344,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         service_pids: vec![None; n],
         logs: (0..n).map(|_| None).collect(),
         pipes: HashMap::new(),
+        hook_outputs: HashMap::new(),
         peers: HashMap::new(),
         coordinator: None,
         queued: Vec::new(),
@@ -529,6 +554,7 @@ impl Keeper {
                     Some(Source::Watchdog) => self.on_watchdog(),
                     Some(Source::Peer(pid)) => self.on_peer(pid),
                     Some(Source::LogPipe(service)) => self.on_log_pipe(fd, service),
+                    Some(Source::HookPipe) => self.on_hook_output(fd),
                     None => {}
                 }
             }
@@ -539,6 +565,10 @@ impl Keeper {
             if let Some(Source::LogPipe(service)) = self.sources.get(&fd).copied() {
                 self.on_log_pipe(fd, service);
             }
+        }
+        let fds: Vec<RawFd> = self.hook_outputs.keys().copied().collect();
+        for fd in fds {
+            self.on_hook_output(fd);
         }
     }
 
@@ -1183,17 +1213,45 @@ impl Keeper {
         }
         env.push(("CCMGR_INSTANCE".into(), self.config.global.instance.clone()));
         env.extend(extra.into_iter().filter(|(k, _)| k.starts_with("CCMGR_")));
-        let stderr = std::io::stderr();
-        let request = SpawnRequest {
+        // Its output goes through a pipe into ccmgr's own log (the keeper's stderr is
+        // /dev/null unless in the foreground).
+        let (read_end, write_end) = match logsink::make_output_pipe() {
+            Ok(pipe) => pipe,
+            Err(e) => {
+                warn!(of = whose, error = %e, "cannot run the failure command");
+                return;
+            }
+        };
+        // In the instance's cgroup tree (its own cgroup, `HOOKS_CGROUP`, a name no service id
+        // can take), so that what a failure command leaves running, even out of its process
+        // group (`setsid cmd &`, or a command that ignores SIGTERM past a killed keeper), is
+        // killed with the rest of the instance at a stop, which then never says "stopped"
+        // with it alive.
+        let hooks_procs = self
+            .cgroups
+            .as_ref()
+            .filter(|_| self.join_cgroups)
+            .and_then(|tree| tree.open_procs(HOOKS_CGROUP).ok());
+        let mut request = SpawnRequest {
             program: PathBuf::from("/bin/sh"),
             argv: vec!["sh".into(), "-c".into(), command],
             env,
             working_dir: PathBuf::from("/"),
             credentials: None,
-            output: stderr.as_fd(),
-            cgroup_procs: None,
+            output: write_end.as_fd(),
+            cgroup_procs: hooks_procs.as_ref().map(|fd| fd.as_fd()),
         };
-        match spawn::spawn_service(&request) {
+        let mut spawned = spawn::spawn_service(&request);
+        if let Err(SpawnError::Exec {
+            stage: ExecStage::Cgroup,
+            ..
+        }) = &spawned
+        {
+            // It could not join the cgroup (and was reaped): run it without.
+            request.cgroup_procs = None;
+            spawned = spawn::spawn_service(&request);
+        }
+        match spawned {
             Ok(spawned) => {
                 let pid = spawned.pid.as_raw();
                 let timeout = self
@@ -1205,8 +1263,76 @@ impl Keeper {
                 self.children.insert(pid, Role::Hook);
                 self.hooks.insert(pid, Instant::now() + timeout);
                 info!(of = whose, pid, "running the failure command");
+                drop(request);
+                drop(write_end); // only the command holds it now: its end means EOF
+                match watch(
+                    &self.epoll,
+                    &mut self.sources,
+                    read_end.as_fd(),
+                    Source::HookPipe,
+                ) {
+                    Ok(()) => {
+                        self.hook_outputs.insert(
+                            read_end.as_raw_fd(),
+                            HookOutput {
+                                pipe: read_end,
+                                of: whose.to_owned(),
+                                partial: Vec::new(),
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        warn!(of = whose, error = %e, "cannot read the failure command's output")
+                    }
+                }
             }
             Err(e) => warn!(of = whose, error = %e, "cannot run the failure command"),
+        }
+    }
+
+    /// Reads what a failure command wrote (at most [`HOOK_OUTPUT_BUDGET`] now) into ccmgr's
+    /// log, a line each; at its end, the unfinished line too, and forgets the pipe.
+    fn on_hook_output(&mut self, fd: RawFd) {
+        let Some(output) = self.hook_outputs.get_mut(&fd) else {
+            return;
+        };
+        let mut buf = [0u8; 8192];
+        let mut read_so_far = 0;
+        let mut ended = false;
+        while read_so_far < HOOK_OUTPUT_BUDGET {
+            match nix::unistd::read(&output.pipe, &mut buf) {
+                Ok(0) => {
+                    ended = true;
+                    break;
+                }
+                Ok(n) => {
+                    read_so_far += n;
+                    output.partial.extend_from_slice(&buf[..n]);
+                    while let Some(end) = output.partial.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = output.partial.drain(..=end).collect();
+                        let text = String::from_utf8_lossy(&line[..end]);
+                        info!(of = %output.of, "failure command: {text}");
+                    }
+                    if output.partial.len() > HOOK_LINE_MAX {
+                        let text = String::from_utf8_lossy(&output.partial);
+                        info!(of = %output.of, "failure command: {text}");
+                        output.partial.clear();
+                    }
+                }
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => break,
+                Err(_) => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        if ended && let Some(output) = self.hook_outputs.remove(&fd) {
+            if !output.partial.is_empty() {
+                let text = String::from_utf8_lossy(&output.partial);
+                info!(of = %output.of, "failure command: {text}");
+            }
+            unwatch(&self.epoll, &mut self.sources, output.pipe.as_fd());
         }
     }
 

@@ -168,6 +168,11 @@ impl EventRing {
         self.map.get(offset).expect("checked at open")
     }
 
+    /// Whether the ring's file still has its full size (see [`ring_intact`]).
+    fn intact(&self) -> bool {
+        ring_intact(self.map.file())
+    }
+
     /// The sequence number the next event gets.
     pub fn head(&self) -> u64 {
         self.word(OFF_HEAD).load(Ordering::Relaxed)
@@ -176,6 +181,12 @@ impl EventRing {
     /// Append one line (cut to [`EVENT_MAX_LINE`] bytes). Readers are woken by
     /// [`EventRing::wake_readers`], once per batch.
     pub fn append(&mut self, line: &str) {
+        // A ring truncated under us (`: > <instance>.events` by its owner) would raise
+        // SIGBUS at the first store past its new end and kill the coordinator: events stop
+        // instead (a successor makes a new ring).
+        if !self.intact() {
+            return;
+        }
         let seq = self.head();
         let slot = HEADER + (seq % u64::from(EVENT_SLOTS)) as usize * EVENT_SLOT_SIZE as usize;
         let bytes = cut_at_char_boundary(line, EVENT_MAX_LINE);
@@ -201,7 +212,7 @@ impl EventRing {
     /// Wake every reader waiting for an event, if any event was appended since the last
     /// call: one system call per batch, whatever the number of events or readers.
     pub fn wake_readers(&mut self) {
-        if !self.unannounced {
+        if !self.unannounced || !self.intact() {
             return;
         }
         self.unannounced = false;
@@ -209,6 +220,13 @@ impl EventRing {
         wake.fetch_add(1, Ordering::Release);
         let _ = self.map.futex_wake(OFF_WAKE, i32::MAX);
     }
+}
+
+/// Whether the ring's file `file` still has the size it was mapped with. Its owner can
+/// truncate it under a mapping, and a load or store past the new end raises SIGBUS: writer
+/// and readers ask this (one `fstat`) before they touch the mapping.
+fn ring_intact(file: &File) -> bool {
+    file.metadata().is_ok_and(|m| m.len() >= ring_len() as u64)
 }
 
 /// A slot's stamp while event `seq` is written into it. Wrapping: the words are data any
@@ -315,6 +333,8 @@ pub enum Followed {
     Idle,
     /// The ring's name is gone: the instance was stopped (or its run_dir cleaned).
     Ended,
+    /// The ring's file was truncated under the reader: nothing more can be read from it.
+    Truncated,
 }
 
 /// A reader's side: follows the ring from a position of its choice.
@@ -346,6 +366,9 @@ impl EventFollower {
     pub fn next(&mut self, wait: Duration) -> Followed {
         let deadline = Deadline::after(wait);
         loop {
+            if !ring_intact(self.map.file()) {
+                return Followed::Truncated;
+            }
             let wake = self.map.load_u32(OFF_WAKE).expect("header inside the ring");
             fence(Ordering::Acquire);
             let head = self.head();

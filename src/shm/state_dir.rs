@@ -17,8 +17,10 @@
 //! write bit), and every directory above it must be owned by root or by that owner and be
 //! writable by no one else unless it is sticky (as `/tmp` is: then only the owner of an entry
 //! can remove or rename it, and the entries on the way were checked to be root's or the
-//! owner's). The path is resolved first and only the resolved path is used afterwards, so no
-//! symbolic link on the way can be swapped later. So only the owner (and root) can create,
+//! owner's). Every symbolic link the configured path goes through must be root's or the
+//! owner's and lie in a directory that passes the same test: the keeper, the coordinator and
+//! `stop` go on naming the configured path, so a link another user could swing would let
+//! him redirect them to a directory of his after the check. So only the owner (and root) can create,
 //! replace or remove `<instance>.seg`, `.ctl` or `.api`: another user can neither take the
 //! name before `start` nor keep `stop` from removing it. A root instance depends on no name in
 //! a world-writable directory (formerly its segment was `/dev/shm/ccmgr.<instance>`, which
@@ -175,10 +177,134 @@ pub fn trusted_dir(dir: &Path, owner: Option<u32>) -> Result<TrustedDir, DirTrus
             ));
         }
     }
+    check_links_on_the_way(dir, expected)?;
     Ok(TrustedDir {
         path: resolved,
         owner: expected,
     })
+}
+
+/// Whether no user but root and `owner` can change what `path` names: every directory above
+/// the file it resolves to is root's or `owner`'s and writable by no one else unless sticky,
+/// and every symbolic link on the way passes [`check_links_on_the_way`]. For files root reads
+/// on behalf of a less privileged user (a service's `env_file`): a path that user could swing
+/// would let him read any file through it.
+pub fn path_only_owner_can_change(path: &Path, owner: u32) -> Result<(), DirTrustError> {
+    let resolved = std::fs::canonicalize(path).map_err(|source| DirTrustError::Examine {
+        dir: path.to_owned(),
+        path: path.to_owned(),
+        source,
+    })?;
+    for above in resolved.ancestors().skip(1) {
+        let meta = std::fs::symlink_metadata(above).map_err(|source| DirTrustError::Examine {
+            dir: path.to_owned(),
+            path: above.to_owned(),
+            source,
+        })?;
+        let why = if meta.uid() != 0 && meta.uid() != owner {
+            "a user who is neither root nor the instance's owner may rename what lies below it"
+        } else if meta.mode() & 0o022 != 0 && meta.mode() & libc::S_ISVTX == 0 {
+            "other users may rename what lies below it (it is writable by them and not sticky)"
+        } else {
+            continue;
+        };
+        return Err(DirTrustError::Untrusted {
+            dir: path.to_owned(),
+            path: above.to_owned(),
+            owner: meta.uid(),
+            mode: meta.mode() & 0o7777,
+            expected: owner,
+            why,
+        });
+    }
+    check_links_on_the_way(path, owner)
+}
+
+/// The symbolic links met on the way to `dir`, checked as the directories of the resolved
+/// path are: every one must belong to root or the instance's owner and lie in a directory
+/// where no one else can replace it. Only the resolved path is checked above, but every
+/// process of the instance goes on naming the configured path (the keeper writes its records
+/// there, `stop` removes files there): a link another user owns, or could replace, on that
+/// path would let them swing it to a directory of theirs after the check, and root would
+/// create, truncate and remove names where that user planted links (`run_dir =
+/// /srv/app/run` with `/srv/app` nobody's and `run` a link in it: root's keeper wrote its
+/// process record through `<instance>.procs.new -> /etc/shadow`).
+fn check_links_on_the_way(dir: &Path, expected: u32) -> Result<(), DirTrustError> {
+    use std::collections::VecDeque;
+    use std::path::Component;
+    let examine_err = |path: &Path, source| DirTrustError::Examine {
+        dir: dir.to_owned(),
+        path: path.to_owned(),
+        source,
+    };
+    let absolute = std::path::absolute(dir).map_err(|e| examine_err(dir, e))?;
+    let mut pending: VecDeque<PathBuf> = absolute
+        .components()
+        .map(|c| PathBuf::from(c.as_os_str()))
+        .collect();
+    let mut current = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(part) = pending.pop_front() {
+        match part.components().next() {
+            Some(Component::RootDir) => current = PathBuf::from("/"),
+            Some(Component::ParentDir) => {
+                current.pop();
+            }
+            Some(Component::Normal(name)) => {
+                let next = current.join(name);
+                let meta = std::fs::symlink_metadata(&next).map_err(|e| examine_err(&next, e))?;
+                if !meta.file_type().is_symlink() {
+                    current = next;
+                    continue;
+                }
+                links += 1;
+                if links > 40 {
+                    return Err(examine_err(
+                        &next,
+                        io::Error::from_raw_os_error(libc::ELOOP),
+                    ));
+                }
+                let untrusted =
+                    |path: &Path, meta: &std::fs::Metadata, why| DirTrustError::Untrusted {
+                        dir: dir.to_owned(),
+                        path: path.to_owned(),
+                        owner: meta.uid(),
+                        mode: meta.mode() & 0o7777,
+                        expected,
+                        why,
+                    };
+                if meta.uid() != 0 && meta.uid() != expected {
+                    return Err(untrusted(
+                        &next,
+                        &meta,
+                        "this symbolic link on the way belongs to a user who is neither root nor the instance's owner, who may point it elsewhere",
+                    ));
+                }
+                let holder =
+                    std::fs::symlink_metadata(&current).map_err(|e| examine_err(&current, e))?;
+                if holder.uid() != 0 && holder.uid() != expected {
+                    return Err(untrusted(
+                        &current,
+                        &holder,
+                        "a user who is neither root nor the instance's owner may replace the symbolic link on the way that it holds",
+                    ));
+                }
+                if holder.mode() & 0o022 != 0 && holder.mode() & libc::S_ISVTX == 0 {
+                    return Err(untrusted(
+                        &current,
+                        &holder,
+                        "other users may replace the symbolic link on the way that it holds (it is writable by them and not sticky)",
+                    ));
+                }
+                let target = std::fs::read_link(&next).map_err(|e| examine_err(&next, e))?;
+                for c in target.components().rev() {
+                    pending.push_front(PathBuf::from(c.as_os_str()));
+                }
+            }
+            Some(Component::CurDir) | Some(Component::Prefix(_)) | None => {}
+        }
+    }
+    Ok(())
 }
 
 /// Create `dir` (and what is missing above it) with mode 0755, as `ccmgr start` does for a
@@ -187,6 +313,14 @@ pub fn trusted_dir(dir: &Path, owner: Option<u32>) -> Result<TrustedDir, DirTrus
 pub fn create_run_dir(dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
+    }
+    // Not through a link another user could have planted or could swing: root would create
+    // directories where that user pointed it (`/tmp/x -> /etc` makes `/etc/ccmgr`) before
+    // [`trusted_dir`] refuses the result.
+    let absolute = std::path::absolute(dir)?;
+    if let Some(existing) = absolute.ancestors().skip(1).find(|a| a.is_dir()) {
+        check_links_on_the_way(existing, nix::unistd::geteuid().as_raw())
+            .map_err(|e| io::Error::other(e.to_string()))?;
     }
     std::fs::DirBuilder::new()
         .recursive(true)
