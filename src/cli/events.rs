@@ -7,7 +7,6 @@
 //! instance does not run.
 
 use std::io::Write as _;
-use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use super::lifecycle::instance_of;
@@ -32,11 +31,23 @@ pub fn events(cli: &Cli, json: bool, backlog: u64) -> Exit {
         return Exit::BadConfig;
     };
     let path = events_path_in(&global.run_dir, &instance);
-    // The ring belongs to the instance's owner, who owns its run_dir; a member of the
-    // configured group reads it too.
-    let owner = std::fs::metadata(&global.run_dir)
-        .map(|m| m.uid())
-        .unwrap_or_else(|_| nix::unistd::geteuid().as_raw());
+    // The ring belongs to the instance's owner, who owns its run_dir (checked as every reader
+    // of the instance's state checks it: a directory others could write could hold a fake
+    // ring); a member of the configured group reads it too.
+    let owner = match crate::shm::trusted_dir(&global.run_dir, None) {
+        Ok(dir) => dir.owner,
+        Err(crate::shm::DirTrustError::Missing { .. }) => {
+            eprintln!(
+                "instance {instance}: not running (no run directory {})",
+                global.run_dir.display()
+            );
+            return Exit::NotRunning;
+        }
+        Err(e) => {
+            eprintln!("error: instance {instance}: {e}");
+            return Exit::Failed;
+        }
+    };
     let mut follower = match EventFollower::open(&path, owner, backlog) {
         Ok(f) => f,
         Err(EventRingError::NotFound { .. }) => {

@@ -550,11 +550,20 @@ fn refuse_non_owner(instance: &str, run_dir: &std::path::Path) -> Result<(), Exi
     let me = nix::unistd::geteuid().as_raw();
     match std::fs::metadata(run_dir) {
         Ok(meta) if meta.uid() != me => {
+            let owner = meta.uid();
+            let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner))
+                .ok()
+                .flatten()
+                .map_or_else(|| owner.to_string(), |u| u.name);
             eprintln!(
-                "ccmgr: only uid {} may control instance {instance} (its run directory {} is theirs; you are uid {me}); `ccmgr status` is readable by the instance's group",
-                meta.uid(),
+                "ccmgr: only uid {owner} may control instance {instance} (its run directory {} is theirs; you are uid {me}); `ccmgr status` is readable by the instance's group",
                 run_dir.display()
             );
+            if me == 0 {
+                // Root is refused too, so that no one drives another user's instance by
+                // mistake; it can act as that user.
+                eprintln!("  note: run it as its owner: runuser -u {name} -- ccmgr ...");
+            }
             Err(Exit::NotPermitted)
         }
         _ => Ok(()),

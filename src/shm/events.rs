@@ -393,8 +393,7 @@ impl EventFollower {
         let slots = u64::from(EVENT_SLOTS);
         let ahead = head.wrapping_sub(self.next);
         if ahead > slots {
-            self.next = head.wrapping_sub(slots);
-            return Followed::Lost(ahead - slots);
+            return self.resync(head);
         }
         let seq = self.next;
         let slot = HEADER + (seq % slots) as usize * EVENT_SLOT_SIZE as usize;
@@ -407,12 +406,25 @@ impl EventFollower {
             .collect();
         fence(Ordering::Acquire);
         let after = self.map.load_u64(slot + SLOT_STAMP).unwrap_or(0);
-        self.next = self.next.wrapping_add(1);
         if before != complete || after != complete {
-            // Overwritten while we were on our way (or being overwritten now).
-            return Followed::Lost(1);
+            // Overwritten while we were on our way: the writer has lapped this reader.
+            return self.resync(self.head());
         }
+        self.next = self.next.wrapping_add(1);
         Followed::Line(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// This reader fell a ring behind: go on a quarter of a ring ahead of the oldest event
+    /// still held, not at it, or the writer (which overwrites that slot next) laps it again at
+    /// once and it would report "1 lost" over and over under a steady stream. One `Lost` says
+    /// how many were skipped in all.
+    fn resync(&mut self, head: u64) -> Followed {
+        let slots = u64::from(EVENT_SLOTS);
+        let resume = head.wrapping_sub(slots - slots / 4);
+        let lost = resume.wrapping_sub(self.next);
+        self.next = resume;
+        // A forged head could put `resume` behind `next`: then nothing was skipped.
+        Followed::Lost(if lost < u64::MAX / 2 { lost.max(1) } else { 1 })
     }
 
     /// Whether the ring's file has lost its name (`ccmgr stop` removed it).
@@ -462,8 +474,14 @@ mod tests {
         for i in 0..total {
             ring.append(&format!("event {i}"));
         }
-        assert_eq!(slow.next(Duration::ZERO), Followed::Lost(7));
-        assert_eq!(slow.next(Duration::ZERO), Followed::Line("event 7".into()));
+        // It goes on a quarter of a ring past the oldest event held, and says how many it
+        // skipped in all.
+        let resume = total - u64::from(EVENT_SLOTS) * 3 / 4;
+        assert_eq!(slow.next(Duration::ZERO), Followed::Lost(resume));
+        assert_eq!(
+            slow.next(Duration::ZERO),
+            Followed::Line(format!("event {resume}"))
+        );
     }
 
     #[test]
