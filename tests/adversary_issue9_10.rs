@@ -196,16 +196,11 @@ fn a_failure_command_s_output_reaches_ccmgr_s_own_log() {
 }
 
 /// A failure command that daemonizes (`setsid cmd &`, as `notify-send`-style helpers do)
-/// leaves its process group, so the kill at `on_failure_timeout` (keeper/mod.rs
-/// `kill_overdue_hooks`, `signal_group`) misses it: it runs on, uncounted by the limit of 8
-/// running commands, so a crash loop piles such processes up until `ccmgr stop` (which finds
-/// them by `CCMGR_INSTANCE` in their environment, or, since this branch, by the failure
-/// commands' shared cgroup `.failure-commands`). Services that escape so are held by their own
-/// cgroup; failure commands share one, so the kill at one command's timeout cannot use it:
-/// the fix is a cgroup per running failure command (created at spawn, killed at its timeout
-/// or its end, removed once empty), in keeper/mod.rs `run_hook` and `kill_overdue_hooks`.
+/// leaves its process group, so a kill of its process group at `on_failure_timeout` missed
+/// it: it ran on, uncounted by the limit of 8 running commands, so a crash loop piled such
+/// processes up until `ccmgr stop`. Each run of a failure command now has its own cgroup
+/// (`.failure-commands.<n>`), killed whole at its timeout.
 #[test]
-#[ignore = "defect left: a failure command's setsid child outlives on_failure_timeout (failure commands share one cgroup, swept only at stop)"]
 fn a_failure_command_s_escaped_child_dies_at_its_timeout() {
     let stack = Stack::new(
         "hook-escape",
@@ -614,4 +609,55 @@ fn a_service_user_cannot_read_a_root_only_file_through_his_env_file() {
         !leaked,
         "the nobody service read a root-only file through the env_file link it swung"
     );
+}
+
+/// The same when the failure command's main process ends at once (`setsid cmd &` and
+/// nothing else): what it left in its cgroup keeps the run's deadline and dies at it.
+#[test]
+fn what_a_finished_failure_command_left_running_dies_at_its_timeout() {
+    let stack = Stack::new(
+        "hook-linger",
+        "[coordinator]\non_failure_timeout = \"1s\"\n",
+        &[(
+            "crash",
+            "command = [\"sh\", \"-c\", \"sleep 0.2; exit 3\"]\nrestart = \"never\"\non_failure_command = \"setsid sleep 4252 &\"\n",
+        )],
+    );
+    let _ = stack.start();
+    wait_until(
+        "the failure command to have run",
+        Duration::from_secs(20),
+        || {
+            stack
+                .coordinator_log()
+                .contains("the failure command ended")
+        },
+    );
+    let escaped = escaped_sleepers(&stack.instance, "4252");
+    stack.remember(&escaped);
+    // Its deadline is 1 s after it started; give it a few.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && escaped.iter().any(|&p| Stack::alive(p)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let alive: Vec<i32> = escaped
+        .iter()
+        .copied()
+        .filter(|&p| Stack::alive(p))
+        .collect();
+    stack.stop();
+    assert!(
+        !escaped.is_empty() || cgroups_unavailable(),
+        "the command's child was found"
+    );
+    assert!(
+        alive.is_empty(),
+        "what the failure command left {alive:?} outlived on_failure_timeout"
+    );
+}
+
+/// Whether this machine gives the instance no cgroups (then a child that left its process
+/// group cannot be held, and the first check above is moot).
+fn cgroups_unavailable() -> bool {
+    ccmgr::cgroup::own_cgroup().is_err()
 }

@@ -153,9 +153,20 @@ enum Role {
     Hook,
 }
 
-/// The cgroup, in the instance's tree, of the failure commands: it starts with a `.`, which no
-/// service id may.
+/// The prefix of a failure command's cgroup in the instance's tree (one per run:
+/// `.failure-commands.<n>`): it starts with a `.`, which no service id may.
 const HOOKS_CGROUP: &str = ".failure-commands";
+
+/// One run of a failure command.
+struct HookRun {
+    /// Its main process, until reaped.
+    pid: Option<i32>,
+    /// When it is killed, whole; None once it has been.
+    due: Option<Instant>,
+    /// Its own cgroup (where the machine offers them): what it leaves running, even out of
+    /// its process group (`setsid cmd &`), is killed at its deadline with it.
+    cgroup: Option<String>,
+}
 
 /// At most this many failure commands run at once: a crash loop with a slow command must not
 /// pile up processes. One asked for beyond it is skipped, with a warning.
@@ -259,8 +270,11 @@ struct Keeper {
     coordinator_exit: Option<ProcessExit>,
     /// The instance's cgroups, one per service, where the machine offers cgroup v2.
     cgroups: Option<cgroup::Tree>,
-    /// Running failure commands (process group = pid) and when each is killed.
-    hooks: HashMap<i32, Instant>,
+    /// Failure commands running (or whose main process ended while what it started lives on
+    /// in its cgroup), and when each is killed.
+    hooks: Vec<HookRun>,
+    /// Runs of failure commands so far: names each one's cgroup.
+    hook_runs: u64,
     /// Whether new service processes are moved into their cgroups. Cleared for good the first
     /// time a move fails: a machine (a container, a sandbox) may let the tree be made yet
     /// refuse to move processes into it, and a service must not fail to start for that.
@@ -363,7 +377,8 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         segment,
         coordinator_exit: None,
         join_cgroups: cgroups.is_some(),
-        hooks: HashMap::new(),
+        hooks: Vec::new(),
+        hook_runs: 0,
         cgroups,
     };
     watch(
@@ -832,7 +847,8 @@ impl Keeper {
             .map(|due| due.saturating_duration_since(Instant::now()));
         let hook = self
             .hooks
-            .values()
+            .iter()
+            .filter_map(|run| run.due)
             .min()
             .map(|due| due.saturating_duration_since(Instant::now()));
         let next = [stop, takeover, hook].into_iter().flatten().min();
@@ -936,14 +952,19 @@ impl Keeper {
                     self.on_peer_exit(pid.as_raw(), role, exit)
                 }
                 Some(Role::Hook) => {
-                    self.hooks.remove(&pid.as_raw());
+                    if let Some(run) = self.hooks.iter_mut().find(|r| r.pid == Some(pid.as_raw())) {
+                        run.pid = None;
+                    }
+                    self.forget_finished_hooks();
                     if exit.success() {
                         info!(pid = pid.as_raw(), "the failure command ended");
                     } else {
                         warn!(pid = pid.as_raw(), %exit, "the failure command failed");
                     }
                 }
-                None => {} // an orphan a service left behind: reaped, nothing to report
+                // An orphan a service (or a failure command) left behind: reaped, nothing to
+                // report; a failure command's cgroup it was the last of can go.
+                None => self.forget_finished_hooks(),
             }
         }
     }
@@ -1195,7 +1216,7 @@ impl Keeper {
         };
         let Some(command) = command else { return };
         let whose = service.map_or("the instance", |s| self.config.services[s].id.as_str());
-        if self.hooks.len() >= MAX_RUNNING_HOOKS {
+        if self.hooks.iter().filter(|r| r.due.is_some()).count() >= MAX_RUNNING_HOOKS {
             warn!(
                 of = whose,
                 running = self.hooks.len(),
@@ -1227,11 +1248,14 @@ impl Keeper {
         // group (`setsid cmd &`, or a command that ignores SIGTERM past a killed keeper), is
         // killed with the rest of the instance at a stop, which then never says "stopped"
         // with it alive.
+        self.hook_runs += 1;
+        let cgroup_id = format!("{HOOKS_CGROUP}.{}", self.hook_runs);
         let hooks_procs = self
             .cgroups
             .as_ref()
             .filter(|_| self.join_cgroups)
-            .and_then(|tree| tree.open_procs(HOOKS_CGROUP).ok());
+            .and_then(|tree| tree.open_procs(&cgroup_id).ok());
+        let mut in_cgroup = hooks_procs.is_some();
         let mut request = SpawnRequest {
             program: PathBuf::from("/bin/sh"),
             argv: vec!["sh".into(), "-c".into(), command],
@@ -1250,6 +1274,7 @@ impl Keeper {
             // It could not join the cgroup (and was reaped): run it without.
             request.cgroup_procs = None;
             spawned = spawn::spawn_service(&request);
+            in_cgroup = false;
         }
         match spawned {
             Ok(spawned) => {
@@ -1261,7 +1286,11 @@ impl Keeper {
                     .on_failure_timeout
                     .as_duration();
                 self.children.insert(pid, Role::Hook);
-                self.hooks.insert(pid, Instant::now() + timeout);
+                self.hooks.push(HookRun {
+                    pid: Some(pid),
+                    due: Some(Instant::now() + timeout),
+                    cgroup: in_cgroup.then_some(cgroup_id),
+                });
                 info!(of = whose, pid, "running the failure command");
                 drop(request);
                 drop(write_end); // only the command holds it now: its end means EOF
@@ -1336,33 +1365,63 @@ impl Keeper {
         }
     }
 
-    /// Kills (its whole process group) every failure command past its deadline.
+    /// Kills every failure command past its deadline: its cgroup (with whatever it started,
+    /// in its process group or not), else its process group.
     fn kill_overdue_hooks(&mut self) {
         let now = Instant::now();
-        // Killed ones leave the deadline table (their reaping needs no timer).
-        let overdue: Vec<i32> = self
-            .hooks
-            .iter()
-            .filter(|&(_, &due)| due <= now)
-            .map(|(&pid, _)| pid)
-            .collect();
-        for pid in overdue {
-            self.hooks.remove(&pid);
-            {
-                warn!(
-                    pid,
-                    timeout_ms = self
-                        .config
-                        .global
-                        .coordinator
-                        .on_failure_timeout
-                        .as_duration()
-                        .as_millis() as u64,
-                    "the failure command ran past its timeout: killing its process group"
-                );
-                let _ = spawn::signal_group(Pid::from_raw(pid), Signal::SIGKILL);
+        let timeout_ms = self
+            .config
+            .global
+            .coordinator
+            .on_failure_timeout
+            .as_duration()
+            .as_millis() as u64;
+        for run in &mut self.hooks {
+            if !run.due.is_some_and(|due| due <= now) {
+                continue;
+            }
+            // Killed: no deadline any more (its reaping needs no timer).
+            run.due = None;
+            warn!(
+                pid = run.pid,
+                timeout_ms,
+                "the failure command ran past its timeout: killing it and what it started"
+            );
+            match (&run.cgroup, &self.cgroups) {
+                (Some(id), Some(tree)) => {
+                    if let Err(e) = tree.kill(id) {
+                        warn!(error = %e, "cannot kill the failure command's cgroup");
+                    }
+                }
+                _ => {
+                    if let Some(pid) = run.pid {
+                        let _ = spawn::signal_group(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                }
             }
         }
+        self.forget_finished_hooks();
+    }
+
+    /// Forgets the runs of failure commands that are over: the main process reaped and,
+    /// with a cgroup, nothing left in it (whose directory goes). A run whose main process
+    /// ended while something it started lives on in its cgroup keeps its deadline.
+    fn forget_finished_hooks(&mut self) {
+        let tree = self.cgroups.as_ref();
+        self.hooks.retain(|run| {
+            if run.pid.is_some() {
+                return true;
+            }
+            let Some(id) = &run.cgroup else {
+                return false;
+            };
+            let Some(tree) = tree else { return false };
+            if tree.populated(id).unwrap_or(false) {
+                return true;
+            }
+            let _ = std::fs::remove_dir(tree.service_dir(id));
+            false
+        });
     }
 
     fn spawn_service(&mut self, service: usize) {
