@@ -1377,7 +1377,7 @@ impl Keeper {
             .as_duration()
             .as_millis() as u64;
         for run in &mut self.hooks {
-            if !run.due.is_some_and(|due| due <= now) {
+            if run.due.is_none_or(|due| due > now) {
                 continue;
             }
             // Killed: no deadline any more (its reaping needs no timer).
