@@ -83,11 +83,15 @@
 //! -----------------+--------------------------+--------------------------+---------------------------
 //! Up               | Held                     | Up                       | named, and what requires
 //! Cycling          | Held                     | Cycling                  |  them: Cycling (no failure
-//! Down             | Held                     | Up                       |  counted); a named one that
-//! Held             | Held                     | Up                       |  is Held or Down: as Start,
+//! Down             | Held                     | Up (Cycling while its    |  counted); a named one that
+//! Held             | Held                     |  process is not yet down)|  is Held or Down: as Start,
 //!                  |                          |                          |  then Cycling; a dependent
 //!                  |                          |                          |  Held or Down stays so
 //! ```
+//!
+//! A service the operator starts while its process is still on its way down (a spawn asked
+//! for before it was wanted down, or running until its dependents are down) is cycled: down
+//! first, then up in order, never up from a process started while what it requires was down.
 //!
 //! A failed service the operator stops becomes stopped (`None(Stopped)`), not failed: held
 //! means "stopped by the operator", and its last exit still says how it had ended.
@@ -888,7 +892,15 @@ impl Engine {
         for s in self.operator_start_set(services) {
             let slot = &mut self.slots[s];
             match slot.want {
-                Want::Held | Want::Down => slot.want = Want::Up,
+                // Down, it is simply wanted up: the start pass brings it up in order.
+                Want::Held | Want::Down if matches!(slot.process, Process::None(_)) => {
+                    slot.want = Want::Up
+                }
+                // Still on its way down (a spawn in flight, running until its dependents are
+                // down, stopping): wanted up at once, it would go on running, or come up from
+                // a spawn asked for before, while what it requires may be down (found by the
+                // property test). Cycled instead: down first, then up again in order.
+                Want::Held | Want::Down => slot.want = Want::Cycling,
                 Want::Up | Want::Cycling => {}
             }
         }
