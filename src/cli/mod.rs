@@ -13,6 +13,7 @@ mod events;
 mod lifecycle;
 mod logs;
 mod operate;
+mod reload;
 mod status;
 mod stop_driver;
 mod why;
@@ -123,6 +124,17 @@ pub enum Command {
         /// Keep following the logs (across rotations) until interrupted.
         #[arg(short, long)]
         follow: bool,
+    },
+    /// Compare the configuration on disk with the running one and print the plan of the
+    /// reload, in the order it would be carried out: what stops, what starts, what changes in
+    /// place, and which settings need a full restart.
+    Reload {
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The plan as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// The roles ccmgr runs itself as (not for direct use).
     #[command(hide = true)]
@@ -267,6 +279,7 @@ pub fn main() -> ExitCode {
             lines,
             follow,
         } => Ok(logs::logs(&cli, services, *lines, *follow)),
+        Command::Reload { dry_run, json } => Ok(reload::reload(&cli, *dry_run, *json)),
         Command::Internal {
             role,
             foreground,
