@@ -35,8 +35,11 @@ pub enum Reason {
     Added,
     /// These fields of its specification differ.
     Changed { fields: Vec<String> },
-    /// It requires a service the plan stops (the first one found, by name).
-    Requires { service: String },
+    /// It requires a service the plan stops or starts (the one that brought it in).
+    Requires {
+        #[serde(rename = "requires")]
+        service: String,
+    },
 }
 
 /// One service the plan stops or starts.
@@ -528,7 +531,11 @@ mod tests {
         let newer = load(
             dir.path(),
             "",
-            &[("a", &svc("")), ("b", &svc("")), ("c", &svc("after = [\"a\"]"))],
+            &[
+                ("a", &svc("")),
+                ("b", &svc("")),
+                ("c", &svc("after = [\"a\"]")),
+            ],
         );
         let plan = Plan::between(&old, &newer);
         assert_eq!(names(&plan.stop), ["c"]);
