@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::config::{Config, GlobalConfig, ServiceSpec};
+use crate::duration::ConfigDuration;
 use crate::graph::EdgeKind;
 
 /// Why a service is in the plan.
@@ -361,6 +362,15 @@ fn global_key_applies(key: &str) -> Applies {
     }
 }
 
+/// The settings that are durations (numbers of milliseconds in the image).
+const DURATION_SETTINGS: [&str; 5] = [
+    "coordinator.startup_timeout",
+    "coordinator.shutdown_timeout",
+    "coordinator.restart_time_span",
+    "coordinator.watchdog",
+    "coordinator.on_failure_timeout",
+];
+
 /// The global settings that differ, each with how it applies.
 fn setting_changes(old: &GlobalConfig, new: &GlobalConfig) -> Vec<SettingChange> {
     let flat = |g: &GlobalConfig| -> BTreeMap<String, serde_json::Value> {
@@ -385,8 +395,15 @@ fn setting_changes(old: &GlobalConfig, new: &GlobalConfig) -> Vec<SettingChange>
         out
     };
     let (old, new) = (flat(old), flat(new));
-    let show = |v: Option<&serde_json::Value>| match v {
+    let show = |key: &str, v: Option<&serde_json::Value>| match v {
         None | Some(serde_json::Value::Null) => "(unset)".to_owned(),
+        // As a file would write it: "7s", not 7000.
+        Some(serde_json::Value::Number(ms)) if DURATION_SETTINGS.contains(&key) => {
+            ms.as_u64().map_or_else(
+                || ms.to_string(),
+                |ms| ConfigDuration::from_millis(ms).to_string(),
+            )
+        }
         Some(v) => v.to_string(),
     };
     let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
@@ -394,8 +411,8 @@ fn setting_changes(old: &GlobalConfig, new: &GlobalConfig) -> Vec<SettingChange>
         .filter(|k| old.get(*k) != new.get(*k))
         .map(|k| SettingChange {
             setting: k.clone(),
-            old: show(old.get(k)),
-            new: show(new.get(k)),
+            old: show(k, old.get(k)),
+            new: show(k, new.get(k)),
             applies: match k.strip_prefix("coordinator.") {
                 Some(ck) => coordinator_key_applies(ck),
                 None => global_key_applies(k),
@@ -591,7 +608,7 @@ mod tests {
         let old = load(dir.path(), "", &[("a", &svc(""))]);
         let new = load(
             dir.path(),
-            "[coordinator]\nrestart_retry_counter = 9\nstandby = false\n",
+            "[coordinator]\nrestart_retry_counter = 9\nstandby = false\nwatchdog = \"2s\"\n",
             &[("a", &svc(""))],
         );
         let plan = Plan::between(&old, &new);
@@ -605,10 +622,17 @@ mod tests {
             keys,
             [
                 ("coordinator.restart_retry_counter", true),
-                ("coordinator.standby", false)
+                ("coordinator.standby", false),
+                ("coordinator.watchdog", true)
             ]
         );
         assert_eq!(plan.needs_full_restart().count(), 1);
+        assert!(
+            plan.to_text()
+                .contains("set coordinator.watchdog: (unset) -> 2s (live)\n"),
+            "{}",
+            plan.to_text()
+        );
         let text = plan.to_text();
         assert!(
             text.contains("set coordinator.restart_retry_counter: 5 -> 9 (live)"),

@@ -61,6 +61,12 @@ fn dry_run_prints_the_plan_in_order_and_touches_nothing() {
         stdout(&out),
         "nothing to do: the running configuration is the one on disk\n"
     );
+    let out = stack.ccmgr(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        stdout(&out),
+        "nothing to do: the running configuration is the one on disk\n"
+    );
 
     // b changes (and c requires it), e goes away, f comes (requiring a), a setting changes.
     stack.write_service(
@@ -112,6 +118,17 @@ fn dry_run_prints_the_plan_in_order_and_touches_nothing() {
     assert_eq!(plan["kept"], serde_json::json!(["a", "d"]), "{plan}");
 
     // A dry run changes nothing: same services, same pids, same state.
+    assert_eq!(pids(&stack), before);
+
+    // Carrying the plan out is not available yet: refused, and nothing changes.
+    let out = stack.ccmgr(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("live reload is not available in this version: nothing was changed"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(stdout(&out), "");
     assert_eq!(pids(&stack), before);
 }
 

@@ -2,6 +2,9 @@
 //! file or a new cycle is reported exactly as `check` reports it, exit 2), compares it with
 //! the configuration the instance runs (the image in its segment) and prints the plan of the
 //! reload ([`crate::reload::Plan`]) in the order it would be carried out. It changes nothing.
+//!
+//! Carrying the plan out is not built yet: `ccmgr reload` without `--dry-run` says "nothing to
+//! do" when the plan is empty, and otherwise refuses (exit 1) and changes nothing.
 
 use serde::Serialize;
 
@@ -49,6 +52,12 @@ pub fn reload(cli: &Cli, dry_run: bool, json: bool) -> Exit {
         }
     };
     let plan = Plan::between(&old, &new);
+    if !dry_run && !plan.is_empty() {
+        eprintln!(
+            "ccmgr: live reload is not available in this version: nothing was changed; `ccmgr reload --dry-run` prints the plan, and `ccmgr restart SERVICE...` or a full `ccmgr restart` carries it out"
+        );
+        return Exit::Failed;
+    }
     if json {
         let out = PlanJson {
             instance: &instance,
@@ -58,11 +67,5 @@ pub fn reload(cli: &Cli, dry_run: bool, json: bool) -> Exit {
     } else {
         print!("{}", plan.to_text());
     }
-    if dry_run {
-        return Exit::Ok;
-    }
-    eprintln!(
-        "ccmgr: live reload is not available in this version: nothing was changed; `ccmgr reload --dry-run` prints the plan, and `ccmgr restart SERVICE...` or `ccmgr restart` carries out its parts"
-    );
-    Exit::Failed
+    Exit::Ok
 }
