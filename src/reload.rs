@@ -91,7 +91,8 @@ pub struct Plan {
     /// Kept services whose description, file or failure command changed.
     pub updated: Vec<Updated>,
     pub settings: Vec<SettingChange>,
-    /// The services that keep running untouched (their pids do not change), by name.
+    /// The services the plan does not touch, by name: whatever their state, it stays (one
+    /// that runs keeps its process).
     pub kept: Vec<String>,
 }
 
@@ -310,13 +311,11 @@ impl Plan {
                 }
             }
         }
-        let n = self.kept.len();
         let _ = writeln!(
             out,
-            "{n} service{} keep{} running: {}",
-            if n == 1 { "" } else { "s" },
-            if n == 1 { "s" } else { "" },
-            if n == 0 {
+            "untouched ({}): {}",
+            self.kept.len(),
+            if self.kept.is_empty() {
                 "none".to_owned()
             } else {
                 self.kept.join(", ")
@@ -510,7 +509,7 @@ mod tests {
         assert_eq!(plan.kept, ["a", "d"]);
         assert_eq!(
             plan.to_text(),
-            "stop c (requires b)\nstop b (changed: env)\nstart b (changed: env)\nstart c (requires b)\n2 services keep running: a, d\n"
+            "stop c (requires b)\nstop b (changed: env)\nstart b (changed: env)\nstart c (requires b)\nuntouched (2): a, d\n"
         );
     }
 

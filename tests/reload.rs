@@ -92,7 +92,7 @@ fn dry_run_prints_the_plan_in_order_and_touches_nothing() {
          start c (requires b)\n\
          set coordinator.restart_retry_counter: 5 -> 9 (live)\n\
          set coordinator.standby: true -> false (needs a full restart: the keeper decides whether a standby runs when the stack starts)\n\
-         2 services keep running: a, d\n"
+         untouched (2): a, d\n"
     );
 
     let out = stack.ccmgr(&["reload", "--dry-run", "--json"]);

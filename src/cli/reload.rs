@@ -54,7 +54,7 @@ pub fn reload(cli: &Cli, dry_run: bool, json: bool) -> Exit {
     let plan = Plan::between(&old, &new);
     if !dry_run && !plan.is_empty() {
         eprintln!(
-            "ccmgr: live reload is not available in this version: nothing was changed; `ccmgr reload --dry-run` prints the plan, and `ccmgr restart SERVICE...` or a full `ccmgr restart` carries it out"
+            "ccmgr: live reload is not available in this version: nothing was changed; `ccmgr reload --dry-run` prints the plan, and a full `ccmgr restart` applies the new configuration"
         );
         return Exit::Failed;
     }
