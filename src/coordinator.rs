@@ -59,6 +59,10 @@ use crate::shm::{
 use crate::spawn::ProcessExit;
 use crate::vocab::{ServiceState, Want};
 
+mod reload;
+
+pub use reload::marker_path as reload_marker_path;
+
 /// Why the coordinator could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -215,6 +219,8 @@ struct Coordinator {
     /// Per service, why its last spawn failed (cleared when one succeeds): a failed
     /// operator's start says it.
     spawn_errors: Vec<Option<String>>,
+    /// A reload this coordinator carries out, until it hands over.
+    reload: Option<reload::ReloadUnderWay>,
 }
 
 /// The fds the keeper hands its coordinator, taken first thing at start, before anything
@@ -370,6 +376,7 @@ pub fn run(
         events: None,
         control,
         spawn_errors: vec![None; n],
+        reload: None,
     };
     c.watchdog = c.start_watchdog()?;
     let actions = if took_over {
@@ -390,6 +397,12 @@ pub fn run(
     c.perform(actions);
     c.publish();
     c.acknowledge_exits();
+    if took_over {
+        c.resume_reload_if_marked();
+    } else {
+        // A fresh start has no reload under way, whatever an earlier run left.
+        let _ = std::fs::remove_file(reload::marker_path(&c.config));
+    }
     c.event_loop()?;
     Ok(match c.engine.outcome() {
         Some(Outcome::Stopped) | None => 0,
@@ -516,7 +529,9 @@ impl Coordinator {
             }
         };
         let snapshot = self.published_snapshot(&params)?;
-        let restart_all = self.config.global.coordinator.takeover == Takeover::Restart;
+        // Taking over in the middle of a reload is no death to restart everything for.
+        let restart_all = self.config.global.coordinator.takeover == Takeover::Restart
+            && !reload::marker_path(&self.config).exists();
         let (engine, actions) = Engine::adopt(params, self.now(), snapshot, &facts, restart_all);
         self.engine = engine;
         for (s, slot) in self.engine.slots().iter().enumerate() {
@@ -785,6 +800,11 @@ impl Coordinator {
             self.publish();
             self.acknowledge_exits();
             self.settle_requests(&epoll);
+            if self.advance_reload() {
+                // Handed over: the keeper starts a successor on the next segment once this
+                // process has ended.
+                return Ok(());
+            }
         }
         Ok(())
     }
@@ -1063,7 +1083,7 @@ impl Coordinator {
     fn on_signals(&mut self) {
         while let Ok(Some(info)) = self.signals.read_signal() {
             match Signal::try_from(info.ssi_signo as i32) {
-                Ok(Signal::SIGHUP) => info!("SIGHUP ignored: the configuration is read at start"),
+                Ok(Signal::SIGHUP) => self.reload_unasked("SIGHUP"),
                 Ok(sig) => {
                     info!(signal = sig.as_str(), "stopping the stack");
                     self.feed(Event::Stop);
@@ -1086,6 +1106,9 @@ impl Coordinator {
     }
 
     fn apply_request(&mut self, request: &Request) -> (Reply, Option<Pending>) {
+        if request.verb == Verb::Reload {
+            return self.request_reload();
+        }
         let ids: Vec<&str> = self.config.services.iter().map(|s| s.id.as_str()).collect();
         let mut named = Vec::new();
         let mut unknown = Vec::new();
@@ -1126,6 +1149,7 @@ impl Coordinator {
                 &self.engine.params().startup_sequence,
                 Event::OperatorRestart { services: named },
             ),
+            Verb::Reload => return self.request_reload(),
         };
         let in_order: Vec<usize> = order.iter().copied().filter(|s| set.contains(s)).collect();
         let now = self.now();
@@ -1136,7 +1160,7 @@ impl Coordinator {
         let changes = |s: usize| match request.verb {
             Verb::Stop => !(slots[s].want == Want::Held && slots[s].pid().is_none()),
             Verb::Start => !(slots[s].want == Want::Up && slots[s].state() == ServiceState::Up),
-            Verb::Restart => true,
+            Verb::Restart | Verb::Reload => true,
         };
         let mut changed: Vec<usize> = in_order.iter().copied().filter(|&s| changes(s)).collect();
         if changed.is_empty() {

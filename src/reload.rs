@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::config::{Config, GlobalConfig, ServiceSpec};
+use crate::config::{Config, GlobalConfig, ReadyKind, ServiceSpec};
 use crate::duration::ConfigDuration;
 use crate::graph::EdgeKind;
 
@@ -325,20 +325,58 @@ impl Plan {
     }
 }
 
-/// How a `[coordinator]` key reaches the running stack. Every key the engine reads (timeouts,
-/// the retry counter and span, `on_failure`, the sequences) or that the keeper reads per event
-/// (failure commands, the watchdog) is live; the roles the keeper set up when it started are
-/// not.
+/// How a `[coordinator]` key reaches the running stack. The reload hands the stack to a new
+/// coordinator (and standby) that read the new configuration, so every key the coordinator
+/// reads is live; the watchdog's period is also checked by the keeper, which set its check up
+/// when the stack started.
 fn coordinator_key_applies(key: &str) -> Applies {
     match key {
-        "standby" => Applies::FullRestart {
-            why: "the keeper decides whether a standby runs when the stack starts".into(),
-        },
-        "takeover" => Applies::FullRestart {
-            why: "the running standby was started with the old takeover mode".into(),
+        "watchdog" => Applies::FullRestart {
+            why: "the keeper checks the coordinator's signs of life at the period it started with"
+                .into(),
         },
         _ => Applies::Live,
     }
+}
+
+/// Why a live reload from `old` to `new` cannot be carried out, if it cannot: a setting
+/// that needs a full restart, or a change of what the service API's control segment lists
+/// (the services and the shutdown order) while services use that API (they map it and would
+/// keep a stale view). Nothing is changed then.
+pub fn refusal(plan: &Plan, old: &Config, new: &Config) -> Option<String> {
+    let full: Vec<&str> = plan
+        .needs_full_restart()
+        .map(|s| s.setting.as_str())
+        .collect();
+    if !full.is_empty() {
+        return Some(format!(
+            "{} cannot change while the stack runs; a full `ccmgr restart` applies {}",
+            full.join(", "),
+            if full.len() == 1 { "it" } else { "them" }
+        ));
+    }
+    let api = crate::shm::api::ApiSpec::from_config;
+    if api(old) != api(new) {
+        let cooperative: BTreeSet<&str> = old
+            .services
+            .iter()
+            .chain(new.services.iter())
+            .filter(|s| s.ready == ReadyKind::Cc || s.cc_arg)
+            .map(|s| s.id.as_str())
+            .collect();
+        if !cooperative.is_empty() {
+            let verb = if cooperative.len() == 1 {
+                "uses"
+            } else {
+                "use"
+            };
+            return Some(format!(
+                "this reload changes the services or the shutdown order the service API lists, and {} {verb} that API (they would keep a stale view of it); a full `ccmgr restart` applies it",
+                cooperative.into_iter().collect::<Vec<_>>().join(", "),
+            ));
+        }
+    }
+    None
 }
 
 /// How a global key reaches the running stack.
@@ -621,14 +659,15 @@ mod tests {
             keys,
             [
                 ("coordinator.restart_retry_counter", true),
-                ("coordinator.standby", false),
-                ("coordinator.watchdog", true)
+                ("coordinator.standby", true),
+                ("coordinator.watchdog", false)
             ]
         );
         assert_eq!(plan.needs_full_restart().count(), 1);
         assert!(
-            plan.to_text()
-                .contains("set coordinator.watchdog: (unset) -> 2s (live)\n"),
+            plan.to_text().contains(
+                "set coordinator.watchdog: (unset) -> 2s (needs a full restart: the keeper"
+            ),
             "{}",
             plan.to_text()
         );
@@ -638,8 +677,13 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("set coordinator.standby: true -> false (needs a full restart:"),
+            text.contains("set coordinator.standby: true -> false (live)"),
             "{text}"
+        );
+        let why = refusal(&plan, &old, &new).expect("a watchdog change is refused");
+        assert!(
+            why.starts_with("coordinator.watchdog cannot change while the stack runs"),
+            "{why}"
         );
     }
 }

@@ -26,6 +26,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::{Config, LoadOptions};
 use crate::control::protocol::Verb;
 
+pub use lifecycle::segment_spec;
+
 /// What the process exits with; see the module documentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {

@@ -77,12 +77,21 @@ pub fn operate(cli: &Cli, verb: Verb, args: &OperateArgs) -> Exit {
                     request.verb = match verb {
                         Verb::Stop => Verb::Stop,
                         Verb::Start | Verb::Restart => Verb::Start,
+                        Verb::Reload => Verb::Reload,
                     };
-                    request.services = services.clone();
+                    // A reload names no service: asked again, the successor finds what is
+                    // left of it (nothing, once it adopted the new segment) and waits for
+                    // the services it starts.
+                    if verb != Verb::Reload {
+                        request.services = services.clone();
+                    }
                 }
-                eprintln!(
-                    "ccmgr: the coordinator of instance {instance} went away; asking its successor"
-                );
+                // A reload's coordinator hands over to a successor by design.
+                if verb != Verb::Reload {
+                    eprintln!(
+                        "ccmgr: the coordinator of instance {instance} went away; asking its successor"
+                    );
+                }
             }
             Err(why) => {
                 eprintln!("ccmgr: {why}");
@@ -188,12 +197,17 @@ fn noun(verb: Verb) -> &'static str {
         Verb::Start => "start",
         Verb::Stop => "stop",
         Verb::Restart => "restart",
+        Verb::Reload => "reload",
     }
 }
 
 /// Prints the outcome; returns the exit code.
 fn report(verb: Verb, instance: &str, reply: Reply, accepted: Option<&[String]>) -> Exit {
     match reply {
+        Reply::Done if verb == Verb::Reload => {
+            println!("reloaded");
+            Exit::Ok
+        }
         Reply::Done => {
             let services = accepted.unwrap_or_default().join(", ");
             println!("{} {services}", verb.done());
@@ -223,6 +237,13 @@ fn report(verb: Verb, instance: &str, reply: Reply, accepted: Option<&[String]>)
         Reply::NotNow { why } => {
             eprintln!("ccmgr: not now: {why}");
             Exit::Failed
+        }
+        Reply::Invalid { errors } => {
+            for e in errors {
+                eprintln!("error: {e}");
+            }
+            eprintln!("ccmgr: the configuration is not valid; nothing was changed");
+            Exit::BadConfig
         }
         Reply::Bad { why } => {
             eprintln!("ccmgr: the coordinator did not understand the request: {why}");

@@ -3,13 +3,16 @@
 //! the configuration the instance runs (the image in its segment) and prints the plan of the
 //! reload ([`crate::reload::Plan`]) in the order it would be carried out. It changes nothing.
 //!
-//! Carrying the plan out is not built yet: `ccmgr reload` without `--dry-run` says "nothing to
-//! do" when the plan is empty, and otherwise refuses (exit 1) and changes nothing.
+//! Without `--dry-run` the plan is printed and then carried out by the coordinator, asked
+//! through the control socket (`reload` verb): it reads and checks the files again (they may
+//! have changed since), and its plan is the one carried out. The command waits until the new
+//! and changed services are up, across the coordinator's handover to its successor.
 
 use serde::Serialize;
 
 use super::{Cli, Exit, load_or_report, status::open_for_status};
 use crate::config::Config;
+use crate::control::protocol::Verb;
 use crate::reload::Plan;
 use crate::shm::ShmError;
 
@@ -19,6 +22,8 @@ struct PlanJson<'a> {
     instance: &'a str,
     #[serde(flatten)]
     plan: &'a Plan,
+    /// Why a live reload would be refused (null: it would be carried out).
+    refused: Option<&'a str>,
 }
 
 pub fn reload(cli: &Cli, dry_run: bool, json: bool) -> Exit {
@@ -52,20 +57,28 @@ pub fn reload(cli: &Cli, dry_run: bool, json: bool) -> Exit {
         }
     };
     let plan = Plan::between(&old, &new);
-    if !dry_run && !plan.is_empty() {
-        eprintln!(
-            "ccmgr: live reload is not available in this version: nothing was changed; `ccmgr reload --dry-run` prints the plan, and a full `ccmgr restart` applies the new configuration"
-        );
-        return Exit::Failed;
-    }
+    let refused = crate::reload::refusal(&plan, &old, &new);
     if json {
         let out = PlanJson {
             instance: &instance,
             plan: &plan,
+            refused: refused.as_deref(),
         };
         println!("{}", serde_json::to_string(&out).unwrap_or_default());
     } else {
         print!("{}", plan.to_text());
+        if let Some(why) = &refused {
+            println!("a live reload is refused: {why}");
+        }
     }
-    Exit::Ok
+    if dry_run || plan.is_empty() {
+        return Exit::Ok;
+    }
+    if let Some(why) = refused {
+        eprintln!("ccmgr: refused: {why}; nothing was changed");
+        return Exit::Failed;
+    }
+    // The coordinator reads and checks the files again: its plan is the one carried out.
+    drop(segment);
+    super::operate::operate(cli, Verb::Reload, &super::OperateArgs::default())
 }

@@ -42,6 +42,8 @@ pub enum Verb {
     Stop,
     /// Stop and start the services and what requires them (and runs).
     Restart,
+    /// Re-read the configuration and apply the difference (names no service).
+    Reload,
 }
 
 impl Verb {
@@ -51,6 +53,7 @@ impl Verb {
             Verb::Start => "started",
             Verb::Stop => "stopped",
             Verb::Restart => "restarted",
+            Verb::Reload => "reloaded",
         }
     }
 }
@@ -94,6 +97,8 @@ pub enum Reply {
     Done,
     /// `service` failed `how`.
     Failed { service: String, how: String },
+    /// A reload found the configuration on disk invalid: each error, as `check` words it.
+    Invalid { errors: Vec<String> },
 }
 
 impl Reply {
@@ -132,6 +137,12 @@ impl Request {
         let text = std::str::from_utf8(line).map_err(|_| "a request is UTF-8".to_owned())?;
         let request: Request =
             serde_json::from_str(text).map_err(|e| format!("a malformed request: {e}"))?;
+        if request.verb == Verb::Reload {
+            if !request.services.is_empty() {
+                return Err("a reload names no service".into());
+            }
+            return Ok(request);
+        }
         if request.services.is_empty() {
             return Err("a request names at least one service".into());
         }

@@ -37,6 +37,7 @@
 //! polls.
 
 pub mod protocol;
+mod reload;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -241,6 +242,9 @@ struct Keeper {
     /// time a move fails: a machine (a container, a sandbox) may let the tree be made yet
     /// refuse to move processes into it, and a service must not fail to start for that.
     join_cgroups: bool,
+    /// The coordinator that handed the stack over for a reload: its exit is expected, and a
+    /// successor takes over on the new segment.
+    reload_handover: Option<i32>,
 }
 
 /// Runs the keeper until the stack is stopped; returns the process exit code.
@@ -340,6 +344,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         join_cgroups: cgroups.is_some(),
         hooks: HashMap::new(),
         cgroups,
+        reload_handover: None,
     };
     watch(
         &keeper.epoll,
@@ -381,6 +386,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         &keeper.config.global.run_dir,
         &keeper.config.global.instance,
     );
+    let _ = std::fs::remove_file(crate::coordinator::reload_marker_path(&keeper.config));
     // The event ring's readers see its name go, after the last events, and end.
     let _ = std::fs::remove_file(crate::coordinator::events_path(&keeper.config));
     if let Err(e) = keeper.segment.unlink() {
@@ -561,7 +567,23 @@ impl Keeper {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGCHLD) => self.reap_children(),
                 Ok(Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) => self.on_stop_signal(),
-                Ok(Signal::SIGHUP) => info!("SIGHUP ignored: the configuration is read at start"),
+                // A reload is the coordinator's to carry out (`start --foreground` is the
+                // keeper: its SIGHUP is passed on).
+                Ok(Signal::SIGHUP) => match self
+                    .coordinator
+                    .filter(|pid| self.children.contains_key(pid))
+                {
+                    Some(pid) => {
+                        info!(
+                            pid,
+                            "SIGHUP: asking the coordinator to reload the configuration"
+                        );
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+                    }
+                    None => {
+                        info!("SIGHUP ignored: no coordinator lives to reload the configuration")
+                    }
+                },
                 _ => {}
             }
         }
@@ -601,9 +623,11 @@ impl Keeper {
         }
     }
 
-    /// A standby (or a successor) lives and will take over.
+    /// A standby (or a successor) lives and will take over: one being retired will not.
     fn standby_alive(&self) -> bool {
-        self.children.values().any(|r| *r == Role::Standby)
+        self.children
+            .iter()
+            .any(|(pid, r)| *r == Role::Standby && !self.retired_standbys.contains(pid))
     }
 
     /// The coordinator is gone and nothing can take over: start a successor, unless they keep
@@ -949,7 +973,14 @@ impl Keeper {
         if was_coordinator {
             self.coordinator = None;
             self.coordinator_exit = Some(exit);
-            if !self.shutdown_requested {
+            if self.reload_handover == Some(pid) {
+                self.reload_handover = None;
+                info!(
+                    pid,
+                    "the coordinator handed over for a reload: starting its successor"
+                );
+                self.ensure_coordinator();
+            } else if !self.shutdown_requested {
                 warn!(pid, %exit, "the coordinator died");
                 self.count_successor_death(successor_since);
                 // A standby that lives takes over; otherwise a successor must.
@@ -1148,6 +1179,7 @@ impl Keeper {
             // A sign of life for the watchdog, noted above; it needs no answer.
             ToKeeper::Alive => {}
             ToKeeper::RunHook { service, env } => self.run_hook(service, env),
+            ToKeeper::Reload => self.apply_reload(from),
         }
     }
 

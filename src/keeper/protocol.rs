@@ -53,6 +53,12 @@ pub enum ToKeeper {
         service: Option<usize>,
         env: Vec<(String, String)>,
     },
+    /// A reload: the next segment is complete under its staged name
+    /// (`<instance>.seg.reload`), and every service it does not keep is down. Rename it over
+    /// the live one, take its configuration (remapping every per-service table by id),
+    /// retire the standby, and start a successor on it once this coordinator has exited
+    /// (which it does right after sending this).
+    Reload,
 }
 
 /// From the keeper to the coordinator.

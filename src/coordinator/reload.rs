@@ -1,0 +1,329 @@
+//! The coordinator's side of a live reload (`ccmgr reload`, SIGHUP): re-read and check the
+//! configuration, stop what the plan stops, build the next segment, and hand over to the
+//! keeper, which swaps it in and starts a successor on it (see the README, "Reload").
+//!
+//! The steps, and why each is safe to die in:
+//! 1. a marker file, `<run_dir>/<instance>.reload`, is written before anything changes: a
+//!    coordinator that takes over (the standby, or a successor) and finds it finishes the
+//!    reload (it reads the files again and carries out what is left of the plan);
+//! 2. the services the plan stops are stopped like an operator's stop (held down, dependents
+//!    first), published as they go: a successor continues the stop;
+//! 3. once they are all down, the next segment is built complete under a staged name
+//!    (`<instance>.seg.reload`, made like every segment: no one sees it half written), with
+//!    the state of every kept service copied under its new index, and the new and changed
+//!    ones down and wanted up;
+//! 4. the keeper is told ([`ToKeeper::Reload`]); it renames the staged segment over
+//!    `<instance>.seg` (one `rename`: anyone sees the old or the new, whole), remaps its
+//!    per-service tables by id, retires the standby, and once this coordinator has exited
+//!    starts a successor on the new segment, which adopts the stack (every kept service keeps
+//!    its process) and starts the new and changed services in order. It finds the marker, sees
+//!    nothing left to do, announces `reload-applied` and removes the marker.
+
+use std::path::PathBuf;
+
+use tracing::{error, info, warn};
+
+use super::Coordinator;
+use crate::config::{Config, LoadOptions};
+use crate::control::protocol::{Reply, Verb};
+use crate::control::server::Pending;
+use crate::engine::Event;
+use crate::keeper::protocol::ToKeeper;
+use crate::reload::{Plan, refusal};
+use crate::shm::{Segment, ServiceProgress, Stage};
+use crate::vocab::{ServiceState, Want};
+
+/// A reload this coordinator carries out.
+pub(super) struct ReloadUnderWay {
+    /// The configuration the stack goes to.
+    new: Config,
+    /// The services (indices of the running configuration) it stops, all held down until
+    /// the handover.
+    stopping: Vec<usize>,
+    /// The services of the running configuration that the new one takes as they are.
+    kept: Vec<String>,
+}
+
+/// The marker of a reload under way: `<run_dir>/<instance>.reload`.
+pub fn marker_path(config: &Config) -> PathBuf {
+    config
+        .global
+        .run_dir
+        .join(format!("{}.reload", config.global.instance))
+}
+
+impl Coordinator {
+    /// The files the stack was started from, read and checked again: the global file the
+    /// running configuration came from and its services directory.
+    fn load_files_again(&self) -> Result<Config, Vec<String>> {
+        let g = &self.config.global;
+        Config::load(&LoadOptions {
+            config_path: g.source.clone(),
+            instance: Some(g.instance.clone()),
+            services_dir: Some(g.services_dir.clone()),
+        })
+        .map_err(|diags| diags.iter().map(ToString::to_string).collect())
+    }
+
+    /// An operator's `reload` (through the control socket, `None` for SIGHUP or a reload a
+    /// predecessor left unfinished): the reply, and what the connection waits for.
+    pub(super) fn request_reload(&mut self) -> (Reply, Option<Pending>) {
+        if self.reload.is_some() {
+            // One is under way: this request waits for it like the first.
+            let pending = Pending::new(Verb::Reload, Vec::new(), self.now(), &self.engine);
+            return (
+                Reply::Accepted {
+                    services: Vec::new(),
+                    deadline_ms: self.reload_estimate_ms(&[]),
+                },
+                Some(pending),
+            );
+        }
+        if !self.engine.takes_operator_requests() {
+            let why = format!(
+                "the stack is {}: a reload is taken once it is up and until it stops",
+                self.engine.phase()
+            );
+            return (Reply::NotNow { why }, None);
+        }
+        let new = match self.load_files_again() {
+            Ok(new) => new,
+            Err(errors) => {
+                warn!(
+                    errors = errors.len(),
+                    "reload refused: the configuration is not valid"
+                );
+                return (Reply::Invalid { errors }, None);
+            }
+        };
+        let plan = Plan::between(&self.config, &new);
+        if let Some(why) = refusal(&plan, &self.config, &new) {
+            warn!(why = %why, "reload refused");
+            return (Reply::Refused { why }, None);
+        }
+        if plan.is_empty() {
+            self.finish_reload_marker();
+            // Nothing to change: done once every service the stack wants up is up (a
+            // successor finishing a reload may still be starting the new ones).
+            let waiting: Vec<usize> = self
+                .engine
+                .slots()
+                .iter()
+                .enumerate()
+                .filter(|(_, slot)| slot.want == Want::Up && slot.state() != ServiceState::Up)
+                .map(|(s, _)| s)
+                .collect();
+            if waiting.is_empty() {
+                return (Reply::Done, None);
+            }
+            let deadline_ms = self.reload_estimate_ms(&waiting);
+            let pending = Pending::new(Verb::Start, waiting, self.now(), &self.engine);
+            return (
+                Reply::Accepted {
+                    services: Vec::new(),
+                    deadline_ms,
+                },
+                Some(pending),
+            );
+        }
+        let names: Vec<String> = plan
+            .stop
+            .iter()
+            .map(|s| format!("stop {}", s.service))
+            .chain(plan.start.iter().map(|s| format!("start {}", s.service)))
+            .collect();
+        let stopping: Vec<usize> = plan
+            .stop
+            .iter()
+            .filter_map(|s| self.config.service_index(&s.service))
+            .collect();
+        let deadline_ms = self.reload_estimate_ms(&stopping);
+        self.begin_reload(new, plan, stopping);
+        let pending = Pending::new(Verb::Reload, Vec::new(), self.now(), &self.engine);
+        (
+            Reply::Accepted {
+                services: names,
+                deadline_ms,
+            },
+            Some(pending),
+        )
+    }
+
+    /// What the work of a reload may take: each service concerned stopped and started, with
+    /// its restart delay, one after the other.
+    fn reload_estimate_ms(&self, services: &[usize]) -> u64 {
+        let params = &self.engine.params().services;
+        let per: std::time::Duration = services
+            .iter()
+            .map(|&s| {
+                params[s].shutdown_timeout + params[s].startup_timeout + params[s].restart_delay_max
+            })
+            .sum();
+        // The new services are the successor's: counted as much again, and a takeover.
+        (per * 2).as_millis() as u64 + 15_000
+    }
+
+    /// Marks the reload, then holds down what the plan stops.
+    fn begin_reload(&mut self, new: Config, plan: Plan, stopping: Vec<usize>) {
+        if let Err(e) = std::fs::write(marker_path(&self.config), b"reload under way\n") {
+            warn!(error = %e, "cannot mark the reload as under way: a successor would not finish it");
+        }
+        info!(
+            stop = plan.stop.len(),
+            start = plan.start.len(),
+            "reloading the configuration"
+        );
+        if !stopping.is_empty() {
+            self.feed(Event::OperatorStop {
+                services: stopping.clone(),
+            });
+        }
+        self.reload = Some(ReloadUnderWay {
+            new,
+            stopping,
+            kept: plan.kept,
+        });
+        // Published before anything else: a successor continues the stop.
+        self.publish();
+    }
+
+    /// A reload from SIGHUP, or one a predecessor left unfinished: no one waits on a
+    /// connection for it.
+    pub(super) fn reload_unasked(&mut self, why: &str) {
+        let (reply, _) = self.request_reload();
+        match reply {
+            Reply::Accepted { services, .. } => {
+                info!(why, plan = %services.join(", "), "reload accepted")
+            }
+            Reply::Done => info!(why, "reload: nothing to do"),
+            Reply::Invalid { errors } => {
+                for e in errors {
+                    error!(why, error = %e, "reload refused: the configuration is not valid");
+                }
+            }
+            other => warn!(why, reply = ?other, "reload not carried out"),
+        }
+    }
+
+    /// After each loop pass: once every service the reload stops is down, hand over.
+    /// Returns true once handed over (the loop then ends, and this process exits).
+    pub(super) fn advance_reload(&mut self) -> bool {
+        let Some(reload) = &self.reload else {
+            return false;
+        };
+        let slots = self.engine.slots();
+        let all_down = reload.stopping.iter().all(|&s| {
+            slots[s].pid().is_none()
+                && matches!(
+                    slots[s].state(),
+                    ServiceState::Stopped | ServiceState::Failed
+                )
+        });
+        if !all_down {
+            return false;
+        }
+        let Some(reload) = self.reload.take() else {
+            return false;
+        };
+        match self.build_next_segment(&reload) {
+            Ok(()) => {
+                info!("the next segment is ready: handing over to the keeper");
+                self.send(ToKeeper::Reload);
+                // The request must reach the keeper before this process ends.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while !self.outbox.is_empty() && std::time::Instant::now() < deadline {
+                    if self
+                        .outbox
+                        .flush(std::os::fd::AsFd::as_fd(&self.keeper))
+                        .is_err()
+                    {
+                        break;
+                    }
+                    std::thread::yield_now();
+                }
+                true
+            }
+            Err(e) => {
+                error!(error = %e, "cannot build the next segment: the reload is abandoned, and what it stopped is started again");
+                let _ = std::fs::remove_file(marker_path(&self.config));
+                self.feed(Event::OperatorStart {
+                    services: reload.stopping.clone(),
+                });
+                false
+            }
+        }
+    }
+
+    /// The next segment, complete under its staged name: the new configuration, the
+    /// instance's state, and every kept service's record under its new index.
+    fn build_next_segment(&self, reload: &ReloadUnderWay) -> Result<(), crate::shm::ShmError> {
+        let new = &reload.new;
+        let next = Segment::create_staged(&crate::cli::segment_spec(new))?;
+        let old = &self.segment;
+        let now_ms = crate::shm::monotonic_ms();
+        let instance = old.instance_status()?;
+        let w = next.write()?;
+        w.set_instance_state(instance.state, instance.last_transition_ms);
+        w.set_restart_window(instance.restarts_in_window, instance.window_start_ms);
+        w.set_keeper(instance.keeper);
+        w.set_coordinator(None);
+        w.set_standby(None);
+        w.set_gave_up(None)?;
+        for (j, spec) in new.services.iter().enumerate() {
+            let kept = reload.kept.iter().any(|k| *k == spec.id);
+            match self.config.service_index(&spec.id).filter(|_| kept) {
+                Some(i) => {
+                    let status = old.service_status(i)?;
+                    w.set_service_state(j, status.state, status.last_transition_ms)?;
+                    w.set_service_process(j, status.process)?;
+                    w.set_restart_count(j, status.restart_count)?;
+                    w.set_last_exit(j, status.last_exit)?;
+                    w.set_service_progress(j, &old.service_progress(i)?)?;
+                }
+                None => {
+                    w.set_service_state(j, ServiceState::Stopped, now_ms)?;
+                    w.set_service_process(j, None)?;
+                    w.set_service_progress(
+                        j,
+                        &ServiceProgress {
+                            want: Want::Up,
+                            stage: Stage::Stopped,
+                            killed: false,
+                            start_timed_out: false,
+                            asked: false,
+                            process_since_ms: 0,
+                            deadline_ms: None,
+                            started_at_ms: None,
+                            not_before_ms: 0,
+                            streak: 0,
+                            last_failure_ms: None,
+                            exited_pid: None,
+                        },
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A coordinator that took over and finds a reload marker: finish that reload (if what
+    /// is left of it is nothing, announce that it is applied).
+    pub(super) fn resume_reload_if_marked(&mut self) {
+        if !marker_path(&self.config).exists() {
+            return;
+        }
+        info!("a reload was under way: finishing it");
+        self.reload_unasked("finishing the reload a predecessor began");
+    }
+
+    /// The reload's work is over: announce it and remove the marker (if there is one).
+    fn finish_reload_marker(&mut self) {
+        if std::fs::remove_file(marker_path(&self.config)).is_ok() {
+            info!("reload applied");
+            self.announce("reload-applied", Some(std::process::id() as i32));
+            if let Some(tap) = &mut self.events {
+                tap.flush();
+            }
+        }
+    }
+}
