@@ -270,7 +270,7 @@ impl Coordinator {
         w.set_standby(None);
         w.set_gave_up(None)?;
         for (j, spec) in new.services.iter().enumerate() {
-            let kept = reload.kept.iter().any(|k| *k == spec.id);
+            let kept = reload.kept.contains(&spec.id);
             match self.config.service_index(&spec.id).filter(|_| kept) {
                 Some(i) => {
                     let status = old.service_status(i)?;
