@@ -387,6 +387,12 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         &keeper.config.global.instance,
     );
     let _ = std::fs::remove_file(crate::coordinator::reload_marker_path(&keeper.config));
+    if let Ok(staged) = Segment::staged_path(
+        &keeper.config.global.run_dir,
+        &keeper.config.global.instance,
+    ) {
+        let _ = std::fs::remove_file(staged);
+    }
     // The event ring's readers see its name go, after the last events, and end.
     let _ = std::fs::remove_file(crate::coordinator::events_path(&keeper.config));
     if let Err(e) = keeper.segment.unlink() {

@@ -671,6 +671,8 @@ impl Segment {
         let dir = trusted_dir(run_dir, Some(nix::unistd::geteuid().as_raw()))?;
         let path = segment_path(&dir.path, instance)?;
         remove_temp_leftovers(&path);
+        // A reload's staged segment that was never put in place.
+        let _ = std::fs::remove_file(Self::staged_path(&dir.path, instance)?);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
