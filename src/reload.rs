@@ -640,6 +640,34 @@ mod tests {
     }
 
     #[test]
+    fn a_change_of_what_the_service_api_lists_is_refused_while_services_use_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = svc("ready = \"cc\"");
+        let old = load(dir.path(), "", &[("db", &api), ("web", &svc(""))]);
+        // A new service changes the API's list: refused, naming the service that uses it.
+        let new = load(
+            dir.path(),
+            "",
+            &[("db", &api), ("web", &svc("")), ("x", &svc(""))],
+        );
+        let plan = Plan::between(&old, &new);
+        let why = refusal(&plan, &old, &new).expect("refused");
+        assert!(why.contains("and db uses that API"), "{why}");
+        // A change that keeps the list (an environment) is not.
+        let same_list = load(
+            dir.path(),
+            "",
+            &[("db", &api), ("web", &svc("env = { A = \"1\" }"))],
+        );
+        let plan = Plan::between(&old, &same_list);
+        assert_eq!(refusal(&plan, &old, &same_list), None);
+        // Without API services, any list may change.
+        let plain = load(dir.path(), "", &[("web", &svc(""))]);
+        let more = load(dir.path(), "", &[("web", &svc("")), ("x", &svc(""))]);
+        assert_eq!(refusal(&Plan::between(&plain, &more), &plain, &more), None);
+    }
+
+    #[test]
     fn coordinator_settings_say_whether_they_apply_live() {
         let dir = tempfile::tempdir().unwrap();
         let old = load(dir.path(), "", &[("a", &svc(""))]);

@@ -204,6 +204,18 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_names_no_service() {
+        assert_eq!(
+            Request::decode(br#"{"verb":"reload","services":[]}"#),
+            Ok(Request {
+                verb: Verb::Reload,
+                services: Vec::new(),
+            })
+        );
+        assert!(Request::decode(br#"{"verb":"reload","services":["b"]}"#).is_err());
+    }
+
+    #[test]
     fn replies_read_back() {
         for reply in [
             Reply::Refused { why: "no".into() },
@@ -221,6 +233,9 @@ mod tests {
             Reply::Failed {
                 service: "b".into(),
                 how: "exited with status 1".into(),
+            },
+            Reply::Invalid {
+                errors: vec!["services.d/b.toml:2:1: bad".into()],
             },
         ] {
             let line = reply.to_line();
