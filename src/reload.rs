@@ -94,6 +94,9 @@ pub struct Plan {
     /// The services the plan does not touch, by name: whatever their state, it stays (one
     /// that runs keeps its process).
     pub kept: Vec<String>,
+    /// Services the plan would start that the operator stopped (`ccmgr stop SERVICE`): they
+    /// stay stopped under the new configuration, until started.
+    pub held: Vec<String>,
 }
 
 /// Fields of a [`ServiceSpec`] that change without touching its process.
@@ -254,10 +257,24 @@ impl Plan {
         plan
     }
 
+    /// [`Plan::between`] for a running stack in which the operator holds down the services
+    /// `held` (by name): those it would start stay down, and are listed as such.
+    pub fn for_running(old: &Config, new: &Config, held: &[String]) -> Plan {
+        let mut plan = Plan::between(old, new);
+        let (stay, start): (Vec<Step>, Vec<Step>) = plan
+            .start
+            .into_iter()
+            .partition(|step| held.contains(&step.service));
+        plan.start = start;
+        plan.held = stay.into_iter().map(|step| step.service).collect();
+        plan
+    }
+
     /// Nothing to stop, start, update or set.
     pub fn is_empty(&self) -> bool {
         self.stop.is_empty()
             && self.start.is_empty()
+            && self.held.is_empty()
             && self.updated.is_empty()
             && self.settings.is_empty()
     }
@@ -288,6 +305,9 @@ impl Plan {
         }
         for step in &self.start {
             let _ = writeln!(out, "start {} ({})", step.service, why(&step.reason));
+        }
+        for id in &self.held {
+            let _ = writeln!(out, "keep {id} stopped (stopped by the operator)");
         }
         for u in &self.updated {
             let _ = writeln!(
@@ -548,6 +568,21 @@ mod tests {
         assert_eq!(
             plan.to_text(),
             "stop c (requires b)\nstop b (changed: env)\nstart b (changed: env)\nstart c (requires b)\nuntouched (2): a, d\n"
+        );
+    }
+
+    #[test]
+    fn a_service_the_operator_stopped_stays_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = chain(dir.path(), "");
+        let new = chain(dir.path(), "env = { X = \"1\" }");
+        let plan = Plan::for_running(&old, &new, &["c".to_owned()]);
+        assert_eq!(names(&plan.stop), ["c", "b"]);
+        assert_eq!(names(&plan.start), ["b"]);
+        assert_eq!(plan.held, ["c"]);
+        assert!(
+            plan.to_text()
+                .contains("keep c stopped (stopped by the operator)\n")
         );
     }
 

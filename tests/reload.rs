@@ -425,3 +425,39 @@ fn a_coordinator_killed_in_the_middle_of_a_reload_leaves_it_to_its_successor() {
         "{log}"
     );
 }
+
+#[test]
+fn what_the_operator_stopped_stays_stopped_through_a_reload() {
+    let stack = running("reload-held");
+    let out = stack.ccmgr(&["stop", "c"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let before = stack.status().unwrap();
+    stack.write_service(
+        "b",
+        &sleeper("requires = [\"a\"]\nenv = { MODE = \"new\" }"),
+    );
+    let out = stack.ccmgr(&["reload", "--dry-run"]);
+    assert_eq!(
+        stdout(&out),
+        "stop c (requires b)\n\
+         stop b (changed: env)\n\
+         start b (changed: env)\n\
+         keep c stopped (stopped by the operator)\n\
+         untouched (3): a, d, e\n"
+    );
+    let out = stack.ccmgr(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let after = stack.status().unwrap();
+    assert_ne!(pid_of(&after, "b"), pid_of(&before, "b"));
+    assert_eq!(
+        stack_support::service_of(&after, "c")["state"],
+        "stopped by the operator",
+        "{after}"
+    );
+    for id in ["a", "d", "e"] {
+        assert_eq!(pid_of(&after, id), pid_of(&before, id), "{id} was touched");
+    }
+    // And it starts as before, with the new configuration.
+    let out = stack.ccmgr(&["start", "c"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}

@@ -56,7 +56,19 @@ pub fn reload(cli: &Cli, dry_run: bool, json: bool) -> Exit {
             return Exit::Failed;
         }
     };
-    let plan = Plan::between(&old, &new);
+    // What the operator holds down stays down: the plan says so.
+    let held: Vec<String> = old
+        .services
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| {
+            segment
+                .service_progress(*i)
+                .is_ok_and(|p| p.want == crate::vocab::Want::Held)
+        })
+        .map(|(_, s)| s.id.clone())
+        .collect();
+    let plan = Plan::for_running(&old, &new, &held);
     let refused = crate::reload::refusal(&plan, &old, &new);
     if json {
         let out = PlanJson {

@@ -42,6 +42,15 @@ pub(super) struct ReloadUnderWay {
     stopping: Vec<usize>,
     /// The services of the running configuration that the new one takes as they are.
     kept: Vec<String>,
+    /// The services the operator held down before the reload: they stay down.
+    held: Vec<String>,
+}
+
+/// What the marker file holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Marker {
+    /// The services the operator held down before the reload began.
+    held: Vec<String>,
 }
 
 /// The marker of a reload under way: `<run_dir>/<instance>.reload`.
@@ -63,6 +72,25 @@ impl Coordinator {
             services_dir: Some(g.services_dir.clone()),
         })
         .map_err(|diags| diags.iter().map(ToString::to_string).collect())
+    }
+
+    /// The services the operator holds down, by name: as the marker of a reload under way
+    /// recorded them (everything that reload stopped is held too), else as the engine says.
+    fn held_by_the_operator(&self) -> Vec<String> {
+        let recorded = std::fs::read(marker_path(&self.config))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Marker>(&bytes).ok());
+        match recorded {
+            Some(marker) => marker.held,
+            None => self
+                .engine
+                .slots()
+                .iter()
+                .zip(&self.config.services)
+                .filter(|(slot, _)| slot.want == Want::Held)
+                .map(|(_, spec)| spec.id.clone())
+                .collect(),
+        }
     }
 
     /// An operator's `reload` (through the control socket, `None` for SIGHUP or a reload a
@@ -96,7 +124,8 @@ impl Coordinator {
                 return (Reply::Invalid { errors }, None);
             }
         };
-        let plan = Plan::between(&self.config, &new);
+        let held = self.held_by_the_operator();
+        let plan = Plan::for_running(&self.config, &new, &held);
         if let Some(why) = refusal(&plan, &self.config, &new) {
             warn!(why = %why, "reload refused");
             return (Reply::Refused { why }, None);
@@ -138,7 +167,7 @@ impl Coordinator {
             .filter_map(|s| self.config.service_index(&s.service))
             .collect();
         let deadline_ms = self.reload_estimate_ms(&stopping);
-        self.begin_reload(new, plan, stopping);
+        self.begin_reload(new, plan, stopping, held);
         let pending = Pending::new(Verb::Reload, Vec::new(), self.now(), &self.engine);
         (
             Reply::Accepted {
@@ -164,8 +193,11 @@ impl Coordinator {
     }
 
     /// Marks the reload, then holds down what the plan stops.
-    fn begin_reload(&mut self, new: Config, plan: Plan, stopping: Vec<usize>) {
-        if let Err(e) = std::fs::write(marker_path(&self.config), b"reload under way\n") {
+    fn begin_reload(&mut self, new: Config, plan: Plan, stopping: Vec<usize>, held: Vec<String>) {
+        // The marker names what the operator held down before: a successor finishing the
+        // reload finds everything the reload stopped held too, and must tell them apart.
+        let marker = serde_json::to_vec(&Marker { held: held.clone() }).unwrap_or_default();
+        if let Err(e) = std::fs::write(marker_path(&self.config), marker) {
             warn!(error = %e, "cannot mark the reload as under way: a successor would not finish it");
         }
         info!(
@@ -182,6 +214,7 @@ impl Coordinator {
             new,
             stopping,
             kept: plan.kept,
+            held,
         });
         // Published before anything else: a successor continues the stop.
         self.publish();
@@ -281,12 +314,17 @@ impl Coordinator {
                     w.set_service_progress(j, &old.service_progress(i)?)?;
                 }
                 None => {
+                    let want = if reload.held.contains(&spec.id) {
+                        Want::Held
+                    } else {
+                        Want::Up
+                    };
                     w.set_service_state(j, ServiceState::Stopped, now_ms)?;
                     w.set_service_process(j, None)?;
                     w.set_service_progress(
                         j,
                         &ServiceProgress {
-                            want: Want::Up,
+                            want,
                             stage: Stage::Stopped,
                             killed: false,
                             start_timed_out: false,
