@@ -461,3 +461,31 @@ fn what_the_operator_stopped_stays_stopped_through_a_reload() {
     let out = stack.ccmgr(&["start", "c"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+#[test]
+fn sighup_to_a_foreground_start_reloads() {
+    let stack = Stack::new("reload-fg", "", &[("a", &sleeper(""))]);
+    let mut foreground = stack_support::Running::spawn(&stack, &["start", "--foreground"]);
+    let before = stack.wait_for("the stack up", LONG, |s| {
+        s.as_ref().is_some_and(stack_support::steady_and_all_up)
+    });
+    let before = before.unwrap();
+    stack.write_service("f", &sleeper("requires = [\"a\"]"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(foreground.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let after = stack
+        .wait_for("f up after SIGHUP", LONG, |s| {
+            s.as_ref().is_some_and(|s| {
+                ids(s).contains(&"f".to_owned()) && stack_support::steady_and_all_up(s)
+            })
+        })
+        .unwrap();
+    assert_eq!(pid_of(&after, "a"), pid_of(&before, "a"));
+    assert!(!foreground.has_ended(), "the foreground process ended");
+    // (The stop reaps the foreground process, the keeper: the test process is its parent.)
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}

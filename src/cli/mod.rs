@@ -134,8 +134,8 @@ pub enum Command {
         /// Print the plan and change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// The plan as one JSON object.
-        #[arg(long)]
+        /// The plan as one JSON object (with --dry-run).
+        #[arg(long, requires = "dry_run")]
         json: bool,
     },
     /// The roles ccmgr runs itself as (not for direct use).

@@ -51,7 +51,14 @@ pub(super) struct ReloadUnderWay {
 struct Marker {
     /// The services the operator held down before the reload began.
     held: Vec<String>,
+    /// How many coordinators began this reload: one that keeps failing (a keeper that keeps
+    /// refusing the next segment) is abandoned after [`MAX_ATTEMPTS`].
+    #[serde(default)]
+    attempts: u32,
 }
+
+/// A reload begun this many times without being applied is abandoned.
+const MAX_ATTEMPTS: u32 = 3;
 
 /// The marker of a reload under way: `<run_dir>/<instance>.reload`.
 pub fn marker_path(config: &Config) -> PathBuf {
@@ -74,13 +81,43 @@ impl Coordinator {
         .map_err(|diags| diags.iter().map(ToString::to_string).collect())
     }
 
+    /// The marker of the reload under way, if there is one.
+    fn marker(&self) -> Option<Marker> {
+        std::fs::read(marker_path(&self.config))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Marker>(&bytes).ok())
+    }
+
+    /// A reload that keeps failing is given up: the marker goes, and what it stopped (all
+    /// that is held down but what the operator held) starts again under the running
+    /// configuration.
+    fn abandon_reload(&mut self, marker: &Marker) -> String {
+        let stopped: Vec<usize> = self
+            .engine
+            .slots()
+            .iter()
+            .zip(&self.config.services)
+            .enumerate()
+            .filter(|(_, (slot, spec))| slot.want == Want::Held && !marker.held.contains(&spec.id))
+            .map(|(s, _)| s)
+            .collect();
+        let _ = std::fs::remove_file(marker_path(&self.config));
+        if !stopped.is_empty() {
+            self.feed(Event::OperatorStart { services: stopped });
+            self.publish();
+        }
+        let why = format!(
+            "the reload was begun {} times and never applied: it is abandoned, and what it stopped runs again under the running configuration (see ccmgr's log)",
+            marker.attempts
+        );
+        error!(why = %why, "reload abandoned");
+        why
+    }
+
     /// The services the operator holds down, by name: as the marker of a reload under way
     /// recorded them (everything that reload stopped is held too), else as the engine says.
     fn held_by_the_operator(&self) -> Vec<String> {
-        let recorded = std::fs::read(marker_path(&self.config))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<Marker>(&bytes).ok());
-        match recorded {
+        match self.marker() {
             Some(marker) => marker.held,
             None => self
                 .engine
@@ -113,6 +150,10 @@ impl Coordinator {
                 self.engine.phase()
             );
             return (Reply::NotNow { why }, None);
+        }
+        if let Some(marker) = self.marker().filter(|m| m.attempts >= MAX_ATTEMPTS) {
+            let why = self.abandon_reload(&marker);
+            return (Reply::Refused { why }, None);
         }
         let new = match self.load_files_again() {
             Ok(new) => new,
@@ -196,7 +237,12 @@ impl Coordinator {
     fn begin_reload(&mut self, new: Config, plan: Plan, stopping: Vec<usize>, held: Vec<String>) {
         // The marker names what the operator held down before: a successor finishing the
         // reload finds everything the reload stopped held too, and must tell them apart.
-        let marker = serde_json::to_vec(&Marker { held: held.clone() }).unwrap_or_default();
+        let attempts = self.marker().map_or(0, |m| m.attempts) + 1;
+        let marker = serde_json::to_vec(&Marker {
+            held: held.clone(),
+            attempts,
+        })
+        .unwrap_or_default();
         if let Err(e) = std::fs::write(marker_path(&self.config), marker) {
             warn!(error = %e, "cannot mark the reload as under way: a successor would not finish it");
         }
@@ -244,6 +290,13 @@ impl Coordinator {
         let Some(reload) = &self.reload else {
             return false;
         };
+        if !self.engine.takes_operator_requests() {
+            // The whole stack is stopping (or stopped): nothing to hand over.
+            info!("the stack is stopping: the reload under way is dropped");
+            self.reload = None;
+            let _ = std::fs::remove_file(marker_path(&self.config));
+            return false;
+        }
         let slots = self.engine.slots();
         let all_down = reload.stopping.iter().all(|&s| {
             slots[s].pid().is_none()

@@ -607,6 +607,14 @@ impl Keeper {
             .coordinator
             .filter(|pid| self.children.contains_key(pid))
         {
+            // It is handing over for a reload and exits without reading signals: the stop
+            // is for its successor.
+            Some(pid) if self.reload_handover == Some(pid) => {
+                info!(
+                    "a stop signal came during a reload's handover: passed on once the successor takes over"
+                );
+                self.stop_after_takeover = true;
+            }
             Some(pid) => {
                 info!(pid, "asking the coordinator to stop the stack");
                 let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
