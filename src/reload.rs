@@ -22,9 +22,21 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::config::{Config, GlobalConfig, ReadyKind, ServiceSpec};
+use crate::config::{Config, GlobalConfig, LoadOptions, ReadyKind, ServiceSpec};
 use crate::duration::ConfigDuration;
 use crate::graph::EdgeKind;
+
+/// Where a reload reads the new configuration: the global file the running configuration
+/// came from, with its instance and services directory (whatever the files say of them now,
+/// as `--instance` and `--services-dir` would). The coordinator that carries a reload out
+/// and `ccmgr reload --dry-run` both read these, so they make the same plan.
+pub fn reload_options(running: &Config) -> LoadOptions {
+    LoadOptions {
+        config_path: running.global.source.clone(),
+        instance: Some(running.global.instance.clone()),
+        services_dir: Some(running.global.services_dir.clone()),
+    }
+}
 
 /// Why a service is in the plan.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -481,7 +493,6 @@ fn setting_changes(old: &GlobalConfig, new: &GlobalConfig) -> Vec<SettingChange>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::LoadOptions;
 
     /// Writes a configuration (global file text, then services) into `dir` and loads it.
     fn load(dir: &std::path::Path, global: &str, services: &[(&str, &str)]) -> Config {

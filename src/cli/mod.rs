@@ -191,7 +191,11 @@ impl Cli {
 /// Loads the configuration (printing its warnings), or prints every problem and says how many
 /// there were.
 fn load_or_report(cli: &Cli) -> Result<Config, Exit> {
-    let loaded = Config::load(&cli.load_options());
+    report_load(Config::load(&cli.load_options()))
+}
+
+/// Prints a load's warnings, or every problem and how many there were.
+fn report_load(loaded: Result<Config, crate::diag::Diagnostics>) -> Result<Config, Exit> {
     if let Ok(config) = &loaded {
         for w in config.warnings.iter() {
             eprintln!("warning: {w}");

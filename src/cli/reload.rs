@@ -10,7 +10,7 @@
 
 use serde::Serialize;
 
-use super::{Cli, Exit, load_or_report, status::open_for_status};
+use super::{Cli, Exit, lifecycle, load_or_report, report_load, status::open_for_status};
 use crate::config::Config;
 use crate::control::protocol::Verb;
 use crate::reload::Plan;
@@ -27,16 +27,19 @@ struct PlanJson<'a> {
 }
 
 pub fn reload(cli: &Cli, dry_run: bool, json: bool) -> Exit {
-    let new = match load_or_report(cli) {
-        Ok(config) => config,
+    let (instance, global) = match lifecycle::instance_of(cli) {
+        Ok(found) => found,
         Err(e) => return e,
     };
-    let instance = new.global.instance.clone();
-    let run_dir = new.global.run_dir.clone();
+    let run_dir = lifecycle::run_dir_of(&instance, global.as_ref());
     let segment = match open_for_status(&run_dir, &instance) {
         Ok(segment) => segment,
         Err(ShmError::NotFound { .. })
         | Err(ShmError::UntrustedDir(crate::shm::DirTrustError::Missing { .. })) => {
+            // A configuration that does not load is still reported as such.
+            if let Err(e) = load_or_report(cli) {
+                return e;
+            }
             eprintln!("ccmgr: instance {instance} is not running: nothing to reload");
             return Exit::NotRunning;
         }
@@ -55,6 +58,11 @@ pub fn reload(cli: &Cli, dry_run: bool, json: bool) -> Exit {
             eprintln!("ccmgr: cannot read the running configuration of instance {instance}: {e}");
             return Exit::Failed;
         }
+    };
+    // The files the stack was started from, read as the coordinator will read them.
+    let new = match report_load(Config::load(&crate::reload::reload_options(&old))) {
+        Ok(config) => config,
+        Err(e) => return e,
     };
     // What the operator holds down stays down: the plan says so.
     let held: Vec<String> = old

@@ -24,12 +24,12 @@ use std::path::PathBuf;
 use tracing::{error, info, warn};
 
 use super::Coordinator;
-use crate::config::{Config, LoadOptions};
+use crate::config::Config;
 use crate::control::protocol::{Reply, Verb};
 use crate::control::server::Pending;
 use crate::engine::Event;
 use crate::keeper::protocol::ToKeeper;
-use crate::reload::{Plan, refusal};
+use crate::reload::{Plan, refusal, reload_options};
 use crate::shm::{Segment, ServiceProgress, Stage};
 use crate::vocab::{ServiceState, Want};
 
@@ -72,13 +72,8 @@ impl Coordinator {
     /// The files the stack was started from, read and checked again: the global file the
     /// running configuration came from and its services directory.
     fn load_files_again(&self) -> Result<Config, Vec<String>> {
-        let g = &self.config.global;
-        Config::load(&LoadOptions {
-            config_path: g.source.clone(),
-            instance: Some(g.instance.clone()),
-            services_dir: Some(g.services_dir.clone()),
-        })
-        .map_err(|diags| diags.iter().map(ToString::to_string).collect())
+        Config::load(&reload_options(&self.config))
+            .map_err(|diags| diags.iter().map(ToString::to_string).collect())
     }
 
     /// The marker of the reload under way, if there is one.
