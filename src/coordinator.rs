@@ -221,6 +221,9 @@ struct Coordinator {
     spawn_errors: Vec<Option<String>>,
     /// A reload this coordinator carries out, until it hands over.
     reload: Option<reload::ReloadUnderWay>,
+    /// The services a reload this coordinator finishes starts (taken over with the next
+    /// segment, down and wanted up): the reload's client is told if one fails.
+    reload_starts: Vec<usize>,
 }
 
 /// The fds the keeper hands its coordinator, taken first thing at start, before anything
@@ -377,6 +380,7 @@ pub fn run(
         control,
         spawn_errors: vec![None; n],
         reload: None,
+        reload_starts: Vec::new(),
     };
     c.watchdog = c.start_watchdog()?;
     let actions = if took_over {
@@ -950,8 +954,9 @@ impl Coordinator {
                     self.spawn_standby();
                 }
             }
-            // Only meaningful during a takeover (see `adopt`).
-            FromKeeper::Running { .. } => {}
+            // Only meaningful during a takeover (see `adopt`) or a reload's handover (see
+            // `advance_reload`).
+            FromKeeper::Running { .. } | FromKeeper::ReloadDone { .. } => {}
         }
     }
 

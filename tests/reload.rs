@@ -489,3 +489,27 @@ fn sighup_to_a_foreground_start_reloads() {
     let out = stack.stop();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+#[test]
+fn a_new_service_that_fails_fails_the_reload_naming_it() {
+    let stack = running("reload-fails");
+    let before = stack.status().unwrap();
+    // (`min_uptime`: it is not up, even for an instant, before it fails.)
+    stack.write_service(
+        "g",
+        "command = [\"sh\", \"-c\", \"sleep 0.2; exit 3\"]\nrestart = \"never\"\nmin_uptime = \"5s\"\n",
+    );
+    let out = stack.ccmgr(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("ccmgr: g failed: exited with status 3, and stays down"),
+        "{}",
+        text(&out)
+    );
+    // The reload itself is applied: the rest runs on, untouched, under the new configuration.
+    let after = stack.status().unwrap();
+    assert_eq!(ids(&after), ["a", "b", "c", "d", "e", "g"], "{after}");
+    for id in ["a", "b", "c", "d", "e"] {
+        assert_eq!(pid_of(&after, id), pid_of(&before, id), "{id} was touched");
+    }
+}

@@ -28,10 +28,12 @@ use crate::config::Config;
 use crate::control::protocol::{Reply, Verb};
 use crate::control::server::Pending;
 use crate::engine::Event;
-use crate::keeper::protocol::ToKeeper;
+use crate::keeper::protocol::{FromKeeper, ToKeeper, recv_message};
 use crate::reload::{Plan, refusal, reload_options};
 use crate::shm::{Segment, ServiceProgress, Stage};
 use crate::vocab::{ServiceState, Want};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 /// A reload this coordinator carries out.
 pub(super) struct ReloadUnderWay {
@@ -170,14 +172,12 @@ impl Coordinator {
             self.finish_reload_marker();
             // Nothing to change: done once every service the stack wants up is up (a
             // successor finishing a reload may still be starting the new ones).
-            let waiting: Vec<usize> = self
-                .engine
-                .slots()
-                .iter()
-                .enumerate()
-                .filter(|(_, slot)| slot.want == Want::Up && slot.state() != ServiceState::Up)
-                .map(|(s, _)| s)
-                .collect();
+            // Those a finished reload started are judged too: one that failed already fails
+            // the reload.
+            let mut waiting = self.wanted_but_not_up();
+            waiting.extend_from_slice(&self.reload_starts);
+            waiting.sort_unstable();
+            waiting.dedup();
             if waiting.is_empty() {
                 return (Reply::Done, None);
             }
@@ -306,33 +306,88 @@ impl Coordinator {
         let Some(reload) = self.reload.take() else {
             return false;
         };
-        match self.build_next_segment(&reload) {
+        let built = self.build_next_segment(&reload);
+        let applied = match built {
             Ok(()) => {
                 info!("the next segment is ready: handing over to the keeper");
-                self.send(ToKeeper::Reload);
-                // The request must reach the keeper before this process ends.
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-                while !self.outbox.is_empty() && std::time::Instant::now() < deadline {
-                    if self
-                        .outbox
-                        .flush(std::os::fd::AsFd::as_fd(&self.keeper))
-                        .is_err()
-                    {
-                        break;
-                    }
-                    std::thread::yield_now();
-                }
-                true
+                self.hand_over()
             }
             Err(e) => {
-                error!(error = %e, "cannot build the next segment: the reload is abandoned, and what it stopped is started again");
-                let _ = std::fs::remove_file(marker_path(&self.config));
-                self.feed(Event::OperatorStart {
-                    services: reload.stopping.clone(),
-                });
+                error!(error = %e, "cannot build the next segment");
                 false
             }
+        };
+        if applied {
+            return true;
         }
+        error!(
+            "the reload is abandoned: what it stopped is started again under the running configuration"
+        );
+        let _ = std::fs::remove_file(marker_path(&self.config));
+        self.feed(Event::OperatorStart {
+            services: reload.stopping.clone(),
+        });
+        false
+    }
+
+    /// Sends the keeper [`ToKeeper::Reload`] and waits for its answer: whether the next
+    /// segment is in place (this process then exits; the standby of the old segment is dead,
+    /// so it cannot take over from that exit). What else the keeper says meanwhile is handled
+    /// as usual if the reload was not applied (this coordinator goes on), and left to the
+    /// successor (which gets it again) if it was. No answer in time counts as applied: the
+    /// exit is then a death, which the marker covers.
+    fn hand_over(&mut self) -> bool {
+        use std::os::fd::AsFd as _;
+        self.send(ToKeeper::Reload);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut meanwhile = Vec::new();
+        let applied = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || self.keeper_lost {
+                warn!("the keeper did not answer the reload in time: exiting as if it was applied");
+                break true;
+            }
+            if self.outbox.flush(self.keeper.as_fd()).is_err() {
+                self.keeper_lost = true;
+                continue;
+            }
+            let mut fds = [PollFd::new(self.keeper.as_fd(), PollFlags::POLLIN)];
+            let wait = PollTimeout::try_from(left.as_millis().min(1000) as i32)
+                .unwrap_or(PollTimeout::MAX);
+            match poll(&mut fds, wait) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(_) => {
+                    self.keeper_lost = true;
+                    continue;
+                }
+            }
+            loop {
+                match recv_message::<FromKeeper>(self.keeper.as_fd()) {
+                    Ok(Some(FromKeeper::ReloadDone { applied })) => {
+                        return self.after_handover(applied, meanwhile);
+                    }
+                    Ok(Some(message)) => meanwhile.push(message),
+                    Ok(None) => break,
+                    Err(_) => {
+                        self.keeper_lost = true;
+                        break;
+                    }
+                }
+            }
+        };
+        self.after_handover(applied, meanwhile)
+    }
+
+    /// Whatever came from the keeper during the handover: left to the successor if the
+    /// reload was applied, else handled now.
+    fn after_handover(&mut self, applied: bool, meanwhile: Vec<FromKeeper>) -> bool {
+        if !applied {
+            error!("the keeper did not put the next segment in place");
+            for message in meanwhile {
+                self.on_keeper_message(message);
+            }
+        }
+        applied
     }
 
     /// The next segment, complete under its staged name: the new configuration, the
@@ -392,12 +447,25 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The services wanted up that are not up (yet).
+    fn wanted_but_not_up(&self) -> Vec<usize> {
+        self.engine
+            .slots()
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| slot.want == Want::Up && slot.state() != ServiceState::Up)
+            .map(|(s, _)| s)
+            .collect()
+    }
+
     /// A coordinator that took over and finds a reload marker: finish that reload (if what
     /// is left of it is nothing, announce that it is applied).
     pub(super) fn resume_reload_if_marked(&mut self) {
         if !marker_path(&self.config).exists() {
             return;
         }
+        // What it starts now: the new and changed services, if this is the next segment.
+        self.reload_starts = self.wanted_but_not_up();
         info!("a reload was under way: finishing it");
         self.reload_unasked("finishing the reload a predecessor began");
     }

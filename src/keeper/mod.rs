@@ -1101,6 +1101,11 @@ impl Keeper {
             self.heard_from_coordinator();
         }
         match message {
+            // A retired standby (of a segment a reload replaced) is killed, not promoted: it
+            // may have woken to its coordinator's exit before its SIGKILL landed.
+            _ if self.retired_standbys.contains(&from) => {
+                info!(pid = from, ?message, "ignoring a retired standby's request")
+            }
             ToKeeper::TakeOver => {
                 info!(pid = from, "a standby takes over as coordinator");
                 self.takeover_due = None;
@@ -1193,7 +1198,15 @@ impl Keeper {
             // A sign of life for the watchdog, noted above; it needs no answer.
             ToKeeper::Alive => {}
             ToKeeper::RunHook { service, env } => self.run_hook(service, env),
-            ToKeeper::Reload => self.apply_reload(from),
+            ToKeeper::Reload => {
+                let applied = self.apply_reload(from);
+                // Straight to the one that asked (its events now wait for the successor).
+                if let Some(peer) = self.peers.get_mut(&from) {
+                    let _ = peer
+                        .outbox
+                        .push(peer.socket.as_fd(), &FromKeeper::ReloadDone { applied });
+                }
+            }
         }
     }
 

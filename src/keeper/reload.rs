@@ -45,17 +45,17 @@ fn remap_message(message: FromKeeper, to_new: &[Option<usize>]) -> Option<FromKe
 }
 
 impl Keeper {
-    /// Switches to the staged segment, if it is sound and nothing it drops still runs;
-    /// otherwise changes nothing (the coordinator exits all the same, and the standby that
-    /// takes over finds the reload marker and tries again).
-    pub(super) fn apply_reload(&mut self, from: i32) {
+    /// Switches to the staged segment, if it is sound and nothing it drops still runs, and
+    /// says whether it did; otherwise it changes nothing (the coordinator is told so and goes
+    /// on with the running configuration).
+    pub(super) fn apply_reload(&mut self, from: i32) -> bool {
         let run_dir = self.config.global.run_dir.clone();
         let instance = self.config.global.instance.clone();
         let staged = match Segment::open_staged(&run_dir, &instance) {
             Ok(staged) => staged,
             Err(e) => {
                 error!(error = %e, "reload: the next segment cannot be opened; nothing changes");
-                return;
+                return false;
             }
         };
         let new = match staged
@@ -66,12 +66,12 @@ impl Keeper {
             Ok(new) => new,
             Err(e) => {
                 error!(error = %e, "reload: the next segment's configuration is unreadable; nothing changes");
-                return;
+                return false;
             }
         };
         if new.global.instance != instance || new.global.run_dir != run_dir {
             error!("reload: the next segment is another instance's; nothing changes");
-            return;
+            return false;
         }
         let to_new: Vec<Option<usize>> = self
             .config
@@ -86,7 +86,7 @@ impl Keeper {
             .find(|(i, pid)| pid.is_some() && to_new[*i].is_none())
         {
             error!(service = %self.config.services[i].id, "reload: a service the next configuration drops still runs; nothing changes");
-            return;
+            return false;
         }
         let api_changed = ApiSpec::from_config(&self.config) != ApiSpec::from_config(&new);
         // The commit point: from here on, the instance is the new one.
@@ -94,7 +94,7 @@ impl Keeper {
             Ok(segment) => segment,
             Err(e) => {
                 error!(error = %e, "reload: cannot put the next segment in place; nothing changes");
-                return;
+                return false;
             }
         };
         // What the dropped services wrote last goes to their logs; their pipes close.
@@ -183,5 +183,6 @@ impl Keeper {
             services = self.config.services.len(),
             "reload: the next segment is in place"
         );
+        true
     }
 }
