@@ -373,7 +373,8 @@ fn coordinator_key_applies(key: &str) -> Applies {
 
 /// Why a live reload from `old` to `new` cannot be carried out, if it cannot: a setting
 /// that needs a full restart, or a change of what the service API's control segment lists
-/// (the services and the shutdown order) while services use that API (they map it and would
+/// (the services and their shutdown timeouts, the shutdown order, the takeover mode) while
+/// services use that API (they map it and would
 /// keep a stale view). Nothing is changed then.
 pub fn refusal(plan: &Plan, old: &Config, new: &Config) -> Option<String> {
     let full: Vec<&str> = plan
