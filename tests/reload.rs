@@ -6,6 +6,7 @@
 //! leaves a stack its successor finishes reloading. Each test runs its own instance; the
 //! `Stack` guard stops and reaps everything even when a test fails.
 
+mod api_support;
 mod stack_support;
 
 use std::time::Duration;
@@ -510,6 +511,36 @@ fn a_new_service_that_fails_fails_the_reload_naming_it() {
     let after = stack.status().unwrap();
     assert_eq!(ids(&after), ["a", "b", "c", "d", "e", "g"], "{after}");
     for id in ["a", "b", "c", "d", "e"] {
+        assert_eq!(pid_of(&after, id), pid_of(&before, id), "{id} was touched");
+    }
+}
+
+#[test]
+fn a_reload_that_changes_what_the_service_api_lists_is_refused_while_a_service_uses_it() {
+    let built = api_support::artifacts();
+    let stack = Stack::new("reload-api", "", &[]);
+    let log = stack.file("api.log");
+    stack.write_service(
+        "db",
+        &format!(
+            "command = [\"{}\", \"--log\", \"{log}\"]\ncc_arg = true\nready = \"cc\"\nenv = {{ CC_SERVICE_HEARTBEAT_MS = \"60000\" }}\n",
+            built.rust_service.display()
+        ),
+    );
+    stack.write_service("web", &sleeper("requires = [\"db\"]"));
+    stack.start_ok();
+    let before = stack.wait_steady(LONG);
+    stack.write_service("x", &sleeper(""));
+    let why = "a live reload is refused: this reload changes the services or the shutdown order the service API lists, and db uses that API";
+    let dry = stack.ccmgr(&["reload", "--dry-run"]);
+    assert_eq!(dry.status.code(), Some(0), "{}", text(&dry));
+    assert!(stdout(&dry).contains(why), "{}", text(&dry));
+    let out = stack.ccmgr(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("nothing was changed"), "{}", text(&out));
+    let after = stack.status().unwrap();
+    assert_eq!(ids(&after), ["db", "web"], "{after}");
+    for id in ["db", "web"] {
         assert_eq!(pid_of(&after, id), pid_of(&before, id), "{id} was touched");
     }
 }
