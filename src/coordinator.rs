@@ -804,7 +804,7 @@ impl Coordinator {
             self.publish();
             self.acknowledge_exits();
             self.settle_requests(&epoll);
-            if self.advance_reload() {
+            if self.advance_reload(&epoll) {
                 // Handed over: the keeper starts a successor on the next segment once this
                 // process has ended.
                 return Ok(());

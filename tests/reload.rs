@@ -544,3 +544,22 @@ fn a_reload_that_changes_what_the_service_api_lists_is_refused_while_a_service_u
         assert_eq!(pid_of(&after, id), pid_of(&before, id), "{id} was touched");
     }
 }
+
+#[test]
+fn a_stop_during_a_reload_stops_everything_and_the_reload_says_it_was_not_applied() {
+    let slow = "command = [\"sh\", \"-c\", \"trap 'sleep 1; exit 0' TERM; while :; do sleep 1 & wait; done\"]\n";
+    let stack = running_with_b("reload-stop", slow);
+    edit_files(&stack, slow);
+    let reload = stack_support::Running::spawn(&stack, &["reload"]);
+    stack.wait_for("b stopping", LONG, |s| {
+        s.as_ref()
+            .is_some_and(|s| stack_support::service_of(s, "b")["state"] == "stopping")
+    });
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = reload.finish(LONG);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(stack.status().is_none());
+    let marker = stack.run_dir().join(format!("{}.reload", stack.instance));
+    assert!(!marker.exists(), "the reload marker outlived the stack");
+}

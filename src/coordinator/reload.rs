@@ -34,6 +34,7 @@ use crate::shm::{Segment, ServiceProgress, Stage};
 use crate::vocab::{ServiceState, Want};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::epoll::Epoll;
 
 /// A reload this coordinator carries out.
 pub(super) struct ReloadUnderWay {
@@ -281,7 +282,7 @@ impl Coordinator {
 
     /// After each loop pass: once every service the reload stops is down, hand over.
     /// Returns true once handed over (the loop then ends, and this process exits).
-    pub(super) fn advance_reload(&mut self) -> bool {
+    pub(super) fn advance_reload(&mut self, epoll: &Epoll) -> bool {
         let Some(reload) = &self.reload else {
             return false;
         };
@@ -290,6 +291,7 @@ impl Coordinator {
             info!("the stack is stopping: the reload under way is dropped");
             self.reload = None;
             let _ = std::fs::remove_file(marker_path(&self.config));
+            self.fail_reload_requests(epoll, "not applied: the whole stack is stopping");
             return false;
         }
         let slots = self.engine.slots();
@@ -327,7 +329,21 @@ impl Coordinator {
         self.feed(Event::OperatorStart {
             services: reload.stopping.clone(),
         });
+        self.fail_reload_requests(
+            epoll,
+            "not applied: the next configuration could not be put in place (see ccmgr's log); what it stopped runs again",
+        );
         false
+    }
+
+    /// Answers the connections waiting for a reload that will not happen.
+    fn fail_reload_requests(&mut self, epoll: &Epoll, how: &str) {
+        self.control.settle(epoll, |pending| {
+            (pending.verb == Verb::Reload).then(|| Reply::Failed {
+                service: "the reload".into(),
+                how: how.to_owned(),
+            })
+        });
     }
 
     /// Sends the keeper [`ToKeeper::Reload`] and waits for its answer: whether the next
