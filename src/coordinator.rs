@@ -18,6 +18,10 @@
 //!
 //! Each event goes to the engine; its actions go to the keeper; then the state is published
 //! to the segment, where `ccmgr status` reads it without asking anyone.
+//!
+//! A live reload (`ccmgr reload`, SIGHUP) is carried out here up to the handover of a new
+//! segment to the keeper, and finished by the successor that adopts it: see the `reload`
+//! submodule.
 
 use std::fs::File;
 use std::io::Write as _;

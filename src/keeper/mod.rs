@@ -30,7 +30,10 @@
 //!   none can be started, does it stop the stack itself: in order, driven by
 //!   [`Engine::stopping`], the same engine every ordered stop runs on;
 //! - writes the [`ProcessRecord`] of the instance's processes to `run_dir` whenever that set
-//!   changes, for a `ccmgr stop` that cannot read the segment.
+//!   changes, for a `ccmgr stop` that cannot read the segment;
+//! - switches the instance to the next segment and configuration of a live reload
+//!   ([`ToKeeper::Reload`]; see the `reload` submodule), since it owns the per-service
+//!   tables that must follow the services to their new indices.
 //!
 //! Its event loop blocks in `epoll` on a signalfd, the coordinator's socket, the log pipes and
 //! one timerfd (armed only for the deadlines of its own ordered stop); it never sleeps or
