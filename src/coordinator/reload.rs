@@ -14,7 +14,9 @@
 //!    ones down and wanted up;
 //! 4. the keeper is told ([`ToKeeper::Reload`]); it renames the staged segment over
 //!    `<instance>.seg` (one `rename`: anyone sees the old or the new, whole), remaps its
-//!    per-service tables by id, retires the standby, and once this coordinator has exited
+//!    per-service tables by id, kills the standby (which watches the old segment) and answers
+//!    [`FromKeeper::ReloadDone`]; this coordinator exits on that answer (or, if the keeper
+//!    refused, starts again what it stopped and goes on). Once it has exited the keeper
 //!    starts a successor on the new segment, which adopts the stack (every kept service keeps
 //!    its process) and starts the new and changed services in order. It finds the marker, sees
 //!    nothing left to do, announces `reload-applied` and removes the marker.
@@ -252,6 +254,7 @@ impl Coordinator {
                 services: stopping.clone(),
             });
         }
+        self.reload_starts.clear();
         self.reload = Some(ReloadUnderWay {
             new,
             stopping,
