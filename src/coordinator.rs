@@ -18,6 +18,10 @@
 //!
 //! Each event goes to the engine; its actions go to the keeper; then the state is published
 //! to the segment, where `ccmgr status` reads it without asking anyone.
+//!
+//! A live reload (`ccmgr reload`, SIGHUP) is carried out here up to the handover of a new
+//! segment to the keeper, and finished by the successor that adopts it: see the `reload`
+//! submodule.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -58,6 +62,10 @@ use crate::shm::{
 };
 use crate::spawn::ProcessExit;
 use crate::vocab::{ServiceState, Want};
+
+mod reload;
+
+pub use reload::marker_path as reload_marker_path;
 
 /// Why the coordinator could not run.
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +223,11 @@ struct Coordinator {
     /// Per service, why its last spawn failed (cleared when one succeeds): a failed
     /// operator's start says it.
     spawn_errors: Vec<Option<String>>,
+    /// A reload this coordinator carries out, until it hands over.
+    reload: Option<reload::ReloadUnderWay>,
+    /// The services a reload this coordinator finishes starts (taken over with the next
+    /// segment, down and wanted up): the reload's client is told if one fails.
+    reload_starts: Vec<usize>,
 }
 
 /// The fds the keeper hands its coordinator, taken first thing at start, before anything
@@ -370,6 +383,8 @@ pub fn run(
         events: None,
         control,
         spawn_errors: vec![None; n],
+        reload: None,
+        reload_starts: Vec::new(),
     };
     c.watchdog = c.start_watchdog()?;
     let actions = if took_over {
@@ -390,6 +405,12 @@ pub fn run(
     c.perform(actions);
     c.publish();
     c.acknowledge_exits();
+    if took_over {
+        c.resume_reload_if_marked();
+    } else {
+        // A fresh start has no reload under way, whatever an earlier run left.
+        let _ = std::fs::remove_file(reload::marker_path(&c.config));
+    }
     c.event_loop()?;
     Ok(match c.engine.outcome() {
         Some(Outcome::Stopped) | None => 0,
@@ -516,7 +537,9 @@ impl Coordinator {
             }
         };
         let snapshot = self.published_snapshot(&params)?;
-        let restart_all = self.config.global.coordinator.takeover == Takeover::Restart;
+        // Taking over in the middle of a reload is no death to restart everything for.
+        let restart_all = self.config.global.coordinator.takeover == Takeover::Restart
+            && !reload::marker_path(&self.config).exists();
         let (engine, actions) = Engine::adopt(params, self.now(), snapshot, &facts, restart_all);
         self.engine = engine;
         for (s, slot) in self.engine.slots().iter().enumerate() {
@@ -785,6 +808,11 @@ impl Coordinator {
             self.publish();
             self.acknowledge_exits();
             self.settle_requests(&epoll);
+            if self.advance_reload(&epoll) {
+                // Handed over: the keeper starts a successor on the next segment once this
+                // process has ended.
+                return Ok(());
+            }
         }
         Ok(())
     }
@@ -930,8 +958,9 @@ impl Coordinator {
                     self.spawn_standby();
                 }
             }
-            // Only meaningful during a takeover (see `adopt`).
-            FromKeeper::Running { .. } => {}
+            // Only meaningful during a takeover (see `adopt`) or a reload's handover (see
+            // `advance_reload`).
+            FromKeeper::Running { .. } | FromKeeper::ReloadDone { .. } => {}
         }
     }
 
@@ -1063,7 +1092,7 @@ impl Coordinator {
     fn on_signals(&mut self) {
         while let Ok(Some(info)) = self.signals.read_signal() {
             match Signal::try_from(info.ssi_signo as i32) {
-                Ok(Signal::SIGHUP) => info!("SIGHUP ignored: the configuration is read at start"),
+                Ok(Signal::SIGHUP) => self.reload_unasked("SIGHUP"),
                 Ok(sig) => {
                     info!(signal = sig.as_str(), "stopping the stack");
                     self.feed(Event::Stop);
@@ -1086,6 +1115,9 @@ impl Coordinator {
     }
 
     fn apply_request(&mut self, request: &Request) -> (Reply, Option<Pending>) {
+        if request.verb == Verb::Reload {
+            return self.request_reload();
+        }
         let ids: Vec<&str> = self.config.services.iter().map(|s| s.id.as_str()).collect();
         let mut named = Vec::new();
         let mut unknown = Vec::new();
@@ -1126,6 +1158,7 @@ impl Coordinator {
                 &self.engine.params().startup_sequence,
                 Event::OperatorRestart { services: named },
             ),
+            Verb::Reload => return self.request_reload(),
         };
         let in_order: Vec<usize> = order.iter().copied().filter(|s| set.contains(s)).collect();
         let now = self.now();
@@ -1136,7 +1169,7 @@ impl Coordinator {
         let changes = |s: usize| match request.verb {
             Verb::Stop => !(slots[s].want == Want::Held && slots[s].pid().is_none()),
             Verb::Start => !(slots[s].want == Want::Up && slots[s].state() == ServiceState::Up),
-            Verb::Restart => true,
+            Verb::Restart | Verb::Reload => true,
         };
         let mut changed: Vec<usize> = in_order.iter().copied().filter(|&s| changes(s)).collect();
         if changed.is_empty() {

@@ -37,6 +37,7 @@ use crate::vocab::{InstanceState, ProcessExit, ServiceState};
 /// | `gave-up`, `startup-failed` | the instance stopped everything after a failure | `service`, `reason` |
 /// | `takeover` | the standby became the coordinator | `pid` |
 /// | `standby-started`, `standby-lost` | the standby's life | `pid` |
+/// | `reload-applied` | a reload's new configuration is in place (its new services start) | `pid` |
 /// | `lost` | (from `ccmgr events` itself) this reader fell behind and missed events | `lost` |
 ///
 /// Every line also has `time` (RFC 3339, UTC, milliseconds), `unix_ms` and `instance`.
@@ -183,6 +184,7 @@ impl LifecycleEvent {
             },
             "takeover" => "coordinator changed: the standby took over".to_owned(),
             "operator-stopped" => "stopped by the operator".to_owned(),
+            "reload-applied" => "reload applied: the new configuration runs".to_owned(),
             "gave-up" | "startup-failed" => format!(
                 "{}: {}",
                 self.event,

@@ -27,6 +27,8 @@
 //!   no ccmgr process signals it.
 //! - [`records`]: the keeper's record of the instance's processes in `run_dir`, which `stop`
 //!   can use when the segment is lost.
+//! - [`reload`]: the plan of a live reload, from the running configuration to the one on
+//!   disk.
 //! - [`logging`]: where the coordinator's and keeper's own log lines go.
 //! - [`cli`]: the `ccmgr` command line (verbs, exit codes, output).
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -48,6 +50,7 @@ pub mod membership;
 pub mod notify;
 pub mod process_identity;
 pub mod records;
+pub mod reload;
 pub mod service;
 pub mod shm;
 pub mod socket_file;

@@ -13,6 +13,7 @@ mod events;
 mod lifecycle;
 mod logs;
 mod operate;
+mod reload;
 mod status;
 mod stop_driver;
 mod why;
@@ -24,6 +25,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, LoadOptions};
 use crate::control::protocol::Verb;
+
+pub use lifecycle::segment_spec;
 
 /// What the process exits with; see the module documentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +126,17 @@ pub enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Compare the configuration on disk with the running one and print the plan of the
+    /// reload, in the order it would be carried out: what stops, what starts, what changes in
+    /// place, and which settings need a full restart.
+    Reload {
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The plan as one JSON object (with --dry-run).
+        #[arg(long, requires = "dry_run")]
+        json: bool,
+    },
     /// The roles ccmgr runs itself as (not for direct use).
     #[command(hide = true)]
     Internal {
@@ -177,7 +191,11 @@ impl Cli {
 /// Loads the configuration (printing its warnings), or prints every problem and says how many
 /// there were.
 fn load_or_report(cli: &Cli) -> Result<Config, Exit> {
-    let loaded = Config::load(&cli.load_options());
+    report_load(Config::load(&cli.load_options()))
+}
+
+/// Prints a load's warnings, or every problem and how many there were.
+fn report_load(loaded: Result<Config, crate::diag::Diagnostics>) -> Result<Config, Exit> {
     if let Ok(config) = &loaded {
         for w in config.warnings.iter() {
             eprintln!("warning: {w}");
@@ -306,6 +324,7 @@ pub fn main() -> ExitCode {
             lines,
             follow,
         } => Ok(logs::logs(&cli, services, *lines, *follow)),
+        Command::Reload { dry_run, json } => Ok(reload::reload(&cli, *dry_run, *json)),
         Command::Internal {
             role,
             foreground,

@@ -82,12 +82,21 @@ pub fn operate(cli: &Cli, verb: Verb, args: &OperateArgs) -> Exit {
                     request.verb = match verb {
                         Verb::Stop => Verb::Stop,
                         Verb::Start | Verb::Restart => Verb::Start,
+                        Verb::Reload => Verb::Reload,
                     };
-                    request.services = services.clone();
+                    // A reload names no service: asked again, the successor finds what is
+                    // left of it (nothing, once it adopted the new segment) and waits for
+                    // the services it starts.
+                    if verb != Verb::Reload {
+                        request.services = services.clone();
+                    }
                 }
-                eprintln!(
-                    "ccmgr: the coordinator of instance {instance} went away; asking its successor"
-                );
+                // A reload's coordinator hands over to a successor by design.
+                if verb != Verb::Reload {
+                    eprintln!(
+                        "ccmgr: the coordinator of instance {instance} went away; asking its successor"
+                    );
+                }
             }
             Err(why) => {
                 eprintln!("ccmgr: {why}");
@@ -193,6 +202,7 @@ fn noun(verb: Verb) -> &'static str {
         Verb::Start => "start",
         Verb::Stop => "stop",
         Verb::Restart => "restart",
+        Verb::Reload => "reload",
     }
 }
 
@@ -219,6 +229,10 @@ fn report(
     json: bool,
 ) -> Exit {
     match reply {
+        Reply::Done if verb == Verb::Reload => {
+            println!("reloaded");
+            Exit::Ok
+        }
         Reply::Done => {
             let services = accepted.unwrap_or_default().join(", ");
             if !json {
@@ -252,6 +266,13 @@ fn report(
         Reply::NotNow { why } => {
             eprintln!("ccmgr: not now: {why}");
             Exit::Failed
+        }
+        Reply::Invalid { errors } => {
+            for e in errors {
+                eprintln!("error: {e}");
+            }
+            eprintln!("ccmgr: the configuration is not valid; nothing was changed");
+            Exit::BadConfig
         }
         Reply::Bad { why } => {
             eprintln!("ccmgr: the coordinator did not understand the request: {why}");

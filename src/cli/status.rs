@@ -147,7 +147,10 @@ fn last_run(global: Option<&crate::config::GlobalConfig>, instance: &str) -> Opt
 /// The segment as this caller may see it: the live one for the instance's owner (the owner of
 /// `run_dir`); for anyone else (a member of the instance's group), a consistent private copy,
 /// through which nothing can write the real segment or take its mutexes.
-fn open_for_status(run_dir: &std::path::Path, instance: &str) -> Result<Segment, ShmError> {
+pub(super) fn open_for_status(
+    run_dir: &std::path::Path,
+    instance: &str,
+) -> Result<Segment, ShmError> {
     use std::os::unix::fs::MetadataExt as _;
     let me = nix::unistd::geteuid().as_raw();
     match std::fs::metadata(run_dir) {

@@ -42,6 +42,8 @@ pub enum Verb {
     Stop,
     /// Stop and start the services and what requires them (and runs).
     Restart,
+    /// Re-read the configuration and apply the difference (names no service).
+    Reload,
 }
 
 impl Verb {
@@ -51,6 +53,7 @@ impl Verb {
             Verb::Start => "started",
             Verb::Stop => "stopped",
             Verb::Restart => "restarted",
+            Verb::Reload => "reloaded",
         }
     }
 }
@@ -94,6 +97,8 @@ pub enum Reply {
     Done,
     /// `service` failed `how`.
     Failed { service: String, how: String },
+    /// A reload found the configuration on disk invalid: each error, as `check` words it.
+    Invalid { errors: Vec<String> },
 }
 
 impl Reply {
@@ -132,6 +137,12 @@ impl Request {
         let text = std::str::from_utf8(line).map_err(|_| "a request is UTF-8".to_owned())?;
         let request: Request =
             serde_json::from_str(text).map_err(|e| format!("a malformed request: {e}"))?;
+        if request.verb == Verb::Reload {
+            if !request.services.is_empty() {
+                return Err("a reload names no service".into());
+            }
+            return Ok(request);
+        }
         if request.services.is_empty() {
             return Err("a request names at least one service".into());
         }
@@ -193,6 +204,18 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_names_no_service() {
+        assert_eq!(
+            Request::decode(br#"{"verb":"reload","services":[]}"#),
+            Ok(Request {
+                verb: Verb::Reload,
+                services: Vec::new(),
+            })
+        );
+        assert!(Request::decode(br#"{"verb":"reload","services":["b"]}"#).is_err());
+    }
+
+    #[test]
     fn replies_read_back() {
         for reply in [
             Reply::Refused { why: "no".into() },
@@ -210,6 +233,9 @@ mod tests {
             Reply::Failed {
                 service: "b".into(),
                 how: "exited with status 1".into(),
+            },
+            Reply::Invalid {
+                errors: vec!["services.d/b.toml:2:1: bad".into()],
             },
         ] {
             let line = reply.to_line();

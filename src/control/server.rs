@@ -102,6 +102,9 @@ impl Pending {
         let down =
             |slot: &Slot| matches!(slot.state(), ServiceState::Stopped | ServiceState::Failed);
         match self.verb {
+            // Carried out by the coordinator that accepted it, which then hands over to a
+            // successor: the connection ends with it, and the client asks the successor.
+            Verb::Reload => None,
             Verb::Stop => {
                 if let Some(&s) = self
                     .services

@@ -30,13 +30,17 @@
 //!   none can be started, does it stop the stack itself: in order, driven by
 //!   [`Engine::stopping`], the same engine every ordered stop runs on;
 //! - writes the [`ProcessRecord`] of the instance's processes to `run_dir` whenever that set
-//!   changes, for a `ccmgr stop` that cannot read the segment.
+//!   changes, for a `ccmgr stop` that cannot read the segment;
+//! - switches the instance to the next segment and configuration of a live reload
+//!   ([`ToKeeper::Reload`]; see the `reload` submodule), since it owns the per-service
+//!   tables that must follow the services to their new indices.
 //!
 //! Its event loop blocks in `epoll` on a signalfd, the coordinator's socket, the log pipes and
 //! one timerfd (armed only for the deadlines of its own ordered stop); it never sleeps or
 //! polls.
 
 pub mod protocol;
+mod reload;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -279,6 +283,9 @@ struct Keeper {
     /// time a move fails: a machine (a container, a sandbox) may let the tree be made yet
     /// refuse to move processes into it, and a service must not fail to start for that.
     join_cgroups: bool,
+    /// The coordinator that handed the stack over for a reload: its exit is expected, and a
+    /// successor takes over on the new segment.
+    reload_handover: Option<i32>,
 }
 
 /// Runs the keeper until the stack is stopped; returns the process exit code.
@@ -380,6 +387,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         hooks: Vec::new(),
         hook_runs: 0,
         cgroups,
+        reload_handover: None,
     };
     watch(
         &keeper.epoll,
@@ -421,6 +429,13 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         &keeper.config.global.run_dir,
         &keeper.config.global.instance,
     );
+    let _ = std::fs::remove_file(crate::coordinator::reload_marker_path(&keeper.config));
+    if let Ok(staged) = Segment::staged_path(
+        &keeper.config.global.run_dir,
+        &keeper.config.global.instance,
+    ) {
+        let _ = std::fs::remove_file(staged);
+    }
     // The event ring's readers see its name go, after the last events, and end.
     let _ = std::fs::remove_file(crate::coordinator::events_path(&keeper.config));
     if let Err(e) = keeper.segment.unlink() {
@@ -606,7 +621,23 @@ impl Keeper {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGCHLD) => self.reap_children(),
                 Ok(Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) => self.on_stop_signal(),
-                Ok(Signal::SIGHUP) => info!("SIGHUP ignored: the configuration is read at start"),
+                // A reload is the coordinator's to carry out (`start --foreground` is the
+                // keeper: its SIGHUP is passed on).
+                Ok(Signal::SIGHUP) => match self
+                    .coordinator
+                    .filter(|pid| self.children.contains_key(pid))
+                {
+                    Some(pid) => {
+                        info!(
+                            pid,
+                            "SIGHUP: asking the coordinator to reload the configuration"
+                        );
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+                    }
+                    None => {
+                        info!("SIGHUP ignored: no coordinator lives to reload the configuration")
+                    }
+                },
                 _ => {}
             }
         }
@@ -624,6 +655,14 @@ impl Keeper {
             .coordinator
             .filter(|pid| self.children.contains_key(pid))
         {
+            // It is handing over for a reload and exits without reading signals: the stop
+            // is for its successor.
+            Some(pid) if self.reload_handover == Some(pid) => {
+                info!(
+                    "a stop signal came during a reload's handover: passed on once the successor takes over"
+                );
+                self.stop_after_takeover = true;
+            }
             Some(pid) => {
                 info!(pid, "asking the coordinator to stop the stack");
                 let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
@@ -646,9 +685,11 @@ impl Keeper {
         }
     }
 
-    /// A standby (or a successor) lives and will take over.
+    /// A standby (or a successor) lives and will take over: one being retired will not.
     fn standby_alive(&self) -> bool {
-        self.children.values().any(|r| *r == Role::Standby)
+        self.children
+            .iter()
+            .any(|(pid, r)| *r == Role::Standby && !self.retired_standbys.contains(pid))
     }
 
     /// The coordinator is gone and nothing can take over: start a successor, unless they keep
@@ -1000,7 +1041,14 @@ impl Keeper {
         if was_coordinator {
             self.coordinator = None;
             self.coordinator_exit = Some(exit);
-            if !self.shutdown_requested {
+            if self.reload_handover == Some(pid) {
+                self.reload_handover = None;
+                info!(
+                    pid,
+                    "the coordinator handed over for a reload: starting its successor"
+                );
+                self.ensure_coordinator();
+            } else if !self.shutdown_requested {
                 warn!(pid, %exit, "the coordinator died");
                 self.count_successor_death(successor_since);
                 // A standby that lives takes over; otherwise a successor must.
@@ -1107,6 +1155,11 @@ impl Keeper {
             self.heard_from_coordinator();
         }
         match message {
+            // A retired standby (of a segment a reload replaced) is killed, not promoted: it
+            // may have woken to its coordinator's exit before its SIGKILL landed.
+            _ if self.retired_standbys.contains(&from) => {
+                info!(pid = from, ?message, "ignoring a retired standby's request")
+            }
             ToKeeper::TakeOver => {
                 info!(pid = from, "a standby takes over as coordinator");
                 self.takeover_due = None;
@@ -1199,6 +1252,15 @@ impl Keeper {
             // A sign of life for the watchdog, noted above; it needs no answer.
             ToKeeper::Alive => {}
             ToKeeper::RunHook { service, env } => self.run_hook(service, env),
+            ToKeeper::Reload => {
+                let applied = self.apply_reload(from);
+                // Straight to the one that asked (its events now wait for the successor).
+                if let Some(peer) = self.peers.get_mut(&from) {
+                    let _ = peer
+                        .outbox
+                        .push(peer.socket.as_fd(), &FromKeeper::ReloadDone { applied });
+                }
+            }
         }
     }
 

@@ -53,6 +53,12 @@ pub enum ToKeeper {
         service: Option<usize>,
         env: Vec<(String, String)>,
     },
+    /// A reload: the next segment is complete under its staged name
+    /// (`<instance>.seg.reload`), and every service it does not keep is down. Rename it over
+    /// the live one, take its configuration (remapping every per-service table by id),
+    /// retire the standby, answer [`FromKeeper::ReloadDone`], and start a successor on it
+    /// once this coordinator has exited (which it does on that answer).
+    Reload,
 }
 
 /// From the keeper to the coordinator.
@@ -79,6 +85,9 @@ pub enum FromKeeper {
     StandbySpawned { pid: Option<i32> },
     /// The standby (`pid`) ended.
     StandbyExited { pid: i32 },
+    /// The answer to [`ToKeeper::Reload`]: whether the next segment is in place (the
+    /// standby of the old one is then dead, and the coordinator exits), or nothing changed.
+    ReloadDone { applied: bool },
 }
 
 /// Why a message could not be sent or read.

@@ -248,9 +248,76 @@ impl Segment {
     /// calling process is recorded as the manager: a start is under way, and a
     /// concurrent `start` sees so. Drop the guard when the start is over.
     pub fn create(spec: &SegmentSpec) -> Result<(Segment, MutexGuard), ShmError> {
-        let instance = spec.instance.clone();
         let dir = trusted_dir(&spec.run_dir, Some(nix::unistd::geteuid().as_raw()))?;
-        let path = segment_path(&dir.path, &instance)?;
+        let path = segment_path(&dir.path, &spec.instance)?;
+        Self::create_named(spec, path)
+    }
+
+    /// The name a reload builds the instance's next segment under (`<instance>.seg.reload`),
+    /// before the keeper renames it over `<instance>.seg` ([`Segment::promote_staged`]).
+    pub fn staged_path(run_dir: &Path, instance: &str) -> Result<PathBuf, ShmError> {
+        let mut path = segment_path(run_dir, instance)?.into_os_string();
+        path.push(".reload");
+        Ok(PathBuf::from(path))
+    }
+
+    /// Creates a complete segment for `spec` under the staged name (a leftover of an earlier
+    /// attempt is replaced), made like [`Segment::create`]: no one sees it half written. Its
+    /// manager mutex is free and no manager is recorded: no start is under way.
+    pub fn create_staged(spec: &SegmentSpec) -> Result<Segment, ShmError> {
+        let dir = trusted_dir(&spec.run_dir, Some(nix::unistd::geteuid().as_raw()))?;
+        let path = Self::staged_path(&dir.path, &spec.instance)?;
+        let _ = std::fs::remove_file(&path);
+        let (segment, manager) = Self::create_named(spec, path)?;
+        drop(manager);
+        segment.write()?.set_manager(None);
+        Ok(segment)
+    }
+
+    /// Opens the staged segment of `instance`, checked as [`Segment::open`] checks the live
+    /// one.
+    pub fn open_staged(run_dir: &Path, instance: &str) -> Result<Segment, ShmError> {
+        let dir = trusted_dir(run_dir, Some(nix::unistd::geteuid().as_raw()))?;
+        let path = Self::staged_path(&dir.path, instance)?;
+        let file = open_segment_file(instance, &path, true)?;
+        let size = examine(instance, &path, &file, dir.owner)?;
+        let map =
+            Mapping::<ReadWrite>::map(file.into(), size as usize).map_err(|e| ShmError::Io {
+                instance: instance.to_owned(),
+                path: path.display().to_string(),
+                action: "mapping",
+                source: e,
+            })?;
+        Self::verify(instance, path, map, size)
+    }
+
+    /// Renames the staged segment (opened by [`Segment::open_staged`]) over
+    /// `<instance>.seg`: one `rename`, so whoever opens the instance's segment gets the old
+    /// one or the new one, whole. Returns it under its new name.
+    pub fn promote_staged(self) -> Result<Segment, ShmError> {
+        let live = self
+            .path
+            .parent()
+            .map(|dir| segment_path(dir, &self.instance))
+            .transpose()?
+            .unwrap_or_default();
+        std::fs::rename(&self.path, &live).map_err(|e| ShmError::Io {
+            instance: self.instance.clone(),
+            path: live.display().to_string(),
+            action: "renaming the reloaded segment over",
+            source: e,
+        })?;
+        Ok(Segment {
+            map: self.map,
+            layout: self.layout,
+            instance: self.instance,
+            path: live,
+        })
+    }
+
+    /// [`Segment::create`] under the name `path`.
+    fn create_named(spec: &SegmentSpec, path: PathBuf) -> Result<(Segment, MutexGuard), ShmError> {
+        let instance = spec.instance.clone();
         let path_text = path.display().to_string();
         let layout = check_spec(spec).map_err(|reason| ShmError::InvalidSpec {
             instance: instance.clone(),
@@ -604,6 +671,8 @@ impl Segment {
         let dir = trusted_dir(run_dir, Some(nix::unistd::geteuid().as_raw()))?;
         let path = segment_path(&dir.path, instance)?;
         remove_temp_leftovers(&path);
+        // A reload's staged segment that was never put in place.
+        let _ = std::fs::remove_file(Self::staged_path(&dir.path, instance)?);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
