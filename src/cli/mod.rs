@@ -130,12 +130,9 @@ pub enum Command {
     /// reload, in the order it would be carried out: what stops, what starts, what changes in
     /// place, and which settings need a full restart.
     Reload {
-        /// Print the plan and change nothing.
+        /// Print the plan and change nothing (with `--json`: the plan as one JSON object).
         #[arg(long)]
         dry_run: bool,
-        /// The plan as one JSON object (with --dry-run).
-        #[arg(long, requires = "dry_run")]
-        json: bool,
     },
     /// The roles ccmgr runs itself as (not for direct use).
     #[command(hide = true)]
@@ -202,7 +199,7 @@ fn report_load(loaded: Result<Config, crate::diag::Diagnostics>) -> Result<Confi
         }
     }
     loaded.map_err(|diags| {
-        if cli.json {
+        if JSON_OUTPUT.get().copied().unwrap_or(false) {
             check::print_errors_json(&diags);
         }
         for d in diags.iter() {
@@ -324,7 +321,7 @@ pub fn main() -> ExitCode {
             lines,
             follow,
         } => Ok(logs::logs(&cli, services, *lines, *follow)),
-        Command::Reload { dry_run, json } => Ok(reload::reload(&cli, *dry_run, *json)),
+        Command::Reload { dry_run } => Ok(reload::reload(&cli, *dry_run, cli.json)),
         Command::Internal {
             role,
             foreground,

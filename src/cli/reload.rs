@@ -78,18 +78,20 @@ pub fn reload(cli: &Cli, dry_run: bool, json: bool) -> Exit {
         .collect();
     let plan = Plan::for_running(&old, &new, &held);
     let refused = crate::reload::refusal(&plan, &old, &new);
-    if json {
+    // Under `--json` a live reload prints one document: the coordinator's answer (below).
+    let carried_out = !dry_run && !plan.is_empty();
+    if !json {
+        print!("{}", plan.to_text());
+        if let Some(why) = &refused {
+            println!("a live reload is refused: {why}");
+        }
+    } else if !carried_out || refused.is_some() {
         let out = PlanJson {
             instance: &instance,
             plan: &plan,
             refused: refused.as_deref(),
         };
         println!("{}", serde_json::to_string(&out).unwrap_or_default());
-    } else {
-        print!("{}", plan.to_text());
-        if let Some(why) = &refused {
-            println!("a live reload is refused: {why}");
-        }
     }
     if dry_run || plan.is_empty() {
         return Exit::Ok;
