@@ -246,22 +246,10 @@ fn status_names_an_unusable_process_record_as_such() {
     );
     let status = status.unwrap();
     stack.remember(&pids_in(&status));
-    let record = stack
-        .path()
-        .join("run")
-        .join(format!("{}.procs", stack.instance));
-    // The keeper writes its record once a burst of changes settles: wait until it names the
-    // standby, the last process of the start, so that no later write replaces the garbage.
-    let standby = status["standby"]["pid"].as_i64().unwrap().to_string();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&record).is_ok_and(|t| t.contains(&standby)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the keeper writes {}",
-            record.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let record = stack.record_path();
+    // Once written (naming the standby, the last of the start): else a later write of the
+    // keeper replaces the garbage.
+    stack.wait_record_names(status["standby"]["pid"].as_i64().unwrap());
     std::fs::write(&record, b"{garbage").unwrap();
     std::fs::OpenOptions::new()
         .write(true)
@@ -300,15 +288,13 @@ fn stop_finds_the_parties_without_a_segment_or_a_record() {
         s.as_ref()
             .is_some_and(|s| stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64())
     });
-    let pids = pids_in(&status.unwrap());
+    let status = status.unwrap();
+    let pids = pids_in(&status);
     stack.remember(&pids);
-    std::fs::remove_file(
-        stack
-            .path()
-            .join("run")
-            .join(format!("{}.procs", stack.instance)),
-    )
-    .unwrap();
+    // Once written (naming the standby, the last of the start): else the keeper's delayed
+    // write would bring it back.
+    stack.wait_record_names(status["standby"]["pid"].as_i64().unwrap());
+    std::fs::remove_file(stack.record_path()).unwrap();
     std::fs::OpenOptions::new()
         .write(true)
         .open(stack.segment_path())

@@ -481,3 +481,28 @@ pub fn need_root(why: &str) -> bool {
     eprintln!("skipped: needs root {why}");
     false
 }
+
+impl Stack {
+    /// The keeper's process record (`run/<instance>.procs`).
+    pub fn record_path(&self) -> PathBuf {
+        self.path()
+            .join("run")
+            .join(format!("{}.procs", self.instance))
+    }
+
+    /// Waits until the keeper's record names `pid`: the keeper writes it once a burst of
+    /// changes settles, so a test that spoils or removes it must wait for the write first,
+    /// or the keeper's next write undoes what the test did.
+    pub fn wait_record_names(&self, pid: i64) {
+        let pid = pid.to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(self.record_path()).is_ok_and(|t| t.contains(&pid)) {
+            assert!(
+                Instant::now() < deadline,
+                "the keeper never wrote {} naming pid {pid}",
+                self.record_path().display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
