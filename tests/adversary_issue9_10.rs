@@ -202,29 +202,39 @@ fn a_failure_command_s_output_reaches_ccmgr_s_own_log() {
 /// (`.failure-commands.<n>`), killed whole at its timeout.
 #[test]
 fn a_failure_command_s_escaped_child_dies_at_its_timeout() {
-    let stack = Stack::new(
+    escaped_child_dies_at_the_timeout(
         "hook-escape",
+        "setsid sleep 4242 & exec sleep 4243",
+        "the failure command failed",
+        "4242",
+    );
+}
+
+/// A crashing service whose failure command (`on_failure_timeout = 1s`) leaves a `sleep
+/// <arg>` in another session: once the keeper's log says `ran` of the command, that sleep
+/// must be gone within a few seconds (its run's deadline), and is asserted found where the
+/// machine offers cgroups.
+fn escaped_child_dies_at_the_timeout(name: &str, hook: &str, ran: &str, arg: &str) {
+    let stack = Stack::new(
+        name,
         "[coordinator]\non_failure_timeout = \"1s\"\n",
         &[(
             "crash",
-            "command = [\"sh\", \"-c\", \"sleep 0.2; exit 3\"]\nrestart = \"never\"\non_failure_command = \"setsid sleep 4242 & exec sleep 4243\"\n",
+            &format!(
+                "command = [\"sh\", \"-c\", \"sleep 0.2; exit 3\"]\nrestart = \"never\"\non_failure_command = \"{hook}\"\n"
+            ),
         )],
     );
     let _ = stack.start();
     wait_until(
-        "the failure command to be killed",
+        "the failure command to have run",
         Duration::from_secs(20),
-        || {
-            stack
-                .coordinator_log()
-                .contains("the failure command failed")
-        },
+        || stack.coordinator_log().contains(ran),
     );
-    let escaped = escaped_sleepers(&stack.instance, "4242");
+    let escaped = escaped_sleepers(&stack.instance, arg);
     stack.remember(&escaped);
-    // The kill is by process group and synchronous; give the kernel a moment to deliver it to
-    // every member it reached, then look.
-    let deadline = Instant::now() + Duration::from_secs(2);
+    // Its deadline is 1 s after it started; give it a few.
+    let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && escaped.iter().any(|&p| Stack::alive(p)) {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -235,8 +245,12 @@ fn a_failure_command_s_escaped_child_dies_at_its_timeout() {
         .collect();
     stack.stop();
     assert!(
+        !escaped.is_empty() || cgroups_unavailable(),
+        "the command's child was found"
+    );
+    assert!(
         alive.is_empty(),
-        "the failure command's daemonized child {alive:?} outlived on_failure_timeout"
+        "what the failure command left {alive:?} outlived on_failure_timeout"
     );
 }
 
@@ -615,44 +629,11 @@ fn a_service_user_cannot_read_a_root_only_file_through_his_env_file() {
 /// nothing else): what it left in its cgroup keeps the run's deadline and dies at it.
 #[test]
 fn what_a_finished_failure_command_left_running_dies_at_its_timeout() {
-    let stack = Stack::new(
+    escaped_child_dies_at_the_timeout(
         "hook-linger",
-        "[coordinator]\non_failure_timeout = \"1s\"\n",
-        &[(
-            "crash",
-            "command = [\"sh\", \"-c\", \"sleep 0.2; exit 3\"]\nrestart = \"never\"\non_failure_command = \"setsid sleep 4252 &\"\n",
-        )],
-    );
-    let _ = stack.start();
-    wait_until(
-        "the failure command to have run",
-        Duration::from_secs(20),
-        || {
-            stack
-                .coordinator_log()
-                .contains("the failure command ended")
-        },
-    );
-    let escaped = escaped_sleepers(&stack.instance, "4252");
-    stack.remember(&escaped);
-    // Its deadline is 1 s after it started; give it a few.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && escaped.iter().any(|&p| Stack::alive(p)) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let alive: Vec<i32> = escaped
-        .iter()
-        .copied()
-        .filter(|&p| Stack::alive(p))
-        .collect();
-    stack.stop();
-    assert!(
-        !escaped.is_empty() || cgroups_unavailable(),
-        "the command's child was found"
-    );
-    assert!(
-        alive.is_empty(),
-        "what the failure command left {alive:?} outlived on_failure_timeout"
+        "setsid sleep 4252 &",
+        "the failure command ended",
+        "4252",
     );
 }
 

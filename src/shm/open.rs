@@ -279,16 +279,7 @@ impl Segment {
     pub fn open_staged(run_dir: &Path, instance: &str) -> Result<Segment, ShmError> {
         let dir = trusted_dir(run_dir, Some(nix::unistd::geteuid().as_raw()))?;
         let path = Self::staged_path(&dir.path, instance)?;
-        let file = open_segment_file(instance, &path, true)?;
-        let size = examine(instance, &path, &file, dir.owner)?;
-        let map =
-            Mapping::<ReadWrite>::map(file.into(), size as usize).map_err(|e| ShmError::Io {
-                instance: instance.to_owned(),
-                path: path.display().to_string(),
-                action: "mapping",
-                source: e,
-            })?;
-        Self::verify(instance, path, map, size)
+        Self::open_live_at(instance, path, dir.owner)
     }
 
     /// Renames the staged segment (opened by [`Segment::open_staged`]) over
@@ -455,8 +446,14 @@ impl Segment {
     pub fn open(run_dir: &Path, instance: &str) -> Result<Segment, ShmError> {
         let dir = trusted_dir(run_dir, Some(nix::unistd::geteuid().as_raw()))?;
         let path = segment_path(&dir.path, instance)?;
+        Self::open_live_at(instance, path, dir.owner)
+    }
+
+    /// The segment file at `path` (in a trusted directory whose owner is `owner`), opened
+    /// read-write, examined, mapped and verified: the live segment, or the staged one.
+    fn open_live_at(instance: &str, path: PathBuf, owner: u32) -> Result<Segment, ShmError> {
         let file = open_segment_file(instance, &path, true)?;
-        let size = examine(instance, &path, &file, dir.owner)?;
+        let size = examine(instance, &path, &file, owner)?;
         let map =
             Mapping::<ReadWrite>::map(file.into(), size as usize).map_err(|e| ShmError::Io {
                 instance: instance.to_owned(),
