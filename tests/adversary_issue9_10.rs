@@ -211,9 +211,9 @@ fn a_failure_command_s_escaped_child_dies_at_its_timeout() {
 }
 
 /// A crashing service whose failure command (`on_failure_timeout = 1s`) leaves a `sleep
-/// <arg>` in another session: once the keeper's log says `ran` of the command, that sleep
-/// must be gone within a few seconds (its run's deadline), and is asserted found where the
-/// machine offers cgroups.
+/// <arg>` in another session: that sleep must be gone within a few seconds of appearing (its
+/// run's deadline). Where the machine gives the instance no cgroups, only the command's
+/// process group can be killed (documented): the test then only checks that the command ran.
 fn escaped_child_dies_at_the_timeout(name: &str, hook: &str, ran: &str, arg: &str) {
     let stack = Stack::new(
         name,
@@ -226,14 +226,17 @@ fn escaped_child_dies_at_the_timeout(name: &str, hook: &str, ran: &str, arg: &st
         )],
     );
     let _ = stack.start();
+    let mut escaped = Vec::new();
     wait_until(
-        "the failure command to have run",
+        "the failure command's child",
         Duration::from_secs(20),
-        || stack.coordinator_log().contains(ran),
+        || {
+            escaped = escaped_sleepers(&stack.instance, arg);
+            !escaped.is_empty()
+        },
     );
-    let escaped = escaped_sleepers(&stack.instance, arg);
     stack.remember(&escaped);
-    // Its deadline is 1 s after it started; give it a few.
+    // Its deadline is 1 s after the command started; give it a few.
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && escaped.iter().any(|&p| Stack::alive(p)) {
         std::thread::sleep(Duration::from_millis(20));
@@ -243,11 +246,16 @@ fn escaped_child_dies_at_the_timeout(name: &str, hook: &str, ran: &str, arg: &st
         .copied()
         .filter(|&p| Stack::alive(p))
         .collect();
-    stack.stop();
-    assert!(
-        !escaped.is_empty() || cgroups_unavailable(),
-        "the command's child was found"
+    wait_until(
+        "the failure command's end in the log",
+        Duration::from_secs(20),
+        || stack.coordinator_log().contains(ran),
     );
+    stack.stop();
+    if cgroups_unavailable() {
+        eprintln!("skipped: no cgroups here, so a child out of its process group is not held");
+        return;
+    }
     assert!(
         alive.is_empty(),
         "what the failure command left {alive:?} outlived on_failure_timeout"
