@@ -57,12 +57,8 @@ fn a_link_planted_in_log_dir_is_not_followed_by_the_keeper() {
         )],
     );
     std::fs::set_permissions(stack.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let victim = stack.path().join("victim");
-    std::fs::write(&victim, "root only\n").unwrap();
-    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let log_dir = stack.log_dir();
-    std::fs::create_dir(&log_dir).unwrap();
-    give_to_nobody(&log_dir);
+    let victim = root_only_file(&stack);
+    let log_dir = log_dir_of_nobody(&stack);
     let link = log_dir.join("web.log");
     std::os::unix::fs::symlink(&victim, &link).unwrap();
     give_to_nobody(&link);
@@ -97,9 +93,7 @@ fn a_fifo_planted_at_a_log_name_hangs_neither_start_nor_logs() {
         )],
     );
     std::fs::set_permissions(stack.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let log_dir = stack.log_dir();
-    std::fs::create_dir(&log_dir).unwrap();
-    give_to_nobody(&log_dir);
+    let log_dir = log_dir_of_nobody(&stack);
     let fifo = log_dir.join("web.log");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
     give_to_nobody(&fifo);
@@ -139,9 +133,7 @@ fn root_s_logs_does_not_print_a_file_through_a_planted_link() {
     let victim = stack.path().join("victim");
     std::fs::write(&victim, "root-only-secret\n").unwrap();
     std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let log_dir = stack.log_dir();
-    std::fs::create_dir(&log_dir).unwrap();
-    give_to_nobody(&log_dir);
+    let log_dir = log_dir_of_nobody(&stack);
     let link = log_dir.join("web.log");
     std::os::unix::fs::symlink(&victim, &link).unwrap();
     give_to_nobody(&link);
@@ -527,12 +519,8 @@ fn a_hard_link_planted_at_a_log_name_is_not_written() {
         )],
     );
     std::fs::set_permissions(stack.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let victim = stack.path().join("victim");
-    std::fs::write(&victim, "root only\n").unwrap();
-    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let log_dir = stack.log_dir();
-    std::fs::create_dir(&log_dir).unwrap();
-    give_to_nobody(&log_dir);
+    let victim = root_only_file(&stack);
+    let log_dir = log_dir_of_nobody(&stack);
     std::fs::hard_link(&victim, log_dir.join("web.log")).unwrap();
 
     let out = stack.start();
@@ -649,4 +637,20 @@ fn what_a_finished_failure_command_left_running_dies_at_its_timeout() {
 /// group cannot be held, and the first check above is moot).
 fn cgroups_unavailable() -> bool {
     ccmgr::cgroup::own_cgroup().is_err()
+}
+
+/// A file only root may read or write, in the stack's directory: what an attack aims at.
+fn root_only_file(stack: &Stack) -> std::path::PathBuf {
+    let victim = stack.path().join("victim");
+    std::fs::write(&victim, "root only\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    victim
+}
+
+/// The careless setup: the stack's `log_dir`, made now and given to the service's user.
+fn log_dir_of_nobody(stack: &Stack) -> std::path::PathBuf {
+    let log_dir = stack.log_dir();
+    std::fs::create_dir(&log_dir).unwrap();
+    give_to_nobody(&log_dir);
+    log_dir
 }
