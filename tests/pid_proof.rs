@@ -94,23 +94,7 @@ fn a_forged_coordinator_in_the_segment_is_not_signalled() {
     segment.write().unwrap().set_coordinator(Some(innocent.id));
     drop(segment);
 
-    let out = stop_promptly(&stack);
-    assert!(
-        innocent.alive(),
-        "stop signalled the process the forged segment named:\n{}",
-        text(&out)
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains(&format!(
-            "pid {} recorded as the coordinator is not this instance's process",
-            innocent.id.pid
-        )),
-        "stop must say it refused the forged coordinator:\n{}",
-        text(&out)
-    );
-    assert_all_gone(&pids, &out);
+    stop_spares(&stack, &innocent, &pids, "the coordinator");
 }
 
 /// A service's pid in the segment forged to another process's while the coordinator is
@@ -140,22 +124,7 @@ fn a_forged_service_pid_is_not_signalled_by_the_stop_driver() {
         .unwrap();
     drop(segment);
 
-    let out = stop_promptly(&stack);
-    assert!(
-        innocent.alive(),
-        "stop signalled the process the forged segment named as service a:\n{}",
-        text(&out)
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains(&format!(
-            "pid {} recorded as service `a` is not this instance's process",
-            innocent.id.pid
-        )),
-        "{}",
-        text(&out)
-    );
-    assert_all_gone(&pids, &out);
+    stop_spares(&stack, &innocent, &pids, "service `a`");
 }
 
 /// The cgroup record in `run_dir` forged to name another cgroup, holding an innocent process:
@@ -319,20 +288,26 @@ fn a_forged_keeper_in_the_process_record_is_not_signalled() {
     record.keeper = Some(innocent.id.into());
     record.write(&path).unwrap();
 
-    let out = stop_promptly(&stack);
+    stop_spares(&stack, &innocent, &pids, "the keeper");
+}
+
+/// `stop` finishes promptly and well (exit 0, everything of the stack gone) without
+/// signalling `innocent`, which a forged record named as `recorded_as`, and says so.
+fn stop_spares(stack: &Stack, innocent: &Innocent, pids: &[i32], recorded_as: &str) {
+    let out = stop_promptly(stack);
     assert!(
         innocent.alive(),
-        "stop signalled the process the forged record named as the keeper:\n{}",
+        "stop signalled the process a forged record named as {recorded_as}:\n{}",
         text(&out)
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains(&format!(
-            "pid {} recorded as the keeper is not this instance's process",
+            "pid {} recorded as {recorded_as} is not this instance's process",
             innocent.id.pid
         )),
         "{}",
         text(&out)
     );
-    assert_all_gone(&pids, &out);
+    assert_all_gone(pids, &out);
 }
