@@ -44,29 +44,11 @@ fn state(status: &Value, id: &str) -> String {
         .to_owned()
 }
 
-/// The services in the order the coordinator logged `verb` lines for them ("started" or
-/// "stopping"), from line `from` of its log on.
-fn logged(stack: &Stack, from: usize, verb: &str) -> Vec<String> {
-    let needle = format!(": {verb} service=");
-    stack
-        .coordinator_log()
-        .lines()
-        .skip(from)
-        .filter(|l| !l.contains("role=\"keeper\"") && l.contains(&needle))
-        .filter_map(|l| l.split("service=").nth(1))
-        .map(|rest| rest.split_whitespace().next().unwrap_or("").to_owned())
-        .collect()
-}
-
-fn log_len(stack: &Stack) -> usize {
-    stack.coordinator_log().lines().count()
-}
-
 #[test]
 fn restart_of_a_service_restarts_it_then_what_requires_it_and_leaves_the_rest() {
     let stack = chain("op-restart");
     let before = stack.status().unwrap();
-    let mark = log_len(&stack);
+    let mark = stack.log_len();
     let out = stack.ccmgr(&["restart", "b"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("restarted b, c"), "{}", text(&out));
@@ -77,8 +59,8 @@ fn restart_of_a_service_restarts_it_then_what_requires_it_and_leaves_the_rest() 
         assert_ne!(pid(&after, id), pid(&before, id), "{id} was not restarted");
     }
     assert_eq!(pid(&after, "a"), pid(&before, "a"), "a was touched");
-    assert_eq!(logged(&stack, mark, "stopping"), ["c", "b"]);
-    assert_eq!(logged(&stack, mark, "started"), ["b", "c"]);
+    assert_eq!(stack.logged(mark, "stopping"), ["c", "b"]);
+    assert_eq!(stack.logged(mark, "started"), ["b", "c"]);
     // An operator's restart is no failure.
     assert_eq!(service_of(&after, "b")["restarts"], 0);
     assert_eq!(after["restart_window"]["restarts"], 0, "{after}");
@@ -88,11 +70,11 @@ fn restart_of_a_service_restarts_it_then_what_requires_it_and_leaves_the_rest() 
 fn stop_holds_a_service_and_its_dependents_down_until_started_again() {
     let stack = chain("op-stop");
     let a_before = pid(&stack.status().unwrap(), "a");
-    let mark = log_len(&stack);
+    let mark = stack.log_len();
     let out = stack.ccmgr(&["stop", "b"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("stopped c, b"), "{}", text(&out));
-    assert_eq!(logged(&stack, mark, "stopping"), ["c", "b"]);
+    assert_eq!(stack.logged(mark, "stopping"), ["c", "b"]);
     let status = stack.status().unwrap();
     for id in ["b", "c"] {
         assert_eq!(state(&status, id), "stopped by the operator", "{status}");
@@ -148,15 +130,15 @@ fn stop_holds_a_service_and_its_dependents_down_until_started_again() {
     for id in ["b", "c"] {
         assert_eq!(state(&status, id), "stopped by the operator", "{status}");
     }
-    let starts_since = logged(&stack, mark, "started");
+    let starts_since = stack.logged(mark, "started");
     assert_eq!(starts_since, ["a"], "only a came back");
 
     // start c brings b and c back, in order.
-    let mark = log_len(&stack);
+    let mark = stack.log_len();
     let out = stack.ccmgr(&["start", "c"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("started b, c"), "{}", text(&out));
-    assert_eq!(logged(&stack, mark, "started"), ["b", "c"]);
+    assert_eq!(stack.logged(mark, "started"), ["b", "c"]);
     let status = stack.status().unwrap();
     assert!(stack_support::steady_and_all_up(&status), "{status}");
 }
@@ -248,19 +230,7 @@ fn a_stop_survives_a_takeover_in_the_middle() {
             state(s, "c") == "stopped by the operator" && state(s, "b") == "stopping"
         })
     });
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(coordinator),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    stack.wait_for("a new coordinator", LONG, |s| {
-        s.as_ref().is_some_and(|s| {
-            s["coordinator"]["pid"]
-                .as_i64()
-                .is_some_and(|p| p as i32 != coordinator)
-                && s["supervised"] == true
-        })
-    });
+    stack.kill_coordinator_until_successor(coordinator, LONG);
     std::fs::write(&gate, "").unwrap();
     let out = stop.finish(LONG);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -326,19 +296,7 @@ fn a_restart_survives_a_takeover_in_the_middle() {
     stack.wait_for("c stopping", LONG, |s| {
         s.as_ref().is_some_and(|s| state(s, "c") == "stopping")
     });
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(coordinator),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    stack.wait_for("a new coordinator", LONG, |s| {
-        s.as_ref().is_some_and(|s| {
-            s["coordinator"]["pid"]
-                .as_i64()
-                .is_some_and(|p| p as i32 != coordinator)
-                && s["supervised"] == true
-        })
-    });
+    stack.kill_coordinator_until_successor(coordinator, LONG);
     std::fs::write(&gate, "").unwrap();
     let out = restart.finish(LONG);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

@@ -206,24 +206,6 @@ fn dry_run_of_an_instance_that_does_not_run_says_so() {
     );
 }
 
-/// The services named by the coordinator's log lines `verb` ("stopping", "started") from line
-/// `from` on, in order (the keeper's own lines left out).
-fn logged(stack: &Stack, from: usize, verb: &str) -> Vec<String> {
-    let needle = format!(": {verb} service=");
-    stack
-        .coordinator_log()
-        .lines()
-        .skip(from)
-        .filter(|l| !l.contains("role=\"keeper\"") && l.contains(&needle))
-        .filter_map(|l| l.split("service=").nth(1))
-        .map(|rest| rest.split_whitespace().next().unwrap_or("").to_owned())
-        .collect()
-}
-
-fn log_len(stack: &Stack) -> usize {
-    stack.coordinator_log().lines().count()
-}
-
 /// `list` restricted to the names in `only`, in its order.
 fn only<'a>(list: &'a [String], only: &[&str]) -> Vec<&'a str> {
     list.iter()
@@ -318,7 +300,7 @@ fn reload_does_what_the_dry_run_printed_and_the_rest_keeps_its_pids() {
     assert_eq!(stop, ["c", "b", "e"]);
     assert_eq!(start, ["b", "f", "c"]);
 
-    let mark = log_len(&stack);
+    let mark = stack.log_len();
     let out = stack.ccmgr(&["reload"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(
@@ -341,8 +323,8 @@ fn reload_does_what_the_dry_run_printed_and_the_rest_keeps_its_pids() {
         );
     }
     // Exactly what the plan said: these stopped, dependents first; these started, in order.
-    let stopped = logged(&stack, mark, "stopping");
-    let started = logged(&stack, mark, "started");
+    let stopped = stack.logged(mark, "stopping");
+    let started = stack.logged(mark, "started");
     assert_eq!(sorted(stopped.clone()), sorted(stop), "{stopped:?}");
     assert_eq!(sorted(started.clone()), sorted(start), "{started:?}");
     assert_eq!(only(&stopped, &["b", "c"]), ["c", "b"]);

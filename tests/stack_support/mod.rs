@@ -506,3 +506,40 @@ impl Stack {
         }
     }
 }
+
+impl Stack {
+    /// The services the coordinator's log lines `verb` ("started", "stopping") name, from
+    /// line `from` of its log on, in order (the keeper's own lines left out).
+    pub fn logged(&self, from: usize, verb: &str) -> Vec<String> {
+        let needle = format!(": {verb} service=");
+        self.coordinator_log()
+            .lines()
+            .skip(from)
+            .filter(|l| !l.contains("role=\"keeper\"") && l.contains(&needle))
+            .filter_map(|l| l.split("service=").nth(1))
+            .map(|rest| rest.split_whitespace().next().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    /// How many lines the coordinator's log has now (a mark for [`Stack::logged`]).
+    pub fn log_len(&self) -> usize {
+        self.coordinator_log().lines().count()
+    }
+
+    /// SIGKILLs the coordinator `coordinator` and waits until another one supervises.
+    pub fn kill_coordinator_until_successor(&self, coordinator: i32, limit: Duration) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(coordinator),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        self.wait_for("a new coordinator", limit, |s| {
+            s.as_ref().is_some_and(|s| {
+                s["coordinator"]["pid"]
+                    .as_i64()
+                    .is_some_and(|p| p as i32 != coordinator)
+                    && s["supervised"] == true
+            })
+        });
+    }
+}
