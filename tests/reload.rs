@@ -555,3 +555,29 @@ fn a_stop_during_a_reload_stops_everything_and_the_reload_says_it_was_not_applie
     let marker = stack.run_dir().join(format!("{}.reload", stack.instance));
     assert!(!marker.exists(), "the reload marker outlived the stack");
 }
+
+/// A reload cut short by the keeper's death (`kill -9` in the middle) leaves its marker
+/// (`<instance>.reload`) and maybe its staged segment (`<instance>.seg.reload`): the `stop`
+/// that cleans up after it removes them with the rest of the instance's files, as the keeper
+/// does at an orderly end. (Before, they stayed until the next start.)
+#[test]
+fn a_stop_after_a_reload_cut_short_leaves_no_reload_files() {
+    let stack = running("reload-cut");
+    let status = stack.status().unwrap();
+    let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
+    // What a reload in flight has made when its keeper dies.
+    let run = stack.run_dir();
+    let marker = run.join(format!("{}.reload", stack.instance));
+    let staged = run.join(format!("{}.seg.reload", stack.instance));
+    std::fs::write(&marker, "{\"held\":[],\"attempts\":1}").unwrap();
+    std::fs::write(&staged, "").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(keeper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!marker.exists(), "the reload marker was left behind");
+    assert!(!staged.exists(), "the staged segment was left behind");
+}

@@ -1134,6 +1134,11 @@ fn remove_state(
         // Its readers (`ccmgr events`) see the name go and end.
         let _ = std::fs::remove_file(crate::coordinator::events_path_in(run_dir, instance));
         crate::control::remove_if_dead(&crate::control::socket_path(run_dir, instance));
+        // What a reload cut short (its keeper killed) leaves: its marker and staged segment.
+        let _ = std::fs::remove_file(run_dir.join(format!("{instance}.reload")));
+        if let Ok(staged) = Segment::staged_path(run_dir, instance) {
+            let _ = std::fs::remove_file(staged);
+        }
     }
     Ok(())
 }
