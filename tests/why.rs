@@ -102,3 +102,24 @@ fn a_failed_service_says_how_it_ended() {
     assert!(stdout.contains("giving up"), "{stdout}");
     let _ = stack.stop();
 }
+
+/// `status SERVICE` reads the service's last log lines as `start`'s failure report does: a
+/// FIFO found at the log's name (planted by whoever may write `log_dir`) neither hangs it
+/// (an open for reading waits for a writer) nor is read.
+#[test]
+fn a_fifo_at_the_log_name_does_not_hang_status() {
+    let stack = Stack::new(
+        "why-fifo",
+        "",
+        &[("web", "command = [\"sleep\", \"100000\"]\n")],
+    );
+    stack.start_ok();
+    stack.wait_steady(Duration::from_secs(10));
+    let log = stack.log_dir().join("web.log");
+    std::fs::remove_file(&log).unwrap();
+    nix::unistd::mkfifo(&log, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let out = Running::spawn(&stack, &["status", "web"]).finish(Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("web: up"), "{}", text(&out));
+    let _ = stack.stop();
+}

@@ -261,18 +261,17 @@ pub fn status(cli: &Cli, json: bool, named: &[String]) -> Exit {
             ServiceState::Stopped | ServiceState::Failed => false,
         };
         let dead = needs_process && pid.is_none();
+        let progress = segment.service_progress(i).ok();
         // A service the operator stopped (`ccmgr stop SERVICE`) stays down until started.
         let held = st.state == ServiceState::Stopped
-            && segment
-                .service_progress(i)
-                .is_ok_and(|p| p.want == crate::vocab::Want::Held);
+            && progress.is_some_and(|p| p.want == crate::vocab::Want::Held);
         let state = match (dead, supervised) {
             (false, _) if held => crate::vocab::Want::Held.to_string(),
             (false, _) => st.state.to_string(),
             (true, true) => "dead".to_owned(),
             (true, false) => "dead (unsupervised)".to_owned(),
         };
-        let reason = segment.service_progress(i).ok().and_then(|progress| {
+        let reason = progress.and_then(|progress| {
             let waiting_for = config
                 .graph
                 .dependencies(i)
@@ -498,8 +497,9 @@ fn explain(out: &StatusJson, wanted: &[usize], config: &Config, json: bool) -> E
             _ => {}
         }
         println!("{line}");
-        let log = crate::logsink::log_path(&config.global.log_dir, &s.id);
-        for l in last_lines(&log, LOG_LINES) {
+        // As `start`'s failure report reads them: through `logsink::open_read`, which follows
+        // no link and blocks on no FIFO planted at the log's name.
+        for l in crate::logsink::tail(&config.global.log_dir, &s.id, LOG_LINES) {
             println!("  | {l}");
         }
     }
@@ -508,29 +508,6 @@ fn explain(out: &StatusJson, wanted: &[usize], config: &Config, json: bool) -> E
 
 /// How many of a service's last log lines `status SERVICE` shows.
 const LOG_LINES: usize = 5;
-
-/// The last `n` lines of `path` (reading at most its last 64 KiB): a service that floods its
-/// log does not make `status` slow.
-fn last_lines(path: &std::path::Path, n: usize) -> Vec<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    let len = file.metadata().map_or(0, |m| m.len());
-    let from = len.saturating_sub(64 * 1024);
-    if file.seek(SeekFrom::Start(from)).is_err() {
-        return Vec::new();
-    }
-    let mut bytes = Vec::new();
-    let _ = file.take(64 * 1024).read_to_end(&mut bytes);
-    let text = String::from_utf8_lossy(&bytes);
-    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-    if from > 0 && !lines.is_empty() {
-        lines.remove(0); // cut mid-line
-    }
-    let skip = lines.len().saturating_sub(n);
-    lines.split_off(skip)
-}
 
 /// Colour for the state column: only on a terminal, never with `NO_COLOR` set (no-color.org)
 /// or `TERM=dumb`.
