@@ -1292,7 +1292,7 @@ impl Keeper {
             .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
             .collect();
         if !env.iter().any(|(k, _)| k == "PATH") {
-            env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+            env.push(("PATH".into(), crate::config::service::defaults::PATH.into()));
         }
         env.push(("CCMGR_INSTANCE".into(), self.config.global.instance.clone()));
         env.extend(extra.into_iter().filter(|(k, _)| k.starts_with("CCMGR_")));
