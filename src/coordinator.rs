@@ -65,7 +65,7 @@ use crate::vocab::{ServiceState, Want};
 
 mod reload;
 
-pub use reload::marker_path as reload_marker_path;
+pub use reload::{marker_path as reload_marker_path, marker_path_in as reload_marker_path_in};
 
 /// Why the coordinator could not run.
 #[derive(Debug, thiserror::Error)]

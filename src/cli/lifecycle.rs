@@ -1130,12 +1130,12 @@ fn remove_state(
     }
     {
         ProcessRecord::remove(&crate::records::record_path(run_dir, instance));
-        remove_dead_notify_socket(&run_dir.join(format!("{instance}.notify")));
+        remove_dead_notify_socket(&crate::keeper::notify_socket_path_in(run_dir, instance));
         // Its readers (`ccmgr events`) see the name go and end.
         let _ = std::fs::remove_file(crate::coordinator::events_path_in(run_dir, instance));
         crate::control::remove_if_dead(&crate::control::socket_path(run_dir, instance));
         // What a reload cut short (its keeper killed) leaves: its marker and staged segment.
-        let _ = std::fs::remove_file(run_dir.join(format!("{instance}.reload")));
+        let _ = std::fs::remove_file(crate::coordinator::reload_marker_path_in(run_dir, instance));
         if let Ok(staged) = Segment::staged_path(run_dir, instance) {
             let _ = std::fs::remove_file(staged);
         }

@@ -67,10 +67,12 @@ const MAX_ATTEMPTS: u32 = 3;
 
 /// The marker of a reload under way: `<run_dir>/<instance>.reload`.
 pub fn marker_path(config: &Config) -> PathBuf {
-    config
-        .global
-        .run_dir
-        .join(format!("{}.reload", config.global.instance))
+    marker_path_in(&config.global.run_dir, &config.global.instance)
+}
+
+/// [`marker_path`] from its parts (a `stop` that may have no configuration).
+pub fn marker_path_in(run_dir: &std::path::Path, instance: &str) -> PathBuf {
+    run_dir.join(format!("{instance}.reload"))
 }
 
 impl Coordinator {

@@ -45,7 +45,7 @@ mod reload;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -142,10 +142,12 @@ pub struct KeeperSetup {
 
 /// The path of an instance's notify socket.
 pub fn notify_socket_path(config: &Config) -> PathBuf {
-    config
-        .global
-        .run_dir
-        .join(format!("{}.notify", config.global.instance))
+    notify_socket_path_in(&config.global.run_dir, &config.global.instance)
+}
+
+/// [`notify_socket_path`] from its parts (a `stop` that may have no configuration).
+pub fn notify_socket_path_in(run_dir: &Path, instance: &str) -> PathBuf {
+    run_dir.join(format!("{instance}.notify"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
