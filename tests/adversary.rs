@@ -5,7 +5,7 @@ mod stack_support;
 
 use std::time::{Duration, Instant};
 
-use stack_support::{Stack, pids_in, steady_and_all_up, text};
+use stack_support::{Stack, pids_in, text};
 
 const SLEEP: &str = r#"command = ["sleep", "100000"]"#;
 
@@ -190,11 +190,7 @@ fn a_standby_stuck_in_a_truncated_segment_does_not_hold_the_stack_forever() {
         &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
     );
     stack.start_ok();
-    let status = stack.wait_for("a standby", Duration::from_secs(10), |s| {
-        s.as_ref()
-            .is_some_and(|s| stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64())
-    });
-    let status = status.unwrap();
+    let status = stack.wait_steady_with_standby(Duration::from_secs(10));
     let pids = pids_in(&status);
     stack.remember(&pids);
     let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
@@ -236,15 +232,7 @@ fn a_standby_stuck_in_a_truncated_segment_does_not_hold_the_stack_forever() {
 fn status_names_an_unusable_process_record_as_such() {
     let stack = Stack::new("adv-bad-record", "", &[("a", SLEEP)]);
     stack.start_ok();
-    let status = stack.wait_for(
-        "a steady stack with its standby",
-        Duration::from_secs(10),
-        |s| {
-            s.as_ref()
-                .is_some_and(|s| steady_and_all_up(s) && s["standby"]["pid"].as_i64().is_some())
-        },
-    );
-    let status = status.unwrap();
+    let status = stack.wait_steady_with_standby(Duration::from_secs(10));
     stack.remember(&pids_in(&status));
     let record = stack.record_path();
     // Once written (naming the standby, the last of the start): else a later write of the
@@ -284,11 +272,7 @@ fn stop_finds_the_parties_without_a_segment_or_a_record() {
         &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
     );
     stack.start_ok();
-    let status = stack.wait_for("a standby", Duration::from_secs(10), |s| {
-        s.as_ref()
-            .is_some_and(|s| stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64())
-    });
-    let status = status.unwrap();
+    let status = stack.wait_steady_with_standby(Duration::from_secs(10));
     let pids = pids_in(&status);
     stack.remember(&pids);
     // Once written (naming the standby, the last of the start): else the keeper's delayed
@@ -334,13 +318,7 @@ fn a_frozen_standby_is_replaced_when_it_does_not_take_over() {
         &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
     );
     stack.start_ok();
-    let status = stack
-        .wait_for("a standby", Duration::from_secs(10), |s| {
-            s.as_ref().is_some_and(|s| {
-                stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64()
-            })
-        })
-        .unwrap();
+    let status = stack.wait_steady_with_standby(Duration::from_secs(10));
     stack.remember(&pids_in(&status));
     let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
     let standby = status["standby"]["pid"].as_i64().unwrap() as i32;
@@ -377,13 +355,7 @@ fn status_after_everything_was_killed_says_not_running() {
         &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
     );
     stack.start_ok();
-    let status = stack
-        .wait_for("a standby", Duration::from_secs(10), |s| {
-            s.as_ref().is_some_and(|s| {
-                stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64()
-            })
-        })
-        .unwrap();
+    let status = stack.wait_steady_with_standby(Duration::from_secs(10));
     let pids = pids_in(&status);
     stack.remember(&pids);
     let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
@@ -445,13 +417,7 @@ fn stop_writes_no_escape_codes_when_not_on_a_terminal() {
         ],
     );
     stack.start_ok();
-    let status = stack
-        .wait_for("a standby", Duration::from_secs(10), |s| {
-            s.as_ref().is_some_and(|s| {
-                stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64()
-            })
-        })
-        .unwrap();
+    let status = stack.wait_steady_with_standby(Duration::from_secs(10));
     stack.remember(&pids_in(&status));
     let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
     let stop = std::process::Command::new(stack_support::ccmgr_bin())
@@ -514,13 +480,7 @@ fn status_blames_a_frozen_keeper_not_the_coordinator() {
 fn status_warns_of_a_frozen_standby() {
     let stack = Stack::new("adv-frozen-standby-status", "", &[("a", SLEEP)]);
     stack.start_ok();
-    let status = stack
-        .wait_for("a standby", Duration::from_secs(10), |s| {
-            s.as_ref().is_some_and(|s| {
-                stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64()
-            })
-        })
-        .unwrap();
+    let status = stack.wait_steady_with_standby(Duration::from_secs(10));
     stack.remember(&pids_in(&status));
     let standby = status["standby"]["pid"].as_i64().unwrap() as i32;
     let pid = nix::unistd::Pid::from_raw(standby);

@@ -199,13 +199,7 @@ fn a_takeover_does_not_signal_a_forged_service_pid() {
         &[("a", SLEEP)],
     );
     stack.start_ok();
-    let status = stack
-        .wait_for("a standby", LONG, |s| {
-            s.as_ref().is_some_and(|s| {
-                stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64()
-            })
-        })
-        .unwrap();
+    let status = stack.wait_steady_with_standby(LONG);
     stack.remember(&pids_in(&status));
     let coordinator = status["coordinator"]["pid"].as_i64().unwrap() as i32;
     let old_a = stack_support::service_of(&status, "a")["pid"]

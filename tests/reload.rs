@@ -375,11 +375,7 @@ fn a_coordinator_killed_in_the_middle_of_a_reload_leaves_it_to_its_successor() {
     // b takes a second to stop: the coordinator is killed while it does.
     let slow = "command = [\"sh\", \"-c\", \"trap 'sleep 1; exit 0' TERM; while :; do sleep 1 & wait; done\"]\n";
     let stack = running_with_b("reload-kill", slow);
-    let before = stack.wait_for("a standby", LONG, |s| {
-        s.as_ref()
-            .is_some_and(|s| s["standby"]["pid"].is_i64() && stack_support::steady_and_all_up(s))
-    });
-    let before = before.unwrap();
+    let before = stack.wait_steady_with_standby(LONG);
     let coordinator = before["coordinator"]["pid"].as_i64().unwrap() as i32;
     edit_files(&stack, slow);
 

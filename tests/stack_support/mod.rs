@@ -213,6 +213,16 @@ impl Stack {
         poll_status(what, timeout, || self.status(), condition)
     }
 
+    /// Waits until every service is up with the instance steady, and a standby is recorded:
+    /// the whole start is over (the standby is its last step).
+    pub fn wait_steady_with_standby(&self, timeout: Duration) -> Value {
+        self.wait_for("a steady stack with its standby", timeout, |s| {
+            s.as_ref()
+                .is_some_and(|s| steady_and_all_up(s) && s["standby"]["pid"].is_i64())
+        })
+        .unwrap()
+    }
+
     /// Waits until every service is up with the instance steady.
     pub fn wait_steady(&self, timeout: Duration) -> Value {
         self.wait_for("a steady stack", timeout, |s| {
