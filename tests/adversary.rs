@@ -9,6 +9,15 @@ use stack_support::{Stack, pids_in, text};
 
 const SLEEP: &str = r#"command = ["sleep", "100000"]"#;
 
+/// Two sleepers, b requiring a, with the defaults: the stack most of these tests attack.
+fn ab_stack(test: &str) -> Stack {
+    Stack::new(
+        test,
+        "",
+        &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
+    )
+}
+
 /// Every live (non-zombie) process whose environment names `instance`: the services and
 /// whatever they forked.
 fn processes_of(instance: &str) -> Vec<i32> {
@@ -61,11 +70,7 @@ fn freeze(pid: i32) {
 /// coordinator restarted them out of everyone's reach).
 #[test]
 fn start_refuses_while_the_process_record_names_live_processes() {
-    let stack = Stack::new(
-        "adv-rm-segment",
-        "",
-        &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
-    );
+    let stack = ab_stack("adv-rm-segment");
     stack.start_ok();
     let status = stack.wait_steady(Duration::from_secs(10));
     let pids = pids_in(&status);
@@ -184,11 +189,7 @@ fn the_keeper_finishes_its_stop_over_a_truncated_segment() {
 /// supervise them; the keeper must see that nobody can take over and stop the stack itself.
 #[test]
 fn a_standby_stuck_in_a_truncated_segment_does_not_hold_the_stack_forever() {
-    let stack = Stack::new(
-        "adv-truncated-standby",
-        "",
-        &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
-    );
+    let stack = ab_stack("adv-truncated-standby");
     stack.start_ok();
     let status = stack.wait_steady_with_standby(Duration::from_secs(10));
     let pids = pids_in(&status);
@@ -266,11 +267,7 @@ fn status_names_an_unusable_process_record_as_such() {
 /// they run with) and the rest by the environment, stop them, and let a new `start` work.
 #[test]
 fn stop_finds_the_parties_without_a_segment_or_a_record() {
-    let stack = Stack::new(
-        "adv-no-record",
-        "",
-        &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
-    );
+    let stack = ab_stack("adv-no-record");
     stack.start_ok();
     let status = stack.wait_steady_with_standby(Duration::from_secs(10));
     let pids = pids_in(&status);
@@ -312,11 +309,7 @@ fn stop_finds_the_parties_without_a_segment_or_a_record() {
 /// standby). The keeper must give the standby a deadline, then kill it and start a successor.
 #[test]
 fn a_frozen_standby_is_replaced_when_it_does_not_take_over() {
-    let stack = Stack::new(
-        "adv-frozen-standby",
-        "",
-        &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
-    );
+    let stack = ab_stack("adv-frozen-standby");
     stack.start_ok();
     let status = stack.wait_steady_with_standby(Duration::from_secs(10));
     stack.remember(&pids_in(&status));
@@ -349,11 +342,7 @@ fn a_frozen_standby_is_replaced_when_it_does_not_take_over() {
 /// nothing of it lived; it must say it is not running (exit 3) and why.
 #[test]
 fn status_after_everything_was_killed_says_not_running() {
-    let stack = Stack::new(
-        "adv-all-killed",
-        "",
-        &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
-    );
+    let stack = ab_stack("adv-all-killed");
     stack.start_ok();
     let status = stack.wait_steady_with_standby(Duration::from_secs(10));
     let pids = pids_in(&status);
@@ -670,11 +659,7 @@ fn the_keepers_stop_keeps_the_uptime_of_a_service_still_up() {
 /// frozen and half stopped. It must finish the stop whatever became of its output.
 #[test]
 fn stop_finishes_when_its_output_pipe_closes() {
-    let stack = Stack::new(
-        "adv-stop-sigpipe",
-        "",
-        &[("a", SLEEP), ("b", &format!("{SLEEP}\nrequires = [\"a\"]"))],
-    );
+    let stack = ab_stack("adv-stop-sigpipe");
     stack.start_ok();
     let status = stack.wait_steady(Duration::from_secs(10));
     let pids = pids_in(&status);
