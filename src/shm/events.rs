@@ -183,8 +183,9 @@ impl EventRing {
     pub fn append(&mut self, line: &str) {
         // A ring truncated under us (`: > <instance>.events` by its owner) would raise
         // SIGBUS at the first store past its new end and kill the coordinator: events stop
-        // instead (a successor makes a new ring).
-        if !self.intact() {
+        // instead (a successor makes a new ring). Looked at once per batch, at its first
+        // event (`unannounced` is set from then until the wake): not one fstat per event.
+        if !self.unannounced && !self.intact() {
             return;
         }
         let seq = self.head();
@@ -212,7 +213,8 @@ impl EventRing {
     /// Wake every reader waiting for an event, if any event was appended since the last
     /// call: one system call per batch, whatever the number of events or readers.
     pub fn wake_readers(&mut self) {
-        if !self.unannounced || !self.intact() {
+        // Nothing appended, or the ring found truncated at this batch's first event.
+        if !self.unannounced {
             return;
         }
         self.unannounced = false;
