@@ -708,7 +708,9 @@ fn print_start_failure_json(instance: &str, failed: Option<(&str, &str)>, error:
 /// What a service is now, in words, and whether it is up: its state in the segment, and for a
 /// service with a process, that the process still lives (a finished one-shot has none).
 fn service_now(ready: crate::config::ReadyKind, st: crate::shm::ServiceStatus) -> (String, bool) {
-    let exit = st.last_exit.map(describe_last_exit);
+    let exit = st
+        .last_exit
+        .map(|e| crate::vocab::ProcessExit::from(e).to_string());
     match (st.state, st.process) {
         (ServiceState::Up, Some(p)) if p.is_alive() => (format!("pid {}", p.pid), true),
         (ServiceState::Up, Some(p)) => (format!("dead (pid {} is gone)", p.pid), false),
@@ -727,16 +729,6 @@ fn service_now(ready: crate::config::ReadyKind, st: crate::shm::ServiceStatus) -
 }
 
 /// How a service's last process ended, in words.
-fn describe_last_exit(exit: crate::shm::LastExit) -> String {
-    match exit {
-        crate::shm::LastExit::Exited(code) => format!("exited with status {code}"),
-        crate::shm::LastExit::Signaled(sig) => match Signal::try_from(sig) {
-            Ok(s) => format!("killed by {}", s.as_str()),
-            Err(_) => format!("killed by signal {sig}"),
-        },
-    }
-}
-
 /// Runs the keeper in this process (foreground) or as the `internal keeper` role.
 fn run_keeper(config: Config, segment: Segment, foreground: bool, report: Option<OwnedFd>) -> Exit {
     let log = coordinator::coordinator_log_path(&config);

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use crate::shm::{LastExit, ServiceProgress, ServiceState, Stage, Want};
+use crate::vocab::ProcessExit;
 
 /// What a sentence is made from, for one service.
 #[derive(Debug, Clone)]
@@ -73,7 +74,7 @@ pub fn reason(f: &Facts<'_>) -> Option<String> {
             s
         }
         (ServiceState::Failed, _) | (_, Stage::Failed) => match f.last_exit {
-            Some(exit) => format!("failed: {}", describe(exit)),
+            Some(exit) => format!("failed: {}", ProcessExit::from(exit)),
             None => "failed".to_owned(),
         },
         (_, Stage::Finished) => "done: the one-shot task finished".to_owned(),
@@ -102,16 +103,6 @@ pub fn reason(f: &Facts<'_>) -> Option<String> {
             Want::Up => "to be started".to_owned(),
         },
     })
-}
-
-fn describe(exit: LastExit) -> String {
-    match exit {
-        LastExit::Exited(code) => format!("exited with status {code}"),
-        LastExit::Signaled(sig) => match nix::sys::signal::Signal::try_from(sig) {
-            Ok(s) => format!("killed by {}", s.as_str()),
-            Err(_) => format!("killed by signal {sig}"),
-        },
-    }
 }
 
 /// `3.2 s`, `45 s`, `2 min`.
