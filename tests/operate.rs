@@ -349,7 +349,7 @@ fn stop_after_the_keeper_was_killed_leaves_no_control_socket() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let out = stack.ccmgr(&["restart", "b"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(text(&out).contains("is not running"), "{}", text(&out));
     let out = stack.ccmgr(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -539,7 +539,9 @@ fn unchanged(stack: &Stack, before: &Value) {
 }
 
 /// A member of the instance's `group` may connect to the control socket (mode 0660), but only
-/// the owner and root may control: the coordinator refuses by the caller's credentials.
+/// the owner may control: `ccmgr` refuses before it connects, with the whole-stack verbs' rule
+/// and exit code 4; and a client that connects anyway (here python, as nobody) is refused by
+/// the coordinator by its credentials.
 #[test]
 fn a_group_member_who_is_not_the_owner_is_refused_by_the_coordinator() {
     if !needs_root() {
@@ -561,13 +563,23 @@ fn a_group_member_who_is_not_the_owner_is_refused_by_the_coordinator() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     for verb in ["stop", "start", "restart"] {
         let out = as_nobody(&stack, &[verb, "b"]);
-        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(4), "{}", text(&out));
         let t = text(&out);
-        assert!(
-            t.contains("refused: uid 65534 may not control this instance"),
-            "{t}"
-        );
+        assert!(t.contains("only uid 0 may control instance"), "{t}");
     }
+    // Past the command line: the coordinator itself refuses the group member.
+    let client = "import socket,sys\ns=socket.socket(socket.AF_UNIX,socket.SOCK_STREAM)\ns.connect(sys.argv[1])\ns.sendall(b'{\"verb\":\"stop\",\"services\":[\"b\"]}\\n')\nsys.stdout.write(s.makefile().readline())\n";
+    let out = Command::new("python3")
+        .args(["-c", client])
+        .arg(&socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("\"reply\":\"refused\""), "{t}");
+    assert!(t.contains("uid 65534 may not control this instance"), "{t}");
     unchanged(&stack, &before);
 }
 
@@ -586,8 +598,8 @@ fn a_stranger_is_refused() {
     let meta = std::fs::metadata(&socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     let out = as_nobody(&stack, &["stop", "b"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     let t = text(&out);
-    assert!(t.contains("uid 65534 may not control instance"), "{t}");
+    assert!(t.contains("only uid 0 may control instance"), "{t}");
     unchanged(&stack, &before);
 }

@@ -427,6 +427,23 @@ fn an_unprivileged_owner_runs_its_instance_and_no_one_else_controls_it() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(4), "{t}");
     assert!(t.contains("only uid 65534 may control instance"), "{t}");
+    // One rule for every verb that changes something: the per-service verbs and a live
+    // reload refuse root alike, with the same sentence and exit code (they used to go to the
+    // coordinator, which serves root); a dry run only reads.
+    for args in [
+        &["stop", "a"][..],
+        &["restart", "a"],
+        &["start", "a"],
+        &["reload"],
+    ] {
+        let out = n.ccmgr(args, true);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {t}");
+        assert!(t.contains("only uid 65534 may control instance"), "{t}");
+        assert!(t.contains("runuser -u nobody -- ccmgr"), "{t}");
+    }
+    let out = n.ccmgr(&["reload", "--dry-run"], true);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     for pid in &pids {
         assert!(Stack::alive(*pid), "pid {pid} died of root's refused stop");
     }

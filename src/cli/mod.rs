@@ -6,7 +6,9 @@
 //! - 1: an operation failed (for `stop`: something of the instance still runs, named; for
 //!   `status`: the instance's state cannot be read, a damaged segment);
 //! - 2: bad usage or bad configuration (nothing was started or changed);
-//! - 3: `status` of an instance that is not running (as `systemctl status`).
+//! - 3: `status`, `reload`, `events` or a per-service verb of an instance that is not running
+//!   (as `systemctl status`);
+//! - 4: not permitted: a verb that changes something, by anyone but the instance's owner.
 
 mod check;
 mod events;

@@ -46,9 +46,13 @@ pub fn operate(cli: &Cli, verb: Verb, args: &OperateArgs) -> Exit {
         Ok(found) => found,
         Err(e) => return e,
     };
-    let run_dir = global
-        .map(|g| g.run_dir)
-        .unwrap_or_else(|| crate::config::default_state_dirs().1);
+    let run_dir = lifecycle::run_dir_of(&instance, global.as_ref());
+    // The same rule as the whole-stack verbs, before anything is sent: the coordinator checks
+    // the caller's credentials again (it also serves root), but an operator learns here, with
+    // the same sentence and exit code, that this instance is not theirs to drive.
+    if let Err(exit) = lifecycle::refuse_non_owner(&instance, &run_dir) {
+        return exit;
+    }
     let path = crate::control::socket_path(&run_dir, &instance);
     let mut request = Request {
         verb,
@@ -119,7 +123,7 @@ fn connect(path: &Path, instance: &str) -> Result<UnixStream, Exit> {
                 "ccmgr: instance {instance} is not running (nothing listens on {})",
                 path.display()
             );
-            Err(Exit::Failed)
+            Err(Exit::NotRunning)
         }
         Err(e) if e.kind() == ErrorKind::PermissionDenied => {
             eprintln!(

@@ -32,6 +32,10 @@ pub fn reload(cli: &Cli, dry_run: bool, json: bool) -> Exit {
         Err(e) => return e,
     };
     let run_dir = lifecycle::run_dir_of(&instance, global.as_ref());
+    // A dry run only reads (the instance's group may); a live reload is the owner's alone.
+    if !dry_run && let Err(exit) = lifecycle::refuse_non_owner(&instance, &run_dir) {
+        return exit;
+    }
     let segment = match open_for_status(&run_dir, &instance) {
         Ok(segment) => segment,
         Err(ShmError::NotFound { .. })
