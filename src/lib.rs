@@ -51,6 +51,7 @@ pub mod notify;
 pub mod process_identity;
 pub mod records;
 pub mod reload;
+pub mod sd_notify;
 pub mod service;
 pub mod shm;
 pub mod socket_file;

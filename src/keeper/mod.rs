@@ -288,6 +288,9 @@ struct Keeper {
     /// The coordinator that handed the stack over for a reload: its exit is expected, and a
     /// successor takes over on the new segment.
     reload_handover: Option<i32>,
+    /// The init system's notify socket (systemd's `$NOTIFY_SOCKET`), for a foreground keeper
+    /// started by one: the coordinators' `READY=1`/`STATUS=` are relayed there.
+    init_system: Option<crate::sd_notify::SdNotifier>,
 }
 
 /// Runs the keeper until the stack is stopped; returns the process exit code.
@@ -351,6 +354,12 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         &crate::control::socket_path(&config.global.run_dir, &config.global.instance),
         config.global.group.as_ref().map(|g| g.id),
     )?;
+    let init_system = if foreground {
+        crate::sd_notify::SdNotifier::from_env()
+            .and_then(|made| made.inspect_err(|e| warn!("{e}")).ok())
+    } else {
+        None
+    };
     let n = config.services.len();
     let successor_deaths = RecentDeaths::new(SUCCESSOR_SPAN, SUCCESSOR_LIMIT);
     let mut keeper = Keeper {
@@ -390,6 +399,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         hook_runs: 0,
         cgroups,
         reload_handover: None,
+        init_system,
     };
     watch(
         &keeper.epoll,
@@ -503,6 +513,12 @@ impl Keeper {
             // Its own process group: a Ctrl-C at the terminal reaches the keeper, which then
             // asks the coordinator for an orderly stop.
             .process_group(0);
+        // systemd's socket is the keeper's alone (the unit's main process); coordinators learn
+        // only that someone listens, and send through the keeper.
+        command.env_remove(crate::sd_notify::NOTIFY_SOCKET_ENV);
+        if self.init_system.is_some() {
+            command.env(crate::sd_notify::LISTENING_ENV, "1");
+        }
         if self.foreground {
             command.arg("--foreground");
         } else {
@@ -650,6 +666,7 @@ impl Keeper {
     /// SIGTERM/SIGINT: the coordinator stops the stack in order; while a standby or successor
     /// is on its way to take over, it does once it has; with neither, the keeper does.
     fn on_stop_signal(&mut self) {
+        self.tell_init_system("STOPPING=1\nSTATUS=stopping: a stop signal came");
         // A coordinator that died but is not reaped yet (SIGTERM is read before SIGCHLD) must
         // not be the one the stop is passed to.
         self.reap_children();
@@ -676,6 +693,15 @@ impl Keeper {
                 self.stop_after_takeover = true;
             }
             None => self.begin_last_resort_stop(),
+        }
+    }
+
+    /// Relays `state` to the init system's notify socket, if there is one.
+    fn tell_init_system(&self, state: &str) {
+        if let Some(init) = &self.init_system
+            && let Err(e) = init.send(state)
+        {
+            warn!("{e}");
         }
     }
 
@@ -754,6 +780,9 @@ impl Keeper {
             return;
         }
         warn!("no coordinator is alive: the keeper stops the services in order");
+        self.tell_init_system(
+            "STOPPING=1\nSTATUS=stopping: no coordinator could run; the keeper stops the stack",
+        );
         let epoch = Instant::now();
         let epoch_ms = crate::shm::monotonic_ms();
         let (engine, actions) = Engine::stopping(
@@ -1253,6 +1282,7 @@ impl Keeper {
             }
             // A sign of life for the watchdog, noted above; it needs no answer.
             ToKeeper::Alive => {}
+            ToKeeper::SdNotify { state } => self.tell_init_system(&state),
             ToKeeper::RunHook { service, env } => self.run_hook(service, env),
             ToKeeper::Reload => {
                 let applied = self.apply_reload(from);
