@@ -43,6 +43,7 @@ pub mod duration;
 pub mod engine;
 pub mod events;
 pub mod graph;
+pub mod init_signals;
 pub mod keeper;
 pub mod logging;
 pub mod logsink;

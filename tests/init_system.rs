@@ -202,3 +202,197 @@ requires = ["api"]
     let exit = foreground.0.wait().unwrap();
     assert_eq!(exit.code(), Some(0), "{}", stack.coordinator_log());
 }
+
+// ---- PID 1 of a PID namespace ----------------------------------------------------------
+
+/// `unshare --pid --fork --mount-proc --kill-child ccmgr ... start --foreground`: ccmgr is PID
+/// 1 of a new PID namespace. Dropped, unshare is killed, and with it (`--kill-child`) PID 1,
+/// and with PID 1 the kernel kills the whole namespace.
+struct Namespace {
+    unshare: Child,
+}
+
+impl Namespace {
+    fn start(dir: &std::path::Path) -> Namespace {
+        let unshare = Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "--kill-child", "--"])
+            .arg(ccmgr_bin())
+            .arg("--config")
+            .arg(dir.join("ccmgr.toml"))
+            .args(["start", "--foreground"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("unshare (util-linux) runs");
+        Namespace { unshare }
+    }
+
+    /// The host's pid of the namespace's PID 1 (unshare's only child).
+    fn pid1(&self) -> i32 {
+        let path = format!("/proc/{0}/task/{0}/children", self.unshare.id());
+        let deadline = Instant::now() + LONG;
+        loop {
+            let children = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Some(pid) = children.split_whitespace().next() {
+                return pid.parse().unwrap();
+            }
+            assert!(Instant::now() < deadline, "unshare started no child");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The host pids of every process in the namespace, with their state letter and parent.
+    fn processes(&self, pid1: i32) -> Vec<(i32, char, i32, String)> {
+        let ns = std::fs::read_link(format!("/proc/{pid1}/ns/pid")).ok();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if ns.is_none() || std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok() != ns {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // After the command's closing parenthesis: state, ppid.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let mut fields = rest.split_whitespace();
+            let state = fields.next().unwrap().chars().next().unwrap();
+            let ppid: i32 = fields.next().unwrap().parse().unwrap();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                .unwrap_or_default();
+            found.push((pid, state, ppid, cmdline));
+        }
+        found
+    }
+
+    /// Waits for the namespace to end; its exit code (unshare passes PID 1's on).
+    fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.unshare.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the namespace did not end within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+/// A directory with a ccmgr.toml naming its own instance, and an empty services.d.
+fn namespace_dir(test: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("cc-{test}-"))
+        .tempdir()
+        .unwrap();
+    let instance = format!("t-{test}-{}", std::process::id());
+    std::fs::write(
+        dir.path().join("ccmgr.toml"),
+        format!("instance = \"{instance}\"\nlog_dir = \"log\"\nrun_dir = \"run\"\n"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.path().join("services.d")).unwrap();
+    dir
+}
+
+fn write_service(dir: &tempfile::TempDir, id: &str, text: &str) {
+    std::fs::write(dir.path().join(format!("services.d/{id}.toml")), text).unwrap();
+}
+
+/// Polls `path` until it has at least `n` lines.
+fn wait_lines(path: &str, n: usize) -> Vec<String> {
+    stack_support::wait_lines(path, n, LONG)
+}
+
+/// Sends signal number `signo` (real-time ones included, which nix's `Signal` lacks).
+fn send_signal(pid: i32, signo: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid, signo) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {signo}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+#[test]
+fn as_pid1_it_reaps_orphans_and_halts_in_shutdown_order_on_sigrtmin_3() {
+    if !stack_support::need_root("to make a PID namespace (unshare --pid)") {
+        return;
+    }
+    let dir = namespace_dir("pid1");
+    let log = dir.path().join("events.log").display().to_string();
+    let go = dir.path().join("grandchild.go").display().to_string();
+    write_service(&dir, "db", &recorder("db", &log, ""));
+    write_service(&dir, "api", &recorder("api", &log, "requires = [\"db\"]"));
+    // A daemon that double-forks: its child starts a grandchild and exits at once, so the
+    // grandchild is an orphan, re-parented to PID 1; it exits when the test says so.
+    write_service(
+        &dir,
+        "forker",
+        &format!(
+            r#"command = ["sh", "-c", "echo start forker >> {log}; sh -c 'sh -c \"while [ ! -e {go} ]; do sleep 0.02; done\" &'; trap 'echo stop forker >> {log}; exit 0' TERM; while :; do sleep 1; done"]
+requires = ["api"]
+"#
+        ),
+    );
+    let mut ns = Namespace::start(dir.path());
+    let pid1 = ns.pid1();
+    wait_lines(&log, 3);
+    // The grandchild, found in the namespace by its command line, an orphan of PID 1's.
+    let deadline = Instant::now() + LONG;
+    let grandchild = loop {
+        let found = ns
+            .processes(pid1)
+            .into_iter()
+            .find(|(_, _, _, cmd)| cmd.starts_with("sh -c while [ ! -e") && cmd.contains(&go));
+        if let Some((pid, _, ppid, _)) = found {
+            assert_eq!(ppid, pid1, "the grandchild is an orphan of PID 1's");
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no grandchild in the namespace");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::fs::write(&go, "").unwrap();
+    // It exits, and PID 1 reaps it: its /proc entry goes (a zombie would keep it, state Z).
+    let deadline = Instant::now() + LONG;
+    while std::path::Path::new(&format!("/proc/{grandchild}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the orphaned grandchild {grandchild} was not reaped: {:?}",
+            ns.processes(pid1)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let orphan_zombies: Vec<_> = ns
+        .processes(pid1)
+        .into_iter()
+        .filter(|(_, state, ppid, _)| *state == 'Z' && *ppid == pid1)
+        .collect();
+    assert!(orphan_zombies.is_empty(), "{orphan_zombies:?}");
+
+    // systemd's halt signal: an orderly stop, in shutdown order, and exit 0.
+    send_signal(pid1, libc::SIGRTMIN() + 3);
+    let code = ns.wait(LONG);
+    let l = stack_support::lines(&log);
+    assert_eq!(code, Some(0), "{l:?}");
+    assert_eq!(
+        &l[l.len() - 3..],
+        ["stop forker", "stop api", "stop db"],
+        "{l:?}"
+    );
+}

@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use command_fds::{CommandFdExt, FdMapping};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signal::{Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
@@ -328,16 +328,14 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
             warn!(error = %e, "cannot record where the instance's cgroups are");
         }
     }
-    let mut mask = SigSet::empty();
-    for s in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
-        mask.add(s);
+    if crate::init_signals::is_pid1() {
+        info!(
+            "running as PID 1 of a PID namespace: orphans are reaped here, and stop signals stop the stack"
+        );
     }
+    // Every signal of the table (stops, halt/poweroff/reboot, reload, SIGCHLD): as PID 1 the
+    // kernel would drop the ones left at their default; blocked, none is.
+    let mask = crate::init_signals::mask();
     // Blocked signals are delivered through the signalfd only. Children start with an empty
     // mask (spawn resets it; std's Command does too), so none of this leaks into them.
     mask.thread_block().map_err(KeeperError::Setup)?;
@@ -636,12 +634,23 @@ impl Keeper {
 
     fn on_signals(&mut self) {
         while let Ok(Some(info)) = self.signals.read_signal() {
-            match Signal::try_from(info.ssi_signo as i32) {
-                Ok(Signal::SIGCHLD) => self.reap_children(),
-                Ok(Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) => self.on_stop_signal(),
+            use crate::init_signals::SignalAction;
+            match crate::init_signals::action_of(info.ssi_signo as i32) {
+                Some(SignalAction::Reap) => self.reap_children(),
+                Some(SignalAction::Stop(name)) => {
+                    info!(signal = name, from = info.ssi_pid, "a stop signal");
+                    self.on_stop_signal()
+                }
+                Some(SignalAction::Ignore(name)) => {
+                    info!(
+                        signal = name,
+                        from = info.ssi_pid,
+                        "ignored: it means nothing to ccmgr"
+                    )
+                }
                 // A reload is the coordinator's to carry out (`start --foreground` is the
                 // keeper: its SIGHUP is passed on).
-                Ok(Signal::SIGHUP) => match self
+                Some(SignalAction::Reload) => match self
                     .coordinator
                     .filter(|pid| self.children.contains_key(pid))
                 {
@@ -656,7 +665,7 @@ impl Keeper {
                         info!("SIGHUP ignored: no coordinator lives to reload the configuration")
                     }
                 },
-                _ => {}
+                None => {}
             }
         }
         // A SIGCHLD can merge with another; reaping is idempotent, so check every time.
