@@ -396,3 +396,51 @@ requires = ["api"]
         "{l:?}"
     );
 }
+
+#[test]
+fn as_pid1_sigterm_from_inside_the_namespace_stops_in_order_and_a_failed_stack_exits_1() {
+    if !stack_support::need_root("to make a PID namespace (unshare --pid)") {
+        return;
+    }
+    // SIGTERM from a process of the namespace itself (the kernel drops it unless PID 1
+    // handles it): an orderly stop, exit 0.
+    let dir = namespace_dir("pid1-term");
+    let log = dir.path().join("events.log").display().to_string();
+    let go = dir.path().join("halt.go").display().to_string();
+    write_service(&dir, "db", &recorder("db", &log, ""));
+    write_service(
+        &dir,
+        "halter",
+        &format!(
+            r#"command = ["sh", "-c", "echo start halter >> {log}; trap 'echo stop halter >> {log}; exit 0' TERM; while [ ! -e {go} ]; do sleep 0.02; done; kill -TERM 1; while :; do sleep 1; done"]
+requires = ["db"]
+"#
+        ),
+    );
+    let mut ns = Namespace::start(dir.path());
+    wait_lines(&log, 2);
+    std::fs::write(&go, "").unwrap();
+    let code = ns.wait(LONG);
+    let l = stack_support::lines(&log);
+    assert_eq!(code, Some(0), "{l:?}");
+    assert_eq!(&l[l.len() - 2..], ["stop halter", "stop db"], "{l:?}");
+
+    // A stack that fails to start (a required service exits 3, and is not restarted): the
+    // namespace ends with 1.
+    let dir = namespace_dir("pid1-fail");
+    let log = dir.path().join("events.log").display().to_string();
+    write_service(&dir, "db", &recorder("db", &log, ""));
+    write_service(
+        &dir,
+        "broken",
+        "command = [\"sh\", \"-c\", \"exit 3\"]\nrestart = \"never\"\nready = \"exit\"\nrequires = [\"db\"]\n",
+    );
+    let mut ns = Namespace::start(dir.path());
+    let code = ns.wait(LONG);
+    let l = stack_support::lines(&log);
+    assert_eq!(code, Some(1), "{l:?}");
+    assert!(
+        l.len() == 2 && l[0].starts_with("start db") && l[1] == "stop db",
+        "{l:?}"
+    );
+}
