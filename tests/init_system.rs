@@ -444,3 +444,80 @@ requires = ["db"]
         "{l:?}"
     );
 }
+
+// ---- the other init systems' scripts, driven for real ------------------------------------
+
+/// Runs a packaging script with the built ccmgr and the stack's configuration.
+fn script(stack: &Stack, path: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new("sh")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .args(args)
+        .env("CCMGR", ccmgr_bin())
+        .env("CCMGR_CONFIG", stack.path().join("ccmgr.toml"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    stack.remember(&stack_support::pids_in(
+        &stack.status_relaxed().unwrap_or_default(),
+    ));
+    out
+}
+
+#[test]
+fn the_sysv_script_drives_the_stack_with_lsb_exit_codes() {
+    let stack = Stack::new("sysv", "", &[]);
+    let log = stack.file("events.log");
+    stack.write_service("db", &recorder("db", &log, ""));
+    stack.write_service("api", &recorder("api", &log, "requires = [\"db\"]"));
+    let sysv = "packaging/sysv/ccmgr";
+    let code = |out: std::process::Output| (out.status.code(), stack_support::text(&out));
+    assert_eq!(code(script(&stack, sysv, &["status"])).0, Some(3));
+    let (started, text) = code(script(&stack, sysv, &["start"]));
+    assert_eq!(started, Some(0), "{text}");
+    assert!(steady_and_all_up(&stack.status().unwrap()));
+    let (again, text) = code(script(&stack, sysv, &["start"]));
+    assert_eq!(again, Some(0), "already running is success for LSB: {text}");
+    assert!(text.contains("already running"), "{text}");
+    assert_eq!(code(script(&stack, sysv, &["status"])).0, Some(0));
+    let (reloaded, text) = code(script(&stack, sysv, &["reload"]));
+    assert_eq!(reloaded, Some(0), "{text}");
+    let (stopped, text) = code(script(&stack, sysv, &["stop"]));
+    assert_eq!(stopped, Some(0), "{text}");
+    let l = lines(&log);
+    assert_eq!(&l[l.len() - 2..], ["stop api", "stop db"], "{l:?}");
+    assert_eq!(code(script(&stack, sysv, &["status"])).0, Some(3));
+    // Not running: a reload says so (LSB 7); a broken configuration is "not configured" (6).
+    assert_eq!(code(script(&stack, sysv, &["reload"])).0, Some(7));
+    stack.write_service("bad", "command = [\"true\"]\nrequires = [\"nothing\"]\n");
+    assert_eq!(code(script(&stack, sysv, &["start"])).0, Some(6));
+}
+
+#[test]
+fn the_runit_run_script_runs_ccmgr_in_the_foreground_and_sigterm_stops_it_in_order() {
+    let stack = Stack::new("runit", "", &[]);
+    let log = stack.file("events.log");
+    stack.write_service("db", &recorder("db", &log, ""));
+    stack.write_service("api", &recorder("api", &log, "requires = [\"db\"]"));
+    let mut run = Foreground(
+        Command::new("sh")
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/runit/run"))
+            .env("CCMGR", ccmgr_bin())
+            .env("CCMGR_CONFIG", stack.path().join("ccmgr.toml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let status = stack.wait_steady(LONG);
+    // The run script exec'd ccmgr: the supervised pid is the keeper itself.
+    assert_eq!(
+        status["keeper"]["pid"].as_i64(),
+        Some(run.0.id() as i64),
+        "{status}"
+    );
+    kill(Pid::from_raw(run.0.id() as i32), Signal::SIGTERM).unwrap();
+    let exit = run.0.wait().unwrap();
+    assert_eq!(exit.code(), Some(0));
+    let l = lines(&log);
+    assert_eq!(&l[l.len() - 2..], ["stop api", "stop db"], "{l:?}");
+}
