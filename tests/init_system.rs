@@ -196,6 +196,23 @@ requires = ["api"]
     let status = stack.status().expect("the stack runs");
     assert!(steady_and_all_up(&status), "{status}");
 
+    // A takeover: the successor goes on telling systemd through the keeper.
+    let before = stack.wait_steady_with_standby(LONG);
+    let coordinator = before["coordinator"]["pid"].as_i64().unwrap() as i32;
+    let told = init.got.len();
+    kill(Pid::from_raw(coordinator), Signal::SIGKILL).unwrap();
+    let after = init.wait_for_after("STATUS=running: 4 of 4 up", told, LONG);
+    assert!(
+        init.got[after].lines().any(|l| l == "READY=1"),
+        "{:?}",
+        init.got
+    );
+    let status = stack.status().expect("the stack runs");
+    assert_ne!(
+        status["coordinator"]["pid"].as_i64(),
+        Some(coordinator as i64)
+    );
+
     // SIGTERM: STOPPING=1, then an orderly stop, exit 0.
     kill(Pid::from_raw(foreground.0.id() as i32), Signal::SIGTERM).unwrap();
     init.wait_for("STOPPING=1", LONG);
