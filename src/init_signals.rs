@@ -1,4 +1,4 @@
-//! What each signal means to the keeper: the table that turns the signals init systems and
+//! What each signal means to the keeper: the table ([`action_of`]) that turns the signals init systems and
 //! container runtimes send into what they ask for, and the signal mask the keeper reads them
 //! through.
 //!
@@ -37,40 +37,50 @@ pub enum SignalAction {
     Ignore(&'static str),
 }
 
-/// The signals the keeper handles, by number, with what they mean.
-pub fn table() -> Vec<(i32, SignalAction)> {
+/// What signal number `signo` asks of the keeper; None for one it does not block. A match,
+/// not a lookup in a built table: SIGCHLD is read on every service's exit, on the path from a
+/// crash to its replacement.
+pub fn action_of(signo: i32) -> Option<SignalAction> {
     let rt = libc::SIGRTMIN();
-    vec![
-        (libc::SIGCHLD, SignalAction::Reap),
-        (libc::SIGTERM, SignalAction::Stop("SIGTERM")),
-        (libc::SIGINT, SignalAction::Stop("SIGINT")),
-        (libc::SIGQUIT, SignalAction::Stop("SIGQUIT")),
-        (
-            libc::SIGPWR,
-            SignalAction::Stop("SIGPWR (power failure / halt)"),
-        ),
-        (rt + 3, SignalAction::Stop("SIGRTMIN+3 (halt)")),
-        (rt + 4, SignalAction::Stop("SIGRTMIN+4 (poweroff)")),
-        (rt + 5, SignalAction::Stop("SIGRTMIN+5 (reboot)")),
-        (libc::SIGHUP, SignalAction::Reload),
-        (libc::SIGUSR1, SignalAction::Ignore("SIGUSR1")),
-        (libc::SIGUSR2, SignalAction::Ignore("SIGUSR2")),
+    Some(match signo {
+        libc::SIGCHLD => SignalAction::Reap,
+        libc::SIGTERM => SignalAction::Stop("SIGTERM"),
+        libc::SIGINT => SignalAction::Stop("SIGINT"),
+        libc::SIGQUIT => SignalAction::Stop("SIGQUIT"),
+        libc::SIGPWR => SignalAction::Stop("SIGPWR (power failure / halt)"),
+        libc::SIGHUP => SignalAction::Reload,
+        libc::SIGUSR1 => SignalAction::Ignore("SIGUSR1"),
+        libc::SIGUSR2 => SignalAction::Ignore("SIGUSR2"),
+        n if n == rt + 3 => SignalAction::Stop("SIGRTMIN+3 (halt)"),
+        n if n == rt + 4 => SignalAction::Stop("SIGRTMIN+4 (poweroff)"),
+        n if n == rt + 5 => SignalAction::Stop("SIGRTMIN+5 (reboot)"),
+        _ => return None,
+    })
+}
+
+/// Every signal [`action_of`] knows.
+pub fn handled() -> [i32; 11] {
+    let rt = libc::SIGRTMIN();
+    [
+        libc::SIGCHLD,
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGPWR,
+        libc::SIGHUP,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        rt + 3,
+        rt + 4,
+        rt + 5,
     ]
 }
 
-/// What signal number `signo` asks of the keeper; None for one it does not block.
-pub fn action_of(signo: i32) -> Option<SignalAction> {
-    table()
-        .into_iter()
-        .find(|(n, _)| *n == signo)
-        .map(|(_, action)| action)
-}
-
-/// The set of every signal in the [`table`], to block and read through a signalfd. (nix's
+/// The set of every signal [`handled`], to block and read through a signalfd. (nix's
 /// `Signal` has no real-time signals, so the set is made with libc.)
 pub fn mask() -> SigSet {
     let mut raw = *SigSet::empty().as_ref();
-    for (signo, _) in table() {
+    for signo in handled() {
         // SAFETY: `raw` is an initialised sigset_t (from an empty SigSet) that we own, and
         // every number in the table is a valid signal (standard ones, or SIGRTMIN+3..5, far
         // below SIGRTMAX), so sigaddset cannot fail or write out of bounds.
@@ -111,6 +121,9 @@ mod tests {
         }
         assert_eq!(action_of(libc::SIGHUP), Some(SignalAction::Reload));
         assert_eq!(action_of(libc::SIGKILL), None);
+        for signo in handled() {
+            assert!(action_of(signo).is_some(), "{signo}");
+        }
         let mask = mask();
         assert!(mask.contains(Signal::SIGPWR));
         assert!(mask.contains(Signal::SIGUSR1));
