@@ -25,7 +25,13 @@
 //! without systemd no message is composed or sent at all.
 //!
 //! The sender is a small one (no libsystemd): an unbound Unix datagram socket, one datagram
-//! per message, to a path or to an abstract address (`@name`).
+//! per message, to a path or to an abstract address (`@name`). The keeper never sends itself:
+//! a Unix datagram socket holds only a few datagrams (`net.unix.max_dgram_qlen`, 10 by
+//! default) before a send blocks, and an init system busy elsewhere must not stall the loop
+//! that spawns and reaps services (measured: a listener that did not read for a while made
+//! a 200-service startup take 90 s instead of 1 s with sends that waited). So the keeper hands
+//! each message to a thread of its own ([`SdRelay`]), which sends, waits when it must, and
+//! folds what piled up meanwhile into one message ([`coalesce`]).
 
 use std::ffi::{OsStr, OsString};
 use std::os::linux::net::SocketAddrExt as _;
@@ -42,10 +48,10 @@ pub const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
 /// socket to relay to: they compose messages only then.
 pub const LISTENING_ENV: &str = "CCMGR_INIT_NOTIFY";
 
-/// How long a send may wait for room in systemd's socket: a wedged init system must not wedge
-/// the keeper, and systemd's socket holds megabytes, so a message that cannot go within this
-/// is dropped with a warning.
-const SEND_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long one send waits for room in the init system's socket before the relay folds in
+/// what came meanwhile and tries again (and, once the keeper is done, how long its last
+/// message may take).
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the init system could not be told.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +121,126 @@ impl SdNotifier {
                 source,
             })
     }
+}
+
+/// The keeper's relay to the init system: [`SdRelay::send`] never blocks; a thread of its own
+/// sends, in order, folding a backlog into one message.
+#[derive(Debug)]
+pub struct SdRelay {
+    queue: Option<std::sync::mpsc::Sender<String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SdRelay {
+    /// Starts the relay's thread. (Started after the keeper blocked its signals: the thread
+    /// inherits the mask, so no signal meant for the signalfd can land on it.)
+    pub fn start(notifier: SdNotifier) -> std::io::Result<SdRelay> {
+        let (queue, incoming) = std::sync::mpsc::channel::<String>();
+        let thread = std::thread::Builder::new()
+            .name("sd-notify".into())
+            .stack_size(64 * 1024)
+            .spawn(move || relay(&notifier, &incoming))?;
+        Ok(SdRelay {
+            queue: Some(queue),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `state` for the init system.
+    pub fn send(&self, state: &str) {
+        if let Some(queue) = &self.queue {
+            let _ = queue.send(state.to_owned());
+        }
+    }
+
+    /// Sends what is queued (waiting at most [`SEND_TIMEOUT`] for room), then ends the thread.
+    pub fn finish(mut self) {
+        self.queue = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The relay thread: one message at a time; a backlog (the init system read nothing for a
+/// while) is folded into one. Ends once the keeper dropped its end and all is sent (or the
+/// last try failed).
+fn relay(notifier: &SdNotifier, incoming: &std::sync::mpsc::Receiver<String>) {
+    let mut unsent: Option<String> = None;
+    let mut warned = false;
+    loop {
+        let first = match unsent.take() {
+            Some(message) => message,
+            None => match incoming.recv() {
+                Ok(message) => message,
+                Err(_) => return,
+            },
+        };
+        let mut batch = vec![first];
+        batch.extend(incoming.try_iter());
+        let message = coalesce(&batch);
+        match notifier.send(&message) {
+            Ok(()) => warned = false,
+            Err(SdNotifyError::Send { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if !std::mem::replace(&mut warned, true) {
+                    tracing::warn!(
+                        "the init system reads nothing from its notify socket: ccmgr's messages wait, folded into one"
+                    );
+                }
+                // Once the keeper is done, the last try was the last.
+                let keeper_done = matches!(
+                    incoming.try_recv(),
+                    Err(std::sync::mpsc::TryRecvError::Disconnected)
+                );
+                if !keeper_done {
+                    unsent = Some(message);
+                }
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+}
+
+/// Several messages as one with the same effect: the last `STATUS=`; `STOPPING=1` if any
+/// said it; of `READY=1` and `RELOADING=1` only the later (systemd reads `READY=1` before
+/// `RELOADING=1` within one message, so both in one would leave it reloading), with its
+/// `MONOTONIC_USEC=`.
+pub fn coalesce(batch: &[String]) -> String {
+    if let [one] = batch {
+        return one.clone();
+    }
+    let mut status = None;
+    let mut stopping = false;
+    // The later of READY=1 and RELOADING=1 (with its MONOTONIC_USEC=).
+    let mut readiness: Option<Vec<&str>> = None;
+    for message in batch {
+        let lines: Vec<&str> = message.lines().collect();
+        for line in &lines {
+            if line.starts_with("STATUS=") {
+                status = Some(*line);
+            } else if *line == "STOPPING=1" {
+                stopping = true;
+            } else if *line == "READY=1" {
+                readiness = Some(vec![line]);
+            } else if *line == "RELOADING=1" {
+                let usec = lines.iter().find(|l| l.starts_with("MONOTONIC_USEC="));
+                readiness = Some([line].into_iter().chain(usec).copied().collect());
+            }
+        }
+    }
+    let mut out: Vec<&str> = Vec::new();
+    if stopping {
+        out.push("STOPPING=1");
+    } else if let Some(lines) = readiness {
+        out.extend(lines);
+    }
+    out.extend(status);
+    out.join("\n")
 }
 
 /// `RELOADING=1` with the `MONOTONIC_USEC=` systemd asks for beside it (CLOCK_MONOTONIC, in
@@ -286,6 +412,41 @@ mod tests {
         assert_eq!(
             a.update(&view(InstanceState::Steady, 3, false)).as_deref(),
             Some("READY=1\nSTATUS=running: 3 of 3 up")
+        );
+    }
+
+    #[test]
+    fn a_backlog_folds_into_one_message_with_the_same_effect() {
+        let m = |s: &str| s.to_owned();
+        assert_eq!(
+            coalesce(&[
+                m("STATUS=starting: 1 of 3 up"),
+                m("READY=1\nSTATUS=running: 3 of 3 up"),
+            ]),
+            "READY=1\nSTATUS=running: 3 of 3 up"
+        );
+        // A reload that began and ended while nothing was read: only READY=1.
+        assert_eq!(
+            coalesce(&[
+                m("RELOADING=1\nMONOTONIC_USEC=7\nSTATUS=reloading: 2 of 3 up"),
+                m("READY=1\nSTATUS=running: 3 of 3 up"),
+            ]),
+            "READY=1\nSTATUS=running: 3 of 3 up"
+        );
+        assert_eq!(
+            coalesce(&[
+                m("READY=1\nSTATUS=running: 3 of 3 up"),
+                m("RELOADING=1\nMONOTONIC_USEC=7\nSTATUS=reloading: 2 of 3 up"),
+            ]),
+            "RELOADING=1\nMONOTONIC_USEC=7\nSTATUS=reloading: 2 of 3 up"
+        );
+        assert_eq!(
+            coalesce(&[
+                m("READY=1"),
+                m("STOPPING=1\nSTATUS=stopping: 2 of 3 still up"),
+                m("STATUS=stopped"),
+            ]),
+            "STOPPING=1\nSTATUS=stopped"
         );
     }
 

@@ -94,9 +94,11 @@ impl Listener {
     }
 }
 
+/// A service that writes `start ID $NOTIFY_SOCKET` once its SIGTERM trap is set (so a test
+/// that saw the line knows its stop will be written too), and `stop ID` at SIGTERM.
 fn recorder(id: &str, log: &str, rest: &str) -> String {
     format!(
-        r#"command = ["sh", "-c", "echo start {id} $NOTIFY_SOCKET >> {log}; trap 'echo stop {id} >> {log}; exit 0' TERM; while :; do sleep 1; done"]
+        r#"command = ["sh", "-c", "trap 'echo stop {id} >> {log}; exit 0' TERM; echo start {id} $NOTIFY_SOCKET >> {log}; while :; do sleep 1; done"]
 {rest}
 "#
     )
@@ -172,7 +174,7 @@ requires = ["api"]
     );
     // systemd's socket is ccmgr's alone: the services got ccmgr's own.
     let ours = socket_path.display().to_string();
-    for line in lines(&log) {
+    for line in wait_lines(&log, 3) {
         assert!(
             !line.contains(&ours),
             "a service saw systemd's socket: {line}"
@@ -446,11 +448,25 @@ requires = ["db"]
     // namespace ends with 1.
     let dir = namespace_dir("pid1-fail");
     let log = dir.path().join("events.log").display().to_string();
-    write_service(&dir, "db", &recorder("db", &log, ""));
+    // db's trap is set before it says it started, and broken fails only after that: the
+    // stop of db is certain to be written.
+    write_service(
+        &dir,
+        "db",
+        &format!(
+            r#"command = ["sh", "-c", "trap 'echo stop db >> {log}; exit 0' TERM; echo start db >> {log}; while :; do sleep 1; done"]"#
+        ),
+    );
     write_service(
         &dir,
         "broken",
-        "command = [\"sh\", \"-c\", \"exit 3\"]\nrestart = \"never\"\nready = \"exit\"\nrequires = [\"db\"]\n",
+        &format!(
+            r#"command = ["sh", "-c", "until grep -q 'start db' {log} 2>/dev/null; do sleep 0.02; done; exit 3"]
+restart = "never"
+ready = "exit"
+requires = ["db"]
+"#
+        ),
     );
     let mut ns = Namespace::start(dir.path());
     let code = ns.wait(LONG);
@@ -491,6 +507,7 @@ fn the_sysv_script_drives_the_stack_with_lsb_exit_codes() {
     assert_eq!(code(script(&stack, sysv, &["status"])).0, Some(3));
     let (started, text) = code(script(&stack, sysv, &["start"]));
     assert_eq!(started, Some(0), "{text}");
+    stack_support::wait_lines(&log, 2, LONG);
     assert!(steady_and_all_up(&stack.status().unwrap()));
     let (again, text) = code(script(&stack, sysv, &["start"]));
     assert_eq!(again, Some(0), "already running is success for LSB: {text}");
@@ -526,6 +543,7 @@ fn the_runit_run_script_runs_ccmgr_in_the_foreground_and_sigterm_stops_it_in_ord
             .unwrap(),
     );
     let status = stack.wait_steady(LONG);
+    stack_support::wait_lines(&log, 2, LONG);
     // The run script exec'd ccmgr: the supervised pid is the keeper itself.
     assert_eq!(
         status["keeper"]["pid"].as_i64(),

@@ -290,7 +290,7 @@ struct Keeper {
     reload_handover: Option<i32>,
     /// The init system's notify socket (systemd's `$NOTIFY_SOCKET`), for a foreground keeper
     /// started by one: the coordinators' `READY=1`/`STATUS=` are relayed there.
-    init_system: Option<crate::sd_notify::SdNotifier>,
+    init_system: Option<crate::sd_notify::SdRelay>,
 }
 
 /// Runs the keeper until the stack is stopped; returns the process exit code.
@@ -352,9 +352,15 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         &crate::control::socket_path(&config.global.run_dir, &config.global.instance),
         config.global.group.as_ref().map(|g| g.id),
     )?;
+    // After the mask: the relay's thread inherits it.
     let init_system = if foreground {
         crate::sd_notify::SdNotifier::from_env()
             .and_then(|made| made.inspect_err(|e| warn!("{e}")).ok())
+            .and_then(|notifier| {
+                crate::sd_notify::SdRelay::start(notifier)
+                    .inspect_err(|e| warn!(error = %e, "cannot start the init system's relay"))
+                    .ok()
+            })
     } else {
         None
     };
@@ -452,6 +458,9 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         warn!(error = %e, "cannot remove the instance's segment");
     }
     info!("the keeper is done");
+    if let Some(init) = keeper.init_system.take() {
+        init.finish();
+    }
     Ok(keeper.exit_code())
 }
 
@@ -707,10 +716,8 @@ impl Keeper {
 
     /// Relays `state` to the init system's notify socket, if there is one.
     fn tell_init_system(&self, state: &str) {
-        if let Some(init) = &self.init_system
-            && let Err(e) = init.send(state)
-        {
-            warn!("{e}");
+        if let Some(init) = &self.init_system {
+            init.send(state);
         }
     }
 
