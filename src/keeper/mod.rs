@@ -31,6 +31,10 @@
 //!   [`Engine::stopping`], the same engine every ordered stop runs on;
 //! - writes the [`ProcessRecord`] of the instance's processes to `run_dir` whenever that set
 //!   changes, for a `ccmgr stop` that cannot read the segment;
+//! - as `start --foreground` under an init system, is the one process that talks to it: it
+//!   relays the coordinators' `READY=1`/`STATUS=` to systemd's `$NOTIFY_SOCKET`
+//!   ([`crate::sd_notify`]); and as PID 1 of a PID namespace it reads every signal init
+//!   systems and container runtimes send ([`crate::init_signals`]);
 //! - switches the instance to the next segment and configuration of a live reload
 //!   ([`ToKeeper::Reload`]; see the `reload` submodule), since it owns the per-service
 //!   tables that must follow the services to their new indices.
