@@ -228,6 +228,9 @@ struct Coordinator {
     /// The services a reload this coordinator finishes starts (taken over with the next
     /// segment, down and wanted up): the reload's client is told if one fails.
     reload_starts: Vec<usize>,
+    /// When the keeper relays to an init system (systemd's `$NOTIFY_SOCKET`): what it has
+    /// been told so far ([`crate::sd_notify`]). None otherwise, and nothing is composed.
+    init_system: Option<crate::sd_notify::Announcer>,
 }
 
 /// The fds the keeper hands its coordinator, taken first thing at start, before anything
@@ -385,6 +388,9 @@ pub fn run(
         spawn_errors: vec![None; n],
         reload: None,
         reload_starts: Vec::new(),
+        init_system: (std::env::var_os(crate::sd_notify::LISTENING_ENV).as_deref()
+            == Some(std::ffi::OsStr::new("1")))
+        .then(crate::sd_notify::Announcer::default),
     };
     c.watchdog = c.start_watchdog()?;
     let actions = if took_over {
@@ -406,11 +412,18 @@ pub fn run(
     c.publish();
     c.acknowledge_exits();
     if took_over {
+        // Finishing a predecessor's reload: the init system was told RELOADING=1 by it.
+        if let Some(announcer) = c.init_system.as_mut()
+            && reload::marker_path(&c.config).exists()
+        {
+            announcer.continue_reload();
+        }
         c.resume_reload_if_marked();
     } else {
         // A fresh start has no reload under way, whatever an earlier run left.
         let _ = std::fs::remove_file(reload::marker_path(&c.config));
     }
+    c.tell_init_system();
     c.event_loop()?;
     Ok(match c.engine.outcome() {
         Some(Outcome::Stopped) | None => 0,
@@ -808,6 +821,9 @@ impl Coordinator {
             self.publish();
             self.acknowledge_exits();
             self.settle_requests(&epoll);
+            // Before a reload's handover: once handed over, the keeper relays no more of
+            // this coordinator's words.
+            self.tell_init_system();
             if self.advance_reload(&epoll) {
                 // Handed over: the keeper starts a successor on the next segment once this
                 // process has ended.
@@ -815,6 +831,46 @@ impl Coordinator {
             }
         }
         Ok(())
+    }
+
+    /// With an init system listening (through the keeper): tells it what changed since the
+    /// last pass — `READY=1` once everything is up, `STATUS=` lines, `RELOADING=1`,
+    /// `STOPPING=1` (see [`crate::sd_notify::Announcer`]).
+    fn tell_init_system(&mut self) {
+        let Some(announcer) = self.init_system.as_mut() else {
+            return;
+        };
+        let slots = self.engine.slots();
+        let up = slots
+            .iter()
+            .filter(|slot| slot.state() == ServiceState::Up)
+            .count();
+        let trouble = slots
+            .iter()
+            .position(|slot| {
+                matches!(
+                    slot.state(),
+                    ServiceState::Starting | ServiceState::Stopping | ServiceState::Failed
+                )
+            })
+            .or_else(|| {
+                slots
+                    .iter()
+                    .position(|slot| slot.state() != ServiceState::Up)
+            })
+            .map(|s| (self.config.services[s].id.as_str(), slots[s].state()));
+        let phase = self.engine.phase();
+        let reloading = self.reload.is_some();
+        let view = crate::sd_notify::StackView {
+            phase,
+            up,
+            total: slots.len(),
+            trouble,
+            reloading,
+        };
+        if let Some(state) = announcer.update(&view) {
+            self.send(ToKeeper::SdNotify { state });
+        }
     }
 
     /// One timer for the nearest deadline (the engine's, or a standby's retry); none when

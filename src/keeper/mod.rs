@@ -31,6 +31,10 @@
 //!   [`Engine::stopping`], the same engine every ordered stop runs on;
 //! - writes the [`ProcessRecord`] of the instance's processes to `run_dir` whenever that set
 //!   changes, for a `ccmgr stop` that cannot read the segment;
+//! - as `start --foreground` under an init system, is the one process that talks to it: it
+//!   relays the coordinators' `READY=1`/`STATUS=` to systemd's `$NOTIFY_SOCKET`
+//!   ([`crate::sd_notify`]); and as PID 1 of a PID namespace it reads every signal init
+//!   systems and container runtimes send ([`crate::init_signals`]);
 //! - switches the instance to the next segment and configuration of a live reload
 //!   ([`ToKeeper::Reload`]; see the `reload` submodule), since it owns the per-service
 //!   tables that must follow the services to their new indices.
@@ -52,7 +56,7 @@ use std::time::{Duration, Instant};
 use command_fds::{CommandFdExt, FdMapping};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signal::{Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
@@ -288,6 +292,9 @@ struct Keeper {
     /// The coordinator that handed the stack over for a reload: its exit is expected, and a
     /// successor takes over on the new segment.
     reload_handover: Option<i32>,
+    /// The init system's notify socket (systemd's `$NOTIFY_SOCKET`), for a foreground keeper
+    /// started by one: the coordinators' `READY=1`/`STATUS=` are relayed there.
+    init_system: Option<crate::sd_notify::SdRelay>,
 }
 
 /// Runs the keeper until the stack is stopped; returns the process exit code.
@@ -325,16 +332,14 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
             warn!(error = %e, "cannot record where the instance's cgroups are");
         }
     }
-    let mut mask = SigSet::empty();
-    for s in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
-        mask.add(s);
+    if crate::init_signals::is_pid1() {
+        info!(
+            "running as PID 1 of a PID namespace: orphans are reaped here, and stop signals stop the stack"
+        );
     }
+    // Every signal of the table (stops, halt/poweroff/reboot, reload, SIGCHLD): as PID 1 the
+    // kernel would drop the ones left at their default; blocked, none is.
+    let mask = crate::init_signals::mask();
     // Blocked signals are delivered through the signalfd only. Children start with an empty
     // mask (spawn resets it; std's Command does too), so none of this leaks into them.
     mask.thread_block().map_err(KeeperError::Setup)?;
@@ -351,6 +356,18 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         &crate::control::socket_path(&config.global.run_dir, &config.global.instance),
         config.global.group.as_ref().map(|g| g.id),
     )?;
+    // After the mask: the relay's thread inherits it.
+    let init_system = if foreground {
+        crate::sd_notify::SdNotifier::from_env()
+            .and_then(|made| made.inspect_err(|e| warn!("{e}")).ok())
+            .and_then(|notifier| {
+                crate::sd_notify::SdRelay::start(notifier)
+                    .inspect_err(|e| warn!(error = %e, "cannot start the init system's relay"))
+                    .ok()
+            })
+    } else {
+        None
+    };
     let n = config.services.len();
     let successor_deaths = RecentDeaths::new(SUCCESSOR_SPAN, SUCCESSOR_LIMIT);
     let mut keeper = Keeper {
@@ -390,6 +407,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         hook_runs: 0,
         cgroups,
         reload_handover: None,
+        init_system,
     };
     watch(
         &keeper.epoll,
@@ -444,6 +462,9 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         warn!(error = %e, "cannot remove the instance's segment");
     }
     info!("the keeper is done");
+    if let Some(init) = keeper.init_system.take() {
+        init.finish();
+    }
     Ok(keeper.exit_code())
 }
 
@@ -503,6 +524,12 @@ impl Keeper {
             // Its own process group: a Ctrl-C at the terminal reaches the keeper, which then
             // asks the coordinator for an orderly stop.
             .process_group(0);
+        // systemd's socket is the keeper's alone (the unit's main process); coordinators learn
+        // only that someone listens, and send through the keeper.
+        command.env_remove(crate::sd_notify::NOTIFY_SOCKET_ENV);
+        if self.init_system.is_some() {
+            command.env(crate::sd_notify::LISTENING_ENV, "1");
+        }
         if self.foreground {
             command.arg("--foreground");
         } else {
@@ -620,12 +647,23 @@ impl Keeper {
 
     fn on_signals(&mut self) {
         while let Ok(Some(info)) = self.signals.read_signal() {
-            match Signal::try_from(info.ssi_signo as i32) {
-                Ok(Signal::SIGCHLD) => self.reap_children(),
-                Ok(Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) => self.on_stop_signal(),
+            use crate::init_signals::SignalAction;
+            match crate::init_signals::action_of(info.ssi_signo as i32) {
+                Some(SignalAction::Reap) => self.reap_children(),
+                Some(SignalAction::Stop(name)) => {
+                    info!(signal = name, from = info.ssi_pid, "a stop signal");
+                    self.on_stop_signal()
+                }
+                Some(SignalAction::Ignore(name)) => {
+                    info!(
+                        signal = name,
+                        from = info.ssi_pid,
+                        "ignored: it means nothing to ccmgr"
+                    )
+                }
                 // A reload is the coordinator's to carry out (`start --foreground` is the
                 // keeper: its SIGHUP is passed on).
-                Ok(Signal::SIGHUP) => match self
+                Some(SignalAction::Reload) => match self
                     .coordinator
                     .filter(|pid| self.children.contains_key(pid))
                 {
@@ -640,7 +678,7 @@ impl Keeper {
                         info!("SIGHUP ignored: no coordinator lives to reload the configuration")
                     }
                 },
-                _ => {}
+                None => {}
             }
         }
         // A SIGCHLD can merge with another; reaping is idempotent, so check every time.
@@ -650,6 +688,7 @@ impl Keeper {
     /// SIGTERM/SIGINT: the coordinator stops the stack in order; while a standby or successor
     /// is on its way to take over, it does once it has; with neither, the keeper does.
     fn on_stop_signal(&mut self) {
+        self.tell_init_system("STOPPING=1\nSTATUS=stopping: a stop signal came");
         // A coordinator that died but is not reaped yet (SIGTERM is read before SIGCHLD) must
         // not be the one the stop is passed to.
         self.reap_children();
@@ -676,6 +715,13 @@ impl Keeper {
                 self.stop_after_takeover = true;
             }
             None => self.begin_last_resort_stop(),
+        }
+    }
+
+    /// Relays `state` to the init system's notify socket, if there is one.
+    fn tell_init_system(&self, state: &str) {
+        if let Some(init) = &self.init_system {
+            init.send(state);
         }
     }
 
@@ -754,6 +800,9 @@ impl Keeper {
             return;
         }
         warn!("no coordinator is alive: the keeper stops the services in order");
+        self.tell_init_system(
+            "STOPPING=1\nSTATUS=stopping: no coordinator could run; the keeper stops the stack",
+        );
         let epoch = Instant::now();
         let epoch_ms = crate::shm::monotonic_ms();
         let (engine, actions) = Engine::stopping(
@@ -1253,6 +1302,7 @@ impl Keeper {
             }
             // A sign of life for the watchdog, noted above; it needs no answer.
             ToKeeper::Alive => {}
+            ToKeeper::SdNotify { state } => self.tell_init_system(&state),
             ToKeeper::RunHook { service, env } => self.run_hook(service, env),
             ToKeeper::Reload => {
                 let applied = self.apply_reload(from);

@@ -59,6 +59,10 @@ pub enum ToKeeper {
     /// retire the standby, answer [`FromKeeper::ReloadDone`], and start a successor on it
     /// once this coordinator has exited (which it does on that answer).
     Reload,
+    /// Relay `state` (sd_notify assignments: `READY=1`, `STATUS=...`) to the init system's
+    /// socket, when the keeper was given one ([`crate::sd_notify`]): the keeper is the unit's
+    /// main process, the only one systemd listens to.
+    SdNotify { state: String },
 }
 
 /// From the keeper to the coordinator.
