@@ -93,8 +93,12 @@ fn write_completions(dir: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut cmd = without_hidden_verbs(ccmgr::cli::Cli::command());
     for shell in SHELLS {
-        clap_complete::generate_to(shell, &mut cmd, "ccmgr", dir)
-            .map_err(|e| format!("cannot write the {shell} completion in {}: {e}", dir.display()))?;
+        clap_complete::generate_to(shell, &mut cmd, "ccmgr", dir).map_err(|e| {
+            format!(
+                "cannot write the {shell} completion in {}: {e}",
+                dir.display()
+            )
+        })?;
     }
     Ok(())
 }
