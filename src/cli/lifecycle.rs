@@ -545,7 +545,7 @@ fn cleanup_failed_start(segment: &Segment) -> Exit {
 
 /// Only the owner of an instance (the owner of its `run_dir`, who alone can write its shared
 /// state) may start, stop or restart it; the members of its group may read its status.
-fn refuse_non_owner(instance: &str, run_dir: &std::path::Path) -> Result<(), Exit> {
+pub(super) fn refuse_non_owner(instance: &str, run_dir: &std::path::Path) -> Result<(), Exit> {
     use std::os::unix::fs::MetadataExt as _;
     let me = nix::unistd::geteuid().as_raw();
     match std::fs::metadata(run_dir) {

@@ -40,6 +40,7 @@
 //! polls.
 
 pub mod protocol;
+pub mod reexec;
 mod reload;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -117,6 +118,10 @@ pub enum KeeperError {
     Notify(#[from] crate::notify::NotifyError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    /// A new binary cannot rebuild the keeper from the state its previous image handed over
+    /// (`ccmgr upgrade`; see [`reexec`]).
+    #[error("cannot resume the keeper from the state handed over: {0}")]
+    Resume(String),
     #[error("cannot start the coordinator ({}): {source}", .exe.display())]
     StartCoordinator {
         exe: PathBuf,
@@ -199,6 +204,9 @@ enum Source {
     LogPipe(usize),
     /// The output of a running failure command.
     HookPipe,
+    /// The upgrade socket ([`reexec`]), and the connection of the client it serves.
+    UpgradeListener,
+    UpgradeClient,
 }
 
 /// The output pipe of a failure command: read line by line into ccmgr's own log (which is
@@ -288,6 +296,8 @@ struct Keeper {
     /// The coordinator that handed the stack over for a reload: its exit is expected, and a
     /// successor takes over on the new segment.
     reload_handover: Option<i32>,
+    /// `ccmgr upgrade`'s socket and progress ([`reexec`]).
+    upgrade: reexec::UpgradeSide,
 }
 
 /// Runs the keeper until the stack is stopped; returns the process exit code.
@@ -325,27 +335,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
             warn!(error = %e, "cannot record where the instance's cgroups are");
         }
     }
-    let mut mask = SigSet::empty();
-    for s in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
-        mask.add(s);
-    }
-    // Blocked signals are delivered through the signalfd only. Children start with an empty
-    // mask (spawn resets it; std's Command does too), so none of this leaks into them.
-    mask.thread_block().map_err(KeeperError::Setup)?;
-    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-        .map_err(KeeperError::Setup)?;
-    let timer = TimerFd::new(
-        ClockId::CLOCK_MONOTONIC,
-        TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
-    )
-    .map_err(KeeperError::Setup)?;
-    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(KeeperError::Setup)?;
+    let (epoll, signals, timer) = event_core()?;
     let notify = NotifySocket::bind(&notify_socket_path(&config))?;
     let control = crate::control::bind(
         &crate::control::socket_path(&config.global.run_dir, &config.global.instance),
@@ -390,34 +380,22 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         hook_runs: 0,
         cgroups,
         reload_handover: None,
+        upgrade: reexec::UpgradeSide::default(),
     };
-    watch(
-        &keeper.epoll,
-        &mut keeper.sources,
-        keeper.signals.as_fd(),
-        Source::Signals,
-    )?;
-    watch(
-        &keeper.epoll,
-        &mut keeper.sources,
-        keeper.timer.as_fd(),
-        Source::Timer,
-    )?;
-    if let Some(period) = keeper.config.global.coordinator.watchdog {
-        let watchdog = Watchdog::new(period.as_duration())?;
-        watch(
-            &keeper.epoll,
-            &mut keeper.sources,
-            watchdog.timer.as_fd(),
-            Source::Watchdog,
-        )?;
-        keeper.watchdog = Some(watchdog);
-    }
+    keeper.watch_core()?;
+    keeper.bind_upgrade_socket();
     let pid = keeper.start_coordinator(Role::Coordinator, report)?;
     keeper.coordinator = Some(pid);
     keeper.heard_from_coordinator();
     info!(pid, "keeper started the coordinator");
+    Ok(finish(keeper))
+}
+
+/// Runs the keeper's loop until the stack is stopped, then removes what the instance leaves;
+/// returns the process exit code. (A keeper resumed after `ccmgr upgrade` comes here too.)
+fn finish(mut keeper: Keeper) -> i32 {
     keeper.run_loop();
+    keeper.remove_upgrade_socket();
     keeper.remove_cgroups();
     // Nothing of the instance is left to record.
     ProcessRecord::remove(&keeper.record_path());
@@ -444,7 +422,65 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         warn!(error = %e, "cannot remove the instance's segment");
     }
     info!("the keeper is done");
-    Ok(keeper.exit_code())
+    keeper.exit_code()
+}
+
+/// The keeper's own event sources, made anew by every image of it: its epoll set, the
+/// signalfd of the signals it handles (blocked, so that they come only through it), and the
+/// timer of its deadlines.
+fn event_core() -> Result<(Epoll, SignalFd, TimerFd), KeeperError> {
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        mask.add(s);
+    }
+    // Blocked signals are delivered through the signalfd only. Children start with an empty
+    // mask (spawn resets it; std's Command does too), so none of this leaks into them.
+    mask.thread_block().map_err(KeeperError::Setup)?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(KeeperError::Setup)?;
+    let timer = TimerFd::new(
+        ClockId::CLOCK_MONOTONIC,
+        TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
+    )
+    .map_err(KeeperError::Setup)?;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(KeeperError::Setup)?;
+    Ok((epoll, signals, timer))
+}
+
+impl Keeper {
+    /// Watches the signalfd and the timer, and sets up the watchdog if configured.
+    fn watch_core(&mut self) -> Result<(), KeeperError> {
+        let keeper = self;
+        watch(
+            &keeper.epoll,
+            &mut keeper.sources,
+            keeper.signals.as_fd(),
+            Source::Signals,
+        )?;
+        watch(
+            &keeper.epoll,
+            &mut keeper.sources,
+            keeper.timer.as_fd(),
+            Source::Timer,
+        )?;
+        if let Some(period) = keeper.config.global.coordinator.watchdog {
+            let watchdog = Watchdog::new(period.as_duration())?;
+            watch(
+                &keeper.epoll,
+                &mut keeper.sources,
+                watchdog.timer.as_fd(),
+                Source::Watchdog,
+            )?;
+            keeper.watchdog = Some(watchdog);
+        }
+        Ok(())
+    }
 }
 
 impl Keeper {
@@ -587,6 +623,8 @@ impl Keeper {
                     Some(Source::Peer(pid)) => self.on_peer(pid),
                     Some(Source::LogPipe(service)) => self.on_log_pipe(fd, service),
                     Some(Source::HookPipe) => self.on_hook_output(fd),
+                    Some(Source::UpgradeListener) => self.on_upgrade_listener(),
+                    Some(Source::UpgradeClient) => self.on_upgrade_client(),
                     None => {}
                 }
             }
@@ -1030,6 +1068,7 @@ impl Keeper {
         let successor_since = self.successors.remove(&pid);
         self.identities.remove(&pid);
         self.record_dirty = true;
+        self.upgrade_on_peer_exit(pid);
         if let Some(mut peer) = self.peers.remove(&pid) {
             unwatch(&self.epoll, &mut self.sources, peer.socket.as_fd());
             if was_coordinator {
@@ -1840,6 +1879,11 @@ impl RecentDeaths {
             self.deaths.pop_front();
         }
         self.deaths.len()
+    }
+
+    /// The deaths counted now, oldest first (handed across an upgrade's exec).
+    pub fn times(&self) -> Vec<Instant> {
+        self.deaths.iter().copied().collect()
     }
 
     /// When the window is quiet again (every death counted now has fallen out of it).
