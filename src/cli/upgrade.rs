@@ -74,15 +74,19 @@ fn run(cli: &Cli) -> Result<Upgraded, Failure> {
     refuse_non_owner(&instance, &run_dir)
         .map_err(|e| (e, format!("instance {instance} is not yours to upgrade")))?;
     let exe = new_binary()?;
+    let not_running = || {
+        (
+            Exit::NotRunning,
+            format!("instance {instance} is not running: nothing to upgrade"),
+        )
+    };
+    if !crate::shm::segment_path(&run_dir, &instance).is_ok_and(|p| p.exists()) {
+        return Err(not_running());
+    }
     // Before any process is touched: can this binary read what the instance wrote?
     let segment = match Segment::open(&run_dir, &instance) {
         Ok(segment) => segment,
-        Err(ShmError::NotFound { .. }) => {
-            return Err((
-                Exit::NotRunning,
-                format!("instance {instance} is not running: nothing to upgrade"),
-            ));
-        }
+        Err(ShmError::NotFound { .. }) => return Err(not_running()),
         Err(ShmError::WrongVersion { found, .. }) => {
             let why = up::layout_refusal("segment", found, LAYOUT_VERSION).unwrap_or_default();
             return Err((Exit::Failed, format!("upgrade refused: {why}")));
@@ -133,10 +137,7 @@ fn run(cli: &Cli) -> Result<Upgraded, Failure> {
                     ),
                 )
             } else {
-                (
-                    Exit::NotRunning,
-                    format!("instance {instance} is not running: nothing to upgrade"),
-                )
+                not_running()
             });
         }
     };

@@ -520,6 +520,14 @@ pub fn resume(mut resume: Resume, resumed: impl FnOnce()) -> Result<i32, KeeperE
     // again all the same, as a keeper's start sets them.
     let _ = nix::sys::prctl::set_child_subreaper(true);
     let _ = crate::spawn::raise_fd_limit();
+    // What ended between the images (its SIGCHLD is pending too; reaping is idempotent).
+    let running = |k: &Keeper| k.service_pids.iter().flatten().count();
+    let before = running(&keeper);
+    keeper.reap_children();
+    info!(
+        services = before - running(&keeper),
+        "reaped the services that ended while the keeper was between its two images"
+    );
     let pid = std::process::id() as i32;
     match &resume.rollback_reason {
         Some(why) => {
@@ -537,8 +545,6 @@ pub fn resume(mut resume: Resume, resumed: impl FnOnce()) -> Result<i32, KeeperE
             keeper.replace_coordinator();
         }
     }
-    // What ended between the images (its SIGCHLD is pending too; reaping is idempotent).
-    keeper.reap_children();
     Ok(super::finish(keeper))
 }
 

@@ -1,0 +1,480 @@
+//! `ccmgr upgrade` with real processes: from the binary of the previous commit (built here)
+//! to this one, and from this binary to itself; a service killed while the keeper is between
+//! its two images; an incompatible segment layout refused with nothing changed; a new binary
+//! that cannot resume rolled back; and the exit codes of an instance that is not running.
+//!
+//! "The previous commit": the newest strict ancestor of HEAD whose tree has `src/upgrade.rs`
+//! (the protocol), exported with `git archive` and built (`cargo build --bin ccmgr`, debug)
+//! with a target dir under this crate's `target/tmp/upgrade-from/`, so a rerun costs nothing.
+//! A checkout without git history (or with no such ancestor) fails the acceptance test with a
+//! message saying so, unless `CCMGR_UPGRADE_FROM` names the old binary to use: it never
+//! passes silently.
+
+mod stack_support;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ccmgr::upgrade::{Reply, Request};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use stack_support::{CCMGR, Stack, text, up_anew};
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn service(id: &str, requires: &str) -> String {
+    format!(
+        "command = [\"sh\", \"-c\", \"echo {id} started; exec sleep 1000\"]\nrestart_delay = \"0ms\"\n{requires}\n"
+    )
+}
+
+/// A two-service stack (b requires a), started with `binary`, steady with its standby.
+fn started_with(test: &str, binary: &Path, env: &[(&str, &str)]) -> (Stack, Value) {
+    let stack = Stack::new(test, "", &[]);
+    stack.write_service("a", &service("a", ""));
+    stack.write_service("b", &service("b", "requires = [\"a\"]"));
+    let out = Command::new(binary)
+        .arg("--config")
+        .arg(stack.path().join("ccmgr.toml"))
+        .arg("start")
+        .envs(env.iter().copied())
+        .env_remove("CCMGR_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "start: {}", text(&out));
+    let status = stack.wait_steady_with_standby(LONG);
+    stack.remember(&stack_support::pids_in(&status));
+    (stack, status)
+}
+
+fn pid(v: &Value) -> i32 {
+    v["pid"].as_i64().expect("a pid") as i32
+}
+
+fn service_pids(status: &Value) -> Vec<(String, i32)> {
+    status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap().to_owned(), pid(s)))
+        .collect()
+}
+
+fn exe_of(pid: i32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+}
+
+fn canonical(path: &str) -> PathBuf {
+    std::fs::canonicalize(path).unwrap()
+}
+
+/// Checks what an upgrade promises: the same keeper (now running `new`), the same service
+/// processes, a new coordinator and a new standby of `new`; then that a crash is still
+/// handled. Returns the status after.
+fn check_upgraded(stack: &Stack, before: &Value, new: &Path) -> Value {
+    let after = stack.wait_steady_with_standby(LONG);
+    stack.remember(&stack_support::pids_in(&after));
+    assert_eq!(
+        service_pids(&after),
+        service_pids(before),
+        "every service keeps its process"
+    );
+    let keeper = pid(&after["keeper"]);
+    assert_eq!(keeper, pid(&before["keeper"]), "the keeper keeps its pid");
+    assert_eq!(exe_of(keeper), new, "the keeper runs the new binary");
+    let coordinator = pid(&after["coordinator"]);
+    let standby = pid(&after["standby"]);
+    assert_ne!(
+        coordinator,
+        pid(&before["coordinator"]),
+        "a new coordinator"
+    );
+    assert_ne!(standby, pid(&before["standby"]), "a new standby");
+    assert_eq!(
+        exe_of(coordinator),
+        new,
+        "the coordinator runs the new binary"
+    );
+    assert_eq!(exe_of(standby), new, "the standby runs the new binary");
+    let restarts = |status: &Value| -> Vec<Value> {
+        status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["restarts"].clone())
+            .collect()
+    };
+    assert_eq!(
+        restarts(&after),
+        restarts(before),
+        "no service was restarted: {after}"
+    );
+    // A crash after the upgrade is still handled: the new keeper reaps it, the new
+    // coordinator restarts it.
+    let b = stack_support::service_of(&after, "b");
+    let old_b = pid(b);
+    kill(Pid::from_raw(old_b), Signal::SIGKILL).unwrap();
+    stack
+        .wait_for("b restarted after the upgrade", LONG, |s| {
+            s.as_ref().is_some_and(|s| up_anew(s, "b", old_b))
+        })
+        .unwrap()
+}
+
+/// The old binary: `CCMGR_UPGRADE_FROM`, else the previous commit's, built once per run of
+/// this test binary (and cached across runs by commit).
+fn previous_binary() -> PathBuf {
+    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.as_ref() {
+        return path.clone();
+    }
+    let path = match std::env::var_os("CCMGR_UPGRADE_FROM") {
+        Some(path) => PathBuf::from(path),
+        None => build_previous_commit(),
+    };
+    *built = Some(path.clone());
+    path
+}
+
+fn git(repo: &Path, args: &[&str]) -> Option<String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn build_previous_commit() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let no_history = |why: &str| -> ! {
+        panic!(
+            "the upgrade test needs the binary of the previous commit and {why}: run it in a git checkout with history (a clone, not a shallow one or an export), or set CCMGR_UPGRADE_FROM to a ccmgr binary built from an earlier commit that has `ccmgr upgrade`"
+        )
+    };
+    let Some(list) = git(
+        repo,
+        &["rev-list", "--topo-order", "--max-count=500", "HEAD"],
+    ) else {
+        no_history("this checkout has no git history");
+    };
+    let commit = list
+        .lines()
+        .skip(1) // HEAD itself: the current source is what is upgraded to.
+        .find(|c| git(repo, &["cat-file", "-e", &format!("{c}:src/upgrade.rs")]).is_some())
+        .map(str::to_owned)
+        .unwrap_or_else(|| no_history("no ancestor of HEAD has `ccmgr upgrade` (src/upgrade.rs)"));
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("upgrade-from");
+    let binary = base.join(format!("ccmgr-{commit}"));
+    if binary.exists() {
+        return binary;
+    }
+    let src = base.join(format!("src-{commit}"));
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src).unwrap();
+    let archive = Command::new("sh")
+        .arg("-c")
+        .arg("git -C \"$1\" archive \"$2\" | tar -x -C \"$3\"")
+        .args(["sh"])
+        .arg(repo)
+        .arg(&commit)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(archive.success(), "git archive {commit} failed");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let target = base.join("target");
+    let out = Command::new(cargo)
+        .current_dir(&src)
+        .args(["build", "--quiet", "--bin", "ccmgr", "-p", "ccmgr"])
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building commit {commit} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Copied out under its commit's name: the next build (another commit) reuses the target
+    // dir and would overwrite it.
+    std::fs::copy(target.join("debug/ccmgr"), &binary).unwrap();
+    let _ = std::fs::remove_dir_all(&src);
+    binary
+}
+
+/// The acceptance test: from the previous commit's binary to this one.
+#[test]
+fn upgrade_from_the_previous_commit_keeps_every_service() {
+    let old = previous_binary();
+    // The old binary runs from a copy that is removed once the stack is up, as dpkg replaces
+    // /usr/bin/ccmgr: the running keeper's own executable is then a deleted inode, and it
+    // executes the path the client names.
+    let (stack, before) = {
+        let tmp = tempfile::tempdir().unwrap();
+        let copy = tmp.path().join("ccmgr-old");
+        std::fs::copy(&old, &copy).unwrap();
+        let (stack, before) = started_with("upgrade-prev", &copy, &[]);
+        assert_eq!(
+            exe_of(pid(&before["keeper"])),
+            copy,
+            "the keeper runs the old binary"
+        );
+        (stack, before)
+    };
+    assert!(
+        exe_of(pid(&before["keeper"]))
+            .to_string_lossy()
+            .ends_with(" (deleted)"),
+        "the old binary is gone"
+    );
+    let out = stack.ccmgr(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(0), "upgrade: {}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("upgraded instance"), "{said}");
+    assert!(said.contains(&pid(&before["keeper"]).to_string()), "{said}");
+    check_upgraded(&stack, &before, &canonical(CCMGR));
+}
+
+/// From this binary to itself: everything keeps working.
+#[test]
+fn upgrade_to_the_same_binary_keeps_every_service() {
+    let (stack, before) = started_with("upgrade-same", &canonical(CCMGR), &[]);
+    let out = stack.ccmgr(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(0), "upgrade: {}", text(&out));
+    check_upgraded(&stack, &before, &canonical(CCMGR));
+    // And once more, on the upgraded instance.
+    let before = stack.wait_steady_with_standby(LONG);
+    let out = stack.ccmgr(&["upgrade", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "upgrade: {}", text(&out));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["ok"], true, "{doc}");
+    assert_eq!(doc["keeper"].as_i64(), before["keeper"]["pid"].as_i64());
+    check_upgraded(&stack, &before, &canonical(CCMGR));
+}
+
+/// The upgrade socket, spoken to by hand.
+fn connect(stack: &Stack) -> OwnedFd {
+    ccmgr::upgrade::connect_socket(&ccmgr::upgrade::socket_path(
+        &stack.run_dir(),
+        &stack.instance,
+    ))
+    .unwrap()
+}
+
+fn request(exe: &Path) -> Request {
+    Request {
+        exe: exe.to_path_buf(),
+        state_version: ccmgr::upgrade::STATE_VERSION,
+        layout_version: ccmgr::shm::layout::LAYOUT_VERSION,
+        api_layout_version: ccmgr::shm::api::API_LAYOUT_VERSION,
+    }
+}
+
+fn replies(conn: &OwnedFd) -> Vec<Reply> {
+    let mut all = Vec::new();
+    while let Ok(Some(reply)) = ccmgr::upgrade::recv_message::<Reply>(conn.as_fd()) {
+        all.push(reply);
+    }
+    all
+}
+
+/// The fds of `pid` that are sockets.
+fn sockets_of(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn state_of(pid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+        .unwrap_or('?')
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + LONG;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A service killed while the keeper is between its two images: its zombie and its pending
+/// SIGCHLD cross the exec, and the new image reaps it and has it restarted. Made
+/// deterministic by freezing the keeper: its connection is accepted first, then, while it is
+/// stopped, the request is sent and the service killed; woken, the keeper's epoll hands it the
+/// request before the signal (its ready list is in order of readiness), and it execs before it
+/// looks at the signal.
+#[test]
+fn a_service_that_dies_during_the_exec_is_reaped_by_the_new_image() {
+    let (stack, before) = started_with("upgrade-window", &canonical(CCMGR), &[]);
+    let keeper = pid(&before["keeper"]);
+    let victim = pid(stack_support::service_of(&before, "b"));
+    let sockets = sockets_of(keeper);
+    let conn = connect(&stack);
+    wait_until("the keeper to accept the connection", || {
+        sockets_of(keeper) > sockets
+    });
+    let stopped = Guard(keeper);
+    kill(Pid::from_raw(keeper), Signal::SIGSTOP).unwrap();
+    wait_until("the keeper to stop", || state_of(keeper) == 'T');
+    ccmgr::upgrade::send_message(conn.as_fd(), &request(&canonical(CCMGR))).unwrap();
+    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    wait_until("the service to be a zombie", || state_of(victim) == 'Z');
+    drop(stopped); // SIGCONT
+    let replies = replies(&conn);
+    assert!(
+        matches!(replies.last(), Some(Reply::Resumed { keeper: k, .. }) if *k == keeper),
+        "{replies:?}"
+    );
+    // The new image logs it before it answers `resumed`.
+    let log = stack
+        .log_dir()
+        .join(format!("ccmgr-{}.log", stack.instance));
+    let log = std::fs::read_to_string(log).unwrap();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("reaped the services that ended while the keeper was between"))
+        .unwrap_or_else(|| panic!("the new image says what it reaped: {log}"));
+    assert!(resumed.contains("services=1"), "{resumed}");
+    let after = stack
+        .wait_for("b restarted by the new coordinator", LONG, |s| {
+            s.as_ref()
+                .is_some_and(|s| up_anew(s, "b", victim) && s["standby"]["pid"].is_i64())
+        })
+        .unwrap();
+    stack.remember(&stack_support::pids_in(&after));
+    let b = stack_support::service_of(&after, "b");
+    assert_eq!(b["restarts"], 1, "{after}");
+    assert_eq!(
+        pid(stack_support::service_of(&after, "a")),
+        pid(stack_support::service_of(&before, "a")),
+        "a keeps its process"
+    );
+    assert_eq!(pid(&after["keeper"]), keeper);
+}
+
+/// Sends SIGCONT to the frozen keeper on drop, even when the test fails.
+struct Guard(i32);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
+    }
+}
+
+/// The processes of a stack, by role, and the keeper's binary: what "nothing changed" means.
+fn processes(status: &Value) -> (Vec<(String, i32)>, i32, i32, i32, PathBuf) {
+    let keeper = pid(&status["keeper"]);
+    (
+        service_pids(status),
+        keeper,
+        pid(&status["coordinator"]),
+        pid(&status["standby"]),
+        exe_of(keeper),
+    )
+}
+
+/// A segment of another layout version: the new binary refuses, names both versions, and
+/// changes nothing. The running instance's segment is made to say another version (the one
+/// field the check reads: what a segment an older ccmgr wrote looks like to this one), then
+/// put back.
+#[test]
+fn an_incompatible_layout_is_refused_and_nothing_changes() {
+    use ccmgr::shm::layout::{Header, LAYOUT_VERSION};
+    use std::os::unix::fs::FileExt as _;
+    let (stack, before) = started_with("upgrade-layout", &canonical(CCMGR), &[]);
+    let segment = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(stack.segment_path())
+        .unwrap();
+    let at = std::mem::offset_of!(Header, layout_version) as u64;
+    let foreign = LAYOUT_VERSION + 1;
+    segment.write_all_at(&foreign.to_ne_bytes(), at).unwrap();
+    let out = stack.ccmgr(&["upgrade"]);
+    segment
+        .write_all_at(&LAYOUT_VERSION.to_ne_bytes(), at)
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains(&format!("layout version {foreign}"))
+            && said.contains(&format!("reads version {LAYOUT_VERSION}"))
+            && said.contains("nothing was changed"),
+        "{said}"
+    );
+    let after = stack.wait_steady_with_standby(LONG);
+    assert_eq!(processes(&after), processes(&before), "nothing changed");
+
+    // The keeper checks too (a client that skipped its own check): refused, nothing changed.
+    let conn = connect(&stack);
+    let mut asked = request(&canonical(CCMGR));
+    asked.layout_version = foreign;
+    ccmgr::upgrade::send_message(conn.as_fd(), &asked).unwrap();
+    let replies = replies(&conn);
+    match replies.as_slice() {
+        [Reply::Refused { why }] => assert!(
+            why.contains(&format!("version {LAYOUT_VERSION}"))
+                && why.contains(&format!("version {foreign}")),
+            "{why}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let after = stack.wait_steady_with_standby(LONG);
+    assert_eq!(processes(&after), processes(&before), "nothing changed");
+}
+
+/// A new binary that cannot rebuild the keeper from the state executes the previous one back
+/// on it: the upgrade fails (exit 1, saying so), and the instance runs on, unchanged.
+#[test]
+fn a_new_binary_that_cannot_resume_rolls_back() {
+    let (stack, before) = started_with(
+        "upgrade-rollback",
+        &canonical(CCMGR),
+        &[("CCMGR_TEST_UPGRADE_FAIL_RESUME", "1")],
+    );
+    let out = stack.ccmgr(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("previous binary was executed back"),
+        "{}",
+        text(&out)
+    );
+    let after = stack.wait_steady_with_standby(LONG);
+    assert_eq!(processes(&after), processes(&before), "nothing changed");
+    // It still supervises: a crash is handled.
+    let old_b = pid(stack_support::service_of(&after, "b"));
+    kill(Pid::from_raw(old_b), Signal::SIGKILL).unwrap();
+    stack
+        .wait_for("b restarted after the roll-back", LONG, |s| {
+            s.as_ref().is_some_and(|s| up_anew(s, "b", old_b))
+        })
+        .unwrap();
+}
+
+/// Exit 3 for an instance that is not running (the .deb's postinst tolerates it).
+#[test]
+fn upgrading_an_instance_that_is_not_running_is_exit_3() {
+    let stack = Stack::new("upgrade-absent", "", &[]);
+    stack.write_service("a", &service("a", ""));
+    let out = stack.ccmgr(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("not running"), "{}", text(&out));
+}
