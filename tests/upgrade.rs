@@ -478,3 +478,42 @@ fn upgrading_an_instance_that_is_not_running_is_exit_3() {
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(text(&out).contains("not running"), "{}", text(&out));
 }
+
+/// Only the instance's owner may upgrade it: anyone else is refused with exit 4, and nothing
+/// changes. (The upgrade socket is mode 0600, and the keeper serves only its own uid.)
+#[test]
+fn a_stranger_may_not_upgrade() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run a command as nobody");
+        return;
+    }
+    let (stack, before) = started_with("upgrade-stranger", &canonical(CCMGR), &[]);
+    let socket = ccmgr::upgrade::socket_path(&stack.run_dir(), &stack.instance);
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    for dir in [stack.path().to_path_buf(), stack.run_dir()] {
+        let mut perms = std::fs::metadata(&dir).unwrap().permissions();
+        perms.set_mode(perms.mode() | 0o011);
+        std::fs::set_permissions(&dir, perms).unwrap();
+    }
+    let config = stack.path().join("ccmgr.toml");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // A copy nobody can run (CI builds under a directory only root can enter).
+    let bin = stack.path().join("ccmgr");
+    std::fs::copy(CCMGR, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(&bin)
+        .arg("--config")
+        .arg(&config)
+        .arg("upgrade")
+        .env_remove("CCMGR_CONFIG")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let after = stack.wait_steady_with_standby(LONG);
+    assert_eq!(processes(&after), processes(&before), "nothing changed");
+}
