@@ -517,3 +517,48 @@ fn a_stranger_may_not_upgrade() {
     let after = stack.wait_steady_with_standby(LONG);
     assert_eq!(processes(&after), processes(&before), "nothing changed");
 }
+
+/// The keeper raises its own open-files limit and gives services the one it was started
+/// with: after an upgrade too (the new image inherits the raised limit, so the original one
+/// crosses the exec in the state).
+#[test]
+fn services_keep_the_original_open_files_limit_after_an_upgrade() {
+    let stack = Stack::new("upgrade-nofile", "", &[]);
+    let limits = stack.file("limits");
+    stack.write_service(
+        "a",
+        &format!(
+            "command = [\"sh\", \"-c\", \"ulimit -Sn >> {limits}; exec sleep 1000\"]\nrestart_delay = \"0ms\"\n"
+        ),
+    );
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" --config \"$1\" start")
+        .arg(CCMGR)
+        .arg(stack.path().join("ccmgr.toml"))
+        .env_remove("CCMGR_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "start: {}", text(&out));
+    let before = stack.wait_steady_with_standby(LONG);
+    stack.remember(&stack_support::pids_in(&before));
+    let out = stack.ccmgr(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(0), "upgrade: {}", text(&out));
+    let old_a = pid(stack_support::service_of(&before, "a"));
+    kill(Pid::from_raw(old_a), Signal::SIGKILL).unwrap();
+    let after = stack
+        .wait_for("a restarted after the upgrade", LONG, |s| {
+            s.as_ref().is_some_and(|s| up_anew(s, "a", old_a))
+        })
+        .unwrap();
+    stack.remember(&stack_support::pids_in(&after));
+    wait_until("a's second start to write its limit", || {
+        std::fs::read_to_string(&limits).is_ok_and(|t| t.lines().count() >= 2)
+    });
+    let seen = std::fs::read_to_string(&limits).unwrap();
+    assert_eq!(
+        seen.lines().collect::<Vec<_>>(),
+        ["256", "256"],
+        "before and after the upgrade"
+    );
+}

@@ -104,6 +104,11 @@ pub struct KeeperState {
     pub hooks: Vec<HookRunState>,
     pub hook_runs: u64,
     pub join_cgroups: bool,
+    /// The open-files limit (soft, hard) the keeper had before it raised it: what services
+    /// get back. Absent in a state of the first version of this format: the new image then
+    /// takes the limit it finds.
+    #[serde(default)]
+    pub original_fd_limit: Option<(u64, u64)>,
 }
 
 /// A child's role, as the state names it.
@@ -480,6 +485,7 @@ impl Keeper {
                 .collect(),
             hook_runs: self.hook_runs,
             join_cgroups: self.join_cgroups,
+            original_fd_limit: crate::spawn::original_fd_limit(),
         }
     }
 }
@@ -517,9 +523,13 @@ pub fn resume(mut resume: Resume, resumed: impl FnOnce()) -> Result<i32, KeeperE
     let _ = upgrade::set_cloexec(&borrowed, true);
     drop(borrowed);
     // A subreaper stays one across exec, and the open-files limit stays raised; both are set
-    // again all the same, as a keeper's start sets them.
+    // again all the same, as a keeper's start sets them (the limit services get back is the
+    // one the first image had, not the raised one it handed down).
     let _ = nix::sys::prctl::set_child_subreaper(true);
-    let _ = crate::spawn::raise_fd_limit();
+    let _ = match resume.state.original_fd_limit {
+        Some(original) => crate::spawn::raise_fd_limit_from(original),
+        None => crate::spawn::raise_fd_limit(),
+    };
     // What ended between the images (its SIGCHLD is pending too; reaping is idempotent).
     let running = |k: &Keeper| k.service_pids.iter().flatten().count();
     let before = running(&keeper);
