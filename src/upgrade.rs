@@ -57,6 +57,14 @@ use serde::{Deserialize, Serialize};
 /// of its shape; a keeper refuses an upgrade to a binary that reads another version.
 pub const STATE_VERSION: u32 = 1;
 
+/// The path of the marker the keeper leaves while a coordinator of the new binary takes over
+/// from the one it killed for an upgrade: that takeover adopts the services whatever
+/// `takeover` says (under `takeover = "restart"` a death would restart them all), as one that
+/// finishes a reload does.
+pub fn marker_path(run_dir: &Path, instance: &str) -> PathBuf {
+    run_dir.join(format!("{instance}.upgrading"))
+}
+
 /// The largest message on the upgrade socket.
 const MAX_MESSAGE: usize = 16 * 1024;
 

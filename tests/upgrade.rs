@@ -34,7 +34,17 @@ fn service(id: &str, requires: &str) -> String {
 
 /// A two-service stack (b requires a), started with `binary`, steady with its standby.
 fn started_with(test: &str, binary: &Path, env: &[(&str, &str)]) -> (Stack, Value) {
-    let stack = Stack::new(test, "", &[]);
+    started_with_global(test, "", binary, env)
+}
+
+/// [`started_with`], with `global` added to the stack's ccmgr.toml.
+fn started_with_global(
+    test: &str,
+    global: &str,
+    binary: &Path,
+    env: &[(&str, &str)],
+) -> (Stack, Value) {
+    let stack = Stack::new(test, global, &[]);
     stack.write_service("a", &service("a", ""));
     stack.write_service("b", &service("b", "requires = [\"a\"]"));
     let out = Command::new(binary)
@@ -560,5 +570,25 @@ fn services_keep_the_original_open_files_limit_after_an_upgrade() {
         seen.lines().collect::<Vec<_>>(),
         ["256", "256"],
         "before and after the upgrade"
+    );
+}
+
+/// Under `takeover = "restart"` a coordinator's death restarts every service; the one an
+/// upgrade kills is no death: its successor adopts them (the keeper's marker says so), and
+/// removes the marker, so that a later death is one again.
+#[test]
+fn an_upgrade_under_takeover_restart_restarts_nothing() {
+    let (stack, before) = started_with_global(
+        "upgrade-takeover-restart",
+        "[coordinator]\ntakeover = \"restart\"",
+        &canonical(CCMGR),
+        &[],
+    );
+    let out = stack.ccmgr(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(0), "upgrade: {}", text(&out));
+    check_upgraded(&stack, &before, &canonical(CCMGR));
+    assert!(
+        !ccmgr::upgrade::marker_path(&stack.run_dir(), &stack.instance).exists(),
+        "the marker is gone once read"
     );
 }

@@ -396,6 +396,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
 fn finish(mut keeper: Keeper) -> i32 {
     keeper.run_loop();
     keeper.remove_upgrade_socket();
+    keeper.remove_upgrade_marker();
     keeper.remove_cgroups();
     // Nothing of the instance is left to record.
     ProcessRecord::remove(&keeper.record_path());
@@ -1203,6 +1204,7 @@ impl Keeper {
             }
             ToKeeper::TakeOver => {
                 info!(pid = from, "a standby takes over as coordinator");
+                self.upgrade_on_takeover();
                 self.takeover_due = None;
                 self.coordinator = Some(from);
                 self.children.insert(from, Role::Coordinator);

@@ -61,6 +61,8 @@ enum Phase {
     Idle,
     /// The old standby was killed: once it is reaped, the coordinator is.
     RetiringStandby(i32),
+    /// The old coordinator was killed: the marker stays until a successor takes over.
+    AwaitingTakeover,
 }
 
 /// Everything of a keeper that is not rebuilt from the instance's files. Fd numbers are those
@@ -794,6 +796,11 @@ impl Keeper {
     /// Retires the old binary's standby; once it is reaped (or at once, with none), kills the
     /// coordinator, so that a successor from the new binary adopts the stack.
     fn replace_coordinator(&mut self) {
+        // Written before anything is killed: the successor finds it when it takes over.
+        let marker = self.upgrade_marker();
+        if let Err(e) = std::fs::write(&marker, b"") {
+            warn!(error = %e, path = %marker.display(), "cannot write the upgrade marker: under takeover = \"restart\", the new coordinator restarts the services");
+        }
         let standbys: Vec<i32> = self
             .children
             .iter()
@@ -813,10 +820,26 @@ impl Keeper {
         }
     }
 
+    fn upgrade_marker(&self) -> PathBuf {
+        upgrade::marker_path(&self.config.global.run_dir, &self.config.global.instance)
+    }
+
+    /// A coordinator took over: the upgrade is over. (The successor removes the marker once
+    /// it has read it; it may not have yet.)
+    pub(super) fn upgrade_on_takeover(&mut self) {
+        if self.upgrade.phase == Phase::AwaitingTakeover {
+            self.upgrade.phase = Phase::Idle;
+        }
+    }
+
+    /// Removes the marker at the keeper's end (an upgrade cut short by a stop).
+    pub(super) fn remove_upgrade_marker(&self) {
+        let _ = std::fs::remove_file(self.upgrade_marker());
+    }
+
     /// A child was reaped: the retired standby's end lets the coordinator's replacement go on.
     pub(super) fn upgrade_on_peer_exit(&mut self, pid: i32) {
         if self.upgrade.phase == Phase::RetiringStandby(pid) {
-            self.upgrade.phase = Phase::Idle;
             self.kill_old_coordinator();
         }
     }
@@ -832,5 +855,6 @@ impl Keeper {
             );
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
+        self.upgrade.phase = Phase::AwaitingTakeover;
     }
 }
