@@ -163,6 +163,16 @@ pub fn bind_socket(path: &Path) -> Result<OwnedFd, String> {
     Ok(fd)
 }
 
+/// Accepts a connection on the (non-blocking) upgrade socket: non-blocking, close-on-exec.
+pub fn accept(listener: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    let fd = nix::sys::socket::accept4(
+        listener.as_raw_fd(),
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )?;
+    // SAFETY: accept4 has just returned this fd: open, and owned by nothing else yet.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Connects to the upgrade socket at `path` (the client), blocking.
 pub fn connect_socket(path: &Path) -> Result<OwnedFd, Errno> {
     let addr = UnixAddr::new(path)?;

@@ -347,16 +347,16 @@ pub fn internal_keeper_resume(
     let state_owned = std::cell::RefCell::new(Some(state_owned));
     let previous = std::cell::RefCell::new(previous);
     let fail = |why: String| -> Exit {
-        match previous.borrow().as_ref() {
-            Some(previous) => {
+        match (previous.borrow().as_ref(), state_owned.borrow().as_ref()) {
+            (Some(previous), Some(state)) => {
                 tracing::error!(
                     "cannot resume the keeper in the new binary ({why}): rolling back to the previous binary"
                 );
-                let lost = reexec::roll_back(instance, run_dir, state_fd, previous, &why);
+                let lost = reexec::roll_back(instance, run_dir, state.as_fd(), previous, &why);
                 tracing::error!("{lost}");
                 eprintln!("ccmgr: {lost}");
             }
-            None => {
+            _ => {
                 tracing::error!("cannot resume the keeper: {why}");
                 eprintln!("ccmgr: cannot resume the keeper: {why}");
             }

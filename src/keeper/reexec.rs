@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
-use nix::sys::socket::{SockFlag, accept4, getsockopt, sockopt};
+use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
@@ -211,14 +211,9 @@ impl Keeper {
         let Some(listener) = &self.upgrade.listener else {
             return;
         };
-        let Ok(fd) = accept4(
-            listener.as_raw_fd(),
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        ) else {
+        let Ok(conn) = upgrade::accept(listener.as_fd()) else {
             return;
         };
-        // SAFETY: accept4 just returned this fd, open and owned by no one else.
-        let conn = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let owner = nix::unistd::geteuid().as_raw();
         match getsockopt(&conn, sockopt::PeerCredentials).map(|c| c.uid()) {
             Ok(uid) if uid == owner => {}
@@ -358,13 +353,7 @@ impl Keeper {
             Ok(fd) => fd,
             Err(e) => return format!("cannot write the keeper's state into a memfd: {e}"),
         };
-        let handed: Vec<RawFd> = self.handed_fds();
-        let borrowed: Vec<BorrowedFd<'_>> = handed
-            .iter()
-            // SAFETY: each number is an fd this keeper owns (in its fields) and keeps open
-            // for the whole borrow: nothing is closed until the exec or the restore below.
-            .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
-            .collect();
+        let borrowed = self.handed_fds();
         if let Err(e) = upgrade::set_cloexec(&borrowed, false) {
             let _ = upgrade::set_cloexec(&borrowed, true);
             return format!("cannot keep the keeper's fds open across exec: {e}");
@@ -377,7 +366,7 @@ impl Keeper {
                 },
             );
         }
-        info!(exe = %exe.display(), fds = handed.len(), "the keeper re-executes itself");
+        info!(exe = %exe.display(), fds = borrowed.len(), "the keeper re-executes itself");
         let args = upgrade::resume_args(
             &self.config.global.instance,
             &self.config.global.run_dir,
@@ -394,13 +383,13 @@ impl Keeper {
     }
 
     /// Every fd the state names.
-    fn handed_fds(&self) -> Vec<RawFd> {
-        let mut fds = vec![self.notify.as_fd().as_raw_fd(), self.control.as_raw_fd()];
-        fds.extend(self.upgrade.listener.as_ref().map(|fd| fd.as_raw_fd()));
-        fds.extend(self.upgrade.client.as_ref().map(|fd| fd.as_raw_fd()));
-        fds.extend(self.peers.values().map(|p| p.socket.as_raw_fd()));
-        fds.extend(self.pipes.keys().copied());
-        fds.extend(self.hook_outputs.keys().copied());
+    fn handed_fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = vec![self.notify.as_fd(), self.control.as_fd()];
+        fds.extend(self.upgrade.listener.as_ref().map(|fd| fd.as_fd()));
+        fds.extend(self.upgrade.client.as_ref().map(|fd| fd.as_fd()));
+        fds.extend(self.peers.values().map(|p| p.socket.as_fd()));
+        fds.extend(self.pipes.values().map(|fd| fd.as_fd()));
+        fds.extend(self.hook_outputs.values().map(|h| h.pipe.as_fd()));
         fds
     }
 
@@ -515,15 +504,7 @@ pub fn resume(mut resume: Resume, resumed: impl FnOnce()) -> Result<i32, KeeperE
     let mut keeper = build(&mut resume)?;
     resumed();
     // The fds handed over are this image's own now: none may leak into a child.
-    let fds = keeper.handed_fds();
-    let borrowed: Vec<BorrowedFd<'_>> = fds
-        .iter()
-        // SAFETY: each number is an fd the rebuilt keeper owns (in its fields), open while
-        // this borrow lasts.
-        .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
-        .collect();
-    let _ = upgrade::set_cloexec(&borrowed, true);
-    drop(borrowed);
+    let _ = upgrade::set_cloexec(&keeper.handed_fds(), true);
     // A subreaper stays one across exec, and the open-files limit stays raised; both are set
     // again all the same, as a keeper's start sets them (the limit services get back is the
     // one the first image had, not the raised one it handed down).
@@ -726,24 +707,30 @@ impl Keeper {
     fn watch_everything(&mut self, state: &KeeperState) -> Result<(), KeeperError> {
         self.watch_core()?;
         for &(fd, service) in &state.log_pipes {
-            // SAFETY: the pipe is owned by `self.pipes`, open for this call.
-            let pipe = unsafe { BorrowedFd::borrow_raw(fd) };
+            if let Some(pipe) = self.pipes.get(&fd) {
+                watch(
+                    &self.epoll,
+                    &mut self.sources,
+                    pipe.as_fd(),
+                    Source::LogPipe(service),
+                )?;
+            }
+        }
+        for output in self.hook_outputs.values() {
             watch(
                 &self.epoll,
                 &mut self.sources,
-                pipe,
-                Source::LogPipe(service),
+                output.pipe.as_fd(),
+                Source::HookPipe,
             )?;
         }
-        for h in &state.hook_outputs {
-            // SAFETY: the pipe is owned by `self.hook_outputs`, open for this call.
-            let pipe = unsafe { BorrowedFd::borrow_raw(h.fd) };
-            watch(&self.epoll, &mut self.sources, pipe, Source::HookPipe)?;
-        }
-        for p in state.peers.iter().filter(|p| !p.closed) {
-            // SAFETY: the socket is owned by `self.peers`, open for this call.
-            let socket = unsafe { BorrowedFd::borrow_raw(p.fd) };
-            watch(&self.epoll, &mut self.sources, socket, Source::Peer(p.pid))?;
+        for (&pid, peer) in self.peers.iter().filter(|(_, p)| !p.closed) {
+            watch(
+                &self.epoll,
+                &mut self.sources,
+                peer.socket.as_fd(),
+                Source::Peer(pid),
+            )?;
         }
         if let Some(listener) = &self.upgrade.listener {
             watch(
@@ -764,14 +751,12 @@ impl Keeper {
 pub fn roll_back(
     instance: &str,
     run_dir: &std::path::Path,
-    state_fd: RawFd,
+    state: BorrowedFd<'_>,
     previous_exe: &OwnedFd,
     why: &str,
 ) -> String {
-    // SAFETY: `state_fd` is the caller's open memfd, kept open for this call.
-    let state = unsafe { BorrowedFd::borrow_raw(state_fd) };
     let _ = upgrade::set_cloexec(&[state], false);
-    let mut argv = upgrade::resume_args(instance, run_dir, state_fd, None, Some(why));
+    let mut argv = upgrade::resume_args(instance, run_dir, state.as_raw_fd(), None, Some(why));
     if let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{}", previous_exe.as_raw_fd())) {
         argv[0] = path.into_os_string();
     }
