@@ -214,7 +214,12 @@ fn build_previous_commit() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     // Copied out under its commit's name: the next build (another commit) reuses the target
-    // dir and would overwrite it.
+    // dir and would overwrite it. Those of older commits go (70 MB each).
+    for old in std::fs::read_dir(&base).unwrap().flatten() {
+        if old.file_name().to_string_lossy().starts_with("ccmgr-") {
+            let _ = std::fs::remove_file(old.path());
+        }
+    }
     std::fs::copy(target.join("debug/ccmgr"), &binary).unwrap();
     let _ = std::fs::remove_dir_all(&src);
     binary
