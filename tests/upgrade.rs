@@ -597,3 +597,29 @@ fn an_upgrade_under_takeover_restart_restarts_nothing() {
         "the marker is gone once read"
     );
 }
+
+/// A new binary that dies at its start, before it could roll back (here `false`, which passes
+/// every check of the binary): the keeper is gone, the services run on unsupervised, and
+/// `ccmgr stop` stops them all (what the README says of this case).
+#[test]
+fn a_new_binary_that_dies_at_its_start_leaves_services_that_stop_stops() {
+    let (stack, before) = started_with("upgrade-crash", &canonical(CCMGR), &[]);
+    let keeper = pid(&before["keeper"]);
+    let services: Vec<i32> = service_pids(&before).iter().map(|(_, p)| *p).collect();
+    let conn = connect(&stack);
+    ccmgr::upgrade::send_message(conn.as_fd(), &request(&canonical("/bin/false"))).unwrap();
+    let replies = replies(&conn);
+    assert!(
+        matches!(replies.as_slice(), [Reply::Executing { .. }]),
+        "{replies:?}"
+    );
+    wait_until("the keeper to end", || !Stack::alive(keeper));
+    for &p in &services {
+        assert!(Stack::alive(p), "service {p} runs on");
+    }
+    let out = stack.ccmgr(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "stop: {}", text(&out));
+    for &p in &services {
+        wait_until("the service to be stopped", || !Stack::alive(p));
+    }
+}
