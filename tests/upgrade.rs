@@ -273,6 +273,17 @@ fn upgrade_to_the_same_binary_keeps_every_service() {
     assert_eq!(doc["ok"], true, "{doc}");
     assert_eq!(doc["keeper"].as_i64(), before["keeper"]["pid"].as_i64());
     check_upgraded(&stack, &before, &canonical(CCMGR));
+    // The resumed keeper carries out a reload (a new segment and configuration) as before.
+    stack.write_service("c", &service("c", "requires = [\"b\"]"));
+    let out = stack.ccmgr(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "reload: {}", text(&out));
+    let after = stack.wait_steady_with_standby(LONG);
+    stack.remember(&stack_support::pids_in(&after));
+    assert_eq!(
+        stack_support::service_of(&after, "c")["state"],
+        "up",
+        "{after}"
+    );
 }
 
 /// The upgrade socket, spoken to by hand.
@@ -622,4 +633,21 @@ fn a_new_binary_that_dies_at_its_start_leaves_services_that_stop_stops() {
     for &p in &services {
         wait_until("the service to be stopped", || !Stack::alive(p));
     }
+}
+
+/// Upgrades in a row, each replacing a coordinator that had just taken over: none of those
+/// deaths is a successor dying quickly (five of those within a minute make the keeper give up
+/// and stop the stack).
+#[test]
+fn upgrades_in_a_row_are_no_crash_loop() {
+    let (stack, before) = started_with("upgrade-row", &canonical(CCMGR), &[]);
+    let limit = ccmgr::keeper::SUCCESSOR_LIMIT + 2;
+    for _ in 0..limit {
+        let out = stack.ccmgr(&["upgrade"]);
+        assert_eq!(out.status.code(), Some(0), "upgrade: {}", text(&out));
+    }
+    let after = stack.wait_steady_with_standby(LONG);
+    stack.remember(&stack_support::pids_in(&after));
+    assert_eq!(service_pids(&after), service_pids(&before));
+    assert_eq!(after["supervised"], true, "{after}");
 }

@@ -838,6 +838,9 @@ impl Keeper {
                 pid,
                 "upgrade: stopping the old binary's coordinator; a successor from the new binary adopts the stack"
             );
+            // Killed on purpose: no quick death of a successor (upgrades in a row would
+            // otherwise reach the successor limit, and the keeper would stop the stack).
+            self.successors.remove(&pid);
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         self.upgrade.phase = Phase::AwaitingTakeover;
