@@ -6,7 +6,8 @@
 //! - 1: an operation failed (for `stop`: something of the instance still runs, named; for
 //!   `status`: the instance's state cannot be read, a damaged segment);
 //! - 2: bad usage or bad configuration (nothing was started or changed);
-//! - 3: `status` of an instance that is not running (as `systemctl status`).
+//! - 3: `status` (and `reload`, `upgrade`) of an instance that is not running (as
+//!   `systemctl status`).
 
 mod check;
 mod events;
