@@ -136,19 +136,53 @@ fn check_upgraded(stack: &Stack, before: &Value, new: &Path) -> Value {
 }
 
 /// The old binary: `CCMGR_UPGRADE_FROM`, else the previous commit's, built once per run of
-/// this test binary (and cached across runs by commit).
-fn previous_binary() -> PathBuf {
-    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// this test binary (and cached across runs by commit); with the commit, if built from one.
+fn previous_binary() -> (PathBuf, Option<String>) {
+    static BUILT: Mutex<Option<(PathBuf, Option<String>)>> = Mutex::new(None);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = built.as_ref() {
-        return path.clone();
+    if let Some(found) = built.as_ref() {
+        return found.clone();
     }
-    let path = match std::env::var_os("CCMGR_UPGRADE_FROM") {
-        Some(path) => PathBuf::from(path),
-        None => build_previous_commit(),
+    let found = match std::env::var_os("CCMGR_UPGRADE_FROM") {
+        Some(path) => (PathBuf::from(path), None),
+        None => {
+            let (path, commit) = build_previous_commit();
+            (path, Some(commit))
+        }
     };
-    *built = Some(path.clone());
-    path
+    *built = Some(found.clone());
+    found
+}
+
+/// The (segment layout, service API layout, keeper state) versions of `commit`'s source.
+fn versions_of(commit: &str) -> (u32, u32, u32) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let constant = |file: &str, name: &str| -> u32 {
+        let text = git(repo, &["show", &format!("{commit}:{file}")])
+            .unwrap_or_else(|| panic!("cannot read {file} of commit {commit}"));
+        let prefix = format!("pub const {name}: u32 = ");
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(&prefix))
+            .and_then(|rest| rest.trim_end_matches(';').trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {file} of commit {commit}"))
+    };
+    (
+        constant("src/shm/layout.rs", "LAYOUT_VERSION"),
+        constant("src/shm/api/layout.rs", "API_LAYOUT_VERSION"),
+        constant("src/upgrade.rs", "STATE_VERSION"),
+    )
+}
+
+/// `ccmgr status --json` of `stack` by `binary`, when it answers.
+fn status_by(stack: &Stack, binary: &Path) -> Option<Value> {
+    let out = Command::new(binary)
+        .arg("--config")
+        .arg(stack.path().join("ccmgr.toml"))
+        .args(["status", "--json"])
+        .env_remove("CCMGR_CONFIG")
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
 }
 
 fn git(repo: &Path, args: &[&str]) -> Option<String> {
@@ -163,7 +197,7 @@ fn git(repo: &Path, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn build_previous_commit() -> PathBuf {
+fn build_previous_commit() -> (PathBuf, String) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let no_history = |why: &str| -> ! {
         panic!(
@@ -185,7 +219,7 @@ fn build_previous_commit() -> PathBuf {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("upgrade-from");
     let binary = base.join(format!("ccmgr-{commit}"));
     if binary.exists() {
-        return binary;
+        return (binary, commit);
     }
     let src = base.join(format!("src-{commit}"));
     let _ = std::fs::remove_dir_all(&src);
@@ -222,13 +256,30 @@ fn build_previous_commit() -> PathBuf {
     }
     std::fs::copy(target.join("debug/ccmgr"), &binary).unwrap();
     let _ = std::fs::remove_dir_all(&src);
-    binary
+    (binary, commit)
 }
 
 /// The acceptance test: from the previous commit's binary to this one.
 #[test]
 fn upgrade_from_the_previous_commit_keeps_every_service() {
-    let old = previous_binary();
+    use ccmgr::shm::{api::API_LAYOUT_VERSION, layout::LAYOUT_VERSION};
+    let (old, commit) = previous_binary();
+    let ours = (
+        LAYOUT_VERSION,
+        API_LAYOUT_VERSION,
+        ccmgr::upgrade::STATE_VERSION,
+    );
+    if let Some(theirs) = commit.as_deref().map(versions_of)
+        && theirs != ours
+    {
+        // The previous commit wrote a state this source does not read: the specified outcome
+        // is a refusal that changes nothing, and that is what is checked.
+        eprintln!(
+            "note: commit {} has (segment, API, state) versions {theirs:?}, this source {ours:?}: the upgrade must be refused",
+            commit.unwrap_or_default()
+        );
+        return previous_commit_is_refused(&old);
+    }
     // The old binary runs from a copy that is removed once the stack is up, as dpkg replaces
     // /usr/bin/ccmgr: the running keeper's own executable is then a deleted inode, and it
     // executes the path the client names.
@@ -650,4 +701,44 @@ fn upgrades_in_a_row_are_no_crash_loop() {
     stack.remember(&stack_support::pids_in(&after));
     assert_eq!(service_pids(&after), service_pids(&before));
     assert_eq!(after["supervised"], true, "{after}");
+}
+
+/// The previous commit's binary wrote a state of other versions: `upgrade` refuses, naming
+/// both, and nothing changes (checked through the old binary, the one that reads that state).
+fn previous_commit_is_refused(old: &Path) {
+    let stack = Stack::new("upgrade-prev-refused", "", &[]);
+    stack.write_service("a", &service("a", ""));
+    stack.write_service("b", &service("b", "requires = [\"a\"]"));
+    let out = Command::new(old)
+        .arg("--config")
+        .arg(stack.path().join("ccmgr.toml"))
+        .arg("start")
+        .env_remove("CCMGR_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "start: {}", text(&out));
+    let mut before = None;
+    wait_until(
+        "the old binary's stack to be steady with its standby",
+        || {
+            before = status_by(&stack, old)
+                .filter(|s| stack_support::steady_and_all_up(s) && s["standby"]["pid"].is_i64());
+            before.is_some()
+        },
+    );
+    let before = before.unwrap();
+    stack.remember(&stack_support::pids_in(&before));
+    let out = stack.ccmgr(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("nothing was changed"), "{}", text(&out));
+    let after = status_by(&stack, old).unwrap();
+    assert_eq!(processes(&after), processes(&before), "nothing changed");
+    let out = Command::new(old)
+        .arg("--config")
+        .arg(stack.path().join("ccmgr.toml"))
+        .arg("stop")
+        .env_remove("CCMGR_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stop: {}", text(&out));
 }
