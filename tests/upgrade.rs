@@ -47,14 +47,15 @@ fn started_with_global(
     let stack = Stack::new(test, global, &[]);
     stack.write_service("a", &service("a", ""));
     stack.write_service("b", &service("b", "requires = [\"a\"]"));
-    let out = Command::new(binary)
-        .arg("--config")
-        .arg(stack.path().join("ccmgr.toml"))
-        .arg("start")
-        .envs(env.iter().copied())
-        .env_remove("CCMGR_CONFIG")
-        .output()
-        .unwrap();
+    let out = copy_output(|| {
+        Command::new(binary)
+            .arg("--config")
+            .arg(stack.path().join("ccmgr.toml"))
+            .arg("start")
+            .envs(env.iter().copied())
+            .env_remove("CCMGR_CONFIG")
+            .output()
+    });
     assert!(out.status.success(), "start: {}", text(&out));
     let status = stack.wait_steady_with_standby(LONG);
     stack.remember(&stack_support::pids_in(&status));
@@ -581,15 +582,17 @@ fn a_stranger_may_not_upgrade() {
     let bin = stack.path().join("ccmgr");
     std::fs::copy(CCMGR, &bin).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new(&bin)
-        .arg("--config")
-        .arg(&config)
-        .arg("upgrade")
-        .env_remove("CCMGR_CONFIG")
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    let run = || {
+        Command::new(&bin)
+            .arg("--config")
+            .arg(&config)
+            .arg("upgrade")
+            .env_remove("CCMGR_CONFIG")
+            .uid(65534)
+            .gid(65534)
+            .output()
+    };
+    let out = copy_output(run);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     let after = stack.wait_steady_with_standby(LONG);
     assert_eq!(processes(&after), processes(&before), "nothing changed");
@@ -741,4 +744,21 @@ fn previous_commit_is_refused(old: &Path) {
         .output()
         .unwrap();
     assert!(out.status.success(), "stop: {}", text(&out));
+}
+
+/// Runs a copied binary: ETXTBSY (another test thread's fork can hold the copy's write fd for
+/// a moment, until its exec) is tried again, within a deadline.
+fn copy_output(run: impl Fn() -> std::io::Result<std::process::Output>) -> std::process::Output {
+    let deadline = Instant::now() + LONG;
+    loop {
+        match run() {
+            Err(e)
+                if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32)
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            out => return out.unwrap(),
+        }
+    }
 }

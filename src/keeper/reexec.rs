@@ -654,9 +654,8 @@ fn build(resume: &mut Resume) -> Result<Keeper, KeeperError> {
         reload_handover: None,
         upgrade: UpgradeSide::default(),
     };
-    for &(fd, service) in &state.log_pipes {
+    for &(fd, _) in &state.log_pipes {
         keeper.pipes.insert(fd, claim(fd));
-        keeper.sources.insert(fd, Source::LogPipe(service));
     }
     for h in &state.hook_outputs {
         keeper.hook_outputs.insert(
