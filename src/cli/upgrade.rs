@@ -32,7 +32,10 @@ pub fn upgrade(cli: &Cli) -> Exit {
     let exit = match &outcome {
         Ok(_) => Exit::Ok,
         Err((exit, why)) => {
-            eprintln!("ccmgr: {why}");
+            // An empty reason: the check that failed has said why already.
+            if !why.is_empty() {
+                eprintln!("ccmgr: {why}");
+            }
             *exit
         }
     };
@@ -69,10 +72,9 @@ struct Upgraded {
 type Failure = (Exit, String);
 
 fn run(cli: &Cli) -> Result<Upgraded, Failure> {
-    let (instance, global) = instance_of(cli).map_err(|e| (e, "no instance".to_owned()))?;
+    let (instance, global) = instance_of(cli).map_err(|e| (e, String::new()))?;
     let run_dir = run_dir_of(&instance, global.as_ref());
-    refuse_non_owner(&instance, &run_dir)
-        .map_err(|e| (e, format!("instance {instance} is not yours to upgrade")))?;
+    refuse_non_owner(&instance, &run_dir).map_err(|e| (e, String::new()))?;
     let exe = new_binary()?;
     let not_running = || {
         (
