@@ -97,6 +97,25 @@ fn check_upgraded(stack: &Stack, before: &Value, new: &Path) -> Value {
     let keeper = pid(&after["keeper"]);
     assert_eq!(keeper, pid(&before["keeper"]), "the keeper keeps its pid");
     assert_eq!(exe_of(keeper), new, "the keeper runs the new binary");
+    // What crossed the exec is close-on-exec again, and the state's memfd and the previous
+    // binary are closed once the new image has resumed.
+    assert_eq!(
+        inheritable_fds(keeper),
+        Vec::<String>::new(),
+        "inheritable fds"
+    );
+    let held: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{keeper}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .collect();
+    assert!(
+        !held.iter().any(|l| {
+            let text = l.to_string_lossy();
+            text.contains("memfd:") || text.ends_with(" (deleted)") || l == new
+        }),
+        "the keeper still holds {held:?}"
+    );
     let coordinator = pid(&after["coordinator"]);
     let standby = pid(&after["standby"]);
     assert_ne!(
@@ -761,4 +780,59 @@ fn copy_output(run: impl Fn() -> std::io::Result<std::process::Output>) -> std::
             out => return out.unwrap(),
         }
     }
+}
+
+/// An exec that fails (here a file that passes every check of the binary but is no program:
+/// ENOEXEC) returns to the old image: the keeper goes on as it was, with close-on-exec set
+/// again on every fd it had cleared it on, so that nothing of it leaks into a coordinator it
+/// starts afterwards.
+#[test]
+fn a_failed_exec_leaves_the_keeper_as_it_was() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (stack, before) = started_with("upgrade-noexec", &canonical(CCMGR), &[]);
+    let junk = stack.path().join("not-a-program");
+    std::fs::write(&junk, b"\x00\x01\x02 no program\n").unwrap();
+    std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let conn = connect(&stack);
+    ccmgr::upgrade::send_message(conn.as_fd(), &request(&junk)).unwrap();
+    let replies = replies(&conn);
+    match replies.as_slice() {
+        [Reply::Executing { .. }, Reply::Failed { why }] => {
+            assert!(why.contains("cannot execute"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let after = stack.wait_steady_with_standby(LONG);
+    assert_eq!(processes(&after), processes(&before), "nothing changed");
+    // Every fd of the keeper is close-on-exec again (what it starts inherits none of them).
+    let keeper = pid(&after["keeper"]);
+    let inheritable = inheritable_fds(keeper);
+    assert_eq!(
+        inheritable,
+        Vec::<String>::new(),
+        "the keeper's inheritable fds"
+    );
+}
+
+/// The fds above 2 of `pid` without close-on-exec.
+fn inheritable_fds(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .parse::<i32>()
+                .is_ok_and(|fd| fd > 2)
+        })
+        .filter(|e| {
+            let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok());
+            flags.is_some_and(|f| f & 0o2000000 == 0)
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
 }
