@@ -33,11 +33,14 @@
 //!   changes, for a `ccmgr stop` that cannot read the segment;
 //! - switches the instance to the next segment and configuration of a live reload
 //!   ([`ToKeeper::Reload`]; see the `reload` submodule), since it owns the per-service
-//!   tables that must follow the services to their new indices.
+//!   tables that must follow the services to their new indices;
+//! - re-executes itself into a new binary on `ccmgr upgrade`, served on its own upgrade
+//!   socket, keeping its pid, its children and its state across the exec, and has a
+//!   coordinator of the new binary adopt the stack (see the `reexec` submodule).
 //!
-//! Its event loop blocks in `epoll` on a signalfd, the coordinator's socket, the log pipes and
-//! one timerfd (armed only for the deadlines of its own ordered stop); it never sleeps or
-//! polls.
+//! Its event loop blocks in `epoll` on a signalfd, the coordinators' sockets, the log pipes, the
+//! upgrade socket and one timerfd (armed only for the deadlines of its own ordered stop); it
+//! never sleeps or polls.
 
 pub mod protocol;
 pub mod reexec;
