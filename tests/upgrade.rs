@@ -241,7 +241,9 @@ fn build_previous_commit() -> (PathBuf, String) {
     if binary.exists() {
         return (binary, commit);
     }
-    let src = base.join(format!("src-{commit}"));
+    // One source dir for every commit: the build's fingerprints then name the same paths, and
+    // a rebuild replaces the last commit's artifacts instead of piling up beside them.
+    let src = base.join("src");
     let _ = std::fs::remove_dir_all(&src);
     std::fs::create_dir_all(&src).unwrap();
     let archive = Command::new("sh")
