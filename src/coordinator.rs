@@ -550,9 +550,20 @@ impl Coordinator {
             }
         };
         let snapshot = self.published_snapshot(&params)?;
-        // Taking over in the middle of a reload is no death to restart everything for.
+        // Taking over in the middle of a reload, or from a coordinator an upgrade replaced, is
+        // no death to restart everything for.
         let restart_all = self.config.global.coordinator.takeover == Takeover::Restart
-            && !reload::marker_path(&self.config).exists();
+            && !reload::marker_path(&self.config).exists()
+            && !crate::upgrade::marker_path(
+                &self.config.global.run_dir,
+                &self.config.global.instance,
+            )
+            .exists();
+        // Read: an upgrade's marker has done its work (a later death is a death).
+        let _ = std::fs::remove_file(crate::upgrade::marker_path(
+            &self.config.global.run_dir,
+            &self.config.global.instance,
+        ));
         let (engine, actions) = Engine::adopt(params, self.now(), snapshot, &facts, restart_all);
         self.engine = engine;
         for (s, slot) in self.engine.slots().iter().enumerate() {

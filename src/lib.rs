@@ -29,6 +29,8 @@
 //!   can use when the segment is lost.
 //! - [`reload`]: the plan of a live reload, from the running configuration to the one on
 //!   disk.
+//! - [`upgrade`]: `ccmgr upgrade`, replacing the keeper, coordinator and standby with a new
+//!   binary while every service keeps its process (the keeper's half: `keeper::reexec`).
 //! - [`logging`]: where the coordinator's and keeper's own log lines go.
 //! - [`cli`]: the `ccmgr` command line (verbs, exit codes, output).
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -57,4 +59,5 @@ pub mod service;
 pub mod shm;
 pub mod socket_file;
 pub mod spawn;
+pub mod upgrade;
 pub mod vocab;

@@ -215,6 +215,18 @@ impl NotifySocket {
         }
     }
 
+    /// A socket this very process bound, handed to its next image across an exec (`ccmgr
+    /// upgrade`): `file_id` is what [`NotifySocket::file_id`] said before, so that dropping it
+    /// removes the socket file as the binder would have.
+    pub fn from_handed(fd: OwnedFd, path: PathBuf, file_id: Option<(u64, u64)>) -> NotifySocket {
+        NotifySocket { fd, path, file_id }
+    }
+
+    /// The (device, inode) of the socket file, if this socket bound it.
+    pub fn file_id(&self) -> Option<(u64, u64)> {
+        self.file_id
+    }
+
     /// The socket's path: the value of `$NOTIFY_SOCKET`.
     pub fn path(&self) -> &Path {
         &self.path

@@ -35,6 +35,8 @@ pub fn clear_for_bind(path: &Path) -> Result<(), ClearError> {
 pub enum Kind {
     Stream,
     Datagram,
+    /// `SOCK_SEQPACKET` (the upgrade socket).
+    SeqPacket,
 }
 
 /// Removes the socket at `path` if nobody serves it any more (a connection is refused): what
@@ -49,6 +51,8 @@ pub fn remove_if_dead(path: &Path, kind: Kind) {
         Kind::Stream => std::os::unix::net::UnixStream::connect(path).is_err_and(|e| refused(&e)),
         Kind::Datagram => std::os::unix::net::UnixDatagram::unbound()
             .is_ok_and(|probe| probe.connect(path).is_err_and(|e| refused(&e))),
+        Kind::SeqPacket => crate::upgrade::connect_socket(path)
+            .is_err_and(|e| e == nix::errno::Errno::ECONNREFUSED),
     };
     if dead {
         let _ = fs::remove_file(path);

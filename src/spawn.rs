@@ -397,6 +397,23 @@ pub fn raise_fd_limit() -> Result<u64, Errno> {
     Ok(hard)
 }
 
+/// The open-files limit (soft, hard) this process had before [`raise_fd_limit`], which
+/// services get back: a keeper hands it to its next image across `ccmgr upgrade`'s exec, since
+/// the limit it then has is the raised one.
+pub fn original_fd_limit() -> Option<(u64, u64)> {
+    ORIGINAL_NOFILE.get().map(|l| (l.rlim_cur, l.rlim_max))
+}
+
+/// Restores what [`original_fd_limit`] said in the previous image of this process, then raises
+/// the limit as [`raise_fd_limit`] does.
+pub fn raise_fd_limit_from(original: (u64, u64)) -> Result<u64, Errno> {
+    let _ = ORIGINAL_NOFILE.set(libc::rlimit {
+        rlim_cur: original.0,
+        rlim_max: original.1,
+    });
+    raise_fd_limit()
+}
+
 fn cstring(what: impl FnOnce() -> String, bytes: &[u8]) -> Result<CString, SpawnError> {
     CString::new(bytes).map_err(|_| SpawnError::NulByte { what: what() })
 }

@@ -1127,6 +1127,11 @@ fn remove_state(
         // Its readers (`ccmgr events`) see the name go and end.
         let _ = std::fs::remove_file(crate::coordinator::events_path_in(run_dir, instance));
         crate::control::remove_if_dead(&crate::control::socket_path(run_dir, instance));
+        crate::socket_file::remove_if_dead(
+            &crate::upgrade::socket_path(run_dir, instance),
+            crate::socket_file::Kind::SeqPacket,
+        );
+        let _ = std::fs::remove_file(crate::upgrade::marker_path(run_dir, instance));
         // What a reload cut short (its keeper killed) leaves: its marker and staged segment.
         let _ = std::fs::remove_file(crate::coordinator::reload_marker_path_in(run_dir, instance));
         if let Ok(staged) = Segment::staged_path(run_dir, instance) {

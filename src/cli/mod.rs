@@ -6,8 +6,8 @@
 //! - 1: an operation failed (for `stop`: something of the instance still runs, named; for
 //!   `status`: the instance's state cannot be read, a damaged segment);
 //! - 2: bad usage or bad configuration (nothing was started or changed);
-//! - 3: `status`, `reload`, `events` or a per-service verb of an instance that is not running
-//!   (as `systemctl status`);
+//! - 3: `status`, `reload`, `upgrade`, `events` or a per-service verb of an instance that is
+//!   not running (as `systemctl status`);
 //! - 4: not permitted: a verb that changes something, by anyone but the instance's owner.
 
 mod check;
@@ -18,6 +18,7 @@ mod operate;
 mod reload;
 mod status;
 mod stop_driver;
+mod upgrade;
 mod why;
 
 use std::path::PathBuf;
@@ -136,6 +137,10 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Replace the running keeper, coordinator and standby with this ccmgr binary, keeping
+    /// every service's process (refused, changing nothing, when this binary cannot read the
+    /// running instance's state; exit 3 when the instance is not running).
+    Upgrade,
     /// The roles ccmgr runs itself as (not for direct use).
     #[command(hide = true)]
     Internal {
@@ -147,6 +152,16 @@ pub enum Command {
         /// run directory if not given).
         #[arg(long, value_name = "DIR")]
         run_dir: Option<PathBuf>,
+        /// A keeper re-executed by `ccmgr upgrade`: the memfd holding its previous image's
+        /// state.
+        #[arg(long, value_name = "FD")]
+        resume_state: Option<i32>,
+        /// With --resume-state: the previous image's binary, to roll back to.
+        #[arg(long, value_name = "FD", requires = "resume_state")]
+        previous_exe: Option<i32>,
+        /// With --resume-state: this image is a roll-back, and why.
+        #[arg(long, value_name = "WHY", requires = "resume_state")]
+        rollback_reason: Option<String>,
     },
 }
 
@@ -324,10 +339,32 @@ pub fn main() -> ExitCode {
             follow,
         } => Ok(logs::logs(&cli, services, *lines, *follow)),
         Command::Reload { dry_run } => Ok(reload::reload(&cli, *dry_run, cli.json)),
+        Command::Upgrade => Ok(upgrade::upgrade(&cli)),
+        Command::Internal {
+            role: InternalRole::Keeper,
+            run_dir,
+            resume_state: Some(state_fd),
+            previous_exe,
+            rollback_reason,
+            ..
+        } => {
+            let instance = cli.instance.clone().unwrap_or_default();
+            let run_dir = run_dir
+                .clone()
+                .unwrap_or_else(crate::shm::state_dir::default_run_dir);
+            Ok(upgrade::internal_keeper_resume(
+                &run_dir,
+                &instance,
+                *state_fd,
+                *previous_exe,
+                rollback_reason.clone(),
+            ))
+        }
         Command::Internal {
             role,
             foreground,
             run_dir,
+            ..
         } => {
             let instance = cli.instance.clone().unwrap_or_default();
             let run_dir = run_dir

@@ -37,13 +37,17 @@
 //!   systems and container runtimes send ([`crate::init_signals`]);
 //! - switches the instance to the next segment and configuration of a live reload
 //!   ([`ToKeeper::Reload`]; see the `reload` submodule), since it owns the per-service
-//!   tables that must follow the services to their new indices.
+//!   tables that must follow the services to their new indices;
+//! - re-executes itself into a new binary on `ccmgr upgrade`, served on its own upgrade
+//!   socket, keeping its pid, its children and its state across the exec, and has a
+//!   coordinator of the new binary adopt the stack (see the `reexec` submodule).
 //!
-//! Its event loop blocks in `epoll` on a signalfd, the coordinator's socket, the log pipes and
-//! one timerfd (armed only for the deadlines of its own ordered stop); it never sleeps or
-//! polls.
+//! Its event loop blocks in `epoll` on a signalfd, the coordinators' sockets, the log pipes, the
+//! upgrade socket and one timerfd (armed only for the deadlines of its own ordered stop); it
+//! never sleeps or polls.
 
 pub mod protocol;
+pub mod reexec;
 mod reload;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -121,6 +125,10 @@ pub enum KeeperError {
     Notify(#[from] crate::notify::NotifyError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    /// A new binary cannot rebuild the keeper from the state its previous image handed over
+    /// (`ccmgr upgrade`; see [`reexec`]).
+    #[error("cannot resume the keeper from the state handed over: {0}")]
+    Resume(String),
     #[error("cannot start the coordinator ({}): {source}", .exe.display())]
     StartCoordinator {
         exe: PathBuf,
@@ -203,6 +211,9 @@ enum Source {
     LogPipe(usize),
     /// The output of a running failure command.
     HookPipe,
+    /// The upgrade socket ([`reexec`]), and the connection of the client it serves.
+    UpgradeListener,
+    UpgradeClient,
 }
 
 /// The output pipe of a failure command: read line by line into ccmgr's own log (which is
@@ -295,6 +306,8 @@ struct Keeper {
     /// The init system's notify socket (systemd's `$NOTIFY_SOCKET`), for a foreground keeper
     /// started by one: the coordinators' `READY=1`/`STATUS=` are relayed there.
     init_system: Option<crate::sd_notify::SdRelay>,
+    /// `ccmgr upgrade`'s socket and progress ([`reexec`]).
+    upgrade: reexec::UpgradeSide,
 }
 
 /// Runs the keeper until the stack is stopped; returns the process exit code.
@@ -337,37 +350,14 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
             "running as PID 1 of a PID namespace: orphans are reaped here, and stop signals stop the stack"
         );
     }
-    // Every signal of the table (stops, halt/poweroff/reboot, reload, SIGCHLD): as PID 1 the
-    // kernel would drop the ones left at their default; blocked, none is.
-    let mask = crate::init_signals::mask();
-    // Blocked signals are delivered through the signalfd only. Children start with an empty
-    // mask (spawn resets it; std's Command does too), so none of this leaks into them.
-    mask.thread_block().map_err(KeeperError::Setup)?;
-    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-        .map_err(KeeperError::Setup)?;
-    let timer = TimerFd::new(
-        ClockId::CLOCK_MONOTONIC,
-        TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
-    )
-    .map_err(KeeperError::Setup)?;
-    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(KeeperError::Setup)?;
+    let (epoll, signals, timer) = event_core()?;
     let notify = NotifySocket::bind(&notify_socket_path(&config))?;
     let control = crate::control::bind(
         &crate::control::socket_path(&config.global.run_dir, &config.global.instance),
         config.global.group.as_ref().map(|g| g.id),
     )?;
     // After the mask: the relay's thread inherits it.
-    let init_system = if foreground {
-        crate::sd_notify::SdNotifier::from_env()
-            .and_then(|made| made.inspect_err(|e| warn!("{e}")).ok())
-            .and_then(|notifier| {
-                crate::sd_notify::SdRelay::start(notifier)
-                    .inspect_err(|e| warn!(error = %e, "cannot start the init system's relay"))
-                    .ok()
-            })
-    } else {
-        None
-    };
+    let init_system = init_system_relay(foreground);
     let n = config.services.len();
     let successor_deaths = RecentDeaths::new(SUCCESSOR_SPAN, SUCCESSOR_LIMIT);
     let mut keeper = Keeper {
@@ -408,34 +398,23 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         cgroups,
         reload_handover: None,
         init_system,
+        upgrade: reexec::UpgradeSide::default(),
     };
-    watch(
-        &keeper.epoll,
-        &mut keeper.sources,
-        keeper.signals.as_fd(),
-        Source::Signals,
-    )?;
-    watch(
-        &keeper.epoll,
-        &mut keeper.sources,
-        keeper.timer.as_fd(),
-        Source::Timer,
-    )?;
-    if let Some(period) = keeper.config.global.coordinator.watchdog {
-        let watchdog = Watchdog::new(period.as_duration())?;
-        watch(
-            &keeper.epoll,
-            &mut keeper.sources,
-            watchdog.timer.as_fd(),
-            Source::Watchdog,
-        )?;
-        keeper.watchdog = Some(watchdog);
-    }
+    keeper.watch_core()?;
+    keeper.bind_upgrade_socket();
     let pid = keeper.start_coordinator(Role::Coordinator, report)?;
     keeper.coordinator = Some(pid);
     keeper.heard_from_coordinator();
     info!(pid, "keeper started the coordinator");
+    Ok(finish(keeper))
+}
+
+/// Runs the keeper's loop until the stack is stopped, then removes what the instance leaves;
+/// returns the process exit code. (A keeper resumed after `ccmgr upgrade` comes here too.)
+fn finish(mut keeper: Keeper) -> i32 {
     keeper.run_loop();
+    keeper.remove_upgrade_socket();
+    keeper.remove_upgrade_marker();
     keeper.remove_cgroups();
     // Nothing of the instance is left to record.
     ProcessRecord::remove(&keeper.record_path());
@@ -465,7 +444,75 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
     if let Some(init) = keeper.init_system.take() {
         init.finish();
     }
-    Ok(keeper.exit_code())
+    keeper.exit_code()
+}
+
+/// The relay to the init system's notify socket (systemd's `$NOTIFY_SOCKET`), for a
+/// foreground keeper started by one; made anew by every image of the keeper (the socket's
+/// address stays in the keeper's own environment across `ccmgr upgrade`'s exec). Called after
+/// the signal mask is set: the relay's thread inherits it.
+pub(crate) fn init_system_relay(foreground: bool) -> Option<crate::sd_notify::SdRelay> {
+    if !foreground {
+        return None;
+    }
+    crate::sd_notify::SdNotifier::from_env()
+        .and_then(|made| made.inspect_err(|e| warn!("{e}")).ok())
+        .and_then(|notifier| {
+            crate::sd_notify::SdRelay::start(notifier)
+                .inspect_err(|e| warn!(error = %e, "cannot start the init system's relay"))
+                .ok()
+        })
+}
+
+/// The keeper's own event sources, made anew by every image of it: its epoll set, the
+/// signalfd of the signals it handles (blocked, so that they come only through it), and the
+/// timer of its deadlines.
+fn event_core() -> Result<(Epoll, SignalFd, TimerFd), KeeperError> {
+    // Every signal of the table (stops, halt/poweroff/reboot, reload, SIGCHLD): as PID 1 the
+    // kernel would drop the ones left at their default; blocked, none is.
+    let mask = crate::init_signals::mask();
+    // Blocked signals are delivered through the signalfd only. Children start with an empty
+    // mask (spawn resets it; std's Command does too), so none of this leaks into them.
+    mask.thread_block().map_err(KeeperError::Setup)?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(KeeperError::Setup)?;
+    let timer = TimerFd::new(
+        ClockId::CLOCK_MONOTONIC,
+        TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
+    )
+    .map_err(KeeperError::Setup)?;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(KeeperError::Setup)?;
+    Ok((epoll, signals, timer))
+}
+
+impl Keeper {
+    /// Watches the signalfd and the timer, and sets up the watchdog if configured.
+    fn watch_core(&mut self) -> Result<(), KeeperError> {
+        let keeper = self;
+        watch(
+            &keeper.epoll,
+            &mut keeper.sources,
+            keeper.signals.as_fd(),
+            Source::Signals,
+        )?;
+        watch(
+            &keeper.epoll,
+            &mut keeper.sources,
+            keeper.timer.as_fd(),
+            Source::Timer,
+        )?;
+        if let Some(period) = keeper.config.global.coordinator.watchdog {
+            let watchdog = Watchdog::new(period.as_duration())?;
+            watch(
+                &keeper.epoll,
+                &mut keeper.sources,
+                watchdog.timer.as_fd(),
+                Source::Watchdog,
+            )?;
+            keeper.watchdog = Some(watchdog);
+        }
+        Ok(())
+    }
 }
 
 impl Keeper {
@@ -614,6 +661,8 @@ impl Keeper {
                     Some(Source::Peer(pid)) => self.on_peer(pid),
                     Some(Source::LogPipe(service)) => self.on_log_pipe(fd, service),
                     Some(Source::HookPipe) => self.on_hook_output(fd),
+                    Some(Source::UpgradeListener) => self.on_upgrade_listener(),
+                    Some(Source::UpgradeClient) => self.on_upgrade_client(),
                     None => {}
                 }
             }
@@ -1079,6 +1128,7 @@ impl Keeper {
         let successor_since = self.successors.remove(&pid);
         self.identities.remove(&pid);
         self.record_dirty = true;
+        self.upgrade_on_peer_exit(pid);
         if let Some(mut peer) = self.peers.remove(&pid) {
             unwatch(&self.epoll, &mut self.sources, peer.socket.as_fd());
             if was_coordinator {
@@ -1213,6 +1263,7 @@ impl Keeper {
             }
             ToKeeper::TakeOver => {
                 info!(pid = from, "a standby takes over as coordinator");
+                self.upgrade_on_takeover();
                 self.takeover_due = None;
                 self.coordinator = Some(from);
                 self.children.insert(from, Role::Coordinator);
@@ -1890,6 +1941,11 @@ impl RecentDeaths {
             self.deaths.pop_front();
         }
         self.deaths.len()
+    }
+
+    /// The deaths counted now, oldest first (handed across an upgrade's exec).
+    pub fn times(&self) -> Vec<Instant> {
+        self.deaths.iter().copied().collect()
     }
 
     /// When the window is quiet again (every death counted now has fallen out of it).

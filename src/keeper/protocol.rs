@@ -155,6 +155,18 @@ impl Outbox {
         Ok(())
     }
 
+    /// What waits, as encoded (handed across an upgrade's exec).
+    pub fn queued(&self) -> Vec<Vec<u8>> {
+        self.queue.iter().cloned().collect()
+    }
+
+    /// An outbox holding what [`Outbox::queued`] returned.
+    pub fn with_queued(queued: Vec<Vec<u8>>) -> Outbox {
+        Outbox {
+            queue: queued.into(),
+        }
+    }
+
     /// Nothing waits: the socket need not be watched for writability.
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
