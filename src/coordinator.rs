@@ -279,8 +279,11 @@ pub fn run(
         Role::Coordinator => false,
         Role::Standby => {
             let me = ProcessIdentity::current().ok();
-            // What opening the segment read and let go of goes back before the long wait.
+            // What opening the segment read and let go of goes back before the long wait, and
+            // so do the segment's pages it read to verify it (the coordinator and keeper keep
+            // them mapped; a takeover maps them again).
             crate::heap::release_free_memory();
+            segment.release_resident_pages();
             if !wait_for_coordinator_death(&segment, me)? {
                 info!("the coordinator stopped in order: the standby retires");
                 return Ok(0);
