@@ -296,7 +296,11 @@ fn generated_stack(instance: &str, count: usize) -> tempfile::TempDir {
 fn ten_thousand_services_check() {
     let dir = generated_stack("many", 10_000);
     let out = run(dir.path(), &["check"]);
-    assert!(out.starts_with("exit: 0\n"), "{}", &out[..out.len().min(2000)]);
+    assert!(
+        out.starts_with("exit: 0\n"),
+        "{}",
+        &out[..out.len().min(2000)]
+    );
     assert!(
         out.contains("configuration OK: instance `many`, 10000 services"),
         "{}",
