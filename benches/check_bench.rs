@@ -1,7 +1,7 @@
 //! Benchmark of `ccmgr check`'s work on a large generated stack.
 //!
-//! Generates as many service files as one instance may have (`MAX_SERVICES`, 4096: `check`
-//! refuses more, as `start` would) with ~3 edges each (each service requires or comes after up
+//! Generates 10,000 service files (issue 11's size; an instance may have up to `MAX_SERVICES`,
+//! 32,768) with ~3 edges each (each service requires or comes after up
 //! to three services of lower number, a layered random DAG from a fixed seed), then times, over
 //! several rounds, against a baseline measured in the same run:
 //! - baseline: reading every file (the I/O any loader must do);
@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 
 use ccmgr::config::{Config, LoadOptions};
 use ccmgr::graph::{EdgeKind, ServiceGraph};
+
+/// Services generated when no size is given.
+const DEFAULT_SERVICES: usize = 10_000;
 
 /// xorshift64*: a fixed-seed generator, so every run benchmarks the same stack.
 struct Rng(u64);
@@ -102,7 +105,7 @@ fn main() {
     let n: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(ccmgr::shm::layout::MAX_SERVICES as usize);
+        .unwrap_or(DEFAULT_SERVICES);
     let tmp = tempfile::tempdir().unwrap();
     let (ids, edges) = generate(tmp.path(), n);
     let options = LoadOptions {

@@ -8,6 +8,7 @@
 //! - [`config`]: loading and validating `ccmgr.toml` and the `services.d/*.toml` files.
 //! - [`graph`]: the dependency graph, cycle detection, start/stop sequences and levels.
 //! - [`diag`]: file/line/column diagnostics shared by every loader.
+//! - [`heap`]: handing the pages `malloc` keeps free back to the kernel where a process settles.
 //! - [`engine`]: the coordinator's decisions, a pure state machine tested in virtual time.
 //! - [`events`]: lifecycle events (`ccmgr events`), derived from the engine's state.
 //! - [`coordinator`]: the coordinator process: the engine's event loop and state publishing.
@@ -45,6 +46,7 @@ pub mod duration;
 pub mod engine;
 pub mod events;
 pub mod graph;
+pub mod heap;
 pub mod init_signals;
 pub mod keeper;
 pub mod logging;

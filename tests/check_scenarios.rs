@@ -263,26 +263,87 @@ fn fifos_are_refused_without_blocking() {
     );
 }
 
-/// More services than the segment holds: `check` refuses what `start` would, naming the limit
-/// (built here: 5000 files are no fixture to commit).
-#[test]
-fn more_services_than_the_segment_holds_is_a_check_error() {
+/// A stack of `count` generated services in a temp dir: `s00000`, `s00001`, ..., each but every
+/// tenth requiring the one before it (chains of ten).
+fn generated_stack(instance: &str, count: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ccmgr.toml"), "instance = \"many\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("ccmgr.toml"),
+        format!("instance = \"{instance}\"\n"),
+    )
+    .unwrap();
     let services = dir.path().join("services.d");
     std::fs::create_dir(&services).unwrap();
-    for i in 0..5000 {
+    for i in 0..count {
+        let requires = if i % 10 == 0 {
+            String::new()
+        } else {
+            format!("requires = [\"s{:05}\"]\n", i - 1)
+        };
         std::fs::write(
-            services.join(format!("s{i:04}.toml")),
-            "command = \"/bin/sleep 1\"\n",
+            services.join(format!("s{i:05}.toml")),
+            format!("command = \"/bin/sleep 1\"\n{requires}"),
         )
         .unwrap();
     }
+    dir
+}
+
+/// 10,000 services (more than the 4,096 a segment once held; a segment is sized for its own
+/// count): `check` accepts them and prints both sequences whole, each service after what it
+/// requires and stopped before it.
+#[test]
+fn ten_thousand_services_check() {
+    let dir = generated_stack("many", 10_000);
+    let out = run(dir.path(), &["check"]);
+    assert!(
+        out.starts_with("exit: 0\n"),
+        "{}",
+        &out[..out.len().min(2000)]
+    );
+    assert!(
+        out.contains("configuration OK: instance `many`, 10000 services"),
+        "{}",
+        &out[..out.len().min(2000)]
+    );
+    let sequence = |label: &str| -> Vec<usize> {
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix(label))
+            .unwrap_or_else(|| panic!("no `{label}` line"));
+        line.split(", ")
+            .map(|id| id.trim_start_matches('s').parse().unwrap())
+            .collect()
+    };
+    for (label, forward) in [("startup sequence: ", true), ("shutdown sequence: ", false)] {
+        let seq = sequence(label);
+        assert_eq!(seq.len(), 10_000, "{label}");
+        let mut position = vec![usize::MAX; 10_000];
+        for (at, &i) in seq.iter().enumerate() {
+            assert_eq!(position[i], usize::MAX, "{label}: s{i:05} twice");
+            position[i] = at;
+        }
+        for i in (0..10_000).filter(|i| i % 10 != 0) {
+            assert_eq!(
+                position[i - 1] < position[i],
+                forward,
+                "{label}: s{:05} and s{i:05}",
+                i - 1
+            );
+        }
+    }
+}
+
+/// More services than the segment holds (`MAX_SERVICES`, 32,768): `check` refuses what `start`
+/// would, naming the limit (built here: so many files are no fixture to commit).
+#[test]
+fn more_services_than_the_segment_holds_is_a_check_error() {
+    let dir = generated_stack("toomany", 32_769);
     let out = run_with_deadline(dir.path(), &["check"]);
     assert!(out.starts_with("exit: 2\n"), "{out}");
     assert!(
         out.contains(
-            "error: $DIR/services.d: 5000 services, more than the 4096 one instance's shared segment holds (MAX_SERVICES)"
+            "error: $DIR/services.d: 32769 services, more than the 32768 one instance's shared segment holds (MAX_SERVICES)"
         ),
         "{out}"
     );

@@ -134,6 +134,44 @@ fn create_then_open_round_trips_image_and_state() {
     assert_eq!(seg.service_status(1).unwrap().restart_count, 3);
 }
 
+/// 10,000 services, more than the 4,096 a segment once held: created, opened (live and as a
+/// snapshot) and read back whole; the file is sized for its own counts, so ten services make a
+/// file hundreds of times smaller. One more than `MAX_SERVICES` is refused by name.
+#[test]
+fn ten_thousand_services_fit_and_a_segment_is_sized_for_its_count() {
+    let t = TestInstance::new("ten_thousand");
+    let spec = t.spec(10_000);
+    let (created, _starting) = Segment::create(&spec).unwrap();
+    let big = std::fs::metadata(created.path()).unwrap().len();
+    assert_eq!(big as usize, created.layout().total_size);
+    let seg = Segment::open(t.dir(), &t.name).unwrap();
+    assert_eq!(seg.services().unwrap(), spec.services);
+    assert_eq!(seg.startup_sequence().unwrap(), spec.startup_sequence);
+    assert_eq!(seg.shutdown_sequence().unwrap(), spec.shutdown_sequence);
+    assert_eq!(seg.service_index("s9999").unwrap(), Some(9999));
+    seg.write()
+        .unwrap()
+        .set_service_state(9999, ServiceState::Up, 5)
+        .unwrap();
+    let copy = Segment::open_snapshot(t.dir(), &t.name).unwrap();
+    assert_eq!(copy.service_status(9999).unwrap().state, ServiceState::Up);
+
+    let small = TestInstance::new("ten");
+    let (ten, _starting) = Segment::create(&small.spec(10)).unwrap();
+    let ten = std::fs::metadata(ten.path()).unwrap().len();
+    assert!(ten * 500 < big, "10 services: {ten} bytes; 10,000: {big}");
+
+    let over = TestInstance::new("over");
+    let count = ccmgr::shm::layout::MAX_SERVICES as usize + 1;
+    match Segment::create(&over.spec(count)) {
+        Err(ShmError::InvalidSpec { reason, .. }) => assert!(
+            reason.starts_with(&format!("{count} services, more than the")),
+            "{reason}"
+        ),
+        other => panic!("{count} services: {:?}", other.map(|_| ())),
+    }
+}
+
 #[test]
 fn a_group_segment_has_mode_0640_and_the_group() {
     let t = TestInstance::new("group");

@@ -787,8 +787,10 @@ pub fn internal_coordinator(
     ]);
     // Before anything opens a file that could land on one of their numbers.
     let handed = coordinator::Handed::take();
-    let config = match open_instance(run_dir, instance) {
-        Ok((_, config)) => config,
+    // Only the log's path, from the image's global settings: the services are decoded once,
+    // by `coordinator::run` (a standby's only when it takes over), not held twice.
+    let log_path = match global_of_instance(run_dir, instance) {
+        Ok(global) => coordinator::coordinator_log_path_in(&global.log_dir, &global.instance),
         Err(e) => {
             eprintln!("ccmgr: {e}");
             return Exit::Failed;
@@ -798,11 +800,7 @@ pub fn internal_coordinator(
         coordinator::Role::Coordinator => "coordinator",
         coordinator::Role::Standby => "standby",
     };
-    let _span = crate::logging::init(
-        Some(&coordinator::coordinator_log_path(&config)),
-        foreground,
-        name,
-    );
+    let _span = crate::logging::init(Some(&log_path), foreground, name);
     match coordinator::run(run_dir, instance, handed, role) {
         Ok(0) => Exit::Ok,
         Ok(_) => Exit::Failed,
@@ -822,6 +820,17 @@ pub fn open_instance(
     let blob = segment.config_blob().map_err(|e| e.to_string())?;
     let config = Config::from_image(&blob)?;
     Ok((segment, config))
+}
+
+/// The global settings of the instance's running configuration, from its segment's image,
+/// without its services.
+fn global_of_instance(
+    run_dir: &std::path::Path,
+    instance: &str,
+) -> Result<crate::config::GlobalConfig, String> {
+    let segment = Segment::open(run_dir, instance).map_err(|e| e.to_string())?;
+    let blob = segment.config_blob().map_err(|e| e.to_string())?;
+    Config::global_from_image(&blob)
 }
 
 /// The instance the command line names: `--instance`, else the one in the config file. Only

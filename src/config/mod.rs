@@ -281,6 +281,20 @@ impl Config {
         counter.0
     }
 
+    /// The global settings of an image alone: the services are skipped as they are read,
+    /// never built, so a process that needs only a path (the coordinator's log) does not
+    /// hold, or even allocate, what grows with the stack.
+    pub fn global_from_image(bytes: &[u8]) -> Result<GlobalConfig, String> {
+        /// [`ConfigImage`] without its services (serde skips fields a struct does not name).
+        #[derive(Deserialize)]
+        struct GlobalOfImage {
+            global: GlobalConfig,
+        }
+        serde_json::from_slice::<GlobalOfImage>(bytes)
+            .map(|image| image.global)
+            .map_err(|e| format!("the config image does not decode: {e}"))
+    }
+
     /// Rebuilds a configuration from its image. The image was checked when it was made, so a
     /// failure here means the bytes are not an image this version wrote.
     pub fn from_image(bytes: &[u8]) -> Result<Config, String> {

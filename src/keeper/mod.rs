@@ -1334,6 +1334,9 @@ impl Keeper {
                     self.start_coordinator(Role::Standby, None).ok()
                 };
                 self.tell_coordinator(FromKeeper::StandbySpawned { pid });
+                // A standby is asked for once a startup is over: the keeper settles here, and
+                // what the burst of spawns allocated and let go of goes back.
+                crate::heap::release_free_memory();
             }
             ToKeeper::StopStandby => {
                 for (&pid, role) in &self.children {

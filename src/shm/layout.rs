@@ -28,8 +28,12 @@ use super::robust::RobustMutex;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ccmgrSHM");
 /// Bumped on every change of the layout below.
 pub const LAYOUT_VERSION: u32 = 3;
-/// The most services one instance may have.
-pub const MAX_SERVICES: u32 = 4096;
+/// The most services one instance may have. A bound on what a header may claim, not a size:
+/// every segment is sized for its own counts (see [`Layout::compute`]), so a stack of ten
+/// services maps a few KiB whatever this says. At 32,768 the records take 6 MiB; the config
+/// image's own bound ([`MAX_CONFIG_BLOB`], about 500 bytes a service at this count) is then
+/// the one a stack of plain services meets first.
+pub const MAX_SERVICES: u32 = 32768;
 /// The longest service id, in bytes.
 pub const SERVICE_ID_MAX: usize = 64;
 /// The largest serialized config the segment carries.
@@ -290,7 +294,7 @@ const fn align_up(n: usize) -> usize {
 
 impl Layout {
     /// The layout for `counts`, or why there is none. The bounds make every
-    /// size fit easily in `usize` (the largest segment is about 17 MiB).
+    /// size fit easily in `usize` (the largest segment is about 22 MiB).
     pub fn compute(counts: Counts) -> Result<Layout, LayoutError> {
         let Counts {
             services,
@@ -462,7 +466,11 @@ mod tests {
             MAX_CONFIG_BLOB,
         ))
         .unwrap();
-        assert!(biggest.total_size < 32 << 20);
+        assert!(biggest.total_size < 24 << 20);
+        // Sized for its counts, not for the bound: ten services with a 5 KiB image take under
+        // 8 KiB.
+        let small = Layout::compute(counts(10, 10, 10, 5000)).unwrap();
+        assert!(small.total_size < 8 << 10, "{small:?}");
     }
 
     #[test]

@@ -183,6 +183,25 @@ impl<P: Protection> Mapping<P> {
         })
     }
 
+    /// Drops this process's page table entries for the whole mapping (`MADV_DONTNEED`). The
+    /// mapping is `MAP_SHARED` on a file, so nothing is lost: the bytes stay in the file (and
+    /// the page cache, or tmpfs), and the next access maps the page again. For a process that
+    /// read the whole segment once and will now wait a long time without reading it (the
+    /// standby): its resident set then no longer grows with the segment.
+    pub(crate) fn release_resident(&self) -> io::Result<()> {
+        // SAFETY: the range is exactly this mapping. MADV_DONTNEED on a MAP_SHARED file
+        // mapping only unmaps the pages from this process; their contents are the file's and
+        // read back unchanged, so every reference into the mapping stays valid.
+        unsafe {
+            nix::sys::mman::madvise(
+                self.base.cast(),
+                self.len,
+                nix::sys::mman::MmapAdvise::MADV_DONTNEED,
+            )
+        }
+        .map_err(io::Error::from)
+    }
+
     /// The open file behind the mapping.
     pub(crate) fn file(&self) -> &File {
         &self.file

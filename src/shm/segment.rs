@@ -300,6 +300,15 @@ impl Segment {
         self.sequence(false)
     }
 
+    /// Lets go of this process's resident pages of the segment (the bytes stay in the file;
+    /// the next access maps them again): for the standby, which read the whole segment when it
+    /// opened it and then only waits. Best effort: a failure only leaves them resident.
+    pub fn release_resident_pages(&self) {
+        if let Err(e) = self.map.release_resident() {
+            tracing::debug!(instance = %self.instance, error = %e, "madvise(MADV_DONTNEED) of the segment failed");
+        }
+    }
+
     /// A copy of the serialized config, checked against its checksum.
     pub fn config_blob(&self) -> Result<Vec<u8>, ShmError> {
         let blob = read_bytes(self.blob_bytes());

@@ -58,11 +58,12 @@ fn layout_is_aligned_and_bounded() {
     assert_eq!(l.records, 192);
     assert_eq!(l.total_size, 192 + 3 * 80);
     assert!(ControlLayout::compute(MAX_SERVICES as usize + 1).is_none());
+    // 84 bytes a service: under 3 MiB at the bound, and only the pages a reader touches count.
     assert!(
         ControlLayout::compute(MAX_SERVICES as usize)
             .unwrap()
             .total_size
-            < 1 << 20
+            < 3 << 20
     );
 }
 
