@@ -41,6 +41,7 @@
 
 pub mod protocol;
 mod reload;
+mod run_cgroups;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -199,6 +200,8 @@ enum Source {
     LogPipe(usize),
     /// The output of a running failure command.
     HookPipe,
+    /// The `cgroup.events` of an ended run's cgroup changed (see [`run_cgroups`]).
+    CgroupEvents,
 }
 
 /// The output pipe of a failure command: read line by line into ccmgr's own log (which is
@@ -276,6 +279,8 @@ struct Keeper {
     coordinator_exit: Option<ProcessExit>,
     /// The instance's cgroups, one per service, where the machine offers cgroup v2.
     cgroups: Option<cgroup::Tree>,
+    /// The cgroup of each service's run, and the removal of ended runs' cgroups.
+    run_cgroups: run_cgroups::RunCgroups,
     /// Failure commands running (or whose main process ended while what it started lives on
     /// in its cgroup), and when each is killed.
     hooks: Vec<HookRun>,
@@ -386,6 +391,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         segment,
         coordinator_exit: None,
         join_cgroups: cgroups.is_some(),
+        run_cgroups: run_cgroups::RunCgroups::new(cgroups.as_ref(), n),
         hooks: Vec::new(),
         hook_runs: 0,
         cgroups,
@@ -403,6 +409,9 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         keeper.timer.as_fd(),
         Source::Timer,
     )?;
+    if let Some(fd) = keeper.run_cgroups.events_fd() {
+        watch(&keeper.epoll, &mut keeper.sources, fd, Source::CgroupEvents)?;
+    }
     if let Some(period) = keeper.config.global.coordinator.watchdog {
         let watchdog = Watchdog::new(period.as_duration())?;
         watch(
@@ -587,6 +596,7 @@ impl Keeper {
                     Some(Source::Peer(pid)) => self.on_peer(pid),
                     Some(Source::LogPipe(service)) => self.on_log_pipe(fd, service),
                     Some(Source::HookPipe) => self.on_hook_output(fd),
+                    Some(Source::CgroupEvents) => self.run_cgroups.on_events(self.cgroups.as_ref()),
                     None => {}
                 }
             }
@@ -974,17 +984,22 @@ impl Keeper {
                 }
             };
             let role = self.children.remove(&pid.as_raw());
-            if let Some(Role::Service(service)) = role {
-                // Leftovers of the service (children it forked and left) die with it.
+            if let Some(Role::Service(_)) = role {
+                // Leftovers of the service (children it forked and left) die with it: its
+                // process group now, while the zombie keeps the group id ours; its run's
+                // cgroup once the coordinator has heard of the exit (below), as the
+                // replacement is born in a cgroup of its own.
                 let _ = spawn::signal_group(pid, Signal::SIGKILL);
-                self.kill_service_cgroup(service);
             }
             let exit = match spawn::reap(pid) {
                 Ok(exit) => exit,
                 Err(_) => continue,
             };
             match role {
-                Some(Role::Service(service)) => self.on_service_exit(service, pid.as_raw(), exit),
+                Some(Role::Service(service)) => {
+                    self.on_service_exit(service, pid.as_raw(), exit);
+                    self.end_run_cgroup(service);
+                }
                 Some(role @ (Role::Coordinator | Role::Standby)) => {
                     // What it sent before it died is all in its socket: read it first (a
                     // coordinator's last words are "stop the standby" and "shut down"; lost,
@@ -1328,6 +1343,7 @@ impl Keeper {
             credentials: None,
             output: write_end.as_fd(),
             cgroup_procs: hooks_procs.as_ref().map(|fd| fd.as_fd()),
+            cgroup_dir: None,
         };
         let mut spawned = spawn::spawn_service(&request);
         if let Err(SpawnError::Exec {
@@ -1503,7 +1519,7 @@ impl Keeper {
         if self.service_pids[service].is_some() {
             return Err("it is already running".into());
         }
-        let cgroup_procs = self.open_cgroup_procs(service);
+        let run_cgroup = self.open_run_cgroup(service);
         let spec = &self.config.services[service];
         if self.logs[service].is_none() {
             let sink = LogSink::open(
@@ -1525,7 +1541,10 @@ impl Keeper {
         let (read_end, write_end) = logsink::make_output_pipe().map_err(|e| e.to_string())?;
         let mut request =
             SpawnRequest::for_service(spec, env, write_end.as_fd()).map_err(|e| e.to_string())?;
-        request.cgroup_procs = cgroup_procs.as_ref().map(|fd| fd.as_fd());
+        request.cgroup_procs = run_cgroup.as_ref().map(|c| c.procs.as_fd());
+        if self.run_cgroups.born_in_cgroup() {
+            request.cgroup_dir = run_cgroup.as_ref().map(|c| c.dir.as_fd());
+        }
         let mut spawned = spawn::spawn_service(&request);
         if let Err(
             e @ SpawnError::Exec {
@@ -1537,9 +1556,28 @@ impl Keeper {
             // The child failed before exec and was reaped: start it again, outside cgroups.
             stop_joining_cgroups(&mut self.join_cgroups, e);
             request.cgroup_procs = None;
+            request.cgroup_dir = None;
             spawned = spawn::spawn_service(&request);
         }
-        let spawned = spawned.map_err(|e| e.to_string())?;
+        let in_cgroup = self.join_cgroups;
+        let run_cgroup = run_cgroup.map(|c| c.name);
+        let spawned = match spawned {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                // Nothing runs in the run's cgroup (the failed child was reaped): it goes.
+                if let (Some(name), Some(tree)) = (run_cgroup, &self.cgroups) {
+                    self.run_cgroups.retire(tree, name);
+                }
+                return Err(e.to_string());
+            }
+        };
+        if let Some(name) = run_cgroup {
+            if in_cgroup {
+                self.run_cgroups.started(service, name);
+            } else if let Some(tree) = &self.cgroups {
+                self.run_cgroups.retire(tree, name);
+            }
+        }
         drop(write_end); // only the service holds the write end now: its exit means EOF
         let pid = spawned.pid.as_raw();
         self.children.insert(pid, Role::Service(service));
@@ -1647,13 +1685,13 @@ impl Keeper {
 /// The keeper's uses of the instance's cgroups ([`crate::cgroup`]). Each does nothing where the
 /// machine offers none; a failure to kill is logged, as the process group was killed anyway.
 impl Keeper {
-    /// The `cgroup.procs` of `service`'s cgroup, for its next process to join; `None` where
-    /// services are not moved into cgroups (any more).
-    fn open_cgroup_procs(&mut self, service: usize) -> Option<OwnedFd> {
+    /// The cgroup of `service`'s next run, made and opened for its main process to be born
+    /// in it (or to join it); `None` where services are not put in cgroups (any more).
+    fn open_run_cgroup(&mut self, service: usize) -> Option<cgroup::RunCgroup> {
         let tree = self.cgroups.as_ref().filter(|_| self.join_cgroups)?;
         let id = &self.config.services[service].id;
-        match tree.open_procs(id) {
-            Ok(fd) => Some(fd),
+        match self.run_cgroups.open_next(tree, id) {
+            Ok(run) => Some(run),
             Err(e) => {
                 stop_joining_cgroups(&mut self.join_cgroups, &e);
                 None
@@ -1661,11 +1699,24 @@ impl Keeper {
         }
     }
 
-    /// Kills everything in `service`'s cgroup: what it left behind, escaped daemons too.
+    /// Kills everything in the cgroup of `service`'s current run: what it left behind,
+    /// escaped daemons too.
     fn kill_service_cgroup(&self, service: usize) {
-        let id = &self.config.services[service].id;
-        if let Some(Err(e)) = self.cgroups.as_ref().map(|tree| tree.kill(id)) {
+        let (Some(tree), Some(name)) = (&self.cgroups, self.run_cgroups.current(service)) else {
+            return;
+        };
+        if let Err(e) = tree.kill(name) {
+            let id = &self.config.services[service].id;
             warn!(error = %e, service = %id, "cannot kill the service's cgroup");
+        }
+    }
+
+    /// `service`'s main process ended (and was reaped): kills what is left in its run's
+    /// cgroup, and removes the cgroup once empty.
+    fn end_run_cgroup(&mut self, service: usize) {
+        self.kill_service_cgroup(service);
+        if let (Some(tree), Some(name)) = (&self.cgroups, self.run_cgroups.ended(service)) {
+            self.run_cgroups.retire(tree, name);
         }
     }
 
