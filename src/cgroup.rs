@@ -848,9 +848,18 @@ mod tests {
             let child = spawn::spawn_service(&request).unwrap();
             drop(write_end);
             // It lives: its program runs and speaks.
-            let mut said = [0u8; 3];
-            File::from(read_end).read_exact(&mut said).unwrap();
-            assert_eq!(&said, b"up\n", "run {run} ran its program");
+            let mut said = Vec::new();
+            let mut pipe = File::from(read_end);
+            wait_until("the run to speak", || {
+                let mut buf = [0u8; 16];
+                let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::from(100u16));
+                if let Ok(n) = pipe.read(&mut buf) {
+                    said.extend_from_slice(&buf[..n]);
+                }
+                said.ends_with(b"\n") || said.len() > 3
+            });
+            assert_eq!(said, b"up\n", "run {run} ran its program");
             assert!(in_cgroup(child.pid.as_raw(), &tree, &name), "run {run}");
             tree.kill(&name).unwrap();
             let exit = spawn::reap(child.pid).unwrap();
