@@ -504,6 +504,36 @@ impl<'r> ChildPlan<'r> {
 ///
 /// This blocks until the child has exec'd, which is the time of a `fork` and an `execve`.
 pub fn spawn_service(req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
+    launch_service(req)?.confirm()
+}
+
+/// A child [`launch_service`] forked, whose `execve` is not confirmed yet: [`confirm`]
+/// (Launched::confirm) says whether its program runs. Until then it is the caller's child
+/// like any other (its pid stays reserved until it is reaped).
+#[derive(Debug)]
+pub struct Launched {
+    pid: Pid,
+    pidfd: OwnedFd,
+    /// The read end of the report pipe (see the module doc).
+    report: OwnedFd,
+    /// What the request asked the child to do, to name the step that failed.
+    context: StageContext,
+}
+
+/// The parts of a [`SpawnRequest`] an error message names.
+#[derive(Debug)]
+struct StageContext {
+    program: PathBuf,
+    working_dir: PathBuf,
+    credentials: Option<Credentials>,
+}
+
+/// The first half of [`spawn_service`]: forks the child (born in its cgroup where it can be)
+/// and returns without waiting for its `execve`. Launching several children before
+/// confirming any lets them exec on other cores while this one forks the next: the keeper
+/// starts a batch of services that way, instead of one fork-and-exec round trip after the
+/// other.
+pub fn launch_service(req: &SpawnRequest<'_>) -> Result<Launched, SpawnError> {
     let (report_read, report_write) = pipe2(OFlag::O_CLOEXEC).map_err(SpawnError::ReportPipe)?;
     let plan = ChildPlan::prepare(req, report_write)?;
 
@@ -563,46 +593,74 @@ pub fn spawn_service(req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         }
     };
 
-    let mut report = [0u8; 5];
-    let mut len = 0;
-    while len < report.len() {
-        match read(&report_read, &mut report[len..]) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(Errno::EINTR) => continue,
-            Err(errno) => {
-                let _ = signal_pidfd(pidfd.as_fd(), Signal::SIGKILL);
-                let _ = wait_blocking(pid);
-                return Err(SpawnError::ReadReport { pid, errno });
+    Ok(Launched {
+        pid,
+        pidfd,
+        report: report_read,
+        context: StageContext {
+            program: req.program.clone(),
+            working_dir: req.working_dir.clone(),
+            credentials: req.credentials.clone(),
+        },
+    })
+}
+
+impl Launched {
+    /// The child's pid.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Waits until the child has exec'd (its program runs: `Ok`) or failed before (`Err`,
+    /// and the child has been reaped): the second half of [`spawn_service`].
+    pub fn confirm(self) -> Result<Spawned, SpawnError> {
+        let Launched {
+            pid,
+            pidfd,
+            report: report_read,
+            context,
+        } = self;
+        let mut report = [0u8; 5];
+        let mut len = 0;
+        while len < report.len() {
+            match read(&report_read, &mut report[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(Errno::EINTR) => continue,
+                Err(errno) => {
+                    let _ = signal_pidfd(pidfd.as_fd(), Signal::SIGKILL);
+                    let _ = wait_blocking(pid);
+                    return Err(SpawnError::ReadReport { pid, errno });
+                }
             }
         }
-    }
-    if len == 0 {
-        return Ok(Spawned { pid, pidfd });
-    }
-    // The child failed before exec and is about to `_exit` (or has): reap it so that no zombie
-    // is left behind.
-    let _ = wait_blocking(pid);
-    let stage = ExecStage::from_u8(report[0]);
-    match (len, stage) {
-        (5, Some(stage)) => {
-            let errno = Errno::from_raw(i32::from_ne_bytes([
-                report[1], report[2], report[3], report[4],
-            ]));
-            let action = describe_stage(req, stage);
-            Err(SpawnError::Exec {
-                stage,
-                errno,
-                action,
-                pid,
-            })
+        if len == 0 {
+            return Ok(Spawned { pid, pidfd });
         }
-        _ => Err(SpawnError::MalformedReport { pid, len }),
+        // The child failed before exec and is about to `_exit` (or has): reap it so that no zombie
+        // is left behind.
+        let _ = wait_blocking(pid);
+        let stage = ExecStage::from_u8(report[0]);
+        match (len, stage) {
+            (5, Some(stage)) => {
+                let errno = Errno::from_raw(i32::from_ne_bytes([
+                    report[1], report[2], report[3], report[4],
+                ]));
+                let action = describe_stage(&context, stage);
+                Err(SpawnError::Exec {
+                    stage,
+                    errno,
+                    action,
+                    pid,
+                })
+            }
+            _ => Err(SpawnError::MalformedReport { pid, len }),
+        }
     }
 }
 
 /// "changing directory to /srv/x": what the child was doing when `stage` failed.
-fn describe_stage(req: &SpawnRequest<'_>, stage: ExecStage) -> String {
+fn describe_stage(req: &StageContext, stage: ExecStage) -> String {
     match stage {
         ExecStage::Session => "creating a new session".into(),
         ExecStage::Stdio => "redirecting standard input and output".into(),

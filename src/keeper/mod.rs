@@ -175,6 +175,17 @@ struct HookRun {
     cgroup: Option<String>,
 }
 
+/// A run of a service forked but not confirmed yet (see [`spawn::launch_service`]).
+struct PendingSpawn {
+    launched: spawn::Launched,
+    /// The output pipe: the keeper's end, and the write end the child has a copy of (kept
+    /// until the exec is confirmed, for a retry outside cgroups).
+    read_end: OwnedFd,
+    write_end: OwnedFd,
+    /// The name of the run's cgroup, if it has one.
+    run_cgroup: Option<String>,
+}
+
 /// At most this many failure commands run at once: a crash loop with a slow command must not
 /// pile up processes. One asked for beyond it is skipped, with a warning.
 const MAX_RUNNING_HOOKS: usize = 8;
@@ -281,6 +292,9 @@ struct Keeper {
     cgroups: Option<cgroup::Tree>,
     /// The cgroup of each service's run, and the removal of ended runs' cgroups.
     run_cgroups: run_cgroups::RunCgroups,
+    /// Spawns launched in a row of the coordinator's requests, not confirmed yet, in the
+    /// order asked (see [`Keeper::queue_spawn`]).
+    launching: Vec<(usize, Result<PendingSpawn, String>)>,
     /// Failure commands running (or whose main process ended while what it started lives on
     /// in its cgroup), and when each is killed.
     hooks: Vec<HookRun>,
@@ -392,6 +406,7 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         coordinator_exit: None,
         join_cgroups: cgroups.is_some(),
         run_cgroups: run_cgroups::RunCgroups::new(cgroups.as_ref(), n),
+        launching: Vec::new(),
         hooks: Vec::new(),
         hook_runs: 0,
         cgroups,
@@ -1150,20 +1165,34 @@ impl Keeper {
         }
         loop {
             let Some(peer) = self.peers.get_mut(&pid) else {
-                return;
+                break;
             };
             let message = match recv_message::<ToKeeper>(peer.socket.as_fd()) {
                 Ok(Some(m)) => m,
-                Ok(None) => return,
+                Ok(None) => break,
                 Err(_) => {
                     // It closed its end (or exited): stop watching; its exit is reaped apart.
                     peer.closed = true;
                     unwatch(&self.epoll, &mut self.sources, peer.socket.as_fd());
-                    return;
+                    break;
                 }
             };
-            self.on_request(pid, message);
+            // The coordinator's spawn requests in a row are launched together and confirmed
+            // at the first other message, or once none is left to read.
+            let from_coordinator =
+                self.coordinator == Some(pid) && !self.retired_standbys.contains(&pid);
+            match message {
+                ToKeeper::Spawn { service } if from_coordinator => {
+                    self.heard_from_coordinator();
+                    self.queue_spawn(service);
+                }
+                message => {
+                    self.confirm_launched();
+                    self.on_request(pid, message);
+                }
+            }
         }
+        self.confirm_launched();
     }
 
     fn on_request(&mut self, from: i32, message: ToKeeper) {
@@ -1505,32 +1534,45 @@ impl Keeper {
     }
 
     fn spawn_service(&mut self, service: usize) {
-        let reply = match self.try_spawn(service) {
+        let launched = self.launch_spawn(service);
+        self.finish_spawn(service, launched);
+    }
+
+    /// Starts every spawn the coordinator asked for in a row before confirming any (see
+    /// [`spawn::launch_service`]): `launching` holds them, in order, until
+    /// [`confirm_launched`](Keeper::confirm_launched).
+    fn queue_spawn(&mut self, service: usize) {
+        let launched = if self.launching.iter().any(|(s, _)| *s == service) {
+            Err("it is already starting".into())
+        } else {
+            self.launch_spawn(service)
+        };
+        self.launching.push((service, launched));
+    }
+
+    /// Confirms the spawns [`queue_spawn`](Keeper::queue_spawn) launched, and tells the
+    /// coordinator how each went, in the order it asked.
+    fn confirm_launched(&mut self) {
+        for (service, launched) in std::mem::take(&mut self.launching) {
+            self.finish_spawn(service, launched);
+        }
+    }
+
+    fn finish_spawn(&mut self, service: usize, launched: Result<PendingSpawn, String>) {
+        let reply = match launched.and_then(|p| self.confirm_spawn(service, p)) {
             Ok(pid) => FromKeeper::Spawned { service, pid },
             Err(error) => FromKeeper::SpawnFailed { service, error },
         };
         self.tell_coordinator(reply);
     }
 
-    fn try_spawn(&mut self, service: usize) -> Result<i32, String> {
-        if service >= self.config.services.len() {
-            return Err("no such service".into());
-        }
-        if self.service_pids[service].is_some() {
-            return Err("it is already running".into());
-        }
-        let run_cgroup = self.open_run_cgroup(service);
+    /// The request to start `service`, its output going to `output`.
+    fn request_for<'a>(
+        &self,
+        service: usize,
+        output: BorrowedFd<'a>,
+    ) -> Result<SpawnRequest<'a>, String> {
         let spec = &self.config.services[service];
-        if self.logs[service].is_none() {
-            let sink = LogSink::open(
-                &self.config.global.log_dir,
-                &spec.id,
-                LOG_MAX_BYTES,
-                LOG_KEEP,
-            )
-            .map_err(|e| e.to_string())?;
-            self.logs[service] = Some(sink);
-        }
         let env = spawn::build_environment(
             spec,
             &self.config.global.instance,
@@ -1538,29 +1580,77 @@ impl Keeper {
             &[self.notify.env_var()],
         )
         .map_err(|e| e.to_string())?;
+        SpawnRequest::for_service(spec, env, output).map_err(|e| e.to_string())
+    }
+
+    /// Forks `service`'s next run, in a cgroup of its own (see [`run_cgroups`]); its exec is
+    /// confirmed by [`confirm_spawn`](Keeper::confirm_spawn).
+    fn launch_spawn(&mut self, service: usize) -> Result<PendingSpawn, String> {
+        if service >= self.config.services.len() {
+            return Err("no such service".into());
+        }
+        if self.service_pids[service].is_some() {
+            return Err("it is already running".into());
+        }
+        if self.logs[service].is_none() {
+            let sink = LogSink::open(
+                &self.config.global.log_dir,
+                &self.config.services[service].id,
+                LOG_MAX_BYTES,
+                LOG_KEEP,
+            )
+            .map_err(|e| e.to_string())?;
+            self.logs[service] = Some(sink);
+        }
         let (read_end, write_end) = logsink::make_output_pipe().map_err(|e| e.to_string())?;
-        let mut request =
-            SpawnRequest::for_service(spec, env, write_end.as_fd()).map_err(|e| e.to_string())?;
+        let mut request = self.request_for(service, write_end.as_fd())?;
+        let run_cgroup = self.open_run_cgroup(service);
         request.cgroup_procs = run_cgroup.as_ref().map(|c| c.procs.as_fd());
         if self.run_cgroups.born_in_cgroup() {
             request.cgroup_dir = run_cgroup.as_ref().map(|c| c.dir.as_fd());
         }
-        let mut spawned = spawn::spawn_service(&request);
-        if let Err(
-            e @ SpawnError::Exec {
-                stage: ExecStage::Cgroup,
-                ..
-            },
-        ) = &spawned
-        {
-            // The child failed before exec and was reaped: start it again, outside cgroups.
-            stop_joining_cgroups(&mut self.join_cgroups, e);
-            request.cgroup_procs = None;
-            request.cgroup_dir = None;
-            spawned = spawn::spawn_service(&request);
+        let launched = spawn::launch_service(&request);
+        drop(request);
+        match launched {
+            Ok(launched) => Ok(PendingSpawn {
+                launched,
+                read_end,
+                write_end,
+                run_cgroup: run_cgroup.map(|c| c.name),
+            }),
+            Err(e) => {
+                if let (Some(run), Some(tree)) = (run_cgroup, &self.cgroups) {
+                    self.run_cgroups.retire(tree, run.name);
+                }
+                Err(e.to_string())
+            }
         }
+    }
+
+    /// Waits for the exec of a launched run, and takes it in as `service`'s main process.
+    fn confirm_spawn(&mut self, service: usize, pending: PendingSpawn) -> Result<i32, String> {
+        let PendingSpawn {
+            launched,
+            read_end,
+            write_end,
+            run_cgroup,
+        } = pending;
+        let spawned = match launched.confirm() {
+            Err(
+                e @ SpawnError::Exec {
+                    stage: ExecStage::Cgroup,
+                    ..
+                },
+            ) => {
+                // The child failed before exec and was reaped: start it again, outside
+                // cgroups.
+                stop_joining_cgroups(&mut self.join_cgroups, &e);
+                self.request_for(service, write_end.as_fd())
+                    .and_then(|request| spawn::spawn_service(&request).map_err(|e| e.to_string()))
+            }
+            other => other.map_err(|e| e.to_string()),
+        };
         let in_cgroup = self.join_cgroups;
-        let run_cgroup = run_cgroup.map(|c| c.name);
         let spawned = match spawned {
             Ok(spawned) => spawned,
             Err(e) => {
@@ -1568,7 +1658,7 @@ impl Keeper {
                 if let (Some(name), Some(tree)) = (run_cgroup, &self.cgroups) {
                     self.run_cgroups.retire(tree, name);
                 }
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         if let Some(name) = run_cgroup {
@@ -1579,6 +1669,7 @@ impl Keeper {
             }
         }
         drop(write_end); // only the service holds the write end now: its exit means EOF
+        let spec = &self.config.services[service];
         let pid = spawned.pid.as_raw();
         self.children.insert(pid, Role::Service(service));
         self.service_pids[service] = Some(pid);
