@@ -175,6 +175,12 @@ struct HookRun {
     cgroup: Option<String>,
 }
 
+/// At most this many spawns are launched before they are confirmed and reported. The
+/// coordinator keeps a READY=1 that comes before the report of its sender's spawn, but only so
+/// many (64): a batch must stay well below that. 16 forks are enough to keep the other core
+/// busy with execs meanwhile.
+const SPAWN_BATCH: usize = 16;
+
 /// A run of a service forked but not confirmed yet (see [`spawn::launch_service`]).
 struct PendingSpawn {
     launched: spawn::Launched,
@@ -1548,6 +1554,9 @@ impl Keeper {
             self.launch_spawn(service)
         };
         self.launching.push((service, launched));
+        if self.launching.len() >= SPAWN_BATCH {
+            self.confirm_launched();
+        }
     }
 
     /// Confirms the spawns [`queue_spawn`](Keeper::queue_spawn) launched, and tells the
