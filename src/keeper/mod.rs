@@ -1169,10 +1169,7 @@ impl Keeper {
                 peer.closed = true;
             }
         }
-        loop {
-            let Some(peer) = self.peers.get_mut(&pid) else {
-                break;
-            };
+        while let Some(peer) = self.peers.get_mut(&pid) {
             let message = match recv_message::<ToKeeper>(peer.socket.as_fd()) {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
