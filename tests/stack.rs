@@ -7,7 +7,7 @@ mod stack_support;
 
 use std::time::Duration;
 
-use stack_support::{Stack, lines, steady_and_all_up, text, up_anew, wait_lines};
+use stack_support::{Stack, lines, pids_in, steady_and_all_up, text, up_anew, wait_lines};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -904,4 +904,76 @@ fn the_cgroups_of_ended_runs_are_removed_while_the_stack_runs() {
 fn cgroup_of_dir(dir: &std::path::Path) -> Option<std::path::PathBuf> {
     let (own_dir, own_path) = ccmgr::cgroup::own_cgroup().ok()?;
     Some(own_path.join(dir.strip_prefix(own_dir).ok()?))
+}
+
+#[test]
+fn where_children_cannot_be_born_in_a_cgroup_services_move_into_their_runs_cgroups() {
+    // The keeper runs in a cgroup that `cgroup.kill` reached once (empty, before the keeper
+    // came): Linux 6.14+ then SIGKILLs at birth every child it clones into a fresh cgroup
+    // (the kill counts differ). The keeper's probe must notice, and its services must be
+    // forked and move into their runs' cgroups instead: they start, restart, and each run is
+    // in a cgroup of its own. (On a kernel without that behaviour, births just work.)
+    let stack = Stack::new(
+        "killed-keeper-cgroup",
+        "[coordinator]\nrestart_retry_counter = 1000\nrestart_time_span = \"1h\"",
+        &[],
+    );
+    if instance_cgroup(&stack).is_none() {
+        return;
+    }
+    let (own_dir, _) = ccmgr::cgroup::own_cgroup().unwrap();
+    let killed = own_dir.join(format!("killed-once-{}", stack.instance));
+    std::fs::create_dir(&killed).unwrap();
+    let _guard = CgroupDirGuard(killed.clone());
+    std::fs::write(killed.join("cgroup.kill"), "1").unwrap();
+    let log = stack.file("runs.log");
+    stack.write_service(
+        "svc",
+        &format!(
+            "command = [\"sh\", \"-c\", \"echo $$ $(sed -n 's/^0:://p' /proc/self/cgroup) >> {log}; [ $(wc -l < {log}) -ge 5 ] && exec sleep 1000; exit 1\"]\nrestart_delay = \"0ms\"\n"
+        ),
+    );
+    // `ccmgr start` from inside the killed cgroup: the keeper it forks is born there.
+    let config = stack.path().join("ccmgr.toml");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec \"$0\" --config {} start",
+            killed.display(),
+            config.display()
+        ))
+        .arg(stack_support::ccmgr_bin())
+        .env_remove("CCMGR_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "start failed:\n{}", text(&out));
+    let runs = wait_lines(&log, 5, LONG);
+    let status = stack.wait_steady(LONG);
+    stack.remember(&pids_in(&status));
+    let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
+    assert!(
+        cgroup_of(keeper).is_some_and(|c| c.ends_with(killed.file_name().unwrap())),
+        "the keeper runs in the killed-once cgroup"
+    );
+    let mut seen = std::collections::HashSet::new();
+    for run in &runs {
+        let (pid, cgroup) = run.split_once(' ').expect("a line of `pid cgroup`");
+        let cgroup = std::path::Path::new(cgroup);
+        let instance = format!("ccmgr.{}", stack.instance);
+        assert!(
+            cgroup.parent().and_then(|p| p.file_name()) == Some(instance.as_ref())
+                && cgroup
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("svc.")),
+            "run {pid} was in {}, not in a cgroup of its own",
+            cgroup.display()
+        );
+        assert!(
+            seen.insert(cgroup.to_path_buf()),
+            "run {pid} reused a cgroup"
+        );
+    }
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
