@@ -80,10 +80,20 @@ impl RunCgroups {
         self.inotify.as_ref().map(|i| i.as_fd())
     }
 
-    /// Makes and opens the cgroup of `service`'s next run (whose id is `id`).
+    /// Makes and opens the cgroup of `service`'s next run (whose id is `id`). A name taken by
+    /// a cgroup that still holds processes (a keeper that took over a tree whose services
+    /// run on) is skipped for the next number.
     pub fn open_next(&mut self, tree: &Tree, id: &str) -> Result<RunCgroup, cgroup::CgroupError> {
-        self.runs += 1;
-        tree.open_run(&cgroup::run_name(id, self.runs))
+        let mut tries = 0;
+        loop {
+            self.runs += 1;
+            tries += 1;
+            match tree.open_run(&cgroup::run_name(id, self.runs)) {
+                Err(cgroup::CgroupError::Create { source, .. })
+                    if source.kind() == std::io::ErrorKind::AlreadyExists && tries < 1000 => {}
+                other => return other,
+            }
+        }
     }
 
     /// Whether a child may be born in a [`RunCgroup`] (else it moves in through `procs`).
