@@ -5,19 +5,21 @@
 //! cannot be left that way: a child is born in its parent's cgroup, and only a process with
 //! write access to another cgroup's `cgroup.procs` can move out. So where the machine offers
 //! a writable cgroup2 hierarchy, the keeper makes one cgroup for the instance,
-//! `ccmgr.<instance>`, under its own cgroup, and one per service below it:
+//! `ccmgr.<instance>`, under its own cgroup, and one per run of a service below it (see
+//! [`run_name`] and the keeper's `run_cgroups`):
 //!
 //! ```text
-//! <cgroup2 mount><the keeper's cgroup>/ccmgr.<instance>/<service id>/
+//! <cgroup2 mount><the keeper's cgroup>/ccmgr.<instance>/<service id>.<run>/
 //! ```
 //!
 //! This module owns that tree ([`Tree`]): finding where cgroup2 is mounted and which cgroup
 //! this process is in (from `/proc/self/mountinfo` and `/proc/self/cgroup`, never from a
 //! hard-coded path: it is `/sys/fs/cgroup` on pure-v2 machines, `/sys/fs/cgroup/unified` on
 //! hybrid ones, and often absent or read-only in containers); creating the cgroups, and taking
-//! over the one a killed run of the instance left; opening a service's `cgroup.procs` for the
-//! spawned child to move itself in ([`crate::spawn::SpawnRequest::cgroup_procs`]); killing
-//! everything in a service's cgroup; and removing the tree at the end.
+//! over the one a killed run of the instance left; making a run's cgroup and opening it for
+//! the spawned child to be born in it or move itself in ([`Tree::open_run`],
+//! [`crate::spawn::SpawnRequest::cgroup_dir`]); killing everything in a cgroup; removing an
+//! ended run's cgroup once empty; and removing the tree at the end.
 //!
 //! No controller is enabled in any `cgroup.subtree_control` of the tree: the cgroups are for
 //! finding processes, not for limiting them, and without controllers the no-internal-process

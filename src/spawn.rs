@@ -507,8 +507,8 @@ pub fn spawn_service(req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
     launch_service(req)?.confirm()
 }
 
-/// A child [`launch_service`] forked, whose `execve` is not confirmed yet: [`confirm`]
-/// (Launched::confirm) says whether its program runs. Until then it is the caller's child
+/// A child [`launch_service`] forked, whose `execve` is not confirmed yet:
+/// [`confirm`](Launched::confirm) says whether its program runs. Until then it is the caller's child
 /// like any other (its pid stays reserved until it is reaped).
 #[derive(Debug)]
 pub struct Launched {
