@@ -5,19 +5,21 @@
 //! cannot be left that way: a child is born in its parent's cgroup, and only a process with
 //! write access to another cgroup's `cgroup.procs` can move out. So where the machine offers
 //! a writable cgroup2 hierarchy, the keeper makes one cgroup for the instance,
-//! `ccmgr.<instance>`, under its own cgroup, and one per service below it:
+//! `ccmgr.<instance>`, under its own cgroup, and one per run of a service below it (see
+//! [`run_name`] and the keeper's `run_cgroups`):
 //!
 //! ```text
-//! <cgroup2 mount><the keeper's cgroup>/ccmgr.<instance>/<service id>/
+//! <cgroup2 mount><the keeper's cgroup>/ccmgr.<instance>/<service id>.<run>/
 //! ```
 //!
 //! This module owns that tree ([`Tree`]): finding where cgroup2 is mounted and which cgroup
 //! this process is in (from `/proc/self/mountinfo` and `/proc/self/cgroup`, never from a
 //! hard-coded path: it is `/sys/fs/cgroup` on pure-v2 machines, `/sys/fs/cgroup/unified` on
 //! hybrid ones, and often absent or read-only in containers); creating the cgroups, and taking
-//! over the one a killed run of the instance left; opening a service's `cgroup.procs` for the
-//! spawned child to move itself in ([`crate::spawn::SpawnRequest::cgroup_procs`]); killing
-//! everything in a service's cgroup; and removing the tree at the end.
+//! over the one a killed run of the instance left; making a run's cgroup and opening it for
+//! the spawned child to be born in it or move itself in ([`Tree::open_run`],
+//! [`crate::spawn::SpawnRequest::cgroup_dir`]); killing everything in a cgroup; removing an
+//! ended run's cgroup once empty; and removing the tree at the end.
 //!
 //! No controller is enabled in any `cgroup.subtree_control` of the tree: the cgroups are for
 //! finding processes, not for limiting them, and without controllers the no-internal-process
@@ -322,6 +324,72 @@ impl Tree {
         Ok(file.into())
     }
 
+    /// Makes the cgroup `name` below the instance's, fresh, and opens it for a child to be
+    /// born in it ([`RunCgroup`]). Each run of a service gets a cgroup of its own,
+    /// [`run_name`]: a child can be born (`clone3` with `CLONE_INTO_CGROUP`) only in a cgroup
+    /// no `cgroup.kill` ever reached (see [`crate::spawn::SpawnRequest::cgroup_dir`]), and
+    /// the cgroup of the run before is killed when its main process ends. A cgroup of that
+    /// name left over (which the keeper's counter makes unlikely) is removed first if empty,
+    /// else this fails.
+    pub fn open_run(&self, name: &str) -> Result<RunCgroup, CgroupError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = self.service_dir(name);
+        if let Err(e) = fs::create_dir(&dir) {
+            let retried = e.kind() == io::ErrorKind::AlreadyExists
+                && fs::remove_dir(&dir).is_ok()
+                && fs::create_dir(&dir).is_ok();
+            if !retried {
+                return Err(CgroupError::Create {
+                    path: dir,
+                    source: e,
+                });
+            }
+        }
+        let procs = dir.join("cgroup.procs");
+        // std opens every file close-on-exec: the fds reach the child only through fork.
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .map_err(|source| CgroupError::Open {
+                path: procs,
+                source,
+            })?;
+        let handle = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&dir)
+            .map_err(|source| CgroupError::Open {
+                path: dir.clone(),
+                source,
+            })?;
+        Ok(RunCgroup {
+            name: name.to_owned(),
+            dir: handle.into(),
+            procs: procs.into(),
+        })
+    }
+
+    /// Removes the cgroup `name` if it holds no process any more: true if it is gone, false
+    /// if it is still populated (`rmdir` says EBUSY); its `cgroup.events` then says when it
+    /// empties ([`events_path`](Tree::events_path)).
+    pub fn remove_if_empty(&self, name: &str) -> Result<bool, CgroupError> {
+        match remove_dir(&self.service_dir(name)) {
+            Ok(()) => Ok(true),
+            Err(CgroupError::Remove { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The `cgroup.events` of the cgroup `name`: modified (inotify `IN_MODIFY`, or `POLLPRI`)
+    /// when its `populated` changes.
+    pub fn events_path(&self, name: &str) -> PathBuf {
+        self.service_dir(name).join("cgroup.events")
+    }
+
     /// SIGKILLs every process in the cgroup of service `id` (and in any cgroup the service
     /// made below it), without waiting for them to end; their parent, the keeper as the
     /// subreaper of orphans, reaps them. A service that never ran has no cgroup: nothing to do.
@@ -405,6 +473,25 @@ impl Drop for Tree {
             tracing::warn!(error = %e, "cannot remove the instance's cgroups");
         }
     }
+}
+
+/// The cgroup of run `run` of service `id`: `<id>.<run>`. Unambiguous, as the run is the
+/// part after the last `.` and a number; and no service's cgroup can be taken for another's:
+/// `a.1` is run 1 of `a`, while the runs of a service `a.1` are `a.1.<run>`.
+pub fn run_name(id: &str, run: u64) -> String {
+    format!("{id}.{run}")
+}
+
+/// One run's cgroup, made by [`Tree::open_run`], opened for its main process to be born in it
+/// (`dir`) or, where the kernel cannot do that, to move into it (`procs`).
+#[derive(Debug)]
+pub struct RunCgroup {
+    /// Its name below the instance's cgroup ([`run_name`]).
+    pub name: String,
+    /// The cgroup's directory, for `clone3` with `CLONE_INTO_CGROUP`.
+    pub dir: OwnedFd,
+    /// Its `cgroup.procs`, open for writing.
+    pub procs: OwnedFd,
 }
 
 /// The cgroup directories directly below `dir`.
@@ -716,6 +803,7 @@ mod tests {
             credentials: None,
             output: write_end.as_fd(),
             cgroup_procs: Some(procs.as_fd()),
+            cgroup_dir: None,
         };
         spawn::spawn_service(&request).unwrap()
     }
@@ -733,6 +821,62 @@ mod tests {
             .ok()
             .and_then(|t| v2_path(&t))
             .is_some_and(|p| p == tree.path.join(id))
+    }
+
+    #[test]
+    fn each_run_is_born_alive_in_a_fresh_cgroup_after_the_one_before_was_killed() {
+        // The keeper's cycle, ten times: a run's cgroup made, the child born in it, the cgroup
+        // killed, the next run in a new cgroup. A child born in a cgroup that was killed
+        // before dies at birth on Linux 6.14+; in a fresh one it must live.
+        let Some(tree) = test_tree("runs") else {
+            return;
+        };
+        for run in 1..=10 {
+            let name = run_name("svc", run);
+            let cgroup = tree.open_run(&name).unwrap();
+            let (read_end, write_end) = crate::logsink::make_output_pipe().unwrap();
+            let request = spawn::SpawnRequest {
+                program: "/bin/sh".into(),
+                argv: ["/bin/sh", "-c", "echo up; exec sleep 1000"]
+                    .map(String::from)
+                    .to_vec(),
+                env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                working_dir: "/".into(),
+                credentials: None,
+                output: write_end.as_fd(),
+                cgroup_procs: Some(cgroup.procs.as_fd()),
+                cgroup_dir: Some(cgroup.dir.as_fd()),
+            };
+            let child = spawn::spawn_service(&request).unwrap();
+            drop(write_end);
+            // It lives: its program runs and speaks.
+            let mut said = Vec::new();
+            let mut pipe = File::from(read_end);
+            wait_until("the run to speak", || {
+                let mut buf = [0u8; 16];
+                let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::from(100u16));
+                if let Ok(n) = pipe.read(&mut buf) {
+                    said.extend_from_slice(&buf[..n]);
+                }
+                said.ends_with(b"\n") || said.len() > 3
+            });
+            assert_eq!(said, b"up\n", "run {run} ran its program");
+            assert!(in_cgroup(child.pid.as_raw(), &tree, &name), "run {run}");
+            tree.kill(&name).unwrap();
+            let exit = spawn::reap(child.pid).unwrap();
+            assert_eq!(
+                exit,
+                spawn::ProcessExit::Signaled {
+                    signal: libc::SIGKILL,
+                    core_dumped: false
+                },
+                "run {run} died by its cgroup's kill, not before"
+            );
+            wait_until("the run's cgroup to empty", || {
+                tree.remove_if_empty(&name).unwrap()
+            });
+        }
     }
 
     #[test]

@@ -31,6 +31,7 @@ fn spawn_failure(argv: &[&str], dir: PathBuf) -> SpawnError {
         credentials: None,
         output: write_end.as_fd(),
         cgroup_procs: None,
+        cgroup_dir: None,
     };
     match spawn_service(&req) {
         Ok(spawned) => {
@@ -344,6 +345,7 @@ fn a_cgroup_that_cannot_be_joined_fails_the_spawn_and_says_so() {
         credentials: None,
         output: write_end.as_fd(),
         cgroup_procs: Some(full.as_fd()),
+        cgroup_dir: None,
     };
     let err = match spawn_service(&req) {
         Ok(spawned) => {

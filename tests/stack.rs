@@ -7,7 +7,7 @@ mod stack_support;
 
 use std::time::Duration;
 
-use stack_support::{Stack, lines, steady_and_all_up, text, up_anew, wait_lines};
+use stack_support::{Stack, lines, pids_in, steady_and_all_up, text, up_anew, wait_lines};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -559,6 +559,22 @@ fn cgroup_of(pid: i32) -> Option<std::path::PathBuf> {
         .and_then(|text| ccmgr::cgroup::v2_path(&text))
 }
 
+/// Whether `cgroup` (a cgroup2 path) is the cgroup of a run of service `id` of `stack`:
+/// `.../ccmgr.<instance>/<id>.<run>`.
+fn is_run_cgroup_of(cgroup: &std::path::Path, stack: &Stack, id: &str) -> bool {
+    let instance = format!("ccmgr.{}", stack.instance);
+    let parent_ok = cgroup
+        .parent()
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == instance.as_str());
+    let name = cgroup.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let run_ok = name
+        .strip_prefix(id)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(|run| !run.is_empty() && run.bytes().all(|b| b.is_ascii_digit()));
+    parent_ok && run_ok
+}
+
 #[test]
 fn a_daemon_that_escaped_with_setsid_dies_with_its_service() {
     // The service double-forks a daemon that calls setsid: it leaves the service's process
@@ -583,14 +599,18 @@ fn a_daemon_that_escaped_with_setsid_dies_with_its_service() {
     assert_eq!(pgid.as_raw(), daemon, "the daemon leads its own group");
     let service_cgroup = cgroup_of(daemon).expect("the daemon has a cgroup2 path");
     assert!(
-        service_cgroup.ends_with(format!("ccmgr.{}/parent", stack.instance)),
+        is_run_cgroup_of(&service_cgroup, &stack, "parent"),
         "the daemon is in {}",
         service_cgroup.display()
     );
     if let Some(parent) = parent.filter(|p| Stack::alive(*p)) {
         assert_eq!(cgroup_of(parent), Some(service_cgroup.clone()));
     }
-    assert!(cgroup_dir.join("parent").is_dir());
+    assert!(
+        cgroup_dir
+            .join(service_cgroup.file_name().unwrap())
+            .is_dir()
+    );
 
     stack.wait_for("the parent to fail", LONG, |s| {
         s.as_ref()
@@ -746,4 +766,236 @@ fn services_start_outside_cgroups_where_the_machine_refuses_them() {
         !cgroup_dir.exists(),
         "the keeper removed the instance's cgroup"
     );
+}
+
+#[test]
+fn every_run_of_a_crash_looping_service_is_born_alive_in_a_cgroup_of_its_own() {
+    // A service that leaves an escaped daemon behind and exits at once, restarted with no
+    // delay 50 times: each run's cgroup is killed when the run ends, and the next run starts
+    // right then. Every run must live to write its line (a child born into a cgroup that was
+    // killed is SIGKILLed at birth), each in a cgroup no other run used, and every daemon of
+    // an ended run must die with its run; the ended runs' cgroups go.
+    const RUNS: usize = 50;
+    let stack = Stack::new(
+        "respawn-cgroups",
+        "[coordinator]\nrestart_retry_counter = 1000\nrestart_time_span = \"1h\"",
+        &[],
+    );
+    let Some(cgroup_dir) = instance_cgroup(&stack) else {
+        return;
+    };
+    let log = stack.file("runs.log");
+    let daemons = stack.file("daemons.log");
+    stack.write_service(
+        "crashy",
+        &format!(
+            "command = [\"sh\", \"-c\", \"echo $$ $(sed -n 's/^0:://p' /proc/self/cgroup) >> {log}; (setsid sh -c 'echo $$ >> {daemons}; exec sleep 1000' &); n=$(wc -l < {log}); until [ $(cat {daemons} | wc -l) -ge $n ]; do :; done; exit 1\"]\nrestart_delay = \"0ms\"\n"
+        ),
+    );
+    start_crash_looping(&stack);
+    let runs = wait_lines(&log, RUNS, LONG * 4);
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let daemon_pids: Vec<i32> = lines(&daemons)
+        .iter()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    stack.remember(&daemon_pids);
+    let mut seen = std::collections::HashSet::new();
+    for run in &runs {
+        let (pid, cgroup) = run.split_once(' ').expect("a line of `pid cgroup`");
+        let cgroup = std::path::Path::new(cgroup);
+        assert!(
+            is_run_cgroup_of(cgroup, &stack, "crashy"),
+            "run {pid} was in {}, not in a cgroup of its own",
+            cgroup.display()
+        );
+        assert!(
+            seen.insert(cgroup.to_path_buf()),
+            "run {pid} was in {}, which an earlier run used",
+            cgroup.display()
+        );
+    }
+    // No run was killed at birth: every exit the coordinator saw was the service's own.
+    let log_text = stack.coordinator_log();
+    assert!(
+        !log_text.contains("SIGKILL") && !log_text.contains("signal 9"),
+        "a run was killed:\n{log_text}"
+    );
+    let deadline = std::time::Instant::now() + LONG;
+    for pid in daemon_pids {
+        while Stack::alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon {pid} outlived its run"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    assert!(
+        !cgroup_dir.exists(),
+        "the instance's cgroups were removed at stop"
+    );
+}
+
+#[test]
+fn the_cgroups_of_ended_runs_are_removed_while_the_stack_runs() {
+    // A service whose runs each leave a daemon behind: when a run ends its cgroup is killed,
+    // and removed once the daemon is gone, without waiting for the stack to stop.
+    let stack = Stack::new(
+        "ended-run-cgroups",
+        "[coordinator]\nrestart_retry_counter = 1000\nrestart_time_span = \"1h\"",
+        &[],
+    );
+    let Some(cgroup_dir) = instance_cgroup(&stack) else {
+        return;
+    };
+    let log = stack.file("runs.log");
+    let daemons = stack.file("daemons.log");
+    // Five quick runs, then one that stays.
+    stack.write_service(
+        "flaky",
+        &format!(
+            "command = [\"sh\", \"-c\", \"echo $$ >> {log}; (setsid sh -c 'echo $$ >> {daemons}; exec sleep 1000' &); n=$(wc -l < {log}); until [ $(cat {daemons} | wc -l) -ge $n ]; do :; done; [ $n -ge 6 ] && exec sleep 1000; exit 1\"]\nrestart_delay = \"0ms\"\n"
+        ),
+    );
+    start_crash_looping(&stack);
+    wait_lines(&log, 6, LONG);
+    let daemon_pids: Vec<i32> = wait_lines(&daemons, 6, LONG)
+        .iter()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    stack.remember(&daemon_pids);
+    let run_cgroups = || -> Vec<String> {
+        std::fs::read_dir(&cgroup_dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.path().is_dir())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.starts_with("flaky."))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + LONG;
+    while run_cgroups().len() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cgroups of ended runs are still there: {:?}",
+            run_cgroups()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The one left is the running service's, with its daemon.
+    let pid = stack.pid_of("flaky").expect("flaky runs");
+    let left = cgroup_dir.join(&run_cgroups()[0]);
+    assert_eq!(cgroup_of(pid), cgroup_of_dir(&left));
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        !cgroup_dir.exists(),
+        "the instance's cgroups were removed at stop"
+    );
+}
+
+/// Starts a stack whose service crash-loops: `start` may find it up (exit 0) or between two
+/// runs ("started, but not all are up now", exit 1); anything else is a failure.
+fn start_crash_looping(stack: &Stack) {
+    let out = stack.start();
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "start failed:\n{}",
+        text(&out)
+    );
+}
+
+/// The cgroup2 path of the cgroup directory `dir`: the path of this test's own cgroup, with
+/// what `dir` adds below this test's cgroup directory.
+fn cgroup_of_dir(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let (own_dir, own_path) = ccmgr::cgroup::own_cgroup().ok()?;
+    Some(own_path.join(dir.strip_prefix(own_dir).ok()?))
+}
+
+#[test]
+fn where_children_cannot_be_born_in_a_cgroup_services_move_into_their_runs_cgroups() {
+    // The keeper runs in a cgroup that `cgroup.kill` reached once (empty, before the keeper
+    // came): Linux 6.14+ then SIGKILLs at birth every child it clones into a fresh cgroup
+    // (the kill counts differ). The keeper's probe must notice, and its services must be
+    // forked and move into their runs' cgroups instead: they start, restart, and each run is
+    // in a cgroup of its own. (On a kernel without that behaviour, births just work.)
+    let stack = Stack::new(
+        "killed-keeper-cgroup",
+        "[coordinator]\nrestart_retry_counter = 1000\nrestart_time_span = \"1h\"",
+        &[],
+    );
+    if instance_cgroup(&stack).is_none() {
+        return;
+    }
+    let (own_dir, _) = ccmgr::cgroup::own_cgroup().unwrap();
+    let killed = own_dir.join(format!("killed-once-{}", stack.instance));
+    std::fs::create_dir(&killed).unwrap();
+    let _guard = CgroupDirGuard(killed.clone());
+    std::fs::write(killed.join("cgroup.kill"), "1").unwrap();
+    let log = stack.file("runs.log");
+    stack.write_service(
+        "svc",
+        &format!(
+            "command = [\"sh\", \"-c\", \"echo $$ $(sed -n 's/^0:://p' /proc/self/cgroup) >> {log}; exec sleep 1000\"]\nrestart_delay = \"0ms\"\n"
+        ),
+    );
+    // `ccmgr start` from inside the killed cgroup: the keeper it forks is born there.
+    let config = stack.path().join("ccmgr.toml");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec \"$0\" --config {} start",
+            killed.display(),
+            config.display()
+        ))
+        .arg(stack_support::ccmgr_bin())
+        .env_remove("CCMGR_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "start failed:\n{}", text(&out));
+    // Four restarts: each run killed, each replacement a new run.
+    for n in 1..5 {
+        let last = wait_lines(&log, n, LONG).pop().unwrap();
+        let pid: i32 = last.split(' ').next().unwrap().parse().unwrap();
+        stack.remember(&[pid]);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    let runs = wait_lines(&log, 5, LONG);
+    let status = stack.wait_steady(LONG);
+    stack.remember(&pids_in(&status));
+    let keeper = status["keeper"]["pid"].as_i64().unwrap() as i32;
+    assert!(
+        cgroup_of(keeper).is_some_and(|c| c.ends_with(killed.file_name().unwrap())),
+        "the keeper runs in the killed-once cgroup"
+    );
+    let mut seen = std::collections::HashSet::new();
+    for run in &runs {
+        let (pid, cgroup) = run.split_once(' ').expect("a line of `pid cgroup`");
+        let cgroup = std::path::Path::new(cgroup);
+        let instance = format!("ccmgr.{}", stack.instance);
+        assert!(
+            cgroup.parent().and_then(|p| p.file_name()) == Some(instance.as_ref())
+                && cgroup
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("svc.")),
+            "run {pid} was in {}, not in a cgroup of its own",
+            cgroup.display()
+        );
+        assert!(
+            seen.insert(cgroup.to_path_buf()),
+            "run {pid} reused a cgroup"
+        );
+    }
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }

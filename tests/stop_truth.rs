@@ -174,8 +174,17 @@ fn stop_on_stale_state_kills_escaped_daemons_and_removes_the_cgroups() {
     stack.start_ok();
     let status = stack.wait_steady(LONG);
     let c = pid_at(&service(&status, "c")["pid"]);
-    // The daemon: the other process in c's cgroup.
-    let procs = cgroup_dir.join("c").join("cgroup.procs");
+    // The daemon: the other process in c's cgroup (the cgroup of its run, `c.<run>`).
+    let run_cgroup = std::fs::read_to_string(format!("/proc/{c}/cgroup"))
+        .ok()
+        .and_then(|text| ccmgr::cgroup::v2_path(&text))
+        .and_then(|path| path.file_name().map(|n| n.to_owned()))
+        .expect("c has a cgroup2 path");
+    assert!(
+        run_cgroup.to_string_lossy().starts_with("c."),
+        "c runs in the cgroup {run_cgroup:?}, not in one of its runs'"
+    );
+    let procs = cgroup_dir.join(run_cgroup).join("cgroup.procs");
     let deadline = Instant::now() + LONG;
     let daemon = loop {
         let pids: Vec<i32> = std::fs::read_to_string(&procs)

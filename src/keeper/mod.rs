@@ -49,6 +49,7 @@
 pub mod protocol;
 pub mod reexec;
 mod reload;
+mod run_cgroups;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -186,6 +187,23 @@ struct HookRun {
     cgroup: Option<String>,
 }
 
+/// At most this many spawns are launched before they are confirmed and reported. The
+/// coordinator keeps a READY=1 that comes before the report of its sender's spawn, but only so
+/// many (64): a batch must stay well below that. 16 forks are enough to keep the other core
+/// busy with execs meanwhile.
+const SPAWN_BATCH: usize = 16;
+
+/// A run of a service forked but not confirmed yet (see [`spawn::launch_service`]).
+struct PendingSpawn {
+    launched: spawn::Launched,
+    /// The output pipe: the keeper's end, and the write end the child has a copy of (kept
+    /// until the exec is confirmed, for a retry outside cgroups).
+    read_end: OwnedFd,
+    write_end: OwnedFd,
+    /// The name of the run's cgroup, if it has one.
+    run_cgroup: Option<String>,
+}
+
 /// At most this many failure commands run at once: a crash loop with a slow command must not
 /// pile up processes. One asked for beyond it is skipped, with a warning.
 const MAX_RUNNING_HOOKS: usize = 8;
@@ -214,6 +232,8 @@ enum Source {
     /// The upgrade socket ([`reexec`]), and the connection of the client it serves.
     UpgradeListener,
     UpgradeClient,
+    /// The `cgroup.events` of an ended run's cgroup changed (see [`run_cgroups`]).
+    CgroupEvents,
 }
 
 /// The output pipe of a failure command: read line by line into ccmgr's own log (which is
@@ -291,6 +311,11 @@ struct Keeper {
     coordinator_exit: Option<ProcessExit>,
     /// The instance's cgroups, one per service, where the machine offers cgroup v2.
     cgroups: Option<cgroup::Tree>,
+    /// The cgroup of each service's run, and the removal of ended runs' cgroups.
+    run_cgroups: run_cgroups::RunCgroups,
+    /// Spawns launched in a row of the coordinator's requests, not confirmed yet, in the
+    /// order asked (see [`Keeper::queue_spawn`]).
+    launching: Vec<(usize, Result<PendingSpawn, String>)>,
     /// Failure commands running (or whose main process ended while what it started lives on
     /// in its cgroup), and when each is killed.
     hooks: Vec<HookRun>,
@@ -393,6 +418,8 @@ pub fn run(setup: KeeperSetup) -> Result<i32, KeeperError> {
         segment,
         coordinator_exit: None,
         join_cgroups: cgroups.is_some(),
+        run_cgroups: run_cgroups::RunCgroups::new(cgroups.as_ref(), n),
+        launching: Vec::new(),
         hooks: Vec::new(),
         hook_runs: 0,
         cgroups,
@@ -501,6 +528,9 @@ impl Keeper {
             keeper.timer.as_fd(),
             Source::Timer,
         )?;
+        if let Some(fd) = keeper.run_cgroups.events_fd() {
+            watch(&keeper.epoll, &mut keeper.sources, fd, Source::CgroupEvents)?;
+        }
         if let Some(period) = keeper.config.global.coordinator.watchdog {
             let watchdog = Watchdog::new(period.as_duration())?;
             watch(
@@ -663,6 +693,7 @@ impl Keeper {
                     Some(Source::HookPipe) => self.on_hook_output(fd),
                     Some(Source::UpgradeListener) => self.on_upgrade_listener(),
                     Some(Source::UpgradeClient) => self.on_upgrade_client(),
+                    Some(Source::CgroupEvents) => self.run_cgroups.on_events(self.cgroups.as_ref()),
                     None => {}
                 }
             }
@@ -1072,17 +1103,22 @@ impl Keeper {
                 }
             };
             let role = self.children.remove(&pid.as_raw());
-            if let Some(Role::Service(service)) = role {
-                // Leftovers of the service (children it forked and left) die with it.
+            if let Some(Role::Service(_)) = role {
+                // Leftovers of the service (children it forked and left) die with it: its
+                // process group now, while the zombie keeps the group id ours; its run's
+                // cgroup once the coordinator has heard of the exit (below), as the
+                // replacement is born in a cgroup of its own.
                 let _ = spawn::signal_group(pid, Signal::SIGKILL);
-                self.kill_service_cgroup(service);
             }
             let exit = match spawn::reap(pid) {
                 Ok(exit) => exit,
                 Err(_) => continue,
             };
             match role {
-                Some(Role::Service(service)) => self.on_service_exit(service, pid.as_raw(), exit),
+                Some(Role::Service(service)) => {
+                    self.on_service_exit(service, pid.as_raw(), exit);
+                    self.end_run_cgroup(service);
+                }
                 Some(role @ (Role::Coordinator | Role::Standby)) => {
                     // What it sent before it died is all in its socket: read it first (a
                     // coordinator's last words are "stop the standby" and "shut down"; lost,
@@ -1232,22 +1268,33 @@ impl Keeper {
                 peer.closed = true;
             }
         }
-        loop {
-            let Some(peer) = self.peers.get_mut(&pid) else {
-                return;
-            };
+        while let Some(peer) = self.peers.get_mut(&pid) {
             let message = match recv_message::<ToKeeper>(peer.socket.as_fd()) {
                 Ok(Some(m)) => m,
-                Ok(None) => return,
+                Ok(None) => break,
                 Err(_) => {
                     // It closed its end (or exited): stop watching; its exit is reaped apart.
                     peer.closed = true;
                     unwatch(&self.epoll, &mut self.sources, peer.socket.as_fd());
-                    return;
+                    break;
                 }
             };
-            self.on_request(pid, message);
+            // The coordinator's spawn requests in a row are launched together and confirmed
+            // at the first other message, or once none is left to read.
+            let from_coordinator =
+                self.coordinator == Some(pid) && !self.retired_standbys.contains(&pid);
+            match message {
+                ToKeeper::Spawn { service } if from_coordinator => {
+                    self.heard_from_coordinator();
+                    self.queue_spawn(service);
+                }
+                message => {
+                    self.confirm_launched();
+                    self.on_request(pid, message);
+                }
+            }
         }
+        self.confirm_launched();
     }
 
     fn on_request(&mut self, from: i32, message: ToKeeper) {
@@ -1432,6 +1479,7 @@ impl Keeper {
             credentials: None,
             output: write_end.as_fd(),
             cgroup_procs: hooks_procs.as_ref().map(|fd| fd.as_fd()),
+            cgroup_dir: None,
         };
         let mut spawned = spawn::spawn_service(&request);
         if let Err(SpawnError::Exec {
@@ -1593,32 +1641,48 @@ impl Keeper {
     }
 
     fn spawn_service(&mut self, service: usize) {
-        let reply = match self.try_spawn(service) {
+        let launched = self.launch_spawn(service);
+        self.finish_spawn(service, launched);
+    }
+
+    /// Starts every spawn the coordinator asked for in a row before confirming any (see
+    /// [`spawn::launch_service`]): `launching` holds them, in order, until
+    /// [`confirm_launched`](Keeper::confirm_launched).
+    fn queue_spawn(&mut self, service: usize) {
+        let launched = if self.launching.iter().any(|(s, _)| *s == service) {
+            Err("it is already starting".into())
+        } else {
+            self.launch_spawn(service)
+        };
+        self.launching.push((service, launched));
+        if self.launching.len() >= SPAWN_BATCH {
+            self.confirm_launched();
+        }
+    }
+
+    /// Confirms the spawns [`queue_spawn`](Keeper::queue_spawn) launched, and tells the
+    /// coordinator how each went, in the order it asked.
+    fn confirm_launched(&mut self) {
+        for (service, launched) in std::mem::take(&mut self.launching) {
+            self.finish_spawn(service, launched);
+        }
+    }
+
+    fn finish_spawn(&mut self, service: usize, launched: Result<PendingSpawn, String>) {
+        let reply = match launched.and_then(|p| self.confirm_spawn(service, p)) {
             Ok(pid) => FromKeeper::Spawned { service, pid },
             Err(error) => FromKeeper::SpawnFailed { service, error },
         };
         self.tell_coordinator(reply);
     }
 
-    fn try_spawn(&mut self, service: usize) -> Result<i32, String> {
-        if service >= self.config.services.len() {
-            return Err("no such service".into());
-        }
-        if self.service_pids[service].is_some() {
-            return Err("it is already running".into());
-        }
-        let cgroup_procs = self.open_cgroup_procs(service);
+    /// The request to start `service`, its output going to `output`.
+    fn request_for<'a>(
+        &self,
+        service: usize,
+        output: BorrowedFd<'a>,
+    ) -> Result<SpawnRequest<'a>, String> {
         let spec = &self.config.services[service];
-        if self.logs[service].is_none() {
-            let sink = LogSink::open(
-                &self.config.global.log_dir,
-                &spec.id,
-                LOG_MAX_BYTES,
-                LOG_KEEP,
-            )
-            .map_err(|e| e.to_string())?;
-            self.logs[service] = Some(sink);
-        }
         let env = spawn::build_environment(
             spec,
             &self.config.global.instance,
@@ -1626,25 +1690,96 @@ impl Keeper {
             &[self.notify.env_var()],
         )
         .map_err(|e| e.to_string())?;
-        let (read_end, write_end) = logsink::make_output_pipe().map_err(|e| e.to_string())?;
-        let mut request =
-            SpawnRequest::for_service(spec, env, write_end.as_fd()).map_err(|e| e.to_string())?;
-        request.cgroup_procs = cgroup_procs.as_ref().map(|fd| fd.as_fd());
-        let mut spawned = spawn::spawn_service(&request);
-        if let Err(
-            e @ SpawnError::Exec {
-                stage: ExecStage::Cgroup,
-                ..
-            },
-        ) = &spawned
-        {
-            // The child failed before exec and was reaped: start it again, outside cgroups.
-            stop_joining_cgroups(&mut self.join_cgroups, e);
-            request.cgroup_procs = None;
-            spawned = spawn::spawn_service(&request);
+        SpawnRequest::for_service(spec, env, output).map_err(|e| e.to_string())
+    }
+
+    /// Forks `service`'s next run, in a cgroup of its own (see [`run_cgroups`]); its exec is
+    /// confirmed by [`confirm_spawn`](Keeper::confirm_spawn).
+    fn launch_spawn(&mut self, service: usize) -> Result<PendingSpawn, String> {
+        if service >= self.config.services.len() {
+            return Err("no such service".into());
         }
-        let spawned = spawned.map_err(|e| e.to_string())?;
+        if self.service_pids[service].is_some() {
+            return Err("it is already running".into());
+        }
+        if self.logs[service].is_none() {
+            let sink = LogSink::open(
+                &self.config.global.log_dir,
+                &self.config.services[service].id,
+                LOG_MAX_BYTES,
+                LOG_KEEP,
+            )
+            .map_err(|e| e.to_string())?;
+            self.logs[service] = Some(sink);
+        }
+        let (read_end, write_end) = logsink::make_output_pipe().map_err(|e| e.to_string())?;
+        let mut request = self.request_for(service, write_end.as_fd())?;
+        let run_cgroup = self.open_run_cgroup(service);
+        request.cgroup_procs = run_cgroup.as_ref().map(|c| c.procs.as_fd());
+        if self.run_cgroups.born_in_cgroup() {
+            request.cgroup_dir = run_cgroup.as_ref().map(|c| c.dir.as_fd());
+        }
+        let launched = spawn::launch_service(&request);
+        drop(request);
+        match launched {
+            Ok(launched) => Ok(PendingSpawn {
+                launched,
+                read_end,
+                write_end,
+                run_cgroup: run_cgroup.map(|c| c.name),
+            }),
+            Err(e) => {
+                if let (Some(run), Some(tree)) = (run_cgroup, &self.cgroups) {
+                    self.run_cgroups.retire(tree, run.name);
+                }
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Waits for the exec of a launched run, and takes it in as `service`'s main process.
+    fn confirm_spawn(&mut self, service: usize, pending: PendingSpawn) -> Result<i32, String> {
+        let PendingSpawn {
+            launched,
+            read_end,
+            write_end,
+            run_cgroup,
+        } = pending;
+        let spawned = match launched.confirm() {
+            Err(
+                e @ SpawnError::Exec {
+                    stage: ExecStage::Cgroup,
+                    ..
+                },
+            ) => {
+                // The child failed before exec and was reaped: start it again, outside
+                // cgroups.
+                stop_joining_cgroups(&mut self.join_cgroups, &e);
+                self.request_for(service, write_end.as_fd())
+                    .and_then(|request| spawn::spawn_service(&request).map_err(|e| e.to_string()))
+            }
+            other => other.map_err(|e| e.to_string()),
+        };
+        let in_cgroup = self.join_cgroups;
+        let spawned = match spawned {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                // Nothing runs in the run's cgroup (the failed child was reaped): it goes.
+                if let (Some(name), Some(tree)) = (run_cgroup, &self.cgroups) {
+                    self.run_cgroups.retire(tree, name);
+                }
+                return Err(e);
+            }
+        };
+        if let Some(name) = run_cgroup {
+            if in_cgroup {
+                self.run_cgroups.started(service, name);
+            } else if let Some(tree) = &self.cgroups {
+                self.run_cgroups.retire(tree, name);
+            }
+        }
         drop(write_end); // only the service holds the write end now: its exit means EOF
+        let spec = &self.config.services[service];
         let pid = spawned.pid.as_raw();
         self.children.insert(pid, Role::Service(service));
         self.service_pids[service] = Some(pid);
@@ -1751,13 +1886,13 @@ impl Keeper {
 /// The keeper's uses of the instance's cgroups ([`crate::cgroup`]). Each does nothing where the
 /// machine offers none; a failure to kill is logged, as the process group was killed anyway.
 impl Keeper {
-    /// The `cgroup.procs` of `service`'s cgroup, for its next process to join; `None` where
-    /// services are not moved into cgroups (any more).
-    fn open_cgroup_procs(&mut self, service: usize) -> Option<OwnedFd> {
+    /// The cgroup of `service`'s next run, made and opened for its main process to be born
+    /// in it (or to join it); `None` where services are not put in cgroups (any more).
+    fn open_run_cgroup(&mut self, service: usize) -> Option<cgroup::RunCgroup> {
         let tree = self.cgroups.as_ref().filter(|_| self.join_cgroups)?;
         let id = &self.config.services[service].id;
-        match tree.open_procs(id) {
-            Ok(fd) => Some(fd),
+        match self.run_cgroups.open_next(tree, id) {
+            Ok(run) => Some(run),
             Err(e) => {
                 stop_joining_cgroups(&mut self.join_cgroups, &e);
                 None
@@ -1765,11 +1900,24 @@ impl Keeper {
         }
     }
 
-    /// Kills everything in `service`'s cgroup: what it left behind, escaped daemons too.
+    /// Kills everything in the cgroup of `service`'s current run: what it left behind,
+    /// escaped daemons too.
     fn kill_service_cgroup(&self, service: usize) {
-        let id = &self.config.services[service].id;
-        if let Some(Err(e)) = self.cgroups.as_ref().map(|tree| tree.kill(id)) {
+        let (Some(tree), Some(name)) = (&self.cgroups, self.run_cgroups.current(service)) else {
+            return;
+        };
+        if let Err(e) = tree.kill(name) {
+            let id = &self.config.services[service].id;
             warn!(error = %e, service = %id, "cannot kill the service's cgroup");
+        }
+    }
+
+    /// `service`'s main process ended (and was reaped): kills what is left in its run's
+    /// cgroup, and removes the cgroup once empty.
+    fn end_run_cgroup(&mut self, service: usize) {
+        self.kill_service_cgroup(service);
+        if let (Some(tree), Some(name)) = (&self.cgroups, self.run_cgroups.ended(service)) {
+            self.run_cgroups.retire(tree, name);
         }
     }
 

@@ -111,6 +111,9 @@ pub struct KeeperState {
     /// takes the limit it finds.
     #[serde(default)]
     pub original_fd_limit: Option<(u64, u64)>,
+    /// The cgroups of the services' runs. Absent in a state from before cgroups per run.
+    #[serde(default)]
+    pub run_cgroups: Option<super::run_cgroups::RunCgroupsState>,
 }
 
 /// A child's role, as the state names it.
@@ -322,6 +325,9 @@ impl Keeper {
             Some("a reload is being carried out")
         } else if self.peers.values().any(|p| p.closed) {
             Some("a coordinator or standby is ending")
+        } else if !self.launching.is_empty() {
+            // Forked children whose exec reports are still to be read: not in the state.
+            Some("services are being started")
         } else {
             None
         };
@@ -477,6 +483,7 @@ impl Keeper {
             hook_runs: self.hook_runs,
             join_cgroups: self.join_cgroups,
             original_fd_limit: crate::spawn::original_fd_limit(),
+            run_cgroups: Some(self.run_cgroups.to_state()),
         }
     }
 }
@@ -587,6 +594,16 @@ fn build(resume: &mut Resume) -> Result<Keeper, KeeperError> {
     for t in &state.successor_deaths_ago_ms {
         successor_deaths.record(ago(*t));
     }
+    let cgroups = state
+        .cgroups
+        .as_ref()
+        .map(|(dir, path)| crate::cgroup::Tree::existing(dir, path));
+    let ids: Vec<&str> = config.services.iter().map(|s| s.id.as_str()).collect();
+    let run_cgroups = super::run_cgroups::RunCgroups::resume(
+        cgroups.as_ref(),
+        state.run_cgroups.clone(),
+        &ids,
+    );
     let mut keeper = Keeper {
         config: config.clone(),
         foreground: state.foreground,
@@ -639,10 +656,10 @@ fn build(resume: &mut Resume) -> Result<Keeper, KeeperError> {
         watchdog: None,
         segment,
         coordinator_exit: state.coordinator_exit,
-        cgroups: state
-            .cgroups
-            .as_ref()
-            .map(|(dir, path)| crate::cgroup::Tree::existing(dir, path)),
+        cgroups,
+        run_cgroups,
+        // The upgrade is refused while spawns are being launched (see `check_upgrade`).
+        launching: Vec::new(),
         hooks: state
             .hooks
             .iter()

@@ -133,6 +133,7 @@ impl Keeper {
         self.logs = logs;
         self.service_pids = pids;
         self.unacked_exits = unacked;
+        self.run_cgroups.remap(&to_new, n);
         let children: HashMap<i32, Role> = self
             .children
             .iter()

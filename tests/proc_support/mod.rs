@@ -241,6 +241,7 @@ pub fn start(argv: &[&str], env: &[(&str, &str)], dir: &Path) -> Started {
         credentials: None,
         output: write_end.as_fd(),
         cgroup_procs: None,
+        cgroup_dir: None,
     };
     let spawned = spawn_service(&req).unwrap_or_else(|e| panic!("spawning {argv:?}: {e}"));
     // Our copy of the write end must go, or the pipe never reaches end-of-file.
