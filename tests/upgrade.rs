@@ -838,3 +838,73 @@ fn inheritable_fds(pid: i32) -> Vec<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect()
 }
+
+/// The cgroup of the run a service had before the upgrade is the new keeper's to kill when
+/// that run ends: the runs' cgroups cross the exec. Here the run leaves an escaped daemon
+/// behind; after the upgrade its main process is killed, and the daemon must die with its
+/// run's cgroup, and the replacement run gets a cgroup of its own. (Without the runs' cgroups
+/// in the state, the new keeper did not know which cgroup the run was in, and the daemon
+/// lived on.) Skipped where services run outside cgroups.
+#[test]
+fn a_run_from_before_the_upgrade_is_killed_whole_when_it_ends_after_it() {
+    let stack = Stack::new("upgrade-cgroups", "", &[]);
+    let daemons = stack.file("daemons.log");
+    stack.write_service(
+        "d",
+        &format!(
+            "command = [\"sh\", \"-c\", \"(setsid sh -c 'echo $$ >> {daemons}; exec sleep 1000' &); exec sleep 1000\"]\nrestart_delay = \"0ms\"\n"
+        ),
+    );
+    stack.start_ok();
+    let before = stack.wait_steady_with_standby(LONG);
+    stack.remember(&stack_support::pids_in(&before));
+    let main = pid(stack_support::service_of(&before, "d"));
+    let cgroup_of = |pid: i32| -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+            .unwrap_or_default()
+    };
+    let old_cgroup = cgroup_of(main);
+    if !old_cgroup.contains(&format!("ccmgr.{}/", stack.instance)) {
+        assert!(
+            std::env::var_os("CCMGR_TEST_REQUIRE_CGROUPS").is_none(),
+            "cgroups are required, yet d runs in {old_cgroup}"
+        );
+        eprintln!("skipped: services run outside cgroups here ({old_cgroup})");
+        return;
+    }
+    let daemon: i32 = stack_support::wait_lines(&daemons, 1, LONG)[0]
+        .trim()
+        .parse()
+        .unwrap();
+    stack.remember(&[daemon]);
+    assert_eq!(cgroup_of(daemon), old_cgroup, "the daemon is in d's run");
+
+    let out = stack.ccmgr(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(0), "upgrade: {}", text(&out));
+    let after = stack.wait_steady_with_standby(LONG);
+    stack.remember(&stack_support::pids_in(&after));
+    assert_eq!(pid(stack_support::service_of(&after, "d")), main);
+
+    kill(Pid::from_raw(main), Signal::SIGKILL).unwrap();
+    let restarted = stack
+        .wait_for("d restarted after the upgrade", LONG, |s| {
+            s.as_ref().is_some_and(|s| up_anew(s, "d", main))
+        })
+        .unwrap();
+    stack.remember(&stack_support::pids_in(&restarted));
+    wait_until(
+        "the daemon of d's run from before the upgrade dies with it",
+        || !Stack::alive(daemon),
+    );
+    let new_main = pid(stack_support::service_of(&restarted, "d"));
+    let new_cgroup = cgroup_of(new_main);
+    assert!(
+        new_cgroup.contains(&format!("ccmgr.{}/", stack.instance)) && new_cgroup != old_cgroup,
+        "the new run is in {new_cgroup}, the old one was in {old_cgroup}"
+    );
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}

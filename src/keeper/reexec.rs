@@ -599,11 +599,8 @@ fn build(resume: &mut Resume) -> Result<Keeper, KeeperError> {
         .as_ref()
         .map(|(dir, path)| crate::cgroup::Tree::existing(dir, path));
     let ids: Vec<&str> = config.services.iter().map(|s| s.id.as_str()).collect();
-    let run_cgroups = super::run_cgroups::RunCgroups::resume(
-        cgroups.as_ref(),
-        state.run_cgroups.clone(),
-        &ids,
-    );
+    let run_cgroups =
+        super::run_cgroups::RunCgroups::resume(cgroups.as_ref(), state.run_cgroups.clone(), &ids);
     let mut keeper = Keeper {
         config: config.clone(),
         foreground: state.foreground,

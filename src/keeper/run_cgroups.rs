@@ -220,11 +220,7 @@ impl RunCgroups {
     /// run, whose services each ran in a cgroup named after the service), the probe is run
     /// again and each service's current run is its service-named cgroup where one exists, so
     /// that its end still kills what it left.
-    pub fn resume(
-        tree: Option<&Tree>,
-        state: Option<RunCgroupsState>,
-        ids: &[&str],
-    ) -> RunCgroups {
+    pub fn resume(tree: Option<&Tree>, state: Option<RunCgroupsState>, ids: &[&str]) -> RunCgroups {
         let Some(state) = state else {
             let mut fresh = RunCgroups::new(tree, ids.len());
             if let Some(tree) = tree {
