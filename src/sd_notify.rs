@@ -168,6 +168,10 @@ impl SdRelay {
 fn relay(notifier: &SdNotifier, incoming: &std::sync::mpsc::Receiver<String>) {
     let mut unsent: Option<String> = None;
     let mut warned = false;
+    // The socket refused a message (no listener, not a datagram socket...): said once, until
+    // a send succeeds again. A bogus `$NOTIFY_SOCKET` must not fill ccmgr's log with one
+    // warning per state change.
+    let mut refused = false;
     loop {
         let first = match unsent.take() {
             Some(message) => message,
@@ -180,7 +184,15 @@ fn relay(notifier: &SdNotifier, incoming: &std::sync::mpsc::Receiver<String>) {
         batch.extend(incoming.try_iter());
         let message = coalesce(&batch);
         match notifier.send(&message) {
-            Ok(()) => warned = false,
+            Ok(()) => {
+                warned = false;
+                if std::mem::take(&mut refused) {
+                    tracing::info!(
+                        "the init system's notify socket {:?} takes ccmgr's messages again",
+                        notifier.name
+                    );
+                }
+            }
             Err(SdNotifyError::Send { source, .. })
                 if matches!(
                     source.kind(),
@@ -201,7 +213,13 @@ fn relay(notifier: &SdNotifier, incoming: &std::sync::mpsc::Receiver<String>) {
                     unsent = Some(message);
                 }
             }
-            Err(e) => tracing::warn!("{e}"),
+            Err(e) => {
+                if !std::mem::replace(&mut refused, true) {
+                    tracing::warn!(
+                        "{e}; the stack runs on, and ccmgr says no more of it until a message gets through"
+                    );
+                }
+            }
         }
     }
 }

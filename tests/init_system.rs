@@ -222,6 +222,52 @@ requires = ["api"]
     assert_eq!(exit.code(), Some(0), "{}", stack.coordinator_log());
 }
 
+#[test]
+fn a_bogus_notify_socket_is_said_once_and_the_stack_runs_and_stops_as_without_one() {
+    // Each is an address nobody can send to: a missing path, a regular file, a directory,
+    // an abstract name nobody listens on, a stream socket.
+    let stack = Stack::new("sd-notify-bogus", "", &[]);
+    let log = stack.file("events.log");
+    stack.write_service("db", &recorder("db", &log, ""));
+    let regular = stack.path().join("regular");
+    std::fs::write(&regular, "").unwrap();
+    let directory = stack.path().join("a-directory");
+    std::fs::create_dir(&directory).unwrap();
+    let stream = stack.path().join("stream");
+    let _listener = std::os::unix::net::UnixListener::bind(&stream).unwrap();
+    let abstract_name = format!("@ccmgr-test-nobody-{}", std::process::id());
+    let targets = [
+        stack.path().join("missing").into_os_string(),
+        regular.into_os_string(),
+        directory.into_os_string(),
+        abstract_name.into(),
+        stream.into_os_string(),
+    ];
+    for (i, target) in targets.iter().enumerate() {
+        let stderr = stack.file(&format!("stderr-{i}"));
+        let mut foreground = Foreground(
+            Command::new(ccmgr_bin())
+                .arg("--config")
+                .arg(stack.path().join("ccmgr.toml"))
+                .args(["start", "--foreground"])
+                .env("NOTIFY_SOCKET", target)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&stderr).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        stack.wait_steady(LONG);
+        kill(Pid::from_raw(foreground.0.id() as i32), Signal::SIGTERM).unwrap();
+        let exit = foreground.0.wait().unwrap();
+        let text = std::fs::read_to_string(&stderr).unwrap();
+        assert_eq!(exit.code(), Some(0), "{target:?}: {text}");
+        // Every state change (starting, ready, stopping, stopped) was refused: said once.
+        let said = text.matches("cannot send").count();
+        assert_eq!(said, 1, "{target:?}: said {said} times: {text}");
+    }
+}
+
 // ---- PID 1 of a PID namespace ----------------------------------------------------------
 
 /// `unshare --pid --fork --mount-proc --kill-child ccmgr ... start --foreground`: ccmgr is PID
