@@ -597,6 +597,45 @@ fn the_sysv_script_drives_the_stack_with_lsb_exit_codes() {
 }
 
 #[test]
+fn the_sysv_script_keeps_the_stack_running_when_restart_meets_a_bad_configuration() {
+    let stack = Stack::new("sysv-bad", "", &[]);
+    let log = stack.file("events.log");
+    stack.write_service("db", &recorder("db", &log, ""));
+    stack.write_service("api", &recorder("api", &log, "requires = [\"db\"]"));
+    let sysv = "packaging/sysv/ccmgr";
+    let code = |out: std::process::Output| (out.status.code(), stack_support::text(&out));
+    let (started, text) = code(script(&stack, sysv, &["start"]));
+    assert_eq!(started, Some(0), "{text}");
+    let pid_of = |id: &str| {
+        let status = stack.status().expect("the stack runs");
+        service_of(&status, id)["pid"].as_i64()
+    };
+    let db = pid_of("db");
+    assert!(db.is_some());
+    // A typo in a service file, then each way of applying it: "not configured" (6), and the
+    // stack runs on untouched, not stopped with no way to start again.
+    stack.write_service("bad", "command = [\"true\"]\nrequires = [\"nothing\"]\n");
+    for action in ["restart", "try-restart", "force-reload"] {
+        let (rc, text) = code(script(&stack, sysv, &[action]));
+        assert_eq!(rc, Some(6), "{action}: {text}");
+        assert!(text.contains("nothing"), "{action} says why: {text}");
+        assert_eq!(pid_of("db"), db, "{action} touched the running stack");
+    }
+    // force-reload of a good configuration is ccmgr's live reload: only what changed restarts.
+    std::fs::remove_file(stack.path().join("services.d/bad.toml")).unwrap();
+    stack.write_service(
+        "api",
+        &recorder("api", &log, "requires = [\"db\"]\nenv = { X = \"1\" }"),
+    );
+    let (rc, text) = code(script(&stack, sysv, &["force-reload"]));
+    assert_eq!(rc, Some(0), "{text}");
+    let status = stack.wait_steady(LONG);
+    assert_eq!(service_of(&status, "db")["pid"].as_i64(), db, "{status}");
+    let (stopped, text) = code(script(&stack, sysv, &["stop"]));
+    assert_eq!(stopped, Some(0), "{text}");
+}
+
+#[test]
 fn the_runit_run_script_runs_ccmgr_in_the_foreground_and_sigterm_stops_it_in_order() {
     let stack = Stack::new("runit", "", &[]);
     let log = stack.file("events.log");
