@@ -147,6 +147,14 @@ fn refuse_recorded_survivors(instance: &str, run_dir: &std::path::Path) -> Resul
 }
 
 pub fn start(cli: &Cli, foreground: bool) -> Exit {
+    if foreground {
+        // The keeper's signals are blocked from the first moment, not only once the keeper's
+        // loop is set up: as PID 1 of a PID namespace (a container's entrypoint) the kernel
+        // drops a signal left at its default disposition, so a `docker stop` during the
+        // configuration's loading would be lost (and the container SIGKILLed later); blocked,
+        // it waits for the keeper's signalfd, which then stops the stack in order.
+        let _ = crate::init_signals::mask().thread_block();
+    }
     let config = match load_or_report(cli) {
         Ok(c) => c,
         Err(e) => return e,
