@@ -6,7 +6,7 @@
 //! filters ([`level_filter`]; default `info`): a level (`debug`), a level per module path
 //! prefix (`ccmgr::engine=trace`), or both, comma-separated (`info,ccmgr::coordinator=debug`).
 //! That is `tracing-subscriber`'s `Targets`: no regular expressions nor span-field filters,
-//! whose matcher would add about 0.4 MB of code mapped into every ccmgr process.
+//! whose matcher added about 0.5 MB of code mapped into every ccmgr process.
 //!
 //! The file is size-capped and rotated like the services' logs ([`crate::logsink`]): once it
 //! reaches [`crate::keeper::LOG_MAX_BYTES`] it becomes `.log.1`, `.1` becomes `.2`, and so on
