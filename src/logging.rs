@@ -211,8 +211,14 @@ mod tests {
 
         for not_understood in ["", "  ", "ccmgr=loud", "a=b=c"] {
             let fallback = level_filter(Some(not_understood));
-            assert!(fallback.would_enable("ccmgr::engine", &Level::INFO), "{not_understood:?}");
-            assert!(!fallback.would_enable("ccmgr::engine", &Level::DEBUG), "{not_understood:?}");
+            assert!(
+                fallback.would_enable("ccmgr::engine", &Level::INFO),
+                "{not_understood:?}"
+            );
+            assert!(
+                !fallback.would_enable("ccmgr::engine", &Level::DEBUG),
+                "{not_understood:?}"
+            );
         }
     }
 }
