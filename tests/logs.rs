@@ -1,7 +1,8 @@
 //! `ccmgr logs` through the real binary: the last lines (`-n`, also reaching into the rotated
 //! file), several services prefixed with their names, ccmgr's own log, an unknown service, and
 //! `-f` following a service's output across a rotation of its log (4 MiB written after the
-//! follower started: every line arrives once, in order). Each test runs its own instance in
+//! follower started: every line arrives once, in order), and `RUST_LOG` choosing what ccmgr
+//! writes to its own log (a level, a level per module path). Each test runs its own instance in
 //! its own directory; the guards stop and reap everything even when a test fails.
 
 mod stack_support;
@@ -10,7 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use stack_support::{Running, Stack, text};
+use stack_support::{Running, Stack, ccmgr_bin, text};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -187,4 +188,53 @@ fn follow_goes_on_across_a_rotation() {
         logs(&stack, &["talker", "-n", "2"]),
         [flood_line(LINES), "done".into()]
     );
+}
+
+/// ccmgr's own log after the stack was started with `RUST_LOG` as given (None: unset) and
+/// stopped again.
+fn own_log_with(rust_log: Option<&str>, test: &str) -> String {
+    let stack = Stack::new(test, "", &[]);
+    stack.write_service("a", "command = [\"/bin/sleep\", \"1000\"]\n");
+    let mut start = std::process::Command::new(ccmgr_bin());
+    start
+        .arg("--config")
+        .arg(stack.path().join("ccmgr.toml"))
+        .arg("start")
+        .env_remove("CCMGR_CONFIG")
+        .env_remove("RUST_LOG");
+    if let Some(value) = rust_log {
+        start.env("RUST_LOG", value);
+    }
+    let out = start.output().expect("ccmgr runs");
+    // Through the stack's own runner, so its guard knows the processes to reap.
+    let _ = stack.status();
+    assert_eq!(out.status.code(), Some(0), "start failed:\n{}", text(&out));
+    // `stop` returns once the stack is stopped: every line about it is written by then.
+    let out = stack.stop();
+    assert_eq!(out.status.code(), Some(0), "stop failed:\n{}", text(&out));
+    let path = stack
+        .log_dir()
+        .join(format!("ccmgr-{}.log", stack.instance));
+    std::fs::read_to_string(&path).unwrap_or_default()
+}
+
+#[test]
+fn rust_log_sets_the_level_overall_and_per_module_path() {
+    let default = own_log_with(None, "logs-rust-log-unset");
+    assert!(
+        default.contains("keeper started the coordinator"),
+        "{default}"
+    );
+    assert!(default.contains("every service is up"), "{default}");
+
+    let quiet = own_log_with(Some("warn"), "logs-rust-log-warn");
+    assert!(!quiet.contains(" INFO "), "no info line at warn:\n{quiet}");
+
+    // The coordinator's lines at info, the keeper's (module ccmgr::keeper) only from warn.
+    let mixed = own_log_with(Some("warn,ccmgr::coordinator=info"), "logs-rust-log-mixed");
+    assert!(mixed.contains("every service is up"), "{mixed}");
+    assert!(!mixed.contains("keeper started the coordinator"), "{mixed}");
+
+    let ours = own_log_with(Some("ccmgr=debug"), "logs-rust-log-ours");
+    assert!(ours.contains("every service is up"), "{ours}");
 }
