@@ -14,9 +14,9 @@
 //! exec), five bytes mean the spawn failed, and the operator reads "changing directory to
 //! /srv/x: No such file or directory" instead of "exited with status 127".
 //!
-//! This is the one module of the crate with `unsafe` code: `fork`, the child side, and the raw
-//! system calls glibc has no (suitable) wrapper for: `pidfd_open`, `pidfd_send_signal`,
-//! `close_range` and `rt_sigaction`.
+//! Most of the crate's `unsafe` code is here (the README lists the few other places): `fork`
+//! and `clone3`, the child side, and the raw system calls glibc has no (suitable) wrapper for:
+//! `pidfd_open`, `pidfd_send_signal`, `close_range` and `rt_sigaction`.
 
 use std::ffi::{CString, c_char, c_int};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
