@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use stack_support::{Running, Stack, ccmgr_bin, service_of, text};
+use stack_support::{Running, Stack, service_of, text};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -492,33 +492,9 @@ fn a_coordinator_out_of_descriptors_does_not_spin_on_the_control_socket() {
     assert_eq!(warnings, 1, "a spell of failed accepts is reported once");
 }
 
-/// Runs `ccmgr <args>` on `stack` as nobody (uid 65534, group nogroup 65534), after letting
-/// nobody reach the stack's directory, run_dir and configuration file (the socket's own mode
-/// still applies).
+/// Runs `ccmgr <args>` on `stack` as nobody.
 fn as_nobody(stack: &Stack, args: &[&str]) -> std::process::Output {
-    for dir in [stack.path().to_path_buf(), stack.path().join("run")] {
-        let mut perms = std::fs::metadata(&dir).unwrap().permissions();
-        perms.set_mode(perms.mode() | 0o011);
-        std::fs::set_permissions(&dir, perms).unwrap();
-    }
-    let config = stack.path().join("ccmgr.toml");
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
-    // A copy nobody can run: the build's own may sit under a directory only root can enter
-    // (CI builds in a fresh `mktemp -d`, mode 0700).
-    let bin = stack.path().join("ccmgr");
-    if !bin.exists() {
-        std::fs::copy(ccmgr_bin(), &bin).unwrap();
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    Command::new(&bin)
-        .arg("--config")
-        .arg(&config)
-        .args(args)
-        .env_remove("CCMGR_CONFIG")
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap()
+    stack.ccmgr_as_nobody(args)
 }
 
 fn needs_root() -> bool {

@@ -583,7 +583,6 @@ fn upgrading_an_instance_that_is_not_running_is_exit_3() {
 #[test]
 fn a_stranger_may_not_upgrade() {
     use std::os::unix::fs::PermissionsExt as _;
-    use std::os::unix::process::CommandExt as _;
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root to run a command as nobody");
         return;
@@ -592,28 +591,7 @@ fn a_stranger_may_not_upgrade() {
     let socket = ccmgr::upgrade::socket_path(&stack.run_dir(), &stack.instance);
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
-    for dir in [stack.path().to_path_buf(), stack.run_dir()] {
-        let mut perms = std::fs::metadata(&dir).unwrap().permissions();
-        perms.set_mode(perms.mode() | 0o011);
-        std::fs::set_permissions(&dir, perms).unwrap();
-    }
-    let config = stack.path().join("ccmgr.toml");
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
-    // A copy nobody can run (CI builds under a directory only root can enter).
-    let bin = stack.path().join("ccmgr");
-    std::fs::copy(CCMGR, &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let run = || {
-        Command::new(&bin)
-            .arg("--config")
-            .arg(&config)
-            .arg("upgrade")
-            .env_remove("CCMGR_CONFIG")
-            .uid(65534)
-            .gid(65534)
-            .output()
-    };
-    let out = copy_output(run);
+    let out = stack.ccmgr_as_nobody(&["upgrade"]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     let after = stack.wait_steady_with_standby(LONG);
     assert_eq!(processes(&after), processes(&before), "nothing changed");

@@ -131,6 +131,47 @@ impl Stack {
         out
     }
 
+    /// Runs `ccmgr --config <stack> <args>` as nobody (uid 65534, group nogroup 65534), after
+    /// letting nobody reach the stack's directory, run_dir and configuration file (the
+    /// sockets' own modes still apply). It runs a copy of the binary in the stack's directory:
+    /// the build's own may sit under a directory only root can enter (CI builds in a fresh
+    /// `mktemp -d`, mode 0700). A copy just written may be busy for a moment (ETXTBSY: a
+    /// child another test thread forked meanwhile holds the writer's fd until it execs): then
+    /// it is run again.
+    pub fn ccmgr_as_nobody(&self, args: &[&str]) -> Output {
+        use std::os::unix::fs::PermissionsExt as _;
+        use std::os::unix::process::CommandExt as _;
+        for dir in [self.path().to_path_buf(), self.run_dir()] {
+            let mut perms = std::fs::metadata(&dir).unwrap().permissions();
+            perms.set_mode(perms.mode() | 0o011);
+            std::fs::set_permissions(&dir, perms).unwrap();
+        }
+        let config = self.path().join("ccmgr.toml");
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let bin = self.path().join("ccmgr");
+        if !bin.exists() {
+            std::fs::copy(ccmgr_bin(), &bin).unwrap();
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let run = Command::new(&bin)
+                .arg("--config")
+                .arg(&config)
+                .args(args)
+                .env_remove("CCMGR_CONFIG")
+                .uid(65534)
+                .gid(65534)
+                .output();
+            match run {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                out => return out.expect("ccmgr runs as nobody"),
+            }
+        }
+    }
+
     pub fn start(&self) -> Output {
         self.ccmgr(&["start"])
     }
