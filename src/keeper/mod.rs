@@ -515,31 +515,30 @@ fn event_core() -> Result<(Epoll, SignalFd, TimerFd), KeeperError> {
 impl Keeper {
     /// Watches the signalfd and the timer, and sets up the watchdog if configured.
     fn watch_core(&mut self) -> Result<(), KeeperError> {
-        let keeper = self;
         watch(
-            &keeper.epoll,
-            &mut keeper.sources,
-            keeper.signals.as_fd(),
+            &self.epoll,
+            &mut self.sources,
+            self.signals.as_fd(),
             Source::Signals,
         )?;
         watch(
-            &keeper.epoll,
-            &mut keeper.sources,
-            keeper.timer.as_fd(),
+            &self.epoll,
+            &mut self.sources,
+            self.timer.as_fd(),
             Source::Timer,
         )?;
-        if let Some(fd) = keeper.run_cgroups.events_fd() {
-            watch(&keeper.epoll, &mut keeper.sources, fd, Source::CgroupEvents)?;
+        if let Some(fd) = self.run_cgroups.events_fd() {
+            watch(&self.epoll, &mut self.sources, fd, Source::CgroupEvents)?;
         }
-        if let Some(period) = keeper.config.global.coordinator.watchdog {
+        if let Some(period) = self.config.global.coordinator.watchdog {
             let watchdog = Watchdog::new(period.as_duration())?;
             watch(
-                &keeper.epoll,
-                &mut keeper.sources,
+                &self.epoll,
+                &mut self.sources,
                 watchdog.timer.as_fd(),
                 Source::Watchdog,
             )?;
-            keeper.watchdog = Some(watchdog);
+            self.watchdog = Some(watchdog);
         }
         Ok(())
     }
@@ -1729,9 +1728,7 @@ impl Keeper {
                 run_cgroup: run_cgroup.map(|c| c.name),
             }),
             Err(e) => {
-                if let (Some(run), Some(tree)) = (run_cgroup, &self.cgroups) {
-                    self.run_cgroups.retire(tree, run.name);
-                }
+                self.retire_run_cgroup(run_cgroup.map(|run| run.name));
                 Err(e.to_string())
             }
         }
@@ -1765,18 +1762,13 @@ impl Keeper {
             Ok(spawned) => spawned,
             Err(e) => {
                 // Nothing runs in the run's cgroup (the failed child was reaped): it goes.
-                if let (Some(name), Some(tree)) = (run_cgroup, &self.cgroups) {
-                    self.run_cgroups.retire(tree, name);
-                }
+                self.retire_run_cgroup(run_cgroup);
                 return Err(e);
             }
         };
-        if let Some(name) = run_cgroup {
-            if in_cgroup {
-                self.run_cgroups.started(service, name);
-            } else if let Some(tree) = &self.cgroups {
-                self.run_cgroups.retire(tree, name);
-            }
+        match run_cgroup {
+            Some(name) if in_cgroup => self.run_cgroups.started(service, name),
+            unused => self.retire_run_cgroup(unused),
         }
         drop(write_end); // only the service holds the write end now: its exit means EOF
         let spec = &self.config.services[service];
@@ -1916,7 +1908,13 @@ impl Keeper {
     /// cgroup, and removes the cgroup once empty.
     fn end_run_cgroup(&mut self, service: usize) {
         self.kill_service_cgroup(service);
-        if let (Some(tree), Some(name)) = (&self.cgroups, self.run_cgroups.ended(service)) {
+        let ended = self.run_cgroups.ended(service);
+        self.retire_run_cgroup(ended);
+    }
+
+    /// Removes the cgroup `name` of a run that ended or never ran, once it is empty.
+    fn retire_run_cgroup(&mut self, name: Option<String>) {
+        if let (Some(name), Some(tree)) = (name, &self.cgroups) {
             self.run_cgroups.retire(tree, name);
         }
     }

@@ -53,11 +53,7 @@ impl RunCgroups {
     /// children can be born in a cgroup, and sets up the watch of ended runs' cgroups.
     pub fn new(tree: Option<&Tree>, services: usize) -> RunCgroups {
         let born_in_cgroup = tree.is_some_and(probe);
-        let inotify = tree.and_then(|_| {
-            Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
-                .inspect_err(|e| warn!(error = %e, "no inotify: the cgroups of ended runs stay until the stack stops"))
-                .ok()
-        });
+        let inotify = tree.and_then(|_| ended_runs_watch());
         info!(
             born_in_cgroup,
             "services are {} their cgroups",
@@ -194,6 +190,16 @@ impl RunCgroups {
     }
 }
 
+/// The inotify instance that watches the `cgroup.events` of ended runs' cgroups; without one
+/// they stay until the stack stops.
+fn ended_runs_watch() -> Option<Inotify> {
+    Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+        .inspect_err(
+            |e| warn!(error = %e, "no inotify: the cgroups of ended runs stay until the stack stops"),
+        )
+        .ok()
+}
+
 /// What of [`RunCgroups`] crosses `ccmgr upgrade`'s exec (the inotify fd does not: the new
 /// image watches the draining cgroups again).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -232,11 +238,7 @@ impl RunCgroups {
             }
             return fresh;
         };
-        let inotify = tree.and_then(|_| {
-            Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
-                .inspect_err(|e| warn!(error = %e, "no inotify: the cgroups of ended runs stay until the stack stops"))
-                .ok()
-        });
+        let inotify = tree.and_then(|_| ended_runs_watch());
         let mut current = state.current;
         current.resize(ids.len(), None);
         let mut resumed = RunCgroups {
