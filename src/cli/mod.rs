@@ -348,10 +348,7 @@ pub fn main() -> ExitCode {
             rollback_reason,
             ..
         } => {
-            let instance = cli.instance.clone().unwrap_or_default();
-            let run_dir = run_dir
-                .clone()
-                .unwrap_or_else(crate::shm::state_dir::default_run_dir);
+            let (instance, run_dir) = internal_target(&cli, run_dir.as_ref());
             Ok(upgrade::internal_keeper_resume(
                 &run_dir,
                 &instance,
@@ -366,10 +363,7 @@ pub fn main() -> ExitCode {
             run_dir,
             ..
         } => {
-            let instance = cli.instance.clone().unwrap_or_default();
-            let run_dir = run_dir
-                .clone()
-                .unwrap_or_else(crate::shm::state_dir::default_run_dir);
+            let (instance, run_dir) = internal_target(&cli, run_dir.as_ref());
             Ok(match role {
                 InternalRole::Keeper => lifecycle::internal_keeper(&run_dir, &instance),
                 InternalRole::Coordinator => lifecycle::internal_coordinator(
@@ -498,4 +492,14 @@ impl Drop for OutputShield {
             let _ = forwarder.join();
         }
     }
+}
+
+/// The instance and run directory an `internal` role acts on (its run directory given by the
+/// process that started it, else the default one).
+fn internal_target(cli: &Cli, run_dir: Option<&PathBuf>) -> (String, PathBuf) {
+    let instance = cli.instance.clone().unwrap_or_default();
+    let run_dir = run_dir
+        .cloned()
+        .unwrap_or_else(crate::shm::state_dir::default_run_dir);
+    (instance, run_dir)
 }
