@@ -1,0 +1,2 @@
+//! `ccmgr-cluster`: the node agent and the cluster commands (`ccmgr cluster ...`).
+fn main() {}
