@@ -8,8 +8,13 @@
 //! - [`addresses`]: seed 002's ordered address lists.
 //! - [`agent`], [`guard`], [`local`]: the node agent, its fence guard, the local instance.
 //! - [`cli`]: `ccmgr cluster status|events|leave|move|start|stop|addresses`.
+pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod decide;
 pub mod duration;
+pub mod guard;
+pub mod local;
 pub mod record;
+pub mod roles;
 pub mod spec;
