@@ -8,6 +8,7 @@
 //! - [`addresses`]: seed 002's ordered address lists.
 //! - [`agent`], [`guard`], [`local`]: the node agent, its fence guard, the local instance.
 //! - [`cli`]: `ccmgr cluster status|events|leave|move|start|stop|addresses`.
+pub mod addresses;
 pub mod agent;
 pub mod cli;
 pub mod config;
