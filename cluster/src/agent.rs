@@ -377,6 +377,38 @@ impl Agent {
         }
     }
 
+    /// A transaction whose writes, when it succeeds, are applied to the view at once (at the
+    /// transaction's revision), so that the next pass does not decide again on what it has
+    /// just written before the watch brings it back.
+    async fn txn_apply(
+        &mut self,
+        txn: Txn,
+        writes: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<bool, AgentError> {
+        let resp = match timeout(self.op_timeout, self.client.txn(txn)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(etcd_err(e)),
+            Err(_) => return Err(AgentError::Etcd("no answer in time".into())),
+        };
+        if resp.succeeded() {
+            let rev = resp.header().map_or(0, |h| h.revision());
+            for (key, value) in writes {
+                if rev > self.view.revision {
+                    let create = self.view_create_revision(&key).unwrap_or(rev);
+                    self.view.apply(&self.keys, &key, value.as_deref(), rev, create);
+                }
+            }
+        }
+        Ok(resp.succeeded())
+    }
+
+    fn view_create_revision(&self, key: &str) -> Option<i64> {
+        if key == self.keys.manager() {
+            return self.view.manager.as_ref().map(|m| m.create_revision);
+        }
+        None
+    }
+
     fn member_record(&self, state: MemberState) -> Member {
         Member {
             name: self.cfg.node.clone(),
@@ -597,7 +629,9 @@ impl Agent {
     /// Notes what a change means before the view forgets the old value (the manager tells
     /// a lost member from one that left).
     fn on_key_change(&mut self, key: &str, deleted: bool) {
-        if !deleted || self.manager_token.is_none() {
+        // The manager tells; when the manager itself went, its backup does.
+        let backup_is_me = self.view.backup_node() == Some(self.cfg.node.as_str());
+        if !deleted || (self.manager_token.is_none() && !backup_is_me) {
             return;
         }
         if let Some(node) = key.strip_prefix(&format!("{}members/", self.keys.prefix))
@@ -605,11 +639,20 @@ impl Agent {
         {
             let graceful = m.value.state == MemberState::Leaving;
             let node = node.to_owned();
-            let op = self.event_op(json!({
+            let was_manager = self.view.manager.as_ref().is_some_and(|m| m.value.node == node)
+                || (self.manager_token.is_none() && self.view.manager.is_none());
+            if self.manager_token.is_none() && !was_manager {
+                return;
+            }
+            let mut ops = vec![self.event_op(json!({
                 "event": if graceful { "member-left" } else { "member-lost" },
                 "member": node,
-            }));
-            let txn = Txn::new().and_then(vec![op]);
+                "was_manager": was_manager,
+            }))];
+            if was_manager && !graceful {
+                ops.push(self.event_op(json!({"event": "manager-lost", "member": node})));
+            }
+            let txn = Txn::new().and_then(ops);
             let mut client = self.client.clone();
             let t = self.op_timeout;
             tokio::spawn(async move {
@@ -850,7 +893,8 @@ impl Agent {
                 let txn = Txn::new()
                     .when(vec![Compare::create_revision(self.keys.manager(), CompareOp::Equal, token)])
                     .and_then(ops);
-                if let Err(e) = self.txn(txn).await {
+                let write = vec![(self.keys.backup(), choice.map(String::into_bytes))];
+                if let Err(e) = self.txn_apply(txn, write).await {
                     warn!("cannot publish the backup: {e}");
                 }
             }
@@ -936,18 +980,17 @@ impl Agent {
             } else {
                 Compare::mod_revision(key.clone(), CompareOp::Equal, change.expect_revision)
             });
-            let mut ops = vec![TxnOp::put(
-                key,
-                serde_json::to_string(&change.record).expect("json"),
-                None,
-            )];
+            let value = serde_json::to_vec(&change.record).expect("json");
+            let mut ops = vec![TxnOp::put(key.clone(), value.clone(), None)];
+            let mut writes = vec![(key, Some(value))];
             for (kind, name) in &change.consumed {
                 ops.push(TxnOp::delete(self.keys.request(*kind, name), None));
+                writes.push((self.keys.request(*kind, name), None));
             }
             for e in change.events {
                 ops.push(self.event_op(e));
             }
-            match self.txn(Txn::new().when(when).and_then(ops)).await {
+            match self.txn_apply(Txn::new().when(when).and_then(ops), writes).await {
                 Ok(true) => {}
                 Ok(false) => debug!("{}: the record changed meanwhile; deciding again", change.service),
                 Err(e) => warn!("cannot write {}: {e}", change.service),
@@ -972,16 +1015,14 @@ impl Agent {
             };
             let key = self.keys.service(&service);
             let ev = self.event_op(event);
+            let value = serde_json::to_vec(&new).expect("json");
             let txn = Txn::new()
                 .when(vec![
                     Compare::mod_revision(key.clone(), CompareOp::Equal, rec.mod_revision),
                     Compare::lease(self.keys.member(&self.cfg.node), CompareOp::Equal, self.lease),
                 ])
-                .and_then(vec![
-                    TxnOp::put(key, serde_json::to_string(&new).expect("json"), None),
-                    ev,
-                ]);
-            match self.txn(txn).await {
+                .and_then(vec![TxnOp::put(key.clone(), value.clone(), None), ev]);
+            match self.txn_apply(txn, vec![(key, Some(value))]).await {
                 Ok(true) => {
                     self.reports.remove(&service);
                 }

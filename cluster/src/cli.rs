@@ -508,3 +508,98 @@ pub async fn start_stop(cfg: &ClusterConfig, service: &str, start: bool, wait: b
         Err(v) => Err(failed(format!("{service}: not done yet: {}", last_of(&v, service)))),
     }
 }
+
+fn node_info(m: &crate::record::Member) -> crate::addresses::NodeInfo {
+    crate::addresses::NodeInfo {
+        name: m.name.clone(),
+        number: u64::from(m.number),
+        address: m.address.clone(),
+        group: m.group.clone(),
+        distances: m.distances.clone(),
+    }
+}
+
+/// `cluster addresses SERVICE [--node N]`: the addresses of the nodes the service is
+/// registered on, ordered for a client on node N (a name or a number; default: this node)
+/// by seed 002's rule ([`crate::addresses`]).
+pub async fn addresses(
+    cfg: &ClusterConfig,
+    service: &str,
+    node: Option<String>,
+    json_out: bool,
+) -> Result<(), CliError> {
+    let mut c = client(cfg).await?;
+    let keys = Keys::new(&cfg.name);
+    let view = read_view(&mut c, &keys).await?;
+    check_service(&view, service)?;
+    let wanted = node.unwrap_or_else(|| cfg.node.clone());
+    let by_name = view.members.get(&wanted).map(|m| node_info(&m.value));
+    let client_info = match by_name {
+        Some(info) => info,
+        None => {
+            let number: Option<u64> = wanted.parse().ok();
+            let member = view
+                .members
+                .values()
+                .find(|m| Some(u64::from(m.value.number)) == number);
+            match (member, number, view.nodes.get(&wanted)) {
+                (Some(m), _, _) => node_info(&m.value),
+                (None, _, Some(known)) => crate::addresses::NodeInfo {
+                    name: known.name.clone(),
+                    number: u64::from(known.number),
+                    ..Default::default()
+                },
+                (None, Some(n), None) => crate::addresses::NodeInfo {
+                    number: n,
+                    ..Default::default()
+                },
+                (None, None, None) => {
+                    return Err(CliError::Usage(format!(
+                        "--node {wanted}: no node of cluster {} has that name or number",
+                        cfg.name
+                    )));
+                }
+            }
+        }
+    };
+    let servers: Vec<crate::addresses::NodeInfo> = view
+        .services
+        .get(service)
+        .map(|r| {
+            r.value
+                .instances
+                .iter()
+                .filter(|(_, i)| i.state == InstanceState::Registered)
+                .filter_map(|(n, _)| view.members.get(n).map(|m| node_info(&m.value)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let port = view.specs.get(service).and_then(|s| s.port);
+    let ordered = crate::addresses::service_addresses(&client_info, &servers, port);
+    if json_out {
+        let detail: Vec<Value> = servers
+            .iter()
+            .map(|s| {
+                json!({
+                    "node": s.name,
+                    "number": s.number,
+                    "address": crate::addresses::with_port(&s.address, port),
+                    "distance": crate::addresses::distance(&client_info, s),
+                    "local": s.name == client_info.name,
+                })
+            })
+            .collect();
+        let doc = json!({
+            "service": service,
+            "client": {"node": (!client_info.name.is_empty()).then_some(&client_info.name), "number": client_info.number},
+            "addresses": ordered,
+            "servers": detail,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
+    } else {
+        for a in ordered {
+            println!("{a}");
+        }
+    }
+    Ok(())
+}

@@ -72,6 +72,14 @@ enum Verb {
         #[arg(long)]
         no_wait: bool,
     },
+    /// A service's addresses, ordered for a client on a node (seed 002): local first, then
+    /// by distance, equidistant ones rotated by the client's node number.
+    Addresses {
+        service: String,
+        /// The client's node, by name or number (default: this node).
+        #[arg(long)]
+        node: Option<String>,
+    },
     /// De-register a cluster service: it is stopped and stays down.
     Stop {
         service: String,
@@ -133,6 +141,7 @@ fn main() -> ExitCode {
             Verb::Leave { node, no_wait } => cli::leave(&cfg, node, !no_wait).await,
             Verb::Move { service, node, no_wait } => cli::move_service(&cfg, &service, &node, !no_wait).await,
             Verb::Start { service, no_wait } => cli::start_stop(&cfg, &service, true, !no_wait).await,
+            Verb::Addresses { service, node } => cli::addresses(&cfg, &service, node, json).await,
             Verb::Stop { service, no_wait } => cli::start_stop(&cfg, &service, false, !no_wait).await,
         }
     });
