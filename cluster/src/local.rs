@@ -236,9 +236,27 @@ impl LocalCcmgr {
         // (stopped by the operator) or one that failed before.
         let out = self.run(&["start", name]).await?;
         match out.code {
-            Some(0) => Ok(()),
-            Some(1) => Err(self.failed(name, &out)),
-            _ => Err(self.ccmgr_error(&format!("start {name}"), &out)),
+            Some(0) => {}
+            Some(1) => return Err(self.failed(name, &out)),
+            _ => return Err(self.ccmgr_error(&format!("start {name}"), &out)),
+        }
+        // `start` answers once the service was up; one that ended at once (before any
+        // `ready` or `min_uptime` could tell) may be down already: say so, with ccmgr's reason.
+        match self.service_state(name).await? {
+            Some((state, _)) if state == "up" => Ok(()),
+            Some((state, reason)) => Err(LocalError::Failed {
+                service: name.to_owned(),
+                node: self.node.clone(),
+                message: format!(
+                    "it is {state} right after its start: {}",
+                    reason.unwrap_or_else(|| "ccmgr gives no reason".to_owned())
+                ),
+            }),
+            None => Err(LocalError::Failed {
+                service: name.to_owned(),
+                node: self.node.clone(),
+                message: "the running stack does not have it after its start".to_owned(),
+            }),
         }
     }
 
@@ -331,10 +349,22 @@ impl LocalCcmgr {
     }
 
     async fn is_up_unlocked(&self, name: &str) -> Result<bool, LocalError> {
+        Ok(self
+            .service_state(name)
+            .await?
+            .is_some_and(|(state, _)| state == "up"))
+    }
+
+    /// `name`'s state and reason in `status --json`; None when the stack does not have it or
+    /// is not running.
+    async fn service_state(
+        &self,
+        name: &str,
+    ) -> Result<Option<(String, Option<String>)>, LocalError> {
         let out = self.run(&["status", "--json"]).await?;
         match out.code {
             Some(0) => {}
-            Some(3) => return Ok(false),
+            Some(3) => return Ok(None),
             _ => return Err(self.ccmgr_error("status --json", &out)),
         }
         #[derive(Deserialize)]
@@ -345,6 +375,8 @@ impl LocalCcmgr {
         struct ServiceStatus {
             id: String,
             state: String,
+            #[serde(default)]
+            reason: Option<String>,
         }
         let status: Status = serde_json::from_str(&out.stdout).map_err(|e| LocalError::Status {
             node: self.node.clone(),
@@ -352,8 +384,9 @@ impl LocalCcmgr {
         })?;
         Ok(status
             .services
-            .iter()
-            .any(|s| s.id == name && s.state == "up"))
+            .into_iter()
+            .find(|s| s.id == name)
+            .map(|s| (s.state, s.reason)))
     }
 
     /// Follows the local instance's events (`ccmgr events --json`) for as long as the
