@@ -524,31 +524,31 @@ pub async fn run_command(
             source,
         })?;
     let pgid = child.id().and_then(|id| i32::try_from(id).ok());
+    // Should the caller drop this future (a `select!`, a timeout of its own), the group dies
+    // with it rather than running on unwatched.
+    let mut group = GroupGuard(pgid);
     let output = Arc::new(std::sync::Mutex::new(Vec::new()));
     let readers = [
         child.stdout.take().map(|o| collect(o, output.clone())),
         child.stderr.take().map(|e| collect(e, output.clone())),
     ];
     let waited = tokio::time::timeout(timeout, child.wait()).await;
-    let kill_group = || {
-        if let Some(pgid) = pgid {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pgid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    };
     let result = match waited {
-        Ok(Ok(status)) => Ok(status),
+        Ok(Ok(status)) => {
+            // The shell ended by itself: what it left running in the background is its
+            // business (and its process group id may soon be reused).
+            group.0 = None;
+            Ok(status)
+        }
         Ok(Err(source)) => {
-            kill_group();
+            group.kill();
             return Err(CommandError::Spawn {
                 command: cmd.to_owned(),
                 source,
             });
         }
         Err(_) => {
-            kill_group();
+            group.kill();
             let _ = child.wait().await;
             Err(())
         }
@@ -575,6 +575,26 @@ pub async fn run_command(
             timeout,
             output,
         }),
+    }
+}
+
+/// A process group killed (SIGKILL) when this is dropped, unless disarmed (`None`).
+struct GroupGuard(Option<i32>);
+
+impl GroupGuard {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

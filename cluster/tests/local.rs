@@ -365,3 +365,37 @@ async fn run_command_succeeds_fails_and_kills_the_whole_group_at_its_timeout() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_dropped_run_command_kills_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let cmd = format!("sleep 100 & echo $! > {}; sleep 100", pid_file.display());
+    let mut run = Box::pin(run_command(&cmd, &[], DEADLINE));
+    // Run it until the background child is there, then drop it, as a caller's select! would.
+    let deadline = Instant::now() + DEADLINE;
+    let pid: i32 = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the command never wrote its child's pid"
+        );
+        tokio::select! {
+            result = &mut run => panic!("the command ended: {result:?}"),
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        if let Some(pid) = fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            break pid;
+        }
+    };
+    drop(run);
+    while !dead(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the background child {pid} survived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
