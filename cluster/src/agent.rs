@@ -166,8 +166,16 @@ pub async fn connect(cfg: &ClusterConfig) -> Result<Client, AgentError> {
 
 /// Runs the agent until it has left the cluster (exit 0) or failed.
 pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
-    let specs = crate::spec::load_cluster_dir(&cfg.cluster_dir, &cfg.node)
-        .map_err(|e| AgentError::Specs(e.to_string()))?;
+    let specs = if cfg.cluster_dir.exists() {
+        crate::spec::load_cluster_dir(&cfg.cluster_dir, &cfg.node)
+            .map_err(|e| AgentError::Specs(e.to_string()))?
+    } else {
+        warn!(
+            "{} does not exist: this node knows no cluster service (it can run none)",
+            cfg.cluster_dir.display()
+        );
+        Vec::new()
+    };
     let specs: BTreeMap<_, _> = specs.into_iter().map(|s| (s.name.clone(), s)).collect();
     let local = Arc::new(LocalCcmgr::new(
         ccmgr.clone(),
