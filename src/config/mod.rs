@@ -115,6 +115,10 @@ struct RawGlobal {
     group: Option<Spanned<service::AccountRef>>,
     #[serde(default)]
     coordinator: RawCoordinator,
+    /// The cluster layer's table (`ccmgr-cluster`'s agent reads it from this same file); ccmgr
+    /// itself accepts it and ignores it.
+    #[allow(dead_code)]
+    cluster: Option<toml::Table>,
 }
 
 #[derive(Deserialize, Default)]
