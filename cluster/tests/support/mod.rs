@@ -839,12 +839,29 @@ fn pump(from: &TcpStream, to: &TcpStream, shared: &ProxyShared) {
                 return;
             }
         };
-        // Bytes read just before a cut are still delivered: a packet in flight.
+        // Bytes read are written only while forwarding, under the mode's lock: once `cut`
+        // or `reset` returned, nothing more gets through. Bytes read before a cut are held
+        // and delivered after `restore`, as TCP retransmits after a healed partition.
         let mut sent = 0;
         while sent < n {
-            if shared.closing() || shared.mode() == Mode::Reset {
-                break;
+            let mode = shared.mode.lock().unwrap();
+            if shared.closing() {
+                return;
             }
+            match *mode {
+                Mode::Stalled => {
+                    drop(mode);
+                    shared.wait_unstalled(PROXY_TICK);
+                    continue;
+                }
+                Mode::Reset => {
+                    set_rst_on_close(from);
+                    set_rst_on_close(to);
+                    return;
+                }
+                Mode::Forward => {}
+            }
+            // The write times out after a tick, so `cut` waits at most that long.
             match (&*to).write(&buf[sent..n]) {
                 Ok(0) => return,
                 Ok(k) => sent += k,
