@@ -202,6 +202,26 @@ fn a_node_starts_its_ccmgr_and_kill_node_leaves_nothing_alive() {
     assert_eq!(runs.len(), 1, "{runs:?}");
     assert_eq!(runs[0].node, "n0");
     assert!(runs[0].end_ns.is_some(), "kill_node ends the run: {runs:?}");
+
+    // The node comes back: its ccmgr starts over what the killed one left in run/.
+    node.start_ccmgr();
+    wait_until(Duration::from_secs(10), "w up again", || {
+        def.witness().running_on("w")
+    });
+    let runs = def.witness().assert_never_twice("w");
+    assert_eq!(runs.len(), 2, "{runs:?}");
+}
+
+#[test]
+fn an_agent_is_spawned_and_killed_by_pid() {
+    let def = ClusterDef::new("agent");
+    let node = def.simple_node("n0", 0, &["http://127.0.0.1:9".to_owned()]);
+    node.start_agent();
+    let pid = node.agent_pid().expect("the agent was spawned");
+    assert!(node.agent_log_path().exists());
+    node.kill_agent();
+    assert!(!alive(pid), "the agent {pid} survived kill_agent");
+    assert_eq!(node.agent_pid(), None);
 }
 
 #[test]

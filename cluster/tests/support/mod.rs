@@ -86,6 +86,17 @@ pub fn ccmgr_bin() -> PathBuf {
     bin
 }
 
+/// `$PATH` with [`ccmgr_bin`]'s directory first, so that an agent that runs `ccmgr` by name
+/// runs the one under test (it also gets `CCMGR_BIN`).
+pub fn path_with_ccmgr() -> std::ffi::OsString {
+    let bin = ccmgr_bin();
+    let mut dirs: Vec<PathBuf> = bin.parent().map(Path::to_path_buf).into_iter().collect();
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    std::env::join_paths(dirs).expect("PATH entries hold no `:`")
+}
+
 /// An `Output` as text, for assertion messages.
 pub fn text(out: &Output) -> String {
     format!(
@@ -1224,6 +1235,7 @@ impl Node {
             .arg("agent")
             .env_remove("CCMGR_CONFIG")
             .env("CCMGR_BIN", ccmgr_bin())
+            .env("PATH", path_with_ccmgr())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -1296,6 +1308,7 @@ impl Node {
             .args(args)
             .env_remove("CCMGR_CONFIG")
             .env("CCMGR_BIN", ccmgr_bin())
+            .env("PATH", path_with_ccmgr())
             .stdin(Stdio::null())
             .output()
             .expect("ccmgr-cluster runs")
