@@ -7,7 +7,9 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use support::{ClusterDef, Etcd, EtcdCluster, Proxy, Witness, alive, etcdctl_at, text, wait_until};
+use support::{
+    ClusterDef, Etcd, EtcdCluster, Proxy, ProxySet, Witness, alive, etcdctl_at, text, wait_until,
+};
 
 /// etcdctl with 1-second dial and command timeouts: an unreachable etcd fails it quickly.
 const QUICK: [&str; 2] = ["--dial-timeout=1s", "--command-timeout=1s"];
@@ -154,6 +156,25 @@ fn an_etcd_cluster_answers_with_one_member_killed_and_restarted() {
     let out = put(&live, "/c", "2");
     assert!(out.status.success(), "put on two members: {}", text(&out));
     assert_eq!(get(&live, "/c"), "2");
+
+    // A node's network to the two live members, cut whole.
+    let net = ProxySet::to_cluster(&cluster);
+    let via: Vec<String> = net
+        .endpoints()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, e)| e)
+        .collect();
+    assert_eq!(get(&via, "/c"), "2");
+    net.cut();
+    let out = put(&via, "/c", "cut");
+    assert!(
+        !out.status.success(),
+        "a put through cut proxies: {}",
+        text(&out)
+    );
+    net.restore();
 
     cluster.restart_member(leader);
     let one = vec![all[leader].clone()];

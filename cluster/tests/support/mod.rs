@@ -4,6 +4,23 @@
 //! a witness that proves from the services' own records that a service never ran on two
 //! nodes at once, and a polling helper.
 //!
+//! A typical test:
+//! ```ignore
+//! mod support;
+//! use support::*;
+//! let etcd = Etcd::start("failover");                 // or EtcdCluster::start(..)
+//! let def = ClusterDef::new("failover");              // cluster name, shared cluster.d, witness
+//! def.write_witnessed_service("web", "placement = \"one\"");
+//! let net1 = ProxySet::to_etcd(&etcd);                // node 1 reaches etcd through proxies
+//! let n0 = def.simple_node("n0", 0, &etcd.endpoints());
+//! let n1 = def.simple_node("n1", 1, &net1.endpoints());
+//! for n in [&n0, &n1] { n.start_ccmgr(); n.start_agent(); }
+//! let on = wait_until(LIMIT, "web placed", || def.witness().running_on("web"));
+//! net1.cut();                                         // node 1 loses the network
+//! n0.kill_node();                                     // node 0 dies whole
+//! def.witness().assert_never_twice("web");
+//! ```
+//!
 //! Everything started here is killed by pid and reaped on drop, even when the test failed;
 //! the test process is a child subreaper, so the orphans of a killed node (its services, the
 //! keeper's children) come back to it and are reaped by pid. Nothing is killed by name.
@@ -887,6 +904,45 @@ fn pump(from: &TcpStream, to: &TcpStream, shared: &ProxyShared) {
                 }
             }
         }
+    }
+}
+
+/// One [`Proxy`] per etcd member: a node's whole network to etcd, cut or restored at once.
+pub struct ProxySet {
+    pub proxies: Vec<Proxy>,
+}
+
+impl ProxySet {
+    pub fn to_etcd(etcd: &Etcd) -> ProxySet {
+        ProxySet {
+            proxies: vec![Proxy::to_etcd(etcd)],
+        }
+    }
+
+    /// A proxy to each member of `cluster`, in member order.
+    pub fn to_cluster(cluster: &EtcdCluster) -> ProxySet {
+        ProxySet {
+            proxies: (0..cluster.members.len())
+                .map(|i| Proxy::start(cluster.addr(i)))
+                .collect(),
+        }
+    }
+
+    /// The proxies' endpoints, for a node's `endpoints`.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.proxies.iter().map(Proxy::endpoint).collect()
+    }
+
+    pub fn cut(&self) {
+        self.proxies.iter().for_each(Proxy::cut);
+    }
+
+    pub fn reset(&self) {
+        self.proxies.iter().for_each(Proxy::reset);
+    }
+
+    pub fn restore(&self) {
+        self.proxies.iter().for_each(Proxy::restore);
     }
 }
 
