@@ -1321,8 +1321,21 @@ impl Node {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
-    /// SIGKILLs the agent (and anything it left in its process group's children) and reaps it.
+    /// SIGKILLs the agent alone and reaps it. Its fence guard (its child, which stops the
+    /// node's cluster services when the agent dies) is left to do its work; it is
+    /// remembered, and killed with the node or on drop.
     pub fn kill_agent(&self) {
+        if let Some(mut child) = self.agent.lock().unwrap().take() {
+            let pid = child.id() as i32;
+            let tree = with_descendants(&BTreeSet::from([pid]));
+            self.seen.lock().unwrap().extend(tree.iter().copied().filter(|&p| p != pid));
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILLs the agent and everything it started (its fence guard, the commands it runs).
+    pub fn kill_agent_and_guard(&self) {
         if let Some(mut child) = self.agent.lock().unwrap().take() {
             let pid = child.id() as i32;
             let tree = with_descendants(&BTreeSet::from([pid]));
@@ -1337,7 +1350,7 @@ impl Node {
     /// witness, `killed <instance> <ns>` is appended: every witnessed service of this node
     /// ended before that time. Panics if anything of it survived.
     pub fn kill_node(&self) {
-        self.kill_agent();
+        self.kill_agent_and_guard();
         let mut pids = self.instance_pids();
         pids.extend(self.seen.lock().unwrap().iter().copied());
         let killed = kill_tree(&pids);
