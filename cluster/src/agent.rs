@@ -37,10 +37,10 @@ use tracing::{debug, info, warn};
 use crate::config::ClusterConfig;
 use crate::decide::{self, Outcome};
 use crate::local::{self, LocalCcmgr};
+use crate::record::Keys;
 use crate::record::{
     InstanceState, KnownNode, ManagerRecord, Member, MemberState, RequestKind, View, unix_ms,
 };
-use crate::record::Keys;
 use crate::spec::ClusterServiceSpec;
 
 /// How long notify and recovery commands may run before they are killed.
@@ -63,10 +63,10 @@ pub enum AgentError {
 /// What the agent's tasks tell its loop.
 #[derive(Debug)]
 enum Msg {
-    /// A keep-alive sent at `sent` was answered: the lease lives `ttl` s from then.
-    LeaseAck { sent: Instant, ttl: i64 },
-    /// etcd answered that the lease no longer exists.
-    LeaseGone,
+    /// A keep-alive of `lease` sent at `sent` was answered: it lives `ttl` s from then.
+    LeaseAck { lease: i64, sent: Instant, ttl: i64 },
+    /// etcd answered that `lease` no longer exists.
+    LeaseGone { lease: i64 },
     /// Work on an assignment finished.
     Work {
         service: String,
@@ -126,6 +126,8 @@ pub struct Agent {
     event_seq: u64,
     guard_in: Option<tokio::process::ChildStdin>,
     watch: Option<WatchStream>,
+    /// The watch's handle: dropping it would end the watch.
+    watcher: Option<etcd_client::Watcher>,
     wake_at_ms: Option<u64>,
     op_timeout: Duration,
 }
@@ -158,10 +160,13 @@ pub async fn connect(cfg: &ClusterConfig) -> Result<Client, AgentError> {
         .with_connect_timeout(hb * 2)
         .with_keep_alive(hb, hb * 2)
         .with_keep_alive_while_idle(true);
-    timeout(hb * 8, Client::connect(cfg.endpoints.clone(), Some(options)))
-        .await
-        .map_err(|_| AgentError::Etcd(format!("no answer from {}", cfg.endpoints.join(", "))))?
-        .map_err(etcd_err)
+    timeout(
+        hb * 8,
+        Client::connect(cfg.endpoints.clone(), Some(options)),
+    )
+    .await
+    .map_err(|_| AgentError::Etcd(format!("no answer from {}", cfg.endpoints.join(", "))))?
+    .map_err(etcd_err)
 }
 
 /// Runs the agent until it has left the cluster (exit 0) or failed.
@@ -235,6 +240,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         event_seq: 0,
         guard_in: Some(guard_in),
         watch: None,
+        watcher: None,
         wake_at_ms: None,
         op_timeout,
     };
@@ -243,7 +249,10 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
     agent.step().await;
 
     loop {
-        let fence_at = agent.valid_until.checked_sub(agent.cfg.fence_margin).unwrap_or(agent.valid_until);
+        let fence_at = agent
+            .valid_until
+            .checked_sub(agent.cfg.fence_margin)
+            .unwrap_or(agent.valid_until);
         let wake = agent
             .wake_at_ms
             .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(unix_ms())));
@@ -403,7 +412,8 @@ impl Agent {
             for (key, value) in writes {
                 if rev > self.view.revision {
                     let create = self.view_create_revision(&key).unwrap_or(rev);
-                    self.view.apply(&self.keys, &key, value.as_deref(), rev, create);
+                    self.view
+                        .apply(&self.keys, &key, value.as_deref(), rev, create);
                 }
             }
         }
@@ -440,11 +450,16 @@ impl Agent {
             .await
             .map_err(|_| AgentError::Etcd("lease grant: no answer in time".into()))?
             .map_err(etcd_err)?;
-        if self.events_lease == 0 {
-            let ev = timeout(self.op_timeout, self.client.lease_grant(EVENTS_TTL_SECS, None))
-                .await
-                .map_err(|_| AgentError::Etcd("lease grant: no answer in time".into()))?
-                .map_err(etcd_err)?;
+        // A new events lease at each join: the last one may have expired while this node was
+        // cut off for long, and a put under an expired lease fails the whole transaction.
+        {
+            let ev = timeout(
+                self.op_timeout,
+                self.client.lease_grant(EVENTS_TTL_SECS, None),
+            )
+            .await
+            .map_err(|_| AgentError::Etcd("lease grant: no answer in time".into()))?
+            .map_err(etcd_err)?;
             self.events_lease = ev.id();
         }
         let old = timeout(
@@ -458,7 +473,10 @@ impl Agent {
             && kv.lease() != grant.id()
             && kv.lease() != 0
         {
-            info!("revoking the lease of this node's previous life ({:x})", kv.lease());
+            info!(
+                "revoking the lease of this node's previous life ({:x})",
+                kv.lease()
+            );
             let _ = timeout(self.op_timeout, self.client.lease_revoke(kv.lease())).await;
         }
         self.lease = grant.id();
@@ -548,19 +566,30 @@ impl Agent {
                 }
                 match timeout(hb, stream.message()).await {
                     Ok(Ok(Some(r))) if r.ttl() > 0 => {
-                        if tx.send(Msg::LeaseAck { sent, ttl: r.ttl() }).await.is_err() {
+                        if tx
+                            .send(Msg::LeaseAck {
+                                lease,
+                                sent,
+                                ttl: r.ttl(),
+                            })
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
                     Ok(Ok(Some(_))) => {
-                        let _ = tx.send(Msg::LeaseGone).await;
+                        let _ = tx.send(Msg::LeaseGone { lease }).await;
                         return;
                     }
                     _ => stream_pair = None,
                 }
                 // The events lease lives an hour: renewed every few hundred beats is plenty.
-                if beat % 600 == 0 {
-                    let _ = timeout(hb, client.lease_keep_alive(events_lease)).await;
+                if beat % 600 == 0
+                    && let Ok(Ok((mut k, _))) =
+                        timeout(hb, client.lease_keep_alive(events_lease)).await
+                {
+                    let _ = timeout(hb, k.keep_alive()).await;
                 }
             }
         });
@@ -584,27 +613,38 @@ impl Agent {
             if key.starts_with(&self.keys.events()) {
                 continue;
             }
-            view.apply(&self.keys, key, Some(kv.value()), kv.mod_revision(), kv.create_revision());
+            view.apply(
+                &self.keys,
+                key,
+                Some(kv.value()),
+                kv.mod_revision(),
+                kv.create_revision(),
+            );
         }
         let rev = resp.header().map_or(0, |h| h.revision());
         view.revision = rev;
         self.view = view;
-        let wopts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
+        let wopts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1);
         match timeout(
             self.op_timeout,
             self.client.watch(self.keys.prefix.clone(), Some(wopts)),
         )
         .await
         {
-            Ok(Ok((_watcher, stream))) => {
-                // The watcher handle may go: the stream lives until it is dropped.
+            Ok(Ok((watcher, stream))) => {
+                self.watcher = Some(watcher);
                 self.watch = Some(stream);
             }
             _ => self.watch = None,
         }
     }
 
-    async fn on_watch(&mut self, ev: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>) {
+    async fn on_watch(
+        &mut self,
+        ev: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>,
+    ) {
         match ev {
             Ok(Some(resp)) => {
                 if resp.canceled() {
@@ -622,8 +662,13 @@ impl Agent {
                         EventType::Delete => None,
                     };
                     self.on_key_change(key, value.is_none());
-                    self.view
-                        .apply(&self.keys, key, value, kv.mod_revision(), kv.create_revision());
+                    self.view.apply(
+                        &self.keys,
+                        key,
+                        value,
+                        kv.mod_revision(),
+                        kv.create_revision(),
+                    );
                 }
             }
             _ => {
@@ -647,7 +692,11 @@ impl Agent {
         {
             let graceful = m.value.state == MemberState::Leaving;
             let node = node.to_owned();
-            let was_manager = self.view.manager.as_ref().is_some_and(|m| m.value.node == node)
+            let was_manager = self
+                .view
+                .manager
+                .as_ref()
+                .is_some_and(|m| m.value.node == node)
                 || (self.manager_token.is_none() && self.view.manager.is_none());
             if self.manager_token.is_none() && !was_manager {
                 return;
@@ -672,7 +721,9 @@ impl Agent {
     /// Returns true when the agent is done (it left).
     async fn handle(&mut self, msg: Msg) -> bool {
         match msg {
-            Msg::LeaseAck { sent, ttl } => {
+            // A keep-alive task of an earlier life of this node still reports: not this lease.
+            Msg::LeaseAck { lease, .. } | Msg::LeaseGone { lease } if lease != self.lease => {}
+            Msg::LeaseAck { sent, ttl, .. } => {
                 let until = sent + Duration::from_secs(ttl as u64);
                 if !self.fenced && until > self.valid_until {
                     self.valid_until = until;
@@ -680,7 +731,7 @@ impl Agent {
                     self.tell_guard(line).await;
                 }
             }
-            Msg::LeaseGone => {
+            Msg::LeaseGone { .. } => {
                 warn!("etcd says this node's lease is gone: fencing");
                 self.fenced = true;
                 self.manager_token = None;
@@ -738,7 +789,10 @@ impl Agent {
                     warn!("{service} failed in the local instance: de-registering it here");
                     self.reports.insert(
                         service.clone(),
-                        (inst.epoch, Outcome::Failed("it failed in the local instance".into())),
+                        (
+                            inst.epoch,
+                            Outcome::Failed("it failed in the local instance".into()),
+                        ),
                     );
                     self.clean(service);
                 }
@@ -855,7 +909,12 @@ impl Agent {
         if self.fenced {
             return;
         }
-        if self.view.requests.contains_key(&(RequestKind::Leave, self.cfg.node.clone())) && !self.leaving {
+        if self
+            .view
+            .requests
+            .contains_key(&(RequestKind::Leave, self.cfg.node.clone()))
+            && !self.leaving
+        {
             self.begin_leave().await;
         }
         self.roles().await;
@@ -895,11 +954,17 @@ impl Agent {
                     ],
                     None => vec![
                         TxnOp::delete(self.keys.backup(), None),
-                        self.event_op(json!({"event": "backup-lost", "member": self.view.backup_node()})),
+                        self.event_op(
+                            json!({"event": "backup-lost", "member": self.view.backup_node()}),
+                        ),
                     ],
                 };
                 let txn = Txn::new()
-                    .when(vec![Compare::create_revision(self.keys.manager(), CompareOp::Equal, token)])
+                    .when(vec![Compare::create_revision(
+                        self.keys.manager(),
+                        CompareOp::Equal,
+                        token,
+                    )])
                     .and_then(ops);
                 let write = vec![(self.keys.backup(), choice.map(String::into_bytes))];
                 if let Err(e) = self.txn_apply(txn, write).await {
@@ -917,15 +982,33 @@ impl Agent {
             since_unix_ms: unix_ms(),
         };
         let previous = self.view.backup_node().map(str::to_owned);
-        let mut when = vec![Compare::create_revision(self.keys.manager(), CompareOp::Equal, 0)];
+        let mut when = vec![Compare::create_revision(
+            self.keys.manager(),
+            CompareOp::Equal,
+            0,
+        )];
         match &previous {
-            Some(b) if *b == me => {
-                when.push(Compare::value(self.keys.backup(), CompareOp::Equal, me.clone()))
-            }
-            Some(b) => when.push(Compare::create_revision(self.keys.member(b), CompareOp::Equal, 0)),
-            None => when.push(Compare::create_revision(self.keys.backup(), CompareOp::Equal, 0)),
+            Some(b) if *b == me => when.push(Compare::value(
+                self.keys.backup(),
+                CompareOp::Equal,
+                me.clone(),
+            )),
+            Some(b) => when.push(Compare::create_revision(
+                self.keys.member(b),
+                CompareOp::Equal,
+                0,
+            )),
+            None => when.push(Compare::create_revision(
+                self.keys.backup(),
+                CompareOp::Equal,
+                0,
+            )),
         }
-        when.push(Compare::lease(self.keys.member(&me), CompareOp::Equal, self.lease));
+        when.push(Compare::lease(
+            self.keys.member(&me),
+            CompareOp::Equal,
+            self.lease,
+        ));
         let ev = self.event_op(json!({
             "event": "manager-elected",
             "member": me,
@@ -953,7 +1036,9 @@ impl Agent {
 
     /// The manager's pass: publish the specifications, then apply the plan.
     async fn manage(&mut self) {
-        let Some(token) = self.manager_token else { return };
+        let Some(token) = self.manager_token else {
+            return;
+        };
         let manager_key = self.keys.manager();
         let fence = || Compare::create_revision(manager_key.clone(), CompareOp::Equal, token);
         let stale_specs: Vec<ClusterServiceSpec> = self
@@ -998,9 +1083,15 @@ impl Agent {
             for e in change.events {
                 ops.push(self.event_op(e));
             }
-            match self.txn_apply(Txn::new().when(when).and_then(ops), writes).await {
+            match self
+                .txn_apply(Txn::new().when(when).and_then(ops), writes)
+                .await
+            {
                 Ok(true) => {}
-                Ok(false) => debug!("{}: the record changed meanwhile; deciding again", change.service),
+                Ok(false) => debug!(
+                    "{}: the record changed meanwhile; deciding again",
+                    change.service
+                ),
                 Err(e) => warn!("cannot write {}: {e}", change.service),
             }
         }
@@ -1008,8 +1099,11 @@ impl Agent {
 
     /// Records finished work, each as a compare-and-swap on the record and this node's lease.
     async fn flush_reports(&mut self) {
-        let reports: Vec<(String, (u64, Outcome))> =
-            self.reports.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let reports: Vec<(String, (u64, Outcome))> = self
+            .reports
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for (service, (epoch, outcome)) in reports {
             let Some(rec) = self.view.services.get(&service).cloned() else {
                 self.reports.remove(&service);
@@ -1027,7 +1121,11 @@ impl Agent {
             let txn = Txn::new()
                 .when(vec![
                     Compare::mod_revision(key.clone(), CompareOp::Equal, rec.mod_revision),
-                    Compare::lease(self.keys.member(&self.cfg.node), CompareOp::Equal, self.lease),
+                    Compare::lease(
+                        self.keys.member(&self.cfg.node),
+                        CompareOp::Equal,
+                        self.lease,
+                    ),
                 ])
                 .and_then(vec![TxnOp::put(key.clone(), value.clone(), None), ev]);
             match self.txn_apply(txn, vec![(key, Some(value))]).await {
@@ -1075,19 +1173,26 @@ impl Agent {
                         // vouched for; de-register it so that the manager places it again.
                         self.reports.insert(
                             name.clone(),
-                            (inst.epoch, Outcome::Failed("not running on its node".into())),
+                            (
+                                inst.epoch,
+                                Outcome::Failed("not running on its node".into()),
+                            ),
                         );
                     }
                     InstanceState::Registered => {}
                 },
                 None => {
                     if self.running.contains(name) {
-                        todo.push((name.clone(), crate::record::Instance {
-                            state: InstanceState::Stopping,
-                            epoch: 0,
-                            lease: 0,
-                            recovering_for: None,
-                        }, "clean"));
+                        todo.push((
+                            name.clone(),
+                            crate::record::Instance {
+                                state: InstanceState::Stopping,
+                                epoch: 0,
+                                lease: 0,
+                                recovering_for: None,
+                            },
+                            "clean",
+                        ));
                     } else if let Some((reg_node, reg)) = rec
                         .value
                         .instances
@@ -1133,7 +1238,9 @@ impl Agent {
                 self.busy.insert(name.clone(), Busy::Assignment(epoch));
                 tokio::spawn(async move {
                     let outcome = match spec {
-                        None => Outcome::Failed(format!("this node has no cluster.d file for {name}")),
+                        None => {
+                            Outcome::Failed(format!("this node has no cluster.d file for {name}"))
+                        }
                         Some(spec) => match local.start_service(&spec).await {
                             Ok(()) => Outcome::Started,
                             Err(e) => {
@@ -1142,7 +1249,13 @@ impl Agent {
                             }
                         },
                     };
-                    let _ = tx.send(Msg::Work { service: name, epoch, outcome }).await;
+                    let _ = tx
+                        .send(Msg::Work {
+                            service: name,
+                            epoch,
+                            outcome,
+                        })
+                        .await;
                 });
             }
             "stop" => {
@@ -1152,7 +1265,13 @@ impl Agent {
                         Ok(()) => Outcome::Done,
                         Err(e) => Outcome::Failed(e.to_string()),
                     };
-                    let _ = tx.send(Msg::Work { service: name, epoch, outcome }).await;
+                    let _ = tx
+                        .send(Msg::Work {
+                            service: name,
+                            epoch,
+                            outcome,
+                        })
+                        .await;
                 });
             }
             "recover" => {
@@ -1168,7 +1287,13 @@ impl Agent {
                             Err(e) => Outcome::Failed(e.to_string()),
                         },
                     };
-                    let _ = tx.send(Msg::Work { service: name, epoch, outcome }).await;
+                    let _ = tx
+                        .send(Msg::Work {
+                            service: name,
+                            epoch,
+                            outcome,
+                        })
+                        .await;
                 });
             }
             "notify" => {
@@ -1198,7 +1323,13 @@ impl Agent {
                     let result = local::run_command(&cmd, &env, COMMAND_TIMEOUT)
                         .await
                         .map_err(|e| e.to_string());
-                    let _ = tx.send(Msg::Notified { service: name, epoch, result }).await;
+                    let _ = tx
+                        .send(Msg::Notified {
+                            service: name,
+                            epoch,
+                            result,
+                        })
+                        .await;
                 });
             }
             _ => self.clean(name),

@@ -58,7 +58,13 @@ pub async fn read_view(client: &mut Client, keys: &Keys) -> Result<View, CliErro
         if key.starts_with(&keys.events()) {
             continue;
         }
-        view.apply(keys, key, Some(kv.value()), kv.mod_revision(), kv.create_revision());
+        view.apply(
+            keys,
+            key,
+            Some(kv.value()),
+            kv.mod_revision(),
+            kv.create_revision(),
+        );
     }
     view.revision = resp.header().map_or(0, |h| h.revision());
     Ok(view)
@@ -207,7 +213,10 @@ pub fn print_status(doc: &Value) {
         doc["manager"].as_str().unwrap_or("none"),
         doc["backup"].as_str().unwrap_or("none")
     );
-    println!("{:<16} {:>6} {:<8} {:<8} address", "node", "number", "state", "role");
+    println!(
+        "{:<16} {:>6} {:<8} {:<8} address",
+        "node", "number", "state", "role"
+    );
     for m in doc["members"].as_array().into_iter().flatten() {
         println!(
             "{:<16} {:>6} {:<8} {:<8} {}",
@@ -230,8 +239,15 @@ pub fn print_status(doc: &Value) {
             "service {}: {}{}{}",
             s["name"].as_str().unwrap_or(""),
             s["state"].as_str().unwrap_or(""),
-            if flags.is_empty() { String::new() } else { format!(" [{}]", flags.join(",")) },
-            s["last"].as_str().filter(|l| !l.is_empty()).map_or(String::new(), |l| format!(" ({l})")),
+            if flags.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", flags.join(","))
+            },
+            s["last"]
+                .as_str()
+                .filter(|l| !l.is_empty())
+                .map_or(String::new(), |l| format!(" ({l})")),
         );
         let cells: Vec<String> = s["nodes"]
             .as_array()
@@ -245,7 +261,11 @@ pub fn print_status(doc: &Value) {
                     (None, Some(m)) => m.to_owned(),
                     _ => "-".to_owned(),
                 };
-                let flag = if n["available"].as_bool() == Some(true) { " I" } else { "" };
+                let flag = if n["available"].as_bool() == Some(true) {
+                    " I"
+                } else {
+                    ""
+                };
                 format!("{}: {state}{flag}", n["node"].as_str().unwrap_or(""))
             })
             .collect();
@@ -274,10 +294,14 @@ fn print_event(v: &Value, json_out: bool) {
     let mut rest = vec![];
     if let Some(obj) = v.as_object() {
         for (k, val) in obj {
-            if ["time", "unix_ms", "cluster", "by", "event"].contains(&k.as_str()) || val.is_null() {
+            if ["time", "unix_ms", "cluster", "by", "event"].contains(&k.as_str()) || val.is_null()
+            {
                 continue;
             }
-            rest.push(format!("{k}={}", val.as_str().map_or_else(|| val.to_string(), str::to_owned)));
+            rest.push(format!(
+                "{k}={}",
+                val.as_str().map_or_else(|| val.to_string(), str::to_owned)
+            ));
         }
     }
     println!(
@@ -313,7 +337,11 @@ pub async fn events(cfg: &ClusterConfig, json_out: bool, last: usize) -> Result<
     let (_w, mut stream) = c
         .watch(
             keys.events(),
-            Some(WatchOptions::new().with_prefix().with_start_revision(rev + 1)),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev + 1),
+            ),
         )
         .await
         .map_err(failed)?;
@@ -406,7 +434,10 @@ pub async fn leave(cfg: &ClusterConfig, node: Option<String>, wait: bool) -> Res
     let keys = Keys::new(&cfg.name);
     let view = read_view(&mut c, &keys).await?;
     if !view.members.contains_key(&node) {
-        return Err(failed(format!("{node} is not a member of cluster {}", cfg.name)));
+        return Err(failed(format!(
+            "{node} is not a member of cluster {}",
+            cfg.name
+        )));
     }
     put_request(&mut c, &keys, RequestKind::Leave, &node, "leave").await?;
     if !wait {
@@ -430,7 +461,9 @@ fn check_service(view: &View, service: &str) -> Result<(), CliError> {
     if view.specs.contains_key(service) || view.services.contains_key(service) {
         Ok(())
     } else {
-        Err(CliError::Usage(format!("the cluster has no service {service}")))
+        Err(CliError::Usage(format!(
+            "the cluster has no service {service}"
+        )))
     }
 }
 
@@ -445,12 +478,17 @@ pub async fn move_service(
     let view = read_view(&mut c, &keys).await?;
     check_service(&view, service)?;
     if !view.up(to) {
-        return Err(failed(format!("{to} is not an up member of cluster {}", cfg.name)));
+        return Err(failed(format!(
+            "{to} is not an up member of cluster {}",
+            cfg.name
+        )));
     }
     if let Some(spec) = view.specs.get(service)
         && !spec.allows(to)
     {
-        return Err(failed(format!("{service} may not run on {to} (allowable_nodes, disallowable_nodes)")));
+        return Err(failed(format!(
+            "{service} may not run on {to} (allowable_nodes, disallowable_nodes)"
+        )));
     }
     put_request(&mut c, &keys, RequestKind::Move, service, to).await?;
     if !wait {
@@ -470,16 +508,28 @@ pub async fn move_service(
             println!("{service} registered on {to}");
             Ok(())
         }
-        Err(v) => Err(failed(format!("{service} is not registered on {to}: {}", last_of(&v, service)))),
+        Err(v) => Err(failed(format!(
+            "{service} is not registered on {to}: {}",
+            last_of(&v, service)
+        ))),
     }
 }
 
-pub async fn start_stop(cfg: &ClusterConfig, service: &str, start: bool, wait: bool) -> Result<(), CliError> {
+pub async fn start_stop(
+    cfg: &ClusterConfig,
+    service: &str,
+    start: bool,
+    wait: bool,
+) -> Result<(), CliError> {
     let mut c = client(cfg).await?;
     let keys = Keys::new(&cfg.name);
     let view = read_view(&mut c, &keys).await?;
     check_service(&view, service)?;
-    let kind = if start { RequestKind::Start } else { RequestKind::Stop };
+    let kind = if start {
+        RequestKind::Start
+    } else {
+        RequestKind::Stop
+    };
     put_request(&mut c, &keys, kind, service, kind.as_str()).await?;
     if !wait {
         println!("{service}: {} asked", kind.as_str());
@@ -489,7 +539,10 @@ pub async fn start_stop(cfg: &ClusterConfig, service: &str, start: bool, wait: b
         !v.requests.contains_key(&(kind, service.to_owned()))
             && v.services.get(service).is_some_and(|r| {
                 if start {
-                    r.value.instances.values().any(|i| i.state == InstanceState::Registered)
+                    r.value
+                        .instances
+                        .values()
+                        .any(|i| i.state == InstanceState::Registered)
                         || !r.value.failed_nodes.is_empty()
                 } else {
                     r.value.instances.is_empty()
@@ -505,7 +558,10 @@ pub async fn start_stop(cfg: &ClusterConfig, service: &str, start: bool, wait: b
             println!("{service}: {}", r.summary());
             Ok(())
         }
-        Err(v) => Err(failed(format!("{service}: not done yet: {}", last_of(&v, service)))),
+        Err(v) => Err(failed(format!(
+            "{service}: not done yet: {}",
+            last_of(&v, service)
+        ))),
     }
 }
 

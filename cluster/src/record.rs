@@ -284,7 +284,8 @@ impl View {
         match (first, second, third) {
             ("members", Some(node), None) => match decode::<Member>(value) {
                 Some(member) => {
-                    self.members.insert(node.to_owned(), versioned(member, m, c));
+                    self.members
+                        .insert(node.to_owned(), versioned(member, m, c));
                 }
                 None => {
                     self.members.remove(node);

@@ -1328,7 +1328,10 @@ impl Node {
         if let Some(mut child) = self.agent.lock().unwrap().take() {
             let pid = child.id() as i32;
             let tree = with_descendants(&BTreeSet::from([pid]));
-            self.seen.lock().unwrap().extend(tree.iter().copied().filter(|&p| p != pid));
+            self.seen
+                .lock()
+                .unwrap()
+                .extend(tree.iter().copied().filter(|&p| p != pid));
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             let _ = child.wait();
         }
