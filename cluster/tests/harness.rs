@@ -35,6 +35,9 @@ fn etcd_answers_a_put_and_a_get() {
     assert!(out.status.success(), "put: {}", text(&out));
     assert_eq!(get(&etcd.endpoints(), "/k"), "v1");
     assert!(etcd.endpoint().starts_with("http://127.0.0.1:"));
+    let pid = etcd.pid();
+    drop(etcd);
+    assert!(!alive(pid), "etcd {pid} survived its drop");
 }
 
 #[test]
@@ -212,6 +215,11 @@ fn a_node_starts_its_ccmgr_and_kill_node_leaves_nothing_alive() {
     node.kill_node();
     let alive_now: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
     assert!(alive_now.is_empty(), "alive after kill_node: {alive_now:?}");
+    let left = support::instance_processes(&node.instance);
+    assert!(
+        left.is_empty(),
+        "processes of the instance after kill_node: {left:?}"
+    );
     assert!(
         node.local_status_opt()
             .is_none_or(|s| s["services"].as_array().is_none_or(|v| v
@@ -309,4 +317,29 @@ fn the_witness_finds_overlapping_runs() {
         let r = std::panic::catch_unwind(|| w.assert_never_twice("s"));
         assert!(r.is_err(), "overlap not found in {bad:?}");
     }
+}
+
+#[test]
+fn a_dropped_node_leaves_nothing_alive() {
+    let def = ClusterDef::new("drop_node");
+    let node = def.simple_node("n0", 0, &["http://127.0.0.1:9".to_owned()]);
+    node.write_local_service("w", &witnessed(&def));
+    node.start_ccmgr();
+    wait_until(Duration::from_secs(10), "w witnessed", || {
+        def.witness().running_on("w")
+    });
+    node.start_agent();
+    let mut pids = node.own_pids();
+    assert!(pids.len() >= 4, "keeper, coordinator, standby, w: {pids:?}");
+    pids.extend(node.agent_pid());
+    let instance = node.instance.clone();
+    drop(node);
+    let alive_now: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(alive_now.is_empty(), "alive after the drop: {alive_now:?}");
+    let left = support::instance_processes(&instance);
+    assert!(
+        left.is_empty(),
+        "processes of the instance after the drop: {left:?}"
+    );
+    def.witness().assert_never_twice("w");
 }
