@@ -41,6 +41,18 @@ fn etcd_answers_a_put_and_a_get() {
 }
 
 #[test]
+fn a_killed_etcd_restarts_with_its_data() {
+    let mut etcd = Etcd::start("etcd_restart");
+    assert!(etcd.etcdctl(&["put", "/k", "kept"]).status.success());
+    let pid = etcd.pid();
+    etcd.kill();
+    assert!(!alive(pid), "etcd {pid} survived kill");
+    assert!(!put(&etcd.endpoints(), "/k", "lost").status.success());
+    etcd.restart();
+    assert_eq!(get(&etcd.endpoints(), "/k"), "kept");
+}
+
+#[test]
 fn etcd_grants_one_second_leases() {
     let etcd = Etcd::start("etcd_lease");
     let out = etcd.etcdctl(&["lease", "grant", "1"]);

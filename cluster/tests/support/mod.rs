@@ -508,6 +508,7 @@ fn temp_dir(prefix: &str, test: &str) -> tempfile::TempDir {
 pub struct Etcd {
     pub dir: tempfile::TempDir,
     proc: EtcdProcess,
+    token: String,
 }
 
 impl Etcd {
@@ -520,7 +521,35 @@ impl Etcd {
         Etcd {
             dir,
             proc: procs.remove(0),
+            token: tag,
         }
+    }
+
+    /// SIGKILLs it (by pid) and reaps it: etcd gone for every node at once.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts it again on the same ports with the same data and waits until it answers. A
+    /// port taken meanwhile by another process fails the test.
+    pub fn restart(&mut self) {
+        assert!(self.proc.child.is_none(), "etcd still runs");
+        let initial = format!("{}={}", self.proc.name, self.proc.peer_url());
+        let token = self.token.clone();
+        self.proc.spawn(&initial, &token);
+        let port = self.proc.client_port;
+        wait_for(START_LIMIT, "etcd healthy again", || {
+            if self.proc.exited() {
+                let log = self.proc.log_text();
+                self.proc.child = None;
+                panic!("etcd exited at restart:\n{log}");
+            }
+            if etcd_healthy(port) {
+                Ok(())
+            } else {
+                Err("not healthy")
+            }
+        });
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -536,6 +565,7 @@ impl Etcd {
         SocketAddr::from(([127, 0, 0, 1], self.proc.client_port))
     }
 
+    /// Its pid; panics when it was killed.
     pub fn pid(&self) -> i32 {
         self.proc.pid().expect("etcd runs")
     }
