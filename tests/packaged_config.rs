@@ -2,7 +2,9 @@
 //! (packaging/ccmgr.toml): every key of the global file is in it, commented out with its
 //! default; as shipped it passes `ccmgr check`, and so it does with every key uncommented.
 //! The keys are read from the loader's own schema (`RawGlobal` and `RawCoordinator` in
-//! src/config/mod.rs), so a key added there and not here fails.
+//! src/config/mod.rs), so a key added there and not here fails. The `[cluster]` table is the
+//! exception: ccmgr keeps it opaque (ccmgr-cluster reads it), and it is shipped commented out,
+//! header too (`# [cluster]`), since a cluster needs settings that have no default.
 
 use std::path::Path;
 use std::process::Command;
@@ -31,7 +33,9 @@ fn commented_keys() -> Vec<(String, String)> {
     let mut keys = Vec::new();
     for line in SHIPPED.lines() {
         let line = line.trim();
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+        // `# [cluster]`: a table shipped commented out, header and all.
+        let header = line.strip_prefix("# ").unwrap_or(line);
+        if let Some(name) = header.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             table = name.to_owned();
         } else if let Some(setting) = line.strip_prefix("# ")
             && let Some((key, _)) = setting.split_once(" = ")
@@ -59,8 +63,8 @@ fn every_global_key_is_in_the_shipped_file_commented_with_a_valid_value() {
     let mut missing = Vec::new();
     for (table, raw) in [("", "RawGlobal"), ("coordinator", "RawCoordinator")] {
         for field in fields_of(raw) {
-            // The [coordinator] table itself is a field of RawGlobal, not a key.
-            if field == "coordinator" {
+            // The [coordinator] and [cluster] tables are fields of RawGlobal, not keys.
+            if field == "coordinator" || field == "cluster" {
                 continue;
             }
             if !written.contains(&(table.to_owned(), field.clone())) {
@@ -75,6 +79,28 @@ fn every_global_key_is_in_the_shipped_file_commented_with_a_valid_value() {
     assert!(
         missing.is_empty(),
         "packaging/ccmgr.toml does not show these keys (commented, with their default): {missing:?}"
+    );
+    // The [cluster] keys ccmgr-cluster reads (cluster/src/config.rs): shown, commented.
+    let cluster_missing: Vec<&str> = [
+        "name",
+        "endpoints",
+        "node",
+        "node_number",
+        "heartbeat",
+        "missed_beats",
+        "may_manage",
+        "address",
+        "group",
+        "distances",
+        "cluster_dir",
+        "fence_margin",
+    ]
+    .into_iter()
+    .filter(|key| !written.contains(&("cluster".to_owned(), (*key).to_owned())))
+    .collect();
+    assert!(
+        cluster_missing.is_empty(),
+        "packaging/ccmgr.toml does not show these [cluster] keys (commented): {cluster_missing:?}"
     );
     let active: Vec<&str> = SHIPPED
         .lines()
@@ -98,10 +124,12 @@ fn every_global_key_is_in_the_shipped_file_commented_with_a_valid_value() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // Every key uncommented, with the services its sequences name: the values shown are valid.
+    // Every key uncommented (and the tables shipped commented out, with their headers), with the
+    // services its sequences name: the values shown are valid.
     let uncommented: String = SHIPPED
         .lines()
         .map(|l| match l.strip_prefix("# ") {
+            Some(header) if header.starts_with('[') && header.ends_with(']') => header,
             Some(setting)
                 if written
                     .iter()

@@ -11,6 +11,7 @@
 //! - 4: not permitted: a verb that changes something, by anyone but the instance's owner.
 
 mod check;
+mod cluster;
 mod events;
 mod lifecycle;
 mod logs;
@@ -141,6 +142,18 @@ pub enum Command {
     /// every service's process (refused, changing nothing, when this binary cannot read the
     /// running instance's state; exit 3 when the instance is not running).
     Upgrade,
+    /// The cluster layer: runs ccmgr-cluster (installed beside ccmgr) with this configuration
+    /// file, `--instance` if given, and ARGS (`ccmgr cluster --help` for its verbs).
+    #[command(disable_help_flag = true)]
+    Cluster {
+        /// ccmgr-cluster's verb and arguments, passed on as they are.
+        #[arg(
+            value_name = "ARGS",
+            trailing_var_arg = true,
+            allow_hyphen_values = true
+        )]
+        args: Vec<std::ffi::OsString>,
+    },
     /// The roles ccmgr runs itself as (not for direct use).
     #[command(hide = true)]
     Internal {
@@ -340,6 +353,7 @@ pub fn main() -> ExitCode {
         } => Ok(logs::logs(&cli, services, *lines, *follow)),
         Command::Reload { dry_run } => Ok(reload::reload(&cli, *dry_run, cli.json)),
         Command::Upgrade => Ok(upgrade::upgrade(&cli)),
+        Command::Cluster { args } => Ok(cluster::cluster(&cli, args)),
         Command::Internal {
             role: InternalRole::Keeper,
             run_dir,

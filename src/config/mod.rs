@@ -115,8 +115,10 @@ struct RawGlobal {
     group: Option<Spanned<service::AccountRef>>,
     #[serde(default)]
     coordinator: RawCoordinator,
-    /// The cluster layer's table (`ccmgr-cluster`'s agent reads it from this same file); ccmgr
-    /// itself accepts it and ignores it.
+    // The cluster layer's settings: read by ccmgr-cluster (the node agent, `ccmgr cluster`),
+    // which checks them; ccmgr itself only accepts a table here, so that one file configures
+    // both, while any other unknown key stays an error.
+    #[serde(default)]
     #[allow(dead_code)]
     cluster: Option<toml::Table>,
 }

@@ -1187,7 +1187,7 @@ pub struct Node {
     agent: Mutex<Option<Child>>,
     /// Every pid of the instance seen: killed on drop if still alive and still the
     /// instance's (see [`belongs_to`]).
-    seen: Mutex<BTreeSet<i32>>,
+    seen: Mutex<BTreeSet<(i32, u64)>>,
 }
 
 fn toml_str(s: &str) -> String {
@@ -1323,7 +1323,10 @@ impl Node {
         let status = self
             .local_status_opt()
             .unwrap_or_else(|| panic!("the ccmgr of node {} is not running", self.name));
-        self.seen.lock().unwrap().extend(pids_in(&status));
+        self.seen
+            .lock()
+            .unwrap()
+            .extend(identities(pids_in(&status)));
         status
     }
 
@@ -1358,24 +1361,33 @@ impl Node {
 
     fn remember_pids(&self) {
         let pids = self.instance_pids();
-        self.seen.lock().unwrap().extend(pids);
+        let ours = pids.into_iter().filter(|&p| belongs_to(p, &self.instance));
+        self.seen.lock().unwrap().extend(identities(ours));
     }
 
     /// Every live process of the node's instance: those its status, its process record and
     /// this harness named, if still the instance's, and those /proc shows as the instance's.
     pub fn own_pids(&self) -> BTreeSet<i32> {
-        let mut named = self.instance_pids();
-        named.extend(self.seen.lock().unwrap().iter().copied());
-        let mut pids: BTreeSet<i32> = named
+        let mut pids: BTreeSet<i32> = self
+            .instance_pids()
             .into_iter()
             .filter(|&p| alive(p) && belongs_to(p, &self.instance))
             .collect();
+        // Remembered ones (the agent's fence guard among them) by pid and start time.
+        pids.extend(
+            self.seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|&&(p, started)| alive(p) && start_time(p) == Some(started))
+                .map(|&(p, _)| p),
+        );
         pids.extend(instance_processes(&self.instance));
         pids
     }
 
-    /// Spawns `ccmgr-cluster --config C agent`, its output to `agent.log` in the node's
-    /// directory.
+    /// Spawns `ccmgr-cluster --config C agent --ccmgr <ccmgr under test>`, its output to
+    /// `agent.log` in the node's directory.
     pub fn start_agent(&self) {
         let mut agent = self.agent.lock().unwrap();
         assert!(agent.is_none(), "the agent of node {} runs", self.name);
@@ -1388,6 +1400,8 @@ impl Node {
             .arg("--config")
             .arg(self.config_path())
             .arg("agent")
+            .arg("--ccmgr")
+            .arg(ccmgr_bin())
             .env_remove("CCMGR_CONFIG")
             .env("CCMGR_BIN", ccmgr_bin())
             .env("PATH", path_with_ccmgr())
@@ -1420,8 +1434,22 @@ impl Node {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
-    /// SIGKILLs the agent (and anything it left in its process group's children) and reaps it.
+    /// SIGKILLs the agent alone and reaps it. Its fence guard (its child, which stops the
+    /// node's cluster services when the agent dies) is left to do its work; it is
+    /// remembered, and killed with the node or on drop.
     pub fn kill_agent(&self) {
+        if let Some(mut child) = self.agent.lock().unwrap().take() {
+            let pid = child.id() as i32;
+            let tree = with_descendants(&BTreeSet::from([pid]));
+            let rest = tree.iter().copied().filter(|&p| p != pid);
+            self.seen.lock().unwrap().extend(identities(rest));
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILLs the agent and everything it started (its fence guard, the commands it runs).
+    pub fn kill_agent_and_guard(&self) {
         if let Some(mut child) = self.agent.lock().unwrap().take() {
             let pid = child.id() as i32;
             let tree = with_descendants(&BTreeSet::from([pid]));
@@ -1436,7 +1464,7 @@ impl Node {
     /// witness, `killed <instance> <ns>` is appended: every witnessed service of this node
     /// ended before that time. Panics if anything of it survived.
     pub fn kill_node(&self) {
-        self.kill_agent();
+        self.kill_agent_and_guard();
         let killed = kill_tree(&self.own_pids());
         let survivors: Vec<i32> = killed.iter().copied().filter(|&p| alive(p)).collect();
         assert!(

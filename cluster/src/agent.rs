@@ -1,0 +1,1347 @@
+//! The node agent (`ccmgr cluster agent`): one per node. It joins the cluster with an etcd
+//! lease, keeps the lease alive (seed 000's heartbeat), takes the manager's role when the
+//! rules say so (see [`crate::roles`]), and, as manager, applies [`crate::decide`]'s plan.
+//! As a node it carries out what the records assign to it, through the local ccmgr's public
+//! commands ([`crate::local`]): start, stop, recovery and notify commands.
+//!
+//! One task owns all state; the lease's keep-alives, the local work and the fence guard's
+//! messages come to it over one channel, and etcd's changes over one watch. Nothing polls:
+//! the loop wakes on a message, a watch event, the lease's fence time, or a maturity time.
+//!
+//! **Never on two nodes at once.** An agent acts on an assignment only while its lease is
+//! valid by its own clock: `valid_until` is the time a keep-alive was *sent* plus the TTL
+//! etcd granted, which is no later than the time etcd will expire the lease (etcd counts
+//! from when it *received* it). At `valid_until - fence_margin` without a new keep-alive the
+//! node's fence guard ([`crate::guard`], a separate process, so that it acts also when the
+//! agent is killed or frozen) stops every cluster service of the node. The manager moves a
+//! service only after etcd deleted the node's member key, which happens when the lease
+//! expires, after the node stopped. Every write is a compare-and-swap: an agent's on its
+//! member key's lease (a node whose lease ended cannot write), the manager's on the manager
+//! key's create revision (its fencing token: a deposed manager cannot write).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions, WatchStream,
+};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::{debug, info, warn};
+
+use crate::config::ClusterConfig;
+use crate::decide::{self, Outcome};
+use crate::local::{self, LocalCcmgr};
+use crate::record::Keys;
+use crate::record::{
+    InstanceState, KnownNode, ManagerRecord, Member, MemberState, RequestKind, View, unix_ms,
+};
+use crate::spec::ClusterServiceSpec;
+
+/// How long notify and recovery commands may run before they are killed.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// The TTL of an agent's events lease: the events it published live this long after it.
+const EVENTS_TTL_SECS: i64 = 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Specs(String),
+    #[error("the local ccmgr instance: {0}")]
+    Local(String),
+    #[error("etcd: {0}")]
+    Etcd(String),
+    #[error("the fence guard: {0}")]
+    Guard(String),
+}
+
+/// What the agent's tasks tell its loop.
+#[derive(Debug)]
+enum Msg {
+    /// A keep-alive sent at `sent` was answered: the lease lives `ttl` s from then.
+    LeaseAck { sent: Instant, ttl: i64 },
+    /// etcd answered that the lease no longer exists.
+    LeaseGone,
+    /// Work on an assignment finished.
+    Work {
+        service: String,
+        epoch: u64,
+        outcome: Outcome,
+    },
+    /// A notify command finished (it is recorded whatever its exit: it ran).
+    Notified {
+        service: String,
+        epoch: u64,
+        result: Result<(), String>,
+    },
+    /// A service that runs here with no assignment was stopped.
+    Cleaned { service: String },
+    /// The local instance said something about a service.
+    Local(local::LocalEvent),
+    /// The fence guard stopped every cluster service of the node.
+    Fenced,
+    /// The guard's pipe closed: it died.
+    GuardLost,
+    /// SIGTERM or SIGINT: leave gracefully.
+    Leave,
+}
+
+/// What the agent is doing with a service locally.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Busy {
+    Assignment(u64),
+    Notify(u64),
+    Clean,
+}
+
+pub struct Agent {
+    cfg: ClusterConfig,
+    keys: Keys,
+    client: Client,
+    specs: BTreeMap<String, ClusterServiceSpec>,
+    local: Arc<LocalCcmgr>,
+    tx: mpsc::Sender<Msg>,
+    view: View,
+    lease: i64,
+    events_lease: i64,
+    /// Until when the lease is valid by this node's clock (see the module's doc).
+    valid_until: Instant,
+    /// The lease ran out (or etcd lost it): the guard fences; no work until a new lease.
+    fenced: bool,
+    /// The manager key's create revision when this agent holds it.
+    manager_token: Option<i64>,
+    busy: BTreeMap<String, Busy>,
+    /// Finished work not yet recorded (a compare-and-swap lost a race): tried again.
+    reports: BTreeMap<String, (u64, Outcome)>,
+    /// Services this agent started and has not stopped.
+    running: BTreeSet<String>,
+    /// Notify commands run, so a failed write does not run them twice.
+    notified_here: BTreeSet<(String, u64)>,
+    leaving: bool,
+    event_seq: u64,
+    guard_in: Option<tokio::process::ChildStdin>,
+    watch: Option<WatchStream>,
+    wake_at_ms: Option<u64>,
+    op_timeout: Duration,
+}
+
+fn etcd_err(e: impl std::fmt::Display) -> AgentError {
+    AgentError::Etcd(e.to_string())
+}
+
+/// CLOCK_MONOTONIC in milliseconds: the one clock the agent and its guard share.
+pub fn monotonic_ms() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000
+}
+
+fn mono_of(instant: Instant) -> u64 {
+    let now = Instant::now();
+    let m = monotonic_ms();
+    if instant >= now {
+        m + (instant - now).as_millis() as u64
+    } else {
+        m.saturating_sub((now - instant).as_millis() as u64)
+    }
+}
+
+/// Connects to etcd with HTTP/2 pings at the heartbeat, so that a dead link ends the watch
+/// and the keep-alive stream instead of leaving them waiting.
+pub async fn connect(cfg: &ClusterConfig) -> Result<Client, AgentError> {
+    let hb = cfg.heartbeat.max(Duration::from_millis(100));
+    let options = ConnectOptions::new()
+        .with_connect_timeout(hb * 2)
+        .with_keep_alive(hb, hb * 2)
+        .with_keep_alive_while_idle(true);
+    timeout(
+        hb * 8,
+        Client::connect(cfg.endpoints.clone(), Some(options)),
+    )
+    .await
+    .map_err(|_| AgentError::Etcd(format!("no answer from {}", cfg.endpoints.join(", "))))?
+    .map_err(etcd_err)
+}
+
+/// Runs the agent until it has left the cluster (exit 0) or failed.
+pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
+    let specs = if cfg.cluster_dir.exists() {
+        crate::spec::load_cluster_dir(&cfg.cluster_dir, &cfg.node)
+            .map_err(|e| AgentError::Specs(e.to_string()))?
+    } else {
+        warn!(
+            "{} does not exist: this node knows no cluster service (it can run none)",
+            cfg.cluster_dir.display()
+        );
+        Vec::new()
+    };
+    let specs: BTreeMap<_, _> = specs.into_iter().map(|s| (s.name.clone(), s)).collect();
+    let local = Arc::new(LocalCcmgr::new(
+        ccmgr.clone(),
+        cfg.config_path.clone(),
+        cfg.services_dir.clone(),
+        cfg.node.clone(),
+    ));
+    // Whatever a previous life of this agent left running here has no lease any more.
+    local
+        .stop_all_owned()
+        .await
+        .map_err(|e| AgentError::Local(e.to_string()))?;
+
+    let (tx, mut rx) = mpsc::channel::<Msg>(256);
+    let guard_in = spawn_guard(&cfg, &ccmgr, tx.clone())?;
+    spawn_signals(tx.clone());
+    {
+        let mut events = local.follow_events();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                if tx.send(Msg::Local(e)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    let client = loop {
+        match connect(&cfg).await {
+            Ok(c) => break c,
+            Err(e) => {
+                warn!("cannot reach etcd yet ({e}); trying again");
+                tokio::time::sleep(cfg.heartbeat * 4).await;
+            }
+        }
+    };
+    let op_timeout = (cfg.heartbeat * 2).max(Duration::from_millis(500));
+    let mut agent = Agent {
+        keys: Keys::new(&cfg.name),
+        cfg,
+        client,
+        specs,
+        local,
+        tx,
+        view: View::default(),
+        lease: 0,
+        events_lease: 0,
+        valid_until: Instant::now(),
+        fenced: true,
+        manager_token: None,
+        busy: BTreeMap::new(),
+        reports: BTreeMap::new(),
+        running: BTreeSet::new(),
+        notified_here: BTreeSet::new(),
+        leaving: false,
+        event_seq: 0,
+        guard_in: Some(guard_in),
+        watch: None,
+        wake_at_ms: None,
+        op_timeout,
+    };
+    agent.join_until_done().await;
+    agent.resync().await;
+    agent.step().await;
+
+    loop {
+        let fence_at = agent
+            .valid_until
+            .checked_sub(agent.cfg.fence_margin)
+            .unwrap_or(agent.valid_until);
+        let wake = agent
+            .wake_at_ms
+            .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(unix_ms())));
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                if agent.handle(msg).await {
+                    return Ok(());
+                }
+                // Whatever else is queued, then one step.
+                while let Ok(msg) = rx.try_recv() {
+                    if agent.handle(msg).await {
+                        return Ok(());
+                    }
+                }
+            }
+            ev = next_watch(&mut agent.watch) => {
+                agent.on_watch(ev).await;
+            }
+            _ = sleep_until(fence_at), if !agent.fenced => {
+                warn!("the lease could not be renewed in time: fencing (the guard stops this node's cluster services)");
+                agent.fenced = true;
+                agent.manager_token = None;
+            }
+            _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
+                agent.wake_at_ms = None;
+            }
+        }
+        if agent.fenced && !agent.leaving {
+            agent.after_fence(&mut rx).await;
+        }
+        agent.step().await;
+    }
+    Ok(())
+}
+
+async fn next_watch(
+    watch: &mut Option<WatchStream>,
+) -> Result<Option<etcd_client::WatchResponse>, etcd_client::Error> {
+    match watch {
+        Some(w) => w.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn spawn_signals(tx: mpsc::Sender<Msg>) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if tx.send(Msg::Leave).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Starts the fence guard (`ccmgr-cluster guard`), which stops the node's cluster services
+/// when the lease's validity runs out without a renewal, or at once when this agent dies.
+fn spawn_guard(
+    cfg: &ClusterConfig,
+    ccmgr: &std::path::Path,
+    tx: mpsc::Sender<Msg>,
+) -> Result<tokio::process::ChildStdin, AgentError> {
+    let exe = std::env::current_exe().map_err(|e| AgentError::Guard(e.to_string()))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("--config").arg(&cfg.config_path);
+    if let Some(i) = &cfg.instance {
+        cmd.arg("--instance").arg(i);
+    }
+    cmd.arg("--services-dir").arg(&cfg.services_dir);
+    cmd.arg("guard").arg("--ccmgr").arg(ccmgr);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(false);
+    let mut child = cmd.spawn().map_err(|e| AgentError::Guard(e.to_string()))?;
+    let stdin = child.stdin.take().expect("piped");
+    let stdout = child.stdout.take().expect("piped");
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.trim() == "fenced" && tx.send(Msg::Fenced).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Msg::GuardLost).await;
+        let _ = child.wait().await;
+    });
+    Ok(stdin)
+}
+
+impl Agent {
+    async fn tell_guard(&mut self, line: String) {
+        if let Some(g) = &mut self.guard_in
+            && g.write_all(line.as_bytes()).await.is_err()
+        {
+            self.guard_in = None;
+        }
+    }
+
+    /// An event, as a put of its own key under the events lease.
+    fn event_op(&mut self, mut body: Value) -> TxnOp {
+        let ms = unix_ms();
+        self.event_seq += 1;
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert("time".into(), json!(ccmgr::events::rfc3339_utc(ms)));
+            obj.insert("unix_ms".into(), json!(ms));
+            obj.insert("cluster".into(), json!(self.cfg.name));
+            obj.insert("by".into(), json!(self.cfg.node));
+        }
+        let key = format!(
+            "{}{:013}-{}-{:06}",
+            self.keys.events(),
+            ms,
+            self.cfg.node,
+            self.event_seq
+        );
+        TxnOp::put(
+            key,
+            body.to_string(),
+            Some(PutOptions::new().with_lease(self.events_lease)),
+        )
+    }
+
+    async fn txn(&mut self, txn: Txn) -> Result<bool, AgentError> {
+        match timeout(self.op_timeout, self.client.txn(txn)).await {
+            Ok(Ok(r)) => Ok(r.succeeded()),
+            Ok(Err(e)) => Err(etcd_err(e)),
+            Err(_) => Err(AgentError::Etcd("no answer in time".into())),
+        }
+    }
+
+    /// A transaction whose writes, when it succeeds, are applied to the view at once (at the
+    /// transaction's revision), so that the next pass does not decide again on what it has
+    /// just written before the watch brings it back.
+    async fn txn_apply(
+        &mut self,
+        txn: Txn,
+        writes: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<bool, AgentError> {
+        let resp = match timeout(self.op_timeout, self.client.txn(txn)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(etcd_err(e)),
+            Err(_) => return Err(AgentError::Etcd("no answer in time".into())),
+        };
+        if resp.succeeded() {
+            let rev = resp.header().map_or(0, |h| h.revision());
+            for (key, value) in writes {
+                if rev > self.view.revision {
+                    let create = self.view_create_revision(&key).unwrap_or(rev);
+                    self.view
+                        .apply(&self.keys, &key, value.as_deref(), rev, create);
+                }
+            }
+        }
+        Ok(resp.succeeded())
+    }
+
+    fn view_create_revision(&self, key: &str) -> Option<i64> {
+        if key == self.keys.manager() {
+            return self.view.manager.as_ref().map(|m| m.create_revision);
+        }
+        None
+    }
+
+    fn member_record(&self, state: MemberState) -> Member {
+        Member {
+            name: self.cfg.node.clone(),
+            number: self.cfg.node_number,
+            address: self.cfg.address.clone(),
+            may_manage: self.cfg.may_manage,
+            state,
+            group: self.cfg.group.clone(),
+            distances: self.cfg.distances.clone(),
+            lease: self.lease,
+            joined_unix_ms: unix_ms(),
+        }
+    }
+
+    /// Joins (or joins again): a new lease, the previous life's lease revoked (its services
+    /// were stopped before: at start, or by the fence), the member key put.
+    async fn join(&mut self) -> Result<(), AgentError> {
+        let ttl = self.cfg.lease_ttl_secs();
+        let sent = Instant::now();
+        let grant = timeout(self.op_timeout, self.client.lease_grant(ttl, None))
+            .await
+            .map_err(|_| AgentError::Etcd("lease grant: no answer in time".into()))?
+            .map_err(etcd_err)?;
+        if self.events_lease == 0 {
+            let ev = timeout(
+                self.op_timeout,
+                self.client.lease_grant(EVENTS_TTL_SECS, None),
+            )
+            .await
+            .map_err(|_| AgentError::Etcd("lease grant: no answer in time".into()))?
+            .map_err(etcd_err)?;
+            self.events_lease = ev.id();
+        }
+        let old = timeout(
+            self.op_timeout,
+            self.client.get(self.keys.member(&self.cfg.node), None),
+        )
+        .await
+        .map_err(|_| AgentError::Etcd("get: no answer in time".into()))?
+        .map_err(etcd_err)?;
+        if let Some(kv) = old.kvs().first()
+            && kv.lease() != grant.id()
+            && kv.lease() != 0
+        {
+            info!(
+                "revoking the lease of this node's previous life ({:x})",
+                kv.lease()
+            );
+            let _ = timeout(self.op_timeout, self.client.lease_revoke(kv.lease())).await;
+        }
+        self.lease = grant.id();
+        let member = self.member_record(MemberState::Up);
+        let known = KnownNode {
+            name: self.cfg.node.clone(),
+            number: self.cfg.node_number,
+        };
+        let joined = self.event_op(json!({"event": "member-joined", "member": self.cfg.node}));
+        let txn = Txn::new().and_then(vec![
+            TxnOp::put(
+                self.keys.member(&self.cfg.node),
+                serde_json::to_string(&member).expect("json"),
+                Some(PutOptions::new().with_lease(self.lease)),
+            ),
+            TxnOp::put(
+                self.keys.node(&self.cfg.node),
+                serde_json::to_string(&known).expect("json"),
+                None,
+            ),
+            joined,
+        ]);
+        self.txn(txn).await?;
+        self.valid_until = sent + Duration::from_secs(grant.ttl() as u64);
+        self.fenced = false;
+        let line = format!("deadline {}\n", mono_of(self.fence_time()));
+        self.tell_guard(line).await;
+        self.spawn_keepalive();
+        info!(
+            "joined cluster {} as {} (lease {:x}, {} s)",
+            self.cfg.name,
+            self.cfg.node,
+            self.lease,
+            grant.ttl()
+        );
+        Ok(())
+    }
+
+    fn fence_time(&self) -> Instant {
+        self.valid_until
+            .checked_sub(self.cfg.fence_margin)
+            .unwrap_or(self.valid_until)
+    }
+
+    async fn join_until_done(&mut self) {
+        loop {
+            match self.join().await {
+                Ok(()) => return,
+                Err(e) => {
+                    warn!("cannot join yet ({e}); trying again");
+                    tokio::time::sleep(self.cfg.heartbeat).await;
+                    if let Ok(c) = connect(&self.cfg).await {
+                        self.client = c;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The keep-alive task of the current lease: one keep-alive per heartbeat, each answer
+    /// reported with the time it was sent. It ends when the lease changes or is gone.
+    fn spawn_keepalive(&self) {
+        let mut client = self.client.clone();
+        let lease = self.lease;
+        let events_lease = self.events_lease;
+        let hb = self.cfg.heartbeat;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut stream_pair = None;
+            let mut ticks = tokio::time::interval(hb);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut beat: u64 = 0;
+            loop {
+                ticks.tick().await;
+                beat += 1;
+                if stream_pair.is_none() {
+                    match timeout(hb, client.lease_keep_alive(lease)).await {
+                        Ok(Ok(pair)) => stream_pair = Some(pair),
+                        _ => continue,
+                    }
+                }
+                let (keeper, stream) = stream_pair.as_mut().expect("set above");
+                let sent = Instant::now();
+                if timeout(hb, keeper.keep_alive()).await.is_err() {
+                    stream_pair = None;
+                    continue;
+                }
+                match timeout(hb, stream.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                        if tx.send(Msg::LeaseAck { sent, ttl: r.ttl() }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Ok(Some(_))) => {
+                        let _ = tx.send(Msg::LeaseGone).await;
+                        return;
+                    }
+                    _ => stream_pair = None,
+                }
+                // The events lease lives an hour: renewed every few hundred beats is plenty.
+                if beat % 600 == 0 {
+                    let _ = timeout(hb, client.lease_keep_alive(events_lease)).await;
+                }
+            }
+        });
+    }
+
+    /// Reads the whole cluster and watches it from there.
+    async fn resync(&mut self) {
+        let opts = GetOptions::new().with_prefix();
+        let got = timeout(
+            self.op_timeout * 2,
+            self.client.get(self.keys.prefix.clone(), Some(opts)),
+        )
+        .await;
+        let Ok(Ok(resp)) = got else {
+            self.watch = None;
+            return;
+        };
+        let mut view = View::default();
+        for kv in resp.kvs() {
+            let Ok(key) = kv.key_str() else { continue };
+            if key.starts_with(&self.keys.events()) {
+                continue;
+            }
+            view.apply(
+                &self.keys,
+                key,
+                Some(kv.value()),
+                kv.mod_revision(),
+                kv.create_revision(),
+            );
+        }
+        let rev = resp.header().map_or(0, |h| h.revision());
+        view.revision = rev;
+        self.view = view;
+        let wopts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1);
+        match timeout(
+            self.op_timeout,
+            self.client.watch(self.keys.prefix.clone(), Some(wopts)),
+        )
+        .await
+        {
+            Ok(Ok((_watcher, stream))) => {
+                // The watcher handle may go: the stream lives until it is dropped.
+                self.watch = Some(stream);
+            }
+            _ => self.watch = None,
+        }
+    }
+
+    async fn on_watch(
+        &mut self,
+        ev: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>,
+    ) {
+        match ev {
+            Ok(Some(resp)) => {
+                if resp.canceled() {
+                    self.resync().await;
+                    return;
+                }
+                for e in resp.events() {
+                    let Some(kv) = e.kv() else { continue };
+                    let Ok(key) = kv.key_str() else { continue };
+                    if key.starts_with(&self.keys.events()) {
+                        continue;
+                    }
+                    let value = match e.event_type() {
+                        EventType::Put => Some(kv.value()),
+                        EventType::Delete => None,
+                    };
+                    self.on_key_change(key, value.is_none());
+                    self.view.apply(
+                        &self.keys,
+                        key,
+                        value,
+                        kv.mod_revision(),
+                        kv.create_revision(),
+                    );
+                }
+            }
+            _ => {
+                debug!("the watch ended: reading the cluster again");
+                tokio::time::sleep(self.cfg.heartbeat).await;
+                self.resync().await;
+            }
+        }
+    }
+
+    /// Notes what a change means before the view forgets the old value (the manager tells
+    /// a lost member from one that left).
+    fn on_key_change(&mut self, key: &str, deleted: bool) {
+        // The manager tells; when the manager itself went, its backup does.
+        let backup_is_me = self.view.backup_node() == Some(self.cfg.node.as_str());
+        if !deleted || (self.manager_token.is_none() && !backup_is_me) {
+            return;
+        }
+        if let Some(node) = key.strip_prefix(&format!("{}members/", self.keys.prefix))
+            && let Some(m) = self.view.members.get(node)
+        {
+            let graceful = m.value.state == MemberState::Leaving;
+            let node = node.to_owned();
+            let was_manager = self
+                .view
+                .manager
+                .as_ref()
+                .is_some_and(|m| m.value.node == node)
+                || (self.manager_token.is_none() && self.view.manager.is_none());
+            if self.manager_token.is_none() && !was_manager {
+                return;
+            }
+            let mut ops = vec![self.event_op(json!({
+                "event": if graceful { "member-left" } else { "member-lost" },
+                "member": node,
+                "was_manager": was_manager,
+            }))];
+            if was_manager && !graceful {
+                ops.push(self.event_op(json!({"event": "manager-lost", "member": node})));
+            }
+            let txn = Txn::new().and_then(ops);
+            let mut client = self.client.clone();
+            let t = self.op_timeout;
+            tokio::spawn(async move {
+                let _ = timeout(t, client.txn(txn)).await;
+            });
+        }
+    }
+
+    /// Returns true when the agent is done (it left).
+    async fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::LeaseAck { sent, ttl } => {
+                let until = sent + Duration::from_secs(ttl as u64);
+                if !self.fenced && until > self.valid_until {
+                    self.valid_until = until;
+                    let line = format!("deadline {}\n", mono_of(self.fence_time()));
+                    self.tell_guard(line).await;
+                }
+            }
+            Msg::LeaseGone => {
+                warn!("etcd says this node's lease is gone: fencing");
+                self.fenced = true;
+                self.manager_token = None;
+                // The guard fences at the deadline it knows; tell it now.
+                let line = format!("deadline {}\n", monotonic_ms());
+                self.tell_guard(line).await;
+            }
+            Msg::Work {
+                service,
+                epoch,
+                outcome,
+            } => {
+                self.busy.remove(&service);
+                match outcome {
+                    Outcome::Started => {
+                        self.running.insert(service.clone());
+                    }
+                    Outcome::Done | Outcome::Failed(_) => {
+                        self.running.remove(&service);
+                    }
+                }
+                if self.fenced && self.running.contains(&service) {
+                    // Started while the lease ran out: stop it now.
+                    self.clean(service.clone());
+                }
+                self.reports.insert(service, (epoch, outcome));
+            }
+            Msg::Notified {
+                service,
+                epoch,
+                result,
+            } => {
+                self.busy.remove(&service);
+                if let Err(e) = &result {
+                    warn!("notify_command of {service} failed: {e}");
+                }
+                self.notified_here.insert((service.clone(), epoch));
+                self.write_notified(&service, epoch, result).await;
+            }
+            Msg::Cleaned { service } => {
+                self.busy.remove(&service);
+                self.running.remove(&service);
+            }
+            Msg::Local(e) => {
+                if let Some(service) = e.service.clone()
+                    && e.event == "failed"
+                    && self.running.contains(&service)
+                    && let Some(inst) = self
+                        .view
+                        .services
+                        .get(&service)
+                        .and_then(|r| r.value.instances.get(&self.cfg.node))
+                    && inst.state == InstanceState::Registered
+                {
+                    warn!("{service} failed in the local instance: de-registering it here");
+                    self.reports.insert(
+                        service.clone(),
+                        (
+                            inst.epoch,
+                            Outcome::Failed("it failed in the local instance".into()),
+                        ),
+                    );
+                    self.clean(service);
+                }
+            }
+            Msg::Fenced => {
+                info!("the guard stopped this node's cluster services");
+                self.running.clear();
+            }
+            Msg::GuardLost => {
+                warn!("the fence guard died: stopping this node's cluster services and leaving");
+                let _ = self.local.stop_all_owned().await;
+                return true;
+            }
+            Msg::Leave => {
+                if !self.leaving {
+                    self.begin_leave().await;
+                }
+            }
+        }
+        false
+    }
+
+    /// After the lease ran out: wait until the guard has stopped everything, then join again.
+    async fn after_fence(&mut self, rx: &mut mpsc::Receiver<Msg>) {
+        let line = format!("deadline {}\n", monotonic_ms());
+        self.tell_guard(line).await;
+        let limit = Instant::now() + Duration::from_secs(120);
+        let mut fenced = false;
+        while !fenced && Instant::now() < limit {
+            match timeout(Duration::from_secs(1), rx.recv()).await {
+                Ok(Some(Msg::Fenced)) => fenced = true,
+                Ok(Some(Msg::GuardLost)) | Ok(None) => break,
+                Ok(Some(Msg::Leave)) => self.leaving = true,
+                Ok(Some(_)) | Err(_) => {}
+            }
+        }
+        if !fenced {
+            let _ = self.local.stop_all_owned().await;
+        }
+        self.running.clear();
+        self.busy.clear();
+        self.reports.clear();
+        self.manager_token = None;
+        if self.leaving {
+            std::process::exit(0);
+        }
+        info!("joining the cluster again");
+        if let Ok(c) = connect(&self.cfg).await {
+            self.client = c;
+        }
+        self.join_until_done().await;
+        self.resync().await;
+        let op = self.event_op(json!({
+            "event": "member-fenced",
+            "member": self.cfg.node,
+            "why": "its lease could not be renewed in time; its cluster services were stopped before it could expire",
+        }));
+        let _ = self.txn(Txn::new().and_then(vec![op])).await;
+    }
+
+    async fn begin_leave(&mut self) {
+        info!("leaving the cluster gracefully");
+        self.leaving = true;
+        let member = self.member_record(MemberState::Leaving);
+        let ev = self.event_op(json!({"event": "member-leaving", "member": self.cfg.node}));
+        let txn = Txn::new()
+            .when(vec![Compare::lease(
+                self.keys.member(&self.cfg.node),
+                CompareOp::Equal,
+                self.lease,
+            )])
+            .and_then(vec![
+                TxnOp::put(
+                    self.keys.member(&self.cfg.node),
+                    serde_json::to_string(&member).expect("json"),
+                    Some(PutOptions::new().with_lease(self.lease)),
+                ),
+                TxnOp::delete(self.keys.request(RequestKind::Leave, &self.cfg.node), None),
+                ev,
+            ]);
+        if let Err(e) = self.txn(txn).await {
+            warn!("cannot mark this node leaving: {e}");
+        }
+    }
+
+    /// Whether the graceful leave is complete: nothing of the cluster's is here any more.
+    fn leave_done(&self) -> bool {
+        self.leaving
+            && self.busy.is_empty()
+            && self.running.is_empty()
+            && !self
+                .view
+                .services
+                .values()
+                .any(|r| r.value.instances.contains_key(&self.cfg.node))
+    }
+
+    async fn finish_leave(&mut self) {
+        let me = self.cfg.node.clone();
+        let mut ops = vec![];
+        if self.manager_token.is_some() {
+            ops.push(TxnOp::delete(self.keys.manager(), None));
+            ops.push(self.event_op(json!({"event": "manager-resigned", "member": me})));
+        }
+        let _ = self.txn(Txn::new().and_then(ops)).await;
+        // Deleting the member key first makes the manager see a graceful leave.
+        let _ = timeout(self.op_timeout, self.client.lease_revoke(self.lease)).await;
+        self.tell_guard("release\n".into()).await;
+        info!("left the cluster");
+    }
+
+    /// One pass: roles, the manager's plan, this node's work.
+    async fn step(&mut self) {
+        if self.fenced {
+            return;
+        }
+        if self
+            .view
+            .requests
+            .contains_key(&(RequestKind::Leave, self.cfg.node.clone()))
+            && !self.leaving
+        {
+            self.begin_leave().await;
+        }
+        self.roles().await;
+        if self.manager_token.is_some() {
+            self.manage().await;
+        }
+        self.flush_reports().await;
+        self.work();
+        if self.leave_done() {
+            self.finish_leave().await;
+            std::process::exit(0);
+        }
+    }
+
+    /// Seed 000's roles on etcd: see [`crate::roles`].
+    async fn roles(&mut self) {
+        let me = self.cfg.node.clone();
+        // Am I the manager by the view? (A write of mine may not have come back yet.)
+        match &self.view.manager {
+            Some(m) if m.value.node == me && m.value.lease == self.lease => {
+                self.manager_token = Some(m.create_revision);
+            }
+            Some(_) => self.manager_token = None,
+            None => {
+                self.manager_token = None;
+                if crate::roles::should_claim(&self.view, &me, self.cfg.may_manage, self.leaving) {
+                    self.claim().await;
+                }
+            }
+        }
+        if let Some(token) = self.manager_token {
+            if let Some(choice) = crate::roles::backup_choice(&self.view, &me) {
+                let ops = match &choice {
+                    Some(b) => vec![
+                        TxnOp::put(self.keys.backup(), b.clone(), None),
+                        self.event_op(json!({"event": "backup-chosen", "member": b})),
+                    ],
+                    None => vec![
+                        TxnOp::delete(self.keys.backup(), None),
+                        self.event_op(
+                            json!({"event": "backup-lost", "member": self.view.backup_node()}),
+                        ),
+                    ],
+                };
+                let txn = Txn::new()
+                    .when(vec![Compare::create_revision(
+                        self.keys.manager(),
+                        CompareOp::Equal,
+                        token,
+                    )])
+                    .and_then(ops);
+                let write = vec![(self.keys.backup(), choice.map(String::into_bytes))];
+                if let Err(e) = self.txn_apply(txn, write).await {
+                    warn!("cannot publish the backup: {e}");
+                }
+            }
+        }
+    }
+
+    async fn claim(&mut self) {
+        let me = self.cfg.node.clone();
+        let record = ManagerRecord {
+            node: me.clone(),
+            lease: self.lease,
+            since_unix_ms: unix_ms(),
+        };
+        let previous = self.view.backup_node().map(str::to_owned);
+        let mut when = vec![Compare::create_revision(
+            self.keys.manager(),
+            CompareOp::Equal,
+            0,
+        )];
+        match &previous {
+            Some(b) if *b == me => when.push(Compare::value(
+                self.keys.backup(),
+                CompareOp::Equal,
+                me.clone(),
+            )),
+            Some(b) => when.push(Compare::create_revision(
+                self.keys.member(b),
+                CompareOp::Equal,
+                0,
+            )),
+            None => when.push(Compare::create_revision(
+                self.keys.backup(),
+                CompareOp::Equal,
+                0,
+            )),
+        }
+        when.push(Compare::lease(
+            self.keys.member(&me),
+            CompareOp::Equal,
+            self.lease,
+        ));
+        let ev = self.event_op(json!({
+            "event": "manager-elected",
+            "member": me,
+            "was_backup": previous.as_deref() == Some(me.as_str()),
+        }));
+        let txn = Txn::new().when(when).and_then(vec![
+            TxnOp::put(
+                self.keys.manager(),
+                serde_json::to_string(&record).expect("json"),
+                Some(PutOptions::new().with_lease(self.lease)),
+            ),
+            ev,
+        ]);
+        match timeout(self.op_timeout, self.client.txn(txn)).await {
+            Ok(Ok(r)) if r.succeeded() => {
+                let rev = r.header().map_or(0, |h| h.revision());
+                info!("this node is the manager now (token {rev})");
+                self.manager_token = Some(rev);
+            }
+            Ok(Ok(_)) => debug!("another node claimed the manager's role first"),
+            Ok(Err(e)) => warn!("cannot claim the manager's role: {e}"),
+            Err(_) => warn!("cannot claim the manager's role: no answer in time"),
+        }
+    }
+
+    /// The manager's pass: publish the specifications, then apply the plan.
+    async fn manage(&mut self) {
+        let Some(token) = self.manager_token else {
+            return;
+        };
+        let manager_key = self.keys.manager();
+        let fence = || Compare::create_revision(manager_key.clone(), CompareOp::Equal, token);
+        let stale_specs: Vec<ClusterServiceSpec> = self
+            .specs
+            .values()
+            .filter(|s| self.view.specs.get(&s.name) != Some(*s))
+            .cloned()
+            .collect();
+        if !stale_specs.is_empty() {
+            let ops: Vec<TxnOp> = stale_specs
+                .iter()
+                .map(|s| {
+                    TxnOp::put(
+                        self.keys.spec(&s.name),
+                        serde_json::to_string(s).expect("json"),
+                        None,
+                    )
+                })
+                .collect();
+            let txn = Txn::new().when(vec![fence()]).and_then(ops);
+            if let Err(e) = self.txn(txn).await {
+                warn!("cannot publish the service specifications: {e}");
+            }
+        }
+        let plan = decide::manager_plan(&self.view, &self.specs, unix_ms());
+        self.wake_at_ms = plan.wake_at_ms;
+        for change in plan.changes {
+            let key = self.keys.service(&change.service);
+            let mut when = vec![fence()];
+            when.push(if change.expect_revision == 0 {
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0)
+            } else {
+                Compare::mod_revision(key.clone(), CompareOp::Equal, change.expect_revision)
+            });
+            let value = serde_json::to_vec(&change.record).expect("json");
+            let mut ops = vec![TxnOp::put(key.clone(), value.clone(), None)];
+            let mut writes = vec![(key, Some(value))];
+            for (kind, name) in &change.consumed {
+                ops.push(TxnOp::delete(self.keys.request(*kind, name), None));
+                writes.push((self.keys.request(*kind, name), None));
+            }
+            for e in change.events {
+                ops.push(self.event_op(e));
+            }
+            match self
+                .txn_apply(Txn::new().when(when).and_then(ops), writes)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => debug!(
+                    "{}: the record changed meanwhile; deciding again",
+                    change.service
+                ),
+                Err(e) => warn!("cannot write {}: {e}", change.service),
+            }
+        }
+    }
+
+    /// Records finished work, each as a compare-and-swap on the record and this node's lease.
+    async fn flush_reports(&mut self) {
+        let reports: Vec<(String, (u64, Outcome))> = self
+            .reports
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (service, (epoch, outcome)) in reports {
+            let Some(rec) = self.view.services.get(&service).cloned() else {
+                self.reports.remove(&service);
+                continue;
+            };
+            let Some((new, event)) =
+                decide::agent_transition(&service, &rec.value, &self.cfg.node, epoch, &outcome)
+            else {
+                self.reports.remove(&service);
+                continue;
+            };
+            let key = self.keys.service(&service);
+            let ev = self.event_op(event);
+            let value = serde_json::to_vec(&new).expect("json");
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, rec.mod_revision),
+                    Compare::lease(
+                        self.keys.member(&self.cfg.node),
+                        CompareOp::Equal,
+                        self.lease,
+                    ),
+                ])
+                .and_then(vec![TxnOp::put(key.clone(), value.clone(), None), ev]);
+            match self.txn_apply(txn, vec![(key, Some(value))]).await {
+                Ok(true) => {
+                    self.reports.remove(&service);
+                }
+                Ok(false) => debug!("{service}: the record changed meanwhile; reporting again"),
+                Err(e) => warn!("cannot report on {service}: {e}"),
+            }
+        }
+    }
+
+    fn clean(&mut self, service: String) {
+        self.busy.insert(service.clone(), Busy::Clean);
+        let local = self.local.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = local.stop_service(&service).await {
+                warn!("cannot stop {service}: {e}");
+            }
+            let _ = tx.send(Msg::Cleaned { service }).await;
+        });
+    }
+
+    /// Starts the local work the records ask of this node.
+    fn work(&mut self) {
+        let me = self.cfg.node.clone();
+        let mut todo = vec![];
+        for (name, rec) in &self.view.services {
+            if self.busy.contains_key(name) || self.reports.contains_key(name) {
+                continue;
+            }
+            let mine = rec
+                .value
+                .instances
+                .get(&me)
+                .filter(|i| i.lease == self.lease);
+            match mine {
+                Some(inst) => match inst.state {
+                    InstanceState::Starting => todo.push((name.clone(), inst.clone(), "start")),
+                    InstanceState::Stopping => todo.push((name.clone(), inst.clone(), "stop")),
+                    InstanceState::Recovering => todo.push((name.clone(), inst.clone(), "recover")),
+                    InstanceState::Registered if !self.running.contains(name) => {
+                        // Registered here but not started by this agent's life: it cannot be
+                        // vouched for; de-register it so that the manager places it again.
+                        self.reports.insert(
+                            name.clone(),
+                            (
+                                inst.epoch,
+                                Outcome::Failed("not running on its node".into()),
+                            ),
+                        );
+                    }
+                    InstanceState::Registered => {}
+                },
+                None => {
+                    if self.running.contains(name) {
+                        todo.push((
+                            name.clone(),
+                            crate::record::Instance {
+                                state: InstanceState::Stopping,
+                                epoch: 0,
+                                lease: 0,
+                                recovering_for: None,
+                            },
+                            "clean",
+                        ));
+                    } else if let Some((reg_node, reg)) = rec
+                        .value
+                        .instances
+                        .iter()
+                        .find(|(_, i)| i.state == InstanceState::Registered)
+                        && *reg_node != me
+                        && !self.leaving
+                        && self.view.up(&me)
+                        && let Some(spec) = self.specs.get(name)
+                        && spec.notify_command.is_some()
+                        && spec.allows(&me)
+                        && self.view.notified.get(&(name.clone(), me.clone())) != Some(&reg.epoch)
+                        && !self.notified_here.contains(&(name.clone(), reg.epoch))
+                    {
+                        todo.push((name.clone(), reg.clone(), "notify"));
+                    }
+                }
+            }
+        }
+        // Services started here that no record names any more.
+        for name in self.running.clone() {
+            if !self.view.services.contains_key(&name) && !self.busy.contains_key(&name) {
+                self.clean(name);
+            }
+        }
+        for (name, inst, what) in todo {
+            self.dispatch(name, inst, what);
+        }
+    }
+
+    fn dispatch(&mut self, name: String, inst: crate::record::Instance, what: &str) {
+        let tx = self.tx.clone();
+        let local = self.local.clone();
+        let spec = self.specs.get(&name).cloned();
+        let epoch = inst.epoch;
+        let mut env = vec![
+            ("CCMGR_CLUSTER".to_owned(), self.cfg.name.clone()),
+            ("CCMGR_CLUSTER_SERVICE".to_owned(), name.clone()),
+            ("CCMGR_CLUSTER_NODE".to_owned(), self.cfg.node.clone()),
+        ];
+        match what {
+            "start" => {
+                self.busy.insert(name.clone(), Busy::Assignment(epoch));
+                tokio::spawn(async move {
+                    let outcome = match spec {
+                        None => {
+                            Outcome::Failed(format!("this node has no cluster.d file for {name}"))
+                        }
+                        Some(spec) => match local.start_service(&spec).await {
+                            Ok(()) => Outcome::Started,
+                            Err(e) => {
+                                let _ = local.stop_service(&name).await;
+                                Outcome::Failed(e.to_string())
+                            }
+                        },
+                    };
+                    let _ = tx
+                        .send(Msg::Work {
+                            service: name,
+                            epoch,
+                            outcome,
+                        })
+                        .await;
+                });
+            }
+            "stop" => {
+                self.busy.insert(name.clone(), Busy::Assignment(epoch));
+                tokio::spawn(async move {
+                    let outcome = match local.stop_service(&name).await {
+                        Ok(()) => Outcome::Done,
+                        Err(e) => Outcome::Failed(e.to_string()),
+                    };
+                    let _ = tx
+                        .send(Msg::Work {
+                            service: name,
+                            epoch,
+                            outcome,
+                        })
+                        .await;
+                });
+            }
+            "recover" => {
+                self.busy.insert(name.clone(), Busy::Assignment(epoch));
+                let failed = inst.recovering_for.clone().unwrap_or_default();
+                env.push(("CCMGR_CLUSTER_FAILED_NODE".to_owned(), failed));
+                tokio::spawn(async move {
+                    let cmd = spec.and_then(|s| s.recovery_command);
+                    let outcome = match cmd {
+                        None => Outcome::Done,
+                        Some(cmd) => match local::run_command(&cmd, &env, COMMAND_TIMEOUT).await {
+                            Ok(()) => Outcome::Done,
+                            Err(e) => Outcome::Failed(e.to_string()),
+                        },
+                    };
+                    let _ = tx
+                        .send(Msg::Work {
+                            service: name,
+                            epoch,
+                            outcome,
+                        })
+                        .await;
+                });
+            }
+            "notify" => {
+                self.busy.insert(name.clone(), Busy::Notify(epoch));
+                let registered_node = self
+                    .view
+                    .services
+                    .get(&name)
+                    .and_then(|r| {
+                        r.value
+                            .instances
+                            .iter()
+                            .find(|(_, i)| i.epoch == epoch)
+                            .map(|(n, _)| n.clone())
+                    })
+                    .unwrap_or_default();
+                let address = self
+                    .view
+                    .members
+                    .get(&registered_node)
+                    .map(|m| m.value.address.clone())
+                    .unwrap_or_default();
+                env.push(("CCMGR_CLUSTER_REGISTERED_NODE".to_owned(), registered_node));
+                env.push(("CCMGR_CLUSTER_REGISTERED_ADDRESS".to_owned(), address));
+                tokio::spawn(async move {
+                    let cmd = spec.and_then(|s| s.notify_command).unwrap_or_default();
+                    let result = local::run_command(&cmd, &env, COMMAND_TIMEOUT)
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = tx
+                        .send(Msg::Notified {
+                            service: name,
+                            epoch,
+                            result,
+                        })
+                        .await;
+                });
+            }
+            _ => self.clean(name),
+        }
+    }
+
+    async fn write_notified(&mut self, service: &str, epoch: u64, result: Result<(), String>) {
+        let ev = self.event_op(json!({
+            "event": "notified",
+            "service": service,
+            "member": self.cfg.node,
+            "ok": result.is_ok(),
+            "error": result.err(),
+        }));
+        let txn = Txn::new()
+            .when(vec![Compare::lease(
+                self.keys.member(&self.cfg.node),
+                CompareOp::Equal,
+                self.lease,
+            )])
+            .and_then(vec![
+                TxnOp::put(
+                    self.keys.notified(service, &self.cfg.node),
+                    epoch.to_string(),
+                    Some(PutOptions::new().with_lease(self.lease)),
+                ),
+                ev,
+            ]);
+        if let Err(e) = self.txn(txn).await {
+            warn!("cannot record the notification of {service}: {e}");
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! ccmgr's cluster layer: several nodes, each running its own ccmgr instance and an agent,
+//! coordinated through etcd (seeds 000-002; README "Cluster").
+//!
+//! - [`config`]: the `[cluster]` table of `ccmgr.toml`.
+//! - [`spec`]: the cluster services of `cluster.d/`.
+//! - [`record`]: what lives in etcd, key by key, and the view built of it.
+//! - [`decide`]: the manager's decisions and the agents' transitions, pure (virtual time).
+//! - [`addresses`]: seed 002's ordered address lists.
+//! - [`agent`], [`guard`], [`local`]: the node agent, its fence guard, the local instance.
+//! - [`cli`]: `ccmgr cluster status|events|leave|move|start|stop|addresses`.
+pub mod addresses;
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod decide;
+pub mod duration;
+pub mod guard;
+pub mod local;
+pub mod record;
+pub mod roles;
+pub mod spec;
