@@ -355,3 +355,28 @@ fn a_dropped_node_leaves_nothing_alive() {
     );
     def.witness().assert_never_twice("w");
 }
+
+#[test]
+fn kill_node_kills_the_fence_guard_that_kill_agent_leaves() {
+    let etcd = Etcd::start("guard");
+    let def = ClusterDef::new("guard");
+    let node = def.simple_node("n0", 0, &etcd.endpoints());
+    node.start_ccmgr();
+    node.start_agent();
+    let agent = node.agent_pid().unwrap();
+    let guard = wait_until(Duration::from_secs(20), "the agent's fence guard", || {
+        support::children_of(agent).into_iter().find(|&p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"guard"))
+        })
+    });
+    node.kill_agent();
+    assert!(!alive(agent), "the agent {agent} survived kill_agent");
+    node.kill_node();
+    assert!(!alive(guard), "the guard {guard} survived kill_node");
+    let left = support::instance_processes(&node.instance);
+    assert!(
+        left.is_empty(),
+        "processes of the instance after kill_node: {left:?}"
+    );
+}

@@ -276,6 +276,15 @@ pub fn instance_processes(instance: &str) -> BTreeSet<i32> {
         .collect()
 }
 
+/// The live children of `pid`.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    parents()
+        .into_iter()
+        .filter(|&(child, parent)| parent == pid && alive(child))
+        .map(|(child, _)| child)
+        .collect()
+}
+
 /// `roots` and every live descendant of them.
 fn with_descendants(roots: &BTreeSet<i32>) -> BTreeSet<i32> {
     let parents = parents();
