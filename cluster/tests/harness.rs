@@ -380,3 +380,37 @@ fn kill_node_kills_the_fence_guard_that_kill_agent_leaves() {
         "processes of the instance after kill_node: {left:?}"
     );
 }
+
+/// The harness with the real agent: two nodes place a witnessed service once; the node that
+/// runs it dies whole; the service comes up on the other, never on both at once.
+#[test]
+fn two_agents_move_a_witnessed_service_off_a_killed_node() {
+    let etcd = Etcd::start("two_agents");
+    let def = ClusterDef::new("two_agents");
+    def.write_witnessed_service("w", "placement = \"one\"\ntransfer_cost = \"free\"");
+    let nodes = [
+        def.simple_node("n0", 0, &etcd.endpoints()),
+        def.simple_node("n1", 1, &etcd.endpoints()),
+    ];
+    for n in &nodes {
+        n.start_ccmgr();
+        n.start_agent();
+    }
+    let first = wait_until(Duration::from_secs(30), "w placed and running", || {
+        def.witness().running_on("w")
+    });
+    let (dead, other) = if first == "n0" {
+        (&nodes[0], &nodes[1])
+    } else {
+        (&nodes[1], &nodes[0])
+    };
+    dead.kill_node();
+    wait_until(
+        Duration::from_secs(30),
+        "w running on the other node",
+        || (def.witness().running_on("w").as_deref() == Some(other.name.as_str())).then_some(()),
+    );
+    assert!(other.runs("w"), "{:?}", other.local_status());
+    let runs = def.witness().assert_never_twice("w");
+    assert_eq!(runs.len(), 2, "{runs:?}");
+}
