@@ -1290,8 +1290,20 @@ impl Node {
             .stdin(Stdio::null())
             .output()
             .expect("ccmgr runs");
+        self.reap_zombies();
         self.remember_pids();
         out
+    }
+
+    /// Reaps the remembered processes of the node that died and were re-parented to this
+    /// process (a keeper that `ccmgr stop` ended, say), so they do not linger as zombies.
+    pub fn reap_zombies(&self) {
+        let seen = self.seen.lock().unwrap().clone();
+        for (pid, started) in seen {
+            if start_time(pid) == Some(started) && !alive(pid) {
+                let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+            }
+        }
     }
 
     /// `ccmgr start` (the instance in the background, with whatever services.d holds); panics
@@ -1555,6 +1567,7 @@ impl Drop for Node {
         // a keeper gone come back to this process).
         kill_tree(&self.own_pids());
         reap_identified(&before);
+        self.reap_zombies();
     }
 }
 
