@@ -83,8 +83,9 @@ enum Msg {
     Cleaned { service: String },
     /// The local instance said something about a service.
     Local(local::LocalEvent),
-    /// The fence guard stopped every cluster service of the node.
-    Fenced,
+    /// The fence guard stopped every cluster service of the node: at the lease's deadline (0),
+    /// or when asked `fence <n>` (n).
+    Fenced(u64),
     /// The guard's pipe closed: it died.
     GuardLost,
     /// SIGTERM or SIGINT: leave gracefully.
@@ -124,6 +125,8 @@ pub struct Agent {
     notified_here: BTreeSet<(String, u64)>,
     leaving: bool,
     event_seq: u64,
+    /// The number of the last fence asked of the guard.
+    fence_seq: u64,
     guard_in: Option<tokio::process::ChildStdin>,
     watch: Option<WatchStream>,
     /// The watch's handle: dropping it would end the watch.
@@ -238,6 +241,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         notified_here: BTreeSet::new(),
         leaving: false,
         event_seq: 0,
+        fence_seq: 0,
         guard_in: Some(guard_in),
         watch: None,
         watcher: None,
@@ -343,7 +347,13 @@ fn spawn_guard(
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            if line.trim() == "fenced" && tx.send(Msg::Fenced).await.is_err() {
+            let n = line
+                .trim()
+                .strip_prefix("fenced ")
+                .and_then(|n| n.parse().ok());
+            if let Some(n) = n
+                && tx.send(Msg::Fenced(n)).await.is_err()
+            {
                 return;
             }
         }
@@ -797,7 +807,7 @@ impl Agent {
                     self.clean(service);
                 }
             }
-            Msg::Fenced => {
+            Msg::Fenced(_) => {
                 info!("the guard stopped this node's cluster services");
                 self.running.clear();
             }
@@ -817,13 +827,14 @@ impl Agent {
 
     /// After the lease ran out: wait until the guard has stopped everything, then join again.
     async fn after_fence(&mut self, rx: &mut mpsc::Receiver<Msg>) {
-        let line = format!("deadline {}\n", monotonic_ms());
-        self.tell_guard(line).await;
+        self.fence_seq += 1;
+        let asked = self.fence_seq;
+        self.tell_guard(format!("fence {asked}\n")).await;
         let limit = Instant::now() + Duration::from_secs(120);
         let mut fenced = false;
         while !fenced && Instant::now() < limit {
             match timeout(Duration::from_secs(1), rx.recv()).await {
-                Ok(Some(Msg::Fenced)) => fenced = true,
+                Ok(Some(Msg::Fenced(n))) => fenced = n == asked,
                 Ok(Some(Msg::GuardLost)) | Ok(None) => break,
                 Ok(Some(Msg::Leave)) => self.leaving = true,
                 Ok(Some(_)) | Err(_) => {}
