@@ -39,7 +39,8 @@ use crate::decide::{self, Outcome};
 use crate::local::{self, LocalCcmgr};
 use crate::record::Keys;
 use crate::record::{
-    InstanceState, KnownNode, ManagerRecord, Member, MemberState, RequestKind, View, unix_ms,
+    InstanceState, KnownNode, ManagerRecord, Member, MemberState, NodeLife, RequestKind, View,
+    unix_ms,
 };
 use crate::spec::ClusterServiceSpec;
 
@@ -127,6 +128,9 @@ pub struct Agent {
     event_seq: u64,
     /// The number of the last fence asked of the guard.
     fence_seq: u64,
+    /// See [`Member::local_generation`]; `local_down`: the local instance was found not running.
+    local_generation: u64,
+    local_down: bool,
     guard_in: Option<tokio::process::ChildStdin>,
     watch: Option<WatchStream>,
     /// The watch's handle: dropping it would end the watch.
@@ -242,6 +246,8 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         leaving: false,
         event_seq: 0,
         fence_seq: 0,
+        local_generation: 0,
+        local_down: false,
         guard_in: Some(guard_in),
         watch: None,
         watcher: None,
@@ -448,6 +454,7 @@ impl Agent {
             distances: self.cfg.distances.clone(),
             lease: self.lease,
             joined_unix_ms: unix_ms(),
+            local_generation: self.local_generation,
         }
     }
 
@@ -785,6 +792,41 @@ impl Agent {
                 self.busy.remove(&service);
                 self.running.remove(&service);
             }
+            Msg::Local(e) if e.event == "running" => {
+                if self.local_down {
+                    self.local_down = false;
+                    self.local_generation += 1;
+                    info!("the local ccmgr instance runs again: this node may be chosen again");
+                    self.put_member().await;
+                }
+            }
+            Msg::Local(e) if e.event == "not-running" => {
+                self.local_down = true;
+                // The local instance is gone (killed, or stopped under the agent): nothing of
+                // the cluster's runs here any more; de-register what was, so it moves.
+                for service in std::mem::take(&mut self.running) {
+                    // Its file goes too: a local stack started again must not start it by
+                    // itself while the cluster runs it elsewhere.
+                    self.clean(service.clone());
+                    if let Some(inst) = self
+                        .view
+                        .services
+                        .get(&service)
+                        .and_then(|r| r.value.instances.get(&self.cfg.node))
+                    {
+                        warn!(
+                            "{service}: the local ccmgr instance is not running: de-registering it here"
+                        );
+                        self.reports.insert(
+                            service.clone(),
+                            (
+                                inst.epoch,
+                                Outcome::Failed("the local ccmgr instance is not running".into()),
+                            ),
+                        );
+                    }
+                }
+            }
             Msg::Local(e) => {
                 if let Some(service) = e.service.clone()
                     && e.event == "failed"
@@ -862,6 +904,30 @@ impl Agent {
             "why": "its lease could not be renewed in time; its cluster services were stopped before it could expire",
         }));
         let _ = self.txn(Txn::new().and_then(vec![op])).await;
+    }
+
+    /// Publishes this node's member record again (same lease), as it is now.
+    async fn put_member(&mut self) {
+        let state = if self.leaving {
+            MemberState::Leaving
+        } else {
+            MemberState::Up
+        };
+        let member = self.member_record(state);
+        let txn = Txn::new()
+            .when(vec![Compare::lease(
+                self.keys.member(&self.cfg.node),
+                CompareOp::Equal,
+                self.lease,
+            )])
+            .and_then(vec![TxnOp::put(
+                self.keys.member(&self.cfg.node),
+                serde_json::to_string(&member).expect("json"),
+                Some(PutOptions::new().with_lease(self.lease)),
+            )]);
+        if let Err(e) = self.txn(txn).await {
+            warn!("cannot publish this node's record: {e}");
+        }
     }
 
     async fn begin_leave(&mut self) {
@@ -1110,6 +1176,10 @@ impl Agent {
 
     /// Records finished work, each as a compare-and-swap on the record and this node's lease.
     async fn flush_reports(&mut self) {
+        let life = NodeLife {
+            lease: self.lease,
+            generation: self.local_generation,
+        };
         let reports: Vec<(String, (u64, Outcome))> = self
             .reports
             .iter()
@@ -1120,9 +1190,14 @@ impl Agent {
                 self.reports.remove(&service);
                 continue;
             };
-            let Some((new, event)) =
-                decide::agent_transition(&service, &rec.value, &self.cfg.node, epoch, &outcome)
-            else {
+            let Some((new, event)) = decide::agent_transition(
+                &service,
+                &rec.value,
+                &self.cfg.node,
+                life,
+                epoch,
+                &outcome,
+            ) else {
                 self.reports.remove(&service);
                 continue;
             };

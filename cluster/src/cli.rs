@@ -190,7 +190,7 @@ pub fn status_document(cfg_name: &str, view: &View) -> Value {
                 "wanted": rec.is_none_or(|r| r.wanted),
                 "node": node,
                 "nodes_with_instances": rec.map(|r| r.instances.keys().cloned().collect::<Vec<_>>()).unwrap_or_default(),
-                "failed_nodes": rec.map(|r| r.failed_nodes.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
+                "failed_nodes": rec.map(|r| r.failed_nodes.keys().cloned().collect::<Vec<_>>()).unwrap_or_default(),
                 "last": rec.map(|r| r.last.clone()),
                 "nodes": per_node,
             })
