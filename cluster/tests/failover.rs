@@ -1,0 +1,656 @@
+//! Failover with real processes: a real etcd, several nodes (each its own ccmgr instance and
+//! `ccmgr-cluster` agent, heartbeat 250 ms, 4 missed beats: 1-second leases), real SIGKILLs
+//! and a real network cut (the node's agent reaches etcd through a proxy the test blackholes).
+//! Issue 13's acceptance: the backup takes over from a killed manager and no cluster service
+//! is restarted needlessly; a killed node's services run elsewhere (after their recovery
+//! command), never twice at once; a cut node stops its services before another node starts
+//! them and takes part again once the network is back; a cut manager is replaced and, its
+//! fencing token stale, writes nothing as manager when it comes back.
+//!
+//! Every check polls an observable (cluster status, local status, the witness, the events in
+//! etcd) with a deadline; nothing asserts a time (the observed failover times are printed).
+//! The tests of this file run one at a time: each runs four nodes with 1-second leases, and
+//! starving them of CPU (on a small machine that also builds) would fence nodes for real and
+//! make "nothing restarted needlessly" untestable.
+
+mod support;
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{ClusterDef, Etcd, Node, NodeSpec, ProxySet, now_ns, text, wait_for, wait_until};
+
+/// How long any one step (a failover, a placement, a rejoin) may take before the test fails.
+const LIMIT: Duration = Duration::from_secs(40);
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// One test of this file at a time (see the module's doc).
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `ccmgr-cluster status --json` through `node`'s configuration; `None` when it failed (etcd
+/// unreachable from there, say).
+fn status(node: &Node) -> Option<Value> {
+    let out = node.cluster(&["status", "--json"]);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn member<'a>(s: &'a Value, name: &str) -> &'a Value {
+    s["members"]
+        .as_array()
+        .and_then(|v| v.iter().find(|m| m["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+fn service<'a>(s: &'a Value, name: &str) -> &'a Value {
+    s["services"]
+        .as_array()
+        .and_then(|v| v.iter().find(|m| m["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+/// The node `svc` is registered on, by the cluster status.
+fn registered_on(s: &Value, svc: &str) -> Option<String> {
+    let rec = service(s, svc);
+    (rec["state"] == "registered")
+        .then(|| rec["node"].as_str().map(str::to_owned))
+        .flatten()
+}
+
+/// The local pid of `svc` in `node`'s own ccmgr instance (`ccmgr status --json`).
+fn local_pid(node: &Node, svc: &str) -> Option<i64> {
+    node.local_service(svc)
+        .filter(|s| s["state"] == "up")
+        .and_then(|s| s["pid"].as_i64())
+}
+
+/// A TOML basic string holding `s`.
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// Events, read from etcd with their revisions (the order etcd applied them in).
+
+#[derive(Clone, Debug)]
+struct Event {
+    /// The revision of the transaction that wrote it.
+    rev: i64,
+    v: Value,
+}
+
+impl Event {
+    fn is(&self, event: &str) -> bool {
+        self.v["event"] == event
+    }
+    fn by(&self) -> &str {
+        self.v["by"].as_str().unwrap_or("")
+    }
+}
+
+fn base64(s: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes().filter(|&c| c != b'=') {
+        let v = ALPHABET
+            .iter()
+            .position(|&a| a == c)
+            .unwrap_or_else(|| panic!("not base64: {s}")) as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+/// Every event of the cluster, in the order etcd applied them.
+fn events(etcd: &Etcd, def: &ClusterDef) -> Vec<Event> {
+    let prefix = format!("/ccmgr/{}/events/", def.name);
+    let out = etcd.etcdctl(&["get", "--prefix", &prefix, "-w", "json"]);
+    assert!(out.status.success(), "etcdctl get events: {}", text(&out));
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("etcdctl -w json prints JSON");
+    let mut evs: Vec<Event> = doc["kvs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|kv| Event {
+            rev: kv["create_revision"].as_i64().expect("a revision"),
+            v: serde_json::from_slice(&base64(kv["value"].as_str().expect("a value")))
+                .expect("an event is JSON"),
+        })
+        .collect();
+    evs.sort_by_key(|e| e.rev);
+    evs
+}
+
+/// Waits until an event matching `pred` is in etcd; returns the first one.
+fn wait_event(etcd: &Etcd, def: &ClusterDef, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
+    wait_until(LIMIT, what, || events(etcd, def).into_iter().find(&pred))
+}
+
+/// The `service` events of `svc`, in order.
+fn service_events(evs: &[Event], svc: &str) -> Vec<Event> {
+    evs.iter()
+        .filter(|e| e.is("service") && e.v["service"] == svc)
+        .cloned()
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Setting up
+
+/// On a failed test, prints the nodes' agent logs (their temp dirs go with the test).
+struct LogsOnPanic<'a>(Vec<&'a Node>);
+
+impl Drop for LogsOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for n in &self.0 {
+                eprintln!("----- agent log of {}\n{}", n.name, n.agent_log());
+            }
+        }
+    }
+}
+
+/// Starts every node's ccmgr, then `first`'s agent alone until it is the manager, then the
+/// other agents one by one, so that the roles are known: the manager `first`, the backup
+/// the first eligible node of `others`.
+fn start_cluster(first: &Node, observer: &Node, others: &[&Node]) {
+    first.start_ccmgr();
+    for n in others {
+        n.start_ccmgr();
+    }
+    first.start_agent();
+    wait_until(LIMIT, "the first node is the manager", || {
+        status(observer).filter(|s| s["manager"] == first.name.as_str())
+    });
+    // One at a time, in order: the manager keeps the first eligible node that joined as its
+    // backup, so the order of the joins decides it.
+    for n in others {
+        n.start_agent();
+        wait_until(LIMIT, &format!("{} up", n.name), || {
+            status(observer).filter(|s| member(s, &n.name)["state"] == "up")
+        });
+    }
+}
+
+/// Waits until the cluster status (through `observer`) names `backup` the backup.
+fn wait_backup(observer: &Node, backup: &str) {
+    wait_for(LIMIT, &format!("{backup} the backup"), || {
+        match status(observer) {
+            Some(s) if s["backup"] == backup => Ok(()),
+            other => Err(other),
+        }
+    });
+}
+
+/// Waits until each `(service, node)` is registered on that node, and up in its ccmgr and by
+/// the witness; returns the status then.
+fn wait_placed(def: &ClusterDef, observer: &Node, placed: &[(&str, &Node)]) -> Value {
+    wait_until(
+        LIMIT,
+        "every service registered on its preferred node",
+        || {
+            let s = status(observer)?;
+            placed
+                .iter()
+                .all(|(svc, n)| {
+                    registered_on(&s, svc).as_deref() == Some(n.name.as_str())
+                        && n.runs(svc)
+                        && def.witness().running_on(svc).as_deref() == Some(n.name.as_str())
+                })
+                .then_some(s)
+        },
+    )
+}
+
+/// A service's cluster keys: preferred `pref`, placed once `count` allowable nodes are up
+/// or its preferred node is.
+fn preferring(pref: &str, count: u32, more: &str) -> String {
+    format!(
+        "preferred_nodes = [{}]\nmaturity_count = {count}\n{more}",
+        toml_str(pref)
+    )
+}
+
+fn node_of<'a>(nodes: &[&'a Node], name: &str) -> &'a Node {
+    nodes
+        .iter()
+        .find(|n| n.name == name)
+        .unwrap_or_else(|| panic!("no node {name}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. kill -9 of the manager's agent
+
+#[test]
+fn a_killed_managers_agent_hands_over_to_the_backup_and_nothing_else_restarts() {
+    let _serial = serial();
+    let etcd = Etcd::start("fo_mgr_agent");
+    let def = ClusterDef::new("fo_mgr_agent");
+    let placement = [("a", "n0"), ("b", "n1"), ("c", "n2"), ("d", "nx")];
+    for (svc, pref) in placement {
+        def.write_witnessed_service(svc, &preferring(pref, 4, ""));
+    }
+    let ep = etcd.endpoints();
+    let n0 = def.simple_node("n0", 0, &ep);
+    let n1 = def.simple_node("n1", 1, &ep);
+    let n2 = def.simple_node("n2", 2, &ep);
+    // The lowest number, but never manager nor backup.
+    let mut spec = NodeSpec::new("nx", 3, &ep);
+    spec.may_manage = false;
+    let nx = def.node(spec);
+    let nodes = [&n0, &n1, &n2, &nx];
+    let _logs = LogsOnPanic(nodes.to_vec());
+    let placement = [("a", &n0), ("b", &n1), ("c", &n2), ("d", &nx)];
+
+    start_cluster(&n0, &n1, &[&n1, &n2, &nx]);
+    wait_backup(&n1, "n1");
+    wait_placed(&def, &n1, &placement);
+    let before: Vec<(&str, &Node, i64)> = placement[1..]
+        .iter()
+        .map(|(svc, n)| (*svc, *n, local_pid(n, svc).expect("up with a pid")))
+        .collect();
+
+    let killed_at = now_ns();
+    n0.kill_agent();
+
+    // Its fence guard stops the node's cluster services at once, with no word from etcd.
+    wait_until(LIMIT, "a stopped on n0 by its fence guard", || {
+        let runs = def.witness().runs("a");
+        (!n0.runs("a") && runs.len() == 1 && runs[0].end_ns.is_some()).then_some(())
+    });
+    let (s, on) = wait_until(
+        LIMIT,
+        "n1 manager, n2 backup, a registered on another node",
+        || {
+            let s = status(&n1)?;
+            let on = registered_on(&s, "a").filter(|n| n != "n0")?;
+            (s["manager"] == "n1" && s["backup"] == "n2" && member(&s, "n0")["state"] == "down")
+                .then_some((s, on))
+        },
+    );
+    let target = node_of(&nodes, &on);
+    wait_until(LIMIT, "a up on its new node", || {
+        (target.runs("a") && def.witness().running_on("a").as_deref() == Some(on.as_str()))
+            .then_some(())
+    });
+    let restarted = def.witness().runs("a")[1].start_ns;
+    eprintln!(
+        "observed: a ran again on {on} {} ms after the kill of the manager's agent",
+        (restarted - killed_at) / 1_000_000
+    );
+
+    // Roles: the backup took over (as the backup), a new backup was chosen among the
+    // remaining eligible nodes, never the node that may not manage.
+    let roles: Vec<&str> = s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["role"].as_str())
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "manager").count(),
+        1,
+        "{s:#}"
+    );
+    assert_eq!(member(&s, "nx")["role"], "client", "{s:#}");
+    let evs = events(&etcd, &def);
+    let elected = evs
+        .iter()
+        .find(|e| e.is("manager-elected") && e.v["member"] == "n1")
+        .unwrap_or_else(|| panic!("no manager-elected of n1: {evs:#?}"));
+    assert_eq!(elected.v["was_backup"], true, "{:?}", elected.v);
+    assert!(
+        evs.iter()
+            .any(|e| e.is("backup-chosen") && e.v["member"] == "n2" && e.rev > elected.rev),
+        "no backup-chosen n2 after n1's election: {evs:#?}"
+    );
+    for e in &evs {
+        if e.is("manager-elected") || e.is("backup-chosen") {
+            assert_ne!(
+                e.v["member"], "nx",
+                "a node with may_manage = false: {:?}",
+                e.v
+            );
+        }
+    }
+
+    // No cluster service of another node was restarted: same local pid, one run each.
+    for (svc, n, pid) in before {
+        assert_eq!(
+            local_pid(n, svc),
+            Some(pid),
+            "{svc} on {} was restarted",
+            n.name
+        );
+        let runs = def.witness().runs(svc);
+        assert_eq!(runs.len(), 1, "{svc} ran more than once: {runs:#?}");
+        assert!(runs[0].end_ns.is_none(), "{svc} stopped: {runs:#?}");
+        assert_eq!(registered_on(&s, svc).as_deref(), Some(n.name.as_str()));
+    }
+    let w = def.witness();
+    for (svc, _) in placement {
+        w.assert_never_twice(svc);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. kill -9 of a whole node
+
+#[test]
+fn a_killed_nodes_service_is_recovered_then_runs_on_another_allowable_node() {
+    let _serial = serial();
+    let etcd = Etcd::start("fo_node");
+    let def = ClusterDef::new("fo_node");
+    let recovered = def.dir.path().join("recovered");
+    let recovery = format!(
+        "echo \"$CCMGR_CLUSTER_NODE $CCMGR_CLUSTER_FAILED_NODE $(date +%s%N)\" >> '{}'",
+        recovered.display()
+    );
+    // nx is allowed nothing of r and holds nothing else: the least loaded node, it would be
+    // the first choice if the disallowed list were not honoured.
+    def.write_witnessed_service("f0", &preferring("n0", 4, ""));
+    def.write_witnessed_service("f1", &preferring("n1", 4, ""));
+    def.write_witnessed_service(
+        "r",
+        &preferring(
+            "n2",
+            3,
+            &format!(
+                "disallowable_nodes = [\"nx\"]\nrecovery_command = {}\n",
+                toml_str(&recovery)
+            ),
+        ),
+    );
+    let ep = etcd.endpoints();
+    let n0 = def.simple_node("n0", 0, &ep);
+    let n1 = def.simple_node("n1", 1, &ep);
+    let n2 = def.simple_node("n2", 2, &ep);
+    let nx = def.simple_node("nx", 3, &ep);
+    let nodes = [&n0, &n1, &n2, &nx];
+    let _logs = LogsOnPanic(nodes.to_vec());
+    start_cluster(&n0, &n1, &[&n1, &n2, &nx]);
+    wait_placed(&def, &n0, &[("f0", &n0), ("f1", &n1), ("r", &n2)]);
+    let rev_before = events(&etcd, &def).last().map_or(0, |e| e.rev);
+
+    let killed_at = now_ns();
+    n2.kill_node();
+
+    let on = wait_until(LIMIT, "r registered on a surviving node", || {
+        let s = status(&n0)?;
+        registered_on(&s, "r").filter(|n| n != "n2")
+    });
+    assert!(on == "n0" || on == "n1", "r placed on {on}, not allowable");
+    let target = node_of(&nodes, &on);
+    wait_until(LIMIT, "r up on its new node", || {
+        (target.runs("r") && def.witness().running_on("r").as_deref() == Some(on.as_str()))
+            .then_some(())
+    });
+    let runs = def.witness().assert_never_twice("r");
+    assert_eq!(
+        runs.iter().map(|r| r.node.as_str()).collect::<Vec<_>>(),
+        ["n2", on.as_str()],
+        "{runs:#?}"
+    );
+    eprintln!(
+        "observed: r ran again on {on} {} ms after the kill of node n2",
+        (runs[1].start_ns - killed_at) / 1_000_000
+    );
+
+    // The recovery command ran once, on a surviving allowable node, for n2, before the start.
+    let lines = std::fs::read_to_string(&recovered).expect("the recovery command ran");
+    let lines: Vec<Vec<&str>> = lines.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let (runner, failed, at): (&str, &str, u128) =
+        (lines[0][0], lines[0][1], lines[0][2].parse().unwrap());
+    assert!(runner == "n0" || runner == "n1", "recovery ran on {runner}");
+    assert_eq!(failed, "n2");
+    assert!(
+        at < runs[1].start_ns,
+        "the recovery ran after the new start"
+    );
+    let evs: Vec<Event> = service_events(&events(&etcd, &def), "r")
+        .into_iter()
+        .filter(|e| e.rev > rev_before)
+        .collect();
+    let recovering = evs
+        .iter()
+        .position(|e| e.v["state"] == "recovering")
+        .unwrap_or_else(|| panic!("no recovering state: {evs:#?}"));
+    let starting = evs
+        .iter()
+        .position(|e| e.v["state"] == "starting")
+        .unwrap_or_else(|| panic!("no start: {evs:#?}"));
+    assert!(recovering < starting, "started before recovered: {evs:#?}");
+    assert_eq!(evs[recovering].v["node"], runner, "{evs:#?}");
+
+    // Nothing ever ran on the disallowed node; the others were not restarted.
+    let w = def.witness();
+    assert!(w.runs("r").iter().all(|r| r.node != "nx"));
+    for svc in ["f0", "f1"] {
+        assert_eq!(w.assert_never_twice(svc).len(), 1, "{svc} was restarted");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Network loss of one node
+
+#[test]
+fn a_cut_node_stops_its_services_before_they_start_elsewhere_and_comes_back() {
+    let _serial = serial();
+    let etcd = Etcd::start("fo_cut");
+    let def = ClusterDef::new("fo_cut");
+    def.write_witnessed_service("p", &preferring("n2", 3, "transfer_cost = \"free\"\n"));
+    def.write_witnessed_service("e", &preferring("n2", 3, ""));
+    def.write_witnessed_service("q", &preferring("n1", 3, ""));
+    let ep = etcd.endpoints();
+    let net2 = ProxySet::to_etcd(&etcd);
+    let n0 = def.simple_node("n0", 0, &ep);
+    let n1 = def.simple_node("n1", 1, &ep);
+    let n2 = def.simple_node("n2", 2, &net2.endpoints());
+    let nodes = [&n0, &n1, &n2];
+    let _logs = LogsOnPanic(nodes.to_vec());
+    start_cluster(&n0, &n0, &[&n1, &n2]);
+    wait_placed(&def, &n0, &[("p", &n2), ("e", &n2), ("q", &n1)]);
+    let q_pid = local_pid(&n1, "q").expect("q up");
+
+    let cut_at = now_ns();
+    net2.cut();
+    let placed = wait_until(LIMIT, "p and e registered on other nodes", || {
+        let s = status(&n0)?;
+        let p = registered_on(&s, "p").filter(|n| n != "n2")?;
+        let e = registered_on(&s, "e").filter(|n| n != "n2")?;
+        (member(&s, "n2")["state"] == "down").then_some([p, e])
+    });
+    for (svc, on) in ["p", "e"].into_iter().zip(&placed) {
+        let target = node_of(&nodes, on);
+        wait_until(LIMIT, &format!("{svc} up on {on}"), || {
+            (target.runs(svc) && def.witness().running_on(svc).as_deref() == Some(on.as_str()))
+                .then_some(())
+        });
+        // n2 itself stopped it (a `stop` in the witness, not a kill), before the new start.
+        let runs = def.witness().assert_never_twice(svc);
+        assert_eq!(runs.len(), 2, "{runs:#?}");
+        let stopped = runs[0].end_ns.expect("n2 stopped it");
+        assert_eq!(runs[0].node, "n2");
+        assert!(
+            stopped < runs[1].start_ns,
+            "{svc} started on {on} before n2 stopped it: {runs:#?}"
+        );
+        eprintln!(
+            "observed: {svc} stopped on the cut node {} ms after the cut, started on {on} {} ms after the cut",
+            (stopped - cut_at) / 1_000_000,
+            (runs[1].start_ns - cut_at) / 1_000_000
+        );
+    }
+    let rev_cut = events(&etcd, &def).last().map_or(0, |e| e.rev);
+
+    // The network is back: n2 joins again, says it was fenced, and p (free to transfer,
+    // preferring n2) fails back to it.
+    net2.restore();
+    wait_until(LIMIT, "n2 up again", || {
+        status(&n0).filter(|s| member(s, "n2")["state"] == "up")
+    });
+    wait_event(&etcd, &def, "n2's member-fenced", |e| {
+        e.is("member-fenced") && e.v["member"] == "n2" && e.by() == "n2" && e.rev > rev_cut
+    });
+    wait_until(LIMIT, "p back on n2", || {
+        let s = status(&n0)?;
+        (registered_on(&s, "p").as_deref() == Some("n2")
+            && n2.runs("p")
+            && def.witness().running_on("p").as_deref() == Some("n2"))
+        .then_some(())
+    });
+    // e is expensive to move: it stays, until moved.
+    let s = status(&n0).expect("status");
+    assert_eq!(registered_on(&s, "e").as_deref(), Some(placed[1].as_str()));
+    let out = n0.cluster(&["move", "e", "n2"]);
+    assert!(out.status.success(), "move e n2: {}", text(&out));
+    wait_until(LIMIT, "e up on n2", || {
+        (n2.runs("e") && def.witness().running_on("e").as_deref() == Some("n2")).then_some(())
+    });
+
+    let w = def.witness();
+    for svc in ["p", "e"] {
+        assert_eq!(
+            w.assert_never_twice(svc).len(),
+            3,
+            "{svc}: {:#?}",
+            w.runs(svc)
+        );
+    }
+    assert_eq!(w.assert_never_twice("q").len(), 1, "q was restarted");
+    assert_eq!(local_pid(&n1, "q"), Some(q_pid), "q was restarted");
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. A manager whose network is cut
+
+#[test]
+fn a_cut_manager_is_replaced_and_writes_nothing_as_manager_when_it_comes_back() {
+    let _serial = serial();
+    let etcd = Etcd::start("fo_cut_mgr");
+    let def = ClusterDef::new("fo_cut_mgr");
+    def.write_witnessed_service("m", &preferring("n0", 3, ""));
+    def.write_witnessed_service("k", &preferring("n1", 3, ""));
+    let ep = etcd.endpoints();
+    let net0 = ProxySet::to_etcd(&etcd);
+    let n0 = def.simple_node("n0", 0, &net0.endpoints());
+    let n1 = def.simple_node("n1", 1, &ep);
+    let n2 = def.simple_node("n2", 2, &ep);
+    let nodes = [&n0, &n1, &n2];
+    let _logs = LogsOnPanic(nodes.to_vec());
+    start_cluster(&n0, &n1, &[&n1, &n2]);
+    wait_backup(&n1, "n1");
+    wait_placed(&def, &n1, &[("m", &n0), ("k", &n1)]);
+    let k_pid = local_pid(&n1, "k").expect("k up");
+
+    let cut_at = now_ns();
+    net0.cut();
+    let elected = wait_event(&etcd, &def, "n1 elected manager", |e| {
+        e.is("manager-elected") && e.v["member"] == "n1"
+    });
+    assert_eq!(elected.v["was_backup"], true, "{:?}", elected.v);
+    let on = wait_until(LIMIT, "m registered on another node", || {
+        let s = status(&n1)?;
+        registered_on(&s, "m").filter(|n| n != "n0")
+    });
+    let target = node_of(&nodes, &on);
+    wait_until(LIMIT, "m up on its new node", || {
+        (target.runs("m") && def.witness().running_on("m").as_deref() == Some(on.as_str()))
+            .then_some(())
+    });
+    let runs = def.witness().assert_never_twice("m");
+    eprintln!(
+        "observed: m ran again on {on} {} ms after the manager's network was cut",
+        (runs[1].start_ns - cut_at) / 1_000_000
+    );
+
+    // The network is back: n0 joins again as a node, not as the manager.
+    net0.restore();
+    let rejoined = wait_event(&etcd, &def, "n0's member-fenced", |e| {
+        e.is("member-fenced") && e.v["member"] == "n0" && e.rev > elected.rev
+    });
+    wait_until(LIMIT, "n0 up again", || {
+        status(&n1).filter(|s| member(s, "n0")["state"] == "up")
+    });
+    assert_eq!(local_pid(&n1, "k"), Some(k_pid), "k was restarted");
+    // Work for the managers after the return: k moves to n2, m back to n0.
+    for (svc, to) in [("k", &n2), ("m", &n0)] {
+        let out = n1.cluster(&["move", svc, &to.name]);
+        assert!(
+            out.status.success(),
+            "move {svc} {}: {}",
+            to.name,
+            text(&out)
+        );
+        wait_until(LIMIT, &format!("{svc} up on {}", to.name), || {
+            (to.runs(svc) && def.witness().running_on(svc).as_deref() == Some(to.name.as_str()))
+                .then_some(())
+        });
+    }
+
+    let s = status(&n1).expect("status");
+    assert_eq!(s["manager"], "n1", "{s:#}");
+    let managers: Vec<&Value> = s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "manager")
+        .collect();
+    assert_eq!(managers.len(), 1, "{s:#}");
+    assert_eq!(member(&s, "n0")["state"], "up", "{s:#}");
+
+    // Nothing by n0 between its loss and its return; after, only its own agent's reports
+    // (on its own instances), never a manager's write.
+    let evs = events(&etcd, &def);
+    let silent: Vec<&Event> = evs
+        .iter()
+        .filter(|e| e.by() == "n0" && e.rev > elected.rev && e.rev < rejoined.rev)
+        .filter(|e| !e.is("member-joined"))
+        .collect();
+    assert!(silent.is_empty(), "n0 wrote while deposed: {silent:#?}");
+    for e in evs.iter().filter(|e| e.by() == "n0" && e.rev > elected.rev) {
+        let why = e.v["why"].as_str().unwrap_or("");
+        let own_report = e.is("service")
+            && ["registered on n0", "stopped on n0", "failed on n0"]
+                .iter()
+                .any(|p| why.starts_with(p));
+        assert!(
+            own_report || e.is("member-joined") || e.is("member-fenced"),
+            "the deposed manager n0 wrote {:?} after n1 was elected",
+            e.v
+        );
+    }
+    // The moves were decided by n1.
+    for svc in ["k", "m"] {
+        let decided: Vec<&Event> = evs
+            .iter()
+            .filter(|e| {
+                e.is("service")
+                    && e.v["service"] == svc
+                    && e.rev > rejoined.rev
+                    && e.v["why"]
+                        .as_str()
+                        .is_some_and(|w| w.starts_with("moving to"))
+            })
+            .collect();
+        assert!(!decided.is_empty(), "no move of {svc}: {evs:#?}");
+        assert!(decided.iter().all(|e| e.by() == "n1"), "{decided:#?}");
+    }
+    let w = def.witness();
+    assert_eq!(w.assert_never_twice("m").len(), 3, "{:#?}", w.runs("m"));
+    assert_eq!(w.assert_never_twice("k").len(), 2, "{:#?}", w.runs("k"));
+}
