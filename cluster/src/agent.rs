@@ -279,7 +279,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
                     }
                 }
             }
-            ev = next_watch(&mut agent.watch) => {
+            ev = next_watch(&mut agent.watch, agent.cfg.heartbeat) => {
                 agent.on_watch(ev).await;
             }
             _ = sleep_until(fence_at), if !agent.fenced => {
@@ -299,12 +299,19 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// The watch's next message; with no watch (the last resync could not read the cluster or
+/// open one), an end of stream after `retry`, so that the loop resyncs again rather than
+/// follow the cluster no more while its lease lives on.
 async fn next_watch(
     watch: &mut Option<WatchStream>,
+    retry: Duration,
 ) -> Result<Option<etcd_client::WatchResponse>, etcd_client::Error> {
     match watch {
         Some(w) => w.message().await,
-        None => std::future::pending().await,
+        None => {
+            tokio::time::sleep(retry).await;
+            Ok(None)
+        }
     }
 }
 
