@@ -654,3 +654,55 @@ fn a_cut_manager_is_replaced_and_writes_nothing_as_manager_when_it_comes_back() 
     assert_eq!(w.assert_never_twice("m").len(), 3, "{:#?}", w.runs("m"));
     assert_eq!(w.assert_never_twice("k").len(), 2, "{:#?}", w.runs("k"));
 }
+
+// ---------------------------------------------------------------------------------------
+// 5. A network loss shorter than the lease (regression: the agent followed the cluster no
+//    more after it)
+
+#[test]
+fn a_node_cut_for_less_than_its_lease_keeps_its_services_and_follows_the_cluster_after() {
+    let _serial = serial();
+    let etcd = Etcd::start("fo_blip");
+    let def = ClusterDef::new("fo_blip");
+    def.write_witnessed_service("s", &preferring("n0", 2, ""));
+    def.write_witnessed_service("t", &preferring("n1", 2, ""));
+    let ep = etcd.endpoints();
+    let net1 = ProxySet::to_etcd(&etcd);
+    let n0 = def.simple_node("n0", 0, &ep);
+    // A 10-second lease: a cut of a few seconds is a blip to it, not a loss.
+    let mut spec = NodeSpec::new("n1", 1, &net1.endpoints());
+    spec.missed_beats = 40;
+    let n1 = def.node(spec);
+    let nodes = [&n0, &n1];
+    let _logs = LogsOnPanic(nodes.to_vec());
+    start_cluster(&n0, &n0, &[&n1]);
+    wait_placed(&def, &n0, &[("s", &n0), ("t", &n1)]);
+    let t_pid = local_pid(&n1, "t").expect("t up");
+    let rev_before = events(&etcd, &def).last().map_or(0, |e| e.rev);
+
+    // Every connection of n1 to etcd is reset, and every new one, for 2 s: its watch ends
+    // and its first attempts to read the cluster again fail. (The blip's length is the
+    // scenario, well within the lease, not a wait for an outcome.)
+    net1.reset();
+    std::thread::sleep(Duration::from_secs(2));
+    net1.restore();
+
+    // n1 follows the cluster again: an assignment made now reaches it. (Before the fix, an
+    // agent whose watch had ended and whose one attempt to resync had failed followed the
+    // cluster no more: s stayed `starting` on n1 for good.)
+    let out = n0.cluster(&["move", "s", "n1"]);
+    assert!(out.status.success(), "move s n1: {}", text(&out));
+    wait_until(LIMIT, "s up on n1", || {
+        (n1.runs("s") && def.witness().running_on("s").as_deref() == Some("n1")).then_some(())
+    });
+    // It was never fenced: its own service ran on, the lease never ended.
+    assert_eq!(local_pid(&n1, "t"), Some(t_pid), "t was restarted");
+    assert_eq!(def.witness().assert_never_twice("t").len(), 1);
+    let evs = events(&etcd, &def);
+    let lost: Vec<&Event> = evs
+        .iter()
+        .filter(|e| e.rev > rev_before && (e.is("member-fenced") || e.is("member-lost")))
+        .collect();
+    assert!(lost.is_empty(), "a blip within the lease: {lost:#?}");
+    def.witness().assert_never_twice("s");
+}
