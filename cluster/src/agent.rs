@@ -159,13 +159,20 @@ fn mono_of(instant: Instant) -> u64 {
     }
 }
 
-/// Connects to etcd with HTTP/2 pings at the heartbeat, so that a dead link ends the watch
-/// and the keep-alive stream instead of leaving them waiting.
+/// How long a connection to etcd may be silent before the client pings it. etcd closes a
+/// connection that pings more often than its `--grpc-keepalive-min-time` (5 s by default)
+/// while it sends nothing back ("too_many_pings"): pings at the heartbeat ended every quiet
+/// watch (`cluster events`, a command's wait) after a second.
+const PING_AFTER: Duration = Duration::from_secs(10);
+
+/// Connects to etcd with HTTP/2 pings after a silence (see [`PING_AFTER`]), so that a dead
+/// link ends the watch and the keep-alive stream instead of leaving them waiting. (The
+/// lease does not depend on them: the agent fences by its own clock and connects anew.)
 pub async fn connect(cfg: &ClusterConfig) -> Result<Client, AgentError> {
     let hb = cfg.heartbeat.max(Duration::from_millis(100));
     let options = ConnectOptions::new()
         .with_connect_timeout(hb * 2)
-        .with_keep_alive(hb, hb * 2)
+        .with_keep_alive(PING_AFTER.max(hb), hb * 2)
         .with_keep_alive_while_idle(true);
     timeout(
         hb * 8,
