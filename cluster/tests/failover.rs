@@ -706,3 +706,76 @@ fn a_node_cut_for_less_than_its_lease_keeps_its_services_and_follows_the_cluster
     assert!(lost.is_empty(), "a blip within the lease: {lost:#?}");
     def.witness().assert_never_twice("s");
 }
+
+// ---------------------------------------------------------------------------------------
+// 6. A quiet cluster (regression: etcd closed every quiet connection of the cluster layer)
+
+/// `ccmgr-cluster events --json` in the background, its output in a file; killed on drop.
+struct Follower {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl Follower {
+    fn start(node: &Node) -> Follower {
+        let out = node.path().join("events.out");
+        let child = std::process::Command::new(support::CCMGR_CLUSTER)
+            .arg("--config")
+            .arg(node.config_path())
+            .args(["events", "--json"])
+            .env_remove("CCMGR_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(node.path().join("events.err")).unwrap())
+            .spawn()
+            .expect("ccmgr-cluster runs");
+        Follower { child, out }
+    }
+
+    fn lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_event_stream_outlives_a_quiet_cluster() {
+    let _serial = serial();
+    let etcd = Etcd::start("fo_quiet");
+    let def = ClusterDef::new("fo_quiet");
+    def.write_witnessed_service("s", "");
+    let n0 = def.simple_node("n0", 0, &etcd.endpoints());
+    let _logs = LogsOnPanic(vec![&n0]);
+    n0.start_ccmgr();
+    n0.start_agent();
+    wait_placed(&def, &n0, &[("s", &n0)]);
+    let mut follower = Follower::start(&n0);
+
+    // Nothing happens for 3 s (the scenario, not a wait for an outcome): the stream is quiet.
+    // (Before the fix, the client's HTTP/2 pings at the heartbeat broke etcd's keep-alive
+    // policy, at least 5 s between pings on a quiet connection: etcd closed the connection
+    // after three pings, and `events` ended with an h2 protocol error after a second.)
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        matches!(follower.child.try_wait(), Ok(None)),
+        "events ended on a quiet cluster: {}",
+        std::fs::read_to_string(n0.path().join("events.err")).unwrap_or_default()
+    );
+    let out = n0.cluster(&["stop", "s"]);
+    assert!(out.status.success(), "stop s: {}", text(&out));
+    wait_until(LIMIT, "the stop in the event stream", || {
+        follower.lines().into_iter().find(|e| {
+            e["event"] == "service" && e["service"] == "s" && e["state"] == "deregistered"
+        })
+    });
+}
