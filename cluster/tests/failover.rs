@@ -779,3 +779,86 @@ fn the_event_stream_outlives_a_quiet_cluster() {
         })
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// 7. The backup lost, then the manager and the new backup at once
+
+#[test]
+fn a_lost_backup_is_replaced_and_a_lost_manager_and_backup_leave_the_role_to_another() {
+    let _serial = serial();
+    let etcd = Etcd::start("fo_backups");
+    let def = ClusterDef::new("fo_backups");
+    def.write_witnessed_service("a", &preferring("n0", 5, ""));
+    def.write_witnessed_service("x", &preferring("nx", 5, ""));
+    def.write_witnessed_service("y", &preferring("n3", 5, ""));
+    let ep = etcd.endpoints();
+    let n0 = def.simple_node("n0", 0, &ep);
+    let n1 = def.simple_node("n1", 1, &ep);
+    let n2 = def.simple_node("n2", 2, &ep);
+    let n3 = def.simple_node("n3", 3, &ep);
+    let mut spec = NodeSpec::new("nx", 4, &ep);
+    spec.may_manage = false;
+    let nx = def.node(spec);
+    let nodes = [&n0, &n1, &n2, &n3, &nx];
+    let _logs = LogsOnPanic(nodes.to_vec());
+    start_cluster(&n0, &nx, &[&n1, &n2, &n3, &nx]);
+    wait_backup(&nx, "n1");
+    wait_placed(&def, &nx, &[("a", &n0), ("x", &nx), ("y", &n3)]);
+    let x_pid = local_pid(&nx, "x").expect("x up");
+    let y_pid = local_pid(&n3, "y").expect("y up");
+
+    // The backup's agent dies: the manager chooses the next eligible node.
+    n1.kill_agent();
+    wait_until(
+        LIMIT,
+        "n1 down, n2 the backup, n0 still the manager",
+        || {
+            status(&nx).filter(|s| {
+                member(s, "n1")["state"] == "down" && s["backup"] == "n2" && s["manager"] == "n0"
+            })
+        },
+    );
+
+    // The manager and its backup die at once: the backup key names a node that is gone, so
+    // another eligible node claims the role (n3), never nx.
+    let rev_before = events(&etcd, &def).last().map_or(0, |e| e.rev);
+    n0.kill_agent();
+    n2.kill_agent();
+    let s = wait_until(LIMIT, "n3 the manager, no backup left, a elsewhere", || {
+        status(&nx).filter(|s| {
+            s["manager"] == "n3"
+                && s["backup"].is_null()
+                && registered_on(s, "a").is_some_and(|n| n == "n3" || n == "nx")
+        })
+    });
+    let evs = events(&etcd, &def);
+    let elected: Vec<&Event> = evs
+        .iter()
+        .filter(|e| e.is("manager-elected") && e.rev > rev_before)
+        .collect();
+    assert_eq!(elected.len(), 1, "{elected:#?}");
+    assert_eq!(elected[0].v["member"], "n3");
+    assert_eq!(elected[0].v["was_backup"], false);
+    for e in &evs {
+        if e.is("manager-elected") || e.is("backup-chosen") {
+            assert_ne!(
+                e.v["member"], "nx",
+                "a node with may_manage = false: {:?}",
+                e.v
+            );
+        }
+    }
+    assert_eq!(member(&s, "nx")["role"], "client", "{s:#}");
+    let on = registered_on(&s, "a").unwrap();
+    let target = node_of(&nodes, &on);
+    wait_until(LIMIT, "a up on its new node", || {
+        (target.runs("a") && def.witness().running_on("a").as_deref() == Some(on.as_str()))
+            .then_some(())
+    });
+    assert_eq!(local_pid(&nx, "x"), Some(x_pid), "x was restarted");
+    assert_eq!(local_pid(&n3, "y"), Some(y_pid), "y was restarted");
+    let w = def.witness();
+    assert_eq!(w.assert_never_twice("x").len(), 1);
+    assert_eq!(w.assert_never_twice("y").len(), 1);
+    assert_eq!(w.assert_never_twice("a").len(), 2);
+}
