@@ -216,9 +216,24 @@ impl Drop for Bg {
 }
 
 /// Follows the cluster's events from before the first agent starts: the watch gives them
-/// in etcd's order, which `-n` (sorted by key) would not across nodes.
-fn follow_events(node: &Node) -> Bg {
-    Bg::spawn(node, &["events", "--json", "-n", "1000"])
+/// in etcd's order, which `-n` (sorted by key) would not across nodes. Returns once the
+/// follower printed a marker event the test wrote: from then on, every event comes through
+/// its watch.
+fn follow_events(etcd: &Etcd, def: &ClusterDef, node: &Node) -> Bg {
+    let events = Bg::spawn(node, &["events", "--json", "-n", "1000"]);
+    let key = format!("/ccmgr/{}/events/0000000000000-test-000000", def.name);
+    let out = etcd.etcdctl(&["put", &key, r#"{"event":"test-marker"}"#]);
+    assert!(out.status.success(), "put the marker event: {}", text(&out));
+    wait_until(START_LIMIT, "the event follower prints the marker", || {
+        events
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("test-marker"))
+            .then_some(())
+    });
+    events
 }
 
 /// Waits until the follower has printed `n` service events of `SVC`; returns them all.
@@ -445,7 +460,7 @@ fn seed_001_table_2_with_real_nodes() {
     for n in [&n0, &n1, &n2] {
         n.start_ccmgr();
     }
-    let mut events = follow_events(&n0);
+    let mut events = follow_events(&etcd, &def, &n0);
 
     // t0: all nodes down: no agent runs, the cluster holds nothing yet.
     let doc = wait_for(START_LIMIT, "t0: the status of an empty cluster", || {
@@ -694,7 +709,7 @@ fn seed_001_table_3_with_real_nodes() {
     for n in [&n0, &n1, &n2] {
         n.start_ccmgr();
     }
-    let mut events = follow_events(&n0);
+    let mut events = follow_events(&etcd, &def, &n0);
 
     // t0: all nodes down.
     let doc = wait_for(START_LIMIT, "t0: the status of an empty cluster", || {
