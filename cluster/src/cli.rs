@@ -334,13 +334,14 @@ fn print_event(v: &Value, json_out: bool) {
     );
 }
 
-/// `cluster events [--json] [-n N]`: the last N events, then the new ones as they come.
+/// `cluster events [--json] [-n N]`: the last N events (in the order etcd took them: by
+/// revision, not by key, whose millisecond may tie between nodes), then the new ones.
 pub async fn events(cfg: &ClusterConfig, json_out: bool, last: usize) -> Result<(), CliError> {
     let mut c = client(cfg).await?;
     let keys = Keys::new(&cfg.name);
     let mut opts = GetOptions::new()
         .with_prefix()
-        .with_sort(SortTarget::Key, SortOrder::Descend);
+        .with_sort(SortTarget::Mod, SortOrder::Descend);
     if last > 0 {
         opts = opts.with_limit(last as i64);
     } else {
