@@ -1015,6 +1015,13 @@ impl Agent {
         self.flush_reports().await;
         self.work();
         if self.leave_done() {
+            // This pass's reports (the last stop here) may leave the manager something to
+            // decide: when the last allowable node leaves, the de-registration that clears
+            // the transfer intent (seed 001 Table 2, t13). A leaving manager decides once
+            // more before it resigns: there may be no one left to.
+            if self.manager_token.is_some() {
+                self.manage().await;
+            }
             self.finish_leave().await;
             std::process::exit(0);
         }

@@ -1455,6 +1455,16 @@ impl Node {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// When the agent has exited (a graceful leave): reaps it and forgets it, so that
+    /// [`Node::start_agent`] may boot the node again; returns its exit status. `None` (the
+    /// agent kept) while it runs.
+    pub fn take_exited_agent(&self) -> Option<std::process::ExitStatus> {
+        let mut agent = self.agent.lock().unwrap();
+        let status = agent.as_mut()?.try_wait().ok().flatten()?;
+        *agent = None;
+        Some(status)
+    }
+
     /// SIGKILLs the agent alone and reaps it. Its fence guard (its child, which stops the
     /// node's cluster services when the agent dies) is left to do its work; it is
     /// remembered, and killed with the node or on drop.
