@@ -862,3 +862,66 @@ fn a_lost_backup_is_replaced_and_a_lost_manager_and_backup_leave_the_role_to_ano
     assert_eq!(w.assert_never_twice("y").len(), 1);
     assert_eq!(w.assert_never_twice("a").len(), 2);
 }
+
+// ---------------------------------------------------------------------------------------
+// 8. A frozen agent
+
+#[test]
+fn a_frozen_agents_guard_stops_its_services_before_they_move_and_the_node_comes_back() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let _serial = serial();
+    let etcd = Etcd::start("fo_frozen");
+    let def = ClusterDef::new("fo_frozen");
+    def.write_witnessed_service("z", &preferring("n2", 3, ""));
+    def.write_witnessed_service("k", &preferring("n1", 3, ""));
+    let ep = etcd.endpoints();
+    let n0 = def.simple_node("n0", 0, &ep);
+    let n1 = def.simple_node("n1", 1, &ep);
+    let n2 = def.simple_node("n2", 2, &ep);
+    let nodes = [&n0, &n1, &n2];
+    let _logs = LogsOnPanic(nodes.to_vec());
+    start_cluster(&n0, &n0, &[&n1, &n2]);
+    wait_placed(&def, &n0, &[("z", &n2), ("k", &n1)]);
+    let k_pid = local_pid(&n1, "k").expect("k up");
+
+    // SIGSTOP: the agent renews nothing and does nothing; its guard, a process of its own,
+    // stops the node's services when the lease's validity runs out.
+    let agent = Pid::from_raw(n2.agent_pid().expect("n2's agent"));
+    kill(agent, Signal::SIGSTOP).unwrap();
+    let on = wait_until(LIMIT, "z registered elsewhere", || {
+        let s = status(&n0)?;
+        registered_on(&s, "z").filter(|n| n != "n2")
+    });
+    let target = node_of(&nodes, &on);
+    wait_until(LIMIT, &format!("z up on {on}"), || {
+        (target.runs("z") && def.witness().running_on("z").as_deref() == Some(on.as_str()))
+            .then_some(())
+    });
+    let runs = def.witness().assert_never_twice("z");
+    assert!(
+        runs[0].end_ns.is_some_and(|end| end < runs[1].start_ns),
+        "{runs:#?}"
+    );
+    let rev_frozen = events(&etcd, &def).last().map_or(0, |e| e.rev);
+
+    // SIGCONT: the agent finds its lease gone, joins again, and starts nothing of its old
+    // life.
+    kill(agent, Signal::SIGCONT).unwrap();
+    wait_event(&etcd, &def, "n2's member-fenced", |e| {
+        e.is("member-fenced") && e.v["member"] == "n2" && e.rev > rev_frozen
+    });
+    wait_until(LIMIT, "n2 up again", || {
+        status(&n0).filter(|s| member(s, "n2")["state"] == "up")
+    });
+    // Work after the return reaches it: z moves back.
+    let out = n0.cluster(&["move", "z", "n2"]);
+    assert!(out.status.success(), "move z n2: {}", text(&out));
+    wait_until(LIMIT, "z up on n2", || {
+        (n2.runs("z") && def.witness().running_on("z").as_deref() == Some("n2")).then_some(())
+    });
+    let w = def.witness();
+    assert_eq!(w.assert_never_twice("z").len(), 3, "{:#?}", w.runs("z"));
+    assert_eq!(w.assert_never_twice("k").len(), 1, "k was restarted");
+    assert_eq!(local_pid(&n1, "k"), Some(k_pid), "k was restarted");
+}
