@@ -936,3 +936,60 @@ fn a_frozen_agents_guard_stops_its_services_before_they_move_and_the_node_comes_
     assert_eq!(w.assert_never_twice("k").len(), 1, "k was restarted");
     assert_eq!(local_pid(&n1, "k"), Some(k_pid), "k was restarted");
 }
+
+// ---------------------------------------------------------------------------------------
+// 9. An agent frozen with an assignment it has not acted on
+
+#[test]
+fn an_agent_woken_after_its_lease_starts_nothing_it_was_assigned_before() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let _serial = serial();
+    let etcd = Etcd::start("fo_wake");
+    let def = ClusterDef::new("fo_wake");
+    def.write_witnessed_service("z", &preferring("n1", 3, ""));
+    let ep = etcd.endpoints();
+    let n0 = def.simple_node("n0", 0, &ep);
+    let n1 = def.simple_node("n1", 1, &ep);
+    let n2 = def.simple_node("n2", 2, &ep);
+    let nodes = [&n0, &n1, &n2];
+    let _logs = LogsOnPanic(nodes.to_vec());
+    start_cluster(&n0, &n0, &[&n1, &n2]);
+    wait_placed(&def, &n0, &[("z", &n1)]);
+    for round in 0..3 {
+        let from = def.witness().running_on("z").expect("z runs");
+        let rev = events(&etcd, &def).last().map_or(0, |e| e.rev);
+        // n2's agent freezes; z is moved to it at once: the assignment reaches a frozen
+        // agent, whose lease ends before it wakes; z is placed elsewhere meanwhile.
+        let agent = Pid::from_raw(n2.agent_pid().expect("n2's agent"));
+        kill(agent, Signal::SIGSTOP).unwrap();
+        let out = n0.cluster(&["move", "z", "n2", "--no-wait"]);
+        assert!(out.status.success(), "move z n2: {}", text(&out));
+        wait_until(LIMIT, "z assigned to n2, then elsewhere", || {
+            let evs = service_events(&events(&etcd, &def), "z");
+            let assigned = evs
+                .iter()
+                .find(|e| e.rev > rev && e.v["state"] == "starting" && e.v["node"] == "n2")?;
+            evs.iter()
+                .find(|e| {
+                    e.rev > assigned.rev && e.v["state"] == "registered" && e.v["node"] != "n2"
+                })
+                .cloned()
+        });
+        let on = wait_until(LIMIT, "z up again", || def.witness().running_on("z"));
+        eprintln!("round {round}: z, on {from}, was assigned to the frozen n2, then to {on}");
+        kill(agent, Signal::SIGCONT).unwrap();
+        wait_event(&etcd, &def, "n2's member-fenced", |e| {
+            e.is("member-fenced") && e.v["member"] == "n2" && e.rev > rev
+        });
+        wait_until(LIMIT, "n2 up again", || {
+            status(&n0).filter(|s| member(s, "n2")["state"] == "up")
+        });
+        // Woken, it started nothing of what was assigned to its expired lease.
+        let runs = def.witness().assert_never_twice("z");
+        assert!(
+            runs.iter().all(|r| r.node != "n2"),
+            "z ran on n2: {runs:#?}"
+        );
+    }
+}
