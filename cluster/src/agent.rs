@@ -298,6 +298,16 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
                 agent.wake_at_ms = None;
             }
         }
+        // The fence time may have passed while another branch was chosen (a process
+        // frozen, or starved, past it wakes with the timer and the watch both ready): no
+        // step on an expired lease, whatever woke the loop.
+        if !agent.fenced && Instant::now() >= agent.fence_time() {
+            warn!(
+                "the lease's validity ran out: fencing (the guard stops this node's cluster services)"
+            );
+            agent.fenced = true;
+            agent.manager_token = None;
+        }
         if agent.fenced && !agent.leaving {
             agent.after_fence(&mut rx).await;
         }
