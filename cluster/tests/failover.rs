@@ -5,7 +5,9 @@
 //! is restarted needlessly; a killed node's services run elsewhere (after their recovery
 //! command), never twice at once; a cut node stops its services before another node starts
 //! them and takes part again once the network is back; a cut manager is replaced and, its
-//! fencing token stale, writes nothing as manager when it comes back.
+//! fencing token stale, writes nothing as manager when it comes back. Beyond it: a blip
+//! shorter than the lease, the backup lost (alone, then with the manager), a frozen agent,
+//! an assignment made to a frozen agent, and a quiet event stream.
 //!
 //! Every check polls an observable (cluster status, local status, the witness, the events in
 //! etcd) with a deadline; nothing asserts a time (the observed failover times are printed).
@@ -150,12 +152,13 @@ fn service_events(evs: &[Event], svc: &str) -> Vec<Event> {
 // ---------------------------------------------------------------------------------------
 // Setting up
 
-/// On a failed test, prints the nodes' agent logs (their temp dirs go with the test).
+/// On a failed test (or with `FAILOVER_LOGS` set), prints the nodes' agent logs (their temp
+/// dirs go with the test).
 struct LogsOnPanic<'a>(Vec<&'a Node>);
 
 impl Drop for LogsOnPanic<'_> {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("FAILOVER_LOGS").is_some() {
             for n in &self.0 {
                 eprintln!("----- agent log of {}\n{}", n.name, n.agent_log());
             }
