@@ -996,3 +996,84 @@ fn an_agent_woken_after_its_lease_starts_nothing_it_was_assigned_before() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 10. kill -9 of the manager's whole node
+
+#[test]
+fn a_killed_manager_node_is_recovered_by_the_new_manager() {
+    let _serial = serial();
+    let etcd = Etcd::start("fo_mgr_node");
+    let def = ClusterDef::new("fo_mgr_node");
+    let recovered = def.dir.path().join("recovered");
+    let recovery = format!(
+        "echo \"$CCMGR_CLUSTER_NODE $CCMGR_CLUSTER_FAILED_NODE $(date +%s%N)\" >> '{}'",
+        recovered.display()
+    );
+    def.write_witnessed_service(
+        "r",
+        &preferring(
+            "n0",
+            3,
+            &format!("recovery_command = {}\n", toml_str(&recovery)),
+        ),
+    );
+    def.write_witnessed_service("k", &preferring("n2", 3, ""));
+    let ep = etcd.endpoints();
+    let n0 = def.simple_node("n0", 0, &ep);
+    let n1 = def.simple_node("n1", 1, &ep);
+    let n2 = def.simple_node("n2", 2, &ep);
+    let nodes = [&n0, &n1, &n2];
+    let _logs = LogsOnPanic(nodes.to_vec());
+    start_cluster(&n0, &n1, &[&n1, &n2]);
+    wait_backup(&n1, "n1");
+    wait_placed(&def, &n1, &[("r", &n0), ("k", &n2)]);
+    let k_pid = local_pid(&n2, "k").expect("k up");
+    let rev_before = events(&etcd, &def).last().map_or(0, |e| e.rev);
+
+    n0.kill_node();
+    let on = wait_until(LIMIT, "n1 the manager, r registered on a survivor", || {
+        let s = status(&n1)?;
+        (s["manager"] == "n1")
+            .then(|| registered_on(&s, "r").filter(|n| n != "n0"))
+            .flatten()
+    });
+    let target = node_of(&nodes, &on);
+    wait_until(LIMIT, "r up on its new node", || {
+        (target.runs("r") && def.witness().running_on("r").as_deref() == Some(on.as_str()))
+            .then_some(())
+    });
+    let runs = def.witness().assert_never_twice("r");
+    let lines = std::fs::read_to_string(&recovered).expect("the recovery command ran");
+    let fields: Vec<&str> = lines.trim().split(' ').collect();
+    assert_eq!(lines.lines().count(), 1, "{lines}");
+    assert!(
+        fields[0] == "n1" || fields[0] == "n2",
+        "recovery ran on {}",
+        fields[0]
+    );
+    assert_eq!(fields[1], "n0");
+    assert!(fields[2].parse::<u128>().unwrap() < runs[1].start_ns);
+    let evs: Vec<Event> = events(&etcd, &def)
+        .into_iter()
+        .filter(|e| e.rev > rev_before)
+        .collect();
+    let elected = evs
+        .iter()
+        .find(|e| e.is("manager-elected"))
+        .unwrap_or_else(|| panic!("no election: {evs:#?}"));
+    assert_eq!(elected.v["member"], "n1");
+    assert_eq!(elected.v["was_backup"], true);
+    let recovering = evs
+        .iter()
+        .find(|e| e.is("service") && e.v["service"] == "r" && e.v["state"] == "recovering")
+        .unwrap_or_else(|| panic!("no recovering: {evs:#?}"));
+    assert_eq!(
+        recovering.by(),
+        "n1",
+        "the new manager decides the recovery"
+    );
+    assert!(recovering.rev > elected.rev);
+    assert_eq!(local_pid(&n2, "k"), Some(k_pid), "k was restarted");
+    assert_eq!(def.witness().assert_never_twice("k").len(), 1);
+}
