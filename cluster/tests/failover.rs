@@ -152,6 +152,25 @@ fn service_events(evs: &[Event], svc: &str) -> Vec<Event> {
 // ---------------------------------------------------------------------------------------
 // Setting up
 
+/// On a failed test, tells whether the test's etcd still runs and prints its log's tail.
+struct EtcdOnPanic<'a>(&'a Etcd);
+
+impl Drop for EtcdOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.0.log();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            eprintln!(
+                "----- etcd {} (pid {}, alive: {}), the end of its log:\n{}",
+                self.0.endpoint(),
+                self.0.pid(),
+                support::alive(self.0.pid()),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
+
 /// On a failed test (or with `FAILOVER_LOGS` set), prints the nodes' agent logs (their temp
 /// dirs go with the test).
 struct LogsOnPanic<'a>(Vec<&'a Node>);
@@ -241,6 +260,7 @@ fn node_of<'a>(nodes: &[&'a Node], name: &str) -> &'a Node {
 fn a_killed_managers_agent_hands_over_to_the_backup_and_nothing_else_restarts() {
     let _serial = serial();
     let etcd = Etcd::start("fo_mgr_agent");
+    let _etcd_log = EtcdOnPanic(&etcd);
     let def = ClusterDef::new("fo_mgr_agent");
     let placement = [("a", "n0"), ("b", "n1"), ("c", "n2"), ("d", "nx")];
     for (svc, pref) in placement {
@@ -356,6 +376,7 @@ fn a_killed_managers_agent_hands_over_to_the_backup_and_nothing_else_restarts() 
 fn a_killed_nodes_service_is_recovered_then_runs_on_another_allowable_node() {
     let _serial = serial();
     let etcd = Etcd::start("fo_node");
+    let _etcd_log = EtcdOnPanic(&etcd);
     let def = ClusterDef::new("fo_node");
     let recovered = def.dir.path().join("recovered");
     let recovery = format!(
@@ -454,6 +475,7 @@ fn a_killed_nodes_service_is_recovered_then_runs_on_another_allowable_node() {
 fn a_cut_node_stops_its_services_before_they_start_elsewhere_and_comes_back() {
     let _serial = serial();
     let etcd = Etcd::start("fo_cut");
+    let _etcd_log = EtcdOnPanic(&etcd);
     let def = ClusterDef::new("fo_cut");
     def.write_witnessed_service("p", &preferring("n2", 3, "transfer_cost = \"free\"\n"));
     def.write_witnessed_service("e", &preferring("n2", 3, ""));
@@ -545,6 +567,7 @@ fn a_cut_node_stops_its_services_before_they_start_elsewhere_and_comes_back() {
 fn a_cut_manager_is_replaced_and_writes_nothing_as_manager_when_it_comes_back() {
     let _serial = serial();
     let etcd = Etcd::start("fo_cut_mgr");
+    let _etcd_log = EtcdOnPanic(&etcd);
     let def = ClusterDef::new("fo_cut_mgr");
     def.write_witnessed_service("m", &preferring("n0", 3, ""));
     def.write_witnessed_service("k", &preferring("n1", 3, ""));
@@ -666,6 +689,7 @@ fn a_cut_manager_is_replaced_and_writes_nothing_as_manager_when_it_comes_back() 
 fn a_node_cut_for_less_than_its_lease_keeps_its_services_and_follows_the_cluster_after() {
     let _serial = serial();
     let etcd = Etcd::start("fo_blip");
+    let _etcd_log = EtcdOnPanic(&etcd);
     let def = ClusterDef::new("fo_blip");
     def.write_witnessed_service("s", &preferring("n0", 2, ""));
     def.write_witnessed_service("t", &preferring("n1", 2, ""));
@@ -766,6 +790,7 @@ impl Drop for Follower {
 fn the_event_stream_outlives_a_quiet_cluster() {
     let _serial = serial();
     let etcd = Etcd::start("fo_quiet");
+    let _etcd_log = EtcdOnPanic(&etcd);
     let def = ClusterDef::new("fo_quiet");
     def.write_witnessed_service("s", "");
     let n0 = def.simple_node("n0", 0, &etcd.endpoints());
@@ -801,6 +826,7 @@ fn the_event_stream_outlives_a_quiet_cluster() {
 fn a_lost_backup_is_replaced_and_a_lost_manager_and_backup_leave_the_role_to_another() {
     let _serial = serial();
     let etcd = Etcd::start("fo_backups");
+    let _etcd_log = EtcdOnPanic(&etcd);
     let def = ClusterDef::new("fo_backups");
     def.write_witnessed_service("a", &preferring("n0", 5, ""));
     def.write_witnessed_service("x", &preferring("nx", 5, ""));
@@ -886,6 +912,7 @@ fn a_frozen_agents_guard_stops_its_services_before_they_move_and_the_node_comes_
     use nix::unistd::Pid;
     let _serial = serial();
     let etcd = Etcd::start("fo_frozen");
+    let _etcd_log = EtcdOnPanic(&etcd);
     let def = ClusterDef::new("fo_frozen");
     def.write_witnessed_service("z", &preferring("n2", 3, ""));
     def.write_witnessed_service("k", &preferring("n1", 3, ""));
@@ -949,6 +976,7 @@ fn an_agent_woken_after_its_lease_starts_nothing_it_was_assigned_before() {
     use nix::unistd::Pid;
     let _serial = serial();
     let etcd = Etcd::start("fo_wake");
+    let _etcd_log = EtcdOnPanic(&etcd);
     let def = ClusterDef::new("fo_wake");
     def.write_witnessed_service("z", &preferring("n1", 3, ""));
     let ep = etcd.endpoints();
@@ -1004,6 +1032,7 @@ fn an_agent_woken_after_its_lease_starts_nothing_it_was_assigned_before() {
 fn a_killed_manager_node_is_recovered_by_the_new_manager() {
     let _serial = serial();
     let etcd = Etcd::start("fo_mgr_node");
+    let _etcd_log = EtcdOnPanic(&etcd);
     let def = ClusterDef::new("fo_mgr_node");
     let recovered = def.dir.path().join("recovered");
     let recovery = format!(
