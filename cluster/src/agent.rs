@@ -698,6 +698,12 @@ impl Agent {
                     if key.starts_with(&self.keys.events()) {
                         continue;
                     }
+                    // The late echo of a change older than one this agent wrote and applied
+                    // at once (txn_apply) would take the view back in time: the agent would
+                    // carry out again an assignment it has already reported on.
+                    if self.view.holds_newer(&self.keys, key, kv.mod_revision()) {
+                        continue;
+                    }
                     let value = match e.event_type() {
                         EventType::Put => Some(kv.value()),
                         EventType::Delete => None,

@@ -267,6 +267,22 @@ pub struct View {
 }
 
 impl View {
+    /// Whether the view holds a version of `key` newer than `mod_revision` (one its agent
+    /// wrote and applied at once, before the watch brought back the older changes).
+    pub fn holds_newer(&self, keys: &Keys, key: &str, mod_revision: i64) -> bool {
+        let Some(rest) = key.strip_prefix(&keys.prefix) else {
+            return false;
+        };
+        let held = match rest.split_once('/') {
+            Some(("members", node)) => self.members.get(node).map(|v| v.mod_revision),
+            Some(("services", name)) => self.services.get(name).map(|v| v.mod_revision),
+            None if rest == "manager" => self.manager.as_ref().map(|v| v.mod_revision),
+            None if rest == "backup" => self.backup.as_ref().map(|v| v.mod_revision),
+            _ => None,
+        };
+        held.is_some_and(|held| held > mod_revision)
+    }
+
     /// Applies one key's new value (`None`: deleted). Unreadable values are skipped: a
     /// newer agent's record must not stop an older one (and `status` says what it skipped).
     pub fn apply(
@@ -401,4 +417,25 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_echo_of_an_older_change_is_known_as_older() {
+        let keys = Keys::new("t");
+        let key = keys.service("s");
+        let mut view = View::default();
+        let older = serde_json::to_vec(&ServiceRecord::new(true)).unwrap();
+        let newer = serde_json::to_vec(&ServiceRecord::new(false)).unwrap();
+        view.apply(&keys, &key, Some(&older), 5, 3);
+        view.apply(&keys, &key, Some(&newer), 7, 3);
+        assert!(view.holds_newer(&keys, &key, 5), "the echo of revision 5");
+        assert!(!view.holds_newer(&keys, &key, 7), "its own revision");
+        assert!(!view.holds_newer(&keys, &key, 8), "a later change");
+        assert!(!view.holds_newer(&keys, &keys.service("other"), 1));
+        assert!(!view.holds_newer(&keys, &keys.request(RequestKind::Move, "s"), 1));
+    }
 }
