@@ -1106,3 +1106,64 @@ fn a_killed_manager_node_is_recovered_by_the_new_manager() {
     assert_eq!(local_pid(&n2, "k"), Some(k_pid), "k was restarted");
     assert_eq!(def.witness().assert_never_twice("k").len(), 1);
 }
+
+// ---------------------------------------------------------------------------------------
+// 11. Recovery commands run once (regression: the watch's late echo of the manager's own
+//     write made its agent run a recovery again)
+
+#[test]
+fn each_recovery_command_runs_once_when_the_new_manager_runs_them() {
+    let _serial = serial();
+    let etcd = Etcd::start("fo_once");
+    let _etcd_log = EtcdOnPanic(&etcd);
+    let def = ClusterDef::new("fo_once");
+    let recovered = def.dir.path().join("recovered");
+    let services: Vec<String> = (0..10).map(|i| format!("r{i}")).collect();
+    for svc in &services {
+        let recovery = format!(
+            "echo \"$CCMGR_CLUSTER_SERVICE $CCMGR_CLUSTER_NODE $CCMGR_CLUSTER_FAILED_NODE\" >> '{}'",
+            recovered.display()
+        );
+        // Only n0 and n1 may run them: n1, the backup, becomes the manager and runs every
+        // recovery itself, right after its own write assigned it.
+        def.write_witnessed_service(
+            svc,
+            &preferring(
+                "n0",
+                3,
+                &format!(
+                    "allowable_nodes = [\"n0\", \"n1\"]\nrecovery_command = {}\n",
+                    toml_str(&recovery)
+                ),
+            ),
+        );
+    }
+    let ep = etcd.endpoints();
+    let n0 = def.simple_node("n0", 0, &ep);
+    let n1 = def.simple_node("n1", 1, &ep);
+    let n2 = def.simple_node("n2", 2, &ep);
+    let nodes = [&n0, &n1, &n2];
+    let _logs = LogsOnPanic(nodes.to_vec());
+    start_cluster(&n0, &n1, &[&n1, &n2]);
+    wait_backup(&n1, "n1");
+    let placed: Vec<(&str, &Node)> = services.iter().map(|s| (s.as_str(), &n0)).collect();
+    wait_placed(&def, &n1, &placed);
+
+    n0.kill_node();
+    wait_until(LIMIT, "every service up on n1", || {
+        let s = status(&n1)?;
+        services
+            .iter()
+            .all(|svc| registered_on(&s, svc).as_deref() == Some("n1") && n1.runs(svc))
+            .then_some(())
+    });
+    let lines = std::fs::read_to_string(&recovered).expect("the recovery commands ran");
+    for svc in &services {
+        let runs: Vec<&str> = lines
+            .lines()
+            .filter(|l| l.split(' ').next() == Some(svc.as_str()))
+            .collect();
+        assert_eq!(runs, [format!("{svc} n1 n0")], "all: {lines}");
+        def.witness().assert_never_twice(svc);
+    }
+}
