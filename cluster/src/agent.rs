@@ -161,8 +161,10 @@ fn mono_of(instant: Instant) -> u64 {
 
 /// How long a connection to etcd may be silent before the client pings it. etcd closes a
 /// connection that pings more often than its `--grpc-keepalive-min-time` (5 s by default)
-/// while it sends nothing back ("too_many_pings"): pings at the heartbeat ended every quiet
-/// watch (`cluster events`, a command's wait) after a second.
+/// while it sends nothing back ("too_many_pings"): pings at the heartbeat ended a quiet
+/// connection after a second (the commands have their own client, `cli::client`, with the
+/// same rule; an agent's connection is seldom quiet, its lease's keep-alives answered at
+/// each heartbeat, but etcd's rule holds for it too).
 const PING_AFTER: Duration = Duration::from_secs(10);
 
 /// Connects to etcd with HTTP/2 pings after a silence (see [`PING_AFTER`]), so that a dead
