@@ -155,10 +155,20 @@ fn mono_of(instant: Instant) -> u64 {
 /// Connects to etcd with HTTP/2 pings at the heartbeat, so that a dead link ends the watch
 /// and the keep-alive stream instead of leaving them waiting.
 pub async fn connect(cfg: &ClusterConfig) -> Result<Client, AgentError> {
+    connect_pinging(cfg, cfg.heartbeat).await
+}
+
+/// [`connect`] with HTTP/2 pings every `ping` (at least 100 ms). etcd closes a connection
+/// whose client pings more often than its `--grpc-keepalive-min-time` (default 5 s) three
+/// times in a row with no data sent between (gRPC's "too_many_pings"): fine for the agent,
+/// whose lease keep-alive answers flow every heartbeat, fatal for a command that waits on a
+/// quiet watch.
+pub async fn connect_pinging(cfg: &ClusterConfig, ping: Duration) -> Result<Client, AgentError> {
     let hb = cfg.heartbeat.max(Duration::from_millis(100));
+    let ping = ping.max(Duration::from_millis(100));
     let options = ConnectOptions::new()
         .with_connect_timeout(hb * 2)
-        .with_keep_alive(hb, hb * 2)
+        .with_keep_alive(ping, hb * 2)
         .with_keep_alive_while_idle(true);
     timeout(
         hb * 8,

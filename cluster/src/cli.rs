@@ -37,8 +37,12 @@ fn failed(e: impl std::fmt::Display) -> CliError {
     CliError::Failed(e.to_string())
 }
 
+/// The commands ping etcd every 10 s at most: `events` and the waits of `leave` and `move`
+/// sit on a watch that may stay quiet, and etcd (default `--grpc-keepalive-min-time` 5 s)
+/// closes a connection pinged faster than that with nothing else flowing: with the agent's
+/// ping at the heartbeat (250 ms), `events` ended after about 1 s with "h2 protocol error".
 pub async fn client(cfg: &ClusterConfig) -> Result<Client, CliError> {
-    crate::agent::connect(cfg)
+    crate::agent::connect_pinging(cfg, cfg.heartbeat.max(Duration::from_secs(10)))
         .await
         .map_err(|e| CliError::Failed(format!("cannot reach the cluster {}: {e}", cfg.name)))
 }
