@@ -45,6 +45,8 @@ use crate::spec::ClusterServiceSpec;
 
 /// How long notify and recovery commands may run before they are killed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most specifications one transaction publishes: etcd's `--max-txn-ops` defaults to 128.
+const SPECS_PER_TXN: usize = 100;
 /// The TTL of an agent's events lease: the events it published live this long after it.
 const EVENTS_TTL_SECS: i64 = 3600;
 
@@ -1057,20 +1059,27 @@ impl Agent {
             .filter(|s| self.view.specs.get(&s.name) != Some(*s))
             .cloned()
             .collect();
-        if !stale_specs.is_empty() {
-            let ops: Vec<TxnOp> = stale_specs
-                .iter()
-                .map(|s| {
-                    TxnOp::put(
-                        self.keys.spec(&s.name),
-                        serde_json::to_string(s).expect("json"),
-                        None,
-                    )
-                })
-                .collect();
+        // In chunks: etcd refuses a transaction of more than `--max-txn-ops` operations
+        // (default 128), so 200 specifications in one failed at every pass. Each chunk is
+        // applied to the view at once, so that the next pass does not publish it again
+        // before the watch brings it back.
+        for chunk in stale_specs.chunks(SPECS_PER_TXN) {
+            let mut ops = Vec::with_capacity(chunk.len());
+            let mut writes = Vec::with_capacity(chunk.len());
+            for s in chunk {
+                let key = self.keys.spec(&s.name);
+                let value = serde_json::to_vec(s).expect("json");
+                ops.push(TxnOp::put(key.clone(), value.clone(), None));
+                writes.push((key, Some(value)));
+            }
             let txn = Txn::new().when(vec![fence()]).and_then(ops);
-            if let Err(e) = self.txn(txn).await {
-                warn!("cannot publish the service specifications: {e}");
+            match self.txn_apply(txn, writes).await {
+                Ok(true) => {}
+                Ok(false) => break, // no longer the manager
+                Err(e) => {
+                    warn!("cannot publish the service specifications: {e}");
+                    break;
+                }
             }
         }
         let plan = decide::manager_plan(&self.view, &self.specs, unix_ms());
