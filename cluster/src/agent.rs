@@ -131,6 +131,10 @@ pub struct Agent {
     /// The watch's handle: dropping it would end the watch.
     watcher: Option<etcd_client::Watcher>,
     wake_at_ms: Option<u64>,
+    /// Keys this agent wrote and applied to its view at once ([`Agent::txn_apply`]), with the
+    /// revision written, until the watch brings that revision back: an older change of such
+    /// a key still on its way in the watch must not take the view back in time.
+    own_writes: BTreeMap<String, i64>,
     op_timeout: Duration,
 }
 
@@ -254,6 +258,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         watch: None,
         watcher: None,
         wake_at_ms: None,
+        own_writes: BTreeMap::new(),
         op_timeout,
     };
     agent.join_until_done().await;
@@ -426,6 +431,7 @@ impl Agent {
                     let create = self.view_create_revision(&key).unwrap_or(rev);
                     self.view
                         .apply(&self.keys, &key, value.as_deref(), rev, create);
+                    self.own_writes.insert(key, rev);
                 }
             }
         }
@@ -636,6 +642,7 @@ impl Agent {
         let rev = resp.header().map_or(0, |h| h.revision());
         view.revision = rev;
         self.view = view;
+        self.own_writes.clear();
         let wopts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(rev + 1);
@@ -668,6 +675,15 @@ impl Agent {
                     let Ok(key) = kv.key_str() else { continue };
                     if key.starts_with(&self.keys.events()) {
                         continue;
+                    }
+                    if let Some(&written) = self.own_writes.get(key) {
+                        if kv.mod_revision() < written {
+                            // Older than this agent's own write, already in the view: applying
+                            // it would make the view forget that write (on the manager's node,
+                            // its agent then stopped services it had just started).
+                            continue;
+                        }
+                        self.own_writes.remove(key);
                     }
                     let value = match e.event_type() {
                         EventType::Put => Some(kv.value()),
