@@ -39,7 +39,8 @@ use crate::decide::{self, Outcome};
 use crate::local::{self, LocalCcmgr};
 use crate::record::Keys;
 use crate::record::{
-    InstanceState, KnownNode, ManagerRecord, Member, MemberState, RequestKind, View, unix_ms,
+    InstanceState, KnownNode, ManagerRecord, Member, MemberState, NodeLife, RequestKind, View,
+    unix_ms,
 };
 use crate::spec::ClusterServiceSpec;
 
@@ -85,8 +86,9 @@ enum Msg {
     Cleaned { service: String },
     /// The local instance said something about a service.
     Local(local::LocalEvent),
-    /// The fence guard stopped every cluster service of the node.
-    Fenced,
+    /// The fence guard stopped every cluster service of the node: at the lease's deadline (0),
+    /// or when asked `fence <n>` (n).
+    Fenced(u64),
     /// The guard's pipe closed: it died.
     GuardLost,
     /// SIGTERM or SIGINT: leave gracefully.
@@ -126,6 +128,11 @@ pub struct Agent {
     notified_here: BTreeSet<(String, u64)>,
     leaving: bool,
     event_seq: u64,
+    /// The number of the last fence asked of the guard.
+    fence_seq: u64,
+    /// See [`Member::local_generation`]; `local_down`: the local instance was found not running.
+    local_generation: u64,
+    local_down: bool,
     guard_in: Option<tokio::process::ChildStdin>,
     watch: Option<WatchStream>,
     /// The watch's handle: dropping it would end the watch.
@@ -161,20 +168,10 @@ fn mono_of(instant: Instant) -> u64 {
 /// Connects to etcd with HTTP/2 pings at the heartbeat, so that a dead link ends the watch
 /// and the keep-alive stream instead of leaving them waiting.
 pub async fn connect(cfg: &ClusterConfig) -> Result<Client, AgentError> {
-    connect_pinging(cfg, cfg.heartbeat).await
-}
-
-/// [`connect`] with HTTP/2 pings every `ping` (at least 100 ms). etcd closes a connection
-/// whose client pings more often than its `--grpc-keepalive-min-time` (default 5 s) three
-/// times in a row with no data sent between (gRPC's "too_many_pings"): fine for the agent,
-/// whose lease keep-alive answers flow every heartbeat, fatal for a command that waits on a
-/// quiet watch.
-pub async fn connect_pinging(cfg: &ClusterConfig, ping: Duration) -> Result<Client, AgentError> {
     let hb = cfg.heartbeat.max(Duration::from_millis(100));
-    let ping = ping.max(Duration::from_millis(100));
     let options = ConnectOptions::new()
         .with_connect_timeout(hb * 2)
-        .with_keep_alive(ping, hb * 2)
+        .with_keep_alive(hb, hb * 2)
         .with_keep_alive_while_idle(true);
     timeout(
         hb * 8,
@@ -254,6 +251,9 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         notified_here: BTreeSet::new(),
         leaving: false,
         event_seq: 0,
+        fence_seq: 0,
+        local_generation: 0,
+        local_down: false,
         guard_in: Some(guard_in),
         watch: None,
         watcher: None,
@@ -360,7 +360,13 @@ fn spawn_guard(
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            if line.trim() == "fenced" && tx.send(Msg::Fenced).await.is_err() {
+            let n = line
+                .trim()
+                .strip_prefix("fenced ")
+                .and_then(|n| n.parse().ok());
+            if let Some(n) = n
+                && tx.send(Msg::Fenced(n)).await.is_err()
+            {
                 return;
             }
         }
@@ -456,6 +462,7 @@ impl Agent {
             distances: self.cfg.distances.clone(),
             lease: self.lease,
             joined_unix_ms: unix_ms(),
+            local_generation: self.local_generation,
         }
     }
 
@@ -803,6 +810,41 @@ impl Agent {
                 self.busy.remove(&service);
                 self.running.remove(&service);
             }
+            Msg::Local(e) if e.event == "running" => {
+                if self.local_down {
+                    self.local_down = false;
+                    self.local_generation += 1;
+                    info!("the local ccmgr instance runs again: this node may be chosen again");
+                    self.put_member().await;
+                }
+            }
+            Msg::Local(e) if e.event == "not-running" => {
+                self.local_down = true;
+                // The local instance is gone (killed, or stopped under the agent): nothing of
+                // the cluster's runs here any more; de-register what was, so it moves.
+                for service in std::mem::take(&mut self.running) {
+                    // Its file goes too: a local stack started again must not start it by
+                    // itself while the cluster runs it elsewhere.
+                    self.clean(service.clone());
+                    if let Some(inst) = self
+                        .view
+                        .services
+                        .get(&service)
+                        .and_then(|r| r.value.instances.get(&self.cfg.node))
+                    {
+                        warn!(
+                            "{service}: the local ccmgr instance is not running: de-registering it here"
+                        );
+                        self.reports.insert(
+                            service.clone(),
+                            (
+                                inst.epoch,
+                                Outcome::Failed("the local ccmgr instance is not running".into()),
+                            ),
+                        );
+                    }
+                }
+            }
             Msg::Local(e) => {
                 if let Some(service) = e.service.clone()
                     && e.event == "failed"
@@ -825,7 +867,7 @@ impl Agent {
                     self.clean(service);
                 }
             }
-            Msg::Fenced => {
+            Msg::Fenced(_) => {
                 info!("the guard stopped this node's cluster services");
                 self.running.clear();
             }
@@ -845,13 +887,14 @@ impl Agent {
 
     /// After the lease ran out: wait until the guard has stopped everything, then join again.
     async fn after_fence(&mut self, rx: &mut mpsc::Receiver<Msg>) {
-        let line = format!("deadline {}\n", monotonic_ms());
-        self.tell_guard(line).await;
+        self.fence_seq += 1;
+        let asked = self.fence_seq;
+        self.tell_guard(format!("fence {asked}\n")).await;
         let limit = Instant::now() + Duration::from_secs(120);
         let mut fenced = false;
         while !fenced && Instant::now() < limit {
             match timeout(Duration::from_secs(1), rx.recv()).await {
-                Ok(Some(Msg::Fenced)) => fenced = true,
+                Ok(Some(Msg::Fenced(n))) => fenced = n == asked,
                 Ok(Some(Msg::GuardLost)) | Ok(None) => break,
                 Ok(Some(Msg::Leave)) => self.leaving = true,
                 Ok(Some(_)) | Err(_) => {}
@@ -879,6 +922,30 @@ impl Agent {
             "why": "its lease could not be renewed in time; its cluster services were stopped before it could expire",
         }));
         let _ = self.txn(Txn::new().and_then(vec![op])).await;
+    }
+
+    /// Publishes this node's member record again (same lease), as it is now.
+    async fn put_member(&mut self) {
+        let state = if self.leaving {
+            MemberState::Leaving
+        } else {
+            MemberState::Up
+        };
+        let member = self.member_record(state);
+        let txn = Txn::new()
+            .when(vec![Compare::lease(
+                self.keys.member(&self.cfg.node),
+                CompareOp::Equal,
+                self.lease,
+            )])
+            .and_then(vec![TxnOp::put(
+                self.keys.member(&self.cfg.node),
+                serde_json::to_string(&member).expect("json"),
+                Some(PutOptions::new().with_lease(self.lease)),
+            )]);
+        if let Err(e) = self.txn(txn).await {
+            warn!("cannot publish this node's record: {e}");
+        }
     }
 
     async fn begin_leave(&mut self) {
@@ -952,6 +1019,13 @@ impl Agent {
         self.flush_reports().await;
         self.work();
         if self.leave_done() {
+            // This pass's reports (the last stop here) may leave the manager something to
+            // decide: when the last allowable node leaves, the de-registration that clears
+            // the transfer intent (seed 001 Table 2, t13). A leaving manager decides once
+            // more before it resigns: there may be no one left to.
+            if self.manager_token.is_some() {
+                self.manage().await;
+            }
             self.finish_leave().await;
             std::process::exit(0);
         }
@@ -1134,6 +1208,10 @@ impl Agent {
 
     /// Records finished work, each as a compare-and-swap on the record and this node's lease.
     async fn flush_reports(&mut self) {
+        let life = NodeLife {
+            lease: self.lease,
+            generation: self.local_generation,
+        };
         let reports: Vec<(String, (u64, Outcome))> = self
             .reports
             .iter()
@@ -1144,9 +1222,14 @@ impl Agent {
                 self.reports.remove(&service);
                 continue;
             };
-            let Some((new, event)) =
-                decide::agent_transition(&service, &rec.value, &self.cfg.node, epoch, &outcome)
-            else {
+            let Some((new, event)) = decide::agent_transition(
+                &service,
+                &rec.value,
+                &self.cfg.node,
+                life,
+                epoch,
+                &outcome,
+            ) else {
                 self.reports.remove(&service);
                 continue;
             };

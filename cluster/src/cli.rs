@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, SortOrder, SortTarget, WatchOptions};
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, SortOrder, SortTarget, WatchOptions,
+};
 use serde_json::{Value, json};
 use tokio::time::{Instant, timeout};
 
@@ -37,14 +39,29 @@ fn failed(e: impl std::fmt::Display) -> CliError {
     CliError::Failed(e.to_string())
 }
 
-/// The commands ping etcd every 10 s at most: `events` and the waits of `leave` and `move`
-/// sit on a watch that may stay quiet, and etcd (default `--grpc-keepalive-min-time` 5 s)
-/// closes a connection pinged faster than that with nothing else flowing: with the agent's
-/// ping at the heartbeat (250 ms), `events` ended after about 1 s with "h2 protocol error".
+/// How often a command pings etcd on a connection that waits (`events`, `leave`, `move`):
+/// not more often than etcd's `--grpc-keepalive-min-time` (5 s by default), or etcd, seeing
+/// pings with no data in between, answers `too_many_pings` and closes the connection, and
+/// the command ends with "h2 protocol error" after a few quiet seconds. (The agent's
+/// connection carries its lease keep-alives every heartbeat, and etcd forgives a ping that
+/// follows data it sent; a waiting command's connection may be quiet for minutes.)
+const CLI_KEEP_ALIVE: Duration = Duration::from_secs(10);
+
 pub async fn client(cfg: &ClusterConfig) -> Result<Client, CliError> {
-    crate::agent::connect_pinging(cfg, cfg.heartbeat.max(Duration::from_secs(10)))
-        .await
-        .map_err(|e| CliError::Failed(format!("cannot reach the cluster {}: {e}", cfg.name)))
+    let unreachable = |e: &dyn std::fmt::Display| {
+        CliError::Failed(format!("cannot reach the cluster {}: {e}", cfg.name))
+    };
+    let hb = cfg.heartbeat.max(Duration::from_millis(100));
+    let options = ConnectOptions::new()
+        .with_connect_timeout(hb * 2)
+        .with_keep_alive(CLI_KEEP_ALIVE, CLI_KEEP_ALIVE);
+    timeout(
+        hb * 8,
+        Client::connect(cfg.endpoints.clone(), Some(options)),
+    )
+    .await
+    .map_err(|_| unreachable(&format!("no answer from {}", cfg.endpoints.join(", "))))?
+    .map_err(|e| unreachable(&e))
 }
 
 /// Reads everything of the cluster but its events.
@@ -194,7 +211,7 @@ pub fn status_document(cfg_name: &str, view: &View) -> Value {
                 "wanted": rec.is_none_or(|r| r.wanted),
                 "node": node,
                 "nodes_with_instances": rec.map(|r| r.instances.keys().cloned().collect::<Vec<_>>()).unwrap_or_default(),
-                "failed_nodes": rec.map(|r| r.failed_nodes.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
+                "failed_nodes": rec.map(|r| r.failed_nodes.keys().cloned().collect::<Vec<_>>()).unwrap_or_default(),
                 "last": rec.map(|r| r.last.clone()),
                 "nodes": per_node,
             })
@@ -317,13 +334,14 @@ fn print_event(v: &Value, json_out: bool) {
     );
 }
 
-/// `cluster events [--json] [-n N]`: the last N events, then the new ones as they come.
+/// `cluster events [--json] [-n N]`: the last N events (in the order etcd took them: by
+/// revision, not by key, whose millisecond may tie between nodes), then the new ones.
 pub async fn events(cfg: &ClusterConfig, json_out: bool, last: usize) -> Result<(), CliError> {
     let mut c = client(cfg).await?;
     let keys = Keys::new(&cfg.name);
     let mut opts = GetOptions::new()
         .with_prefix()
-        .with_sort(SortTarget::Key, SortOrder::Descend);
+        .with_sort(SortTarget::Mod, SortOrder::Descend);
     if last > 0 {
         opts = opts.with_limit(last as i64);
     } else {

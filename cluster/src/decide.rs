@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::record::{Instance, InstanceState, MemberState, RequestKind, ServiceRecord, View};
+use crate::record::{
+    Instance, InstanceState, MemberState, NodeLife, RequestKind, ServiceRecord, View,
+};
 use crate::spec::{ClusterServiceSpec, Placement, TransferCost};
 
 /// One service's new record, to be written if the record is still at `expect_revision`
@@ -91,7 +93,7 @@ fn candidates<'v>(view: &'v View, spec: &ClusterServiceSpec, rec: &ServiceRecord
         .filter(|m| {
             m.value.state == MemberState::Up
                 && spec.allows(&m.value.name)
-                && !rec.failed_nodes.contains(&m.value.name)
+                && rec.failed_nodes.get(&m.value.name).copied() != view.life(&m.value.name)
         })
         .map(|m| m.value.name.as_str())
         .collect()
@@ -195,6 +197,10 @@ fn decide_service(
         rec.failed_nodes.clear();
         rec.last = "registration asked (cluster start)".into();
     }
+
+    // A failed start excludes a node for that life of it only.
+    rec.failed_nodes
+        .retain(|node, life| view.life(node).is_none_or(|now| now == *life));
 
     // A node that left without a graceful leave (its lease ended): seed 001's recovery.
     let dead: Vec<(String, Instance)> = rec
@@ -350,7 +356,7 @@ fn decide_one(
                     format!(
                         "de-registered: its start failed on {}",
                         rec.failed_nodes
-                            .iter()
+                            .keys()
                             .cloned()
                             .collect::<Vec<_>>()
                             .join(", ")
@@ -361,7 +367,7 @@ fn decide_one(
                 let last = format!(
                     "de-registered: its start failed on every allowable node that is up ({})",
                     rec.failed_nodes
-                        .iter()
+                        .keys()
                         .cloned()
                         .collect::<Vec<_>>()
                         .join(", ")
@@ -514,6 +520,7 @@ pub fn agent_transition(
     service: &str,
     rec: &ServiceRecord,
     node: &str,
+    life: NodeLife,
     epoch: u64,
     outcome: &Outcome,
 ) -> Option<(ServiceRecord, Value)> {
@@ -525,12 +532,11 @@ pub fn agent_transition(
             i.state = InstanceState::Registered;
             new.transfer_intent = false;
             new.target = None;
-            new.failed_nodes.clear();
             format!("registered on {node}")
         }
         (InstanceState::Starting | InstanceState::Registered, Outcome::Failed(reason)) => {
             new.instances.remove(node);
-            new.failed_nodes.insert(node.to_owned());
+            new.failed_nodes.insert(node.to_owned(), life);
             format!("failed on {node}: {reason}")
         }
         (InstanceState::Stopping, Outcome::Done | Outcome::Failed(_)) => {
@@ -615,6 +621,7 @@ mod tests {
                 distances: BTreeMap::new(),
                 lease,
                 joined_unix_ms: self.now,
+                local_generation: 0,
             };
             self.view.members.insert(
                 node.into(),
@@ -667,7 +674,9 @@ mod tests {
         fn agent(&mut self, s: &str, node: &str, outcome: Outcome) {
             let rec = self.view.services[s].value.clone();
             let epoch = rec.instances[node].epoch;
-            let (new, _) = agent_transition(s, &rec, node, epoch, &outcome).expect("a transition");
+            let life = self.view.life(node).expect("a member");
+            let (new, _) =
+                agent_transition(s, &rec, node, life, epoch, &outcome).expect("a transition");
             self.rev += 1;
             let v = serde_json::to_vec(&new).unwrap();
             self.view.apply(

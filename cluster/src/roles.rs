@@ -75,6 +75,7 @@ mod tests {
                 distances: BTreeMap::new(),
                 lease: i as i64 + 1,
                 joined_unix_ms: 0,
+                local_generation: 0,
             };
             v.apply(
                 &keys,
