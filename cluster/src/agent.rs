@@ -46,6 +46,8 @@ use crate::spec::ClusterServiceSpec;
 
 /// How long notify and recovery commands may run before they are killed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most specifications one transaction publishes: etcd's `--max-txn-ops` defaults to 128.
+const SPECS_PER_TXN: usize = 100;
 /// The TTL of an agent's events lease: the events it published live this long after it.
 const EVENTS_TTL_SECS: i64 = 3600;
 
@@ -136,6 +138,10 @@ pub struct Agent {
     /// The watch's handle: dropping it would end the watch.
     watcher: Option<etcd_client::Watcher>,
     wake_at_ms: Option<u64>,
+    /// Keys this agent wrote and applied to its view at once ([`Agent::txn_apply`]), with the
+    /// revision written, until the watch brings that revision back: an older change of such
+    /// a key still on its way in the watch must not take the view back in time.
+    own_writes: BTreeMap<String, i64>,
     op_timeout: Duration,
 }
 
@@ -261,6 +267,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         watch: None,
         watcher: None,
         wake_at_ms: None,
+        own_writes: BTreeMap::new(),
         op_timeout,
     };
     agent.join_until_done().await;
@@ -456,6 +463,7 @@ impl Agent {
                     let create = self.view_create_revision(&key).unwrap_or(rev);
                     self.view
                         .apply(&self.keys, &key, value.as_deref(), rev, create);
+                    self.own_writes.insert(key, rev);
                 }
             }
         }
@@ -667,6 +675,7 @@ impl Agent {
         let rev = resp.header().map_or(0, |h| h.revision());
         view.revision = rev;
         self.view = view;
+        self.own_writes.clear();
         let wopts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(rev + 1);
@@ -703,8 +712,21 @@ impl Agent {
                     // The late echo of a change older than one this agent wrote and applied
                     // at once (txn_apply) would take the view back in time: the agent would
                     // carry out again an assignment it has already reported on.
-                    if self.view.holds_newer(&self.keys, key, kv.mod_revision()) {
+                    // (`own_writes` covers the keys the view forgets when deleted, the backup's.)
+                    if self.view.holds_newer(&self.keys, key, kv.mod_revision())
+                        || self
+                            .own_writes
+                            .get(key)
+                            .is_some_and(|&written| kv.mod_revision() < written)
+                    {
                         continue;
+                    }
+                    if self
+                        .own_writes
+                        .get(key)
+                        .is_some_and(|&written| kv.mod_revision() >= written)
+                    {
+                        self.own_writes.remove(key);
                     }
                     let value = match e.event_type() {
                         EventType::Put => Some(kv.value()),
@@ -1163,20 +1185,27 @@ impl Agent {
             .filter(|s| self.view.specs.get(&s.name) != Some(*s))
             .cloned()
             .collect();
-        if !stale_specs.is_empty() {
-            let ops: Vec<TxnOp> = stale_specs
-                .iter()
-                .map(|s| {
-                    TxnOp::put(
-                        self.keys.spec(&s.name),
-                        serde_json::to_string(s).expect("json"),
-                        None,
-                    )
-                })
-                .collect();
+        // In chunks: etcd refuses a transaction of more than `--max-txn-ops` operations
+        // (default 128), so 200 specifications in one failed at every pass. Each chunk is
+        // applied to the view at once, so that the next pass does not publish it again
+        // before the watch brings it back.
+        for chunk in stale_specs.chunks(SPECS_PER_TXN) {
+            let mut ops = Vec::with_capacity(chunk.len());
+            let mut writes = Vec::with_capacity(chunk.len());
+            for s in chunk {
+                let key = self.keys.spec(&s.name);
+                let value = serde_json::to_vec(s).expect("json");
+                ops.push(TxnOp::put(key.clone(), value.clone(), None));
+                writes.push((key, Some(value)));
+            }
             let txn = Txn::new().when(vec![fence()]).and_then(ops);
-            if let Err(e) = self.txn(txn).await {
-                warn!("cannot publish the service specifications: {e}");
+            match self.txn_apply(txn, writes).await {
+                Ok(true) => {}
+                Ok(false) => break, // no longer the manager
+                Err(e) => {
+                    warn!("cannot publish the service specifications: {e}");
+                    break;
+                }
             }
         }
         let plan = decide::manager_plan(&self.view, &self.specs, unix_ms());
