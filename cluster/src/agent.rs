@@ -44,6 +44,13 @@ use crate::record::{
 };
 use crate::spec::ClusterServiceSpec;
 
+/// What a transaction writes, key by key (`None`: deleted), applied to the view once it
+/// succeeded.
+type Writes = Vec<(String, Option<Vec<u8>>)>;
+
+/// How many of the manager's independent writes are in flight at once.
+const TXNS_IN_FLIGHT: usize = 32;
+
 /// How long notify and recovery commands may run before they are killed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// The most specifications one transaction publishes: etcd's `--max-txn-ops` defaults to 128.
@@ -66,8 +73,6 @@ pub enum AgentError {
 /// What the agent's tasks tell its loop.
 #[derive(Debug)]
 enum Msg {
-    /// A keep-alive of `lease` sent at `sent` was answered: it lives `ttl` s from then.
-    LeaseAck { lease: i64, sent: Instant, ttl: i64 },
     /// etcd answered that `lease` no longer exists.
     LeaseGone { lease: i64 },
     /// Work on an assignment finished.
@@ -113,8 +118,9 @@ pub struct Agent {
     view: View,
     lease: i64,
     events_lease: i64,
-    /// Until when the lease is valid by this node's clock (see the module's doc).
-    valid_until: Instant,
+    /// The current lease and until when it is valid by this node's clock (see the module's
+    /// doc), kept by the keep-alive task itself: a busy loop does not delay a renewal.
+    clock: Arc<LeaseClock>,
     /// The lease ran out (or etcd lost it): the guard fences; no work until a new lease.
     fenced: bool,
     /// The manager key's create revision when this agent holds it.
@@ -133,7 +139,8 @@ pub struct Agent {
     /// See [`Member::local_generation`]; `local_down`: the local instance was found not running.
     local_generation: u64,
     local_down: bool,
-    guard_in: Option<tokio::process::ChildStdin>,
+    /// Lines for the fence guard, written by a task of their own.
+    guard_tx: mpsc::UnboundedSender<String>,
     watch: Option<WatchStream>,
     /// The watch's handle: dropping it would end the watch.
     watcher: Option<etcd_client::Watcher>,
@@ -155,13 +162,45 @@ pub fn monotonic_ms() -> u64 {
     t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000
 }
 
-fn mono_of(instant: Instant) -> u64 {
+/// The Instant of a CLOCK_MONOTONIC time in milliseconds (tokio's timers take Instants).
+fn instant_of_mono(ms: u64) -> Instant {
     let now = Instant::now();
     let m = monotonic_ms();
-    if instant >= now {
-        m + (instant - now).as_millis() as u64
+    if ms >= m {
+        now + Duration::from_millis(ms - m)
     } else {
-        m.saturating_sub((now - instant).as_millis() as u64)
+        now.checked_sub(Duration::from_millis(m - ms))
+            .unwrap_or(now)
+    }
+}
+
+/// The lease this node lives by now, and its fence time: the time (CLOCK_MONOTONIC, ms) a
+/// keep-alive was sent plus the TTL etcd granted, minus `fence_margin`. The keep-alive task
+/// moves it forward and tells the guard at each answer, without waiting for the agent's loop
+/// (a manager's long pass must not make its own guard fence a healthy node); the loop only
+/// reads it.
+#[derive(Debug, Default)]
+pub struct LeaseClock {
+    lease: std::sync::atomic::AtomicI64,
+    fence_at_ms: std::sync::atomic::AtomicU64,
+}
+
+impl LeaseClock {
+    fn renewed(&self, lease: i64, fence_at_ms: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.lease.load(Ordering::SeqCst) != lease {
+            return false;
+        }
+        self.fence_at_ms.fetch_max(fence_at_ms, Ordering::SeqCst);
+        true
+    }
+    fn begin(&self, lease: i64, fence_at_ms: u64) {
+        use std::sync::atomic::Ordering;
+        self.lease.store(lease, Ordering::SeqCst);
+        self.fence_at_ms.store(fence_at_ms, Ordering::SeqCst);
+    }
+    fn fence_at_ms(&self) -> u64 {
+        self.fence_at_ms.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -217,7 +256,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         .map_err(|e| AgentError::Local(e.to_string()))?;
 
     let (tx, mut rx) = mpsc::channel::<Msg>(256);
-    let guard_in = spawn_guard(&cfg, &ccmgr, tx.clone())?;
+    let guard_tx = spawn_guard(&cfg, &ccmgr, tx.clone())?;
     spawn_signals(tx.clone());
     {
         let mut events = local.follow_events();
@@ -251,7 +290,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         view: View::default(),
         lease: 0,
         events_lease: 0,
-        valid_until: Instant::now(),
+        clock: Arc::new(LeaseClock::default()),
         fenced: true,
         manager_token: None,
         busy: BTreeMap::new(),
@@ -263,7 +302,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         fence_seq: 0,
         local_generation: 0,
         local_down: false,
-        guard_in: Some(guard_in),
+        guard_tx,
         watch: None,
         watcher: None,
         wake_at_ms: None,
@@ -275,10 +314,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
     agent.step().await;
 
     loop {
-        let fence_at = agent
-            .valid_until
-            .checked_sub(agent.cfg.fence_margin)
-            .unwrap_or(agent.valid_until);
+        let fence_at = agent.fence_time();
         let wake = agent
             .wake_at_ms
             .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(unix_ms())));
@@ -298,11 +334,8 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
             ev = next_watch(&mut agent.watch, agent.cfg.heartbeat) => {
                 agent.on_watch(ev).await;
             }
-            _ = sleep_until(fence_at), if !agent.fenced => {
-                warn!("the lease could not be renewed in time: fencing (the guard stops this node's cluster services)");
-                agent.fenced = true;
-                agent.manager_token = None;
-            }
+            // The fence time may have moved on meanwhile: checked below, with the clock's.
+            _ = sleep_until(fence_at), if !agent.fenced => {}
             _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
                 agent.wake_at_ms = None;
             }
@@ -368,7 +401,7 @@ fn spawn_guard(
     cfg: &ClusterConfig,
     ccmgr: &std::path::Path,
     tx: mpsc::Sender<Msg>,
-) -> Result<tokio::process::ChildStdin, AgentError> {
+) -> Result<mpsc::UnboundedSender<String>, AgentError> {
     let exe = std::env::current_exe().map_err(|e| AgentError::Guard(e.to_string()))?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("--config").arg(&cfg.config_path);
@@ -381,7 +414,15 @@ fn spawn_guard(
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(false);
     let mut child = cmd.spawn().map_err(|e| AgentError::Guard(e.to_string()))?;
-    let stdin = child.stdin.take().expect("piped");
+    let mut stdin = child.stdin.take().expect("piped");
+    let (guard_tx, mut lines_rx) = mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Some(line) = lines_rx.recv().await {
+            if stdin.write_all(line.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    });
     let stdout = child.stdout.take().expect("piped");
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
@@ -399,16 +440,13 @@ fn spawn_guard(
         let _ = tx.send(Msg::GuardLost).await;
         let _ = child.wait().await;
     });
-    Ok(stdin)
+    Ok(guard_tx)
 }
 
 impl Agent {
-    async fn tell_guard(&mut self, line: String) {
-        if let Some(g) = &mut self.guard_in
-            && g.write_all(line.as_bytes()).await.is_err()
-        {
-            self.guard_in = None;
-        }
+    fn tell_guard(&self, line: String) {
+        // A guard that is gone is noticed by its closed stdout (`GuardLost`).
+        let _ = self.guard_tx.send(line);
     }
 
     /// An event, as a put of its own key under the events lease.
@@ -470,6 +508,63 @@ impl Agent {
         Ok(resp.succeeded())
     }
 
+    /// Several independent transactions at once (at most [`TXNS_IN_FLIGHT`]), each as
+    /// [`Agent::txn_apply`]: a manager's pass over 200 services took 3-5 s one round trip
+    /// after another. Returns each one's result, in order.
+    async fn txns_apply(
+        &mut self,
+        batch: Vec<(Txn, Writes)>,
+    ) -> Vec<Result<bool, AgentError>> {
+        let mut results: Vec<Option<Result<bool, AgentError>>> = Vec::new();
+        let mut applied: Vec<(i64, Writes)> = Vec::new();
+        let mut pending = batch.into_iter().enumerate();
+        let mut running = tokio::task::JoinSet::new();
+        loop {
+            while running.len() < TXNS_IN_FLIGHT {
+                let Some((i, (txn, writes))) = pending.next() else {
+                    break;
+                };
+                results.push(None);
+                let mut client = self.client.clone();
+                let t = self.op_timeout;
+                running.spawn(async move { (i, writes, timeout(t, client.txn(txn)).await) });
+            }
+            let Some(done) = running.join_next().await else {
+                break;
+            };
+            let Ok((i, writes, answer)) = done else {
+                continue;
+            };
+            results[i] = Some(match answer {
+                Ok(Ok(r)) => {
+                    if r.succeeded() {
+                        applied.push((r.header().map_or(0, |h| h.revision()), writes));
+                    }
+                    Ok(r.succeeded())
+                }
+                Ok(Err(e)) => Err(etcd_err(e)),
+                Err(_) => Err(AgentError::Etcd("no answer in time".into())),
+            });
+        }
+        applied.sort_by_key(|(rev, _)| *rev);
+        for (rev, writes) in applied {
+            for (key, value) in writes {
+                if rev > self.view.revision {
+                    let create = self.view_create_revision(&key).unwrap_or(rev);
+                    self.view
+                        .apply(&self.keys, &key, value.as_deref(), rev, create);
+                    self.own_writes.insert(key, rev);
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(AgentError::Etcd("the transaction's task failed".into())))
+            })
+            .collect()
+    }
+
     fn view_create_revision(&self, key: &str) -> Option<i64> {
         if key == self.keys.manager() {
             return self.view.manager.as_ref().map(|m| m.create_revision);
@@ -496,7 +591,7 @@ impl Agent {
     /// were stopped before: at start, or by the fence), the member key put.
     async fn join(&mut self) -> Result<(), AgentError> {
         let ttl = self.cfg.lease_ttl_secs();
-        let sent = Instant::now();
+        let sent_ms = monotonic_ms();
         let grant = timeout(self.op_timeout, self.client.lease_grant(ttl, None))
             .await
             .map_err(|_| AgentError::Etcd("lease grant: no answer in time".into()))?
@@ -551,10 +646,11 @@ impl Agent {
             joined,
         ]);
         self.txn(txn).await?;
-        self.valid_until = sent + Duration::from_secs(grant.ttl() as u64);
+        let fence_at = sent_ms + grant.ttl() as u64 * 1000 - self.margin_ms(grant.ttl());
+        self.clock.begin(self.lease, fence_at);
         self.fenced = false;
-        let line = format!("deadline {}\n", mono_of(self.fence_time()));
-        self.tell_guard(line).await;
+        self.tell_guard(format!("life {}\n", self.lease));
+        self.tell_guard(format!("deadline {} {fence_at}\n", self.lease));
         self.spawn_keepalive();
         info!(
             "joined cluster {} as {} (lease {:x}, {} s)",
@@ -567,9 +663,13 @@ impl Agent {
     }
 
     fn fence_time(&self) -> Instant {
-        self.valid_until
-            .checked_sub(self.cfg.fence_margin)
-            .unwrap_or(self.valid_until)
+        instant_of_mono(self.clock.fence_at_ms())
+    }
+
+    /// The fence margin, at most half the lease (etcd may grant a longer lease than asked,
+    /// never a shorter one; the margin was checked against the one asked for).
+    fn margin_ms(&self, ttl_secs: i64) -> u64 {
+        (self.cfg.fence_margin.as_millis() as u64).min(ttl_secs as u64 * 500)
     }
 
     async fn join_until_done(&mut self) {
@@ -595,6 +695,9 @@ impl Agent {
         let events_lease = self.events_lease;
         let hb = self.cfg.heartbeat;
         let tx = self.tx.clone();
+        let clock = self.clock.clone();
+        let guard_tx = self.guard_tx.clone();
+        let margin_ms = self.cfg.fence_margin.as_millis() as u64;
         tokio::spawn(async move {
             let mut stream_pair = None;
             let mut ticks = tokio::time::interval(hb);
@@ -610,24 +713,19 @@ impl Agent {
                     }
                 }
                 let (keeper, stream) = stream_pair.as_mut().expect("set above");
-                let sent = Instant::now();
+                let sent_ms = monotonic_ms();
                 if timeout(hb, keeper.keep_alive()).await.is_err() {
                     stream_pair = None;
                     continue;
                 }
                 match timeout(hb, stream.message()).await {
                     Ok(Ok(Some(r))) if r.ttl() > 0 => {
-                        if tx
-                            .send(Msg::LeaseAck {
-                                lease,
-                                sent,
-                                ttl: r.ttl(),
-                            })
-                            .await
-                            .is_err()
-                        {
-                            return;
+                        let ttl_ms = r.ttl() as u64 * 1000;
+                        let fence_at = sent_ms + ttl_ms - margin_ms.min(ttl_ms / 2);
+                        if !clock.renewed(lease, fence_at) {
+                            return; // a new life has begun: this lease is not renewed any more
                         }
+                        let _ = guard_tx.send(format!("deadline {lease} {fence_at}\n"));
                     }
                     Ok(Ok(Some(_))) => {
                         let _ = tx.send(Msg::LeaseGone { lease }).await;
@@ -793,22 +891,11 @@ impl Agent {
     async fn handle(&mut self, msg: Msg) -> bool {
         match msg {
             // A keep-alive task of an earlier life of this node still reports: not this lease.
-            Msg::LeaseAck { lease, .. } | Msg::LeaseGone { lease } if lease != self.lease => {}
-            Msg::LeaseAck { sent, ttl, .. } => {
-                let until = sent + Duration::from_secs(ttl as u64);
-                if !self.fenced && until > self.valid_until {
-                    self.valid_until = until;
-                    let line = format!("deadline {}\n", mono_of(self.fence_time()));
-                    self.tell_guard(line).await;
-                }
-            }
+            Msg::LeaseGone { lease } if lease != self.lease => {}
             Msg::LeaseGone { .. } => {
                 warn!("etcd says this node's lease is gone: fencing");
                 self.fenced = true;
                 self.manager_token = None;
-                // The guard fences at the deadline it knows; tell it now.
-                let line = format!("deadline {}\n", monotonic_ms());
-                self.tell_guard(line).await;
             }
             Msg::Work {
                 service,
@@ -925,7 +1012,7 @@ impl Agent {
     async fn after_fence(&mut self, rx: &mut mpsc::Receiver<Msg>) {
         self.fence_seq += 1;
         let asked = self.fence_seq;
-        self.tell_guard(format!("fence {asked}\n")).await;
+        self.tell_guard(format!("fence {asked}\n"));
         let limit = Instant::now() + Duration::from_secs(120);
         let mut fenced = false;
         while !fenced && Instant::now() < limit {
@@ -1031,7 +1118,7 @@ impl Agent {
         let _ = self.txn(Txn::new().and_then(ops)).await;
         // Deleting the member key first makes the manager see a graceful leave.
         let _ = timeout(self.op_timeout, self.client.lease_revoke(self.lease)).await;
-        self.tell_guard("release\n".into()).await;
+        self.tell_guard("release\n".into());
         info!("left the cluster");
     }
 
@@ -1210,6 +1297,8 @@ impl Agent {
         }
         let plan = decide::manager_plan(&self.view, &self.specs, unix_ms());
         self.wake_at_ms = plan.wake_at_ms;
+        let mut batch = Vec::with_capacity(plan.changes.len());
+        let mut names = Vec::with_capacity(plan.changes.len());
         for change in plan.changes {
             let key = self.keys.service(&change.service);
             let mut when = vec![fence()];
@@ -1228,16 +1317,15 @@ impl Agent {
             for e in change.events {
                 ops.push(self.event_op(e));
             }
-            match self
-                .txn_apply(Txn::new().when(when).and_then(ops), writes)
-                .await
-            {
+            batch.push((Txn::new().when(when).and_then(ops), writes));
+            names.push(change.service);
+        }
+        // The services' changes are independent of each other: written all at once.
+        for (name, result) in names.iter().zip(self.txns_apply(batch).await) {
+            match result {
                 Ok(true) => {}
-                Ok(false) => debug!(
-                    "{}: the record changed meanwhile; deciding again",
-                    change.service
-                ),
-                Err(e) => warn!("cannot write {}: {e}", change.service),
+                Ok(false) => debug!("{name}: the record changed meanwhile; deciding again"),
+                Err(e) => warn!("cannot write {name}: {e}"),
             }
         }
     }

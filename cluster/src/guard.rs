@@ -1,8 +1,10 @@
 //! The fence guard (`ccmgr-cluster guard`): a small process the agent starts beside itself,
 //! which stops the node's cluster services when the agent can no longer vouch for its lease.
 //!
-//! The agent writes `deadline <ms>` (CLOCK_MONOTONIC) on the guard's stdin each time its
-//! lease is renewed: the time by which the services must be stopped if no renewal follows.
+//! The agent writes `life <lease>` when it joins (with a new lease), then `deadline <lease>
+//! <ms>` (CLOCK_MONOTONIC) each time that lease is renewed: the time by which the services
+//! must be stopped if no renewal follows. A deadline of another lease than the current life's
+//! (a keep-alive of an earlier life, late) is ignored.
 //! The guard stops them (through the local ccmgr, [`LocalCcmgr::stop_all_owned`]) when that
 //! time passes (the agent is cut from etcd, or frozen by SIGSTOP), or at once when its stdin
 //! closes without `release` (the agent died: nothing renews the lease any more, and the
@@ -32,6 +34,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> i32 {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdout = tokio::io::stdout();
     let mut deadline: Option<Instant> = None;
+    let mut life: i64 = 0;
     loop {
         let at = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
@@ -48,9 +51,17 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> i32 {
                         if stdout.write_all(answer.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
                             return 0;
                         }
-                    } else if let Some(ms) = line.strip_prefix("deadline ").and_then(|v| v.parse::<u64>().ok()) {
-                        let now = monotonic_ms();
-                        deadline = Some(Instant::now() + Duration::from_millis(ms.saturating_sub(now)));
+                    } else if let Some(lease) = line.strip_prefix("life ").and_then(|v| v.parse::<i64>().ok()) {
+                        life = lease;
+                    } else if let Some((lease, ms)) = line
+                        .strip_prefix("deadline ")
+                        .and_then(|v| v.split_once(' '))
+                        .and_then(|(l, m)| Some((l.parse::<i64>().ok()?, m.parse::<u64>().ok()?)))
+                    {
+                        if lease == life {
+                            let now = monotonic_ms();
+                            deadline = Some(Instant::now() + Duration::from_millis(ms.saturating_sub(now)));
+                        }
                     }
                 }
                 _ => {

@@ -157,6 +157,38 @@ impl LocalCcmgr {
         }
     }
 
+    /// Exclusive use of the local instance's cluster services, across processes: the agent's
+    /// start and the fence guard's stop of the same node are two processes, and a stop that
+    /// overtook a start in flight would leave the service running unfenced. An flock on
+    /// `<services_dir>/.ccmgr-cluster.lock` (the kernel drops it when its holder dies), taken
+    /// after this process's own mutex.
+    async fn exclusive(
+        &self,
+    ) -> Result<
+        (
+            tokio::sync::MutexGuard<'_, ()>,
+            nix::fcntl::Flock<std::fs::File>,
+        ),
+        LocalError,
+    > {
+        let guard = self.lock.lock().await;
+        let path = self.services_dir.join(".ccmgr-cluster.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| self.file_error("open", &path, e))?;
+        let locked = tokio::task::spawn_blocking(move || {
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, errno)| io::Error::from(errno))
+        })
+        .await
+        .map_err(|e| self.file_error("lock", &path, io::Error::other(e.to_string())))?
+        .map_err(|e| self.file_error("lock", &path, e))?;
+        Ok((guard, locked))
+    }
+
     fn file_error(&self, what: &'static str, path: &Path, source: io::Error) -> LocalError {
         LocalError::File {
             what,
@@ -206,7 +238,7 @@ impl LocalCcmgr {
     /// why it is not. The file is written (and the stack reloaded) only when it is absent or
     /// different; otherwise the service is started in place.
     pub async fn start_service(&self, spec: &ClusterServiceSpec) -> Result<(), LocalError> {
-        let _guard = self.lock.lock().await;
+        let _guard = self.exclusive().await?;
         let name = spec.name.as_str();
         let old = self.owned_text(name)?;
         if old.as_deref() != Some(spec.local_toml.as_str()) {
@@ -295,7 +327,7 @@ impl LocalCcmgr {
     /// Stops `name` and removes its file, so that a later restart of the local stack cannot
     /// start it again by itself. A file that is not the agent's is refused, untouched.
     pub async fn stop_service(&self, name: &str) -> Result<(), LocalError> {
-        let _guard = self.lock.lock().await;
+        let _guard = self.exclusive().await?;
         self.owned_text(name)?;
         self.stop_in_stack(name).await?;
         self.remove_file(name)?;
@@ -327,7 +359,7 @@ impl LocalCcmgr {
     /// Goes on past a failed stop (the reload stops a removed service too) and reports the
     /// first error at the end.
     pub async fn stop_all_owned(&self) -> Result<(), LocalError> {
-        let _guard = self.lock.lock().await;
+        let _guard = self.exclusive().await?;
         let mut first_error = None;
         for name in self.owned_files() {
             if let Err(e) = self.stop_in_stack(&name).await {
