@@ -485,12 +485,23 @@ pub async fn start_stop(cfg: &ClusterConfig, service: &str, start: bool, wait: b
         println!("{service}: {} asked", kind.as_str());
         return Ok(());
     }
+    // A start has failed only once no node is left to try: between a node's failed start
+    // and the manager's next placement the record has no instance but more nodes to go.
+    let gave_up = |v: &View, r: &crate::record::ServiceRecord| {
+        r.instances.is_empty()
+            && !r.failed_nodes.is_empty()
+            && v.members.values().all(|m| {
+                !v.up(&m.value.name)
+                    || r.failed_nodes.contains(&m.value.name)
+                    || v.specs.get(service).is_some_and(|s| !s.allows(&m.value.name))
+            })
+    };
     let done = |v: &View| {
         !v.requests.contains_key(&(kind, service.to_owned()))
             && v.services.get(service).is_some_and(|r| {
                 if start {
                     r.value.instances.values().any(|i| i.state == InstanceState::Registered)
-                        || !r.value.failed_nodes.is_empty()
+                        || gave_up(v, &r.value)
                 } else {
                     r.value.instances.is_empty()
                 }
