@@ -120,6 +120,9 @@ fn leave_transfers_the_services_first_and_the_agent_exits_0() {
     let now_on = instance_nodes(&web);
     assert_eq!(now_on.len(), 1, "{web:#}");
     assert_ne!(now_on[0], on, "{web:#}");
+    wait_until(LIMIT, "web witnessed on the new node", || {
+        (def.witness().running_on("web").as_ref() == Some(&now_on[0])).then_some(())
+    });
     let runs = def.witness().assert_never_twice("web");
     assert_eq!(runs.len(), 2, "web ran on {on}, then elsewhere: {runs:#?}");
     assert_eq!(runs[0].node, on);
@@ -188,7 +191,9 @@ fn move_transfers_by_hand_and_refuses_a_disallowable_node() {
 
     let out = nodes[2].cluster(&["move", "web", to]);
     assert!(out.status.success(), "move web {to}: {}", text(&out));
-    assert_eq!(def.witness().running_on("web").as_deref(), Some(to));
+    wait_until(LIMIT, "web witnessed on the target", || {
+        (def.witness().running_on("web").as_deref() == Some(to)).then_some(())
+    });
     let web = wait_state(&nodes[0], "web", "registered");
     assert_eq!(instance_nodes(&web), [to], "{web:#}");
     let runs = def.witness().assert_never_twice("web");
@@ -415,7 +420,9 @@ fn a_failed_start_moves_on_and_gives_up_when_every_node_fails() {
         .filter_map(|e| e["node"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(starts, ["n0", "n1", "n2"], "web's starts");
-    assert_eq!(def.witness().running_on("web").as_deref(), Some("n2"));
+    // Up for ccmgr as soon as spawned: the witness line follows.
+    let on = wait_until(LIMIT, "web witnessed", || def.witness().running_on("web"));
+    assert_eq!(on, "n2");
     assert_eq!(def.witness().runs("web").len(), 1);
 
     // doomed: its only allowable node fails: de-registered, failed_nodes [n0], a sentence.
