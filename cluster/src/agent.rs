@@ -285,7 +285,13 @@ async fn next_watch(
 ) -> Result<Option<etcd_client::WatchResponse>, etcd_client::Error> {
     match watch {
         Some(w) => w.message().await,
-        None => std::future::pending().await,
+        // No watch: the last resync could not read or watch (etcd unreachable, or the
+        // request went to a dead member). Report an ended watch, so that on_watch resyncs
+        // again, rather than wait forever deaf to the cluster.
+        None => {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(None)
+        }
     }
 }
 
