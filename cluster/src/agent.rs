@@ -158,10 +158,15 @@ pub async fn connect(cfg: &ClusterConfig) -> Result<Client, AgentError> {
         .with_connect_timeout(hb * 2)
         .with_keep_alive(hb, hb * 2)
         .with_keep_alive_while_idle(true);
-    timeout(hb * 8, Client::connect(cfg.endpoints.clone(), Some(options)))
+    // Only the endpoints that answer, and a task that keeps the balancer to those: see
+    // crate::endpoints (etcd-client sends requests to dead members too).
+    let live = crate::endpoints::live(&cfg.endpoints, hb * 2).await;
+    let client = timeout(hb * 8, Client::connect(live.clone(), Some(options)))
         .await
         .map_err(|_| AgentError::Etcd(format!("no answer from {}", cfg.endpoints.join(", "))))?
-        .map_err(etcd_err)
+        .map_err(etcd_err)?;
+    crate::endpoints::watch_endpoints(&client, cfg.endpoints.clone(), live, hb);
+    Ok(client)
 }
 
 /// Runs the agent until it has left the cluster (exit 0) or failed.
