@@ -357,40 +357,55 @@ async fn wait_for(
     mut done: impl FnMut(&View) -> bool,
 ) -> Result<View, View> {
     let deadline = Instant::now() + limit;
-    let mut view = read_view(c, keys).await.unwrap_or_default();
-    if done(&view) {
-        return Ok(view);
-    }
-    let watch = c
-        .watch(
-            keys.prefix.clone(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(view.revision + 1),
-            ),
-        )
-        .await;
-    let Ok((_w, mut stream)) = watch else {
-        return Err(view);
-    };
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match timeout(left, stream.message()).await {
-            Ok(Ok(Some(resp))) => {
-                for e in resp.events() {
-                    let Some(kv) = e.kv() else { continue };
-                    let Ok(key) = kv.key_str() else { continue };
-                    let value = (e.event_type() == EventType::Put).then(|| kv.value());
-                    view.apply(keys, key, value, kv.mod_revision(), kv.create_revision());
-                }
-                if done(&view) {
-                    return Ok(view);
-                }
+    let mut view = View::default();
+    // A watch can break before the deadline (the etcd member it ran on died, a connection
+    // was reset): then the view is read again and a new watch begins, until the deadline.
+    while Instant::now() < deadline {
+        match read_view(c, keys).await {
+            Ok(v) => view = v,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
-            _ => return Err(view),
         }
+        if done(&view) {
+            return Ok(view);
+        }
+        let watch = c
+            .watch(
+                keys.prefix.clone(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(view.revision + 1),
+                ),
+            )
+            .await;
+        let Ok((_w, mut stream)) = watch else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, stream.message()).await {
+                Ok(Ok(Some(resp))) => {
+                    for e in resp.events() {
+                        let Some(kv) = e.kv() else { continue };
+                        let Ok(key) = kv.key_str() else { continue };
+                        let value = (e.event_type() == EventType::Put).then(|| kv.value());
+                        view.apply(keys, key, value, kv.mod_revision(), kv.create_revision());
+                    }
+                    if done(&view) {
+                        return Ok(view);
+                    }
+                }
+                Err(_) => return Err(view),
+                Ok(_) => break,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Err(view)
 }
 
 fn last_of(view: &View, service: &str) -> String {
