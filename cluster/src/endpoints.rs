@@ -9,7 +9,7 @@
 //! every configured endpoint each heartbeat and takes a dead one out of the client's
 //! balancer, putting it back when it answers again. The last endpoint in is never taken out.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -39,12 +39,24 @@ fn authority(endpoint: &str) -> String {
     }
 }
 
-/// Whether `endpoint` accepts a TCP connection within `limit`.
-async fn answers(endpoint: &str, limit: Duration) -> bool {
-    matches!(
-        timeout(limit, TcpStream::connect(authority(endpoint))).await,
-        Ok(Ok(_))
-    )
+/// What a probe of an endpoint found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Probe {
+    /// It accepted a TCP connection.
+    Up,
+    /// It refused it, or the address is wrong: nothing listens there, for sure.
+    Refused,
+    /// No answer in time: dead or unreachable, or only slow on a busy machine.
+    Silent,
+}
+
+/// Probes `endpoint` with a TCP connection, waiting up to `limit`.
+async fn probe(endpoint: &str, limit: Duration) -> Probe {
+    match timeout(limit, TcpStream::connect(authority(endpoint))).await {
+        Ok(Ok(_)) => Probe::Up,
+        Ok(Err(_)) => Probe::Refused,
+        Err(_) => Probe::Silent,
+    }
 }
 
 /// The endpoints of `all` that accept a connection now (probed one after the other); all of
@@ -52,7 +64,7 @@ async fn answers(endpoint: &str, limit: Duration) -> bool {
 pub async fn live(all: &[String], limit: Duration) -> Vec<String> {
     let mut live = Vec::new();
     for e in all {
-        if answers(e, limit).await {
+        if probe(e, limit).await == Probe::Up {
             live.push(e.clone());
         }
     }
@@ -60,7 +72,7 @@ pub async fn live(all: &[String], limit: Duration) -> Vec<String> {
 }
 
 /// Keeps `client`'s balancer to the endpoints of `all` that answer: every `period`, a dead
-/// one (no TCP connection within `period`) is removed, a revived one added back; `current`
+/// one (a refused TCP connection, or none in three probes in a row) is removed, a revived one added back; `current`
 /// are those the client was connected with. Ends when a newer client's task began.
 pub fn watch_endpoints(client: &Client, all: Vec<String>, current: Vec<String>, period: Duration) {
     if all.len() < 2 {
@@ -70,19 +82,34 @@ pub fn watch_endpoints(client: &Client, all: Vec<String>, current: Vec<String>, 
     let client = client.clone();
     tokio::spawn(async move {
         let mut inside: BTreeSet<String> = current.into_iter().collect();
+        // Consecutive failed probes per endpoint. Taking an endpoint out closes the streams
+        // on it (watches, keep-alives), so a live one must not be taken out because one
+        // probe was slow on a busy machine: a refused connection takes it out at once, but
+        // silence takes DEAD_AFTER probes in a row, each with at least a second to connect.
+        const DEAD_AFTER: u32 = 3;
+        let limit = period.max(Duration::from_secs(1));
+        let mut failures: BTreeMap<String, u32> = BTreeMap::new();
         loop {
             tokio::time::sleep(period).await;
             if GENERATION.load(Ordering::SeqCst) != generation {
                 return;
             }
             for e in &all {
-                let up = answers(e, period).await;
+                let found = probe(e, limit).await;
+                let up = found == Probe::Up;
+                let failed = failures.entry(e.clone()).or_default();
+                *failed = match found {
+                    Probe::Up => 0,
+                    // Nothing listens: out at once.
+                    Probe::Refused => DEAD_AFTER,
+                    Probe::Silent => *failed + 1,
+                };
                 if up && !inside.contains(e) {
                     if client.add_endpoint(e).await.is_err() {
                         return;
                     }
                     inside.insert(e.clone());
-                } else if !up && inside.contains(e) && inside.len() > 1 {
+                } else if *failed >= DEAD_AFTER && inside.contains(e) && inside.len() > 1 {
                     if client.remove_endpoint(e).await.is_err() {
                         return;
                     }
