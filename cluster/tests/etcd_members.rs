@@ -124,7 +124,16 @@ fn one_member_killed(test: &str, missed_beats: u32, which: impl Fn(usize) -> usi
     // move works.
     let to = live.iter().find(|n| n.name != moved_to).unwrap();
     let out = asker.cluster(&["move", "web", &to.name]);
-    assert!(out.status.success(), "move web {}: {}", to.name, text(&out));
+    assert!(
+        out.status.success(),
+        "move web {}: {}\netcd holds:\n{}",
+        to.name,
+        text(&out),
+        text(&etcdctl_at(
+            &etcd.live_endpoints(),
+            &["get", "--prefix", &format!("/ccmgr/{}/", def.name)]
+        ))
+    );
     wait_until(LIMIT, "web witnessed on the move's target", || {
         (def.witness().running_on("web").as_deref() == Some(to.name.as_str())).then_some(())
     });
