@@ -675,7 +675,14 @@ impl Agent {
             let mut client = self.client.clone();
             let t = self.op_timeout;
             tokio::spawn(async move {
-                let _ = timeout(t, client.txn(txn)).await;
+                // One slow or failed request must not lose the event for good; a retry
+                // after a timeout that did apply writes the same keys again.
+                for _ in 0..5 {
+                    if let Ok(Ok(_)) = timeout(t, client.txn(txn.clone())).await {
+                        return;
+                    }
+                }
+                warn!("could not publish that {node} left: etcd did not take the event");
             });
         }
     }
