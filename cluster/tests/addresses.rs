@@ -219,11 +219,13 @@ fn five_nodes_with_random_distances_follow_the_rule() {
                 1 => Some("rack-a".to_owned()),
                 _ => Some("rack-b".to_owned()),
             };
-            let distances = names
-                .iter()
-                .filter(|n| **n != names[i])
-                .filter_map(|n| (rng.below(2) == 0).then(|| (n.clone(), rng.below(4) as u32)))
-                .collect();
+            // Each other node: its distance stated (0..3 hops) or not, at random.
+            let mut distances = BTreeMap::new();
+            for n in names.iter().filter(|n| **n != names[i]) {
+                if rng.below(2) == 0 {
+                    distances.insert(n.clone(), rng.below(4) as u32);
+                }
+            }
             Conf {
                 name: names[i].clone(),
                 number: numbers[i],
