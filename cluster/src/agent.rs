@@ -37,10 +37,11 @@ use tracing::{debug, info, warn};
 use crate::config::ClusterConfig;
 use crate::decide::{self, Outcome};
 use crate::local::{self, LocalCcmgr};
-use crate::record::{
-    InstanceState, KnownNode, ManagerRecord, Member, MemberState, RequestKind, View, unix_ms,
-};
 use crate::record::Keys;
+use crate::record::{
+    InstanceState, KnownNode, ManagerRecord, Member, MemberState, NodeLife, RequestKind, View,
+    unix_ms,
+};
 use crate::spec::ClusterServiceSpec;
 
 /// How long notify and recovery commands may run before they are killed.
@@ -63,10 +64,10 @@ pub enum AgentError {
 /// What the agent's tasks tell its loop.
 #[derive(Debug)]
 enum Msg {
-    /// A keep-alive sent at `sent` was answered: the lease lives `ttl` s from then.
-    LeaseAck { sent: Instant, ttl: i64 },
-    /// etcd answered that the lease no longer exists.
-    LeaseGone,
+    /// A keep-alive of `lease` sent at `sent` was answered: it lives `ttl` s from then.
+    LeaseAck { lease: i64, sent: Instant, ttl: i64 },
+    /// etcd answered that `lease` no longer exists.
+    LeaseGone { lease: i64 },
     /// Work on an assignment finished.
     Work {
         service: String,
@@ -83,8 +84,9 @@ enum Msg {
     Cleaned { service: String },
     /// The local instance said something about a service.
     Local(local::LocalEvent),
-    /// The fence guard stopped every cluster service of the node.
-    Fenced,
+    /// The fence guard stopped every cluster service of the node: at the lease's deadline (0),
+    /// or when asked `fence <n>` (n).
+    Fenced(u64),
     /// The guard's pipe closed: it died.
     GuardLost,
     /// SIGTERM or SIGINT: leave gracefully.
@@ -124,8 +126,15 @@ pub struct Agent {
     notified_here: BTreeSet<(String, u64)>,
     leaving: bool,
     event_seq: u64,
+    /// The number of the last fence asked of the guard.
+    fence_seq: u64,
+    /// See [`Member::local_generation`]; `local_down`: the local instance was found not running.
+    local_generation: u64,
+    local_down: bool,
     guard_in: Option<tokio::process::ChildStdin>,
     watch: Option<WatchStream>,
+    /// The watch's handle: dropping it would end the watch.
+    watcher: Option<etcd_client::Watcher>,
     wake_at_ms: Option<u64>,
     op_timeout: Duration,
 }
@@ -238,8 +247,12 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         notified_here: BTreeSet::new(),
         leaving: false,
         event_seq: 0,
+        fence_seq: 0,
+        local_generation: 0,
+        local_down: false,
         guard_in: Some(guard_in),
         watch: None,
+        watcher: None,
         wake_at_ms: None,
         op_timeout,
     };
@@ -248,7 +261,10 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
     agent.step().await;
 
     loop {
-        let fence_at = agent.valid_until.checked_sub(agent.cfg.fence_margin).unwrap_or(agent.valid_until);
+        let fence_at = agent
+            .valid_until
+            .checked_sub(agent.cfg.fence_margin)
+            .unwrap_or(agent.valid_until);
         let wake = agent
             .wake_at_ms
             .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(unix_ms())));
@@ -345,7 +361,13 @@ fn spawn_guard(
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            if line.trim() == "fenced" && tx.send(Msg::Fenced).await.is_err() {
+            let n = line
+                .trim()
+                .strip_prefix("fenced ")
+                .and_then(|n| n.parse().ok());
+            if let Some(n) = n
+                && tx.send(Msg::Fenced(n)).await.is_err()
+            {
                 return;
             }
         }
@@ -414,7 +436,8 @@ impl Agent {
             for (key, value) in writes {
                 if rev > self.view.revision {
                     let create = self.view_create_revision(&key).unwrap_or(rev);
-                    self.view.apply(&self.keys, &key, value.as_deref(), rev, create);
+                    self.view
+                        .apply(&self.keys, &key, value.as_deref(), rev, create);
                 }
             }
         }
@@ -439,6 +462,7 @@ impl Agent {
             distances: self.cfg.distances.clone(),
             lease: self.lease,
             joined_unix_ms: unix_ms(),
+            local_generation: self.local_generation,
         }
     }
 
@@ -451,11 +475,16 @@ impl Agent {
             .await
             .map_err(|_| AgentError::Etcd("lease grant: no answer in time".into()))?
             .map_err(etcd_err)?;
-        if self.events_lease == 0 {
-            let ev = timeout(self.op_timeout, self.client.lease_grant(EVENTS_TTL_SECS, None))
-                .await
-                .map_err(|_| AgentError::Etcd("lease grant: no answer in time".into()))?
-                .map_err(etcd_err)?;
+        // A new events lease at each join: the last one may have expired while this node was
+        // cut off for long, and a put under an expired lease fails the whole transaction.
+        {
+            let ev = timeout(
+                self.op_timeout,
+                self.client.lease_grant(EVENTS_TTL_SECS, None),
+            )
+            .await
+            .map_err(|_| AgentError::Etcd("lease grant: no answer in time".into()))?
+            .map_err(etcd_err)?;
             self.events_lease = ev.id();
         }
         let old = timeout(
@@ -469,7 +498,10 @@ impl Agent {
             && kv.lease() != grant.id()
             && kv.lease() != 0
         {
-            info!("revoking the lease of this node's previous life ({:x})", kv.lease());
+            info!(
+                "revoking the lease of this node's previous life ({:x})",
+                kv.lease()
+            );
             let _ = timeout(self.op_timeout, self.client.lease_revoke(kv.lease())).await;
         }
         self.lease = grant.id();
@@ -559,19 +591,30 @@ impl Agent {
                 }
                 match timeout(hb, stream.message()).await {
                     Ok(Ok(Some(r))) if r.ttl() > 0 => {
-                        if tx.send(Msg::LeaseAck { sent, ttl: r.ttl() }).await.is_err() {
+                        if tx
+                            .send(Msg::LeaseAck {
+                                lease,
+                                sent,
+                                ttl: r.ttl(),
+                            })
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
                     Ok(Ok(Some(_))) => {
-                        let _ = tx.send(Msg::LeaseGone).await;
+                        let _ = tx.send(Msg::LeaseGone { lease }).await;
                         return;
                     }
                     _ => stream_pair = None,
                 }
                 // The events lease lives an hour: renewed every few hundred beats is plenty.
-                if beat % 600 == 0 {
-                    let _ = timeout(hb, client.lease_keep_alive(events_lease)).await;
+                if beat % 600 == 0
+                    && let Ok(Ok((mut k, _))) =
+                        timeout(hb, client.lease_keep_alive(events_lease)).await
+                {
+                    let _ = timeout(hb, k.keep_alive()).await;
                 }
             }
         });
@@ -595,27 +638,38 @@ impl Agent {
             if key.starts_with(&self.keys.events()) {
                 continue;
             }
-            view.apply(&self.keys, key, Some(kv.value()), kv.mod_revision(), kv.create_revision());
+            view.apply(
+                &self.keys,
+                key,
+                Some(kv.value()),
+                kv.mod_revision(),
+                kv.create_revision(),
+            );
         }
         let rev = resp.header().map_or(0, |h| h.revision());
         view.revision = rev;
         self.view = view;
-        let wopts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
+        let wopts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1);
         match timeout(
             self.op_timeout,
             self.client.watch(self.keys.prefix.clone(), Some(wopts)),
         )
         .await
         {
-            Ok(Ok((_watcher, stream))) => {
-                // The watcher handle may go: the stream lives until it is dropped.
+            Ok(Ok((watcher, stream))) => {
+                self.watcher = Some(watcher);
                 self.watch = Some(stream);
             }
             _ => self.watch = None,
         }
     }
 
-    async fn on_watch(&mut self, ev: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>) {
+    async fn on_watch(
+        &mut self,
+        ev: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>,
+    ) {
         match ev {
             Ok(Some(resp)) => {
                 if resp.canceled() {
@@ -633,8 +687,13 @@ impl Agent {
                         EventType::Delete => None,
                     };
                     self.on_key_change(key, value.is_none());
-                    self.view
-                        .apply(&self.keys, key, value, kv.mod_revision(), kv.create_revision());
+                    self.view.apply(
+                        &self.keys,
+                        key,
+                        value,
+                        kv.mod_revision(),
+                        kv.create_revision(),
+                    );
                 }
             }
             _ => {
@@ -658,7 +717,11 @@ impl Agent {
         {
             let graceful = m.value.state == MemberState::Leaving;
             let node = node.to_owned();
-            let was_manager = self.view.manager.as_ref().is_some_and(|m| m.value.node == node)
+            let was_manager = self
+                .view
+                .manager
+                .as_ref()
+                .is_some_and(|m| m.value.node == node)
                 || (self.manager_token.is_none() && self.view.manager.is_none());
             if self.manager_token.is_none() && !was_manager {
                 return;
@@ -690,7 +753,9 @@ impl Agent {
     /// Returns true when the agent is done (it left).
     async fn handle(&mut self, msg: Msg) -> bool {
         match msg {
-            Msg::LeaseAck { sent, ttl } => {
+            // A keep-alive task of an earlier life of this node still reports: not this lease.
+            Msg::LeaseAck { lease, .. } | Msg::LeaseGone { lease } if lease != self.lease => {}
+            Msg::LeaseAck { sent, ttl, .. } => {
                 let until = sent + Duration::from_secs(ttl as u64);
                 if !self.fenced && until > self.valid_until {
                     self.valid_until = until;
@@ -698,7 +763,7 @@ impl Agent {
                     self.tell_guard(line).await;
                 }
             }
-            Msg::LeaseGone => {
+            Msg::LeaseGone { .. } => {
                 warn!("etcd says this node's lease is gone: fencing");
                 self.fenced = true;
                 self.manager_token = None;
@@ -742,6 +807,41 @@ impl Agent {
                 self.busy.remove(&service);
                 self.running.remove(&service);
             }
+            Msg::Local(e) if e.event == "running" => {
+                if self.local_down {
+                    self.local_down = false;
+                    self.local_generation += 1;
+                    info!("the local ccmgr instance runs again: this node may be chosen again");
+                    self.put_member().await;
+                }
+            }
+            Msg::Local(e) if e.event == "not-running" => {
+                self.local_down = true;
+                // The local instance is gone (killed, or stopped under the agent): nothing of
+                // the cluster's runs here any more; de-register what was, so it moves.
+                for service in std::mem::take(&mut self.running) {
+                    // Its file goes too: a local stack started again must not start it by
+                    // itself while the cluster runs it elsewhere.
+                    self.clean(service.clone());
+                    if let Some(inst) = self
+                        .view
+                        .services
+                        .get(&service)
+                        .and_then(|r| r.value.instances.get(&self.cfg.node))
+                    {
+                        warn!(
+                            "{service}: the local ccmgr instance is not running: de-registering it here"
+                        );
+                        self.reports.insert(
+                            service.clone(),
+                            (
+                                inst.epoch,
+                                Outcome::Failed("the local ccmgr instance is not running".into()),
+                            ),
+                        );
+                    }
+                }
+            }
             Msg::Local(e) => {
                 if let Some(service) = e.service.clone()
                     && e.event == "failed"
@@ -756,12 +856,15 @@ impl Agent {
                     warn!("{service} failed in the local instance: de-registering it here");
                     self.reports.insert(
                         service.clone(),
-                        (inst.epoch, Outcome::Failed("it failed in the local instance".into())),
+                        (
+                            inst.epoch,
+                            Outcome::Failed("it failed in the local instance".into()),
+                        ),
                     );
                     self.clean(service);
                 }
             }
-            Msg::Fenced => {
+            Msg::Fenced(_) => {
                 info!("the guard stopped this node's cluster services");
                 self.running.clear();
             }
@@ -781,13 +884,14 @@ impl Agent {
 
     /// After the lease ran out: wait until the guard has stopped everything, then join again.
     async fn after_fence(&mut self, rx: &mut mpsc::Receiver<Msg>) {
-        let line = format!("deadline {}\n", monotonic_ms());
-        self.tell_guard(line).await;
+        self.fence_seq += 1;
+        let asked = self.fence_seq;
+        self.tell_guard(format!("fence {asked}\n")).await;
         let limit = Instant::now() + Duration::from_secs(120);
         let mut fenced = false;
         while !fenced && Instant::now() < limit {
             match timeout(Duration::from_secs(1), rx.recv()).await {
-                Ok(Some(Msg::Fenced)) => fenced = true,
+                Ok(Some(Msg::Fenced(n))) => fenced = n == asked,
                 Ok(Some(Msg::GuardLost)) | Ok(None) => break,
                 Ok(Some(Msg::Leave)) => self.leaving = true,
                 Ok(Some(_)) | Err(_) => {}
@@ -815,6 +919,30 @@ impl Agent {
             "why": "its lease could not be renewed in time; its cluster services were stopped before it could expire",
         }));
         let _ = self.txn(Txn::new().and_then(vec![op])).await;
+    }
+
+    /// Publishes this node's member record again (same lease), as it is now.
+    async fn put_member(&mut self) {
+        let state = if self.leaving {
+            MemberState::Leaving
+        } else {
+            MemberState::Up
+        };
+        let member = self.member_record(state);
+        let txn = Txn::new()
+            .when(vec![Compare::lease(
+                self.keys.member(&self.cfg.node),
+                CompareOp::Equal,
+                self.lease,
+            )])
+            .and_then(vec![TxnOp::put(
+                self.keys.member(&self.cfg.node),
+                serde_json::to_string(&member).expect("json"),
+                Some(PutOptions::new().with_lease(self.lease)),
+            )]);
+        if let Err(e) = self.txn(txn).await {
+            warn!("cannot publish this node's record: {e}");
+        }
     }
 
     async fn begin_leave(&mut self) {
@@ -873,7 +1001,12 @@ impl Agent {
         if self.fenced {
             return;
         }
-        if self.view.requests.contains_key(&(RequestKind::Leave, self.cfg.node.clone())) && !self.leaving {
+        if self
+            .view
+            .requests
+            .contains_key(&(RequestKind::Leave, self.cfg.node.clone()))
+            && !self.leaving
+        {
             self.begin_leave().await;
         }
         self.roles().await;
@@ -883,6 +1016,13 @@ impl Agent {
         self.flush_reports().await;
         self.work();
         if self.leave_done() {
+            // This pass's reports (the last stop here) may leave the manager something to
+            // decide: when the last allowable node leaves, the de-registration that clears
+            // the transfer intent (seed 001 Table 2, t13). A leaving manager decides once
+            // more before it resigns: there may be no one left to.
+            if self.manager_token.is_some() {
+                self.manage().await;
+            }
             self.finish_leave().await;
             std::process::exit(0);
         }
@@ -913,11 +1053,17 @@ impl Agent {
                     ],
                     None => vec![
                         TxnOp::delete(self.keys.backup(), None),
-                        self.event_op(json!({"event": "backup-lost", "member": self.view.backup_node()})),
+                        self.event_op(
+                            json!({"event": "backup-lost", "member": self.view.backup_node()}),
+                        ),
                     ],
                 };
                 let txn = Txn::new()
-                    .when(vec![Compare::create_revision(self.keys.manager(), CompareOp::Equal, token)])
+                    .when(vec![Compare::create_revision(
+                        self.keys.manager(),
+                        CompareOp::Equal,
+                        token,
+                    )])
                     .and_then(ops);
                 let write = vec![(self.keys.backup(), choice.map(String::into_bytes))];
                 if let Err(e) = self.txn_apply(txn, write).await {
@@ -935,15 +1081,33 @@ impl Agent {
             since_unix_ms: unix_ms(),
         };
         let previous = self.view.backup_node().map(str::to_owned);
-        let mut when = vec![Compare::create_revision(self.keys.manager(), CompareOp::Equal, 0)];
+        let mut when = vec![Compare::create_revision(
+            self.keys.manager(),
+            CompareOp::Equal,
+            0,
+        )];
         match &previous {
-            Some(b) if *b == me => {
-                when.push(Compare::value(self.keys.backup(), CompareOp::Equal, me.clone()))
-            }
-            Some(b) => when.push(Compare::create_revision(self.keys.member(b), CompareOp::Equal, 0)),
-            None => when.push(Compare::create_revision(self.keys.backup(), CompareOp::Equal, 0)),
+            Some(b) if *b == me => when.push(Compare::value(
+                self.keys.backup(),
+                CompareOp::Equal,
+                me.clone(),
+            )),
+            Some(b) => when.push(Compare::create_revision(
+                self.keys.member(b),
+                CompareOp::Equal,
+                0,
+            )),
+            None => when.push(Compare::create_revision(
+                self.keys.backup(),
+                CompareOp::Equal,
+                0,
+            )),
         }
-        when.push(Compare::lease(self.keys.member(&me), CompareOp::Equal, self.lease));
+        when.push(Compare::lease(
+            self.keys.member(&me),
+            CompareOp::Equal,
+            self.lease,
+        ));
         let ev = self.event_op(json!({
             "event": "manager-elected",
             "member": me,
@@ -971,7 +1135,9 @@ impl Agent {
 
     /// The manager's pass: publish the specifications, then apply the plan.
     async fn manage(&mut self) {
-        let Some(token) = self.manager_token else { return };
+        let Some(token) = self.manager_token else {
+            return;
+        };
         let manager_key = self.keys.manager();
         let fence = || Compare::create_revision(manager_key.clone(), CompareOp::Equal, token);
         let stale_specs: Vec<ClusterServiceSpec> = self
@@ -1016,9 +1182,15 @@ impl Agent {
             for e in change.events {
                 ops.push(self.event_op(e));
             }
-            match self.txn_apply(Txn::new().when(when).and_then(ops), writes).await {
+            match self
+                .txn_apply(Txn::new().when(when).and_then(ops), writes)
+                .await
+            {
                 Ok(true) => {}
-                Ok(false) => debug!("{}: the record changed meanwhile; deciding again", change.service),
+                Ok(false) => debug!(
+                    "{}: the record changed meanwhile; deciding again",
+                    change.service
+                ),
                 Err(e) => warn!("cannot write {}: {e}", change.service),
             }
         }
@@ -1026,16 +1198,28 @@ impl Agent {
 
     /// Records finished work, each as a compare-and-swap on the record and this node's lease.
     async fn flush_reports(&mut self) {
-        let reports: Vec<(String, (u64, Outcome))> =
-            self.reports.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let life = NodeLife {
+            lease: self.lease,
+            generation: self.local_generation,
+        };
+        let reports: Vec<(String, (u64, Outcome))> = self
+            .reports
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for (service, (epoch, outcome)) in reports {
             let Some(rec) = self.view.services.get(&service).cloned() else {
                 self.reports.remove(&service);
                 continue;
             };
-            let Some((new, event)) =
-                decide::agent_transition(&service, &rec.value, &self.cfg.node, epoch, &outcome)
-            else {
+            let Some((new, event)) = decide::agent_transition(
+                &service,
+                &rec.value,
+                &self.cfg.node,
+                life,
+                epoch,
+                &outcome,
+            ) else {
                 self.reports.remove(&service);
                 continue;
             };
@@ -1045,7 +1229,11 @@ impl Agent {
             let txn = Txn::new()
                 .when(vec![
                     Compare::mod_revision(key.clone(), CompareOp::Equal, rec.mod_revision),
-                    Compare::lease(self.keys.member(&self.cfg.node), CompareOp::Equal, self.lease),
+                    Compare::lease(
+                        self.keys.member(&self.cfg.node),
+                        CompareOp::Equal,
+                        self.lease,
+                    ),
                 ])
                 .and_then(vec![TxnOp::put(key.clone(), value.clone(), None), ev]);
             match self.txn_apply(txn, vec![(key, Some(value))]).await {
@@ -1093,19 +1281,26 @@ impl Agent {
                         // vouched for; de-register it so that the manager places it again.
                         self.reports.insert(
                             name.clone(),
-                            (inst.epoch, Outcome::Failed("not running on its node".into())),
+                            (
+                                inst.epoch,
+                                Outcome::Failed("not running on its node".into()),
+                            ),
                         );
                     }
                     InstanceState::Registered => {}
                 },
                 None => {
                     if self.running.contains(name) {
-                        todo.push((name.clone(), crate::record::Instance {
-                            state: InstanceState::Stopping,
-                            epoch: 0,
-                            lease: 0,
-                            recovering_for: None,
-                        }, "clean"));
+                        todo.push((
+                            name.clone(),
+                            crate::record::Instance {
+                                state: InstanceState::Stopping,
+                                epoch: 0,
+                                lease: 0,
+                                recovering_for: None,
+                            },
+                            "clean",
+                        ));
                     } else if let Some((reg_node, reg)) = rec
                         .value
                         .instances
@@ -1151,7 +1346,9 @@ impl Agent {
                 self.busy.insert(name.clone(), Busy::Assignment(epoch));
                 tokio::spawn(async move {
                     let outcome = match spec {
-                        None => Outcome::Failed(format!("this node has no cluster.d file for {name}")),
+                        None => {
+                            Outcome::Failed(format!("this node has no cluster.d file for {name}"))
+                        }
                         Some(spec) => match local.start_service(&spec).await {
                             Ok(()) => Outcome::Started,
                             Err(e) => {
@@ -1160,7 +1357,13 @@ impl Agent {
                             }
                         },
                     };
-                    let _ = tx.send(Msg::Work { service: name, epoch, outcome }).await;
+                    let _ = tx
+                        .send(Msg::Work {
+                            service: name,
+                            epoch,
+                            outcome,
+                        })
+                        .await;
                 });
             }
             "stop" => {
@@ -1170,7 +1373,13 @@ impl Agent {
                         Ok(()) => Outcome::Done,
                         Err(e) => Outcome::Failed(e.to_string()),
                     };
-                    let _ = tx.send(Msg::Work { service: name, epoch, outcome }).await;
+                    let _ = tx
+                        .send(Msg::Work {
+                            service: name,
+                            epoch,
+                            outcome,
+                        })
+                        .await;
                 });
             }
             "recover" => {
@@ -1186,7 +1395,13 @@ impl Agent {
                             Err(e) => Outcome::Failed(e.to_string()),
                         },
                     };
-                    let _ = tx.send(Msg::Work { service: name, epoch, outcome }).await;
+                    let _ = tx
+                        .send(Msg::Work {
+                            service: name,
+                            epoch,
+                            outcome,
+                        })
+                        .await;
                 });
             }
             "notify" => {
@@ -1216,7 +1431,13 @@ impl Agent {
                     let result = local::run_command(&cmd, &env, COMMAND_TIMEOUT)
                         .await
                         .map_err(|e| e.to_string());
-                    let _ = tx.send(Msg::Notified { service: name, epoch, result }).await;
+                    let _ = tx
+                        .send(Msg::Notified {
+                            service: name,
+                            epoch,
+                            result,
+                        })
+                        .await;
                 });
             }
             _ => self.clean(name),

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, SortOrder, SortTarget, WatchOptions};
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, SortOrder, SortTarget, WatchOptions,
+};
 use serde_json::{Value, json};
 use tokio::time::{Instant, timeout};
 
@@ -37,10 +39,30 @@ fn failed(e: impl std::fmt::Display) -> CliError {
     CliError::Failed(e.to_string())
 }
 
+/// How often a command pings etcd on a connection that waits (`events`, `leave`, `move`):
+/// not more often than etcd's `--grpc-keepalive-min-time` (5 s by default), or etcd, seeing
+/// pings with no data in between, answers `too_many_pings` and closes the connection, and
+/// the command ends with "h2 protocol error" after a few quiet seconds. (The agent's
+/// connection carries its lease keep-alives every heartbeat, and etcd forgives a ping that
+/// follows data it sent; a waiting command's connection may be quiet for minutes.)
+const CLI_KEEP_ALIVE: Duration = Duration::from_secs(10);
+
 pub async fn client(cfg: &ClusterConfig) -> Result<Client, CliError> {
-    crate::agent::connect(cfg)
+    let unreachable = |e: &dyn std::fmt::Display| {
+        CliError::Failed(format!("cannot reach the cluster {}: {e}", cfg.name))
+    };
+    let hb = cfg.heartbeat.max(Duration::from_millis(100));
+    let options = ConnectOptions::new()
+        .with_connect_timeout(hb * 2)
+        .with_keep_alive(CLI_KEEP_ALIVE, CLI_KEEP_ALIVE);
+    // Only the endpoints that answer, kept so: see crate::endpoints.
+    let live = crate::endpoints::live(&cfg.endpoints, hb * 2).await;
+    let client = timeout(hb * 8, Client::connect(live.clone(), Some(options)))
         .await
-        .map_err(|e| CliError::Failed(format!("cannot reach the cluster {}: {e}", cfg.name)))
+        .map_err(|_| unreachable(&format!("no answer from {}", cfg.endpoints.join(", "))))?
+        .map_err(|e| unreachable(&e))?;
+    crate::endpoints::watch_endpoints(&client, cfg.endpoints.clone(), live, hb);
+    Ok(client)
 }
 
 /// Reads everything of the cluster but its events.
@@ -58,7 +80,13 @@ pub async fn read_view(client: &mut Client, keys: &Keys) -> Result<View, CliErro
         if key.starts_with(&keys.events()) {
             continue;
         }
-        view.apply(keys, key, Some(kv.value()), kv.mod_revision(), kv.create_revision());
+        view.apply(
+            keys,
+            key,
+            Some(kv.value()),
+            kv.mod_revision(),
+            kv.create_revision(),
+        );
     }
     view.revision = resp.header().map_or(0, |h| h.revision());
     Ok(view)
@@ -184,7 +212,7 @@ pub fn status_document(cfg_name: &str, view: &View) -> Value {
                 "wanted": rec.is_none_or(|r| r.wanted),
                 "node": node,
                 "nodes_with_instances": rec.map(|r| r.instances.keys().cloned().collect::<Vec<_>>()).unwrap_or_default(),
-                "failed_nodes": rec.map(|r| r.failed_nodes.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
+                "failed_nodes": rec.map(|r| r.failed_nodes.keys().cloned().collect::<Vec<_>>()).unwrap_or_default(),
                 "last": rec.map(|r| r.last.clone()),
                 "nodes": per_node,
             })
@@ -207,7 +235,10 @@ pub fn print_status(doc: &Value) {
         doc["manager"].as_str().unwrap_or("none"),
         doc["backup"].as_str().unwrap_or("none")
     );
-    println!("{:<16} {:>6} {:<8} {:<8} address", "node", "number", "state", "role");
+    println!(
+        "{:<16} {:>6} {:<8} {:<8} address",
+        "node", "number", "state", "role"
+    );
     for m in doc["members"].as_array().into_iter().flatten() {
         println!(
             "{:<16} {:>6} {:<8} {:<8} {}",
@@ -230,8 +261,15 @@ pub fn print_status(doc: &Value) {
             "service {}: {}{}{}",
             s["name"].as_str().unwrap_or(""),
             s["state"].as_str().unwrap_or(""),
-            if flags.is_empty() { String::new() } else { format!(" [{}]", flags.join(",")) },
-            s["last"].as_str().filter(|l| !l.is_empty()).map_or(String::new(), |l| format!(" ({l})")),
+            if flags.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", flags.join(","))
+            },
+            s["last"]
+                .as_str()
+                .filter(|l| !l.is_empty())
+                .map_or(String::new(), |l| format!(" ({l})")),
         );
         let cells: Vec<String> = s["nodes"]
             .as_array()
@@ -245,7 +283,11 @@ pub fn print_status(doc: &Value) {
                     (None, Some(m)) => m.to_owned(),
                     _ => "-".to_owned(),
                 };
-                let flag = if n["available"].as_bool() == Some(true) { " I" } else { "" };
+                let flag = if n["available"].as_bool() == Some(true) {
+                    " I"
+                } else {
+                    ""
+                };
                 format!("{}: {state}{flag}", n["node"].as_str().unwrap_or(""))
             })
             .collect();
@@ -274,10 +316,14 @@ fn print_event(v: &Value, json_out: bool) {
     let mut rest = vec![];
     if let Some(obj) = v.as_object() {
         for (k, val) in obj {
-            if ["time", "unix_ms", "cluster", "by", "event"].contains(&k.as_str()) || val.is_null() {
+            if ["time", "unix_ms", "cluster", "by", "event"].contains(&k.as_str()) || val.is_null()
+            {
                 continue;
             }
-            rest.push(format!("{k}={}", val.as_str().map_or_else(|| val.to_string(), str::to_owned)));
+            rest.push(format!(
+                "{k}={}",
+                val.as_str().map_or_else(|| val.to_string(), str::to_owned)
+            ));
         }
     }
     println!(
@@ -289,13 +335,14 @@ fn print_event(v: &Value, json_out: bool) {
     );
 }
 
-/// `cluster events [--json] [-n N]`: the last N events, then the new ones as they come.
+/// `cluster events [--json] [-n N]`: the last N events (in the order etcd took them: by
+/// revision, not by key, whose millisecond may tie between nodes), then the new ones.
 pub async fn events(cfg: &ClusterConfig, json_out: bool, last: usize) -> Result<(), CliError> {
     let mut c = client(cfg).await?;
     let keys = Keys::new(&cfg.name);
     let mut opts = GetOptions::new()
         .with_prefix()
-        .with_sort(SortTarget::Key, SortOrder::Descend);
+        .with_sort(SortTarget::Mod, SortOrder::Descend);
     if last > 0 {
         opts = opts.with_limit(last as i64);
     } else {
@@ -313,7 +360,11 @@ pub async fn events(cfg: &ClusterConfig, json_out: bool, last: usize) -> Result<
     let (_w, mut stream) = c
         .watch(
             keys.events(),
-            Some(WatchOptions::new().with_prefix().with_start_revision(rev + 1)),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev + 1),
+            ),
         )
         .await
         .map_err(failed)?;
@@ -421,7 +472,10 @@ pub async fn leave(cfg: &ClusterConfig, node: Option<String>, wait: bool) -> Res
     let keys = Keys::new(&cfg.name);
     let view = read_view(&mut c, &keys).await?;
     if !view.members.contains_key(&node) {
-        return Err(failed(format!("{node} is not a member of cluster {}", cfg.name)));
+        return Err(failed(format!(
+            "{node} is not a member of cluster {}",
+            cfg.name
+        )));
     }
     put_request(&mut c, &keys, RequestKind::Leave, &node, "leave").await?;
     if !wait {
@@ -445,7 +499,9 @@ fn check_service(view: &View, service: &str) -> Result<(), CliError> {
     if view.specs.contains_key(service) || view.services.contains_key(service) {
         Ok(())
     } else {
-        Err(CliError::Usage(format!("the cluster has no service {service}")))
+        Err(CliError::Usage(format!(
+            "the cluster has no service {service}"
+        )))
     }
 }
 
@@ -460,12 +516,17 @@ pub async fn move_service(
     let view = read_view(&mut c, &keys).await?;
     check_service(&view, service)?;
     if !view.up(to) {
-        return Err(failed(format!("{to} is not an up member of cluster {}", cfg.name)));
+        return Err(failed(format!(
+            "{to} is not an up member of cluster {}",
+            cfg.name
+        )));
     }
     if let Some(spec) = view.specs.get(service)
         && !spec.allows(to)
     {
-        return Err(failed(format!("{service} may not run on {to} (allowable_nodes, disallowable_nodes)")));
+        return Err(failed(format!(
+            "{service} may not run on {to} (allowable_nodes, disallowable_nodes)"
+        )));
     }
     put_request(&mut c, &keys, RequestKind::Move, service, to).await?;
     if !wait {
@@ -485,16 +546,28 @@ pub async fn move_service(
             println!("{service} registered on {to}");
             Ok(())
         }
-        Err(v) => Err(failed(format!("{service} is not registered on {to}: {}", last_of(&v, service)))),
+        Err(v) => Err(failed(format!(
+            "{service} is not registered on {to}: {}",
+            last_of(&v, service)
+        ))),
     }
 }
 
-pub async fn start_stop(cfg: &ClusterConfig, service: &str, start: bool, wait: bool) -> Result<(), CliError> {
+pub async fn start_stop(
+    cfg: &ClusterConfig,
+    service: &str,
+    start: bool,
+    wait: bool,
+) -> Result<(), CliError> {
     let mut c = client(cfg).await?;
     let keys = Keys::new(&cfg.name);
     let view = read_view(&mut c, &keys).await?;
     check_service(&view, service)?;
-    let kind = if start { RequestKind::Start } else { RequestKind::Stop };
+    let kind = if start {
+        RequestKind::Start
+    } else {
+        RequestKind::Stop
+    };
     put_request(&mut c, &keys, kind, service, kind.as_str()).await?;
     if !wait {
         println!("{service}: {} asked", kind.as_str());
@@ -507,15 +580,20 @@ pub async fn start_stop(cfg: &ClusterConfig, service: &str, start: bool, wait: b
             && !r.failed_nodes.is_empty()
             && v.members.values().all(|m| {
                 !v.up(&m.value.name)
-                    || r.failed_nodes.contains(&m.value.name)
-                    || v.specs.get(service).is_some_and(|s| !s.allows(&m.value.name))
+                    || r.failed_nodes.get(&m.value.name).copied() == v.life(&m.value.name)
+                    || v.specs
+                        .get(service)
+                        .is_some_and(|s| !s.allows(&m.value.name))
             })
     };
     let done = |v: &View| {
         !v.requests.contains_key(&(kind, service.to_owned()))
             && v.services.get(service).is_some_and(|r| {
                 if start {
-                    r.value.instances.values().any(|i| i.state == InstanceState::Registered)
+                    r.value
+                        .instances
+                        .values()
+                        .any(|i| i.state == InstanceState::Registered)
                         || gave_up(v, &r.value)
                 } else {
                     r.value.instances.is_empty()
@@ -531,7 +609,10 @@ pub async fn start_stop(cfg: &ClusterConfig, service: &str, start: bool, wait: b
             println!("{service}: {}", r.summary());
             Ok(())
         }
-        Err(v) => Err(failed(format!("{service}: not done yet: {}", last_of(&v, service)))),
+        Err(v) => Err(failed(format!(
+            "{service}: not done yet: {}",
+            last_of(&v, service)
+        ))),
     }
 }
 

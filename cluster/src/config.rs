@@ -172,11 +172,17 @@ pub fn load(
     }
     let heartbeat = c.heartbeat.map_or(Duration::from_millis(250), |d| d.0);
     if heartbeat < Duration::from_millis(10) {
-        return Err(at(table_at, "cluster.heartbeat must be at least 10ms".into()));
+        return Err(at(
+            table_at,
+            "cluster.heartbeat must be at least 10ms".into(),
+        ));
     }
     let missed_beats = match c.missed_beats {
         Some(m) if *m.get_ref() == 0 => {
-            return Err(at(m.span().start, "cluster.missed_beats must be at least 1".into()));
+            return Err(at(
+                m.span().start,
+                "cluster.missed_beats must be at least 1".into(),
+            ));
         }
         Some(m) => m.into_inner(),
         None => 4,
@@ -199,7 +205,11 @@ pub fn load(
         services_dir: services_dir
             .map(|d| std::path::absolute(&d).unwrap_or(d))
             .unwrap_or_else(|| {
-                in_config_dir(raw.services_dir.as_deref().unwrap_or(Path::new("services.d")))
+                in_config_dir(
+                    raw.services_dir
+                        .as_deref()
+                        .unwrap_or(Path::new("services.d")),
+                )
             }),
         fence_margin,
     };

@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::record::{Instance, InstanceState, MemberState, RequestKind, ServiceRecord, View};
+use crate::record::{
+    Instance, InstanceState, MemberState, NodeLife, RequestKind, ServiceRecord, View,
+};
 use crate::spec::{ClusterServiceSpec, Placement, TransferCost};
 
 /// One service's new record, to be written if the record is still at `expect_revision`
@@ -38,7 +40,11 @@ pub struct Plan {
 }
 
 /// What the manager decides now for every service it has a specification of.
-pub fn manager_plan(view: &View, specs: &BTreeMap<String, ClusterServiceSpec>, now_ms: u64) -> Plan {
+pub fn manager_plan(
+    view: &View,
+    specs: &BTreeMap<String, ClusterServiceSpec>,
+    now_ms: u64,
+) -> Plan {
     let mut plan = Plan::default();
     // How many instances each node holds (every service): the least loaded allowable node
     // is chosen when no preference decides, and the count follows this plan's own choices.
@@ -87,7 +93,7 @@ fn candidates<'v>(view: &'v View, spec: &ClusterServiceSpec, rec: &ServiceRecord
         .filter(|m| {
             m.value.state == MemberState::Up
                 && spec.allows(&m.value.name)
-                && !rec.failed_nodes.contains(&m.value.name)
+                && rec.failed_nodes.get(&m.value.name).copied() != view.life(&m.value.name)
         })
         .map(|m| m.value.name.as_str())
         .collect()
@@ -172,19 +178,29 @@ fn decide_service(
 ) {
     let name = spec.name.as_str();
     // Operators' requests.
-    if view.requests.contains_key(&(RequestKind::Stop, name.to_owned())) {
+    if view
+        .requests
+        .contains_key(&(RequestKind::Stop, name.to_owned()))
+    {
         consumed.push((RequestKind::Stop, name.to_owned()));
         if rec.wanted {
             rec.wanted = false;
             rec.last = "de-registration asked (cluster stop)".into();
         }
     }
-    if view.requests.contains_key(&(RequestKind::Start, name.to_owned())) {
+    if view
+        .requests
+        .contains_key(&(RequestKind::Start, name.to_owned()))
+    {
         consumed.push((RequestKind::Start, name.to_owned()));
         rec.wanted = true;
         rec.failed_nodes.clear();
         rec.last = "registration asked (cluster start)".into();
     }
+
+    // A failed start excludes a node for that life of it only.
+    rec.failed_nodes
+        .retain(|node, life| view.life(node).is_none_or(|now| now == *life));
 
     // A node that left without a graceful leave (its lease ended): seed 001's recovery.
     let dead: Vec<(String, Instance)> = rec
@@ -195,7 +211,8 @@ fn decide_service(
         .collect();
     for (node, inst) in dead {
         rec.instances.remove(&node);
-        *load.entry(node.clone()).or_default() = load.get(&node).copied().unwrap_or(1).saturating_sub(1);
+        *load.entry(node.clone()).or_default() =
+            load.get(&node).copied().unwrap_or(1).saturating_sub(1);
         rec.transfer_intent = false;
         match inst.state {
             InstanceState::Registered | InstanceState::Stopping
@@ -214,7 +231,8 @@ fn decide_service(
                         },
                     );
                     rec.next_epoch += 1;
-                    rec.last = format!("{node} left the cluster ungracefully: recovering on {runner}");
+                    rec.last =
+                        format!("{node} left the cluster ungracefully: recovering on {runner}");
                     events.push(service_event(name, rec, Some(&runner), &rec.last.clone()));
                     continue;
                 }
@@ -229,7 +247,10 @@ fn decide_service(
                 );
             }
             _ => {
-                rec.last = format!("{node} left the cluster ungracefully ({})", inst.state.as_str());
+                rec.last = format!(
+                    "{node} left the cluster ungracefully ({})",
+                    inst.state.as_str()
+                );
             }
         }
         events.push(service_event(name, rec, None, &rec.last.clone()));
@@ -265,7 +286,12 @@ fn maturity_gate(
     if any_allowed_up && rec.awaiting_maturity_since_ms.is_none() {
         rec.awaiting_maturity_since_ms = Some(now_ms);
         rec.last = "awaiting cluster maturity".into();
-        events.push(service_event(&spec.name, rec, None, "awaiting cluster maturity"));
+        events.push(service_event(
+            &spec.name,
+            rec,
+            None,
+            "awaiting cluster maturity",
+        ));
     }
     if let Some(since) = rec.awaiting_maturity_since_ms
         && spec.maturity_time_ms > 0
@@ -294,8 +320,7 @@ fn decide_one(
         .map(|r| r.value.clone());
     if let Some(to) = &move_request {
         consumed.push((RequestKind::Move, name.to_owned()));
-        let cands = candidates(view, spec, rec);
-        if !cands.contains(&to.as_str()) && !(view.up(to) && spec.allows(to)) {
+        if !(view.up(to) && spec.allows(to)) {
             rec.last = format!("move to {to} refused: {to} is not up or not allowable");
             events.push(service_event(name, rec, None, &rec.last.clone()));
         } else {
@@ -304,7 +329,11 @@ fn decide_one(
         }
     }
 
-    let Some((node, inst)) = rec.instances.iter().next().map(|(n, i)| (n.clone(), i.clone()))
+    let Some((node, inst)) = rec
+        .instances
+        .iter()
+        .next()
+        .map(|(n, i)| (n.clone(), i.clone()))
     else {
         // De-registered: place it, if wanted, mature, and a node may take it.
         if !rec.wanted {
@@ -326,14 +355,22 @@ fn decide_one(
                 } else {
                     format!(
                         "de-registered: its start failed on {}",
-                        rec.failed_nodes.iter().cloned().collect::<Vec<_>>().join(", ")
+                        rec.failed_nodes
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )
                 };
                 events.push(service_event(name, rec, None, &rec.last.clone()));
             } else if !rec.failed_nodes.is_empty() {
                 let last = format!(
                     "de-registered: its start failed on every allowable node that is up ({})",
-                    rec.failed_nodes.iter().cloned().collect::<Vec<_>>().join(", ")
+                    rec.failed_nodes
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
                 if rec.last != last {
                     rec.last = last;
@@ -376,7 +413,10 @@ fn decide_one(
         .get(&node)
         .is_some_and(|m| m.value.state == MemberState::Leaving)
     {
-        Some((format!("{node} leaves the cluster gracefully: transferring"), true))
+        Some((
+            format!("{node} leaves the cluster gracefully: transferring"),
+            true,
+        ))
     } else if let Some(to) = rec.target.clone().filter(|t| *t != node) {
         Some((format!("moving to {to} (cluster move)"), true))
     } else if spec.transfer_cost == TransferCost::Free {
@@ -480,6 +520,7 @@ pub fn agent_transition(
     service: &str,
     rec: &ServiceRecord,
     node: &str,
+    life: NodeLife,
     epoch: u64,
     outcome: &Outcome,
 ) -> Option<(ServiceRecord, Value)> {
@@ -494,12 +535,11 @@ pub fn agent_transition(
             if new.target.as_deref() == Some(node) {
                 new.target = None;
             }
-            new.failed_nodes.clear();
             format!("registered on {node}")
         }
         (InstanceState::Starting | InstanceState::Registered, Outcome::Failed(reason)) => {
             new.instances.remove(node);
-            new.failed_nodes.insert(node.to_owned());
+            new.failed_nodes.insert(node.to_owned(), life);
             format!("failed on {node}: {reason}")
         }
         (InstanceState::Stopping, Outcome::Done | Outcome::Failed(_)) => {
@@ -584,6 +624,7 @@ mod tests {
                 distances: BTreeMap::new(),
                 lease,
                 joined_unix_ms: self.now,
+                local_generation: 0,
             };
             self.view.members.insert(
                 node.into(),
@@ -611,9 +652,11 @@ mod tests {
         fn settle(&mut self) {
             for _ in 0..10 {
                 let plan = manager_plan(&self.view, &self.specs, self.now);
-                if plan.changes.iter().all(|c| c.expect_revision != 0 && {
-                    let old = &self.view.services[&c.service].value;
-                    *old == c.record
+                if plan.changes.iter().all(|c| {
+                    c.expect_revision != 0 && {
+                        let old = &self.view.services[&c.service].value;
+                        *old == c.record
+                    }
                 }) {
                     return;
                 }
@@ -621,7 +664,8 @@ mod tests {
                     self.rev += 1;
                     let k = self.keys.service(&c.service);
                     let v = serde_json::to_vec(&c.record).unwrap();
-                    self.view.apply(&self.keys, &k, Some(&v), self.rev, self.rev);
+                    self.view
+                        .apply(&self.keys, &k, Some(&v), self.rev, self.rev);
                     for (kind, name) in c.consumed {
                         self.view.requests.remove(&(kind, name));
                     }
@@ -633,10 +677,18 @@ mod tests {
         fn agent(&mut self, s: &str, node: &str, outcome: Outcome) {
             let rec = self.view.services[s].value.clone();
             let epoch = rec.instances[node].epoch;
-            let (new, _) = agent_transition(s, &rec, node, epoch, &outcome).expect("a transition");
+            let life = self.view.life(node).expect("a member");
+            let (new, _) =
+                agent_transition(s, &rec, node, life, epoch, &outcome).expect("a transition");
             self.rev += 1;
             let v = serde_json::to_vec(&new).unwrap();
-            self.view.apply(&self.keys, &self.keys.service(s), Some(&v), self.rev, self.rev);
+            self.view.apply(
+                &self.keys,
+                &self.keys.service(s),
+                Some(&v),
+                self.rev,
+                self.rev,
+            );
             self.settle();
         }
         fn rec(&self, s: &str) -> &ServiceRecord {
@@ -681,26 +733,53 @@ mod tests {
         sim.elapse(5 * 60 * 1000 - 1);
         assert_eq!(sim.row("svc").1, "M");
         sim.elapse(1); // t3: 5 minutes elapse: starting on N0
-        assert_eq!(sim.row("svc"), ("starting".into(), "".into(), at("N0", "starting")));
+        assert_eq!(
+            sim.row("svc"),
+            ("starting".into(), "".into(), at("N0", "starting"))
+        );
         sim.agent("svc", "N0", Outcome::Started); // t4
-        assert_eq!(sim.row("svc"), ("registered".into(), "".into(), at("N0", "registered")));
+        assert_eq!(
+            sim.row("svc"),
+            ("registered".into(), "".into(), at("N0", "registered"))
+        );
         sim.boot("N1", 1); // t5: no change
-        assert_eq!(sim.row("svc"), ("registered".into(), "".into(), at("N0", "registered")));
+        assert_eq!(
+            sim.row("svc"),
+            ("registered".into(), "".into(), at("N0", "registered"))
+        );
         sim.begin_leave("N2");
         sim.gone("N2"); // t6: no change
-        assert_eq!(sim.row("svc"), ("registered".into(), "".into(), at("N0", "registered")));
+        assert_eq!(
+            sim.row("svc"),
+            ("registered".into(), "".into(), at("N0", "registered"))
+        );
         sim.begin_leave("N0"); // t7: stopping, transfer intent
-        assert_eq!(sim.row("svc"), ("stopping".into(), "T".into(), at("N0", "stopping")));
+        assert_eq!(
+            sim.row("svc"),
+            ("stopping".into(), "T".into(), at("N0", "stopping"))
+        );
         // t8 (stop completes) and t9 (starting on N1) are one step for the manager, which
         // acts on the de-registration at once.
         sim.agent("svc", "N0", Outcome::Done);
-        assert_eq!(sim.row("svc"), ("starting".into(), "T".into(), at("N1", "starting")));
+        assert_eq!(
+            sim.row("svc"),
+            ("starting".into(), "T".into(), at("N1", "starting"))
+        );
         sim.agent("svc", "N1", Outcome::Started); // t10
-        assert_eq!(sim.row("svc"), ("registered".into(), "".into(), at("N1", "registered")));
+        assert_eq!(
+            sim.row("svc"),
+            ("registered".into(), "".into(), at("N1", "registered"))
+        );
         sim.gone("N0"); // t11
-        assert_eq!(sim.row("svc"), ("registered".into(), "".into(), at("N1", "registered")));
+        assert_eq!(
+            sim.row("svc"),
+            ("registered".into(), "".into(), at("N1", "registered"))
+        );
         sim.begin_leave("N1"); // t12
-        assert_eq!(sim.row("svc"), ("stopping".into(), "T".into(), at("N1", "stopping")));
+        assert_eq!(
+            sim.row("svc"),
+            ("stopping".into(), "T".into(), at("N1", "stopping"))
+        );
         sim.agent("svc", "N1", Outcome::Done); // t13: de-registered, T cleared
         assert_eq!(sim.row("svc"), ("deregistered".into(), "".into(), None));
     }
@@ -715,26 +794,50 @@ mod tests {
         let mut sim = Sim::new(vec![s]);
         sim.settle();
         sim.boot("N0", 0); // t1: the primary node is up: mature, starting at once
-        assert_eq!(sim.row("svc"), ("starting".into(), "".into(), at("N0", "starting")));
+        assert_eq!(
+            sim.row("svc"),
+            ("starting".into(), "".into(), at("N0", "starting"))
+        );
         sim.agent("svc", "N0", Outcome::Started); // t2
-        assert_eq!(sim.row("svc"), ("registered".into(), "".into(), at("N0", "registered")));
+        assert_eq!(
+            sim.row("svc"),
+            ("registered".into(), "".into(), at("N0", "registered"))
+        );
         sim.boot("N1", 1); // t3 (N1 is notified: its agent's business)
         assert_eq!(sim.row("svc").2, at("N0", "registered"));
         sim.begin_leave("N0"); // t4..t7: N0 leaves, the service goes to N1
-        assert_eq!(sim.row("svc"), ("stopping".into(), "T".into(), at("N0", "stopping")));
+        assert_eq!(
+            sim.row("svc"),
+            ("stopping".into(), "T".into(), at("N0", "stopping"))
+        );
         sim.agent("svc", "N0", Outcome::Done);
-        assert_eq!(sim.row("svc"), ("starting".into(), "T".into(), at("N1", "starting")));
+        assert_eq!(
+            sim.row("svc"),
+            ("starting".into(), "T".into(), at("N1", "starting"))
+        );
         sim.agent("svc", "N1", Outcome::Started);
         sim.gone("N0");
-        assert_eq!(sim.row("svc"), ("registered".into(), "".into(), at("N1", "registered")));
+        assert_eq!(
+            sim.row("svc"),
+            ("registered".into(), "".into(), at("N1", "registered"))
+        );
         sim.boot("N2", 2); // t8
         assert_eq!(sim.row("svc").2, at("N1", "registered"));
         sim.boot("N0", 0); // t9, t10: N0 is back and preferred; the transfer is free
-        assert_eq!(sim.row("svc"), ("stopping".into(), "T".into(), at("N1", "stopping")));
+        assert_eq!(
+            sim.row("svc"),
+            ("stopping".into(), "T".into(), at("N1", "stopping"))
+        );
         sim.agent("svc", "N1", Outcome::Done); // t11, t12
-        assert_eq!(sim.row("svc"), ("starting".into(), "T".into(), at("N0", "starting")));
+        assert_eq!(
+            sim.row("svc"),
+            ("starting".into(), "T".into(), at("N0", "starting"))
+        );
         sim.agent("svc", "N0", Outcome::Started); // t13
-        assert_eq!(sim.row("svc"), ("registered".into(), "".into(), at("N0", "registered")));
+        assert_eq!(
+            sim.row("svc"),
+            ("registered".into(), "".into(), at("N0", "registered"))
+        );
     }
 
     #[test]
@@ -746,10 +849,19 @@ mod tests {
         sim.agent("svc", "a", Outcome::Started);
         sim.boot("b", 1);
         sim.gone("a"); // no leave: the lease ended
-        assert_eq!(sim.row("svc"), ("recovering".into(), "".into(), at("b", "recovering")));
-        assert_eq!(sim.rec("svc").instances["b"].recovering_for.as_deref(), Some("a"));
+        assert_eq!(
+            sim.row("svc"),
+            ("recovering".into(), "".into(), at("b", "recovering"))
+        );
+        assert_eq!(
+            sim.rec("svc").instances["b"].recovering_for.as_deref(),
+            Some("a")
+        );
         sim.agent("svc", "b", Outcome::Done);
-        assert_eq!(sim.row("svc"), ("starting".into(), "".into(), at("b", "starting")));
+        assert_eq!(
+            sim.row("svc"),
+            ("starting".into(), "".into(), at("b", "starting"))
+        );
     }
 
     #[test]
@@ -764,7 +876,13 @@ mod tests {
         assert_eq!(sim.row("svc").2, at("b", "starting"));
         sim.agent("svc", "b", Outcome::Failed("exit 1".into()));
         assert_eq!(sim.row("svc").0, "deregistered");
-        assert!(sim.rec("svc").last.contains("failed on every allowable node"), "{}", sim.rec("svc").last);
+        assert!(
+            sim.rec("svc")
+                .last
+                .contains("failed on every allowable node"),
+            "{}",
+            sim.rec("svc").last
+        );
     }
 
     #[test]
@@ -799,7 +917,12 @@ mod tests {
         // all four went to a when only a was up; a new start goes to the least loaded.
         sim.view.services.clear();
         sim.settle();
-        let on_a = sim.view.services.values().filter(|r| r.value.instances.contains_key("a")).count();
+        let on_a = sim
+            .view
+            .services
+            .values()
+            .filter(|r| r.value.instances.contains_key("a"))
+            .count();
         assert_eq!(on_a, 2);
     }
 
@@ -819,12 +942,16 @@ mod tests {
             },
         );
         rec.target = Some("b".into());
-        let (new, _) = agent_transition("svc", &rec, "a", 1, &Outcome::Started).unwrap();
+        let life = NodeLife {
+            lease: 7,
+            generation: 0,
+        };
+        let (new, _) = agent_transition("svc", &rec, "a", life, 1, &Outcome::Started).unwrap();
         assert_eq!(new.instances["a"].state, InstanceState::Registered);
         assert_eq!(new.target.as_deref(), Some("b"));
         // Registered where the move asked: the target is reached.
         rec.target = Some("a".into());
-        let (new, _) = agent_transition("svc", &rec, "a", 1, &Outcome::Started).unwrap();
+        let (new, _) = agent_transition("svc", &rec, "a", life, 1, &Outcome::Started).unwrap();
         assert_eq!(new.target, None);
     }
 }

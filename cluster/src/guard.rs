@@ -6,7 +6,9 @@
 //! The guard stops them (through the local ccmgr, [`LocalCcmgr::stop_all_owned`]) when that
 //! time passes (the agent is cut from etcd, or frozen by SIGSTOP), or at once when its stdin
 //! closes without `release` (the agent died: nothing renews the lease any more, and the
-//! cluster will move the services). It answers `fenced` on stdout after each fence. It is a
+//! cluster will move the services). It answers `fenced 0` on stdout after such a fence. The
+//! agent may also ask `fence <n>` (it knows its lease is lost), answered `fenced <n>`, so that
+//! it joins again only after *that* fence, not after an earlier one still in the pipe. It is a
 //! process of its own because the one failure it exists for is the agent's.
 
 use std::path::PathBuf;
@@ -39,7 +41,14 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> i32 {
                     if line == "release" {
                         return 0;
                     }
-                    if let Some(ms) = line.strip_prefix("deadline ").and_then(|v| v.parse::<u64>().ok()) {
+                    if let Some(n) = line.strip_prefix("fence ").and_then(|v| v.parse::<u64>().ok()) {
+                        fence(&local).await;
+                        deadline = None;
+                        let answer = format!("fenced {n}\n");
+                        if stdout.write_all(answer.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
+                            return 0;
+                        }
+                    } else if let Some(ms) = line.strip_prefix("deadline ").and_then(|v| v.parse::<u64>().ok()) {
                         let now = monotonic_ms();
                         deadline = Some(Instant::now() + Duration::from_millis(ms.saturating_sub(now)));
                     }
@@ -54,7 +63,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> i32 {
                 warn!("the lease was not renewed in time: stopping this node's cluster services");
                 fence(&local).await;
                 deadline = None;
-                if stdout.write_all(b"fenced\n").await.is_err() || stdout.flush().await.is_err() {
+                if stdout.write_all(b"fenced 0\n").await.is_err() || stdout.flush().await.is_err() {
                     return 0;
                 }
             }

@@ -392,7 +392,9 @@ impl LocalCcmgr {
     /// Follows the local instance's events (`ccmgr events --json`) for as long as the
     /// receiver lives, following again (after a short, growing pause) whenever the command
     /// ends: at a stop of the stack, or when the instance is not running yet. An instance
-    /// found not running is reported once as a `not-running` event. Needs a tokio runtime.
+    /// found not running is reported once as a `not-running` event, and when it runs again,
+    /// `running` comes before its next event (the follow then begins with the instance's last
+    /// event, so that it is known at once). Needs a tokio runtime.
     pub fn follow_events(&self) -> mpsc::Receiver<LocalEvent> {
         let (tx, rx) = mpsc::channel(256);
         let ccmgr = self.ccmgr.clone();
@@ -401,10 +403,11 @@ impl LocalCcmgr {
             let mut pause = Duration::from_millis(100);
             let mut reported_not_running = false;
             loop {
+                let last = if reported_not_running { "1" } else { "0" };
                 let Ok(mut child) = Command::new(&ccmgr)
                     .arg("--config")
                     .arg(&config)
-                    .args(["events", "--json"])
+                    .args(["events", "--json", "-n", last])
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::null())
@@ -427,7 +430,20 @@ impl LocalCcmgr {
                             Ok(Some(line)) => {
                                 if let Ok(event) = serde_json::from_str::<LocalEvent>(&line) {
                                     got_any = true;
-                                    reported_not_running = false;
+                                    if reported_not_running {
+                                        reported_not_running = false;
+                                        let running = LocalEvent {
+                                            event: "running".to_owned(),
+                                            service: None,
+                                            pid: None,
+                                            status: None,
+                                            signal: None,
+                                            state: None,
+                                        };
+                                        if tx.send(running).await.is_err() {
+                                            return;
+                                        }
+                                    }
                                     if tx.send(event).await.is_err() {
                                         return;
                                     }

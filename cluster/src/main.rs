@@ -10,7 +10,11 @@ use ccmgr_cluster::cli::{self, CliError};
 use ccmgr_cluster::config;
 
 #[derive(Parser)]
-#[command(name = "ccmgr cluster", version, about = "ccmgr's cluster layer: the node agent and the cluster commands")]
+#[command(
+    name = "ccmgr cluster",
+    version,
+    about = "ccmgr's cluster layer: the node agent and the cluster commands"
+)]
 struct Args {
     /// The node's ccmgr.toml, with its [cluster] table (else $CCMGR_CONFIG, else /etc/ccmgr/ccmgr.toml).
     #[arg(long, global = true)]
@@ -101,7 +105,11 @@ fn default_ccmgr() -> PathBuf {
 fn main() -> ExitCode {
     let args = Args::parse();
     let long_running = matches!(args.verb, Verb::Agent { .. } | Verb::Guard { .. });
-    let level = if long_running { tracing::Level::INFO } else { tracing::Level::WARN };
+    let level = if long_running {
+        tracing::Level::INFO
+    } else {
+        tracing::Level::WARN
+    };
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
@@ -126,12 +134,14 @@ fn main() -> ExitCode {
     let json = args.json;
     let result: Result<(), CliError> = runtime.block_on(async move {
         match args.verb {
-            Verb::Agent { ccmgr } => ccmgr_cluster::agent::run(cfg, ccmgr.unwrap_or_else(default_ccmgr))
-                .await
-                .map_err(|e| match e {
-                    ccmgr_cluster::agent::AgentError::Specs(m) => CliError::Usage(m),
-                    e => CliError::Failed(e.to_string()),
-                }),
+            Verb::Agent { ccmgr } => {
+                ccmgr_cluster::agent::run(cfg, ccmgr.unwrap_or_else(default_ccmgr))
+                    .await
+                    .map_err(|e| match e {
+                        ccmgr_cluster::agent::AgentError::Specs(m) => CliError::Usage(m),
+                        e => CliError::Failed(e.to_string()),
+                    })
+            }
             Verb::Guard { ccmgr } => {
                 ccmgr_cluster::guard::run(cfg, ccmgr).await;
                 Ok(())
@@ -139,10 +149,18 @@ fn main() -> ExitCode {
             Verb::Status => cli::status(&cfg, json).await,
             Verb::Events { last } => cli::events(&cfg, json, last).await,
             Verb::Leave { node, no_wait } => cli::leave(&cfg, node, !no_wait).await,
-            Verb::Move { service, node, no_wait } => cli::move_service(&cfg, &service, &node, !no_wait).await,
-            Verb::Start { service, no_wait } => cli::start_stop(&cfg, &service, true, !no_wait).await,
+            Verb::Move {
+                service,
+                node,
+                no_wait,
+            } => cli::move_service(&cfg, &service, &node, !no_wait).await,
+            Verb::Start { service, no_wait } => {
+                cli::start_stop(&cfg, &service, true, !no_wait).await
+            }
             Verb::Addresses { service, node } => cli::addresses(&cfg, &service, node, json).await,
-            Verb::Stop { service, no_wait } => cli::start_stop(&cfg, &service, false, !no_wait).await,
+            Verb::Stop { service, no_wait } => {
+                cli::start_stop(&cfg, &service, false, !no_wait).await
+            }
         }
     });
     match result {

@@ -13,7 +13,7 @@
 //! | `requests/{leave,move,start,stop}/<name>` | `ccmgr cluster` commands | none | what an operator asked |
 //! | `events/<ms>-<node>-<n>` | any agent | its events lease (1 h) | the cluster's event stream |
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -111,6 +111,19 @@ pub struct Member {
     /// earlier life of the same node is known to be dead.
     pub lease: i64,
     pub joined_unix_ms: u64,
+    /// Counts the times the node's local ccmgr instance came back after it was found not
+    /// running: a start that failed on the node before is worth trying again after.
+    #[serde(default)]
+    pub local_generation: u64,
+}
+
+/// A life of a node: its lease, and its local instance's generation in it. A failed start
+/// excludes the node for the rest of that life only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeLife {
+    pub lease: i64,
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// A node ever seen, kept after it goes down.
@@ -179,9 +192,10 @@ pub struct ServiceRecord {
     /// Where a transfer goes (`cluster move`, failback); none: the choosing rules decide.
     #[serde(default)]
     pub target: Option<String>,
-    /// The nodes whose start failed since the last successful registration: not chosen again.
+    /// The nodes whose start failed, with the life of the node it failed in: not chosen
+    /// again in that life (a node that joins again, or whose local instance came back, is).
     #[serde(default)]
-    pub failed_nodes: BTreeSet<String>,
+    pub failed_nodes: BTreeMap<String, NodeLife>,
     /// Seed 001's "awaiting maturity": since when (unix ms).
     #[serde(default)]
     pub awaiting_maturity_since_ms: Option<u64>,
@@ -201,7 +215,7 @@ impl ServiceRecord {
             wanted,
             transfer_intent: false,
             target: None,
-            failed_nodes: BTreeSet::new(),
+            failed_nodes: BTreeMap::new(),
             awaiting_maturity_since_ms: None,
             matured: false,
             next_epoch: 1,
@@ -284,7 +298,8 @@ impl View {
         match (first, second, third) {
             ("members", Some(node), None) => match decode::<Member>(value) {
                 Some(member) => {
-                    self.members.insert(node.to_owned(), versioned(member, m, c));
+                    self.members
+                        .insert(node.to_owned(), versioned(member, m, c));
                 }
                 None => {
                     self.members.remove(node);
@@ -355,6 +370,14 @@ impl View {
         self.members
             .get(node)
             .is_some_and(|m| m.value.lease == lease)
+    }
+
+    /// The current life of a member.
+    pub fn life(&self, node: &str) -> Option<NodeLife> {
+        self.members.get(node).map(|m| NodeLife {
+            lease: m.value.lease,
+            generation: m.value.local_generation,
+        })
     }
 
     pub fn up(&self, node: &str) -> bool {

@@ -75,22 +75,43 @@ mod tests {
                 distances: BTreeMap::new(),
                 lease: i as i64 + 1,
                 joined_unix_ms: 0,
+                local_generation: 0,
             };
-            v.apply(&keys, &keys.member(name), Some(&serde_json::to_vec(&m).unwrap()), 1, 1);
+            v.apply(
+                &keys,
+                &keys.member(name),
+                Some(&serde_json::to_vec(&m).unwrap()),
+                1,
+                1,
+            );
         }
         if let Some(b) = backup {
             v.apply(&keys, &keys.backup(), Some(b.as_bytes()), 1, 1);
         }
         if let Some(m) = manager {
-            let r = crate::record::ManagerRecord { node: m.into(), lease: 1, since_unix_ms: 0 };
-            v.apply(&keys, &keys.manager(), Some(&serde_json::to_vec(&r).unwrap()), 1, 1);
+            let r = crate::record::ManagerRecord {
+                node: m.into(),
+                lease: 1,
+                since_unix_ms: 0,
+            };
+            v.apply(
+                &keys,
+                &keys.manager(),
+                Some(&serde_json::to_vec(&r).unwrap()),
+                1,
+                1,
+            );
         }
         v
     }
 
     #[test]
     fn only_the_backup_claims_while_it_lives() {
-        let v = view(&[("a", 0, true), ("b", 1, true), ("c", 2, true)], Some("b"), None);
+        let v = view(
+            &[("a", 0, true), ("b", 1, true), ("c", 2, true)],
+            Some("b"),
+            None,
+        );
         assert!(should_claim(&v, "b", true, false));
         assert!(!should_claim(&v, "a", true, false));
         assert!(!should_claim(&v, "c", true, false));
@@ -101,9 +122,22 @@ mod tests {
 
     #[test]
     fn the_backup_is_the_lowest_numbered_eligible_member_and_is_kept() {
-        let v = view(&[("m", 5, true), ("x", 0, false), ("y", 3, true), ("z", 2, true)], None, Some("m"));
+        let v = view(
+            &[
+                ("m", 5, true),
+                ("x", 0, false),
+                ("y", 3, true),
+                ("z", 2, true),
+            ],
+            None,
+            Some("m"),
+        );
         assert_eq!(backup_choice(&v, "m"), Some(Some("z".into())));
-        let v = view(&[("m", 5, true), ("y", 3, true), ("z", 2, true)], Some("y"), Some("m"));
+        let v = view(
+            &[("m", 5, true), ("y", 3, true), ("z", 2, true)],
+            Some("y"),
+            Some("m"),
+        );
         assert_eq!(backup_choice(&v, "m"), None);
         let v = view(&[("m", 5, true), ("x", 0, false)], Some("y"), Some("m"));
         assert_eq!(backup_choice(&v, "m"), Some(None));

@@ -12,18 +12,23 @@ use support::{
 };
 
 /// etcdctl with 1-second dial and command timeouts: an unreachable etcd fails it quickly.
+/// Only for calls expected to fail: one expected to succeed gets etcdctl's own timeouts
+/// (2 s dial, 5 s command), so that a loaded machine does not fail it.
 const QUICK: [&str; 2] = ["--dial-timeout=1s", "--command-timeout=1s"];
 
 fn put(endpoints: &[String], key: &str, value: &str) -> std::process::Output {
+    etcdctl_at(endpoints, &["put", key, value])
+}
+
+/// A put expected to fail, quickly.
+fn put_quick(endpoints: &[String], key: &str, value: &str) -> std::process::Output {
     let mut args = QUICK.to_vec();
     args.extend(["put", key, value]);
     etcdctl_at(endpoints, &args)
 }
 
 fn get(endpoints: &[String], key: &str) -> String {
-    let mut args = QUICK.to_vec();
-    args.extend(["get", "--print-value-only", key]);
-    let out = etcdctl_at(endpoints, &args);
+    let out = etcdctl_at(endpoints, &["get", "--print-value-only", key]);
     assert!(out.status.success(), "get {key}: {}", text(&out));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
@@ -35,6 +40,21 @@ fn etcd_answers_a_put_and_a_get() {
     assert!(out.status.success(), "put: {}", text(&out));
     assert_eq!(get(&etcd.endpoints(), "/k"), "v1");
     assert!(etcd.endpoint().starts_with("http://127.0.0.1:"));
+    let pid = etcd.pid();
+    drop(etcd);
+    assert!(!alive(pid), "etcd {pid} survived its drop");
+}
+
+#[test]
+fn a_killed_etcd_restarts_with_its_data() {
+    let mut etcd = Etcd::start("etcd_restart");
+    assert!(etcd.etcdctl(&["put", "/k", "kept"]).status.success());
+    let pid = etcd.pid();
+    etcd.kill();
+    assert!(!alive(pid), "etcd {pid} survived kill");
+    assert!(!put_quick(&etcd.endpoints(), "/k", "lost").status.success());
+    etcd.restart();
+    assert_eq!(get(&etcd.endpoints(), "/k"), "kept");
 }
 
 #[test]
@@ -62,7 +82,7 @@ fn a_cut_proxy_stalls_etcd_and_a_restored_one_forwards_again() {
     );
 
     proxy.cut();
-    let out = put(&via, "/p", "2");
+    let out = put_quick(&via, "/p", "2");
     assert!(
         !out.status.success(),
         "a put through a cut proxy: {}",
@@ -80,14 +100,14 @@ fn a_cut_proxy_stalls_etcd_and_a_restored_one_forwards_again() {
     assert_eq!(get(&via, "/p"), "3");
 
     proxy.reset();
-    let out = put(&via, "/p", "4");
+    let out = put_quick(&via, "/p", "4");
     assert!(
         !out.status.success(),
         "a put through a reset proxy: {}",
         text(&out)
     );
     proxy.restore();
-    wait_until(Duration::from_secs(10), "a put after the reset", || {
+    wait_until(Duration::from_secs(30), "a put after the reset", || {
         put(&via, "/p", "5").status.success().then_some(())
     });
     assert_eq!(get(&etcd.endpoints(), "/p"), "5");
@@ -132,7 +152,7 @@ fn a_cut_stalls_an_open_connection_both_ways() {
 
     // Healed: the connection resumes, "b" arrives.
     proxy.restore();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     c.read_exact(&mut one).unwrap();
     assert_eq!(&one, b"b");
     drop(c);
@@ -168,7 +188,7 @@ fn an_etcd_cluster_answers_with_one_member_killed_and_restarted() {
         .collect();
     assert_eq!(get(&via, "/c"), "2");
     net.cut();
-    let out = put(&via, "/c", "cut");
+    let out = put_quick(&via, "/c", "cut");
     assert!(
         !out.status.success(),
         "a put through cut proxies: {}",
@@ -179,7 +199,7 @@ fn an_etcd_cluster_answers_with_one_member_killed_and_restarted() {
     cluster.restart_member(leader);
     let one = vec![all[leader].clone()];
     wait_until(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the restarted member caught up",
         || (get(&one, "/c") == "2").then_some(()),
     );
@@ -202,7 +222,7 @@ fn a_node_starts_its_ccmgr_and_kill_node_leaves_nothing_alive() {
     node.write_local_service("w", &witnessed(&def));
     let out = node.ccmgr(&["reload"]);
     assert!(out.status.success(), "reload: {}", text(&out));
-    wait_until(Duration::from_secs(10), "w up and witnessed", || {
+    wait_until(Duration::from_secs(30), "w up and witnessed", || {
         (node.runs("w") && def.witness().running_on("w").as_deref() == Some("n0")).then_some(())
     });
 
@@ -212,6 +232,11 @@ fn a_node_starts_its_ccmgr_and_kill_node_leaves_nothing_alive() {
     node.kill_node();
     let alive_now: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
     assert!(alive_now.is_empty(), "alive after kill_node: {alive_now:?}");
+    let left = support::instance_processes(&node.instance);
+    assert!(
+        left.is_empty(),
+        "processes of the instance after kill_node: {left:?}"
+    );
     assert!(
         node.local_status_opt()
             .is_none_or(|s| s["services"].as_array().is_none_or(|v| v
@@ -226,7 +251,7 @@ fn a_node_starts_its_ccmgr_and_kill_node_leaves_nothing_alive() {
 
     // The node comes back: its ccmgr starts over what the killed one left in run/.
     node.start_ccmgr();
-    wait_until(Duration::from_secs(10), "w up again", || {
+    wait_until(Duration::from_secs(30), "w up again", || {
         def.witness().running_on("w")
     });
     let runs = def.witness().assert_never_twice("w");
@@ -251,7 +276,7 @@ fn a_witnessed_service_records_its_stop() {
     let node = def.simple_node("n1", 1, &["http://127.0.0.1:9".to_owned()]);
     node.write_local_service("w", &witnessed(&def));
     node.start_ccmgr();
-    wait_until(Duration::from_secs(10), "w witnessed", || {
+    wait_until(Duration::from_secs(30), "w witnessed", || {
         def.witness().running_on("w")
     });
     let out = node.ccmgr(&["stop"]);
@@ -309,4 +334,88 @@ fn the_witness_finds_overlapping_runs() {
         let r = std::panic::catch_unwind(|| w.assert_never_twice("s"));
         assert!(r.is_err(), "overlap not found in {bad:?}");
     }
+}
+
+#[test]
+fn a_dropped_node_leaves_nothing_alive() {
+    let def = ClusterDef::new("drop_node");
+    let node = def.simple_node("n0", 0, &["http://127.0.0.1:9".to_owned()]);
+    node.write_local_service("w", &witnessed(&def));
+    node.start_ccmgr();
+    wait_until(Duration::from_secs(30), "w witnessed", || {
+        def.witness().running_on("w")
+    });
+    node.start_agent();
+    let mut pids = node.own_pids();
+    assert!(pids.len() >= 4, "keeper, coordinator, standby, w: {pids:?}");
+    pids.extend(node.agent_pid());
+    let instance = node.instance.clone();
+    drop(node);
+    let alive_now: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(alive_now.is_empty(), "alive after the drop: {alive_now:?}");
+    let left = support::instance_processes(&instance);
+    assert!(
+        left.is_empty(),
+        "processes of the instance after the drop: {left:?}"
+    );
+    def.witness().assert_never_twice("w");
+}
+
+#[test]
+fn kill_node_kills_the_fence_guard_that_kill_agent_leaves() {
+    let etcd = Etcd::start("guard");
+    let def = ClusterDef::new("guard");
+    let node = def.simple_node("n0", 0, &etcd.endpoints());
+    node.start_ccmgr();
+    node.start_agent();
+    let agent = node.agent_pid().unwrap();
+    let guard = wait_until(Duration::from_secs(30), "the agent's fence guard", || {
+        support::children_of(agent).into_iter().find(|&p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"guard"))
+        })
+    });
+    node.kill_agent();
+    assert!(!alive(agent), "the agent {agent} survived kill_agent");
+    node.kill_node();
+    assert!(!alive(guard), "the guard {guard} survived kill_node");
+    let left = support::instance_processes(&node.instance);
+    assert!(
+        left.is_empty(),
+        "processes of the instance after kill_node: {left:?}"
+    );
+}
+
+/// The harness with the real agent: two nodes place a witnessed service once; the node that
+/// runs it dies whole; the service comes up on the other, never on both at once.
+#[test]
+fn two_agents_move_a_witnessed_service_off_a_killed_node() {
+    let etcd = Etcd::start("two_agents");
+    let def = ClusterDef::new("two_agents");
+    def.write_witnessed_service("w", "placement = \"one\"\ntransfer_cost = \"free\"");
+    let nodes = [
+        def.simple_node("n0", 0, &etcd.endpoints()),
+        def.simple_node("n1", 1, &etcd.endpoints()),
+    ];
+    for n in &nodes {
+        n.start_ccmgr();
+        n.start_agent();
+    }
+    let first = wait_until(Duration::from_secs(30), "w placed and running", || {
+        def.witness().running_on("w")
+    });
+    let (dead, other) = if first == "n0" {
+        (&nodes[0], &nodes[1])
+    } else {
+        (&nodes[1], &nodes[0])
+    };
+    dead.kill_node();
+    wait_until(
+        Duration::from_secs(30),
+        "w running on the other node",
+        || (def.witness().running_on("w").as_deref() == Some(other.name.as_str())).then_some(()),
+    );
+    assert!(other.runs("w"), "{:?}", other.local_status());
+    let runs = def.witness().assert_never_twice("w");
+    assert_eq!(runs.len(), 2, "{runs:?}");
 }

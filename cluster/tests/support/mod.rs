@@ -179,12 +179,35 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// A process's start time (field 22 of `/proc/<pid>/stat`, zombies included): with its pid,
+/// what names one process for good, as pids wrap.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    // Fields after the command name start at field 3 (state).
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// `pids` with their start times, those that exist.
+pub fn identities(pids: impl IntoIterator<Item = i32>) -> Vec<(i32, u64)> {
+    pids.into_iter()
+        .filter_map(|p| Some((p, start_time(p)?)))
+        .collect()
+}
+
 /// Reaps whichever of `pids` are our children (ours, or orphans re-parented to us), waiting
 /// up to 5 s each for a killed one to die.
 pub fn reap(pids: &[i32]) {
-    for &pid in pids {
+    reap_identified(&identities(pids.iter().copied()));
+}
+
+/// Reaps whichever of the processes `ids` names are our children, waiting up to 5 s each
+/// for a killed one to die; a pid now naming another process (another start time) is left
+/// alone: it may be another test's child.
+pub fn reap_identified(ids: &[(i32, u64)]) {
+    for &(pid, started) in ids {
         let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        while start_time(pid) == Some(started) {
             match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
@@ -220,6 +243,46 @@ fn parents() -> HashMap<i32, i32> {
         }
     }
     map
+}
+
+/// Whether `pid` is a process of ccmgr instance `instance`: its keeper, coordinator or
+/// standby (`--instance NAME internal ROLE` on its command line) or a service or a service's
+/// child (`CCMGR_INSTANCE=NAME` in its environment). The check that makes killing by pid safe
+/// on a machine whose pids wrap (pid_max 32768 here): a pid recorded earlier may name another
+/// test's process now, and instance names are unique per test process and node.
+pub fn belongs_to(pid: i32, instance: &str) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    if args
+        .windows(2)
+        .any(|w| w[0] == b"--instance" && w[1] == instance.as_bytes())
+    {
+        return true;
+    }
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let wanted = format!("CCMGR_INSTANCE={instance}");
+    environ
+        .split(|&b| b == 0)
+        .any(|var| var == wanted.as_bytes())
+}
+
+/// Every live process of ccmgr instance `instance`, found in /proc (see [`belongs_to`]).
+pub fn instance_processes(instance: &str) -> BTreeSet<i32> {
+    let me = std::process::id() as i32;
+    parents()
+        .keys()
+        .copied()
+        .filter(|&pid| pid != me && alive(pid) && belongs_to(pid, instance))
+        .collect()
+}
+
+/// The live children of `pid`.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    parents()
+        .into_iter()
+        .filter(|&(child, parent)| parent == pid && alive(child))
+        .map(|(child, _)| child)
+        .collect()
 }
 
 /// `roots` and every live descendant of them.
@@ -263,14 +326,15 @@ pub fn kill_tree(pids: &BTreeSet<i32>) -> Vec<i32> {
             stopped.insert(pid);
         }
     }
-    for &pid in roots.union(&stopped) {
+    let all: Vec<i32> = roots.union(&stopped).copied().collect();
+    let ids = identities(all.iter().copied());
+    for &pid in &all {
         if pid != my_group {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
-    let all: Vec<i32> = roots.union(&stopped).copied().collect();
-    reap(&all);
+    reap_identified(&ids);
     all
 }
 
@@ -453,6 +517,7 @@ fn temp_dir(prefix: &str, test: &str) -> tempfile::TempDir {
 pub struct Etcd {
     pub dir: tempfile::TempDir,
     proc: EtcdProcess,
+    token: String,
 }
 
 impl Etcd {
@@ -465,7 +530,35 @@ impl Etcd {
         Etcd {
             dir,
             proc: procs.remove(0),
+            token: tag,
         }
+    }
+
+    /// SIGKILLs it (by pid) and reaps it: etcd gone for every node at once.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts it again on the same ports with the same data and waits until it answers. A
+    /// port taken meanwhile by another process fails the test.
+    pub fn restart(&mut self) {
+        assert!(self.proc.child.is_none(), "etcd still runs");
+        let initial = format!("{}={}", self.proc.name, self.proc.peer_url());
+        let token = self.token.clone();
+        self.proc.spawn(&initial, &token);
+        let port = self.proc.client_port;
+        wait_for(START_LIMIT, "etcd healthy again", || {
+            if self.proc.exited() {
+                let log = self.proc.log_text();
+                self.proc.child = None;
+                panic!("etcd exited at restart:\n{log}");
+            }
+            if etcd_healthy(port) {
+                Ok(())
+            } else {
+                Err("not healthy")
+            }
+        });
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -481,6 +574,7 @@ impl Etcd {
         SocketAddr::from(([127, 0, 0, 1], self.proc.client_port))
     }
 
+    /// Its pid; panics when it was killed.
     pub fn pid(&self) -> i32 {
         self.proc.pid().expect("etcd runs")
     }
@@ -1100,8 +1194,9 @@ pub struct Node {
     pub instance: String,
     witness: PathBuf,
     agent: Mutex<Option<Child>>,
-    /// Every pid of the instance seen: killed on drop if still alive.
-    seen: Mutex<BTreeSet<i32>>,
+    /// Every pid of the instance seen: killed on drop if still alive and still the
+    /// instance's (see [`belongs_to`]).
+    seen: Mutex<BTreeSet<(i32, u64)>>,
 }
 
 fn toml_str(s: &str) -> String {
@@ -1195,8 +1290,20 @@ impl Node {
             .stdin(Stdio::null())
             .output()
             .expect("ccmgr runs");
+        self.reap_zombies();
         self.remember_pids();
         out
+    }
+
+    /// Reaps the remembered processes of the node that died and were re-parented to this
+    /// process (a keeper that `ccmgr stop` ended, say), so they do not linger as zombies.
+    pub fn reap_zombies(&self) {
+        let seen = self.seen.lock().unwrap().clone();
+        for (pid, started) in seen {
+            if start_time(pid) == Some(started) && !alive(pid) {
+                let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+            }
+        }
     }
 
     /// `ccmgr start` (the instance in the background, with whatever services.d holds); panics
@@ -1237,7 +1344,10 @@ impl Node {
         let status = self
             .local_status_opt()
             .unwrap_or_else(|| panic!("the ccmgr of node {} is not running", self.name));
-        self.seen.lock().unwrap().extend(pids_in(&status));
+        self.seen
+            .lock()
+            .unwrap()
+            .extend(identities(pids_in(&status)));
         status
     }
 
@@ -1272,11 +1382,33 @@ impl Node {
 
     fn remember_pids(&self) {
         let pids = self.instance_pids();
-        self.seen.lock().unwrap().extend(pids);
+        let ours = pids.into_iter().filter(|&p| belongs_to(p, &self.instance));
+        self.seen.lock().unwrap().extend(identities(ours));
     }
 
-    /// Spawns `ccmgr-cluster --config C agent`, its output to `agent.log` in the node's
-    /// directory.
+    /// Every live process of the node's instance: those its status, its process record and
+    /// this harness named, if still the instance's, and those /proc shows as the instance's.
+    pub fn own_pids(&self) -> BTreeSet<i32> {
+        let mut pids: BTreeSet<i32> = self
+            .instance_pids()
+            .into_iter()
+            .filter(|&p| alive(p) && belongs_to(p, &self.instance))
+            .collect();
+        // Remembered ones (the agent's fence guard among them) by pid and start time.
+        pids.extend(
+            self.seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|&&(p, started)| alive(p) && start_time(p) == Some(started))
+                .map(|&(p, _)| p),
+        );
+        pids.extend(instance_processes(&self.instance));
+        pids
+    }
+
+    /// Spawns `ccmgr-cluster --config C agent --ccmgr <ccmgr under test>`, its output to
+    /// `agent.log` in the node's directory.
     pub fn start_agent(&self) {
         let mut agent = self.agent.lock().unwrap();
         assert!(agent.is_none(), "the agent of node {} runs", self.name);
@@ -1289,6 +1421,8 @@ impl Node {
             .arg("--config")
             .arg(self.config_path())
             .arg("agent")
+            .arg("--ccmgr")
+            .arg(ccmgr_bin())
             .env_remove("CCMGR_CONFIG")
             .env("CCMGR_BIN", ccmgr_bin())
             .env("PATH", path_with_ccmgr())
@@ -1321,6 +1455,16 @@ impl Node {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// When the agent has exited (a graceful leave): reaps it and forgets it, so that
+    /// [`Node::start_agent`] may boot the node again; returns its exit status. `None` (the
+    /// agent kept) while it runs.
+    pub fn take_exited_agent(&self) -> Option<std::process::ExitStatus> {
+        let mut agent = self.agent.lock().unwrap();
+        let status = agent.as_mut()?.try_wait().ok().flatten()?;
+        *agent = None;
+        Some(status)
+    }
+
     /// SIGKILLs the agent alone and reaps it. Its fence guard (its child, which stops the
     /// node's cluster services when the agent dies) is left to do its work; it is
     /// remembered, and killed with the node or on drop.
@@ -1328,7 +1472,8 @@ impl Node {
         if let Some(mut child) = self.agent.lock().unwrap().take() {
             let pid = child.id() as i32;
             let tree = with_descendants(&BTreeSet::from([pid]));
-            self.seen.lock().unwrap().extend(tree.iter().copied().filter(|&p| p != pid));
+            let rest = tree.iter().copied().filter(|&p| p != pid);
+            self.seen.lock().unwrap().extend(identities(rest));
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             let _ = child.wait();
         }
@@ -1351,9 +1496,7 @@ impl Node {
     /// ended before that time. Panics if anything of it survived.
     pub fn kill_node(&self) {
         self.kill_agent_and_guard();
-        let mut pids = self.instance_pids();
-        pids.extend(self.seen.lock().unwrap().iter().copied());
-        let killed = kill_tree(&pids);
+        let killed = kill_tree(&self.own_pids());
         let survivors: Vec<i32> = killed.iter().copied().filter(|&p| alive(p)).collect();
         assert!(
             survivors.is_empty(),
@@ -1411,8 +1554,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill_agent();
-        let mut pids = self.instance_pids();
-        pids.extend(self.seen.lock().unwrap().iter().copied());
+        let before = identities(self.own_pids());
         // `ccmgr stop`, bounded: a broken instance must not hang the test.
         if let Ok(mut stop) = Command::new(ccmgr_bin())
             .arg("--config")
@@ -1431,7 +1573,11 @@ impl Drop for Node {
             let _ = stop.kill();
             let _ = stop.wait();
         }
-        kill_tree(&pids);
+        // Whatever survived the stop, then the reaping of what the stop killed (orphans of
+        // a keeper gone come back to this process).
+        kill_tree(&self.own_pids());
+        reap_identified(&before);
+        self.reap_zombies();
     }
 }
 
