@@ -295,6 +295,21 @@ impl View {
             }
         }
         let (m, c) = (mod_revision, create_revision);
+        // An agent applies its own writes at once (at their revision); the watch may bring
+        // an older change of the same key after that. An older change must not undo a newer
+        // state: a claimed manager key wiped by the resigned manager's earlier delete made
+        // the new manager forget it was one (and the departed member's leave went untold).
+        let newer_held = |held: Option<i64>| held.is_some_and(|h| h > m);
+        let stale = match (first, second) {
+            ("manager", None) => newer_held(self.manager.as_ref().map(|v| v.mod_revision)),
+            ("backup", None) => newer_held(self.backup.as_ref().map(|v| v.mod_revision)),
+            ("members", Some(node)) => newer_held(self.members.get(node).map(|v| v.mod_revision)),
+            ("services", Some(name)) => newer_held(self.services.get(name).map(|v| v.mod_revision)),
+            _ => false,
+        };
+        if stale {
+            return;
+        }
         match (first, second, third) {
             ("members", Some(node), None) => match decode::<Member>(value) {
                 Some(member) => {
@@ -401,4 +416,27 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A change older than what the view holds for a key (an own write applied at once, the
+    /// watch bringing an earlier delete after it) is ignored.
+    #[test]
+    fn an_older_change_does_not_undo_a_newer_state() {
+        let keys = Keys::new("c");
+        let mut view = View::default();
+        let claim = br#"{"node":"n1","lease":7,"since_unix_ms":0}"#;
+        view.apply(&keys, &keys.manager(), Some(claim), 12, 12);
+        view.apply(&keys, &keys.manager(), None, 10, 0);
+        assert_eq!(view.manager_node(), Some("n1"));
+        view.apply(&keys, &keys.backup(), Some(b"n2"), 13, 13);
+        view.apply(&keys, &keys.backup(), Some(b"n1"), 11, 5);
+        assert_eq!(view.backup_node(), Some("n2"));
+        // A newer delete still deletes.
+        view.apply(&keys, &keys.manager(), None, 14, 0);
+        assert_eq!(view.manager_node(), None);
+    }
 }
