@@ -1113,10 +1113,11 @@ impl Agent {
             "member": me,
             "was_backup": previous.as_deref() == Some(me.as_str()),
         }));
+        let body = serde_json::to_string(&record).expect("json");
         let txn = Txn::new().when(when).and_then(vec![
             TxnOp::put(
                 self.keys.manager(),
-                serde_json::to_string(&record).expect("json"),
+                body.clone(),
                 Some(PutOptions::new().with_lease(self.lease)),
             ),
             ev,
@@ -1126,6 +1127,12 @@ impl Agent {
                 let rev = r.header().map_or(0, |h| h.revision());
                 info!("this node is the manager now (token {rev})");
                 self.manager_token = Some(rev);
+                // Into the view at once, as the other own writes: until the watch brought
+                // the claim back, the next pass found no manager in the view and dropped
+                // the token (a member's leave meanwhile went untold).
+                let key = self.keys.manager();
+                self.view
+                    .apply(&self.keys, &key, Some(body.as_bytes()), rev, rev);
             }
             Ok(Ok(_)) => debug!("another node claimed the manager's role first"),
             Ok(Err(e)) => warn!("cannot claim the manager's role: {e}"),
