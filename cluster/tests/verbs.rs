@@ -399,21 +399,23 @@ fn a_failed_start_moves_on_and_gives_up_when_every_node_fails() {
     let etcd = Etcd::start("failstart");
     let def = ClusterDef::new("failstart");
     let cmd = failing_where_marked(&def);
+    // min_uptime: a start counts only once the command ran that long, so that the failing
+    // one (up for ccmgr as soon as spawned, gone an instant later) is a failed start.
     mark_failing(&def, "n0");
     def.write_cluster_service(
         "web",
         &format!(
-            "command = {cmd}\nrestart = \"never\"\npreferred_nodes = [\"n0\", \"n1\", \"n2\"]\nauto_start = false\n"
+            "command = {cmd}\nrestart = \"never\"\nmin_uptime = \"300ms\"\npreferred_nodes = [\"n0\", \"n1\", \"n2\"]\nauto_start = false\n"
         ),
     );
     def.write_cluster_service(
         "doomed",
-        &format!("command = {cmd}\nrestart = \"never\"\nallowable_nodes = [\"n0\"]\n"),
+        &format!("command = {cmd}\nrestart = \"never\"\nmin_uptime = \"300ms\"\nallowable_nodes = [\"n0\"]\n"),
     );
     def.write_cluster_service(
         "doomed2",
         &format!(
-            "command = {cmd}\nrestart = \"never\"\nallowable_nodes = [\"n0\", \"n1\"]\nauto_start = false\n"
+            "command = {cmd}\nrestart = \"never\"\nmin_uptime = \"300ms\"\nallowable_nodes = [\"n0\", \"n1\"]\nauto_start = false\n"
         ),
     );
     mark_failing(&def, "n1");
