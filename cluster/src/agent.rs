@@ -46,6 +46,8 @@ use crate::spec::ClusterServiceSpec;
 
 /// How long notify and recovery commands may run before they are killed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most specifications one transaction publishes: etcd's `--max-txn-ops` defaults to 128.
+const SPECS_PER_TXN: usize = 100;
 /// The TTL of an agent's events lease: the events it published live this long after it.
 const EVENTS_TTL_SECS: i64 = 3600;
 
@@ -136,6 +138,10 @@ pub struct Agent {
     /// The watch's handle: dropping it would end the watch.
     watcher: Option<etcd_client::Watcher>,
     wake_at_ms: Option<u64>,
+    /// Keys this agent wrote and applied to its view at once ([`Agent::txn_apply`]), with the
+    /// revision written, until the watch brings that revision back: an older change of such
+    /// a key still on its way in the watch must not take the view back in time.
+    own_writes: BTreeMap<String, i64>,
     op_timeout: Duration,
 }
 
@@ -159,13 +165,22 @@ fn mono_of(instant: Instant) -> u64 {
     }
 }
 
-/// Connects to etcd with HTTP/2 pings at the heartbeat, so that a dead link ends the watch
-/// and the keep-alive stream instead of leaving them waiting.
+/// How long a connection to etcd may be silent before the client pings it. etcd closes a
+/// connection that pings more often than its `--grpc-keepalive-min-time` (5 s by default)
+/// while it sends nothing back ("too_many_pings"): pings at the heartbeat ended a quiet
+/// connection after a second (the commands have their own client, `cli::client`, with the
+/// same rule; an agent's connection is seldom quiet, its lease's keep-alives answered at
+/// each heartbeat, but etcd's rule holds for it too).
+const PING_AFTER: Duration = Duration::from_secs(10);
+
+/// Connects to etcd with HTTP/2 pings after a silence (see [`PING_AFTER`]), so that a dead
+/// link ends the watch and the keep-alive stream instead of leaving them waiting. (The
+/// lease does not depend on them: the agent fences by its own clock and connects anew.)
 pub async fn connect(cfg: &ClusterConfig) -> Result<Client, AgentError> {
     let hb = cfg.heartbeat.max(Duration::from_millis(100));
     let options = ConnectOptions::new()
         .with_connect_timeout(hb * 2)
-        .with_keep_alive(hb, hb * 2)
+        .with_keep_alive(PING_AFTER.max(hb), hb * 2)
         .with_keep_alive_while_idle(true);
     // Only the endpoints that answer, and a task that keeps the balancer to those: see
     // crate::endpoints (etcd-client sends requests to dead members too).
@@ -254,6 +269,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         watch: None,
         watcher: None,
         wake_at_ms: None,
+        own_writes: BTreeMap::new(),
         op_timeout,
     };
     agent.join_until_done().await;
@@ -281,7 +297,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
                     }
                 }
             }
-            ev = next_watch(&mut agent.watch) => {
+            ev = next_watch(&mut agent.watch, agent.cfg.heartbeat) => {
                 agent.on_watch(ev).await;
             }
             _ = sleep_until(fence_at), if !agent.fenced => {
@@ -293,6 +309,16 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
                 agent.wake_at_ms = None;
             }
         }
+        // The fence time may have passed while another branch was chosen (a process
+        // frozen, or starved, past it wakes with the timer and the watch both ready): no
+        // step on an expired lease, whatever woke the loop.
+        if !agent.fenced && Instant::now() >= agent.fence_time() {
+            warn!(
+                "the lease's validity ran out: fencing (the guard stops this node's cluster services)"
+            );
+            agent.fenced = true;
+            agent.manager_token = None;
+        }
         if agent.fenced && !agent.leaving {
             agent.after_fence(&mut rx).await;
         }
@@ -301,16 +327,17 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// The watch's next message; with no watch (the last resync could not read the cluster or
+/// open one), an end of stream after `retry`, so that the loop resyncs again rather than
+/// follow the cluster no more while its lease lives on.
 async fn next_watch(
     watch: &mut Option<WatchStream>,
+    retry: Duration,
 ) -> Result<Option<etcd_client::WatchResponse>, etcd_client::Error> {
     match watch {
         Some(w) => w.message().await,
-        // No watch: the last resync could not read or watch (etcd unreachable, or the
-        // request went to a dead member). Report an ended watch, so that on_watch resyncs
-        // again, rather than wait forever deaf to the cluster.
         None => {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(retry).await;
             Ok(None)
         }
     }
@@ -438,6 +465,7 @@ impl Agent {
                     let create = self.view_create_revision(&key).unwrap_or(rev);
                     self.view
                         .apply(&self.keys, &key, value.as_deref(), rev, create);
+                    self.own_writes.insert(key, rev);
                 }
             }
         }
@@ -649,6 +677,7 @@ impl Agent {
         let rev = resp.header().map_or(0, |h| h.revision());
         view.revision = rev;
         self.view = view;
+        self.own_writes.clear();
         let wopts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(rev + 1);
@@ -681,6 +710,25 @@ impl Agent {
                     let Ok(key) = kv.key_str() else { continue };
                     if key.starts_with(&self.keys.events()) {
                         continue;
+                    }
+                    // The late echo of a change older than one this agent wrote and applied
+                    // at once (txn_apply) would take the view back in time: the agent would
+                    // carry out again an assignment it has already reported on.
+                    // (`own_writes` covers the keys the view forgets when deleted, the backup's.)
+                    if self.view.holds_newer(&self.keys, key, kv.mod_revision())
+                        || self
+                            .own_writes
+                            .get(key)
+                            .is_some_and(|&written| kv.mod_revision() < written)
+                    {
+                        continue;
+                    }
+                    if self
+                        .own_writes
+                        .get(key)
+                        .is_some_and(|&written| kv.mod_revision() >= written)
+                    {
+                        self.own_writes.remove(key);
                     }
                     let value = match e.event_type() {
                         EventType::Put => Some(kv.value()),
@@ -1153,20 +1201,27 @@ impl Agent {
             .filter(|s| self.view.specs.get(&s.name) != Some(*s))
             .cloned()
             .collect();
-        if !stale_specs.is_empty() {
-            let ops: Vec<TxnOp> = stale_specs
-                .iter()
-                .map(|s| {
-                    TxnOp::put(
-                        self.keys.spec(&s.name),
-                        serde_json::to_string(s).expect("json"),
-                        None,
-                    )
-                })
-                .collect();
+        // In chunks: etcd refuses a transaction of more than `--max-txn-ops` operations
+        // (default 128), so 200 specifications in one failed at every pass. Each chunk is
+        // applied to the view at once, so that the next pass does not publish it again
+        // before the watch brings it back.
+        for chunk in stale_specs.chunks(SPECS_PER_TXN) {
+            let mut ops = Vec::with_capacity(chunk.len());
+            let mut writes = Vec::with_capacity(chunk.len());
+            for s in chunk {
+                let key = self.keys.spec(&s.name);
+                let value = serde_json::to_vec(s).expect("json");
+                ops.push(TxnOp::put(key.clone(), value.clone(), None));
+                writes.push((key, Some(value)));
+            }
             let txn = Txn::new().when(vec![fence()]).and_then(ops);
-            if let Err(e) = self.txn(txn).await {
-                warn!("cannot publish the service specifications: {e}");
+            match self.txn_apply(txn, writes).await {
+                Ok(true) => {}
+                Ok(false) => break, // no longer the manager
+                Err(e) => {
+                    warn!("cannot publish the service specifications: {e}");
+                    break;
+                }
             }
         }
         let plan = decide::manager_plan(&self.view, &self.specs, unix_ms());

@@ -267,6 +267,22 @@ pub struct View {
 }
 
 impl View {
+    /// Whether the view holds a version of `key` newer than `mod_revision` (one its agent
+    /// wrote and applied at once, before the watch brought back the older changes).
+    pub fn holds_newer(&self, keys: &Keys, key: &str, mod_revision: i64) -> bool {
+        let Some(rest) = key.strip_prefix(&keys.prefix) else {
+            return false;
+        };
+        let held = match rest.split_once('/') {
+            Some(("members", node)) => self.members.get(node).map(|v| v.mod_revision),
+            Some(("services", name)) => self.services.get(name).map(|v| v.mod_revision),
+            None if rest == "manager" => self.manager.as_ref().map(|v| v.mod_revision),
+            None if rest == "backup" => self.backup.as_ref().map(|v| v.mod_revision),
+            _ => None,
+        };
+        held.is_some_and(|held| held > mod_revision)
+    }
+
     /// Applies one key's new value (`None`: deleted). Unreadable values are skipped: a
     /// newer agent's record must not stop an older one (and `status` says what it skipped).
     pub fn apply(
@@ -295,21 +311,6 @@ impl View {
             }
         }
         let (m, c) = (mod_revision, create_revision);
-        // An agent applies its own writes at once (at their revision); the watch may bring
-        // an older change of the same key after that. An older change must not undo a newer
-        // state: a claimed manager key wiped by the resigned manager's earlier delete made
-        // the new manager forget it was one (and the departed member's leave went untold).
-        let newer_held = |held: Option<i64>| held.is_some_and(|h| h > m);
-        let stale = match (first, second) {
-            ("manager", None) => newer_held(self.manager.as_ref().map(|v| v.mod_revision)),
-            ("backup", None) => newer_held(self.backup.as_ref().map(|v| v.mod_revision)),
-            ("members", Some(node)) => newer_held(self.members.get(node).map(|v| v.mod_revision)),
-            ("services", Some(name)) => newer_held(self.services.get(name).map(|v| v.mod_revision)),
-            _ => false,
-        };
-        if stale {
-            return;
-        }
         match (first, second, third) {
             ("members", Some(node), None) => match decode::<Member>(value) {
                 Some(member) => {
@@ -422,21 +423,19 @@ pub fn unix_ms() -> u64 {
 mod tests {
     use super::*;
 
-    /// A change older than what the view holds for a key (an own write applied at once, the
-    /// watch bringing an earlier delete after it) is ignored.
     #[test]
-    fn an_older_change_does_not_undo_a_newer_state() {
-        let keys = Keys::new("c");
+    fn a_late_echo_of_an_older_change_is_known_as_older() {
+        let keys = Keys::new("t");
+        let key = keys.service("s");
         let mut view = View::default();
-        let claim = br#"{"node":"n1","lease":7,"since_unix_ms":0}"#;
-        view.apply(&keys, &keys.manager(), Some(claim), 12, 12);
-        view.apply(&keys, &keys.manager(), None, 10, 0);
-        assert_eq!(view.manager_node(), Some("n1"));
-        view.apply(&keys, &keys.backup(), Some(b"n2"), 13, 13);
-        view.apply(&keys, &keys.backup(), Some(b"n1"), 11, 5);
-        assert_eq!(view.backup_node(), Some("n2"));
-        // A newer delete still deletes.
-        view.apply(&keys, &keys.manager(), None, 14, 0);
-        assert_eq!(view.manager_node(), None);
+        let older = serde_json::to_vec(&ServiceRecord::new(true)).unwrap();
+        let newer = serde_json::to_vec(&ServiceRecord::new(false)).unwrap();
+        view.apply(&keys, &key, Some(&older), 5, 3);
+        view.apply(&keys, &key, Some(&newer), 7, 3);
+        assert!(view.holds_newer(&keys, &key, 5), "the echo of revision 5");
+        assert!(!view.holds_newer(&keys, &key, 7), "its own revision");
+        assert!(!view.holds_newer(&keys, &key, 8), "a later change");
+        assert!(!view.holds_newer(&keys, &keys.service("other"), 1));
+        assert!(!view.holds_newer(&keys, &keys.request(RequestKind::Move, "s"), 1));
     }
 }
