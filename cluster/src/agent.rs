@@ -221,13 +221,15 @@ pub async fn connect(cfg: &ClusterConfig) -> Result<Client, AgentError> {
         .with_connect_timeout(hb * 2)
         .with_keep_alive(PING_AFTER.max(hb), hb * 2)
         .with_keep_alive_while_idle(true);
-    timeout(
-        hb * 8,
-        Client::connect(cfg.endpoints.clone(), Some(options)),
-    )
-    .await
-    .map_err(|_| AgentError::Etcd(format!("no answer from {}", cfg.endpoints.join(", "))))?
-    .map_err(etcd_err)
+    // Only the endpoints that answer, and a task that keeps the balancer to those: see
+    // crate::endpoints (etcd-client sends requests to dead members too).
+    let live = crate::endpoints::live(&cfg.endpoints, hb * 2).await;
+    let client = timeout(hb * 8, Client::connect(live.clone(), Some(options)))
+        .await
+        .map_err(|_| AgentError::Etcd(format!("no answer from {}", cfg.endpoints.join(", "))))?
+        .map_err(etcd_err)?;
+    crate::endpoints::watch_endpoints(&client, cfg.endpoints.clone(), live, hb);
+    Ok(client)
 }
 
 /// Runs the agent until it has left the cluster (exit 0) or failed.
@@ -882,7 +884,14 @@ impl Agent {
             let mut client = self.client.clone();
             let t = self.op_timeout;
             tokio::spawn(async move {
-                let _ = timeout(t, client.txn(txn)).await;
+                // One slow or failed request must not lose the event for good; a retry
+                // after a timeout that did apply writes the same keys again.
+                for _ in 0..5 {
+                    if let Ok(Ok(_)) = timeout(t, client.txn(txn.clone())).await {
+                        return;
+                    }
+                }
+                warn!("could not publish that {node} left: etcd did not take the event");
             });
         }
     }
@@ -1239,10 +1248,11 @@ impl Agent {
             "member": me,
             "was_backup": previous.as_deref() == Some(me.as_str()),
         }));
+        let body = serde_json::to_string(&record).expect("json");
         let txn = Txn::new().when(when).and_then(vec![
             TxnOp::put(
                 self.keys.manager(),
-                serde_json::to_string(&record).expect("json"),
+                body.clone(),
                 Some(PutOptions::new().with_lease(self.lease)),
             ),
             ev,
@@ -1252,6 +1262,12 @@ impl Agent {
                 let rev = r.header().map_or(0, |h| h.revision());
                 info!("this node is the manager now (token {rev})");
                 self.manager_token = Some(rev);
+                // Into the view at once, as the other own writes: until the watch brought
+                // the claim back, the next pass found no manager in the view and dropped
+                // the token (a member's leave meanwhile went untold).
+                let key = self.keys.manager();
+                self.view
+                    .apply(&self.keys, &key, Some(body.as_bytes()), rev, rev);
             }
             Ok(Ok(_)) => debug!("another node claimed the manager's role first"),
             Ok(Err(e)) => warn!("cannot claim the manager's role: {e}"),

@@ -55,13 +55,14 @@ pub async fn client(cfg: &ClusterConfig) -> Result<Client, CliError> {
     let options = ConnectOptions::new()
         .with_connect_timeout(hb * 2)
         .with_keep_alive(CLI_KEEP_ALIVE, CLI_KEEP_ALIVE);
-    timeout(
-        hb * 8,
-        Client::connect(cfg.endpoints.clone(), Some(options)),
-    )
-    .await
-    .map_err(|_| unreachable(&format!("no answer from {}", cfg.endpoints.join(", "))))?
-    .map_err(|e| unreachable(&e))
+    // Only the endpoints that answer, kept so: see crate::endpoints.
+    let live = crate::endpoints::live(&cfg.endpoints, hb * 2).await;
+    let client = timeout(hb * 8, Client::connect(live.clone(), Some(options)))
+        .await
+        .map_err(|_| unreachable(&format!("no answer from {}", cfg.endpoints.join(", "))))?
+        .map_err(|e| unreachable(&e))?;
+    crate::endpoints::watch_endpoints(&client, cfg.endpoints.clone(), live, hb);
+    Ok(client)
 }
 
 /// Reads everything of the cluster but its events.
@@ -407,40 +408,55 @@ async fn wait_for(
     mut done: impl FnMut(&View) -> bool,
 ) -> Result<View, View> {
     let deadline = Instant::now() + limit;
-    let mut view = read_view(c, keys).await.unwrap_or_default();
-    if done(&view) {
-        return Ok(view);
-    }
-    let watch = c
-        .watch(
-            keys.prefix.clone(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(view.revision + 1),
-            ),
-        )
-        .await;
-    let Ok((_w, mut stream)) = watch else {
-        return Err(view);
-    };
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match timeout(left, stream.message()).await {
-            Ok(Ok(Some(resp))) => {
-                for e in resp.events() {
-                    let Some(kv) = e.kv() else { continue };
-                    let Ok(key) = kv.key_str() else { continue };
-                    let value = (e.event_type() == EventType::Put).then(|| kv.value());
-                    view.apply(keys, key, value, kv.mod_revision(), kv.create_revision());
-                }
-                if done(&view) {
-                    return Ok(view);
-                }
+    let mut view = View::default();
+    // A watch can break before the deadline (the etcd member it ran on died, a connection
+    // was reset): then the view is read again and a new watch begins, until the deadline.
+    while Instant::now() < deadline {
+        match read_view(c, keys).await {
+            Ok(v) => view = v,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
-            _ => return Err(view),
         }
+        if done(&view) {
+            return Ok(view);
+        }
+        let watch = c
+            .watch(
+                keys.prefix.clone(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(view.revision + 1),
+                ),
+            )
+            .await;
+        let Ok((_w, mut stream)) = watch else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, stream.message()).await {
+                Ok(Ok(Some(resp))) => {
+                    for e in resp.events() {
+                        let Some(kv) = e.kv() else { continue };
+                        let Ok(key) = kv.key_str() else { continue };
+                        let value = (e.event_type() == EventType::Put).then(|| kv.value());
+                        view.apply(keys, key, value, kv.mod_revision(), kv.create_revision());
+                    }
+                    if done(&view) {
+                        return Ok(view);
+                    }
+                }
+                Err(_) => return Err(view),
+                Ok(_) => break,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Err(view)
 }
 
 fn last_of(view: &View, service: &str) -> String {
@@ -557,6 +573,19 @@ pub async fn start_stop(
         println!("{service}: {} asked", kind.as_str());
         return Ok(());
     }
+    // A start has failed only once no node is left to try: between a node's failed start
+    // and the manager's next placement the record has no instance but more nodes to go.
+    let gave_up = |v: &View, r: &crate::record::ServiceRecord| {
+        r.instances.is_empty()
+            && !r.failed_nodes.is_empty()
+            && v.members.values().all(|m| {
+                !v.up(&m.value.name)
+                    || r.failed_nodes.get(&m.value.name).copied() == v.life(&m.value.name)
+                    || v.specs
+                        .get(service)
+                        .is_some_and(|s| !s.allows(&m.value.name))
+            })
+    };
     let done = |v: &View| {
         !v.requests.contains_key(&(kind, service.to_owned()))
             && v.services.get(service).is_some_and(|r| {
@@ -565,7 +594,7 @@ pub async fn start_stop(
                         .instances
                         .values()
                         .any(|i| i.state == InstanceState::Registered)
-                        || !r.value.failed_nodes.is_empty()
+                        || gave_up(v, &r.value)
                 } else {
                     r.value.instances.is_empty()
                 }

@@ -531,7 +531,10 @@ pub fn agent_transition(
             let i = new.instances.get_mut(node).expect("the instance");
             i.state = InstanceState::Registered;
             new.transfer_intent = false;
-            new.target = None;
+            // A move asked while it was starting (to another node) still stands.
+            if new.target.as_deref() == Some(node) {
+                new.target = None;
+            }
             format!("registered on {node}")
         }
         (InstanceState::Starting | InstanceState::Registered, Outcome::Failed(reason)) => {
@@ -921,5 +924,34 @@ mod tests {
             .filter(|r| r.value.instances.contains_key("a"))
             .count();
         assert_eq!(on_a, 2);
+    }
+
+    /// A move asked while the service was starting on another node is not forgotten when
+    /// the start completes (the registration had cleared the target: `cluster move` then
+    /// waited in vain, its request consumed).
+    #[test]
+    fn a_move_asked_while_starting_survives_the_registration() {
+        let mut rec = ServiceRecord::new(true);
+        rec.instances.insert(
+            "a".into(),
+            Instance {
+                state: InstanceState::Starting,
+                epoch: 1,
+                lease: 7,
+                recovering_for: None,
+            },
+        );
+        rec.target = Some("b".into());
+        let life = NodeLife {
+            lease: 7,
+            generation: 0,
+        };
+        let (new, _) = agent_transition("svc", &rec, "a", life, 1, &Outcome::Started).unwrap();
+        assert_eq!(new.instances["a"].state, InstanceState::Registered);
+        assert_eq!(new.target.as_deref(), Some("b"));
+        // Registered where the move asked: the target is reached.
+        rec.target = Some("a".into());
+        let (new, _) = agent_transition("svc", &rec, "a", life, 1, &Outcome::Started).unwrap();
+        assert_eq!(new.target, None);
     }
 }

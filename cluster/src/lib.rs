@@ -7,6 +7,7 @@
 //! - [`decide`]: the manager's decisions and the agents' transitions, pure (virtual time).
 //! - [`addresses`]: seed 002's ordered address lists.
 //! - [`agent`], [`guard`], [`local`]: the node agent, its fence guard, the local instance.
+//! - [`endpoints`]: which etcd endpoints a client uses (the dead ones taken out).
 //! - [`cli`]: `ccmgr cluster status|events|leave|move|start|stop|addresses`.
 pub mod addresses;
 pub mod agent;
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod decide;
 pub mod duration;
+pub mod endpoints;
 pub mod guard;
 pub mod local;
 pub mod record;
