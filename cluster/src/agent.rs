@@ -29,7 +29,7 @@ use etcd_client::{
     WatchOptions, WatchStream,
 };
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
@@ -139,8 +139,8 @@ pub struct Agent {
     /// See [`Member::local_generation`]; `local_down`: the local instance was found not running.
     local_generation: u64,
     local_down: bool,
-    /// Lines for the fence guard, written by a task of their own.
-    guard_tx: mpsc::UnboundedSender<String>,
+    /// The fence guard's stdin.
+    guard_tx: GuardPipe,
     watch: Option<WatchStream>,
     /// The watch's handle: dropping it would end the watch.
     watcher: Option<etcd_client::Watcher>,
@@ -335,6 +335,14 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
             }
             ev = next_watch(&mut agent.watch, agent.cfg.heartbeat) => {
                 agent.on_watch(ev).await;
+                // What else the watch has ready, before one step: a burst of changes (200
+                // services placed at once) is decided on once, not once per message.
+                for _ in 0..64 {
+                    match timeout(Duration::ZERO, next_watch(&mut agent.watch, agent.cfg.heartbeat)).await {
+                        Ok(ev) => agent.on_watch(ev).await,
+                        Err(_) => break,
+                    }
+                }
             }
             // The fence time may have moved on meanwhile: checked below, with the clock's.
             _ = sleep_until(fence_at), if !agent.fenced => {}
@@ -358,6 +366,16 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         agent.step().await;
     }
     Ok(())
+}
+
+/// The keep-alive stream's next answer; none while there is no stream.
+async fn next_keepalive(
+    stream: &mut Option<etcd_client::LeaseKeepAliveStream>,
+) -> Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error> {
+    match stream {
+        Some(s) => s.message().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The watch's next message; with no watch (the last resync could not read the cluster or
@@ -403,7 +421,7 @@ fn spawn_guard(
     cfg: &ClusterConfig,
     ccmgr: &std::path::Path,
     tx: mpsc::Sender<Msg>,
-) -> Result<mpsc::UnboundedSender<String>, AgentError> {
+) -> Result<GuardPipe, AgentError> {
     let exe = std::env::current_exe().map_err(|e| AgentError::Guard(e.to_string()))?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("--config").arg(&cfg.config_path);
@@ -416,15 +434,11 @@ fn spawn_guard(
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(false);
     let mut child = cmd.spawn().map_err(|e| AgentError::Guard(e.to_string()))?;
-    let mut stdin = child.stdin.take().expect("piped");
-    let (guard_tx, mut lines_rx) = mpsc::unbounded_channel::<String>();
-    tokio::spawn(async move {
-        while let Some(line) = lines_rx.recv().await {
-            if stdin.write_all(line.as_bytes()).await.is_err() {
-                return;
-            }
-        }
-    });
+    let stdin = child.stdin.take().expect("piped");
+    let stdin = stdin
+        .into_owned_fd()
+        .map_err(|e| AgentError::Guard(e.to_string()))?;
+    let guard_tx = GuardPipe(Arc::new(std::sync::Mutex::new(std::fs::File::from(stdin))));
     let stdout = child.stdout.take().expect("piped");
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
@@ -443,6 +457,26 @@ fn spawn_guard(
         let _ = child.wait().await;
     });
     Ok(guard_tx)
+}
+
+/// The guard's stdin, written from the agent's loop and from the keep-alive thread alike,
+/// without a runtime in between (a busy loop must not hold a renewal back). The pipe is
+/// non-blocking (tokio made it so) and each line is shorter than PIPE_BUF, so a write is whole
+/// or refused: a guard too frozen to read loses lines, never gets half of one, and never
+/// blocks the agent.
+#[derive(Clone)]
+pub struct GuardPipe(Arc<std::sync::Mutex<std::fs::File>>);
+
+impl GuardPipe {
+    /// Writes one line; whether it went whole (a guard that is gone is noticed by its
+    /// closed stdout, `GuardLost`, not here).
+    pub fn send(&self, line: String) -> bool {
+        use std::io::Write;
+        let Ok(mut pipe) = self.0.lock() else {
+            return false;
+        };
+        matches!(pipe.write(line.as_bytes()), Ok(n) if n == line.len())
+    }
 }
 
 impl Agent {
@@ -513,10 +547,7 @@ impl Agent {
     /// Several independent transactions at once (at most [`TXNS_IN_FLIGHT`]), each as
     /// [`Agent::txn_apply`]: a manager's pass over 200 services took 3-5 s one round trip
     /// after another. Returns each one's result, in order.
-    async fn txns_apply(
-        &mut self,
-        batch: Vec<(Txn, Writes)>,
-    ) -> Vec<Result<bool, AgentError>> {
+    async fn txns_apply(&mut self, batch: Vec<(Txn, Writes)>) -> Vec<Result<bool, AgentError>> {
         let mut results: Vec<Option<Result<bool, AgentError>>> = Vec::new();
         let mut applied: Vec<(i64, Writes)> = Vec::new();
         let mut pending = batch.into_iter().enumerate();
@@ -692,7 +723,7 @@ impl Agent {
     /// The keep-alive task of the current lease: one keep-alive per heartbeat, each answer
     /// reported with the time it was sent. It ends when the lease changes or is gone.
     fn spawn_keepalive(&self) {
-        let mut client = self.client.clone();
+        let cfg = self.cfg.clone();
         let lease = self.lease;
         let events_lease = self.events_lease;
         let hb = self.cfg.heartbeat;
@@ -700,50 +731,101 @@ impl Agent {
         let clock = self.clock.clone();
         let guard_tx = self.guard_tx.clone();
         let margin_ms = self.cfg.fence_margin.as_millis() as u64;
-        tokio::spawn(async move {
-            let mut stream_pair = None;
-            let mut ticks = tokio::time::interval(hb);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut beat: u64 = 0;
-            loop {
-                ticks.tick().await;
-                beat += 1;
-                if stream_pair.is_none() {
-                    match timeout(hb, client.lease_keep_alive(lease)).await {
-                        Ok(Ok(pair)) => stream_pair = Some(pair),
-                        _ => continue,
-                    }
-                }
-                let (keeper, stream) = stream_pair.as_mut().expect("set above");
-                let sent_ms = monotonic_ms();
-                if timeout(hb, keeper.keep_alive()).await.is_err() {
-                    stream_pair = None;
-                    continue;
-                }
-                match timeout(hb, stream.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
-                        let ttl_ms = r.ttl() as u64 * 1000;
-                        let fence_at = sent_ms + ttl_ms - margin_ms.min(ttl_ms / 2);
-                        if !clock.renewed(lease, fence_at) {
-                            return; // a new life has begun: this lease is not renewed any more
+        // A thread of its own, with its own runtime and its own connection to etcd: the
+        // renewals, and the deadlines they give the guard, do not wait for the agent's loop,
+        // whose manager pass over hundreds of services may hold the CPU for a while.
+        let spawned = std::thread::Builder::new()
+            .name("keep-alive".into())
+            .spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                runtime.block_on(async move {
+                    let mut client = loop {
+                        match connect(&cfg).await {
+                            Ok(c) => break c,
+                            Err(_) => tokio::time::sleep(hb).await,
                         }
-                        let _ = guard_tx.send(format!("deadline {lease} {fence_at}\n"));
+                    };
+                    // Keep-alives go out at every beat without waiting for the answer to the last
+                    // one: etcd answers them in order on the stream, so each answer is matched with
+                    // the oldest unanswered send. A slow answer (a loaded etcd, a loaded machine)
+                    // still renews from the time its request left, instead of the stream being given
+                    // up after one heartbeat and the renewals lost with it.
+                    let mut keeper: Option<etcd_client::LeaseKeeper> = None;
+                    let mut stream: Option<etcd_client::LeaseKeepAliveStream> = None;
+                    let mut unanswered: std::collections::VecDeque<u64> = Default::default();
+                    let mut ticks = tokio::time::interval(hb);
+                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let mut beat: u64 = 0;
+                    loop {
+                        tokio::select! {
+                            _ = ticks.tick() => {
+                                beat += 1;
+                                // Answers this many beats late are as good as none: start afresh.
+                                if unanswered.len() > 8 {
+                                    keeper = None;
+                                    stream = None;
+                                    unanswered.clear();
+                                }
+                                if keeper.is_none() {
+                                    match timeout(hb * 2, client.lease_keep_alive(lease)).await {
+                                        Ok(Ok((k, st))) => {
+                                            keeper = Some(k);
+                                            stream = Some(st);
+                                            unanswered.clear();
+                                        }
+                                        _ => continue,
+                                    }
+                                }
+                                let sent_ms = monotonic_ms();
+                                let k = keeper.as_mut().expect("set above");
+                                match timeout(hb, k.keep_alive()).await {
+                                    Ok(Ok(())) => unanswered.push_back(sent_ms),
+                                    _ => {
+                                        keeper = None;
+                                        stream = None;
+                                        unanswered.clear();
+                                    }
+                                }
+                                // The events lease lives an hour: renewed every few hundred beats.
+                                if beat % 600 == 0
+                                    && let Ok(Ok((mut k, _))) =
+                                        timeout(hb, client.lease_keep_alive(events_lease)).await
+                                {
+                                    let _ = timeout(hb, k.keep_alive()).await;
+                                }
+                            }
+                            answer = next_keepalive(&mut stream) => match answer {
+                                Ok(Some(r)) if r.ttl() > 0 => {
+                                    let Some(sent_ms) = unanswered.pop_front() else { continue };
+                                    let ttl_ms = r.ttl() as u64 * 1000;
+                                    let fence_at = sent_ms + ttl_ms - margin_ms.min(ttl_ms / 2);
+                                    if !clock.renewed(lease, fence_at) {
+                                        return; // a new life has begun: this lease is renewed no more
+                                    }
+                                    let _ = guard_tx.send(format!("deadline {lease} {fence_at}\n"));
+                                }
+                                Ok(Some(_)) => {
+                                    let _ = tx.send(Msg::LeaseGone { lease }).await;
+                                    return;
+                                }
+                                _ => {
+                                    keeper = None;
+                                    stream = None;
+                                    unanswered.clear();
+                                }
+                            },
+                        }
                     }
-                    Ok(Ok(Some(_))) => {
-                        let _ = tx.send(Msg::LeaseGone { lease }).await;
-                        return;
-                    }
-                    _ => stream_pair = None,
-                }
-                // The events lease lives an hour: renewed every few hundred beats is plenty.
-                if beat % 600 == 0
-                    && let Ok(Ok((mut k, _))) =
-                        timeout(hb, client.lease_keep_alive(events_lease)).await
-                {
-                    let _ = timeout(hb, k.keep_alive()).await;
-                }
-            }
-        });
+                });
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start the keep-alive thread: {e}");
+        }
     }
 
     /// Reads the whole cluster and watches it from there.
