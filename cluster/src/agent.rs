@@ -1563,6 +1563,28 @@ impl Agent {
         }
     }
 
+    /// Runs the work an assignment asks of this node, marked busy until its outcome comes
+    /// back to the loop as `Msg::Work`.
+    fn assignment(
+        &mut self,
+        service: String,
+        epoch: u64,
+        work: impl std::future::Future<Output = Outcome> + Send + 'static,
+    ) {
+        self.busy.insert(service.clone(), Busy::Assignment(epoch));
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let outcome = work.await;
+            let _ = tx
+                .send(Msg::Work {
+                    service,
+                    epoch,
+                    outcome,
+                })
+                .await;
+        });
+    }
+
     fn dispatch(&mut self, name: String, inst: crate::record::Instance, what: &str) {
         let tx = self.tx.clone();
         let local = self.local.clone();
@@ -1574,66 +1596,35 @@ impl Agent {
             ("CCMGR_CLUSTER_NODE".to_owned(), self.cfg.node.clone()),
         ];
         match what {
-            "start" => {
-                self.busy.insert(name.clone(), Busy::Assignment(epoch));
-                tokio::spawn(async move {
-                    let outcome = match spec {
-                        None => {
-                            Outcome::Failed(format!("this node has no cluster.d file for {name}"))
+            "start" => self.assignment(name.clone(), epoch, async move {
+                match spec {
+                    None => Outcome::Failed(format!("this node has no cluster.d file for {name}")),
+                    Some(spec) => match local.start_service(&spec).await {
+                        Ok(()) => Outcome::Started,
+                        Err(e) => {
+                            let _ = local.stop_service(&name).await;
+                            Outcome::Failed(e.to_string())
                         }
-                        Some(spec) => match local.start_service(&spec).await {
-                            Ok(()) => Outcome::Started,
-                            Err(e) => {
-                                let _ = local.stop_service(&name).await;
-                                Outcome::Failed(e.to_string())
-                            }
-                        },
-                    };
-                    let _ = tx
-                        .send(Msg::Work {
-                            service: name,
-                            epoch,
-                            outcome,
-                        })
-                        .await;
-                });
-            }
-            "stop" => {
-                self.busy.insert(name.clone(), Busy::Assignment(epoch));
-                tokio::spawn(async move {
-                    let outcome = match local.stop_service(&name).await {
-                        Ok(()) => Outcome::Done,
-                        Err(e) => Outcome::Failed(e.to_string()),
-                    };
-                    let _ = tx
-                        .send(Msg::Work {
-                            service: name,
-                            epoch,
-                            outcome,
-                        })
-                        .await;
-                });
-            }
+                    },
+                }
+            }),
+            "stop" => self.assignment(name.clone(), epoch, async move {
+                match local.stop_service(&name).await {
+                    Ok(()) => Outcome::Done,
+                    Err(e) => Outcome::Failed(e.to_string()),
+                }
+            }),
             "recover" => {
-                self.busy.insert(name.clone(), Busy::Assignment(epoch));
                 let failed = inst.recovering_for.clone().unwrap_or_default();
                 env.push(("CCMGR_CLUSTER_FAILED_NODE".to_owned(), failed));
-                tokio::spawn(async move {
-                    let cmd = spec.and_then(|s| s.recovery_command);
-                    let outcome = match cmd {
+                self.assignment(name, epoch, async move {
+                    match spec.and_then(|s| s.recovery_command) {
                         None => Outcome::Done,
                         Some(cmd) => match local::run_command(&cmd, &env, COMMAND_TIMEOUT).await {
                             Ok(()) => Outcome::Done,
                             Err(e) => Outcome::Failed(e.to_string()),
                         },
-                    };
-                    let _ = tx
-                        .send(Msg::Work {
-                            service: name,
-                            epoch,
-                            outcome,
-                        })
-                        .await;
+                    }
                 });
             }
             "notify" => {

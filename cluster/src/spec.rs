@@ -118,28 +118,9 @@ pub enum SpecError {
     Invalid { problems: Vec<String> },
 }
 
-/// The service id rule of ccmgr (src/config/service.rs, `check_id`): the name becomes a
-/// local service id, a file name and a command-line word.
-pub const MAX_ID_LEN: usize = 64;
-
-/// Whether `id` may name a service (ccmgr's rule and wording).
-pub fn check_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > MAX_ID_LEN {
-        return Err(format!(
-            "service id `{id}` must be 1 to {MAX_ID_LEN} characters long"
-        ));
-    }
-    if id.starts_with(['.', '-'])
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '@' | '-'))
-    {
-        return Err(format!(
-            "service id `{id}` may hold only letters, digits, `_`, `.`, `@` and `-`, and may not start with `.` or `-`"
-        ));
-    }
-    Ok(())
-}
+/// The service id rule is ccmgr's own (`check_id`, `MAX_ID_LEN`): the name becomes a local
+/// service id, a file name and a command-line word.
+pub use ccmgr::config::service::{MAX_ID_LEN, check_id};
 
 /// Whether `name` may name a node in a node list: it becomes part of etcd keys and messages.
 fn check_node_name(name: &str) -> Result<(), String> {
