@@ -60,18 +60,19 @@ pub fn manager_plan(
             None => (ServiceRecord::new(spec.auto_start), 0),
         };
         let mut rec = old.clone();
-        let mut events = Vec::new();
-        let mut consumed = Vec::new();
-        decide_service(
+        let mut pass = Pass {
             view,
             spec,
-            &mut rec,
             now_ms,
-            &mut load,
-            &mut events,
-            &mut consumed,
-            &mut plan.wake_at_ms,
-        );
+            load: &mut load,
+            events: Vec::new(),
+            consumed: Vec::new(),
+            wake_at: &mut plan.wake_at_ms,
+        };
+        decide_service(&mut pass, &mut rec);
+        let Pass {
+            events, consumed, ..
+        } = pass;
         if rec != old || expect_revision == 0 || !consumed.is_empty() {
             plan.changes.push(ServiceChange {
                 service: name.clone(),
@@ -83,6 +84,18 @@ pub fn manager_plan(
         }
     }
     plan
+}
+
+/// One service's decision within a manager's pass: what it reads, and what it adds to the
+/// plan (the nodes' load and the earliest wake-up are the whole pass's).
+struct Pass<'a> {
+    view: &'a View,
+    spec: &'a ClusterServiceSpec,
+    now_ms: u64,
+    load: &'a mut BTreeMap<String, usize>,
+    events: Vec<Value>,
+    consumed: Vec<(RequestKind, String)>,
+    wake_at: &'a mut Option<u64>,
 }
 
 /// The nodes a service may be placed on now: up (not leaving), allowed by its lists, and not
@@ -165,24 +178,15 @@ fn service_event(service: &str, rec: &ServiceRecord, node: Option<&str>, why: &s
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn decide_service(
-    view: &View,
-    spec: &ClusterServiceSpec,
-    rec: &mut ServiceRecord,
-    now_ms: u64,
-    load: &mut BTreeMap<String, usize>,
-    events: &mut Vec<Value>,
-    consumed: &mut Vec<(RequestKind, String)>,
-    wake_at: &mut Option<u64>,
-) {
+fn decide_service(p: &mut Pass, rec: &mut ServiceRecord) {
+    let (view, spec) = (p.view, p.spec);
     let name = spec.name.as_str();
     // Operators' requests.
     if view
         .requests
         .contains_key(&(RequestKind::Stop, name.to_owned()))
     {
-        consumed.push((RequestKind::Stop, name.to_owned()));
+        p.consumed.push((RequestKind::Stop, name.to_owned()));
         if rec.wanted {
             rec.wanted = false;
             rec.last = "de-registration asked (cluster stop)".into();
@@ -192,7 +196,7 @@ fn decide_service(
         .requests
         .contains_key(&(RequestKind::Start, name.to_owned()))
     {
-        consumed.push((RequestKind::Start, name.to_owned()));
+        p.consumed.push((RequestKind::Start, name.to_owned()));
         rec.wanted = true;
         rec.failed_nodes.clear();
         rec.last = "registration asked (cluster start)".into();
@@ -211,15 +215,15 @@ fn decide_service(
         .collect();
     for (node, inst) in dead {
         rec.instances.remove(&node);
-        *load.entry(node.clone()).or_default() =
-            load.get(&node).copied().unwrap_or(1).saturating_sub(1);
+        *p.load.entry(node.clone()).or_default() =
+            p.load.get(&node).copied().unwrap_or(1).saturating_sub(1);
         rec.transfer_intent = false;
         match inst.state {
             InstanceState::Registered | InstanceState::Stopping
                 if spec.recovery_command.is_some() =>
             {
                 let cands = candidates(view, spec, &ServiceRecord::new(true));
-                if let Some(runner) = choose(view, spec, None, &cands, load) {
+                if let Some(runner) = choose(view, spec, None, &cands, p.load) {
                     let lease = view.members[&runner].value.lease;
                     rec.instances.insert(
                         runner.clone(),
@@ -233,7 +237,8 @@ fn decide_service(
                     rec.next_epoch += 1;
                     rec.last =
                         format!("{node} left the cluster ungracefully: recovering on {runner}");
-                    events.push(service_event(name, rec, Some(&runner), &rec.last.clone()));
+                    p.events
+                        .push(service_event(name, rec, Some(&runner), &rec.last.clone()));
                     continue;
                 }
                 rec.last = format!(
@@ -253,24 +258,19 @@ fn decide_service(
                 );
             }
         }
-        events.push(service_event(name, rec, None, &rec.last.clone()));
+        p.events
+            .push(service_event(name, rec, None, &rec.last.clone()));
     }
 
     match spec.placement {
-        Placement::One => decide_one(view, spec, rec, now_ms, load, events, consumed, wake_at),
-        Placement::All => decide_all(view, spec, rec, now_ms, load, events, wake_at),
+        Placement::One => decide_one(p, rec),
+        Placement::All => decide_all(p, rec),
     }
 }
 
 /// Whether the maturity gate lets a first placement through; records the wait.
-fn maturity_gate(
-    view: &View,
-    spec: &ClusterServiceSpec,
-    rec: &mut ServiceRecord,
-    now_ms: u64,
-    events: &mut Vec<Value>,
-    wake_at: &mut Option<u64>,
-) -> bool {
+fn maturity_gate(p: &mut Pass, rec: &mut ServiceRecord) -> bool {
+    let (view, spec, now_ms) = (p.view, p.spec, p.now_ms);
     if !spec.maturity_applies() || rec.matured {
         return true;
     }
@@ -286,7 +286,7 @@ fn maturity_gate(
     if any_allowed_up && rec.awaiting_maturity_since_ms.is_none() {
         rec.awaiting_maturity_since_ms = Some(now_ms);
         rec.last = "awaiting cluster maturity".into();
-        events.push(service_event(
+        p.events.push(service_event(
             &spec.name,
             rec,
             None,
@@ -297,32 +297,24 @@ fn maturity_gate(
         && spec.maturity_time_ms > 0
     {
         let at = since + spec.maturity_time_ms;
-        *wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
+        *p.wake_at = Some(p.wake_at.map_or(at, |w| w.min(at)));
     }
     false
 }
 
-#[allow(clippy::too_many_arguments)]
-fn decide_one(
-    view: &View,
-    spec: &ClusterServiceSpec,
-    rec: &mut ServiceRecord,
-    now_ms: u64,
-    load: &mut BTreeMap<String, usize>,
-    events: &mut Vec<Value>,
-    consumed: &mut Vec<(RequestKind, String)>,
-    wake_at: &mut Option<u64>,
-) {
+fn decide_one(p: &mut Pass, rec: &mut ServiceRecord) {
+    let (view, spec) = (p.view, p.spec);
     let name = spec.name.as_str();
     let move_request = view
         .requests
         .get(&(RequestKind::Move, name.to_owned()))
         .map(|r| r.value.clone());
     if let Some(to) = &move_request {
-        consumed.push((RequestKind::Move, name.to_owned()));
+        p.consumed.push((RequestKind::Move, name.to_owned()));
         if !(view.up(to) && spec.allows(to)) {
             rec.last = format!("move to {to} refused: {to} is not up or not allowable");
-            events.push(service_event(name, rec, None, &rec.last.clone()));
+            p.events
+                .push(service_event(name, rec, None, &rec.last.clone()));
         } else {
             rec.failed_nodes.remove(to);
             rec.target = Some(to.clone());
@@ -340,7 +332,8 @@ fn decide_one(
             rec.target = None;
             if rec.transfer_intent {
                 rec.transfer_intent = false;
-                events.push(service_event(name, rec, None, "de-registered"));
+                p.events
+                    .push(service_event(name, rec, None, "de-registered"));
             }
             return;
         }
@@ -362,7 +355,8 @@ fn decide_one(
                             .join(", ")
                     )
                 };
-                events.push(service_event(name, rec, None, &rec.last.clone()));
+                p.events
+                    .push(service_event(name, rec, None, &rec.last.clone()));
             } else if !rec.failed_nodes.is_empty() {
                 let last = format!(
                     "de-registered: its start failed on every allowable node that is up ({})",
@@ -374,15 +368,16 @@ fn decide_one(
                 );
                 if rec.last != last {
                     rec.last = last;
-                    events.push(service_event(name, rec, None, &rec.last.clone()));
+                    p.events
+                        .push(service_event(name, rec, None, &rec.last.clone()));
                 }
             }
             return;
         }
-        if !maturity_gate(view, spec, rec, now_ms, events, wake_at) {
+        if !maturity_gate(p, rec) {
             return;
         }
-        let Some(chosen) = choose(view, spec, rec.target.as_deref(), &cands, load) else {
+        let Some(chosen) = choose(view, spec, rec.target.as_deref(), &cands, p.load) else {
             return;
         };
         let lease = view.members[&chosen].value.lease;
@@ -397,9 +392,10 @@ fn decide_one(
         );
         rec.next_epoch += 1;
         rec.target = None;
-        *load.entry(chosen.clone()).or_default() += 1;
+        *p.load.entry(chosen.clone()).or_default() += 1;
         rec.last = format!("starting on {chosen}");
-        events.push(service_event(name, rec, Some(&chosen), &rec.last.clone()));
+        p.events
+            .push(service_event(name, rec, Some(&chosen), &rec.last.clone()));
         return;
     };
 
@@ -441,19 +437,13 @@ fn decide_one(
         rec.transfer_intent = transfer;
         rec.instances.get_mut(&node).expect("the instance").state = InstanceState::Stopping;
         rec.last = why;
-        events.push(service_event(name, rec, Some(&node), &rec.last.clone()));
+        p.events
+            .push(service_event(name, rec, Some(&node), &rec.last.clone()));
     }
 }
 
-fn decide_all(
-    view: &View,
-    spec: &ClusterServiceSpec,
-    rec: &mut ServiceRecord,
-    now_ms: u64,
-    load: &mut BTreeMap<String, usize>,
-    events: &mut Vec<Value>,
-    wake_at: &mut Option<u64>,
-) {
+fn decide_all(p: &mut Pass, rec: &mut ServiceRecord) {
+    let (view, spec) = (p.view, p.spec);
     let name = spec.name.as_str();
     // Stop what must stop: not wanted, or its node leaves.
     let to_stop: Vec<String> = rec
@@ -472,7 +462,8 @@ fn decide_all(
     for node in to_stop {
         rec.instances.get_mut(&node).expect("the instance").state = InstanceState::Stopping;
         rec.last = format!("stopping on {node}");
-        events.push(service_event(name, rec, Some(&node), &rec.last.clone()));
+        p.events
+            .push(service_event(name, rec, Some(&node), &rec.last.clone()));
     }
     if !rec.wanted {
         return;
@@ -482,7 +473,7 @@ fn decide_all(
         .filter(|n| !rec.instances.contains_key(*n))
         .map(str::to_owned)
         .collect();
-    if cands.is_empty() || !maturity_gate(view, spec, rec, now_ms, events, wake_at) {
+    if cands.is_empty() || !maturity_gate(p, rec) {
         return;
     }
     for node in cands {
@@ -497,9 +488,10 @@ fn decide_all(
             },
         );
         rec.next_epoch += 1;
-        *load.entry(node.clone()).or_default() += 1;
+        *p.load.entry(node.clone()).or_default() += 1;
         rec.last = format!("starting on {node}");
-        events.push(service_event(name, rec, Some(&node), &rec.last.clone()));
+        p.events
+            .push(service_event(name, rec, Some(&node), &rec.last.clone()));
     }
 }
 
