@@ -210,7 +210,17 @@ fn restart_all_stops_everything_in_order_and_starts_everything() {
 fn a_service_that_exits_at_once_fails_the_start_and_says_why() {
     let stack = Stack::new("exits-at-once", "", &[]);
     let log = stack.file("events.log");
-    stack.write_service("db", &recorder("db", &log, ""));
+    // db says it is ready only once it has written its start and set its trap: else the stop
+    // that follows broken's failure may come before its shell ran a line, and nothing is
+    // written (seen under CI's load).
+    stack.write_service(
+        "db",
+        &format!(
+            r#"command = ["sh", "-c", "echo start db >> {log}; trap 'echo stop db >> {log}; exit 0' TERM; systemd-notify --ready; while :; do sleep 1; done"]
+ready = "notify"
+"#
+        ),
+    );
     stack.write_service(
         "broken",
         "command = [\"sh\", \"-c\", \"echo 'config file missing' >&2; exit 3\"]\nready = \"exit\"\nrequires = [\"db\"]\n",

@@ -199,6 +199,12 @@ impl LeaseClock {
         self.lease.store(lease, Ordering::SeqCst);
         self.fence_at_ms.store(fence_at_ms, Ordering::SeqCst);
     }
+    /// Whether `lease` is the current life's and its fence time has not come.
+    fn valid(&self, lease: i64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.lease.load(Ordering::SeqCst) == lease && monotonic_ms() < self.fence_at_ms()
+    }
+
     fn fence_at_ms(&self) -> u64 {
         self.fence_at_ms.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -216,6 +222,14 @@ const PING_AFTER: Duration = Duration::from_secs(10);
 /// link ends the watch and the keep-alive stream instead of leaving them waiting. (The
 /// lease does not depend on them: the agent fences by its own clock and connects anew.)
 pub async fn connect(cfg: &ClusterConfig) -> Result<Client, AgentError> {
+    connect_as(cfg, &crate::endpoints::MAIN).await
+}
+
+/// [`connect`], for a kind of client (see [`crate::endpoints::Slot`]).
+pub async fn connect_as(
+    cfg: &ClusterConfig,
+    slot: &'static crate::endpoints::Slot,
+) -> Result<Client, AgentError> {
     let hb = cfg.heartbeat.max(Duration::from_millis(100));
     let options = ConnectOptions::new()
         .with_connect_timeout(hb * 2)
@@ -228,7 +242,7 @@ pub async fn connect(cfg: &ClusterConfig) -> Result<Client, AgentError> {
         .await
         .map_err(|_| AgentError::Etcd(format!("no answer from {}", cfg.endpoints.join(", "))))?
         .map_err(etcd_err)?;
-    crate::endpoints::watch_endpoints(&client, cfg.endpoints.clone(), live, hb);
+    crate::endpoints::watch_endpoints(&client, cfg.endpoints.clone(), live, hb, slot);
     Ok(client)
 }
 
@@ -245,12 +259,15 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         Vec::new()
     };
     let specs: BTreeMap<_, _> = specs.into_iter().map(|s| (s.name.clone(), s)).collect();
-    let local = Arc::new(LocalCcmgr::new(
-        ccmgr.clone(),
-        cfg.config_path.clone(),
-        cfg.services_dir.clone(),
-        cfg.node.clone(),
-    ));
+    let local = Arc::new(
+        LocalCcmgr::new(
+            ccmgr.clone(),
+            cfg.config_path.clone(),
+            cfg.services_dir.clone(),
+            cfg.node.clone(),
+        )
+        .with_instance(cfg.instance.as_deref()),
+    );
     // Whatever a previous life of this agent left running here has no lease any more.
     local
         .stop_all_owned()
@@ -366,6 +383,23 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         agent.step().await;
     }
     Ok(())
+}
+
+/// Stops a service of this node, trying again (1 s, 2 s, ... 30 s apart) until the local
+/// ccmgr did it: a stop that failed leaves the service running here, as far as anyone knows.
+async fn stop_until_done(local: &LocalCcmgr, name: &str) {
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match local.stop_service(name).await {
+            Ok(()) => return,
+            Err(e) => warn!(
+                "cannot stop {name} (trying again in {} s): {e}",
+                pause.as_secs()
+            ),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
 }
 
 /// The keep-alive stream's next answer; none while there is no stream.
@@ -745,7 +779,7 @@ impl Agent {
                 };
                 runtime.block_on(async move {
                     let mut client = loop {
-                        match connect(&cfg).await {
+                        match connect_as(&cfg, &crate::endpoints::KEEP_ALIVE).await {
                             Ok(c) => break c,
                             Err(_) => tokio::time::sleep(hb).await,
                         }
@@ -761,6 +795,9 @@ impl Agent {
                     let mut ticks = tokio::time::interval(hb);
                     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     let mut beat: u64 = 0;
+                    let renew_events_every = ((EVENTS_TTL_SECS as u64 * 1000 / 3)
+                        / (hb.as_millis() as u64).max(1))
+                    .max(1);
                     loop {
                         tokio::select! {
                             _ = ticks.tick() => {
@@ -791,8 +828,8 @@ impl Agent {
                                         unanswered.clear();
                                     }
                                 }
-                                // The events lease lives an hour: renewed every few hundred beats.
-                                if beat % 600 == 0
+                                // The events lease lives an hour: renewed every 20 minutes.
+                                if beat % renew_events_every == 0
                                     && let Ok(Ok((mut k, _))) =
                                         timeout(hb, client.lease_keep_alive(events_lease)).await
                                 {
@@ -1061,7 +1098,7 @@ impl Agent {
             }
             Msg::Local(e) => {
                 if let Some(service) = e.service.clone()
-                    && e.event == "failed"
+                    && matches!(e.event.as_str(), "failed" | "stopped" | "operator-stopped")
                     && self.running.contains(&service)
                     && let Some(inst) = self
                         .view
@@ -1086,9 +1123,11 @@ impl Agent {
                 self.running.clear();
             }
             Msg::GuardLost => {
-                warn!("the fence guard died: stopping this node's cluster services and leaving");
+                // Without its guard the node cannot promise to stop in time: it stops its
+                // services now and ends with a failure (so that a supervisor starts it again).
+                warn!("the fence guard died: stopping this node's cluster services and exiting");
                 let _ = self.local.stop_all_owned().await;
-                return true;
+                std::process::exit(1);
             }
             Msg::Leave => {
                 if !self.leaving {
@@ -1176,14 +1215,21 @@ impl Agent {
             .and_then(vec![
                 TxnOp::put(
                     self.keys.member(&self.cfg.node),
-                    serde_json::to_string(&member).expect("json"),
+                    serde_json::to_vec(&member).expect("json"),
                     Some(PutOptions::new().with_lease(self.lease)),
                 ),
                 TxnOp::delete(self.keys.request(RequestKind::Leave, &self.cfg.node), None),
                 ev,
             ]);
-        if let Err(e) = self.txn(txn).await {
-            warn!("cannot mark this node leaving: {e}");
+        let writes = vec![
+            (
+                self.keys.member(&self.cfg.node),
+                Some(serde_json::to_vec(&member).expect("json")),
+            ),
+            (self.keys.request(RequestKind::Leave, &self.cfg.node), None),
+        ];
+        if let Err(e) = self.txn_apply(txn, writes).await {
+            warn!("cannot mark this node leaving (trying again at the next pass): {e}");
         }
     }
 
@@ -1202,11 +1248,17 @@ impl Agent {
     async fn finish_leave(&mut self) {
         let me = self.cfg.node.clone();
         let mut ops = vec![];
-        if self.manager_token.is_some() {
+        let mut when = vec![];
+        if let Some(token) = self.manager_token {
+            when.push(Compare::create_revision(
+                self.keys.manager(),
+                CompareOp::Equal,
+                token,
+            ));
             ops.push(TxnOp::delete(self.keys.manager(), None));
             ops.push(self.event_op(json!({"event": "manager-resigned", "member": me})));
         }
-        let _ = self.txn(Txn::new().and_then(ops)).await;
+        let _ = self.txn(Txn::new().when(when).and_then(ops)).await;
         // Deleting the member key first makes the manager see a graceful leave.
         let _ = timeout(self.op_timeout, self.client.lease_revoke(self.lease)).await;
         self.tell_guard("release\n".into());
@@ -1223,6 +1275,16 @@ impl Agent {
             .requests
             .contains_key(&(RequestKind::Leave, self.cfg.node.clone()))
             && !self.leaving
+        {
+            self.begin_leave().await;
+        }
+        // A leave whose mark did not reach etcd (a timeout) is marked again.
+        if self.leaving
+            && self
+                .view
+                .members
+                .get(&self.cfg.node)
+                .is_some_and(|m| m.value.state != MemberState::Leaving)
         {
             self.begin_leave().await;
         }
@@ -1586,6 +1648,11 @@ impl Agent {
     }
 
     fn dispatch(&mut self, name: String, inst: crate::record::Instance, what: &str) {
+        // A start begins only while this life's lease is valid, checked again once the node's
+        // lock is held (the start may have waited for it while the lease ran out).
+        let clock = self.clock.clone();
+        let lease = self.lease;
+        let still_valid = move || clock.valid(lease);
         let tx = self.tx.clone();
         let local = self.local.clone();
         let spec = self.specs.get(&name).cloned();
@@ -1599,20 +1666,22 @@ impl Agent {
             "start" => self.assignment(name.clone(), epoch, async move {
                 match spec {
                     None => Outcome::Failed(format!("this node has no cluster.d file for {name}")),
-                    Some(spec) => match local.start_service(&spec).await {
+                    Some(spec) => match local.start_service_if(&spec, still_valid).await {
                         Ok(()) => Outcome::Started,
                         Err(e) => {
-                            let _ = local.stop_service(&name).await;
+                            // Reported failed (so placed elsewhere) only once it is down here.
+                            stop_until_done(&local, &name).await;
                             Outcome::Failed(e.to_string())
                         }
                     },
                 }
             }),
+            // A stop is done only when it succeeded: until then the service may run here, and
+            // the record must keep saying so (the manager would place it elsewhere at once).
+            // It is tried again, ever more slowly; the guard still fences at the lease's end.
             "stop" => self.assignment(name.clone(), epoch, async move {
-                match local.stop_service(&name).await {
-                    Ok(()) => Outcome::Done,
-                    Err(e) => Outcome::Failed(e.to_string()),
-                }
+                stop_until_done(&local, &name).await;
+                Outcome::Done
             }),
             "recover" => {
                 let failed = inst.recovering_for.clone().unwrap_or_default();

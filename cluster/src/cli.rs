@@ -61,7 +61,13 @@ pub async fn client(cfg: &ClusterConfig) -> Result<Client, CliError> {
         .await
         .map_err(|_| unreachable(&format!("no answer from {}", cfg.endpoints.join(", "))))?
         .map_err(|e| unreachable(&e))?;
-    crate::endpoints::watch_endpoints(&client, cfg.endpoints.clone(), live, hb);
+    crate::endpoints::watch_endpoints(
+        &client,
+        cfg.endpoints.clone(),
+        live,
+        hb,
+        &crate::endpoints::COMMAND,
+    );
     Ok(client)
 }
 

@@ -171,17 +171,17 @@ pub fn load(
         check_name("a node in cluster.distances", name).map_err(|m| at(table_at, m))?;
     }
     let heartbeat = c.heartbeat.map_or(Duration::from_millis(250), |d| d.0);
-    if heartbeat < Duration::from_millis(10) {
+    if heartbeat < Duration::from_millis(10) || heartbeat > Duration::from_secs(60) {
         return Err(at(
             table_at,
-            "cluster.heartbeat must be at least 10ms".into(),
+            "cluster.heartbeat must be from 10ms to 60s".into(),
         ));
     }
     let missed_beats = match c.missed_beats {
-        Some(m) if *m.get_ref() == 0 => {
+        Some(m) if *m.get_ref() == 0 || *m.get_ref() > 1000 => {
             return Err(at(
                 m.span().start,
-                "cluster.missed_beats must be at least 1".into(),
+                "cluster.missed_beats must be from 1 to 1000".into(),
             ));
         }
         Some(m) => m.into_inner(),

@@ -162,7 +162,7 @@ fn mature(view: &View, spec: &ClusterServiceSpec, rec: &ServiceRecord, now_ms: u
     let waited = spec.maturity_time_ms > 0
         && rec
             .awaiting_maturity_since_ms
-            .is_some_and(|since| now_ms >= since + spec.maturity_time_ms);
+            .is_some_and(|since| now_ms >= since.saturating_add(spec.maturity_time_ms));
     primary_up || enough || waited
 }
 
@@ -296,7 +296,7 @@ fn maturity_gate(p: &mut Pass, rec: &mut ServiceRecord) -> bool {
     if let Some(since) = rec.awaiting_maturity_since_ms
         && spec.maturity_time_ms > 0
     {
-        let at = since + spec.maturity_time_ms;
+        let at = since.saturating_add(spec.maturity_time_ms);
         *p.wake_at = Some(p.wake_at.map_or(at, |w| w.min(at)));
     }
     false
@@ -321,6 +321,30 @@ fn decide_one(p: &mut Pass, rec: &mut ServiceRecord) {
         }
     }
 
+    // Registered on one node only: more instances than one (the service was `placement =
+    // "all"` before, or another manager's cluster.d said so) are stopped but the one on the
+    // best preferred node, and the work waits for them.
+    if rec.instances.len() > 1 {
+        let keep = rec
+            .instances
+            .iter()
+            .filter(|(_, i)| i.state == InstanceState::Registered)
+            .min_by_key(|(n, _)| spec.preference(n).unwrap_or(usize::MAX))
+            .map(|(n, _)| n.clone());
+        let extra: Vec<String> = rec
+            .instances
+            .iter()
+            .filter(|(n, i)| i.state == InstanceState::Registered && Some(*n) != keep.as_ref())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in extra {
+            rec.instances.get_mut(&n).expect("the instance").state = InstanceState::Stopping;
+            rec.last = format!("stopping on {n}: registered on one node only");
+            p.events
+                .push(service_event(name, rec, Some(&n), &rec.last.clone()));
+        }
+        return;
+    }
     let Some((node, inst)) = rec
         .instances
         .iter()
@@ -886,6 +910,37 @@ mod tests {
         sim.boot("a", 0);
         assert_eq!(sim.row("svc").2, at("a", "starting"));
         assert_ne!(sim.rec("svc").instances["a"].epoch, 1);
+    }
+
+    #[test]
+    fn a_one_service_registered_on_several_nodes_keeps_only_the_preferred_one() {
+        let mut s = spec("svc");
+        s.placement = Placement::All;
+        let mut sim = Sim::new(vec![s]);
+        sim.boot("a", 0);
+        sim.boot("b", 1);
+        sim.agent("svc", "a", Outcome::Started);
+        sim.agent("svc", "b", Outcome::Started);
+        // The operator turns it into a register-on-one service preferring b.
+        let one = sim.specs.get_mut("svc").unwrap();
+        one.placement = Placement::One;
+        one.preferred_nodes = vec!["b".into()];
+        sim.settle();
+        let states: Vec<_> = sim
+            .rec("svc")
+            .instances
+            .iter()
+            .map(|(n, i)| (n.clone(), i.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("a".to_owned(), InstanceState::Stopping),
+                ("b".to_owned(), InstanceState::Registered)
+            ]
+        );
+        sim.agent("svc", "a", Outcome::Done);
+        assert_eq!(sim.row("svc").2, at("b", "registered"));
     }
 
     #[test]

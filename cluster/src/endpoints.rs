@@ -17,9 +17,28 @@ use etcd_client::Client;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-/// How many clients [`watch_endpoints`] was started for in this process: a task ends when a
-/// newer client took over (an agent reconnects after a fence), so that they do not pile up.
-static GENERATION: AtomicU64 = AtomicU64::new(0);
+/// A kind of client in this process (the agent's main client, its keep-alive thread's, a
+/// command's): counts the clients of that kind [`watch_endpoints`] was started for, so that a
+/// task ends when a newer client *of its kind* took over (an agent reconnects after a fence)
+/// and the tasks do not pile up, while the other kinds' tasks go on.
+pub struct Slot(AtomicU64);
+
+impl Slot {
+    pub const fn new() -> Slot {
+        Slot(AtomicU64::new(0))
+    }
+}
+
+impl Default for Slot {
+    fn default() -> Slot {
+        Slot::new()
+    }
+}
+
+/// The agent's main client, its keep-alive client, and the commands' client.
+pub static MAIN: Slot = Slot::new();
+pub static KEEP_ALIVE: Slot = Slot::new();
+pub static COMMAND: Slot = Slot::new();
 
 /// `host:port` of an endpoint URL (`http://127.0.0.1:2379` -> `127.0.0.1:2379`); etcd's
 /// client port when the URL names none.
@@ -74,11 +93,17 @@ pub async fn live(all: &[String], limit: Duration) -> Vec<String> {
 /// Keeps `client`'s balancer to the endpoints of `all` that answer: every `period`, a dead
 /// one (a refused TCP connection, or none in three probes in a row) is removed, a revived one added back; `current`
 /// are those the client was connected with. Ends when a newer client's task began.
-pub fn watch_endpoints(client: &Client, all: Vec<String>, current: Vec<String>, period: Duration) {
+pub fn watch_endpoints(
+    client: &Client,
+    all: Vec<String>,
+    current: Vec<String>,
+    period: Duration,
+    slot: &'static Slot,
+) {
     if all.len() < 2 {
         return;
     }
-    let generation = GENERATION.fetch_add(1, Ordering::SeqCst) + 1;
+    let generation = slot.0.fetch_add(1, Ordering::SeqCst) + 1;
     let client = client.clone();
     tokio::spawn(async move {
         let mut inside: BTreeSet<String> = current.into_iter().collect();
@@ -91,7 +116,7 @@ pub fn watch_endpoints(client: &Client, all: Vec<String>, current: Vec<String>, 
         let mut failures: BTreeMap<String, u32> = BTreeMap::new();
         loop {
             tokio::time::sleep(period).await;
-            if GENERATION.load(Ordering::SeqCst) != generation {
+            if slot.0.load(Ordering::SeqCst) != generation {
                 return;
             }
             for e in &all {

@@ -30,7 +30,11 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> i32 {
         cfg.config_path.clone(),
         cfg.services_dir.clone(),
         cfg.node.clone(),
-    );
+    )
+    .with_instance(cfg.instance.as_deref());
+    // How long a fence waits for the node's lock (an agent frozen or slow in a start holds
+    // it) before it stops the services without it.
+    let wait = cfg.fence_margin / 2;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdout = tokio::io::stdout();
     let mut deadline: Option<Instant> = None;
@@ -45,7 +49,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> i32 {
                         return 0;
                     }
                     if let Some(n) = line.strip_prefix("fence ").and_then(|v| v.parse::<u64>().ok()) {
-                        fence(&local).await;
+                        fence(&local, wait).await;
                         deadline = None;
                         let answer = format!("fenced {n}\n");
                         if stdout.write_all(answer.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
@@ -66,13 +70,13 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> i32 {
                 }
                 _ => {
                     warn!("the agent is gone: stopping this node's cluster services");
-                    fence(&local).await;
+                    fence(&local, wait).await;
                     return 0;
                 }
             },
             _ = sleep_until(at), if deadline.is_some() => {
                 warn!("the lease was not renewed in time: stopping this node's cluster services");
-                fence(&local).await;
+                fence(&local, wait).await;
                 deadline = None;
                 if stdout.write_all(b"fenced 0\n").await.is_err() || stdout.flush().await.is_err() {
                     return 0;
@@ -82,9 +86,9 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> i32 {
     }
 }
 
-async fn fence(local: &LocalCcmgr) {
+async fn fence(local: &LocalCcmgr, wait: Duration) {
     let started = Instant::now();
-    match local.stop_all_owned().await {
+    match local.fence_within(wait).await {
         Ok(()) => info!(
             "fenced: every cluster service of this node stopped in {} ms",
             started.elapsed().as_millis()

@@ -96,6 +96,9 @@ pub struct LocalCcmgr {
     /// One reload, start or stop at a time: two reloads at once would each see the other's
     /// file half-way, and a stop's reload could undo a start's.
     lock: Mutex<()>,
+    /// `--instance` and `--services-dir` as the agent was given them: passed to every local
+    /// ccmgr call, so that the agent drives the instance it was told to.
+    extra_args: Vec<std::ffi::OsString>,
 }
 
 /// What a finished ccmgr command said.
@@ -114,7 +117,20 @@ impl LocalCcmgr {
             services_dir,
             node,
             lock: Mutex::new(()),
+            extra_args: Vec::new(),
         }
+    }
+
+    /// Passes `--instance` (when given) and `--services-dir` to every local ccmgr call.
+    pub fn with_instance(mut self, instance: Option<&str>) -> Self {
+        if let Some(i) = instance {
+            self.extra_args.push("--instance".into());
+            self.extra_args.push(i.into());
+        }
+        self.extra_args.push("--services-dir".into());
+        self.extra_args
+            .push(self.services_dir.clone().into_os_string());
+        self
     }
 
     fn file_of(&self, name: &str) -> PathBuf {
@@ -125,6 +141,7 @@ impl LocalCcmgr {
         let out = Command::new(&self.ccmgr)
             .arg("--config")
             .arg(&self.config)
+            .args(&self.extra_args)
             .args(args)
             .stdin(Stdio::null())
             .kill_on_drop(true)
@@ -238,7 +255,25 @@ impl LocalCcmgr {
     /// why it is not. The file is written (and the stack reloaded) only when it is absent or
     /// different; otherwise the service is started in place.
     pub async fn start_service(&self, spec: &ClusterServiceSpec) -> Result<(), LocalError> {
+        self.start_service_if(spec, || true).await
+    }
+
+    /// [`LocalCcmgr::start_service`], if `still_valid` holds once this node's services are
+    /// this call's alone (the agent checks its lease there: a start that waited for the lock
+    /// while the lease ran out must not begin).
+    pub async fn start_service_if(
+        &self,
+        spec: &ClusterServiceSpec,
+        still_valid: impl Fn() -> bool,
+    ) -> Result<(), LocalError> {
         let _guard = self.exclusive().await?;
+        if !still_valid() {
+            return Err(LocalError::Failed {
+                service: spec.name.clone(),
+                node: self.node.clone(),
+                message: "not started: this node's lease ran out meanwhile".into(),
+            });
+        }
         let name = spec.name.as_str();
         let old = self.owned_text(name)?;
         if old.as_deref() != Some(spec.local_toml.as_str()) {
@@ -360,12 +395,58 @@ impl LocalCcmgr {
     /// first error at the end.
     pub async fn stop_all_owned(&self) -> Result<(), LocalError> {
         let _guard = self.exclusive().await?;
+        self.stop_all_owned_locked().await
+    }
+
+    /// The guard's fence: [`LocalCcmgr::stop_all_owned`], but waiting at most `wait` for the
+    /// node's lock. An agent frozen (SIGSTOP) or slow in a start holds it; past its lease the
+    /// agent's work counts for nothing, and the stop goes ahead without the lock.
+    pub async fn fence_within(&self, wait: Duration) -> Result<(), LocalError> {
+        let _guard = self.lock.lock().await;
+        let path = self.services_dir.join(".ccmgr-cluster.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ok()
+            .and_then(|mut file| {
+                let until = std::time::Instant::now() + wait;
+                loop {
+                    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                    {
+                        Ok(locked) => return Some(locked),
+                        Err((f, _)) if std::time::Instant::now() < until => {
+                            file = f;
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(_) => return None,
+                    }
+                }
+            });
+        let result = self.stop_all_owned_locked().await;
+        drop(lock);
+        result
+    }
+
+    async fn stop_all_owned_locked(&self) -> Result<(), LocalError> {
         let mut first_error = None;
-        for name in self.owned_files() {
-            if let Err(e) = self.stop_in_stack(&name).await {
+        let owned = self.owned_files();
+        // One `ccmgr stop A B C`: the node's whole fence must fit in `fence_margin`, and one
+        // process stops them all in shutdown order. If the running stack lacks one of them
+        // (exit 2), each is stopped alone.
+        let mut args: Vec<&str> = vec!["stop"];
+        args.extend(owned.iter().map(String::as_str));
+        let together = if owned.is_empty() {
+            true
+        } else {
+            matches!(self.run(&args).await.map(|o| o.code), Ok(Some(0 | 1 | 3)))
+        };
+        for name in &owned {
+            if !together && let Err(e) = self.stop_in_stack(name).await {
                 first_error.get_or_insert(e);
             }
-            if let Err(e) = self.remove_file(&name) {
+            if let Err(e) = self.remove_file(name) {
                 first_error.get_or_insert(e);
             }
         }
@@ -431,6 +512,7 @@ impl LocalCcmgr {
         let (tx, rx) = mpsc::channel(256);
         let ccmgr = self.ccmgr.clone();
         let config = self.config.clone();
+        let extra_args = self.extra_args.clone();
         tokio::spawn(async move {
             let mut pause = Duration::from_millis(100);
             let mut reported_not_running = false;
@@ -439,6 +521,7 @@ impl LocalCcmgr {
                 let Ok(mut child) = Command::new(&ccmgr)
                     .arg("--config")
                     .arg(&config)
+                    .args(&extra_args)
                     .args(["events", "--json", "-n", last])
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())

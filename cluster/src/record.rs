@@ -310,6 +310,20 @@ impl View {
                 create_revision,
             }
         }
+        // A value this version cannot read is skipped, not taken for a deletion: a member or
+        // a record written by a newer agent must not look gone (a member that looks gone is
+        // recovered elsewhere while it runs).
+        let readable = match (first, value) {
+            (_, None) => true,
+            ("members", Some(b)) => serde_json::from_slice::<Member>(b).is_ok(),
+            ("services", Some(b)) => serde_json::from_slice::<ServiceRecord>(b).is_ok(),
+            ("specs", Some(b)) => serde_json::from_slice::<ClusterServiceSpec>(b).is_ok(),
+            ("manager", Some(b)) => serde_json::from_slice::<ManagerRecord>(b).is_ok(),
+            _ => true,
+        };
+        if !readable {
+            return;
+        }
         let (m, c) = (mod_revision, create_revision);
         match (first, second, third) {
             ("members", Some(node), None) => match decode::<Member>(value) {

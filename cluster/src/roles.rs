@@ -17,11 +17,14 @@ use crate::record::{MemberState, View};
 
 /// Whether this node should try to claim the manager's role now.
 pub fn should_claim(view: &View, me: &str, may_manage: bool, leaving: bool) -> bool {
-    if view.manager.is_some() || !may_manage || leaving || !view.up(me) {
+    if view.manager.is_some() || !may_manage || !view.members.contains_key(me) {
         return false;
     }
     match view.backup_node() {
+        // The backup claims even while it leaves: were it to wait, nobody could (the others
+        // wait for it), and its own leave would never be carried out.
         Some(b) if b == me => true,
+        _ if leaving => false,
         Some(b) => !view.members.contains_key(b),
         None => true,
     }
