@@ -1098,7 +1098,10 @@ impl Agent {
             }
             Msg::Local(e) => {
                 if let Some(service) = e.service.clone()
-                    && matches!(e.event.as_str(), "failed" | "stopped" | "operator-stopped")
+                    // `failed`: it stays down; `operator-stopped`: someone ran `ccmgr stop` on
+                    // it here, and it stays down too. Not `stopped`: a failure sequence of the
+                    // local stack stops it and starts it again by itself.
+                    && matches!(e.event.as_str(), "failed" | "operator-stopped")
                     && self.running.contains(&service)
                     && let Some(inst) = self
                         .view
