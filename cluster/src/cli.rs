@@ -527,6 +527,15 @@ pub async fn move_service(
             cfg.name
         )));
     }
+    if view
+        .specs
+        .get(service)
+        .is_some_and(|s| s.placement == crate::spec::Placement::All)
+    {
+        return Err(failed(format!(
+            "{service} runs on every allowable node (placement = \"all\"): there is nothing to move"
+        )));
+    }
     if let Some(spec) = view.specs.get(service)
         && !spec.allows(to)
     {
