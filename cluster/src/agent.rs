@@ -639,6 +639,16 @@ impl Agent {
         None
     }
 
+    /// The compare that makes a write this node's only while it lives by its lease: once the
+    /// lease ended (etcd deleted the member key) or a new life began, the write is refused.
+    fn while_member(&self) -> Compare {
+        Compare::lease(
+            self.keys.member(&self.cfg.node),
+            CompareOp::Equal,
+            self.lease,
+        )
+    }
+
     fn member_record(&self, state: MemberState) -> Member {
         Member {
             name: self.cfg.node.clone(),
@@ -1189,11 +1199,7 @@ impl Agent {
         };
         let member = self.member_record(state);
         let txn = Txn::new()
-            .when(vec![Compare::lease(
-                self.keys.member(&self.cfg.node),
-                CompareOp::Equal,
-                self.lease,
-            )])
+            .when(vec![self.while_member()])
             .and_then(vec![TxnOp::put(
                 self.keys.member(&self.cfg.node),
                 serde_json::to_string(&member).expect("json"),
@@ -1209,21 +1215,15 @@ impl Agent {
         self.leaving = true;
         let member = self.member_record(MemberState::Leaving);
         let ev = self.event_op(json!({"event": "member-leaving", "member": self.cfg.node}));
-        let txn = Txn::new()
-            .when(vec![Compare::lease(
+        let txn = Txn::new().when(vec![self.while_member()]).and_then(vec![
+            TxnOp::put(
                 self.keys.member(&self.cfg.node),
-                CompareOp::Equal,
-                self.lease,
-            )])
-            .and_then(vec![
-                TxnOp::put(
-                    self.keys.member(&self.cfg.node),
-                    serde_json::to_vec(&member).expect("json"),
-                    Some(PutOptions::new().with_lease(self.lease)),
-                ),
-                TxnOp::delete(self.keys.request(RequestKind::Leave, &self.cfg.node), None),
-                ev,
-            ]);
+                serde_json::to_vec(&member).expect("json"),
+                Some(PutOptions::new().with_lease(self.lease)),
+            ),
+            TxnOp::delete(self.keys.request(RequestKind::Leave, &self.cfg.node), None),
+            ev,
+        ]);
         let writes = vec![
             (
                 self.keys.member(&self.cfg.node),
@@ -1385,11 +1385,7 @@ impl Agent {
                 0,
             )),
         }
-        when.push(Compare::lease(
-            self.keys.member(&me),
-            CompareOp::Equal,
-            self.lease,
-        ));
+        when.push(self.while_member());
         let ev = self.event_op(json!({
             "event": "manager-elected",
             "member": me,
@@ -1526,11 +1522,7 @@ impl Agent {
             let txn = Txn::new()
                 .when(vec![
                     Compare::mod_revision(key.clone(), CompareOp::Equal, rec.mod_revision),
-                    Compare::lease(
-                        self.keys.member(&self.cfg.node),
-                        CompareOp::Equal,
-                        self.lease,
-                    ),
+                    self.while_member(),
                 ])
                 .and_then(vec![TxnOp::put(key.clone(), value.clone(), None), ev]);
             match self.txn_apply(txn, vec![(key, Some(value))]).await {
@@ -1747,20 +1739,14 @@ impl Agent {
             "ok": result.is_ok(),
             "error": result.err(),
         }));
-        let txn = Txn::new()
-            .when(vec![Compare::lease(
-                self.keys.member(&self.cfg.node),
-                CompareOp::Equal,
-                self.lease,
-            )])
-            .and_then(vec![
-                TxnOp::put(
-                    self.keys.notified(service, &self.cfg.node),
-                    epoch.to_string(),
-                    Some(PutOptions::new().with_lease(self.lease)),
-                ),
-                ev,
-            ]);
+        let txn = Txn::new().when(vec![self.while_member()]).and_then(vec![
+            TxnOp::put(
+                self.keys.notified(service, &self.cfg.node),
+                epoch.to_string(),
+                Some(PutOptions::new().with_lease(self.lease)),
+            ),
+            ev,
+        ]);
         if let Err(e) = self.txn(txn).await {
             warn!("cannot record the notification of {service}: {e}");
         }
