@@ -141,6 +141,8 @@ pub struct Agent {
     local_down: bool,
     /// The fence guard's stdin.
     guard_tx: GuardPipe,
+    /// Each new life's (lease, events lease), for the keep-alive thread.
+    lives: tokio::sync::watch::Sender<(i64, i64)>,
     watch: Option<WatchStream>,
     /// The watch's handle: dropping it would end the watch.
     watcher: Option<etcd_client::Watcher>,
@@ -276,6 +278,8 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
 
     let (tx, mut rx) = mpsc::channel::<Msg>(256);
     let guard_tx = spawn_guard(&cfg, &ccmgr, tx.clone())?;
+    let clock = Arc::new(LeaseClock::default());
+    let lives = start_keep_alive(cfg.clone(), tx.clone(), clock.clone(), guard_tx.clone());
     spawn_signals(tx.clone());
     {
         let mut events = local.follow_events();
@@ -309,7 +313,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         view: View::default(),
         lease: 0,
         events_lease: 0,
-        clock: Arc::new(LeaseClock::default()),
+        clock,
         fenced: true,
         manager_token: None,
         busy: BTreeMap::new(),
@@ -322,6 +326,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> Result<(), AgentError> {
         local_generation: 0,
         local_down: false,
         guard_tx,
+        lives,
         watch: None,
         watcher: None,
         wake_at_ms: None,
@@ -491,6 +496,149 @@ fn spawn_guard(
         let _ = child.wait().await;
     });
     Ok(guard_tx)
+}
+
+/// Starts the keep-alive thread: a thread of its own, with its own runtime and its own
+/// connection to etcd, made once when the agent starts (a connection made at each join could
+/// come too late for the new lease's first renewal on a loaded machine). The renewals, and the
+/// deadlines they give the guard, so never wait for the agent's loop, whose manager pass over
+/// hundreds of services may hold the CPU for a while. The agent hands it each new life's
+/// (lease, events lease) through the returned channel; (0, 0) is no life yet.
+fn start_keep_alive(
+    cfg: ClusterConfig,
+    tx: mpsc::Sender<Msg>,
+    clock: Arc<LeaseClock>,
+    guard_tx: GuardPipe,
+) -> tokio::sync::watch::Sender<(i64, i64)> {
+    let (lives_tx, mut lives) = tokio::sync::watch::channel((0i64, 0i64));
+    let spawned = std::thread::Builder::new()
+        .name("keep-alive".into())
+        .spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                let hb = cfg.heartbeat;
+                let mut client = loop {
+                    match connect_as(&cfg, &crate::endpoints::KEEP_ALIVE).await {
+                        Ok(c) => break c,
+                        Err(_) => tokio::time::sleep(hb).await,
+                    }
+                };
+                loop {
+                    let (lease, events_lease) = *lives.borrow_and_update();
+                    let changed = lease != 0
+                        && keep_alive_life(
+                            &mut client,
+                            &cfg,
+                            (lease, events_lease),
+                            &mut lives,
+                            &tx,
+                            &clock,
+                            &guard_tx,
+                        )
+                        .await;
+                    // The life ended (or there is none yet): wait for the next one.
+                    if !changed && lives.changed().await.is_err() {
+                        return; // the agent is gone
+                    }
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        warn!("cannot start the keep-alive thread: {e}");
+    }
+    lives_tx
+}
+
+/// Keeps one life's lease alive until a new life begins (returns true) or the lease is gone
+/// (false). Keep-alives go out at every beat without waiting for the answer to the last one:
+/// etcd answers them in order on the stream, so each answer is matched with the oldest
+/// unanswered send. A slow answer (a loaded etcd, a loaded machine) still renews from the time
+/// its request left, instead of the stream being given up after one heartbeat.
+async fn keep_alive_life(
+    client: &mut Client,
+    cfg: &ClusterConfig,
+    (lease, events_lease): (i64, i64),
+    lives: &mut tokio::sync::watch::Receiver<(i64, i64)>,
+    tx: &mpsc::Sender<Msg>,
+    clock: &LeaseClock,
+    guard_tx: &GuardPipe,
+) -> bool {
+    let hb = cfg.heartbeat;
+    let margin_ms = cfg.fence_margin.as_millis() as u64;
+    let mut keeper: Option<etcd_client::LeaseKeeper> = None;
+    let mut stream: Option<etcd_client::LeaseKeepAliveStream> = None;
+    let mut unanswered: std::collections::VecDeque<u64> = Default::default();
+    let mut ticks = tokio::time::interval(hb);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beat: u64 = 0;
+    let renew_events_every =
+        ((EVENTS_TTL_SECS as u64 * 1000 / 3) / (hb.as_millis() as u64).max(1)).max(1);
+    loop {
+        tokio::select! {
+            changed = lives.changed() => return changed.is_ok(),
+            _ = ticks.tick() => {
+                beat += 1;
+                // Answers this many beats late are as good as none: start afresh.
+                if unanswered.len() > 8 {
+                    keeper = None;
+                    stream = None;
+                    unanswered.clear();
+                }
+                if keeper.is_none() {
+                    match timeout(hb * 2, client.lease_keep_alive(lease)).await {
+                        Ok(Ok((k, st))) => {
+                            keeper = Some(k);
+                            stream = Some(st);
+                            unanswered.clear();
+                        }
+                        _ => continue,
+                    }
+                }
+                let sent_ms = monotonic_ms();
+                let k = keeper.as_mut().expect("set above");
+                match timeout(hb, k.keep_alive()).await {
+                    Ok(Ok(())) => unanswered.push_back(sent_ms),
+                    _ => {
+                        keeper = None;
+                        stream = None;
+                        unanswered.clear();
+                    }
+                }
+                // The events lease lives an hour: renewed every 20 minutes.
+                if beat % renew_events_every == 0
+                    && let Ok(Ok((mut k, _))) =
+                        timeout(hb, client.lease_keep_alive(events_lease)).await
+                {
+                    let _ = timeout(hb, k.keep_alive()).await;
+                }
+            }
+            answer = next_keepalive(&mut stream) => match answer {
+                Ok(Some(r)) if r.ttl() > 0 => {
+                    let Some(sent_ms) = unanswered.pop_front() else { continue };
+                    let ttl_ms = r.ttl() as u64 * 1000;
+                    let fence_at = sent_ms + ttl_ms - margin_ms.min(ttl_ms / 2);
+                    if !clock.renewed(lease, fence_at) {
+                        return false; // a new life has begun: this lease is renewed no more
+                    }
+                    let _ = guard_tx.send(format!("deadline {lease} {fence_at}\n"));
+                }
+                Ok(Some(_)) => {
+                    let _ = tx.send(Msg::LeaseGone { lease }).await;
+                    return false;
+                }
+                _ => {
+                    keeper = None;
+                    stream = None;
+                    unanswered.clear();
+                }
+            },
+        }
+    }
 }
 
 /// The guard's stdin, written from the agent's loop and from the keep-alive thread alike,
@@ -764,115 +912,9 @@ impl Agent {
         }
     }
 
-    /// The keep-alive task of the current lease: one keep-alive per heartbeat, each answer
-    /// reported with the time it was sent. It ends when the lease changes or is gone.
+    /// Hands the current life's lease to the keep-alive thread (see [`start_keep_alive`]).
     fn spawn_keepalive(&self) {
-        let cfg = self.cfg.clone();
-        let lease = self.lease;
-        let events_lease = self.events_lease;
-        let hb = self.cfg.heartbeat;
-        let tx = self.tx.clone();
-        let clock = self.clock.clone();
-        let guard_tx = self.guard_tx.clone();
-        let margin_ms = self.cfg.fence_margin.as_millis() as u64;
-        // A thread of its own, with its own runtime and its own connection to etcd: the
-        // renewals, and the deadlines they give the guard, do not wait for the agent's loop,
-        // whose manager pass over hundreds of services may hold the CPU for a while.
-        let spawned = std::thread::Builder::new()
-            .name("keep-alive".into())
-            .spawn(move || {
-                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
-                    return;
-                };
-                runtime.block_on(async move {
-                    let mut client = loop {
-                        match connect_as(&cfg, &crate::endpoints::KEEP_ALIVE).await {
-                            Ok(c) => break c,
-                            Err(_) => tokio::time::sleep(hb).await,
-                        }
-                    };
-                    // Keep-alives go out at every beat without waiting for the answer to the last
-                    // one: etcd answers them in order on the stream, so each answer is matched with
-                    // the oldest unanswered send. A slow answer (a loaded etcd, a loaded machine)
-                    // still renews from the time its request left, instead of the stream being given
-                    // up after one heartbeat and the renewals lost with it.
-                    let mut keeper: Option<etcd_client::LeaseKeeper> = None;
-                    let mut stream: Option<etcd_client::LeaseKeepAliveStream> = None;
-                    let mut unanswered: std::collections::VecDeque<u64> = Default::default();
-                    let mut ticks = tokio::time::interval(hb);
-                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    let mut beat: u64 = 0;
-                    let renew_events_every = ((EVENTS_TTL_SECS as u64 * 1000 / 3)
-                        / (hb.as_millis() as u64).max(1))
-                    .max(1);
-                    loop {
-                        tokio::select! {
-                            _ = ticks.tick() => {
-                                beat += 1;
-                                // Answers this many beats late are as good as none: start afresh.
-                                if unanswered.len() > 8 {
-                                    keeper = None;
-                                    stream = None;
-                                    unanswered.clear();
-                                }
-                                if keeper.is_none() {
-                                    match timeout(hb * 2, client.lease_keep_alive(lease)).await {
-                                        Ok(Ok((k, st))) => {
-                                            keeper = Some(k);
-                                            stream = Some(st);
-                                            unanswered.clear();
-                                        }
-                                        _ => continue,
-                                    }
-                                }
-                                let sent_ms = monotonic_ms();
-                                let k = keeper.as_mut().expect("set above");
-                                match timeout(hb, k.keep_alive()).await {
-                                    Ok(Ok(())) => unanswered.push_back(sent_ms),
-                                    _ => {
-                                        keeper = None;
-                                        stream = None;
-                                        unanswered.clear();
-                                    }
-                                }
-                                // The events lease lives an hour: renewed every 20 minutes.
-                                if beat % renew_events_every == 0
-                                    && let Ok(Ok((mut k, _))) =
-                                        timeout(hb, client.lease_keep_alive(events_lease)).await
-                                {
-                                    let _ = timeout(hb, k.keep_alive()).await;
-                                }
-                            }
-                            answer = next_keepalive(&mut stream) => match answer {
-                                Ok(Some(r)) if r.ttl() > 0 => {
-                                    let Some(sent_ms) = unanswered.pop_front() else { continue };
-                                    let ttl_ms = r.ttl() as u64 * 1000;
-                                    let fence_at = sent_ms + ttl_ms - margin_ms.min(ttl_ms / 2);
-                                    if !clock.renewed(lease, fence_at) {
-                                        return; // a new life has begun: this lease is renewed no more
-                                    }
-                                    let _ = guard_tx.send(format!("deadline {lease} {fence_at}\n"));
-                                }
-                                Ok(Some(_)) => {
-                                    let _ = tx.send(Msg::LeaseGone { lease }).await;
-                                    return;
-                                }
-                                _ => {
-                                    keeper = None;
-                                    stream = None;
-                                    unanswered.clear();
-                                }
-                            },
-                        }
-                    }
-                });
-            });
-        if let Err(e) = spawned {
-            warn!("cannot start the keep-alive thread: {e}");
-        }
+        self.lives.send_replace((self.lease, self.events_lease));
     }
 
     /// Reads the whole cluster and watches it from there.
