@@ -1174,8 +1174,15 @@ impl Agent {
                 }
             }
             Msg::Fenced(_) => {
+                // The guard stopped everything: this life is over (its instances may be
+                // recorded as running here); the loop fences and joins as a new life, and the
+                // manager recovers the old life's services.
                 info!("the guard stopped this node's cluster services");
                 self.running.clear();
+                if !self.fenced {
+                    self.fenced = true;
+                    self.manager_token = None;
+                }
             }
             Msg::GuardLost => {
                 // Without its guard the node cannot promise to stop in time: it stops its

@@ -39,6 +39,9 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> i32 {
     let mut stdout = tokio::io::stdout();
     let mut deadline: Option<Instant> = None;
     let mut life: i64 = 0;
+    // The life this guard fenced last: its late deadlines (a keep-alive answered after the
+    // fence) are ignored, so that they cannot arm a fence of the next life.
+    let mut fenced_life: i64 = 0;
     loop {
         let at = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
@@ -51,6 +54,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> i32 {
                     if let Some(n) = line.strip_prefix("fence ").and_then(|v| v.parse::<u64>().ok()) {
                         fence(&local, wait).await;
                         deadline = None;
+                        fenced_life = life;
                         let answer = format!("fenced {n}\n");
                         if stdout.write_all(answer.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
                             return 0;
@@ -62,7 +66,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> i32 {
                         .and_then(|v| v.split_once(' '))
                         .and_then(|(l, m)| Some((l.parse::<i64>().ok()?, m.parse::<u64>().ok()?)))
                     {
-                        if lease == life {
+                        if lease == life && lease != fenced_life {
                             let now = monotonic_ms();
                             deadline = Some(Instant::now() + Duration::from_millis(ms.saturating_sub(now)));
                         }
@@ -78,6 +82,7 @@ pub async fn run(cfg: ClusterConfig, ccmgr: PathBuf) -> i32 {
                 warn!("the lease was not renewed in time: stopping this node's cluster services");
                 fence(&local, wait).await;
                 deadline = None;
+                fenced_life = life;
                 if stdout.write_all(b"fenced 0\n").await.is_err() || stdout.flush().await.is_err() {
                     return 0;
                 }
