@@ -154,6 +154,20 @@ pub struct Agent {
     op_timeout: Duration,
 }
 
+/// A transaction's answer, or why there is none (an etcd error, or none in time).
+fn settled(
+    answer: Result<
+        Result<etcd_client::TxnResponse, etcd_client::Error>,
+        tokio::time::error::Elapsed,
+    >,
+) -> Result<etcd_client::TxnResponse, AgentError> {
+    match answer {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(etcd_err(e)),
+        Err(_) => Err(AgentError::Etcd("no answer in time".into())),
+    }
+}
+
 fn etcd_err(e: impl std::fmt::Display) -> AgentError {
     AgentError::Etcd(e.to_string())
 }
@@ -692,38 +706,31 @@ impl Agent {
     }
 
     async fn txn(&mut self, txn: Txn) -> Result<bool, AgentError> {
-        match timeout(self.op_timeout, self.client.txn(txn)).await {
-            Ok(Ok(r)) => Ok(r.succeeded()),
-            Ok(Err(e)) => Err(etcd_err(e)),
-            Err(_) => Err(AgentError::Etcd("no answer in time".into())),
-        }
+        self.txn_apply(txn, Vec::new()).await
     }
 
     /// A transaction whose writes, when it succeeds, are applied to the view at once (at the
     /// transaction's revision), so that the next pass does not decide again on what it has
     /// just written before the watch brings it back.
-    async fn txn_apply(
-        &mut self,
-        txn: Txn,
-        writes: Vec<(String, Option<Vec<u8>>)>,
-    ) -> Result<bool, AgentError> {
-        let resp = match timeout(self.op_timeout, self.client.txn(txn)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(etcd_err(e)),
-            Err(_) => return Err(AgentError::Etcd("no answer in time".into())),
-        };
+    async fn txn_apply(&mut self, txn: Txn, writes: Writes) -> Result<bool, AgentError> {
+        let resp = settled(timeout(self.op_timeout, self.client.txn(txn)).await)?;
         if resp.succeeded() {
-            let rev = resp.header().map_or(0, |h| h.revision());
-            for (key, value) in writes {
-                if rev > self.view.revision {
-                    let create = self.view_create_revision(&key).unwrap_or(rev);
-                    self.view
-                        .apply(&self.keys, &key, value.as_deref(), rev, create);
-                    self.own_writes.insert(key, rev);
-                }
-            }
+            self.apply_own_writes(resp.header().map_or(0, |h| h.revision()), writes);
         }
         Ok(resp.succeeded())
+    }
+
+    /// Applies this agent's own successful writes of revision `rev` to its view, and
+    /// remembers them until the watch brings that revision back (`own_writes`).
+    fn apply_own_writes(&mut self, rev: i64, writes: Writes) {
+        for (key, value) in writes {
+            if rev > self.view.revision {
+                let create = self.view_create_revision(&key).unwrap_or(rev);
+                self.view
+                    .apply(&self.keys, &key, value.as_deref(), rev, create);
+                self.own_writes.insert(key, rev);
+            }
+        }
     }
 
     /// Several independent transactions at once (at most [`TXNS_IN_FLIGHT`]), each as
@@ -750,27 +757,16 @@ impl Agent {
             let Ok((i, writes, answer)) = done else {
                 continue;
             };
-            results[i] = Some(match answer {
-                Ok(Ok(r)) => {
-                    if r.succeeded() {
-                        applied.push((r.header().map_or(0, |h| h.revision()), writes));
-                    }
-                    Ok(r.succeeded())
+            results[i] = Some(settled(answer).map(|r| {
+                if r.succeeded() {
+                    applied.push((r.header().map_or(0, |h| h.revision()), writes));
                 }
-                Ok(Err(e)) => Err(etcd_err(e)),
-                Err(_) => Err(AgentError::Etcd("no answer in time".into())),
-            });
+                r.succeeded()
+            }));
         }
         applied.sort_by_key(|(rev, _)| *rev);
         for (rev, writes) in applied {
-            for (key, value) in writes {
-                if rev > self.view.revision {
-                    let create = self.view_create_revision(&key).unwrap_or(rev);
-                    self.view
-                        .apply(&self.keys, &key, value.as_deref(), rev, create);
-                    self.own_writes.insert(key, rev);
-                }
-            }
+            self.apply_own_writes(rev, writes);
         }
         results
             .into_iter()

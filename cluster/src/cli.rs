@@ -98,6 +98,14 @@ pub async fn read_view(client: &mut Client, keys: &Keys) -> Result<View, CliErro
     Ok(view)
 }
 
+/// A command's start: a client, the cluster's keys, and what the cluster holds now.
+async fn connect_and_read(cfg: &ClusterConfig) -> Result<(Client, Keys, View), CliError> {
+    let mut c = client(cfg).await?;
+    let keys = Keys::new(&cfg.name);
+    let view = read_view(&mut c, &keys).await?;
+    Ok((c, keys, view))
+}
+
 /// Every node the status shows: those ever seen, and those the services' lists name.
 fn all_nodes(view: &View) -> Vec<(String, Option<u32>)> {
     let mut nodes: BTreeMap<String, Option<u32>> = BTreeMap::new();
@@ -302,9 +310,7 @@ pub fn print_status(doc: &Value) {
 }
 
 pub async fn status(cfg: &ClusterConfig, json_out: bool) -> Result<(), CliError> {
-    let mut c = client(cfg).await?;
-    let keys = Keys::new(&cfg.name);
-    let view = read_view(&mut c, &keys).await?;
+    let (_, _, view) = connect_and_read(cfg).await?;
     let doc = status_document(&cfg.name, &view);
     if json_out {
         println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
@@ -474,9 +480,7 @@ fn last_of(view: &View, service: &str) -> String {
 
 pub async fn leave(cfg: &ClusterConfig, node: Option<String>, wait: bool) -> Result<(), CliError> {
     let node = node.unwrap_or_else(|| cfg.node.clone());
-    let mut c = client(cfg).await?;
-    let keys = Keys::new(&cfg.name);
-    let view = read_view(&mut c, &keys).await?;
+    let (mut c, keys, view) = connect_and_read(cfg).await?;
     if !view.members.contains_key(&node) {
         return Err(failed(format!(
             "{node} is not a member of cluster {}",
@@ -517,9 +521,7 @@ pub async fn move_service(
     to: &str,
     wait: bool,
 ) -> Result<(), CliError> {
-    let mut c = client(cfg).await?;
-    let keys = Keys::new(&cfg.name);
-    let view = read_view(&mut c, &keys).await?;
+    let (mut c, keys, view) = connect_and_read(cfg).await?;
     check_service(&view, service)?;
     if !view.up(to) {
         return Err(failed(format!(
@@ -574,9 +576,7 @@ pub async fn start_stop(
     start: bool,
     wait: bool,
 ) -> Result<(), CliError> {
-    let mut c = client(cfg).await?;
-    let keys = Keys::new(&cfg.name);
-    let view = read_view(&mut c, &keys).await?;
+    let (mut c, keys, view) = connect_and_read(cfg).await?;
     check_service(&view, service)?;
     let kind = if start {
         RequestKind::Start
@@ -650,9 +650,7 @@ pub async fn addresses(
     node: Option<String>,
     json_out: bool,
 ) -> Result<(), CliError> {
-    let mut c = client(cfg).await?;
-    let keys = Keys::new(&cfg.name);
-    let view = read_view(&mut c, &keys).await?;
+    let (_, _, view) = connect_and_read(cfg).await?;
     check_service(&view, service)?;
     let wanted = node.unwrap_or_else(|| cfg.node.clone());
     let by_name = view.members.get(&wanted).map(|m| node_info(&m.value));
